@@ -1,0 +1,31 @@
+# ferry: `make demo` runs the main job, `make test` the test suite.
+SHELL := /bin/bash
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+DEBS := qemu-system-x86 qemu-utils redis-server zstd xz-utils bzip2 lzop binutils
+STAMP := $(VENV)/.ferry-installed
+
+.PHONY: setup demo test lint bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml scripts/setup.sh
+	bash scripts/setup.sh "$(PY)" "$(VENV)" $(DEBS)
+	touch $(STAMP)
+
+demo: setup
+	$(BIN)/ferry demo
+
+test: setup lint
+	$(BIN)/pytest -q tests
+
+lint: setup
+	$(BIN)/ruff check config workers tasks scripts tests
+	$(BIN)/mypy
+
+bench: setup
+	$(BIN)/python -m scripts.bench
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache

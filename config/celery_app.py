@@ -1,0 +1,56 @@
+"""The Celery app shared by workers and clients, and the queue routing.
+
+Tasks register on `app` at import; `configure()` points it at a broker once
+settings are known, so importing ferry never reads the environment.
+"""
+
+from __future__ import annotations
+
+from celery import Celery
+
+from config.settings import Settings
+
+app = Celery("ferry", set_as_current=True)
+
+TASK_MODULES = ["tasks.domain"]
+
+
+def queue_for(host: str) -> str:
+    """The queue of host `host`: only that host's worker consumes it."""
+    return f"host.{host}"
+
+
+def configure(settings: Settings) -> Celery:
+    app.conf.update(
+        broker_url=settings.broker_url,
+        result_backend=settings.broker_url,
+        task_serializer="json",
+        result_serializer="json",
+        accept_content=["json"],
+        result_accept_content=["json"],
+        # Acknowledgement: a task's message is acknowledged only after the task
+        # returns (acks_late), so a worker that dies mid-phase leaves the message
+        # to be delivered again (phases are idempotent per job id); one message
+        # at a time per thread (prefetch 1) so a long migration never holds
+        # short tasks hostage; the Redis visibility timeout, after which an
+        # unacknowledged message is redelivered, is longer than any migration.
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        broker_transport_options={"visibility_timeout": 6 * 3600},
+        broker_connection_retry_on_startup=True,
+        # Nothing is routed to Celery's default queue by accident: every call
+        # names its host queue; an unrouted task waits in a queue nobody reads.
+        task_default_queue="ferry.unrouted",
+        task_create_missing_queues=True,
+        # Flower and result-backend readers see names, arguments and progress.
+        result_extended=True,
+        task_track_started=True,
+        task_send_sent_event=True,
+        worker_send_task_events=True,
+        result_expires=24 * 3600,
+        worker_hijack_root_logger=False,
+        worker_redirect_stdouts=False,
+        include=TASK_MODULES,
+    )
+    return app

@@ -1,0 +1,151 @@
+"""Typed settings from FERRY_* environment variables, read once.
+
+Each setting has a default, bounds and one line of help.  `load()` reads the
+environment (or a mapping given by tests) and returns a frozen `Settings`;
+nothing else in ferry reads the environment.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import socket
+import uuid
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from workers.errors import InvalidInputError
+
+
+@dataclass(frozen=True)
+class Spec:
+    """One setting: its environment name, parser, default, bounds and help."""
+
+    name: str
+    parse: Callable[[str], Any]
+    default: Callable[[], Any]
+    help: str
+    low: int | None = None
+    high: int | None = None
+
+
+def _bool(text: str) -> bool:
+    value = text.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError(f"not a boolean: {text!r}")
+
+
+def _port_range(text: str) -> tuple[int, int]:
+    low, sep, high = text.partition("-")
+    if not sep:
+        raise ValueError(f"not a port range LOW-HIGH: {text!r}")
+    lo, hi = int(low), int(high)
+    if not (1 <= lo <= hi <= 65535):
+        raise ValueError(f"port range out of 1-65535 or reversed: {text!r}")
+    return (lo, hi)
+
+
+def _uuid(text: str) -> str:
+    return str(uuid.UUID(text))
+
+
+def _lock_manager(text: str) -> str:
+    if text not in ("redis", "none"):
+        raise ValueError(f"lock manager must be 'redis' or 'none', not {text!r}")
+    return text
+
+
+SPECS: tuple[Spec, ...] = (
+    Spec("broker_url", str, lambda: "redis://127.0.0.1:6379/0",
+         "Redis URL of the Celery broker, result backend and job records"),
+    Spec("host", str, socket.gethostname, "name of this host; its queue is host.<name>"),
+    Spec("host_uuid", _uuid, lambda: "", "host UUID; default: stored in the state dir"),
+    Spec("state_dir", Path, lambda: Path("/var/lib/ferry"),
+         "where definitions, status files, sockets and logs of this host live"),
+    Spec("migration_address", str, lambda: "127.0.0.1",
+         "address incoming migrations listen on and peers connect to"),
+    Spec("migration_ports", _port_range, lambda: (49152, 49215),
+         "port range for incoming migration streams"),
+    Spec("graphics_ports", _port_range, lambda: (5900, 6099),
+         "port range for VNC and SPICE autoport"),
+    Spec("allow_qemu_commandline", _bool, lambda: False,
+         "accept <qemu:commandline> passthrough in domain XML"),
+    Spec("lock_manager", _lock_manager, lambda: "redis", "lease manager: redis or none"),
+    Spec("heartbeat_interval_ms", int, lambda: 2000,
+         "how often a worker refreshes its host record", 100, 60000),
+    Spec("heartbeat_ttl_ms", int, lambda: 6000,
+         "how long a host record lives without a refresh", 300, 600000),
+    Spec("task_timeout_s", int, lambda: 60,
+         "how long a client waits for a host's reply to a short task", 1, 3600),
+    Spec("worker_concurrency", int, lambda: 8,
+         "task threads per worker (a migration holds one for its length)", 2, 64),
+    Spec("max_guest_memory_mib", int, lambda: 1024 * 1024,
+         "largest guest memory accepted in a definition", 16, 16 * 1024 * 1024),
+    Spec("qemu_start_timeout_s", int, lambda: 30,
+         "how long to wait for a new QEMU's monitor", 1, 600),
+    Spec("log_level", str, lambda: "INFO", "worker log level (DEBUG logs every QMP message)"),
+)
+
+
+@dataclass(frozen=True)
+class Settings:
+    broker_url: str
+    host: str
+    host_uuid: str
+    state_dir: Path
+    migration_address: str
+    migration_ports: tuple[int, int]
+    graphics_ports: tuple[int, int]
+    allow_qemu_commandline: bool
+    lock_manager: str
+    heartbeat_interval_ms: int
+    heartbeat_ttl_ms: int
+    task_timeout_s: int
+    worker_concurrency: int
+    max_guest_memory_mib: int
+    qemu_start_timeout_s: int
+    log_level: str
+    extra: Mapping[str, str] = field(default_factory=dict)
+
+    def replace(self, **changes: Any) -> Settings:
+        return dataclasses.replace(self, **changes)
+
+
+def load(env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+    """Settings from `env` (default: os.environ) with `overrides` (e.g. worker flags) on top."""
+    source = os.environ if env is None else env
+    values: dict[str, Any] = {}
+    for spec in SPECS:
+        if spec.name in overrides and overrides[spec.name] is not None:
+            values[spec.name] = overrides[spec.name]
+            continue
+        raw = source.get(f"FERRY_{spec.name.upper()}")
+        values[spec.name] = spec.default() if raw is None else _parse(spec, raw)
+    for spec in SPECS:
+        _check_bounds(spec, values[spec.name])
+    values["state_dir"] = Path(values["state_dir"])
+    return Settings(**values)
+
+
+def _parse(spec: Spec, raw: str) -> Any:
+    try:
+        return spec.parse(raw)
+    except ValueError as exc:
+        raise InvalidInputError(f"FERRY_{spec.name.upper()}: {exc}") from None
+
+
+def _check_bounds(spec: Spec, value: Any) -> None:
+    if spec.low is not None and value < spec.low:
+        raise InvalidInputError(f"FERRY_{spec.name.upper()}={value} is below {spec.low}")
+    if spec.high is not None and value > spec.high:
+        raise InvalidInputError(f"FERRY_{spec.name.upper()}={value} is above {spec.high}")
+
+
+def describe() -> str:
+    """One line per setting, for `ferry worker --help` and the README."""
+    return "\n".join(f"FERRY_{s.name.upper():<28} {s.help}" for s in SPECS)

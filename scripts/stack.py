@@ -1,0 +1,173 @@
+"""Start and stop a local ferry: one redis-server and a worker per host.
+
+Used by `ferry up`, `ferry demo` and the test fixtures, so all three run
+the same real processes.  Everything is tracked by pid and stopped by pid.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid as uuidlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import redis
+
+from workers.heartbeat import get_host
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for(pred: Callable[[], object], timeout: float, what: str,
+             interval: float = 0.05) -> object:
+    """Poll `pred` until it returns a true value or `timeout` passes."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = pred()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")
+        time.sleep(interval)
+
+
+def stop_pid(pid: int, timeout: float = 10.0) -> None:
+    """SIGTERM, then SIGKILL after `timeout`; returns once the pid is gone or a zombie."""
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGTERM)
+    try:
+        wait_for(lambda: not _alive(pid), timeout, f"pid {pid} to exit")
+    except TimeoutError:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+        wait_for(lambda: not _alive(pid), 10, f"pid {pid} to die")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"
+
+
+@dataclass
+class Worker:
+    name: str
+    uuid: str
+    state_dir: Path
+    proc: subprocess.Popen[bytes] | None = None
+
+
+@dataclass
+class Stack:
+    root: Path
+    broker_url: str = ""
+    log_level: str = "INFO"
+    redis_proc: subprocess.Popen[bytes] | None = None
+    workers: dict[str, Worker] = field(default_factory=dict)
+    extra_env: dict[str, str] = field(default_factory=dict)
+
+    def start_redis(self, port: int | None = None) -> str:
+        port = port or free_port()
+        rdir = self.root / "redis"
+        rdir.mkdir(parents=True, exist_ok=True)
+        self.redis_proc = subprocess.Popen(
+            ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--dir", str(rdir),
+             "--save", "", "--appendonly", "no", "--daemonize", "no"],
+            stdout=open(rdir / "redis.log", "ab"), stderr=subprocess.STDOUT,  # noqa: SIM115
+            stdin=subprocess.DEVNULL)
+        self.broker_url = f"redis://127.0.0.1:{port}/0"
+        client = redis.Redis.from_url(self.broker_url, socket_timeout=1)
+        wait_for(lambda: _ping(client), 10, "redis-server to answer")
+        return self.broker_url
+
+    def env(self, name: str | None = None) -> dict[str, str]:
+        env = dict(os.environ)
+        env.update(self.extra_env)
+        env["FERRY_BROKER_URL"] = self.broker_url
+        env["FERRY_LOG_LEVEL"] = self.log_level
+        if name is not None:
+            env["FERRY_HOST"] = name
+        return env
+
+    def start_worker(self, name: str, uuid: str | None = None, wait: bool = True) -> Worker:
+        w = self.workers.get(name) or Worker(name, uuid or str(uuidlib.uuid4()),
+                                             self.root / name)
+        w.state_dir.mkdir(parents=True, exist_ok=True)
+        ferry = Path(sys.executable).with_name("ferry")
+        w.proc = subprocess.Popen(
+            [str(ferry), "worker", "--host", name, "--uuid", w.uuid,
+             "--state-dir", str(w.state_dir)],
+            env=self.env(name), stdin=subprocess.DEVNULL,
+            stdout=open(w.state_dir / "stdout.log", "ab"),  # noqa: SIM115
+            stderr=subprocess.STDOUT, start_new_session=True)
+        self.workers[name] = w
+        if wait:
+            self.wait_alive(name, w.proc.pid)
+        return w
+
+    def wait_alive(self, name: str, pid: int, timeout: float = 30) -> None:
+        client = redis.Redis.from_url(self.broker_url, socket_timeout=2)
+
+        def ready() -> bool:
+            proc = self.workers[name].proc
+            if proc is not None and proc.poll() is not None:
+                raise RuntimeError(f"worker {name} exited with {proc.returncode}; see "
+                                   f"{self.workers[name].state_dir}/stdout.log")
+            rec = get_host(client, name)
+            return rec is not None and rec.get("pid") == pid
+
+        wait_for(ready, timeout, f"host {name} to come up")
+
+    def kill_worker(self, name: str, sig: int = signal.SIGKILL) -> None:
+        proc = self.workers[name].proc
+        if proc is not None and proc.poll() is None:
+            proc.send_signal(sig)
+            proc.wait(timeout=30)
+
+    def stop_worker(self, name: str) -> None:
+        proc = self.workers[name].proc
+        if proc is not None and proc.poll() is None:
+            stop_pid(proc.pid, timeout=20)
+            proc.wait(timeout=5)
+
+    def guest_pids(self) -> list[int]:
+        pids = []
+        for w in self.workers.values():
+            for pidfile in (w.state_dir / "run").glob("*.pid"):
+                with contextlib.suppress(ValueError, OSError):
+                    pids.append(int(pidfile.read_text().strip()))
+        return [p for p in pids if _alive(p)]
+
+    def stop(self, kill_guests: bool = True) -> None:
+        for name in list(self.workers):
+            self.stop_worker(name)
+        if kill_guests:
+            for pid in self.guest_pids():
+                stop_pid(pid, timeout=5)
+        if self.redis_proc is not None and self.redis_proc.poll() is None:
+            self.redis_proc.terminate()
+            try:
+                self.redis_proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.redis_proc.kill()
+                self.redis_proc.wait(timeout=5)
+
+
+def _ping(client: redis.Redis) -> bool:
+    try:
+        return bool(client.ping())
+    except redis.RedisError:
+        return False

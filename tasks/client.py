@@ -1,0 +1,60 @@
+"""What other services import: call a host's tasks, list hosts.
+
+Every call checks the host's heartbeat first, so a host that does not exist
+or has died is a clear error at once, and waits a bounded time for the
+answer, so a host that stops answering is a clear error, never a hang.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import redis
+from celery.exceptions import TimeoutError as CeleryTimeout
+
+from config.celery_app import app, configure, queue_for
+from config.settings import Settings, load
+from workers.errors import FerryError, HostUnavailableError
+from workers.heartbeat import get_host, list_hosts
+
+
+class Client:
+    def __init__(self, settings: Settings | None = None) -> None:
+        self.settings = settings or load()
+        self.app = configure(self.settings)
+        self.redis = redis.Redis.from_url(self.settings.broker_url, socket_timeout=10)
+
+    def host(self, name: str) -> dict[str, Any]:
+        """The live record of host `name`, or a clear error."""
+        try:
+            rec = get_host(self.redis, name)
+        except redis.RedisError as exc:
+            raise HostUnavailableError(f"cannot reach the broker at {self.settings.broker_url}",
+                                       cause=str(exc)) from exc
+        if rec is None:
+            raise HostUnavailableError(f"host '{name}' is not alive (no heartbeat in Redis)")
+        return rec
+
+    def hosts(self) -> list[dict[str, Any]]:
+        try:
+            return list_hosts(self.redis)
+        except redis.RedisError as exc:
+            raise HostUnavailableError(f"cannot reach the broker at {self.settings.broker_url}",
+                                       cause=str(exc)) from exc
+
+    def call(self, host: str, task: str, timeout: float | None = None, **kwargs: Any) -> Any:
+        """Run `ferry.<task>` on `host` and return its result (or raise its error)."""
+        self.host(host)
+        wait = timeout or self.settings.task_timeout_s
+        result = self.app.send_task(f"ferry.{task}", kwargs=kwargs, queue=queue_for(host))
+        try:
+            return result.get(timeout=wait, propagate=True)
+        except CeleryTimeout:
+            raise HostUnavailableError(f"host '{host}' did not answer {task} within {wait:.0f}s",
+                                       host=host) from None
+        except FerryError:
+            raise
+        except Exception as exc:  # an error class this client cannot rebuild
+            raise FerryError(str(exc) or type(exc).__name__, host=host) from exc
+        finally:
+            result.forget()

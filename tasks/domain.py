@@ -1,0 +1,90 @@
+"""Celery tasks for domain lifecycle on one host (queue host.<name>).
+
+Each task reads its arguments, runs one agent coroutine and returns JSON.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from config.celery_app import app
+from workers import lifecycle
+from workers.agent import get_agent
+from workers.heartbeat import list_hosts
+
+
+def _run(fn: Any, *args: Any, **kwargs: Any) -> Any:
+    agent = get_agent()
+    try:
+        return agent.call(fn(agent, *args, **kwargs))
+    except Exception as exc:
+        from workers.errors import FerryError
+
+        if isinstance(exc, FerryError):
+            raise exc.at(host=agent.host) from None
+        raise
+
+
+@app.task(name="ferry.define")
+def define(xml: str) -> dict[str, Any]:
+    return _run(lifecycle.define, xml)  # type: ignore[no-any-return]
+
+
+@app.task(name="ferry.undefine")
+def undefine(domain: str) -> dict[str, Any]:
+    return _run(lifecycle.undefine, domain)  # type: ignore[no-any-return]
+
+
+@app.task(name="ferry.start")
+def start(domain: str, paused: bool = False) -> dict[str, Any]:
+    return _run(lifecycle.start, domain, paused)  # type: ignore[no-any-return]
+
+
+@app.task(name="ferry.destroy")
+def destroy(domain: str) -> dict[str, Any]:
+    return _run(lifecycle.destroy, domain)  # type: ignore[no-any-return]
+
+
+@app.task(name="ferry.suspend")
+def suspend(domain: str) -> dict[str, Any]:
+    return _run(lifecycle.suspend, domain)  # type: ignore[no-any-return]
+
+
+@app.task(name="ferry.resume")
+def resume(domain: str) -> dict[str, Any]:
+    return _run(lifecycle.resume, domain)  # type: ignore[no-any-return]
+
+
+@app.task(name="ferry.dominfo")
+def dominfo(domain: str) -> dict[str, Any]:
+    return _run(lifecycle.dominfo, domain)  # type: ignore[no-any-return]
+
+
+@app.task(name="ferry.list")
+def list_domains(all: bool = False) -> list[dict[str, Any]]:  # noqa: A002 - virsh's name
+    return _run(lifecycle.list_domains, all)  # type: ignore[no-any-return]
+
+
+@app.task(name="ferry.dumpxml")
+def dumpxml(domain: str, inactive: bool = False, migratable: bool = False) -> str:
+    return _run(lifecycle.dumpxml, domain, inactive, migratable)  # type: ignore[no-any-return]
+
+
+@app.task(name="ferry.domblkstat")
+def domblkstat(domain: str, device: str | None = None) -> dict[str, Any]:
+    return _run(lifecycle.domblkstat, domain, device)  # type: ignore[no-any-return]
+
+
+@app.task(name="ferry.domblkinfo")
+def domblkinfo(domain: str, device: str) -> dict[str, Any]:
+    return _run(lifecycle.domblkinfo, domain, device)  # type: ignore[no-any-return]
+
+
+@app.task(name="ferry.qemu_monitor_command")
+def qemu_monitor_command(domain: str, command: str, hmp: bool = False) -> Any:
+    return _run(lifecycle.monitor_command, domain, command, hmp)
+
+
+@app.task(name="ferry.hosts")
+def hosts() -> list[dict[str, Any]]:
+    return list_hosts(get_agent().redis)

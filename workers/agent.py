@@ -1,0 +1,244 @@
+"""The host agent: owns this host's QEMU processes, monitors and state.
+
+One asyncio loop thread owns every monitor, pidfd and DomainObj; Celery
+task threads hand it coroutines with `call()`.  So state changes never race,
+QMP events update state whenever they arrive, and a process exit is seen
+the moment it happens, with or without a task running.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import threading
+from collections.abc import Coroutine
+from concurrent.futures import TimeoutError as FutureTimeout
+from typing import Any, TypeVar
+
+import redis
+
+from config.settings import Settings
+from workers.domain import DomainDef, parse_domain_xml
+from workers.domobj import DomainObj
+from workers.errors import HostUnavailableError, NotFoundError, QemuError
+from workers.heartbeat import Heartbeat
+from workers.monitor import Monitor
+from workers.process import QemuProcess, attach
+from workers.states import DomainState, PausedReason, Reason, RunningReason, ShutoffReason
+from workers.store import StateStore
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+DESTROY_GRACE_S = 10.0
+
+
+class HostAgent:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.host = settings.host
+        self.store = StateStore(settings.state_dir)
+        self.uuid = self.store.host_uuid(settings.host_uuid)
+        self.kvm = os.access("/dev/kvm", os.R_OK | os.W_OK)
+        self.domains: dict[str, DomainObj] = {}
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._run_loop, name="ferry-agent", daemon=True)
+        self.redis = redis.Redis.from_url(settings.broker_url)
+        self.heartbeat = Heartbeat(
+            self.redis, name=self.host, uuid=self.uuid, address=settings.migration_address,
+            interval_ms=settings.heartbeat_interval_ms, ttl_ms=settings.heartbeat_ttl_ms,
+            guests=self.active_names)
+
+    # -- threads -----------------------------------------------------------------------------
+    def start(self) -> None:
+        self._thread.start()
+        self.call(self._recover(), timeout=120)
+        self.heartbeat.start()
+        log.info("host %s (%s) ready: %d domains, kvm=%s", self.host, self.uuid,
+                 len(self.domains), self.kvm)
+
+    def stop(self) -> None:
+        """Stop watching; never touches a guest (they outlive the worker)."""
+        self.heartbeat.stop()
+        with contextlib.suppress(Exception):
+            self.call(self._detach_all(), timeout=15)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(timeout=5)
+
+    def _run_loop(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        self.loop.run_forever()
+
+    def call(self, coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
+        """Run `coro` on the agent loop from a task thread and wait for it."""
+        future = asyncio.run_coroutine_threadsafe(coro, self.loop)
+        try:
+            return future.result(timeout)
+        except FutureTimeout:
+            future.cancel()
+            raise HostUnavailableError("the host agent did not finish in time",
+                                       host=self.host) from None
+
+    def active_names(self) -> list[str]:
+        return [d.name for d in list(self.domains.values()) if d.active]
+
+    # -- lookups -----------------------------------------------------------------------------
+    def lookup(self, ref: str) -> DomainObj:
+        """A domain by name or uuid."""
+        dom = self.domains.get(ref)
+        if dom is not None:
+            return dom
+        for dom in self.domains.values():
+            if dom.uuid == ref.lower():
+                return dom
+        raise NotFoundError(f"domain '{ref}' not found", host=self.host)
+
+    def parse(self, xml: str, *, stored: bool = False) -> DomainDef:
+        allow = stored or self.settings.allow_qemu_commandline
+        return parse_domain_xml(xml, allow_qemu_commandline=allow,
+                                max_memory_kib=self.settings.max_guest_memory_mib * 1024)
+
+    # -- the one place where a domain's state changes ---------------------------------------
+    def set_state(self, dom: DomainObj, state: DomainState, reason: Reason) -> None:
+        if (dom.state, dom.reason) != (state, reason):
+            log.info("domain %s: %s:%s -> %s:%s", dom.name, dom.state.value, dom.reason.value,
+                     state.value, reason.value)
+        dom.state, dom.reason = state, reason
+        if dom.active:
+            self.save_status(dom)
+
+    def save_status(self, dom: DomainObj, extra: dict[str, str] | None = None) -> None:
+        assert dom.proc is not None and dom.live is not None
+        self.store.save_status(dom.name, state=dom.state.value, reason=dom.reason.value,
+                               pid=dom.proc.pid, domain_xml=dom.live.to_xml(live=True),
+                               extra=extra)
+
+    # -- QMP events and process exit --------------------------------------------------------
+    def make_monitor(self, dom: DomainObj) -> Monitor:
+        return Monitor(dom.current.name, lambda ev, data: self._on_event(dom, ev, data))
+
+    def _on_event(self, dom: DomainObj, event: str, data: dict[str, Any]) -> None:
+        log.debug("event %s: %s %s", dom.name, event, data)
+        if event == "STOP" and dom.state == DomainState.RUNNING:
+            reason = dom.expected_pause or PausedReason.UNKNOWN
+            self.set_state(dom, DomainState.PAUSED, reason)
+        elif event == "RESUME" and dom.state == DomainState.PAUSED:
+            self.set_state(dom, DomainState.RUNNING, dom.expected_resume or RunningReason.UNPAUSED)
+        elif event == "SHUTDOWN":
+            dom.guest_shutdown = bool(data.get("guest"))
+        elif event == "BLOCK_IO_ERROR" and data.get("action") == "stop":
+            dom.expected_pause = PausedReason.IOERROR
+
+    def watch(self, dom: DomainObj, proc: QemuProcess) -> None:
+        dom.proc = proc
+        dom.exited = asyncio.Event()
+        self.loop.add_reader(proc.pidfd, self._on_exit, dom, proc)
+
+    def _on_exit(self, dom: DomainObj, proc: QemuProcess) -> None:
+        """QEMU is gone: decide why, forget its runtime, keep what persists."""
+        self.loop.remove_reader(proc.pidfd)
+        status = proc.reap()
+        if dom.exit_reason is not None:
+            reason = dom.exit_reason
+        elif dom.guest_shutdown:
+            reason = ShutoffReason.SHUTDOWN
+        else:
+            reason = ShutoffReason.CRASHED
+        log.info("domain %s: QEMU pid %d exited (status %s)", dom.name, proc.pid, status)
+        if dom.monitor is not None:
+            self.loop.create_task(dom.monitor.close())
+        proc.close()
+        dom.proc, dom.monitor = None, None
+        self.store.delete_status(dom.name)
+        with contextlib.suppress(FileNotFoundError):
+            self.store.qmp_socket(dom.current.uuid).unlink()
+        self.set_state(dom, DomainState.SHUTOFF, reason)
+        dom.live = None if dom.persistent else dom.live
+        dom.exit_reason, dom.guest_shutdown = None, False
+        dom.expected_pause = dom.expected_resume = None
+        if not dom.persistent:
+            self.domains.pop(dom.name, None)
+        dom.exited.set()
+
+    async def kill(self, dom: DomainObj, reason: ShutoffReason) -> None:
+        """Stop QEMU (SIGTERM, then SIGKILL) and wait until its exit has been handled."""
+        proc = dom.proc
+        if proc is None:
+            return
+        dom.exit_reason = reason
+        proc.signal(signal.SIGTERM)
+        try:
+            await asyncio.wait_for(dom.exited.wait(), DESTROY_GRACE_S)
+        except TimeoutError:
+            log.warning("domain %s: QEMU ignored SIGTERM, killing it", dom.name)
+            proc.signal(signal.SIGKILL)
+            await asyncio.wait_for(dom.exited.wait(), DESTROY_GRACE_S)
+
+    # -- recovery after a worker restart ----------------------------------------------------
+    async def _recover(self) -> None:
+        for name, xml in self.store.load_definitions():
+            try:
+                self.domains[name] = DomainObj(definition=self.parse(xml, stored=True))
+            except Exception as exc:
+                log.error("ignoring unreadable definition %s: %s", name, exc)
+        for rec in self.store.load_statuses():
+            try:
+                await self._reconnect(rec.name, rec.domain_xml, rec.pid, rec.state, rec.reason)
+            except Exception as exc:
+                log.error("domain %s: reconnect failed: %s", rec.name, exc)
+
+    async def _reconnect(self, name: str, xml: str, pid: int, state: str, reason: str) -> None:
+        from workers.states import parse_reason
+
+        live = self.parse(xml, stored=True)
+        dom = self.domains.get(name) or DomainObj(definition=None, live=live)
+        proc = attach(pid, live.uuid)
+        if proc is None:
+            log.warning("domain %s: QEMU pid %d is gone", name, pid)
+            self.store.delete_status(name)
+            dom.live = None if dom.persistent else live
+            dom.state, dom.reason = DomainState.SHUTOFF, ShutoffReason.FAILED
+            if not dom.persistent:
+                return
+            self.domains[name] = dom
+            return
+        dom.live = live
+        self.domains[name] = dom
+        self.watch(dom, proc)
+        mon = self.make_monitor(dom)
+        await mon.connect(str(self.store.qmp_socket(live.uuid)),
+                          self.settings.qemu_start_timeout_s)
+        dom.monitor = mon
+        status = await mon.execute("query-status")
+        saved = DomainState(state)
+        running = bool(status.get("running"))
+        actual = DomainState.RUNNING if running else DomainState.PAUSED
+        why = parse_reason(actual, reason) if saved == actual else (
+            RunningReason.UNKNOWN if running else PausedReason.UNKNOWN)
+        dom.state = actual
+        self.set_state(dom, actual, why)
+        log.info("domain %s: reconnected to QEMU pid %d (%s)", name, pid, actual.value)
+
+    async def _detach_all(self) -> None:
+        for dom in list(self.domains.values()):
+            if dom.proc is not None:
+                self.loop.remove_reader(dom.proc.pidfd)
+            if dom.monitor is not None:
+                await dom.monitor.close()
+
+
+_AGENT: HostAgent | None = None
+
+
+def set_agent(agent: HostAgent | None) -> None:
+    global _AGENT
+    _AGENT = agent
+
+
+def get_agent() -> HostAgent:
+    if _AGENT is None:
+        raise QemuError("no host agent runs in this process (is this a ferry worker?)")
+    return _AGENT

@@ -1,0 +1,86 @@
+"""A domain as the host agent tracks it: definitions, state, process, monitor."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+from typing import Any
+
+from workers.domain import DomainDef
+from workers.errors import OperationInvalidError
+from workers.monitor import Monitor
+from workers.process import QemuProcess
+from workers.states import DomainState, PausedReason, Reason, RunningReason, ShutoffReason
+
+
+@dataclass
+class DomainObj:
+    """Mutated only on the agent's event loop thread."""
+
+    definition: DomainDef | None  # persistent definition; None for a transient domain
+    live: DomainDef | None = None  # the running definition while QEMU runs
+    state: DomainState = DomainState.SHUTOFF
+    reason: Reason = ShutoffReason.UNKNOWN
+    proc: QemuProcess | None = None
+    monitor: Monitor | None = None
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    exited: asyncio.Event = field(default_factory=asyncio.Event)
+    # What the next STOP / RESUME event means, set by whoever causes it.
+    expected_pause: PausedReason | None = None
+    expected_resume: RunningReason | None = None
+    # How the process exit is to be read, set by whoever causes it.
+    exit_reason: ShutoffReason | None = None
+    guest_shutdown: bool = False
+
+    @property
+    def current(self) -> DomainDef:
+        cur = self.live or self.definition
+        assert cur is not None, "a domain has a live or a persistent definition"
+        return cur
+
+    @property
+    def name(self) -> str:
+        return self.current.name
+
+    @property
+    def uuid(self) -> str:
+        return self.current.uuid
+
+    @property
+    def active(self) -> bool:
+        return self.proc is not None
+
+    @property
+    def persistent(self) -> bool:
+        return self.definition is not None
+
+    def require_active(self, op: str) -> None:
+        if not self.active:
+            raise OperationInvalidError(f"cannot {op}: domain '{self.name}' is not running")
+
+    def require_inactive(self, op: str) -> None:
+        if self.active:
+            raise OperationInvalidError(f"cannot {op}: domain '{self.name}' is already active")
+
+    def require_state(self, op: str, *states: DomainState) -> None:
+        if self.state not in states:
+            wanted = " or ".join(s.value for s in states)
+            raise OperationInvalidError(
+                f"cannot {op}: domain '{self.name}' is {self.state.value}, not {wanted}")
+
+    def require_monitor(self, op: str) -> Monitor:
+        self.require_active(op)
+        if self.monitor is None:
+            raise OperationInvalidError(f"cannot {op}: the monitor of '{self.name}' is not "
+                                        "connected")
+        return self.monitor
+
+    def info(self, host: str) -> dict[str, Any]:
+        cur = self.current
+        return {
+            "name": cur.name, "uuid": cur.uuid, "host": host,
+            "state": self.state.value, "reason": self.reason.value,
+            "pid": self.proc.pid if self.proc else None,
+            "memory_kib": cur.memory_kib, "current_memory_kib": cur.current_memory_kib,
+            "vcpus": cur.vcpus, "persistent": self.persistent,
+        }

@@ -1,0 +1,229 @@
+"""Domain lifecycle on one host: define, start, pause, resume, destroy, queries.
+
+Every function is a coroutine run on the agent loop (see HostAgent.call)
+and returns JSON-able data.  Guards name the state each operation needs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import subprocess
+from typing import Any
+
+from workers.agent import HostAgent
+from workers.domain import DomainDef
+from workers.domobj import DomainObj
+from workers.errors import InvalidInputError, NotFoundError, OperationInvalidError, QemuError
+from workers.process import listening_socket, log_tail, spawn
+from workers.qemu_argv import build_qemu_argv
+from workers.states import DomainState, PausedReason, RunningReason, ShutoffReason
+
+
+async def define(agent: HostAgent, xml: str) -> dict[str, Any]:
+    new = agent.parse(xml)
+    for dom in agent.domains.values():
+        if dom.name == new.name and dom.uuid != new.uuid:
+            raise InvalidInputError(f"domain '{new.name}' already exists with uuid {dom.uuid}")
+        if dom.uuid == new.uuid and dom.name != new.name:
+            raise InvalidInputError(f"domain with uuid {new.uuid} already exists as "
+                                    f"'{dom.name}'")
+    agent.store.save_definition(new.name, new.to_xml())
+    dom = agent.domains.get(new.name)
+    if dom is None:
+        dom = agent.domains[new.name] = DomainObj(definition=new)
+    else:
+        dom.definition = new  # a running domain uses it from its next start
+    return dom.info(agent.host)
+
+
+async def undefine(agent: HostAgent, name: str) -> dict[str, Any]:
+    dom = agent.lookup(name)
+    if not dom.persistent:
+        raise OperationInvalidError(f"cannot undefine transient domain '{dom.name}'")
+    agent.store.delete_definition(dom.name)
+    dom.definition = None
+    if not dom.active:
+        agent.domains.pop(dom.name, None)
+    return {"name": dom.name, "uuid": dom.uuid, "host": agent.host, "undefined": True}
+
+
+async def launch(agent: HostAgent, dom: DomainObj, live: DomainDef,
+                 incoming: str | None = None) -> None:
+    """Start QEMU for `live` with CPUs stopped and connect its monitor.
+
+    On any failure QEMU is gone again, the domain is shutoff:failed and the
+    error carries the end of QEMU's log.
+    """
+    sock_path = agent.store.qmp_socket(live.uuid)
+    sock = listening_socket(sock_path)
+    try:
+        argv = build_qemu_argv(live, qmp_fd=sock.fileno(), pidfile=str(agent.store.pidfile(
+            live.name)), kvm=agent.kvm, incoming=incoming)
+        log_path = agent.store.qemu_log(live.name)
+        proc = spawn(argv, pass_fds=[sock.fileno()], log_path=log_path, cwd=agent.store.run)
+    finally:
+        sock.close()
+    dom.live = live
+    dom.exit_reason = ShutoffReason.FAILED  # until QEMU is up, an exit means start failed
+    agent.watch(dom, proc)
+    agent.set_state(dom, DomainState.PAUSED, PausedReason.STARTING_UP)
+    mon = agent.make_monitor(dom)
+    try:
+        await mon.connect(str(sock_path), agent.settings.qemu_start_timeout_s)
+    except QemuError as exc:
+        await agent.kill(dom, ShutoffReason.FAILED)
+        raise QemuError(f"QEMU failed to start domain '{live.name}'", host=agent.host,
+                        cause=log_tail(log_path) or exc.cause) from exc
+    dom.monitor = mon
+    dom.exit_reason = None
+
+
+async def run_cpus(agent: HostAgent, dom: DomainObj, reason: RunningReason) -> None:
+    mon = dom.require_monitor("resume")
+    dom.expected_resume = reason
+    try:
+        await mon.execute("cont")
+    finally:
+        dom.expected_resume = None
+    agent.set_state(dom, DomainState.RUNNING, reason)
+
+
+async def pause_cpus(agent: HostAgent, dom: DomainObj, reason: PausedReason) -> None:
+    mon = dom.require_monitor("suspend")
+    dom.expected_pause = reason
+    try:
+        await mon.execute("stop")
+    finally:
+        dom.expected_pause = None
+    agent.set_state(dom, DomainState.PAUSED, reason)
+
+
+async def start(agent: HostAgent, name: str, paused: bool = False) -> dict[str, Any]:
+    dom = agent.lookup(name)
+    async with dom.lock:
+        dom.require_inactive("start")
+        if dom.definition is None:
+            raise OperationInvalidError(f"cannot start: domain '{name}' has no definition")
+        await launch(agent, dom, dom.definition)
+        if paused:
+            agent.set_state(dom, DomainState.PAUSED, PausedReason.USER)
+        else:
+            await run_cpus(agent, dom, RunningReason.BOOTED)
+        return dom.info(agent.host)
+
+
+async def destroy(agent: HostAgent, name: str) -> dict[str, Any]:
+    dom = agent.lookup(name)
+    async with dom.lock:
+        dom.require_active("destroy")
+        await agent.kill(dom, ShutoffReason.DESTROYED)
+        return dom.info(agent.host)
+
+
+async def suspend(agent: HostAgent, name: str) -> dict[str, Any]:
+    dom = agent.lookup(name)
+    async with dom.lock:
+        dom.require_state("suspend", DomainState.RUNNING)
+        await pause_cpus(agent, dom, PausedReason.USER)
+        return dom.info(agent.host)
+
+
+async def resume(agent: HostAgent, name: str) -> dict[str, Any]:
+    dom = agent.lookup(name)
+    async with dom.lock:
+        dom.require_state("resume", DomainState.PAUSED)
+        await run_cpus(agent, dom, RunningReason.UNPAUSED)
+        return dom.info(agent.host)
+
+
+async def dominfo(agent: HostAgent, name: str) -> dict[str, Any]:
+    return agent.lookup(name).info(agent.host)
+
+
+async def list_domains(agent: HostAgent, all_: bool = False) -> list[dict[str, Any]]:
+    doms = sorted(agent.domains.values(), key=lambda d: d.name)
+    return [d.info(agent.host) for d in doms if all_ or d.active]
+
+
+async def dumpxml(agent: HostAgent, name: str, inactive: bool = False,
+                  migratable: bool = False) -> str:
+    dom = agent.lookup(name)
+    if inactive and dom.definition is not None:
+        return dom.definition.to_xml(migratable=migratable)
+    return dom.current.to_xml(live=dom.active and not migratable, migratable=migratable)
+
+
+def _disk(dom: DomainObj, device: str) -> Any:
+    for disk in dom.current.disks:
+        if device in (disk.target, disk.source):
+            return disk
+    raise NotFoundError(f"domain '{dom.name}' has no disk '{device}'")
+
+
+async def domblkstat(agent: HostAgent, name: str, device: str | None = None) -> dict[str, Any]:
+    dom = agent.lookup(name)
+    mon = dom.require_monitor("get block stats")
+    targets = [_disk(dom, device)] if device else list(dom.current.disks)
+    stats = await mon.execute("query-blockstats")
+    by_id = {s.get("device") or s.get("qdev", ""): s["stats"] for s in stats}
+    by_qdev = {s.get("qdev", ""): s["stats"] for s in stats}
+    out: dict[str, Any] = {}
+    for disk in targets:
+        s = by_id.get(disk.drive_id) or by_qdev.get(disk.device_id)
+        if s is None:
+            continue
+        out[disk.target] = {
+            "rd_req": s["rd_operations"], "rd_bytes": s["rd_bytes"],
+            "wr_req": s["wr_operations"], "wr_bytes": s["wr_bytes"],
+            "flush_operations": s["flush_operations"],
+            "rd_total_times": s["rd_total_time_ns"], "wr_total_times": s["wr_total_time_ns"],
+            "errs": s.get("failed_rd_operations", 0) + s.get("failed_wr_operations", 0),
+        }
+    return out
+
+
+async def domblkinfo(agent: HostAgent, name: str, device: str) -> dict[str, Any]:
+    dom = agent.lookup(name)
+    disk = _disk(dom, device)
+    if not disk.source:
+        raise OperationInvalidError(f"disk '{device}' has no source")
+    try:
+        st = os.stat(disk.source)
+    except OSError as exc:
+        raise NotFoundError(f"cannot stat disk '{device}': {exc.strerror}") from exc
+    info = {"target": disk.target, "path": disk.source, "physical": st.st_size,
+            "allocation": st.st_blocks * 512, "capacity": st.st_size}
+    if dom.active and dom.monitor is not None:
+        for blk in await dom.monitor.execute("query-block"):
+            image = (blk.get("inserted") or {}).get("image") or {}
+            if blk.get("device") == disk.drive_id or blk.get("qdev") == disk.device_id:
+                info["capacity"] = image.get("virtual-size", st.st_size)
+    elif disk.format != "raw":
+        info["capacity"] = await _image_virtual_size(disk.source)
+    return info
+
+
+async def _image_virtual_size(path: str) -> int:
+    proc = await asyncio.create_subprocess_exec(
+        "qemu-img", "info", "-U", "--output=json", path,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    out, err = await asyncio.wait_for(proc.communicate(), 30)
+    if proc.returncode != 0:
+        raise QemuError(f"qemu-img info failed for {path}", cause=err.decode().strip())
+    return int(json.loads(out)["virtual-size"])
+
+
+async def monitor_command(agent: HostAgent, name: str, command: str,
+                          hmp: bool = False) -> Any:
+    dom = agent.lookup(name)
+    mon = dom.require_monitor("run a monitor command")
+    if hmp:
+        return await mon.execute("human-monitor-command", {"command-line": command})
+    with contextlib.suppress(ValueError):
+        if not isinstance(json.loads(command), dict):
+            raise InvalidInputError("a QMP command must be a JSON object")
+        return await mon.execute_raw(command)
+    raise InvalidInputError("a QMP command must be JSON, e.g. {\"execute\": \"query-status\"}")
