@@ -24,13 +24,15 @@ def state_root() -> Path:
     return Path(os.environ.get("FERRY_STATE_DIR", "state")).resolve()
 
 
-def start_stack(args: argparse.Namespace, root: Path, log_level: str = "INFO") -> Stack:
+def start_stack(args: argparse.Namespace, root: Path, log_level: str = "INFO",
+                redis_port: int | None = None) -> Stack:
+    """Redis (unless FERRY_BROKER_URL is set) on `redis_port` (default: 6379 if free) and hosts."""
     stack = Stack(root=root, log_level=log_level)
     url = os.environ.get("FERRY_BROKER_URL")
     if url:
         stack.broker_url = url
     else:
-        port = DEFAULT_PORT if _port_free(DEFAULT_PORT) else free_port()
+        port = redis_port or (DEFAULT_PORT if _port_free(DEFAULT_PORT) else free_port())
         stack.start_redis(port)
         print(f"redis-server on {stack.broker_url}")
     for name in [h.strip() for h in args.hosts.split(",") if h.strip()]:
