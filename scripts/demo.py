@@ -44,7 +44,7 @@ def run_demo(args: argparse.Namespace) -> int:
               f"pid {info['pid']}")
         for _ in range(3):
             last = _counter(serial)
-            wait_for(lambda last=last: _counter(serial) > last + 5, 20, "the guest's counter")
+            wait_for(lambda: _counter(serial) > last + 5, 20, "the guest's counter")  # noqa: B023
             print(f"  serial counter: {_counter(serial)}")
         for h in client.hosts():
             print(f"host {h['name']}: alive={h['alive']} guests={h['guests']}")

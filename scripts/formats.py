@@ -38,7 +38,7 @@ def hosts(items: list[dict[str, Any]]) -> str:
 
 
 def blkstat(stats: dict[str, Any]) -> str:
-    lines = []
+    lines: list[str] = []
     for dev, s in stats.items():
         lines.extend(f"{dev} {k} {v}" for k, v in s.items())
     return "\n".join(lines)

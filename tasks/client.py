@@ -12,7 +12,7 @@ from typing import Any
 import redis
 from celery.exceptions import TimeoutError as CeleryTimeout
 
-from config.celery_app import app, configure, queue_for
+from config.celery_app import configure, queue_for
 from config.settings import Settings, load
 from workers.errors import FerryError, HostUnavailableError
 from workers.heartbeat import get_host, list_hosts

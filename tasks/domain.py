@@ -10,74 +10,72 @@ from typing import Any
 from config.celery_app import app
 from workers import lifecycle
 from workers.agent import get_agent
+from workers.errors import FerryError
 from workers.heartbeat import list_hosts
 
 
 def _run(fn: Any, *args: Any, **kwargs: Any) -> Any:
+    """Run one lifecycle coroutine on this host's agent; errors name the host."""
     agent = get_agent()
     try:
         return agent.call(fn(agent, *args, **kwargs))
-    except Exception as exc:
-        from workers.errors import FerryError
-
-        if isinstance(exc, FerryError):
-            raise exc.at(host=agent.host) from None
-        raise
+    except FerryError as exc:
+        raise exc.at(host=agent.host) from None
 
 
 @app.task(name="ferry.define")
 def define(xml: str) -> dict[str, Any]:
-    return _run(lifecycle.define, xml)  # type: ignore[no-any-return]
+    return _run(lifecycle.define, xml)
 
 
 @app.task(name="ferry.undefine")
 def undefine(domain: str) -> dict[str, Any]:
-    return _run(lifecycle.undefine, domain)  # type: ignore[no-any-return]
+    return _run(lifecycle.undefine, domain)
 
 
 @app.task(name="ferry.start")
 def start(domain: str, paused: bool = False) -> dict[str, Any]:
-    return _run(lifecycle.start, domain, paused)  # type: ignore[no-any-return]
+    return _run(lifecycle.start, domain, paused)
 
 
 @app.task(name="ferry.destroy")
 def destroy(domain: str) -> dict[str, Any]:
-    return _run(lifecycle.destroy, domain)  # type: ignore[no-any-return]
+    return _run(lifecycle.destroy, domain)
 
 
 @app.task(name="ferry.suspend")
 def suspend(domain: str) -> dict[str, Any]:
-    return _run(lifecycle.suspend, domain)  # type: ignore[no-any-return]
+    return _run(lifecycle.suspend, domain)
 
 
 @app.task(name="ferry.resume")
 def resume(domain: str) -> dict[str, Any]:
-    return _run(lifecycle.resume, domain)  # type: ignore[no-any-return]
+    return _run(lifecycle.resume, domain)
 
 
 @app.task(name="ferry.dominfo")
 def dominfo(domain: str) -> dict[str, Any]:
-    return _run(lifecycle.dominfo, domain)  # type: ignore[no-any-return]
+    return _run(lifecycle.dominfo, domain)
 
 
 @app.task(name="ferry.list")
-def list_domains(all: bool = False) -> list[dict[str, Any]]:  # noqa: A002 - virsh's name
-    return _run(lifecycle.list_domains, all)  # type: ignore[no-any-return]
+def list_domains(all: bool = False) -> list[dict[str, Any]]:
+    return _run(lifecycle.list_domains, all)
 
 
 @app.task(name="ferry.dumpxml")
 def dumpxml(domain: str, inactive: bool = False, migratable: bool = False) -> str:
-    return _run(lifecycle.dumpxml, domain, inactive, migratable)  # type: ignore[no-any-return]
+    return _run(lifecycle.dumpxml, domain, inactive, migratable)
 
 
 @app.task(name="ferry.domblkstat")
 def domblkstat(domain: str, device: str | None = None) -> dict[str, Any]:
-    return _run(lifecycle.domblkstat, domain, device)  # type: ignore[no-any-return]
+    return _run(lifecycle.domblkstat, domain, device)
 
 
 @app.task(name="ferry.domblkinfo")
 def domblkinfo(domain: str, device: str) -> dict[str, Any]:
-    return _run(lifecycle.domblkinfo, domain, device)  # type: ignore[no-any-return]
+    return _run(lifecycle.domblkinfo, domain, device)
 
 
 @app.task(name="ferry.qemu_monitor_command")

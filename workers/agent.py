@@ -26,6 +26,7 @@ from workers.domobj import DomainObj
 from workers.errors import HostUnavailableError, NotFoundError, QemuError
 from workers.heartbeat import Heartbeat
 from workers.monitor import Monitor
+from workers.ports import PortAllocator
 from workers.process import QemuProcess, attach
 from workers.states import DomainState, PausedReason, Reason, RunningReason, ShutoffReason
 from workers.store import StateStore
@@ -44,21 +45,33 @@ class HostAgent:
         self.uuid = self.store.host_uuid(settings.host_uuid)
         self.kvm = os.access("/dev/kvm", os.R_OK | os.W_OK)
         self.domains: dict[str, DomainObj] = {}
+        self.graphics_ports = PortAllocator("graphics", *settings.graphics_ports)
+        self.migration_ports = PortAllocator("migration", *settings.migration_ports)
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._run_loop, name="ferry-agent", daemon=True)
         self.redis = redis.Redis.from_url(settings.broker_url)
         self.heartbeat = Heartbeat(
-            self.redis, name=self.host, uuid=self.uuid, address=settings.migration_address,
-            interval_ms=settings.heartbeat_interval_ms, ttl_ms=settings.heartbeat_ttl_ms,
-            guests=self.active_names)
+            self.redis,
+            name=self.host,
+            uuid=self.uuid,
+            address=settings.migration_address,
+            interval_ms=settings.heartbeat_interval_ms,
+            ttl_ms=settings.heartbeat_ttl_ms,
+            guests=self.active_names,
+        )
 
     # -- threads -----------------------------------------------------------------------------
     def start(self) -> None:
         self._thread.start()
         self.call(self._recover(), timeout=120)
         self.heartbeat.start()
-        log.info("host %s (%s) ready: %d domains, kvm=%s", self.host, self.uuid,
-                 len(self.domains), self.kvm)
+        log.info(
+            "host %s (%s) ready: %d domains, kvm=%s",
+            self.host,
+            self.uuid,
+            len(self.domains),
+            self.kvm,
+        )
 
     def stop(self) -> None:
         """Stop watching; never touches a guest (they outlive the worker)."""
@@ -79,8 +92,9 @@ class HostAgent:
             return future.result(timeout)
         except FutureTimeout:
             future.cancel()
-            raise HostUnavailableError("the host agent did not finish in time",
-                                       host=self.host) from None
+            raise HostUnavailableError(
+                "the host agent did not finish in time", host=self.host
+            ) from None
 
     def active_names(self) -> list[str]:
         return [d.name for d in list(self.domains.values()) if d.active]
@@ -96,25 +110,41 @@ class HostAgent:
                 return dom
         raise NotFoundError(f"domain '{ref}' not found", host=self.host)
 
-    def parse(self, xml: str, *, stored: bool = False) -> DomainDef:
+    def parse(self, xml: str, *, stored: bool = False, live: bool = False) -> DomainDef:
+        """A definition from a user (checked against host policy) or from our own files."""
         allow = stored or self.settings.allow_qemu_commandline
-        return parse_domain_xml(xml, allow_qemu_commandline=allow,
-                                max_memory_kib=self.settings.max_guest_memory_mib * 1024)
+        return parse_domain_xml(
+            xml,
+            allow_qemu_commandline=allow,
+            max_memory_kib=self.settings.max_guest_memory_mib * 1024,
+            live=live,
+        )
 
     # -- the one place where a domain's state changes ---------------------------------------
     def set_state(self, dom: DomainObj, state: DomainState, reason: Reason) -> None:
         if (dom.state, dom.reason) != (state, reason):
-            log.info("domain %s: %s:%s -> %s:%s", dom.name, dom.state.value, dom.reason.value,
-                     state.value, reason.value)
+            log.info(
+                "domain %s: %s:%s -> %s:%s",
+                dom.name,
+                dom.state.value,
+                dom.reason.value,
+                state.value,
+                reason.value,
+            )
         dom.state, dom.reason = state, reason
         if dom.active:
             self.save_status(dom)
 
     def save_status(self, dom: DomainObj, extra: dict[str, str] | None = None) -> None:
         assert dom.proc is not None and dom.live is not None
-        self.store.save_status(dom.name, state=dom.state.value, reason=dom.reason.value,
-                               pid=dom.proc.pid, domain_xml=dom.live.to_xml(live=True),
-                               extra=extra)
+        self.store.save_status(
+            dom.name,
+            state=dom.state.value,
+            reason=dom.reason.value,
+            pid=dom.proc.pid,
+            domain_xml=dom.live.to_xml(live=True),
+            extra=extra,
+        )
 
     # -- QMP events and process exit --------------------------------------------------------
     def make_monitor(self, dom: DomainObj) -> Monitor:
@@ -155,6 +185,7 @@ class HostAgent:
         self.store.delete_status(dom.name)
         with contextlib.suppress(FileNotFoundError):
             self.store.qmp_socket(dom.current.uuid).unlink()
+        self.release_ports(dom)
         self.set_state(dom, DomainState.SHUTOFF, reason)
         dom.live = None if dom.persistent else dom.live
         dom.exit_reason, dom.guest_shutdown = None, False
@@ -162,6 +193,12 @@ class HostAgent:
         if not dom.persistent:
             self.domains.pop(dom.name, None)
         dom.exited.set()
+
+    def release_ports(self, dom: DomainObj) -> None:
+        ranges = {"graphics": self.graphics_ports, "migration": self.migration_ports}
+        for what, port in dom.ports:
+            ranges[what].release(port)
+        dom.ports.clear()
 
     async def kill(self, dom: DomainObj, reason: ShutoffReason) -> None:
         """Stop QEMU (SIGTERM, then SIGKILL) and wait until its exit has been handled."""
@@ -193,7 +230,7 @@ class HostAgent:
     async def _reconnect(self, name: str, xml: str, pid: int, state: str, reason: str) -> None:
         from workers.states import parse_reason
 
-        live = self.parse(xml, stored=True)
+        live = self.parse(xml, stored=True, live=True)
         dom = self.domains.get(name) or DomainObj(definition=None, live=live)
         proc = attach(pid, live.uuid)
         if proc is None:
@@ -207,17 +244,23 @@ class HostAgent:
             return
         dom.live = live
         self.domains[name] = dom
+        for g in live.graphics:
+            if g.autoport and g.port is not None:
+                self.graphics_ports.reserve(g.port)
+                dom.ports.append(("graphics", g.port))
         self.watch(dom, proc)
         mon = self.make_monitor(dom)
-        await mon.connect(str(self.store.qmp_socket(live.uuid)),
-                          self.settings.qemu_start_timeout_s)
+        await mon.connect(str(self.store.qmp_socket(live.uuid)), self.settings.qemu_start_timeout_s)
         dom.monitor = mon
         status = await mon.execute("query-status")
         saved = DomainState(state)
         running = bool(status.get("running"))
         actual = DomainState.RUNNING if running else DomainState.PAUSED
-        why = parse_reason(actual, reason) if saved == actual else (
-            RunningReason.UNKNOWN if running else PausedReason.UNKNOWN)
+        why = (
+            parse_reason(actual, reason)
+            if saved == actual
+            else (RunningReason.UNKNOWN if running else PausedReason.UNKNOWN)
+        )
         dom.state = actual
         self.set_state(dom, actual, why)
         log.info("domain %s: reconnected to QEMU pid %d (%s)", name, pid, actual.value)

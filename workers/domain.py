@@ -1,38 +1,36 @@
 """The domain model: a documented subset of libvirt's domain XML, parsed safely.
 
-Why a subset: ferry must start an identical QEMU on both ends of a migration,
-so it accepts only what it can turn into a deterministic command line and
-refuses everything else by name, instead of silently dropping a device.
+Why a subset: both ends of a migration must start identical QEMU device
+trees, so ferry accepts only what it turns into a deterministic command line
+and refuses everything else by name instead of silently dropping a device.
 
-Security: the text is checked to be UTF-8 without NUL and at most 1 MiB, and
-any ``<!DOCTYPE``/``<!ENTITY`` is refused *before* lxml sees it (libxml2
-expands entities in attribute values even with ``resolve_entities=False``),
-even inside a comment.  The parser never resolves entities, loads DTDs or
-touches the network.
+Safety: the text must be UTF-8 without NUL, at most 1 MiB; any ``<!DOCTYPE``
+or ``<!ENTITY`` (even in a comment) is refused before lxml sees it, because
+libxml2 expands entities in attribute values even with resolve_entities=False.
 
-Decisions (libvirt behaviour unless noted):
+Decisions (libvirt's behaviour unless noted):
 
-- Accepted and ignored, because real libvirt writes them and they do not
-  change what ferry starts: ``<metadata>``, ``<resource>``, ``<seclabel>``,
-  ``<bootmenu>``, the ``<vmport>`` feature, ``<address>``, ``<alias>`` (aliases
-  are derived from the XML, see `Disk.alias`), ``<backingStore>``, spice
-  ``<image>``, memballoon ``<stats>``, and the ``<controller>`` and ``<input>``
-  devices libvirt always adds (the i440fx/q35 built-in IDE/AHCI and PS/2 are
-  what ferry uses).  Unknown attributes of known elements are ignored.
-- Refused by name: any other element, e.g. ``<interface>`` (UnsupportedError).
-- Disk buses: virtio (vdX), ide (hda-hdd, i440fx machines) and sata (sda-sdf,
-  q35 machines); scsi is refused: it needs a controller ferry does not add.
-  A cdrom is always read-only; a shareable disk must be raw or read-only.
-- Serial ports 0-3 (isa-serial); a console must be the serial console
-  mirroring serial port 0 (a missing serial 0 is created from it, as libvirt).
-- At most one ``<video>``; no default video is added; a missing
-  ``<memballoon>`` means a virtio balloon; no default console is added.
-- Runtime values (pty paths, autoport-assigned ports) are read only with
-  ``parse_domain_xml(live=True)`` and written only by ``to_xml(live=True)``,
-  so ``parse(to_xml(d)) == d`` for a definition and
-  ``parse(to_xml(d, live=True), live=True) == d`` for a running domain.
-- ``to_xml(migratable=True)`` equals the inactive XML: ferry adds no
-  implicit devices that libvirt would strip.  ``secure=False`` drops passwords.
+- Accepted and ignored (real libvirt writes them; they change nothing ferry
+  starts): ``<metadata>``, ``<resource>``, ``<seclabel>``, ``<bootmenu>``, the
+  ``<vmport>`` feature, ``<address>``, ``<alias>`` (aliases are derived from the
+  XML, see `Disk.alias`), ``<backingStore>``, spice ``<image>``, memballoon
+  ``<stats>``, cpu ``<model>`` under host-* modes, and the ``<controller>`` and
+  ``<input>`` devices libvirt always adds (ferry uses the built-in IDE and PS/2).
+  Unknown attributes of known elements are ignored.
+- Refused by name (UnsupportedError): every other element, e.g. ``<interface>``,
+  cpu ``<topology>``/``<feature>``, disk buses sata and scsi (they need a
+  controller ferry does not add), ``<qemu:env>``.
+- Disks: vdX on virtio, hda-hdd on ide (i440fx).  A cdrom is read-only; a
+  shareable writable disk must be raw.  Serial ports 0-3 (isa-serial); the
+  only console is the serial console on port 0, mirroring serial 0 (created
+  from the console when missing).  At most one ``<video>``, none added by
+  default; a missing ``<memballoon>`` means virtio.
+- Runtime values (pty paths, autoport-assigned ports) are read only by
+  ``parse_domain_xml(live=True)`` and written only by ``to_xml(live=True)``
+  (with aliases), so ``parse(to_xml(d)) == d`` for a definition and
+  ``parse(to_xml(d, live=True), live=True) == d`` for a running guest.
+  ``migratable=True`` gives the inactive XML (ferry adds no implicit devices
+  for it to strip); ``secure=False`` drops graphics passwords.
 """
 
 from __future__ import annotations
@@ -54,19 +52,14 @@ MAX_XML_BYTES = 1024 * 1024
 DEFAULT_MAX_MEMORY_KIB = 16 * 1024**3  # 16 TiB
 DEFAULT_EMULATOR = "/usr/bin/qemu-system-x86_64"
 
-_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]*")
-_IDENT_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")  # machine and CPU model names
-_DIGITS_RE = re.compile(r"[0-9]{1,24}")
-_TARGET_RE = re.compile(r"(vd|hd|sd)([a-z]{1,2})")
-_BUS_PREFIX = {"virtio": "vd", "ide": "hd", "sata": "sd", "scsi": "sd"}
-_PREFIX_BUS = {"vd": "virtio", "hd": "ide", "sd": "scsi"}
-_BUS_MAX_INDEX = {"virtio": 701, "ide": 3, "sata": 5}
+_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}")
+_IDENT_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")  # machine and CPU model names
+_TARGET_RE = {"virtio": re.compile(r"vd[a-z]{1,2}"), "ide": re.compile(r"hd[a-d]")}
 _FEATURES = ("acpi", "apic", "pae")
 _ACTIONS = ("destroy", "restart", "preserve", "rename-restart")
-_CRASH_ACTIONS = (*_ACTIONS, "coredump-destroy", "coredump-restart")
+_CACHES = (None, "default", "none", "writethrough", "writeback", "directsync", "unsafe")
 _TIMERS = ("platform", "pit", "rtc", "hpet", "tsc", "kvmclock", "hypervclock")
-_CACHES = ("default", "none", "writethrough", "writeback", "directsync", "unsafe")
-_BOOT_DEVS = ("hd", "cdrom", "network", "fd")
+Enums = tuple[str, Any, Sequence[Any]]
 
 
 def _check(ok: bool, message: str, exc: type[InvalidInputError] = InvalidInputError) -> None:
@@ -74,17 +67,16 @@ def _check(ok: bool, message: str, exc: type[InvalidInputError] = InvalidInputEr
         raise exc(message)
 
 
-def _one_of(value: str | None, allowed: Sequence[str], what: str, optional: bool = False) -> None:
-    if value is None and optional:
-        return
-    _check(value in allowed, f"{what} {value!r} is not one of {', '.join(allowed)}")
+def _enums(where: str, *checks: Enums) -> None:
+    """Each (xml name, value, allowed values) must hold; None in `allowed` makes it optional."""
+    for what, value, allowed in checks:
+        shown = ", ".join(str(a) for a in allowed if a is not None)
+        _check(value in allowed, f"{where}{what} {value!r} is not one of {shown}")
 
 
 def _abspath(path: str | None, what: str) -> None:
-    _check(
-        path is not None and path.startswith("/") and not re.search(r"[\x00-\x1f\x7f]", path),
-        f"{what} {path!r} must be an absolute path without control characters",
-    )
+    ok = path is not None and path.startswith("/") and not re.search(r"[\x00-\x1f]", path)
+    _check(ok, f"{what} {path!r} must be an absolute path without control characters")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -104,54 +96,58 @@ class Disk:
     boot_order: int | None = None
 
     def __post_init__(self) -> None:
-        where = f"disk {self.target!r}"
-        _one_of(self.device, ("disk", "cdrom"), f"{where} device")
-        if self.bus == "scsi":
-            raise UnsupportedError(f"{where} bus 'scsi' is not supported (needs a controller)")
-        _one_of(self.bus, ("virtio", "ide", "sata"), f"{where} bus")
-        m = _TARGET_RE.fullmatch(self.target)
+        where = f"disk {self.target!r} "
+        _enums(where, ("device", self.device, ("disk", "cdrom")))
+        bad_bus = f"{where}bus {self.bus!r} is not supported (virtio or ide)"
+        _check(self.bus in ("virtio", "ide"), bad_bus, UnsupportedError)
+        fits = bool(_TARGET_RE[self.bus].fullmatch(self.target))
         _check(
-            m is not None and m[1] == _BUS_PREFIX[self.bus] and self.index <= _BUS_MAX_INDEX[self.bus],
-            f"disk target dev {self.target!r} does not fit bus {self.bus!r}",
+            fits, f"disk target dev {self.target!r} does not fit bus {self.bus!r} (vdX, hda-hdd)"
         )
-        _one_of(self.format, ("raw", "qcow2"), f"{where} driver type")
-        _one_of(self.cache, _CACHES, f"{where} driver cache", optional=True)
-        _one_of(self.discard, ("unmap", "ignore"), f"{where} driver discard", optional=True)
-        _one_of(self.detect_zeroes, ("off", "on", "unmap"), f"{where} detect_zeroes", True)
+        _enums(
+            where,
+            ("driver type", self.format, ("raw", "qcow2")),
+            ("driver cache", self.cache, _CACHES),
+            ("driver discard", self.discard, (None, "unmap", "ignore")),
+            ("driver detect_zeroes", self.detect_zeroes, (None, "off", "on", "unmap")),
+        )
         if self.device == "cdrom":
-            _check(self.bus != "virtio", f"{where}: a cdrom needs bus ide or sata", UnsupportedError)
+            _check(self.bus == "ide", f"{where}cdrom needs bus 'ide'", UnsupportedError)
             object.__setattr__(self, "readonly", True)
         if self.source is not None or self.device == "disk":
-            _abspath(self.source, f"{where} source file")
-        _check(
-            not (self.shareable and self.format == "qcow2" and not self.readonly),
-            f"{where}: a shareable writable disk must be raw, not qcow2",
-            UnsupportedError,
-        )
-        _check(self.boot_order is None or self.boot_order >= 1, f"{where} boot order must be >= 1")
+            _abspath(self.source, f"{where}source file")
+        rw_qcow2 = self.shareable and self.format == "qcow2" and not self.readonly
+        _check(not rw_qcow2, f"{where}shareable and writable must be raw", UnsupportedError)
+        _check((self.boot_order or 1) >= 1, f"{where}boot order {self.boot_order} is not >= 1")
 
     @property
     def index(self) -> int:
         """vda=0, vdz=25, vdaa=26: libvirt's virDiskNameToIndex."""
-        letters = self.target[2:]
         n = 0
-        for ch in letters:
-            n = n * 26 + (ord(ch) - ord("a") + 1)
+        for ch in self.target[2:]:
+            n = n * 26 + ord(ch) - ord("a") + 1
         return n - 1
 
     @property
     def alias(self) -> str:
-        """libvirt's device alias: virtio-disk0, ide0-1-0 (bus 1 unit 0), sata0-0-2."""
-        if self.bus == "virtio":
-            return f"virtio-disk{self.index}"
-        if self.bus == "ide":
-            return f"ide0-{self.index // 2}-{self.index % 2}"
-        return f"sata0-0-{self.index}"
+        """libvirt's alias: virtio-disk0, ide0-1-0 (IDE bus 1, unit 0)."""
+        i = self.index
+        return f"virtio-disk{i}" if self.bus == "virtio" else f"ide0-{i // 2}-{i % 2}"
+
+    @property
+    def device_id(self) -> str:
+        """The QEMU -device id (query-block's ``qdev`` for IDE)."""
+        return self.alias
+
+    @property
+    def drive_id(self) -> str:
+        """The QEMU -drive id (query-block's ``device``)."""
+        return f"drive-{self.alias}"
 
 
 @dataclass(frozen=True, kw_only=True)
 class Serial:
-    """An isa-serial port; `path` of a pty is the runtime /dev/pts path (live only)."""
+    """An isa-serial port; a pty's `path` is its runtime /dev/pts path (live only)."""
 
     type: str
     port: int
@@ -160,12 +156,12 @@ class Serial:
     append: bool | None = None  # file
 
     def __post_init__(self) -> None:
-        _one_of(self.type, ("pty", "file", "unix"), "serial type")
+        _enums("serial ", ("type", self.type, ("pty", "file", "unix")))
         _check(0 <= self.port <= 3, f"serial target port {self.port} is not in 0-3")
         if self.type != "pty" or self.path is not None:
             _abspath(self.path, f"serial {self.type} source path")
-        if self.type == "unix":
-            _one_of(self.mode, ("bind", "connect"), "serial unix source mode")
+        modes = ("bind", "connect") if self.type == "unix" else (None,)
+        _enums("serial ", ("source mode", self.mode, modes))
 
     @property
     def alias(self) -> str:
@@ -178,7 +174,7 @@ class Serial:
 
 @dataclass(frozen=True, kw_only=True)
 class Console:
-    """The serial console: mirrors serial port 0, adds no device."""
+    """The serial console: mirrors serial port 0 and adds no device."""
 
     target_type: str = "serial"
     port: int = 0
@@ -186,45 +182,47 @@ class Console:
 
 @dataclass(frozen=True, kw_only=True)
 class Graphics:
-    """A VNC or SPICE display; `port` is None until autoport assigns one."""
+    """A VNC or SPICE display; `port` stays None until autoport assigns one."""
 
     type: str
     port: int | None = None
     autoport: bool = True
     tls_port: int | None = None
     listen: str | None = None
-    passwd: str | None = field(default=None, repr=False)
+    passwd: str | None = field(default=None, repr=False)  # never in logs
 
     def __post_init__(self) -> None:
-        _one_of(self.type, ("vnc", "spice"), "graphics type")
+        _enums("graphics ", ("type", self.type, ("vnc", "spice")))
         low = 5900 if self.type == "vnc" else 1
         for what, port in (("port", self.port), ("tlsPort", self.tls_port)):
             _check(port is None or low <= port <= 65535, f"graphics {what} {port} is out of range")
-        _check(self.tls_port is None or self.type == "spice", "graphics tlsPort is spice only")
-        _check(self.autoport or self.port is not None, f"graphics {self.type} needs a port")
-        if self.listen is not None:
-            try:
-                ipaddress.ip_address(self.listen)
-            except ValueError:
-                raise UnsupportedError(
-                    f"graphics listen address {self.listen!r} is not an IP address"
-                ) from None
+        _check(self.tls_port is None or self.type == "spice", "graphics tlsPort is for spice only")
+        _check(self.autoport or self.port is not None, "graphics needs a port or autoport='yes'")
+        try:
+            _ = self.listen is None or ipaddress.ip_address(self.listen)
+        except ValueError:
+            msg = f"graphics listen address {self.listen!r} is not an IP address"
+            raise UnsupportedError(msg) from None
 
 
 @dataclass(frozen=True, kw_only=True)
 class Timer:
+    """A `<clock><timer>`: kept for the XML; hpet and rtc also shape the command line."""
+
     name: str
     tickpolicy: str | None = None
     present: bool | None = None
 
     def __post_init__(self) -> None:
-        _one_of(self.name, _TIMERS, "clock timer name")
-        _one_of(self.tickpolicy, ("delay", "catchup", "merge", "discard"), "timer tickpolicy", True)
+        policies = (None, "delay", "catchup", "merge", "discard")
+        _enums(
+            "clock timer ", ("name", self.name, _TIMERS), ("tickpolicy", self.tickpolicy, policies)
+        )
 
 
 @dataclass(frozen=True, kw_only=True)
 class DomainDef:
-    """One guest definition; validated on construction, so `replace` cannot smuggle bad values."""
+    """A guest definition, validated on construction so `replace` cannot smuggle bad values."""
 
     name: str
     uuid: str
@@ -242,7 +240,6 @@ class DomainDef:
     features: tuple[str, ...] = ()
     cpu_mode: str | None = None
     cpu_model: str | None = None
-    cpu_topology: tuple[int, int, int] | None = None  # sockets, cores, threads
     clock_offset: str = "utc"
     timers: tuple[Timer, ...] = ()
     on_poweroff: str = "destroy"
@@ -258,89 +255,78 @@ class DomainDef:
     qemu_args: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
-        set_ = object.__setattr__
-        _check(
-            0 < len(self.name) <= 64 and _NAME_RE.fullmatch(self.name) is not None
-            and ".." not in self.name,
-            f"domain <name> {self.name!r} must be 1-64 characters of A-Z a-z 0-9 _ . + - "
-            "starting with a letter or digit, without '..'",
-        )
+        fix = object.__setattr__
+        ok_name = bool(_NAME_RE.fullmatch(self.name)) and ".." not in self.name
+        _check(ok_name, f"domain <name> {self.name!r} is invalid (1-64 of A-Za-z0-9_.+-, no '..')")
         try:
-            set_(self, "uuid", str(uuidlib.UUID(self.uuid)))
-        except (ValueError, TypeError):
+            fix(self, "uuid", str(uuidlib.UUID(self.uuid)))
+        except (ValueError, TypeError, AttributeError):
             raise InvalidInputError(f"domain <uuid> {self.uuid!r} is not a valid UUID") from None
-        if self.type not in ("kvm", "qemu"):
-            raise UnsupportedError(f"domain type {self.type!r} is not supported (kvm or qemu)")
-        _check(self.memory_kib > 0, "domain <memory> must be greater than 0")
-        if self.current_memory_kib is None:
-            set_(self, "current_memory_kib", self.memory_kib)
-        cur = self.current_memory_kib
-        _check(cur is not None and 0 < cur <= self.memory_kib, f"<currentMemory> {cur} KiB is not in 1..<memory>")
+        for what, value, allowed in (
+            ("domain type", self.type, ("kvm", "qemu")),
+            ("os arch", self.arch, ("x86_64",)),
+            ("os type", self.os_type, ("hvm",)),
+            ("clock offset", self.clock_offset, ("utc", "localtime")),
+        ):
+            _check(value in allowed, f"{what} {value!r} is not supported", UnsupportedError)
+        _check(self.memory_kib > 0, f"<memory> {self.memory_kib} KiB must be greater than 0")
+        fix(self, "current_memory_kib", self.current_memory_kib or self.memory_kib)
+        cur = self.current_memory_kib or 0
+        _check(0 < cur <= self.memory_kib, f"<currentMemory> {cur} KiB is not in 1..<memory>")
         _check(1 <= self.vcpus <= 255, f"<vcpu> {self.vcpus} is not in 1-255")
-        if self.vcpus_current == self.vcpus:
-            set_(self, "vcpus_current", None)
-        vc = self.vcpus_current
-        _check(vc is None or 1 <= vc <= self.vcpus, f"<vcpu> current {vc} is not in 1..{self.vcpus}")
-        _check(self.title is None or "\n" not in self.title, "domain <title> must be one line")
-        _check(self.arch == "x86_64", f"os arch {self.arch!r} is not supported", UnsupportedError)
-        _check(_IDENT_RE.fullmatch(self.machine) is not None, f"os machine {self.machine!r} is invalid")
-        _check(self.os_type == "hvm", f"os type {self.os_type!r} is not supported", UnsupportedError)
-        for dev in self.boot_devices:
-            _one_of(dev, _BOOT_DEVS, "os boot dev")
-        set_(self, "features", tuple(f for f in _FEATURES if f in self.features))
-        _one_of(self.cpu_mode, ("host-passthrough", "host-model", "custom"), "cpu mode", True)
+        fix(self, "vcpus_current", None if self.vcpus_current == self.vcpus else self.vcpus_current)
+        now = self.vcpus_current
         _check(
-            (self.cpu_mode == "custom") == (self.cpu_model is not None),
-            "cpu mode 'custom' needs a <model> and only it takes one",
+            now is None or 1 <= now <= self.vcpus, f"<vcpu> current {now} not in 1..{self.vcpus}"
         )
-        _check(
-            self.cpu_model is None or _IDENT_RE.fullmatch(self.cpu_model) is not None,
-            f"cpu model {self.cpu_model!r} is invalid",
+        _check("\n" not in (self.title or ""), "domain <title> must be one line")
+        _check(bool(_IDENT_RE.fullmatch(self.machine)), f"os machine {self.machine!r} is invalid")
+        _enums("", *(("feature", f, _FEATURES) for f in self.features))
+        fix(self, "features", tuple(f for f in _FEATURES if f in self.features))
+        model_ok = (self.cpu_mode == "custom") == bool(self.cpu_model) and bool(
+            _IDENT_RE.fullmatch(self.cpu_model or "x")
         )
-        if self.cpu_topology is not None:
-            s, c, t = self.cpu_topology
-            _check(min(s, c, t) >= 1 and s * c * t == self.vcpus, "cpu topology must multiply to <vcpu>")
-        if self.clock_offset not in ("utc", "localtime"):
-            raise UnsupportedError(f"clock offset {self.clock_offset!r} is not supported")
-        _one_of(self.on_poweroff, _ACTIONS, "<on_poweroff>")
-        _one_of(self.on_reboot, _ACTIONS, "<on_reboot>")
-        _one_of(self.on_crash, _CRASH_ACTIONS, "<on_crash>")
+        _check(model_ok, f"cpu model {self.cpu_model!r} is invalid for mode {self.cpu_mode!r}")
+        _enums(
+            "",
+            *(("os boot dev", dev, ("hd", "cdrom", "network", "fd")) for dev in self.boot_devices),
+            ("cpu mode", self.cpu_mode, (None, "host-passthrough", "host-model", "custom")),
+            ("<on_poweroff>", self.on_poweroff, _ACTIONS),
+            ("<on_reboot>", self.on_reboot, _ACTIONS),
+            ("<on_crash>", self.on_crash, (*_ACTIONS, "coredump-destroy", "coredump-restart")),
+            *(
+                ("video model type", v, ("vga", "cirrus", "qxl", "virtio", "none"))
+                for v in self.videos
+            ),
+            ("memballoon model", self.memballoon, ("virtio", "none")),
+        )
         base = os.path.basename(self.emulator)
+        _abspath(self.emulator, "<emulator>")
         _check(
-            self.emulator.startswith("/")
-            and (base.startswith("qemu-system-") or base == "qemu-kvm")
-            and "\x00" not in self.emulator,
-            f"<emulator> {self.emulator!r} must be an absolute path to qemu-system-* or qemu-kvm",
+            base.startswith("qemu-system-") or base == "qemu-kvm",
+            f"<emulator> {self.emulator!r} is not a qemu-system-* or qemu-kvm binary",
         )
         self._check_devices()
 
     def _check_devices(self) -> None:
-        for what, keys in (
+        boots = [d.boot_order for d in self.disks if d.boot_order is not None]
+        keyed: tuple[tuple[str, list[Any]], ...] = (
             ("disk target dev", [d.target for d in self.disks]),
             ("serial target port", [s.port for s in self.serials]),
-            ("boot order", [d.boot_order for d in self.disks if d.boot_order is not None]),
-        ):
-            dup = {k for k in keys if keys.count(k) > 1}
-            _check(not dup, f"duplicate {what} {sorted(dup)[0] if dup else ''!r}")
-        _check(
-            not (self.boot_devices and any(d.boot_order for d in self.disks)),
-            "per-device <boot order> cannot be mixed with <os><boot dev>",
+            ("disk boot order", boots),
+            ("graphics type", [g.type for g in self.graphics]),
         )
+        for what, keys in keyed:
+            dup = sorted({str(k) for k in keys if keys.count(k) > 1})
+            _check(not dup, f"duplicate {what} {', '.join(dup)}")
+        _check(not (boots and self.boot_devices), "<boot order> cannot mix with <os><boot dev>")
         for con in self.consoles:
-            _check(
-                con.target_type == "serial" and con.port == 0,
-                f"console target {con.target_type!r} port {con.port} is not supported "
-                "(only the serial console on port 0)",
-                UnsupportedError,
-            )
-            _check(any(s.port == 0 for s in self.serials), "the serial console needs serial port 0")
+            only = f"console target {con.target_type!r} port {con.port} is not supported (serial 0)"
+            _check((con.target_type, con.port) == ("serial", 0), only, UnsupportedError)
+            _check(any(s.port == 0 for s in self.serials), "the serial console needs serial 0")
         _check(len(self.consoles) <= 1, "only one <console> is supported", UnsupportedError)
         _check(len(self.videos) <= 1, "only one <video> is supported", UnsupportedError)
-        for model in self.videos:
-            _one_of(model, ("vga", "cirrus", "qxl", "virtio", "none"), "video model type")
-        _one_of(self.memballoon, ("virtio", "none"), "memballoon model")
-        for arg in self.qemu_args:
-            _check("\x00" not in arg, "qemu:arg value contains NUL")
+        _check(all("\x00" not in a for a in self.qemu_args), "qemu:arg value contains NUL")
 
     def inactive(self) -> DomainDef:
         """This definition without runtime values (pty paths, autoport-assigned ports)."""
@@ -350,40 +336,392 @@ class DomainDef:
             graphics=tuple(replace(g, port=None) if g.autoport else g for g in self.graphics),
         )
 
-    def to_element(self, *, live: bool = False, migratable: bool = False, secure: bool = True) -> Any:
-        """The <domain> element (lxml) that `to_xml` serializes."""
-        return _format(self if live and not migratable else self.inactive(), live and not migratable, secure)
+    def to_element(
+        self, *, live: bool = False, migratable: bool = False, secure: bool = True
+    ) -> Any:
+        """The lxml <domain> element; see the module docstring for the flags."""
+        live = live and not migratable
+        return _format(self if live else self.inactive(), live, secure)
 
     def to_xml(self, *, live: bool = False, migratable: bool = False, secure: bool = True) -> str:
-        """Pretty domain XML; see the module docstring for live, migratable and secure."""
         elem = self.to_element(live=live, migratable=migratable, secure=secure)
         return str(etree.tostring(elem, pretty_print=True, encoding="unicode"))
 
 
 def writable_disks(d: DomainDef) -> tuple[Disk, ...]:
-    """Disks the guest may write and nobody shares: what the lock manager leases."""
+    """Disks the guest writes and nobody shares: what the lock manager leases."""
     return tuple(x for x in d.disks if not x.readonly and not x.shareable and x.source)
 
 
 def with_graphics_ports(d: DomainDef, ports: Sequence[int]) -> DomainDef:
-    """Fill the ports of the autoport graphics, in order (the agent picks them from its range)."""
+    """Fill the autoport graphics' ports, in order (the agent picks them from its range)."""
     auto = [i for i, g in enumerate(d.graphics) if g.autoport]
     if len(ports) != len(auto):
         raise ValueError(f"{len(auto)} autoport graphics but {len(ports)} ports")
-    found = dict(zip(auto, ports, strict=True))
-    return replace(d, graphics=tuple(
-        replace(g, port=found[i]) if i in found else g for i, g in enumerate(d.graphics)
-    ))
+    port = dict(zip(auto, ports, strict=True))
+    new = (replace(g, port=port[i]) if i in port else g for i, g in enumerate(d.graphics))
+    return replace(d, graphics=tuple(new))
 
 
 def with_pty_paths(d: DomainDef, paths: Mapping[str, str]) -> DomainDef:
-    """Record the /dev/pts paths QEMU reported (query-chardev), keyed by chardev id."""
-    return replace(d, serials=tuple(
-        replace(s, path=paths[s.chardev_id])
-        if s.type == "pty" and s.chardev_id in paths else s for s in d.serials
-    ))
+    """Record the pty paths QEMU reported (query-chardev), keyed by chardev id."""
+    new = (
+        replace(s, path=paths[s.chardev_id]) if s.type == "pty" and s.chardev_id in paths else s
+        for s in d.serials
+    )
+    return replace(d, serials=tuple(new))
 
 
 def serial_log_paths(d: DomainDef) -> tuple[str, ...]:
     """Files the guest's serial output goes to (the agent tails them)."""
     return tuple(s.path for s in d.serials if s.type == "file" and s.path)
+
+
+# ---------------------------------------------------------------- parsing
+
+Kids = dict[str, list[Any]]
+# Elements with element children; every other known element must be a leaf.
+_CONTAINERS = {"os", "features", "cpu", "clock", "devices", "disk", "serial", "console"}
+_CONTAINERS |= {"graphics", "video", "memballoon", "target", "qemu:commandline"}
+
+
+def _tag(elem: Any) -> str:
+    q = etree.QName(elem)
+    prefix = "qemu:" if q.namespace == QEMU_NS else f"{elem.prefix}:" if elem.prefix else ""
+    return prefix + q.localname
+
+
+def _kids(parent: Any, known: str, ignored: str = "", multi: str = "") -> Kids:
+    """Children of `parent` by tag; unknown tags are refused by name, `ignored` ones skipped."""
+    out: Kids = {}
+    for child in parent:
+        tag = _tag(child)
+        if tag in ignored.split():
+            continue
+        _check(
+            tag in known.split() + multi.split(),
+            f"unsupported element <{tag}> in <{_tag(parent)}>",
+            UnsupportedError,
+        )
+        _check(tag not in out or tag in multi.split(), f"duplicate <{tag}> in <{_tag(parent)}>")
+        if tag not in _CONTAINERS and len(child):
+            _kids(child, "")
+        out.setdefault(tag, []).append(child)
+    return out
+
+
+def _first(kids: Kids, tag: str) -> Any:
+    """The child `tag`, or an empty stand-in so attribute lookups give their defaults."""
+    return kids[tag][0] if tag in kids else etree.Element(tag)
+
+
+def _text(kids: Kids, tag: str) -> str | None:
+    return (kids[tag][0].text or "").strip() if tag in kids else None
+
+
+def _int(text: str | None, what: str) -> int | None:
+    if text is None:
+        return None
+    _check(bool(re.fullmatch(r"\s*-?[0-9]{1,9}\s*", text)), f"{what} {text!r} is not an integer")
+    return int(text)
+
+
+def _yes(text: str | None, what: str) -> bool | None:
+    _enums("", (what, text, (None, "yes", "no", "on", "off")))
+    return None if text is None else text in ("yes", "on")
+
+
+def _kib(elem: Any, max_kib: int) -> int:
+    """libvirt's virScaleInteger: b, bytes, k, KiB (1024), KB (1000) ... E; KiB by default."""
+    what, text, unit = elem.tag, (elem.text or "").strip(), elem.get("unit", "KiB")
+    m = re.fullmatch(r"(b|bytes)|([kmgtpe])(ib|b)?", unit.lower())
+    _check(m is not None, f"<{what}> unit {unit!r} is unknown")
+    assert m is not None
+    scale = 1 if m[1] else (1000 if m[3] == "b" else 1024) ** ("kmgtpe".index(m[2]) + 1)
+    _check(bool(re.fullmatch(r"[0-9]{1,24}", text)), f"<{what}> {text!r} is not a size")
+    kib = -(-int(text) * scale // 1024)
+    _check(kib <= max_kib, f"<{what}> {kib} KiB exceeds the limit of {max_kib} KiB")
+    return kib
+
+
+def parse_domain_xml(
+    text: str | bytes,
+    *,
+    allow_qemu_commandline: bool = False,
+    max_memory_kib: int = DEFAULT_MAX_MEMORY_KIB,
+    live: bool = False,
+) -> DomainDef:
+    """Parse domain XML into a validated DomainDef; `live` keeps runtime values (status files)."""
+    data = text.encode("utf-8") if isinstance(text, str) else bytes(text)
+    _check(len(data) <= MAX_XML_BYTES, f"domain XML is larger than {MAX_XML_BYTES} bytes")
+    try:
+        decoded = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise InvalidInputError("domain XML is not UTF-8") from None
+    _check("\x00" not in decoded, "domain XML contains a NUL character")
+    if "<!DOCTYPE" in decoded or "<!ENTITY" in decoded:
+        raise InvalidInputError("entity declarations are not allowed (domain XML has a DOCTYPE)")
+    parser = etree.XMLParser(
+        resolve_entities=False, no_network=True, load_dtd=False, dtd_validation=False,
+        huge_tree=False, remove_comments=True, remove_pis=True, encoding="utf-8",
+    )  # fmt: skip
+    try:
+        root = etree.fromstring(data, parser)
+    except etree.XMLSyntaxError as exc:
+        raise InvalidInputError(f"malformed domain XML: {exc}".replace("\n", " ")) from None
+    _check(_tag(root) == "domain", f"the root element must be <domain>, not <{_tag(root)}>")
+    k = _kids(
+        root,
+        "name uuid title description memory currentMemory vcpu os features cpu clock "
+        "on_poweroff on_reboot on_crash devices qemu:commandline",
+        ignored="metadata resource seclabel",
+    )
+    _check(root.get("type") is not None, "domain type attribute is missing")
+    _check(bool(_text(k, "name")), "domain <name> is missing")
+    _check("memory" in k, "domain <memory> is missing")
+    vcpu, os_ = _first(k, "vcpu"), _kids(_first(k, "os"), "type", "bootmenu", multi="boot")
+    ostype, cpu = _first(os_, "type"), _kids(_first(k, "cpu"), "model")
+    dev = _kids(
+        _first(k, "devices"),
+        "emulator memballoon",
+        ignored="controller input",
+        multi="disk serial console graphics video",
+    )
+    f: dict[str, Any] = {
+        "name": _text(k, "name"),
+        "uuid": _text(k, "uuid") or str(uuidlib.uuid4()),
+        "type": root.get("type"),
+        "title": _text(k, "title"),
+        "description": k["description"][0].text if "description" in k else None,
+        "memory_kib": _kib(k["memory"][0], max_memory_kib),
+        "vcpus": _int(vcpu.text or "", "<vcpu>") if "vcpu" in k else 1,
+        "vcpus_current": _int(vcpu.get("current"), "<vcpu> current"),
+        "os_type": (ostype.text or "hvm").strip(),
+        "arch": ostype.get("arch", "x86_64"),
+        "machine": ostype.get("machine", "pc"),
+        "boot_devices": tuple(b.get("dev") for b in os_.get("boot", ())),
+        "emulator": _text(dev, "emulator") or DEFAULT_EMULATOR,
+        "disks": tuple(_disk(e) for e in dev.get("disk", ())),
+        "graphics": tuple(_graphics(e, live) for e in dev.get("graphics", ())),
+        "videos": tuple(_video(e) for e in dev.get("video", ())),
+        "memballoon": _first(dev, "memballoon").get("model", "virtio"),
+    }
+    _kids(_first(dev, "memballoon"), "", "address alias stats")
+    if "currentMemory" in k:
+        f["current_memory_kib"] = _kib(k["currentMemory"][0], max_memory_kib)
+    if not f["boot_devices"] and not any(d.boot_order for d in f["disks"]):
+        f["boot_devices"] = ("hd",)
+    if "features" in k:
+        f["features"] = tuple(_kids(k["features"][0], " ".join(_FEATURES), "vmport"))
+    for action in ("on_poweroff", "on_reboot", "on_crash"):
+        if action in k:
+            f[action] = _text(k, action)
+    if "cpu" in k:
+        model = _text(cpu, "model") or None
+        f["cpu_mode"] = _first(k, "cpu").get("mode", "custom" if model else None)
+        f["cpu_model"] = model if f["cpu_mode"] == "custom" else None
+    clock = _first(k, "clock")
+    f["clock_offset"] = clock.get("offset", "utc")
+    f["timers"] = tuple(
+        Timer(
+            name=t.get("name"),
+            tickpolicy=t.get("tickpolicy"),
+            present=_yes(t.get("present"), "timer present"),
+        )
+        for t in _kids(clock, "", multi="timer").get("timer", ())
+    )
+    f["serials"], f["consoles"] = _serials(dev, live)
+    if "qemu:commandline" in k:
+        _check(
+            allow_qemu_commandline,
+            "<qemu:commandline> is not allowed on this host (FERRY_ALLOW_QEMU_COMMANDLINE)",
+            UnsupportedError,
+        )
+        args = _kids(k["qemu:commandline"][0], "", multi="qemu:arg").get("qemu:arg", ())
+        f["qemu_args"] = tuple(a.get("value", "") for a in args)
+    return DomainDef(**f)
+
+
+def _disk(e: Any) -> Disk:
+    k = _kids(e, "driver source target readonly shareable boot", "address alias backingStore")
+    kind, drv, tgt = e.get("type", "file"), _first(k, "driver"), _first(k, "target")
+    _kids(tgt, "")
+    _check(kind == "file", f"disk type {kind!r} is not supported (only 'file')", UnsupportedError)
+    _enums("disk ", ("driver name", drv.get("name", "qemu"), ("qemu",)))
+    _check(bool(tgt.get("dev")), "disk <target dev> is missing")
+    bus = {"vd": "virtio", "hd": "ide", "sd": "scsi"}.get(tgt.get("dev")[:2], "virtio")
+    return Disk(
+        target=tgt.get("dev"),
+        bus=tgt.get("bus", bus),
+        source=_first(k, "source").get("file"),
+        device=e.get("device", "disk"),
+        format=drv.get("type", "raw"),
+        cache=drv.get("cache"),
+        discard=drv.get("discard"),
+        detect_zeroes=drv.get("detect_zeroes"),
+        readonly="readonly" in k,
+        shareable="shareable" in k,
+        boot_order=_int(_first(k, "boot").get("order"), "disk boot order"),
+    )
+
+
+def _chardev(e: Any, port: int, live: bool) -> Serial:
+    k = _kids(e, "source target", "alias address")
+    src, kind = _first(k, "source"), e.get("type", "pty")
+    return Serial(
+        type=kind,
+        port=port,
+        path=None if kind == "pty" and not live else src.get("path"),
+        mode=src.get("mode", "connect") if kind == "unix" else None,
+        append=_yes(src.get("append"), "serial source append") if kind == "file" else None,
+    )
+
+
+def _serials(dev: Kids, live: bool) -> tuple[tuple[Serial, ...], tuple[Console, ...]]:
+    serials: list[Serial] = []
+    for e in dev.get("serial", ()):
+        tgt = _first(_kids(e, "source target", "alias address"), "target")
+        _enums("serial target ", ("type", tgt.get("type", "isa-serial"), ("isa-serial",)))
+        for model in _kids(tgt, "model").get("model", ()):
+            _enums("serial target ", ("model name", model.get("name"), ("isa-serial",)))
+        port = _int(tgt.get("port"), "serial target port")
+        if port is None:  # libvirt: the lowest free port
+            port = min(set(range(4)) - {s.port for s in serials}, default=4)
+        serials.append(_chardev(e, port, live))
+    consoles: list[Console] = []
+    for e in dev.get("console", ()):
+        tgt = _first(_kids(e, "source target", "alias address"), "target")
+        _kids(tgt, "")
+        port = _int(tgt.get("port", "0"), "console target port") or 0
+        con = Console(target_type=tgt.get("type", "serial"), port=port)
+        if con.target_type == "serial" and not any(s.port == port for s in serials):
+            serials.append(_chardev(e, port, live))
+        consoles.append(con)
+    return tuple(serials), tuple(consoles)
+
+
+def _graphics(e: Any, live: bool) -> Graphics:
+    listen = e.get("listen")
+    for item in _kids(e, "", "image", multi="listen").get("listen", ()):
+        kind = item.get("type", "address")
+        _check(
+            kind == "address", f"graphics listen type {kind!r} is not supported", UnsupportedError
+        )
+        listen = item.get("address") or listen
+    port, tls = _int(e.get("port"), "graphics port"), _int(e.get("tlsPort"), "graphics tlsPort")
+    auto = e.get("autoport") == "yes" or (e.get("autoport") is None and port in (None, -1))
+    return Graphics(
+        type=e.get("type"),
+        port=None if port == -1 or (auto and not live) else port,
+        autoport=auto,
+        tls_port=None if tls == -1 else tls,
+        listen=listen,
+        passwd=e.get("passwd"),
+    )
+
+
+def _video(e: Any) -> str:
+    k = _kids(e, "model", "address alias")
+    _check("model" in k, "video <model> is missing")
+    return str(k["model"][0].get("type"))
+
+
+# ---------------------------------------------------------------- formatting
+
+
+def _sub(
+    parent: Any, tag: str, text: str | None = None, *, when: bool = True, **attrs: object
+) -> Any:
+    """Append <tag> with the attributes that are not None, if `when`."""
+    if not when:
+        return None
+    elem = etree.SubElement(parent, tag, {k: str(v) for k, v in attrs.items() if v is not None})
+    elem.text = text
+    return elem
+
+
+def _onoff(flag: bool | None, yes: str = "on", no: str = "off") -> str | None:
+    return None if flag is None else yes if flag else no
+
+
+def _format(d: DomainDef, live: bool, secure: bool) -> Any:
+    root = etree.Element(
+        "domain", {"type": d.type}, nsmap={"qemu": QEMU_NS} if d.qemu_args else None
+    )
+    for tag in ("name", "uuid", "title", "description"):
+        if getattr(d, tag) is not None:
+            _sub(root, tag, getattr(d, tag))
+    _sub(root, "memory", str(d.memory_kib), unit="KiB")
+    _sub(root, "currentMemory", str(d.current_memory_kib), unit="KiB")
+    _sub(root, "vcpu", str(d.vcpus), current=d.vcpus_current)
+    os_ = _sub(root, "os")
+    _sub(os_, "type", d.os_type, arch=d.arch, machine=d.machine)
+    for dev in d.boot_devices:
+        _sub(os_, "boot", dev=dev)
+    if d.features:
+        feats = _sub(root, "features")
+        for name in d.features:
+            _sub(feats, name)
+    if d.cpu_mode:
+        _sub(_sub(root, "cpu", mode=d.cpu_mode), "model", d.cpu_model, when=bool(d.cpu_model))
+    clock = _sub(root, "clock", offset=d.clock_offset)
+    for t in d.timers:
+        _sub(
+            clock,
+            "timer",
+            name=t.name,
+            tickpolicy=t.tickpolicy,
+            present=_onoff(t.present, "yes", "no"),
+        )
+    for action in ("on_poweroff", "on_reboot", "on_crash"):
+        _sub(root, action, getattr(d, action))
+    devices = _sub(root, "devices")
+    _sub(devices, "emulator", d.emulator)
+    for disk in d.disks:
+        e = _sub(devices, "disk", type="file", device=disk.device)
+        _sub(
+            e,
+            "driver",
+            name="qemu",
+            type=disk.format,
+            cache=disk.cache,
+            discard=disk.discard,
+            detect_zeroes=disk.detect_zeroes,
+        )
+        _sub(e, "source", file=disk.source, when=disk.source is not None)
+        _sub(e, "target", dev=disk.target, bus=disk.bus)
+        for flag in ("readonly", "shareable"):
+            _sub(e, flag, when=getattr(disk, flag))
+        _sub(e, "boot", order=disk.boot_order, when=disk.boot_order is not None)
+        _sub(e, "alias", name=disk.alias, when=live)
+    mirrored = [s for c in d.consoles for s in d.serials if s.port == c.port]
+    for tag, s in [("serial", s) for s in d.serials] + [("console", s) for s in mirrored]:
+        tty = s.path if tag == "console" and s.type == "pty" else None
+        e = _sub(devices, tag, type=s.type, tty=tty)
+        if s.path is not None:
+            _sub(e, "source", mode=s.mode, path=s.path, append=_onoff(s.append))
+        _sub(e, "target", type="isa-serial" if tag == "serial" else "serial", port=s.port)
+        _sub(e, "alias", name=s.alias, when=live)
+    for g in d.graphics:
+        e = _sub(
+            devices,
+            "graphics",
+            type=g.type,
+            port=g.port,
+            autoport=_onoff(g.autoport, "yes", "no"),
+            tlsPort=g.tls_port,
+            listen=g.listen,
+            passwd=g.passwd if secure else None,
+        )
+        _sub(e, "listen", type="address", address=g.listen, when=g.listen is not None)
+    for model in d.videos:
+        e = _sub(devices, "video")
+        _sub(e, "model", type=model)
+        _sub(e, "alias", name="video0", when=live and model != "none")
+    e = _sub(devices, "memballoon", model=d.memballoon)
+    _sub(e, "alias", name="balloon0", when=live and d.memballoon != "none")
+    if d.qemu_args:
+        cmd = _sub(root, f"{{{QEMU_NS}}}commandline")
+        for arg in d.qemu_args:
+            _sub(cmd, f"{{{QEMU_NS}}}arg", value=arg)
+    return root

@@ -31,6 +31,8 @@ class DomainObj:
     # How the process exit is to be read, set by whoever causes it.
     exit_reason: ShutoffReason | None = None
     guest_shutdown: bool = False
+    # Ports of the host's ranges held while QEMU runs: (range name, port).
+    ports: list[tuple[str, int]] = field(default_factory=list)
 
     @property
     def current(self) -> DomainDef:
@@ -66,21 +68,28 @@ class DomainObj:
         if self.state not in states:
             wanted = " or ".join(s.value for s in states)
             raise OperationInvalidError(
-                f"cannot {op}: domain '{self.name}' is {self.state.value}, not {wanted}")
+                f"cannot {op}: domain '{self.name}' is {self.state.value}, not {wanted}"
+            )
 
     def require_monitor(self, op: str) -> Monitor:
         self.require_active(op)
         if self.monitor is None:
-            raise OperationInvalidError(f"cannot {op}: the monitor of '{self.name}' is not "
-                                        "connected")
+            raise OperationInvalidError(
+                f"cannot {op}: the monitor of '{self.name}' is not connected"
+            )
         return self.monitor
 
     def info(self, host: str) -> dict[str, Any]:
         cur = self.current
         return {
-            "name": cur.name, "uuid": cur.uuid, "host": host,
-            "state": self.state.value, "reason": self.reason.value,
+            "name": cur.name,
+            "uuid": cur.uuid,
+            "host": host,
+            "state": self.state.value,
+            "reason": self.reason.value,
             "pid": self.proc.pid if self.proc else None,
-            "memory_kib": cur.memory_kib, "current_memory_kib": cur.current_memory_kib,
-            "vcpus": cur.vcpus, "persistent": self.persistent,
+            "memory_kib": cur.memory_kib,
+            "current_memory_kib": cur.current_memory_kib or cur.memory_kib,
+            "vcpus": cur.vcpus,
+            "persistent": self.persistent,
         }

@@ -28,8 +28,17 @@ def host_key(name: str) -> str:
 
 
 class Heartbeat:
-    def __init__(self, client: redis.Redis, *, name: str, uuid: str, address: str,
-                 interval_ms: int, ttl_ms: int, guests: Callable[[], list[str]]) -> None:
+    def __init__(
+        self,
+        client: redis.Redis,
+        *,
+        name: str,
+        uuid: str,
+        address: str,
+        interval_ms: int,
+        ttl_ms: int,
+        guests: Callable[[], list[str]],
+    ) -> None:
         self._redis = client
         self._name, self._uuid, self._address = name, uuid, address
         self._interval = interval_ms / 1000
@@ -40,9 +49,16 @@ class Heartbeat:
         self._thread = threading.Thread(target=self._run, name="ferry-heartbeat", daemon=True)
 
     def record(self) -> dict[str, Any]:
-        return {"name": self._name, "uuid": self._uuid, "address": self._address,
-                "version": VERSION, "pid": os.getpid(), "started": self._started,
-                "guests": sorted(self._guests()), "beat": time.time()}
+        return {
+            "name": self._name,
+            "uuid": self._uuid,
+            "address": self._address,
+            "version": VERSION,
+            "pid": os.getpid(),
+            "started": self._started,
+            "guests": sorted(self._guests()),
+            "beat": time.time(),
+        }
 
     def beat(self) -> None:
         pipe = self._redis.pipeline()
@@ -74,16 +90,25 @@ class Heartbeat:
 def list_hosts(client: redis.Redis) -> list[dict[str, Any]]:
     """Every host ever seen, alive or not, from the heartbeat records."""
     names = sorted(n.decode() if isinstance(n, bytes) else n for n in client.smembers(HOSTS_SET))
-    hosts = []
+    hosts: list[dict[str, Any]] = []
     for name in names:
         raw = client.get(host_key(name))
         if raw is None:
-            hosts.append({"name": name, "uuid": None, "address": None, "alive": False,
-                          "guests": []})
+            hosts.append(
+                {"name": name, "uuid": None, "address": None, "alive": False, "guests": []}
+            )
             continue
         rec = json.loads(raw)
-        hosts.append({"name": name, "uuid": rec["uuid"], "address": rec["address"],
-                      "alive": True, "guests": rec["guests"], "version": rec["version"]})
+        hosts.append(
+            {
+                "name": name,
+                "uuid": rec["uuid"],
+                "address": rec["address"],
+                "alive": True,
+                "guests": rec["guests"],
+                "version": rec["version"],
+            }
+        )
     return hosts
 
 

@@ -14,11 +14,11 @@ import subprocess
 from typing import Any
 
 from workers.agent import HostAgent
-from workers.domain import DomainDef
+from workers.domain import DomainDef, with_graphics_ports
 from workers.domobj import DomainObj
 from workers.errors import InvalidInputError, NotFoundError, OperationInvalidError, QemuError
 from workers.process import listening_socket, log_tail, spawn
-from workers.qemu_argv import build_qemu_argv
+from workers.qemu_argv import build_qemu_argv, qemu_has_spice
 from workers.states import DomainState, PausedReason, RunningReason, ShutoffReason
 
 
@@ -28,14 +28,13 @@ async def define(agent: HostAgent, xml: str) -> dict[str, Any]:
         if dom.name == new.name and dom.uuid != new.uuid:
             raise InvalidInputError(f"domain '{new.name}' already exists with uuid {dom.uuid}")
         if dom.uuid == new.uuid and dom.name != new.name:
-            raise InvalidInputError(f"domain with uuid {new.uuid} already exists as "
-                                    f"'{dom.name}'")
+            raise InvalidInputError(f"domain with uuid {new.uuid} already exists as '{dom.name}'")
     agent.store.save_definition(new.name, new.to_xml())
-    dom = agent.domains.get(new.name)
-    if dom is None:
-        dom = agent.domains[new.name] = DomainObj(definition=new)
-    else:
-        dom.definition = new  # a running domain uses it from its next start
+    existing = agent.domains.get(new.name)
+    if existing is not None:
+        existing.definition = new  # a running domain uses it from its next start
+        return existing.info(agent.host)
+    dom = agent.domains[new.name] = DomainObj(definition=new)
     return dom.info(agent.host)
 
 
@@ -43,27 +42,43 @@ async def undefine(agent: HostAgent, name: str) -> dict[str, Any]:
     dom = agent.lookup(name)
     if not dom.persistent:
         raise OperationInvalidError(f"cannot undefine transient domain '{dom.name}'")
-    agent.store.delete_definition(dom.name)
-    dom.definition = None
+    name, uuid = dom.name, dom.uuid
+    agent.store.delete_definition(name)
     if not dom.active:
-        agent.domains.pop(dom.name, None)
-    return {"name": dom.name, "uuid": dom.uuid, "host": agent.host, "undefined": True}
+        agent.domains.pop(name, None)
+    dom.definition = None  # a running domain goes on as a transient one
+    return {"name": name, "uuid": uuid, "host": agent.host, "undefined": True}
 
 
-async def launch(agent: HostAgent, dom: DomainObj, live: DomainDef,
+def _with_ports(agent: HostAgent, dom: DomainObj, d: DomainDef) -> DomainDef:
+    """Fill autoport graphics from the host's range; the ports go back when QEMU exits."""
+    ports = []
+    for g in d.graphics:
+        if g.autoport and g.port is None:
+            ports.append(agent.graphics_ports.acquire(g.listen or "127.0.0.1"))
+    dom.ports.extend(("graphics", p) for p in ports)
+    return with_graphics_ports(d, ports) if ports else d
+
+
+async def launch(agent: HostAgent, dom: DomainObj, definition: DomainDef,
                  incoming: str | None = None) -> None:
-    """Start QEMU for `live` with CPUs stopped and connect its monitor.
+    """Start QEMU for `definition` with CPUs stopped and connect its monitor.
 
     On any failure QEMU is gone again, the domain is shutoff:failed and the
     error carries the end of QEMU's log.
     """
+    live = _with_ports(agent, dom, definition)
     sock_path = agent.store.qmp_socket(live.uuid)
     sock = listening_socket(sock_path)
     try:
-        argv = build_qemu_argv(live, qmp_fd=sock.fileno(), pidfile=str(agent.store.pidfile(
-            live.name)), kvm=agent.kvm, incoming=incoming)
+        argv = build_qemu_argv(
+            live, qmp_fd=sock.fileno(), pidfile=str(agent.store.pidfile(live.name)),
+            kvm=agent.kvm, incoming=incoming, spice=qemu_has_spice(live.emulator))
         log_path = agent.store.qemu_log(live.name)
         proc = spawn(argv, pass_fds=[sock.fileno()], log_path=log_path, cwd=agent.store.run)
+    except BaseException:
+        agent.release_ports(dom)
+        raise
     finally:
         sock.close()
     dom.live = live
@@ -148,8 +163,9 @@ async def list_domains(agent: HostAgent, all_: bool = False) -> list[dict[str, A
     return [d.info(agent.host) for d in doms if all_ or d.active]
 
 
-async def dumpxml(agent: HostAgent, name: str, inactive: bool = False,
-                  migratable: bool = False) -> str:
+async def dumpxml(
+    agent: HostAgent, name: str, inactive: bool = False, migratable: bool = False
+) -> str:
     dom = agent.lookup(name)
     if inactive and dom.definition is not None:
         return dom.definition.to_xml(migratable=migratable)
@@ -176,10 +192,13 @@ async def domblkstat(agent: HostAgent, name: str, device: str | None = None) -> 
         if s is None:
             continue
         out[disk.target] = {
-            "rd_req": s["rd_operations"], "rd_bytes": s["rd_bytes"],
-            "wr_req": s["wr_operations"], "wr_bytes": s["wr_bytes"],
+            "rd_req": s["rd_operations"],
+            "rd_bytes": s["rd_bytes"],
+            "wr_req": s["wr_operations"],
+            "wr_bytes": s["wr_bytes"],
             "flush_operations": s["flush_operations"],
-            "rd_total_times": s["rd_total_time_ns"], "wr_total_times": s["wr_total_time_ns"],
+            "rd_total_times": s["rd_total_time_ns"],
+            "wr_total_times": s["wr_total_time_ns"],
             "errs": s.get("failed_rd_operations", 0) + s.get("failed_wr_operations", 0),
         }
     return out
@@ -194,8 +213,13 @@ async def domblkinfo(agent: HostAgent, name: str, device: str) -> dict[str, Any]
         st = os.stat(disk.source)
     except OSError as exc:
         raise NotFoundError(f"cannot stat disk '{device}': {exc.strerror}") from exc
-    info = {"target": disk.target, "path": disk.source, "physical": st.st_size,
-            "allocation": st.st_blocks * 512, "capacity": st.st_size}
+    info = {
+        "target": disk.target,
+        "path": disk.source,
+        "physical": st.st_size,
+        "allocation": st.st_blocks * 512,
+        "capacity": st.st_size,
+    }
     if dom.active and dom.monitor is not None:
         for blk in await dom.monitor.execute("query-block"):
             image = (blk.get("inserted") or {}).get("image") or {}
@@ -208,16 +232,21 @@ async def domblkinfo(agent: HostAgent, name: str, device: str) -> dict[str, Any]
 
 async def _image_virtual_size(path: str) -> int:
     proc = await asyncio.create_subprocess_exec(
-        "qemu-img", "info", "-U", "--output=json", path,
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        "qemu-img",
+        "info",
+        "-U",
+        "--output=json",
+        path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     out, err = await asyncio.wait_for(proc.communicate(), 30)
     if proc.returncode != 0:
         raise QemuError(f"qemu-img info failed for {path}", cause=err.decode().strip())
     return int(json.loads(out)["virtual-size"])
 
 
-async def monitor_command(agent: HostAgent, name: str, command: str,
-                          hmp: bool = False) -> Any:
+async def monitor_command(agent: HostAgent, name: str, command: str, hmp: bool = False) -> Any:
     dom = agent.lookup(name)
     mon = dom.require_monitor("run a monitor command")
     if hmp:
@@ -226,4 +255,4 @@ async def monitor_command(agent: HostAgent, name: str, command: str,
         if not isinstance(json.loads(command), dict):
             raise InvalidInputError("a QMP command must be a JSON object")
         return await mon.execute_raw(command)
-    raise InvalidInputError("a QMP command must be JSON, e.g. {\"execute\": \"query-status\"}")
+    raise InvalidInputError('a QMP command must be JSON, e.g. {"execute": "query-status"}')

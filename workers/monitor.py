@@ -48,10 +48,13 @@ class Monitor:
         try:
             await asyncio.wait_for(self._client.connect(address), timeout)
         except (TimeoutError, OSError, Exception) as exc:
-            raise QemuError(f"cannot connect to the monitor of {self.name}", cause=str(exc)) from exc
+            raise QemuError(
+                f"cannot connect to the monitor of {self.name}", cause=str(exc)
+            ) from exc
 
-    async def execute(self, cmd: str, args: dict[str, Any] | None = None,
-                      timeout: float = 30.0) -> Any:
+    async def execute(
+        self, cmd: str, args: dict[str, Any] | None = None, timeout: float = 30.0
+    ) -> Any:
         """Run one QMP command; a QEMU error becomes a QemuError naming the command."""
         started = time.monotonic()
         log.debug("qmp %s -> %s %s", self.name, cmd, args or {})
@@ -59,13 +62,14 @@ class Monitor:
             reply = await asyncio.wait_for(self._client.execute(cmd, args), timeout)
         except ExecuteError as exc:
             log.debug("qmp %s <- %s error %s", self.name, cmd, exc.error_class)
-            raise QemuError(f"QEMU refused {cmd}: {exc.error.desc}", cause=exc.error_class) from exc
+            raise QemuError(f"QEMU refused {cmd}: {exc}", cause=exc.error_class) from exc
         except TimeoutError as exc:
             raise QemuError(f"QEMU did not answer {cmd} within {timeout:.0f}s") from exc
         except Exception as exc:
             raise QemuError(f"monitor of {self.name} failed during {cmd}", cause=str(exc)) from exc
-        log.debug("qmp %s <- %s %.1fms %s", self.name, cmd,
-                  (time.monotonic() - started) * 1000, reply)
+        log.debug(
+            "qmp %s <- %s %.1fms %s", self.name, cmd, (time.monotonic() - started) * 1000, reply
+        )
         return reply
 
     async def execute_raw(self, text: str, timeout: float = 30.0) -> Any:
@@ -75,8 +79,9 @@ class Monitor:
         try:
             return await asyncio.wait_for(self._client.execute_msg(msg), timeout)
         except ExecuteError as exc:
-            raise QemuError(f"QEMU refused the command: {exc.error.desc}",
-                            cause=exc.error_class) from exc
+            raise QemuError(
+                f"QEMU refused the command: {exc}", cause=exc.error_class
+            ) from exc
         except TimeoutError as exc:
             raise QemuError(f"QEMU did not answer within {timeout:.0f}s") from exc
 

@@ -73,14 +73,21 @@ def listening_socket(path: Path) -> socket.socket:
     return sock
 
 
-def spawn(argv: Sequence[str], *, pass_fds: Sequence[int], log_path: Path,
-          cwd: Path) -> QemuProcess:
+def spawn(
+    argv: Sequence[str], *, pass_fds: Sequence[int], log_path: Path, cwd: Path
+) -> QemuProcess:
     """Start QEMU detached from the worker's session, output to `log_path`."""
     with open(log_path, "ab") as out:
         try:
             popen = subprocess.Popen(
-                list(argv), stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                cwd=cwd, start_new_session=True, pass_fds=tuple(pass_fds), close_fds=True,
+                list(argv),
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                cwd=cwd,
+                start_new_session=True,
+                pass_fds=tuple(pass_fds),
+                close_fds=True,
             )
         except OSError as exc:
             raise QemuError(f"cannot execute {argv[0]}", cause=str(exc)) from exc

@@ -22,8 +22,9 @@ from lxml import etree
 
 log = logging.getLogger(__name__)
 
-_PARSER = etree.XMLParser(resolve_entities=False, no_network=True, load_dtd=False,
-                          huge_tree=False, remove_blank_text=True)
+_PARSER = etree.XMLParser(
+    resolve_entities=False, no_network=True, load_dtd=False, huge_tree=False, remove_blank_text=True
+)
 
 
 def atomic_write(path: Path, data: bytes, mode: int = 0o600) -> None:
@@ -99,8 +100,16 @@ class StateStore:
         return [(p.stem, p.read_text()) for p in sorted(self.defs.glob("*.xml"))]
 
     # status files
-    def save_status(self, name: str, *, state: str, reason: str, pid: int, domain_xml: str,
-                    extra: dict[str, str] | None = None) -> None:
+    def save_status(
+        self,
+        name: str,
+        *,
+        state: str,
+        reason: str,
+        pid: int,
+        domain_xml: str,
+        extra: dict[str, str] | None = None,
+    ) -> None:
         root = etree.Element("domstatus", state=state, reason=reason, pid=str(pid))
         for key, value in (extra or {}).items():
             etree.SubElement(root, key).text = value
@@ -121,10 +130,16 @@ class StateStore:
                 if dom is None:
                     raise ValueError("no <domain> in status file")
                 extra = {c.tag: c.text or "" for c in root if c.tag != "domain"}
-                records.append(StatusRecord(
-                    name=path.stem, state=root.get("state", "nostate"),
-                    reason=root.get("reason", "unknown"), pid=int(root.get("pid", "0")),
-                    domain_xml=etree.tostring(dom).decode(), extra=extra))
+                records.append(
+                    StatusRecord(
+                        name=path.stem,
+                        state=root.get("state", "nostate"),
+                        reason=root.get("reason", "unknown"),
+                        pid=int(root.get("pid", "0")),
+                        domain_xml=etree.tostring(dom).decode(),
+                        extra=extra,
+                    )
+                )
             except (etree.XMLSyntaxError, ValueError, OSError) as exc:
                 log.error("ignoring unreadable status file %s: %s", path, exc)
         return records

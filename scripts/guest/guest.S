@@ -553,15 +553,18 @@ putdec:                                 # %eax in decimal
         ret
 
 irq_handler:                            # ack the RTC, EOI both PICs
-        push    %eax
+        # IF is set only around the hlt in `idle`, so this always interrupts that
+        # hlt: drop the frame and go round the loop instead of iret.  (KVM's
+        # instruction emulator cannot do a protected-mode iret, and some hosts,
+        # e.g. PVM, emulate it: "KVM internal error. Suberror: 1".)
         mov     $0x0c, %al
         out     %al, $0x70
         in      $0x71, %al
         mov     $0x20, %al
         out     %al, $0xa0
         out     %al, $0x20
-        pop     %eax
-        iret
+        add     $12, %esp
+        jmp     loop_top
 
         .balign 16
 fault_stubs:                            # 16 bytes each: push vector, report it, stop

@@ -1,0 +1,191 @@
+"""The QEMU command line for a DomainDef: a pure function of the definition.
+
+Why pure and XML-derived: the source and the destination of a migration must
+build the same device tree (same ids, same PCI slot order), so every id and
+option below comes from the definition alone, never from host state.  Runtime
+inputs (the monitor fd, the pidfile, whether KVM works, autoport ports already
+filled in by `with_graphics_ports`) only touch options that are not guest ABI.
+
+Choices:
+
+- The monitor is an already listening unix socket the agent passes as a fd
+  (``-chardev socket,fd=N,server=on,wait=off``): the agent binds it before
+  QEMU starts, so there is no race on the path and no retry loop.
+- QEMU always starts paused (``-S``); the agent resumes it or migrates into it.
+- Disks are ``-drive if=none,id=drive-ALIAS`` + ``-device ...,id=ALIAS`` with
+  libvirt's aliases (virtio-disk0, ide0-0-0; also serial0, video0, balloon0).
+  Not ``-blockdev``: its backend is anonymous, so query-block/blockstats would
+  report no ``device`` and a QOM path as virtio's ``qdev``; a named drive
+  reports ``device=drive-ALIAS`` for every bus, and libvirt's cache names are
+  -drive's.  The format is always explicit (no probing) and sources are
+  absolute (no ``proto:`` prefix parsing).  PCI devices are created in a fixed
+  order (video, disks, balloon), so QEMU assigns the same slots on both hosts.
+- Passwords never reach argv (``ps`` shows it): VNC gets ``password=on`` and
+  SPICE gets ticketing; the agent sets the password over QMP.
+- KVM is used only for ``type='kvm'`` and when `kvm` is true (then
+  ``accel=kvm:tcg``); host-passthrough/host-model become ``-cpu host`` under KVM
+  and ``-cpu max`` under TCG.  ``arch-capabilities=off`` goes with ``host``: on
+  these (nested, AMD) machines QEMU 7.2 aborts setting MSR 0x10a otherwise.
+- Timers: hpet present='no' gives ``hpet=off``, rtc tickpolicy='catchup' gives
+  ``driftfix=slew``; the others keep QEMU's defaults (kvm-pit already delays
+  lost ticks).
+- ``on_poweroff`` other than destroy adds ``-no-shutdown`` (the agent then acts);
+  ``on_reboot=destroy`` adds ``-no-reboot``.
+- Every free-form value inside a QEMU option list (paths) doubles its commas;
+  names, machine types and models are validated by the domain model.
+"""
+
+from __future__ import annotations
+
+import functools
+import ipaddress
+import subprocess
+from collections.abc import Sequence
+
+from workers.domain import Disk, DomainDef, Graphics, Serial
+from workers.errors import InvalidInputError, UnsupportedError
+
+_VIDEO = {"vga": "VGA", "cirrus": "cirrus-vga", "qxl": "qxl-vga", "virtio": "virtio-vga"}
+_BOOT = {"hd": "c", "cdrom": "d", "network": "n", "fd": "a"}
+_INCOMING = ("tcp:", "unix:", "fd:")
+DEFAULT_LISTEN = "127.0.0.1"
+
+
+def qemu_escape(value: str) -> str:
+    """Escape a value for a QEMU option list: ',' separates options, ',,' is a comma."""
+    return value.replace(",", ",,")
+
+
+def _opts(*parts: str | None) -> str:
+    return ",".join(p for p in parts if p)
+
+
+def build_qemu_argv(
+    d: DomainDef,
+    *,
+    qmp_fd: int,
+    pidfile: str,
+    kvm: bool,
+    incoming: str | None = None,
+    extra: Sequence[str] = (),
+    spice: bool = True,
+) -> list[str]:
+    """argv (argv[0] is the emulator) for `d`; `spice` says whether this QEMU has SPICE."""
+    if qmp_fd < 0:
+        raise ValueError(f"qmp_fd must be an open file descriptor, not {qmp_fd}")
+    use_kvm = kvm and d.type == "kvm"
+    hpet_off = any(t.name == "hpet" and t.present is False for t in d.timers)
+    slew = any(t.name == "rtc" and t.tickpolicy == "catchup" for t in d.timers)
+    machine = _opts(
+        d.machine,
+        "accel=kvm:tcg" if use_kvm else "accel=tcg",
+        None if "acpi" in d.features else "acpi=off",
+        "hpet=off" if hpet_off else None,
+    )
+    smp = str(d.vcpus) if d.vcpus_current is None else f"{d.vcpus_current},maxcpus={d.vcpus}"
+    argv = [d.emulator, "-name", f"guest={d.name},debug-threads=on", "-S"]
+    argv += ["-uuid", d.uuid, "-machine", machine]
+    if d.cpu_mode in ("host-passthrough", "host-model"):
+        argv += ["-cpu", "host,arch-capabilities=off" if use_kvm else "max"]
+    elif d.cpu_mode == "custom" and d.cpu_model:
+        argv += ["-cpu", d.cpu_model]
+    mem_kib = -(-d.memory_kib // 1024) * 1024  # QEMU wants whole MiB here; libvirt rounds up too
+    argv += ["-m", f"size={mem_kib}k", "-smp", smp]
+    argv += ["-no-user-config", "-nodefaults", "-display", "none"]
+    argv += ["-chardev", f"socket,id=charmonitor,fd={qmp_fd},server=on,wait=off"]
+    argv += ["-mon", "chardev=charmonitor,id=monitor,mode=control", "-pidfile", pidfile]
+    argv += ["-rtc", _opts(f"base={d.clock_offset}", "driftfix=slew" if slew else None)]
+    if d.on_reboot == "destroy":
+        argv.append("-no-reboot")
+    if d.on_poweroff != "destroy":
+        argv.append("-no-shutdown")
+    if any(disk.boot_order for disk in d.disks):
+        argv += ["-boot", "strict=on"]
+    elif d.boot_devices:
+        argv += ["-boot", "order=" + "".join(_BOOT[dev] for dev in d.boot_devices)]
+    for model in d.videos:
+        if model != "none":
+            argv += ["-device", f"{_VIDEO[model]},id=video0"]
+    for disk in d.disks:
+        argv += _disk_args(disk)
+    for serial in d.serials:
+        argv += ["-chardev", _chardev(serial)]
+        argv += [
+            "-device",
+            f"isa-serial,chardev={serial.chardev_id},id={serial.alias},index={serial.port}",
+        ]
+    for g in d.graphics:
+        argv += _graphics_args(g, spice)
+    if d.memballoon == "virtio":
+        argv += ["-device", "virtio-balloon-pci,id=balloon0"]
+    if incoming is not None:
+        if incoming != "defer" and not incoming.startswith(_INCOMING):
+            raise InvalidInputError(f"incoming URI {incoming!r} is not defer, tcp:, unix: or fd:")
+        argv += ["-incoming", incoming]
+    return argv + list(extra) + list(d.qemu_args)
+
+
+def _disk_args(disk: Disk) -> list[str]:
+    """A named -drive (drive-ALIAS, explicit format: no probing) and its -device ALIAS."""
+    zeroes = disk.detect_zeroes
+    if zeroes == "unmap" and disk.discard != "unmap":
+        zeroes = "on"  # QEMU refuses unmap without discard=unmap; libvirt downgrades too
+    drive = _opts(
+        f"file={qemu_escape(disk.source)}" if disk.source is not None else None,
+        f"format={disk.format}" if disk.source is not None else None,
+        f"if=none,id={disk.drive_id}",
+        "media=cdrom" if disk.device == "cdrom" else None,
+        "readonly=on" if disk.readonly else None,
+        f"cache={disk.cache}" if disk.cache not in (None, "default") else None,
+        f"discard={disk.discard}" if disk.discard else None,
+        f"detect-zeroes={zeroes}" if zeroes else None,
+    )
+    if disk.bus == "virtio":
+        model = "virtio-blk-pci"
+    else:
+        model = "ide-cd" if disk.device == "cdrom" else "ide-hd"
+        model += f",bus=ide.{disk.index // 2},unit={disk.index % 2}"
+    device = _opts(
+        model,
+        f"drive={disk.drive_id},id={disk.device_id}",
+        f"bootindex={disk.boot_order}" if disk.boot_order else None,
+        "share-rw=on" if disk.shareable else None,
+    )
+    return ["-drive", drive, "-device", device]
+
+
+def _chardev(s: Serial) -> str:
+    if s.type == "pty":
+        return f"pty,id={s.chardev_id}"
+    path = qemu_escape(s.path or "")
+    if s.type == "file":
+        return _opts(f"file,id={s.chardev_id},path={path}", "append=on" if s.append else None)
+    server = "server=on,wait=off" if s.mode == "bind" else "server=off"
+    return f"socket,id={s.chardev_id},path={path},{server}"
+
+
+def _graphics_args(g: Graphics, spice: bool) -> list[str]:
+    if g.port is None:
+        raise ValueError(f"graphics {g.type} has no port yet: fill autoport (with_graphics_ports)")
+    addr = g.listen or DEFAULT_LISTEN
+    if g.type == "vnc":
+        host = f"[{addr}]" if ipaddress.ip_address(addr).version == 6 else addr
+        return ["-vnc", _opts(f"{host}:{g.port - 5900}", "password=on" if g.passwd else None)]
+    if not spice:
+        raise UnsupportedError("graphics spice is not supported: this QEMU has no SPICE support")
+    if g.tls_port is not None:
+        raise UnsupportedError("graphics spice tlsPort is not supported (no TLS certificates)")
+    ticketing = None if g.passwd else "disable-ticketing=on"
+    return ["-spice", _opts(f"port={g.port},addr={addr}", ticketing, "seamless-migration=on")]
+
+
+@functools.lru_cache(maxsize=8)
+def qemu_has_spice(emulator: str) -> bool:
+    """Whether `emulator` has SPICE: ``-spice help`` lists its options (but exits 1 in 7.2)."""
+    try:
+        done = subprocess.run(
+            [emulator, "-spice", "help"], capture_output=True, timeout=10, check=False
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return b"disable-ticketing" in done.stdout + done.stderr
