@@ -15,6 +15,7 @@ import sys
 import threading
 from pathlib import Path
 
+from config.settings import load
 from scripts.stack import Stack, free_port
 
 DEFAULT_PORT = 6379
@@ -68,15 +69,16 @@ def run_up(args: argparse.Namespace) -> int:
     flower = start_flower(stack) if args.flower else None
     if flower:
         print("flower on http://127.0.0.1:5555")
-    if not os.environ.get("FERRY_BROKER_URL"):
+    if stack.broker_url != load({}).broker_url:
         print(f"in another terminal: export FERRY_BROKER_URL={stack.broker_url}")
     print("ready; Ctrl-C stops the hosts (guests keep running)")
     stopped = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stopped.set())
+    # Both set explicitly: a shell starts background jobs with SIGINT ignored.
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stopped.set())
     try:
-        stopped.wait()
-    except KeyboardInterrupt:
-        pass
+        while not stopped.wait(1.0):
+            pass
     finally:
         if flower:
             flower.terminate()
