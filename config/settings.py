@@ -89,6 +89,9 @@ SPECS: tuple[Spec, ...] = (
     Spec("qemu_start_timeout_s", int, lambda: 30,
          "how long to wait for a new QEMU's monitor", 1, 600),
     Spec("log_level", str, lambda: "INFO", "worker log level (DEBUG logs every QMP message)"),
+    Spec("failpoints", str, lambda: "", "test-only failure points: name=raise|kill|hang,..."),
+    Spec("incoming_timeout_s", int, lambda: 60,
+         "how long Finish waits for the incoming stream to complete", 1, 3600),
 )
 
 
@@ -110,6 +113,8 @@ class Settings:
     max_guest_memory_mib: int
     qemu_start_timeout_s: int
     log_level: str
+    failpoints: str
+    incoming_timeout_s: int
     extra: Mapping[str, str] = field(default_factory=dict)
 
     def replace(self, **changes: Any) -> Settings:

@@ -176,6 +176,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("command", nargs="+")
     p.add_argument("--hmp", action="store_true")
     p.add_argument("--pretty", action="store_true")
+    from scripts.migrate_cmd import add_parsers
+
+    add_parsers(sub, _domain_cmd)
     return parser
 
 

@@ -51,3 +51,26 @@ def blkinfo(info: dict[str, Any]) -> str:
 
 def as_json(value: Any) -> str:
     return json.dumps(value, indent=2, sort_keys=True)
+
+
+def jobinfo(info: dict[str, Any]) -> str:
+    rows = [("Job type", info["type"])]
+    if info["type"] != "none":
+        rows += [(k.replace("_", " ").capitalize(), info[k]) for k in (
+            "operation", "phase", "time_elapsed_ms", "data_total", "data_processed",
+            "data_remaining", "memory_bps", "memory_dirty_rate", "memory_iteration",
+            "downtime_ms", "setup_time_ms", "error") if info.get(k) is not None]
+    return "\n".join(f"{k + ':':<20}{v}" for k, v in rows)
+
+
+def migration_summary(s: dict[str, Any]) -> str:
+    st = s.get("statistics") or {}
+    lines = [f"Migration {s['job_id']}: {s['domain']} {s['source']} -> {s['dest']}: "
+             f"{s['result']}"]
+    for ph in s.get("phases", []):
+        lines.append(f"  {ph['phase']:<10} on {ph['host']:<10} {ph['elapsed_ms']:>9.1f} ms")
+    if st:
+        mib = st.get("memory_processed", 0) / 1048576
+        lines.append(f"  transferred {mib:.1f} MiB, downtime {st.get('downtime')} ms, "
+                     f"{st.get('memory_bps', 0) / 1048576:.0f} MiB/s")
+    return "\n".join(lines)

@@ -33,7 +33,7 @@ def guest_xml(name: str, disk: Path, serial_log: Path, *, memory_mib: int = 64,
       <target dev='{target}' bus='{disk_bus}'/>
     </disk>
     <serial type='file'>
-      <source path='{serial_log}'/>
+      <source path='{serial_log}' append='on'/>
       <target port='0'/>
     </serial>
     <memballoon model='none'/>{extra_devices}

@@ -13,6 +13,7 @@ import sys
 
 from config.celery_app import configure, queue_for
 from config.settings import Settings, load
+from workers import failpoints
 from workers.agent import HostAgent, set_agent
 
 log = logging.getLogger("ferry.worker")
@@ -36,6 +37,7 @@ def run_worker(args: argparse.Namespace) -> int:
     settings.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     setup_logging(settings)
     app = configure(settings)
+    failpoints.configure(settings.failpoints)
     agent = HostAgent(settings)
     agent.start()
     set_agent(agent)

@@ -42,6 +42,12 @@ class Client:
             raise HostUnavailableError(f"cannot reach the broker at {self.settings.broker_url}",
                                        cause=str(exc)) from exc
 
+    def migrate(self, domain: str, source: str, dest: str, **options: Any) -> Any:
+        """Start a managed migration; returns a MigrationJob at once (see migrate_client)."""
+        from tasks.migrate_client import migrate
+
+        return migrate(self, domain, source, dest, **options)
+
     def call(self, host: str, task: str, timeout: float | None = None, **kwargs: Any) -> Any:
         """Run `ferry.<task>` on `host` and return its result (or raise its error)."""
         self.host(host)
@@ -58,3 +64,8 @@ class Client:
             raise FerryError(str(exc) or type(exc).__name__, host=host) from exc
         finally:
             result.forget()
+
+
+def migrate(domain: str, source: str, dest: str, **options: Any) -> Any:
+    """What services call: `tasks.client.migrate("web1", "alpha", "beta", live=True)`."""
+    return Client().migrate(domain, source, dest, **options)

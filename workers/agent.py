@@ -25,6 +25,7 @@ from workers.domain import DomainDef, parse_domain_xml
 from workers.domobj import DomainObj
 from workers.errors import HostUnavailableError, NotFoundError, QemuError
 from workers.heartbeat import Heartbeat
+from workers.jobs import JobStore
 from workers.monitor import Monitor
 from workers.ports import PortAllocator
 from workers.process import QemuProcess, attach
@@ -49,7 +50,8 @@ class HostAgent:
         self.migration_ports = PortAllocator("migration", *settings.migration_ports)
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._run_loop, name="ferry-agent", daemon=True)
-        self.redis = redis.Redis.from_url(settings.broker_url)
+        self.redis = redis.Redis.from_url(settings.broker_url, socket_timeout=5)
+        self.jobs = JobStore(self.redis, self.host)
         self.heartbeat = Heartbeat(
             self.redis,
             name=self.host,
@@ -157,6 +159,9 @@ class HostAgent:
             self.set_state(dom, DomainState.PAUSED, reason)
         elif event == "RESUME" and dom.state == DomainState.PAUSED:
             self.set_state(dom, DomainState.RUNNING, dom.expected_resume or RunningReason.UNPAUSED)
+        elif event == "MIGRATION":
+            dom.migration_status = str(data.get("status"))
+            dom.wakeup.set()
         elif event == "SHUTDOWN":
             dom.guest_shutdown = bool(data.get("guest"))
         elif event == "BLOCK_IO_ERROR" and data.get("action") == "stop":
@@ -190,9 +195,10 @@ class HostAgent:
         dom.live = None if dom.persistent else dom.live
         dom.exit_reason, dom.guest_shutdown = None, False
         dom.expected_pause = dom.expected_resume = None
-        if not dom.persistent:
+        if not dom.persistent and self.domains.get(dom.name) is dom:
             self.domains.pop(dom.name, None)
         dom.exited.set()
+        dom.wakeup.set()
 
     def release_ports(self, dom: DomainObj) -> None:
         ranges = {"graphics": self.graphics_ports, "migration": self.migration_ports}

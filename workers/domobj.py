@@ -8,6 +8,7 @@ from typing import Any
 
 from workers.domain import DomainDef
 from workers.errors import OperationInvalidError
+from workers.jobs import ActiveJob
 from workers.monitor import Monitor
 from workers.process import QemuProcess
 from workers.states import DomainState, PausedReason, Reason, RunningReason, ShutoffReason
@@ -31,6 +32,11 @@ class DomainObj:
     # How the process exit is to be read, set by whoever causes it.
     exit_reason: ShutoffReason | None = None
     guest_shutdown: bool = False
+    # The job this domain is in on this host, and the wait loop's wake-up call
+    # (set by MIGRATION events and by the process exiting).
+    job: ActiveJob | None = None
+    migration_status: str | None = None
+    wakeup: asyncio.Event = field(default_factory=asyncio.Event)
     # Ports of the host's ranges held while QEMU runs: (range name, port).
     ports: list[tuple[str, int]] = field(default_factory=list)
 
@@ -70,6 +76,12 @@ class DomainObj:
             raise OperationInvalidError(
                 f"cannot {op}: domain '{self.name}' is {self.state.value}, not {wanted}"
             )
+
+    def require_no_job(self, op: str) -> None:
+        if self.job is not None:
+            raise OperationInvalidError(
+                f"cannot {op}: domain '{self.name}' is in job {self.job.id} "
+                f"({self.job.operation}, phase {self.job.phase})")
 
     def require_monitor(self, op: str) -> Monitor:
         self.require_active(op)

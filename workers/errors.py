@@ -52,9 +52,11 @@ class FerryError(Exception):
         return self
 
     def to_dict(self) -> dict[str, str | None]:
+        """JSON for job records and chain state; `message` is what the operator reads."""
         return {
             "type": type(self).__name__,
             "message": str(self),
+            "text": self.message,
             "phase": self.phase,
             "host": self.host,
             "cause": self.cause,

@@ -11,6 +11,7 @@ import contextlib
 import json
 import os
 import subprocess
+from collections.abc import Sequence
 from typing import Any
 
 from workers.agent import HostAgent
@@ -32,6 +33,7 @@ async def define(agent: HostAgent, xml: str) -> dict[str, Any]:
     agent.store.save_definition(new.name, new.to_xml())
     existing = agent.domains.get(new.name)
     if existing is not None:
+        existing.require_no_job("redefine")
         existing.definition = new  # a running domain uses it from its next start
         return existing.info(agent.host)
     dom = agent.domains[new.name] = DomainObj(definition=new)
@@ -42,6 +44,7 @@ async def undefine(agent: HostAgent, name: str) -> dict[str, Any]:
     dom = agent.lookup(name)
     if not dom.persistent:
         raise OperationInvalidError(f"cannot undefine transient domain '{dom.name}'")
+    dom.require_no_job("undefine")
     name, uuid = dom.name, dom.uuid
     agent.store.delete_definition(name)
     if not dom.active:
@@ -61,7 +64,7 @@ def _with_ports(agent: HostAgent, dom: DomainObj, d: DomainDef) -> DomainDef:
 
 
 async def launch(agent: HostAgent, dom: DomainObj, definition: DomainDef,
-                 incoming: str | None = None) -> None:
+                 incoming: str | None = None, extra_argv: Sequence[str] = ()) -> None:
     """Start QEMU for `definition` with CPUs stopped and connect its monitor.
 
     On any failure QEMU is gone again, the domain is shutoff:failed and the
@@ -73,7 +76,8 @@ async def launch(agent: HostAgent, dom: DomainObj, definition: DomainDef,
     try:
         argv = build_qemu_argv(
             live, qmp_fd=sock.fileno(), pidfile=str(agent.store.pidfile(live.name)),
-            kvm=agent.kvm, incoming=incoming, spice=qemu_has_spice(live.emulator))
+            kvm=agent.kvm, incoming=incoming, spice=qemu_has_spice(live.emulator),
+            extra=extra_argv)
         log_path = agent.store.qemu_log(live.name)
         proc = spawn(argv, pass_fds=[sock.fileno()], log_path=log_path, cwd=agent.store.run)
     except BaseException:
@@ -141,6 +145,7 @@ async def destroy(agent: HostAgent, name: str) -> dict[str, Any]:
 async def suspend(agent: HostAgent, name: str) -> dict[str, Any]:
     dom = agent.lookup(name)
     async with dom.lock:
+        dom.require_no_job("suspend")
         dom.require_state("suspend", DomainState.RUNNING)
         await pause_cpus(agent, dom, PausedReason.USER)
         return dom.info(agent.host)
@@ -149,6 +154,7 @@ async def suspend(agent: HostAgent, name: str) -> dict[str, Any]:
 async def resume(agent: HostAgent, name: str) -> dict[str, Any]:
     dom = agent.lookup(name)
     async with dom.lock:
+        dom.require_no_job("resume")
         dom.require_state("resume", DomainState.PAUSED)
         await run_cpus(agent, dom, RunningReason.UNPAUSED)
         return dom.info(agent.host)

@@ -22,7 +22,7 @@
         .set    REGION_START, 0x200000
         .set    RAM_CEILING, 0xc0000000
         .set    RATE_MAX, 0xffffffff
-        .set    BATCH, 1024             # pages dirtied between two timer polls
+        .set    BATCH, 256              # pages dirtied between two timer polls
 
         .text
         .code16

@@ -1,0 +1,110 @@
+"""Managed migration from a caller's process: build the chain, return a handle at once.
+
+The chain is made of signatures by task name, each routed to its host's
+queue, so a service can build the same chain with `send_task`/`signature`
+without importing ferry.  Task ids are `<job id>.<phase>`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from celery import chain
+from celery.exceptions import TimeoutError as CeleryTimeout
+from celery.result import AsyncResult
+
+from config.celery_app import queue_for
+from workers.errors import FerryError, HostUnavailableError, InvalidInputError, UnsupportedError
+from workers.migration.params import MigrationFlags as F
+from workers.migration.params import MigrationParams
+
+if TYPE_CHECKING:
+    from tasks.client import Client
+
+OPTION_FLAGS = {
+    "live": F.LIVE, "p2p": F.PEER2PEER, "tunnelled": F.TUNNELLED,
+    "persistent": F.PERSIST_DEST, "undefinesource": F.UNDEFINE_SOURCE, "suspend": F.PAUSED,
+    "change_protection": F.CHANGE_PROTECTION, "offline": F.OFFLINE,
+    "compressed": F.COMPRESSED, "abort_on_error": F.ABORT_ON_ERROR,
+    "auto_converge": F.AUTO_CONVERGE, "postcopy": F.POSTCOPY,
+}
+
+
+def params_from_options(domain: str, source: str, dest: str, **options: Any) -> MigrationParams:
+    """virsh-like options (live=True, persistent=True, xml=..., ...) to MigrationParams."""
+    flags = F(int(options.pop("flags", 0)))
+    for name, flag in OPTION_FLAGS.items():
+        if options.pop(name, False):
+            flags |= flag
+    if flags & (F.PEER2PEER | F.TUNNELLED):
+        raise UnsupportedError("peer-to-peer and tunnelled migration are not available yet")
+    known = {"protocol", "xmlin", "migrate_uri", "bandwidth_mib_s", "max_downtime_ms",
+             "timeout_s", "job_id"}
+    unknown = set(options) - known
+    if unknown:
+        raise InvalidInputError(f"unknown migration option(s): {', '.join(sorted(unknown))}")
+    return MigrationParams(domain=domain, source=source, dest=dest, flags=int(flags), **options)
+
+
+def build_chain(p: MigrationParams, xml: str | None = None) -> Any:
+    src, dst = queue_for(p.source), queue_for(p.dest)
+
+    def sig(name: str, queue: str, *args: Any) -> Any:
+        from config.celery_app import app
+
+        return app.signature(f"ferry.{name}", args=args, queue=queue,
+                             task_id=f"{p.job_id}.{name}", immutable=False)
+
+    if p.protocol == 3:
+        return chain(sig("begin3", src, p.to_json()), sig("prepare3", dst),
+                     sig("perform3", src), sig("finish3", dst), sig("confirm3", src))
+    state = {"params": p.to_json(), "xml": xml}
+    return chain(sig("prepare2", dst, state), sig("perform2", src), sig("finish2", dst))
+
+
+@dataclass
+class MigrationJob:
+    """A handle on a running migration."""
+
+    client: Client
+    params: MigrationParams
+    result: AsyncResult
+
+    @property
+    def id(self) -> str:
+        return self.params.job_id
+
+    def wait(self, timeout: float | None = None) -> dict[str, Any]:
+        """The summary when the migration completed; raises its first error otherwise."""
+        try:
+            return dict(self.result.get(timeout=timeout, propagate=True))
+        except CeleryTimeout:
+            raise HostUnavailableError(f"migration {self.id} did not end within {timeout}s") \
+                from None
+        except FerryError:
+            raise
+        except Exception as exc:
+            raise FerryError(str(exc) or type(exc).__name__) from exc
+
+    def info(self) -> dict[str, Any]:
+        """domjobinfo as the source sees it."""
+        return dict(self.client.call(self.params.source, "domjobinfo",
+                                     domain=self.params.domain))
+
+    def done(self) -> bool:
+        return bool(self.result.ready())
+
+
+def migrate(client: Client, domain: str, source: str, dest: str,
+            **options: Any) -> MigrationJob:
+    p = params_from_options(domain, source, dest, **options)
+    src, dst = client.host(source), client.host(dest)
+    if src["uuid"] == dst["uuid"]:
+        raise InvalidInputError("attempt to migrate guest to the same host "
+                                f"({source} and {dest} share uuid {src['uuid']})")
+    xml = None
+    if p.protocol == 2:  # v2 has no Begin: the caller fetches the XML, as libvirt's does
+        xml = client.call(source, "dumpxml", domain=domain, migratable=True)
+    result = build_chain(p, xml).apply_async()
+    return MigrationJob(client, p, result)

@@ -1,0 +1,130 @@
+"""Celery tasks for the migration phases, each on the queue of the host where it runs.
+
+A phase task never raises into the chain: it records its error in the state
+and returns it, so the clean-up phases after it still run (in their
+cancelled form).  The last phase of a chain raises the FIRST error.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+from config.celery_app import app
+from workers.agent import HostAgent, get_agent
+from workers.errors import FerryError, MigrationError
+from workers.jobs import jobinfo_view
+from workers.migration import dest, source
+from workers.migration.params import MigrationParams
+from workers.migration.state import MigrationState, Phase, rebuild_error
+
+log = logging.getLogger(__name__)
+
+PhaseFn = Callable[[HostAgent, MigrationState], Coroutine[Any, Any, MigrationState]]
+
+
+def run_phase(fn: PhaseFn, phase: Phase, state: dict[str, Any]) -> MigrationState:
+    agent = get_agent()
+    st = MigrationState.from_json(state)
+    cancelled = st.failed
+    started = time.monotonic()
+    try:
+        st = agent.call(fn(agent, st))
+        ok = not st.failed or cancelled
+    except FerryError as exc:
+        st, ok = st.with_error(exc.at(phase=phase.value, host=agent.host)), False
+    except Exception as exc:  # a bug must not break the chain and skip the clean-up
+        log.exception("phase %s crashed", phase.value)
+        err = MigrationError(f"internal error: {type(exc).__name__}: {exc}", phase.value,
+                             agent.host)
+        st, ok = st.with_error(err), False
+    st = st.with_phase(phase, agent.host, started, ok, cancelled)
+    _log_phase(st, phase, agent.host)
+    return st
+
+
+def _log_phase(st: MigrationState, phase: Phase, host: str) -> None:
+    p, rec = st.params, st.phases[-1]
+    cookie = st.cookie or ""
+    sections = [s for s in ("graphics", "lockstate", "domain", "statistics")
+                if f"<{s}" in cookie]
+    log.debug("migration job=%s domain=%s host=%s phase=%s flags=%s protocol=%d uri=%s "
+              "cookie_bytes=%d cookie_sections=%s elapsed_ms=%.1f outcome=%s%s",
+              p.job_id, p.domain, host, phase.value, ",".join(p.flag_names()), p.protocol,
+              st.uri, len(cookie.encode()), ",".join(sections), rec.elapsed_ms,
+              "cancelled" if rec.cancelled else ("ok" if rec.ok else "failed"),
+              f" error={st.error['message']!r}" if st.error else "")
+
+
+def summary(st: MigrationState) -> dict[str, Any]:
+    p = st.params
+    return {"job_id": p.job_id, "domain": p.domain, "source": p.source, "dest": p.dest,
+            "protocol": p.protocol, "flags": p.flag_names(),
+            "result": "failed" if st.failed else "completed",
+            "error": st.error["message"] if st.error else None,
+            "cleanup_errors": [e["message"] for e in st.cleanup_errors],
+            "statistics": st.statistics, "dest_domain": st.result,
+            "phases": [vars(r) for r in st.phases]}
+
+
+def _last(st: MigrationState) -> dict[str, Any]:
+    """The end of a chain: the summary, or the FIRST error raised."""
+    if st.error is not None:
+        raise rebuild_error(st.error)
+    return summary(st)
+
+
+@app.task(name="ferry.begin3")
+def begin3(params: dict[str, Any]) -> dict[str, Any]:
+    st = MigrationState(params=MigrationParams.from_json(params))
+    return run_phase(source.begin3, Phase.BEGIN3, st.to_json()).to_json()
+
+
+@app.task(name="ferry.prepare3")
+def prepare3(state: dict[str, Any]) -> dict[str, Any]:
+    return run_phase(lambda a, s: dest.prepare(a, s, v3=True), Phase.PREPARE, state).to_json()
+
+
+@app.task(name="ferry.perform3")
+def perform3(state: dict[str, Any]) -> dict[str, Any]:
+    return run_phase(source.perform3, Phase.PERFORM3, state).to_json()
+
+
+@app.task(name="ferry.finish3")
+def finish3(state: dict[str, Any]) -> dict[str, Any]:
+    return run_phase(lambda a, s: dest.finish(a, s, v3=True), Phase.FINISH3, state).to_json()
+
+
+@app.task(name="ferry.confirm3")
+def confirm3(state: dict[str, Any]) -> dict[str, Any]:
+    return _last(run_phase(source.confirm3, Phase.CONFIRM3, state))
+
+
+@app.task(name="ferry.prepare2")
+def prepare2(state: dict[str, Any]) -> dict[str, Any]:
+    return run_phase(lambda a, s: dest.prepare(a, s, v3=False), Phase.PREPARE, state).to_json()
+
+
+@app.task(name="ferry.perform2")
+def perform2(state: dict[str, Any]) -> dict[str, Any]:
+    return run_phase(source.perform2, Phase.PERFORM2, state).to_json()
+
+
+@app.task(name="ferry.finish2")
+def finish2(state: dict[str, Any]) -> dict[str, Any]:
+    return _last(run_phase(lambda a, s: dest.finish(a, s, v3=False), Phase.FINISH2, state))
+
+
+@app.task(name="ferry.domjobinfo")
+def domjobinfo(domain: str, completed: bool = False) -> dict[str, Any]:
+    agent = get_agent()
+    uuid = agent.call(_uuid_of(agent, domain))
+    if completed:
+        return jobinfo_view(agent.jobs.completed(uuid, agent.host), agent.host, completed=True)
+    return jobinfo_view(agent.jobs.get(uuid), agent.host)
+
+
+async def _uuid_of(agent: HostAgent, domain: str) -> str:
+    return agent.lookup(domain).uuid

@@ -1,0 +1,123 @@
+"""The guest ABI check: may this definition take over a guest running from that one?
+
+This is libvirt's virDomainDefCheckABIStability for ferry's subset of the domain
+XML.  Migration Begin runs it on a destination definition (``--xml FILE``) and
+restore on a replacement definition (``--xml``): the source is the definition the
+guest runs (or was saved) with, the target the one QEMU would start from.  The
+target must give the guest the same machine: anything it can see must be equal,
+anything only the host sees may differ.
+
+Must be equal: uuid, name (ferry renames no guest; libvirt allows another name
+only with a dname), domain type, vcpus (maximum and current), memory and
+currentMemory, os type, arch and machine, the acpi/apic/pae features, cpu mode and
+model, clock offset and timers, the memballoon model, the qemu:commandline args,
+and per device class the count and, pairwise in order:
+
+- disks: device (disk/cdrom), bus, target dev, readonly and shareable, and the
+  driver format (libvirt leaves format alone because a storage copy may convert
+  it; ferry copies no storage, so both ends open the same file and must read it
+  the same way);
+- serials: the target port (the target type is always isa-serial), not the
+  source: pty, file or unix, path, append;
+- consoles: the target type and port;
+- graphics: the type, not the listen address, ports, autoport or password;
+- videos: the model.
+
+May differ: title, description, on_poweroff/on_reboot/on_crash, the emulator,
+the boot order, disk source paths, cache, discard and detect_zeroes.
+
+Messages read ``target <what> <target value> does not match source <source
+value>``, naming a disk by its source target dev and other devices by index
+(``serial[0]``); the videos (at most one) are compared as a list of models.  When
+a device count differs, the devices of that class are not compared pairwise.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from workers.domain import DomainDef, Timer
+from workers.errors import InvalidInputError
+
+__all__ = ["abi_diff", "check_abi_stability"]
+
+
+def check_abi_stability(src: DomainDef, dst: DomainDef) -> None:
+    """Raise InvalidInputError naming the first guest-visible difference of `dst` from `src`."""
+    diffs = abi_diff(src, dst)
+    if diffs:
+        raise InvalidInputError(diffs[0])
+
+
+def abi_diff(src: DomainDef, dst: DomainDef) -> list[str]:
+    """Every guest-visible difference of `dst` from `src`, in libvirt's order; [] when none."""
+    out: list[str] = []
+
+    def add(what: str, a: object, b: object, unit: str = "", note: str = "") -> None:
+        if a != b:
+            a, b = _show(a) + unit, _show(b) + unit
+            out.append(f"target {what} {b} does not match source {a}{note}")
+
+    def cmp(what: str, get: Callable[[DomainDef], object], unit: str = "", note: str = "") -> None:
+        add(what, get(src), get(dst), unit, note)
+
+    cmp("domain type", lambda d: d.type)
+    cmp("domain uuid", lambda d: d.uuid)
+    cmp("domain name", lambda d: d.name, note=" (a guest keeps its name: renaming is refused)")
+    cmp("domain memory", lambda d: d.memory_kib, " KiB")
+    if src.memory_kib == dst.memory_kib:  # else a defaulted currentMemory differs as well
+        cmp("domain currentMemory", lambda d: d.current_memory_kib or d.memory_kib, " KiB")
+    cmp("domain vcpus", lambda d: d.vcpus)
+    if src.vcpus == dst.vcpus:  # likewise a defaulted current count
+        cmp("domain current vcpus", lambda d: d.vcpus_current or d.vcpus)
+    cmp("domain os type", lambda d: d.os_type)
+    cmp("domain arch", lambda d: d.arch)
+    cmp("domain machine", lambda d: d.machine)
+    for name in sorted({*src.features, *dst.features}):
+        add(f"domain feature {name}", *("on" if name in d.features else "off" for d in (src, dst)))
+    cmp("domain cpu mode", lambda d: d.cpu_mode)
+    cmp("domain cpu model", lambda d: d.cpu_model)
+    cmp("domain clock offset", lambda d: d.clock_offset)
+    cmp("domain clock timers", lambda d: tuple(_timer(t) for t in d.timers))
+
+    # (count name, item name with {i} and {t} (source target dev), the devices, compared fields)
+    classes: list[tuple[str, str, Sequence[Any], Sequence[Any], tuple[str, ...]]] = [
+        ("disk", "disk {t}", src.disks, dst.disks, _DISK_FIELDS),
+        ("serial", "serial[{i}]", src.serials, dst.serials, ("port",)),
+        ("console", "console[{i}]", src.consoles, dst.consoles, ("target_type", "port")),
+        ("graphics", "graphics[{i}]", src.graphics, dst.graphics, ("type",)),
+    ]
+    for kind, item, mine, theirs, fields in classes:
+        if len(mine) != len(theirs):
+            add(f"domain {kind} count", len(mine), len(theirs))
+            continue
+        for i, (a, b) in enumerate(zip(mine, theirs, strict=True)):
+            name = item.format(i=i, t=getattr(a, "target", ""))
+            for f in fields:
+                add(f"{name} {_FIELD_NAMES.get(f, f)}", getattr(a, f), getattr(b, f))
+    cmp("domain video models", lambda d: d.videos)
+    cmp("memballoon model", lambda d: d.memballoon)
+    cmp("domain qemu:commandline args", lambda d: repr(list(d.qemu_args)))
+    return out
+
+
+_DISK_FIELDS = ("device", "bus", "target", "format", "readonly", "shareable")
+_FIELD_NAMES = {"target": "target dev", "port": "target port", "target_type": "target type"}
+
+
+def _timer(t: Timer) -> str:
+    opts = [f"tickpolicy={t.tickpolicy}"] if t.tickpolicy else []
+    opts += [] if t.present is None else [f"present={_show(t.present)}"]
+    return f"{t.name}({','.join(opts)})" if opts else t.name
+
+
+def _show(value: object) -> str:
+    """One word for a value: none, yes/no, a comma list."""
+    if value is None:
+        return "none"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, tuple):
+        return ",".join(_show(v) for v in value) or "none"
+    return str(value)

@@ -1,0 +1,143 @@
+"""Job records in Redis: one per domain while a job runs, completed ones kept.
+
+    ferry:job:<domain uuid>              hash: id, kind, phase, source, dest, flags,
+                                         started, progress (JSON), error (JSON), abort
+    ferry:jobdone:<domain uuid>:<host>   JSON: the completed job as that host saw it
+
+Each field is written on its own (HSET), so the phase task and the progress
+loop never overwrite each other's fields.  `set_phase` is the one place a
+job's phase changes, and it logs the change.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import redis
+
+from workers.errors import OperationInvalidError
+
+log = logging.getLogger(__name__)
+
+DONE_TTL_S = 30 * 24 * 3600
+
+
+def job_key(uuid: str) -> str:
+    return f"ferry:job:{uuid}"
+
+
+def done_key(uuid: str, host: str) -> str:
+    return f"ferry:jobdone:{uuid}:{host}"
+
+
+@dataclass
+class ActiveJob:
+    """The job a domain is in, as the host that runs a phase of it knows it."""
+
+    id: str
+    operation: str  # outgoing_migration | incoming_migration | save | restore | dump
+    phase: str
+    started: float
+
+
+class JobStore:
+    def __init__(self, client: redis.Redis, host: str) -> None:
+        self.redis = client
+        self.host = host
+
+    def start(self, uuid: str, *, job_id: str, kind: str, phase: str, source: str,
+              dest: str | None, flags: int) -> None:
+        """Create the record; a record of another job for this domain is a clear error."""
+        key = job_key(uuid)
+        current = self.redis.hget(key, "id")
+        if current is not None and current.decode() != job_id:
+            raise OperationInvalidError(f"domain {uuid} already has job {current.decode()}")
+        self.redis.hset(key, mapping={
+            "id": job_id, "kind": kind, "phase": phase, "source": source, "dest": dest or "",
+            "flags": flags, "started": time.time(), "progress": "{}", "error": "",
+        })
+        log.info("job %s (%s): started in phase %s on %s", job_id, kind, phase, self.host)
+
+    def get(self, uuid: str) -> dict[str, Any] | None:
+        raw = self.redis.hgetall(job_key(uuid))
+        if not raw:
+            return None
+        rec: dict[str, Any] = {k.decode(): v.decode() for k, v in raw.items()}
+        rec["progress"] = json.loads(rec.get("progress") or "{}")
+        rec["error"] = json.loads(rec["error"]) if rec.get("error") else None
+        rec["flags"] = int(rec.get("flags") or 0)
+        rec["started"] = float(rec.get("started") or 0)
+        return rec
+
+    def _mine(self, uuid: str, job_id: str) -> bool:
+        current = self.redis.hget(job_key(uuid), "id")
+        return current is not None and current.decode() == job_id
+
+    def set_phase(self, uuid: str, job_id: str, phase: str) -> None:
+        if not self._mine(uuid, job_id):
+            return
+        old = self.redis.hget(job_key(uuid), "phase")
+        self.redis.hset(job_key(uuid), "phase", phase)
+        log.info("job %s: phase %s -> %s on %s", job_id, old.decode() if old else "none",
+                 phase, self.host)
+
+    def set_progress(self, uuid: str, job_id: str, progress: dict[str, Any]) -> None:
+        if self._mine(uuid, job_id):
+            self.redis.hset(job_key(uuid), "progress", json.dumps(progress))
+
+    def set_error(self, uuid: str, job_id: str, error: dict[str, Any]) -> None:
+        if self._mine(uuid, job_id) and not self.redis.hget(job_key(uuid), "error"):
+            self.redis.hset(job_key(uuid), "error", json.dumps(error))
+
+    def complete(self, uuid: str, host: str, info: dict[str, Any]) -> None:
+        """Keep what `host` saw of a finished job (domjobinfo --completed)."""
+        self.redis.set(done_key(uuid, host), json.dumps(info), ex=DONE_TTL_S)
+
+    def completed(self, uuid: str, host: str) -> dict[str, Any] | None:
+        raw = self.redis.get(done_key(uuid, host))
+        return None if raw is None else dict(json.loads(raw))
+
+    def end(self, uuid: str, job_id: str) -> None:
+        if self._mine(uuid, job_id):
+            self.redis.delete(job_key(uuid))
+            log.info("job %s: ended on %s", job_id, self.host)
+
+
+def jobinfo_view(record: dict[str, Any] | None, host: str, *, completed: bool = False,
+                 now: float | None = None) -> dict[str, Any]:
+    """domjobinfo's fields from an active record or a completed one, as `host` sees it."""
+    view: dict[str, Any] = {
+        "type": "none", "operation": None, "phase": None, "time_elapsed_ms": None,
+        "data_total": None, "data_processed": None, "data_remaining": None,
+        "memory_bps": None, "memory_dirty_rate": None, "memory_iteration": None,
+        "downtime_ms": None, "setup_time_ms": None, "error": None, "id": None,
+    }
+    if record is None:
+        return view
+    if completed:
+        stats = record.get("statistics") or {}
+        view.update(type=record.get("type", "completed"), operation=record.get("operation"),
+                    time_elapsed_ms=record.get("time_elapsed_ms"), id=record.get("id"),
+                    error=(record.get("error") or {}).get("message"))
+    else:
+        stats = record.get("progress") or {}
+        kind = record.get("kind")
+        operation = kind
+        if kind == "migration":
+            operation = "outgoing_migration" if host == record.get("source") else \
+                "incoming_migration"
+        elapsed = ((now or time.time()) - float(record.get("started") or 0)) * 1000
+        view.update(type="unbounded", operation=operation, phase=record.get("phase"),
+                    time_elapsed_ms=int(elapsed), id=record.get("id"),
+                    error=(record.get("error") or {}).get("message"))
+    view.update(
+        data_total=stats.get("memory_total"), data_processed=stats.get("memory_processed"),
+        data_remaining=stats.get("memory_remaining"), memory_bps=stats.get("memory_bps"),
+        memory_dirty_rate=stats.get("memory_dirty_rate"),
+        memory_iteration=stats.get("memory_iteration"), downtime_ms=stats.get("downtime"),
+        setup_time_ms=stats.get("setup_time"))
+    return view

@@ -1,0 +1,1 @@
+"""Migration: parameters, phases and the QEMU-level data move."""

@@ -1,0 +1,200 @@
+"""Migration phases on the destination host: Prepare, Finish (v3 and v2).
+
+Prepare starts QEMU with `-incoming defer` and opens a port of this host's
+range on its migration address; Finish waits for the stream to complete,
+starts the CPUs and persists the definition, or, cancelled, kills the
+incoming QEMU.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import replace
+from typing import Literal
+
+from tasks.cookie import CookieGraphics, make_cookie, parse
+from workers import failpoints
+from workers.agent import HostAgent
+from workers.domain import DomainDef
+from workers.domobj import DomainObj
+from workers.errors import InvalidInputError, MigrationError
+from workers.jobs import ActiveJob
+from workers.lifecycle import launch, run_cpus
+from workers.migration import qemu_migrate
+from workers.migration.params import MigrationFlags as F
+from workers.migration.params import MigrationParams, format_qemu_uri, parse_qemu_uri
+from workers.migration.state import MigrationState, Phase
+from workers.states import DomainState, PausedReason, RunningReason, ShutoffReason
+
+log = logging.getLogger(__name__)
+
+
+def _incoming_dom(agent: HostAgent, d: DomainDef) -> DomainObj:
+    """The object the incoming guest lives in: new, or an inactive definition of it here."""
+    for other in agent.domains.values():
+        if other.uuid == d.uuid and other.name != d.name:
+            raise InvalidInputError(f"domain with uuid {d.uuid} already exists as "
+                                    f"'{other.name}'")
+    dom = agent.domains.get(d.name)
+    if dom is None:
+        return DomainObj(definition=None)
+    if dom.uuid != d.uuid:
+        raise InvalidInputError(f"domain '{d.name}' already exists with uuid {dom.uuid}")
+    dom.require_inactive("migrate in")
+    dom.require_no_job("migrate in")
+    return dom
+
+
+def _listen_uri(agent: HostAgent, dom: DomainObj, p: MigrationParams) -> str:
+    scheme, host, port = ("tcp", agent.settings.migration_address, None)
+    if p.migrate_uri:
+        scheme, host, port = parse_qemu_uri(p.migrate_uri)
+    if scheme == "tcp" and port is None:
+        port = agent.migration_ports.acquire(host)
+        dom.ports.append(("migration", port))
+    return format_qemu_uri(scheme, host, port)
+
+
+def _graphics_cookie(d: DomainDef, address: str) -> CookieGraphics | None:
+    for g in d.graphics:
+        if g.port is None:
+            continue
+        listen = g.listen if g.listen and g.listen not in ("0.0.0.0", "::") else address
+        kind: Literal["spice", "vnc"] = "spice" if g.type == "spice" else "vnc"
+        return CookieGraphics(kind, g.port, g.tls_port if g.tls_port else -1, listen)
+    return None
+
+
+async def prepare(agent: HostAgent, st: MigrationState, *, v3: bool) -> MigrationState:
+    p = st.params
+    if v3:
+        parse(st.cookie or "", local_hostuuid=agent.uuid)  # refuses same host, bad features
+    if st.xml is None:
+        raise MigrationError("no domain definition reached Prepare")
+    d = agent.parse(st.xml)
+    dom = _incoming_dom(agent, d)
+    agent.domains[d.name] = dom
+    if dom.definition is None:
+        dom.live = d  # a transient object needs a definition to be named by
+    dom.job = ActiveJob(p.job_id, "incoming_migration", Phase.PREPARE.value, time.time())
+    agent.jobs.set_phase(d.uuid, p.job_id, Phase.PREPARE.value)
+    try:
+        uri = None
+        if not p.has(F.OFFLINE):
+            uri = await _start_incoming(agent, dom, d, p)
+    except BaseException:
+        await _discard(agent, dom)
+        raise
+    cookie = make_cookie(d.name, d.uuid, agent.host, agent.uuid,
+                         graphics=_graphics_cookie(dom.current, agent.settings.migration_address))
+    return replace(st, cookie=cookie.to_xml() if v3 else None, uri=uri)
+
+
+async def _start_incoming(agent: HostAgent, dom: DomainObj, d: DomainDef,
+                          p: MigrationParams) -> str:
+    uri = _listen_uri(agent, dom, p)
+    await launch(agent, dom, d, incoming="defer",
+                 extra_argv=failpoints.extra_argv("prepare3.qemu_argv"))
+    agent.set_state(dom, DomainState.PAUSED, PausedReason.MIGRATION)
+    mon = dom.require_monitor("migrate in")
+    await qemu_migrate.setup(mon, p, outgoing=False)
+    await mon.execute("migrate-incoming", {"uri": uri})
+    return uri
+
+
+async def _discard(agent: HostAgent, dom: DomainObj) -> None:
+    """Undo Prepare: the incoming QEMU goes, an object we made goes, the job ends."""
+    if dom.active:
+        await agent.kill(dom, ShutoffReason.FAILED)
+    agent.release_ports(dom)
+    dom.job = None
+    if not dom.persistent and not dom.active and agent.domains.get(dom.name) is dom:
+        agent.domains.pop(dom.name)
+
+
+def _job_dom(agent: HostAgent, p: MigrationParams) -> DomainObj | None:
+    dom = agent.domains.get(p.domain)
+    if dom is None or dom.job is None or dom.job.id != p.job_id:
+        return None
+    return dom
+
+
+async def finish(agent: HostAgent, st: MigrationState, *, v3: bool) -> MigrationState:
+    p = st.params
+    dom = _job_dom(agent, p)
+    phase = Phase.FINISH3 if v3 else Phase.FINISH2
+    if dom is None:
+        if st.failed:
+            return st  # Prepare never got as far as creating anything here
+        raise MigrationError(f"no incoming migration {p.job_id} of '{p.domain}' on this host")
+    assert dom.job is not None
+    dom.job.phase = phase.value
+    agent.jobs.set_phase(dom.uuid, p.job_id, phase.value)
+    if st.failed:
+        await _discard(agent, dom)
+        return st
+    try:
+        st = await _finish_ok(agent, dom, st, v3)
+    except BaseException:
+        await _discard(agent, dom)
+        raise
+    info = dom.info(agent.host)
+    _complete(agent, dom, st)
+    dom.job = None
+    agent.release_ports(dom)
+    return replace(st, result=info)
+
+
+async def _finish_ok(agent: HostAgent, dom: DomainObj, st: MigrationState,
+                     v3: bool) -> MigrationState:
+    """Complete the incoming side; the state returned carries the source's statistics."""
+    p = st.params
+    cookie = parse(st.cookie, expect_uuid=dom.uuid) if v3 and st.cookie else None
+    if cookie is not None and cookie.statistics is not None:
+        st = replace(st, statistics=cookie.statistics.as_dict())
+    if not p.has(F.OFFLINE):
+        await _wait_incoming(agent, dom)
+    if p.has(F.PERSIST_DEST):
+        xml = (cookie.persistent if cookie and cookie.persistent else None) or st.xml
+        assert xml is not None
+        definition = agent.parse(xml)
+        agent.store.save_definition(definition.name, definition.to_xml())
+        dom.definition = definition
+    if p.has(F.OFFLINE):
+        return st
+    await failpoints.hit("finish3.before_cont")
+    if st.was_running and not p.has(F.PAUSED):
+        await run_cpus(agent, dom, RunningReason.MIGRATED)
+    else:
+        agent.set_state(dom, DomainState.PAUSED, PausedReason.USER)
+    return st
+
+
+async def _wait_incoming(agent: HostAgent, dom: DomainObj) -> None:
+    mon = dom.require_monitor("finish migration")
+    deadline = time.monotonic() + agent.settings.incoming_timeout_s
+    while True:
+        if not dom.active:
+            raise MigrationError("the incoming QEMU exited before the migration completed")
+        dom.wakeup.clear()
+        status = (await mon.execute("query-migrate")).get("status", "none")
+        if status == "completed":
+            return
+        if status in ("failed", "cancelled"):
+            raise MigrationError(f"incoming migration {status}")
+        if time.monotonic() > deadline:
+            raise MigrationError("incoming migration did not complete in "
+                                 f"{agent.settings.incoming_timeout_s}s")
+        await qemu_migrate.nap(dom)
+
+
+def _complete(agent: HostAgent, dom: DomainObj, st: MigrationState) -> None:
+    p = st.params
+    job = dom.job
+    info = {"id": p.job_id, "operation": "incoming_migration", "source": p.source,
+            "dest": p.dest, "type": "completed", "statistics": st.statistics,
+            "time_elapsed_ms": int((time.time() - job.started) * 1000) if job else 0,
+            "error": None}
+    agent.jobs.complete(dom.uuid, agent.host, info)
+

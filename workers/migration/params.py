@@ -1,0 +1,135 @@
+"""Migration parameters: one frozen dataclass, flags as libvirt names them.
+
+Pure: parsing and checking only, so every rule has a unit test.
+"""
+
+from __future__ import annotations
+
+import enum
+import uuid as uuidlib
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from workers.errors import InvalidInputError, UnsupportedError
+
+
+class MigrationFlags(enum.IntFlag):
+    """libvirt's virDomainMigrateFlags (names and bit values)."""
+
+    LIVE = 1
+    PEER2PEER = 2
+    TUNNELLED = 4
+    PERSIST_DEST = 8
+    UNDEFINE_SOURCE = 16
+    PAUSED = 32
+    CHANGE_PROTECTION = 256
+    OFFLINE = 1024
+    COMPRESSED = 2048
+    ABORT_ON_ERROR = 4096
+    AUTO_CONVERGE = 8192
+    POSTCOPY = 32768
+
+
+SUPPORTED_FLAGS = (MigrationFlags.LIVE | MigrationFlags.PERSIST_DEST
+                   | MigrationFlags.UNDEFINE_SOURCE | MigrationFlags.PAUSED
+                   | MigrationFlags.CHANGE_PROTECTION | MigrationFlags.OFFLINE
+                   | MigrationFlags.ABORT_ON_ERROR | MigrationFlags.AUTO_CONVERGE)
+
+DEFAULT_BANDWIDTH_MIB_S = 0  # 0: as fast as the link goes (QEMU's own default caps at 128)
+UNLIMITED_BANDWIDTH_BYTES = 1 << 40
+
+
+def parse_qemu_uri(uri: str) -> tuple[str, str, int | None]:
+    """('tcp', host, port|None) or ('unix', path, None); anything else is refused.
+
+    Accepts QEMU's form (tcp:HOST:PORT) and libvirt's (tcp://HOST:PORT).
+    """
+    scheme, sep, rest = uri.partition(":")
+    if not sep or scheme not in ("tcp", "unix"):
+        raise UnsupportedError(f"migration URI scheme '{scheme}' is not supported "
+                               "(tcp: only, unix: for same-machine tests)")
+    rest = rest.removeprefix("//")
+    if scheme == "unix":
+        if not rest.startswith("/"):
+            raise InvalidInputError(f"unix migration URI needs an absolute path: {uri}")
+        return ("unix", rest, None)
+    rest = rest.rstrip("/")
+    if rest.startswith("["):
+        host, _, port_text = rest[1:].partition("]")
+        port_text = port_text.removeprefix(":")
+    else:
+        host, _, port_text = rest.rpartition(":") if rest.count(":") == 1 else (rest, "", "")
+    if not host:
+        raise InvalidInputError(f"migration URI has no host: {uri}")
+    if not port_text:
+        return ("tcp", host, None)
+    if not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
+        raise InvalidInputError(f"migration URI port is not 1-65535: {uri}")
+    return ("tcp", host, int(port_text))
+
+
+def format_qemu_uri(scheme: str, host: str, port: int | None) -> str:
+    if scheme == "unix":
+        return f"unix:{host}"
+    addr = f"[{host}]" if ":" in host else host
+    return f"tcp:{addr}:{port}"
+
+
+@dataclass(frozen=True)
+class MigrationParams:
+    """Everything the caller asked for; travels through every phase unchanged."""
+
+    domain: str
+    source: str
+    dest: str
+    flags: int = int(MigrationFlags.LIVE)
+    protocol: int = 3
+    job_id: str = field(default_factory=lambda: str(uuidlib.uuid4()))
+    xmlin: str | None = None
+    migrate_uri: str | None = None
+    bandwidth_mib_s: int = DEFAULT_BANDWIDTH_MIB_S
+    max_downtime_ms: int | None = None
+    timeout_s: int | None = None
+
+    def __post_init__(self) -> None:
+        f = MigrationFlags(self.flags)
+        unsupported = f & ~SUPPORTED_FLAGS
+        if unsupported:
+            names = ", ".join(x.name.lower() for x in MigrationFlags if x & unsupported and x.name)
+            raise UnsupportedError(f"migration flags not supported yet: {names}")
+        if self.protocol not in (2, 3):
+            raise InvalidInputError(f"migration protocol must be 2 or 3, not {self.protocol}")
+        if f & MigrationFlags.OFFLINE and not f & MigrationFlags.PERSIST_DEST:
+            raise InvalidInputError("offline migration requires persist_dest (--persistent)")
+        if f & MigrationFlags.OFFLINE and f & MigrationFlags.LIVE:
+            raise InvalidInputError("offline migration cannot be live")
+        if self.protocol == 2 and f & (MigrationFlags.OFFLINE | MigrationFlags.CHANGE_PROTECTION):
+            raise InvalidInputError("offline migration and change protection need protocol v3")
+        if self.source == self.dest:
+            raise InvalidInputError(f"source and destination are the same host '{self.source}'")
+        if self.migrate_uri is not None:
+            parse_qemu_uri(self.migrate_uri)
+        if self.bandwidth_mib_s < 0:
+            raise InvalidInputError("bandwidth must be >= 0 MiB/s")
+        if self.max_downtime_ms is not None and self.max_downtime_ms <= 0:
+            raise InvalidInputError("max downtime must be > 0 ms")
+        if self.timeout_s is not None and self.timeout_s <= 0:
+            raise InvalidInputError("timeout must be > 0 s")
+
+    @property
+    def fl(self) -> MigrationFlags:
+        return MigrationFlags(self.flags)
+
+    def has(self, flag: MigrationFlags) -> bool:
+        return bool(self.fl & flag)
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> MigrationParams:
+        known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
+        return cls(**known)
+
+    def flag_names(self) -> list[str]:
+        return [f.name.lower() for f in MigrationFlags if f & self.fl and f.name]

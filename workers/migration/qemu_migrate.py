@@ -1,0 +1,101 @@
+"""The QEMU side of a migration: capabilities, parameters, migrate, the wait loop.
+
+The wait loop wakes on QMP MIGRATION events, on the QEMU process exiting,
+and at least every PROGRESS_INTERVAL_S to refresh the job's progress, so it
+never sleeps through a state change and never polls blindly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+from tasks.cookie import statistics_from_query_migrate
+from workers.domobj import DomainObj
+from workers.errors import MigrationError, QemuError
+from workers.migration.params import UNLIMITED_BANDWIDTH_BYTES, MigrationFlags, MigrationParams
+from workers.monitor import Monitor
+
+log = logging.getLogger(__name__)
+
+PROGRESS_INTERVAL_S = 0.25
+ACTIVE = ("setup", "active", "pre-switchover", "device", "postcopy-active",
+          "postcopy-paused", "postcopy-recover", "wait-unplug", "cancelling")
+
+
+def bandwidth_bytes(params: MigrationParams) -> int:
+    return params.bandwidth_mib_s * 1024 * 1024 if params.bandwidth_mib_s else \
+        UNLIMITED_BANDWIDTH_BYTES
+
+
+async def setup(mon: Monitor, params: MigrationParams, *, outgoing: bool) -> None:
+    caps = [{"capability": "events", "state": True}]
+    if outgoing:
+        caps.append({"capability": "auto-converge",
+                     "state": params.has(MigrationFlags.AUTO_CONVERGE)})
+    await mon.execute("migrate-set-capabilities", {"capabilities": caps})
+    if outgoing:
+        mparams: dict[str, Any] = {"max-bandwidth": bandwidth_bytes(params)}
+        if params.max_downtime_ms:
+            mparams["downtime-limit"] = params.max_downtime_ms
+        await mon.execute("migrate-set-parameters", mparams)
+
+
+def progress_of(info: dict[str, Any], started_ms: int) -> dict[str, Any]:
+    """libvirt-named statistics from a query-migrate reply (empty before setup)."""
+    if info.get("status") not in (*ACTIVE, "completed"):
+        return {}
+    try:
+        stats = statistics_from_query_migrate(info, started_ms=started_ms,
+                                              stopped_ms=int(time.time() * 1000))
+    except MigrationError:
+        return {}
+    return {"status": info.get("status"), **stats.as_dict()}
+
+
+async def wait(dom: DomainObj, mon: Monitor, *, started_ms: int,
+               on_progress: Callable[[dict[str, Any]], None],
+               on_tick: Callable[[float], None] | None = None) -> dict[str, Any]:
+    """Wait for the migration on `mon` to end; the final query-migrate reply on success."""
+    t0 = time.monotonic()
+    while True:
+        if not dom.active:
+            raise MigrationError(f"QEMU of '{dom.name}' exited during migration")
+        dom.wakeup.clear()
+        try:
+            info = await mon.execute("query-migrate")
+        except QemuError:
+            if not dom.active:
+                raise MigrationError(f"QEMU of '{dom.name}' exited during migration") from None
+            raise
+        status = info.get("status", "none")
+        on_progress(progress_of(info, started_ms))
+        if status == "completed":
+            return dict(info)
+        if status == "failed":
+            raise MigrationError(f"migration failed: {info.get('error-desc', 'unknown error')}")
+        if status == "cancelled":
+            raise MigrationError("migration was cancelled")
+        if on_tick is not None:
+            on_tick(time.monotonic() - t0)
+        await nap(dom)
+
+
+async def nap(dom: DomainObj) -> None:
+    """Until the next MIGRATION event or process exit, or PROGRESS_INTERVAL_S at most."""
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(dom.wakeup.wait(), PROGRESS_INTERVAL_S)
+
+
+async def cancel(dom: DomainObj) -> None:
+    """Best effort: stop an outgoing migration that is still running."""
+    if dom.monitor is None:
+        return
+    try:
+        await dom.monitor.execute("migrate_cancel", timeout=10)
+    except QemuError as exc:
+        log.warning("domain %s: migrate_cancel failed: %s", dom.name, exc)

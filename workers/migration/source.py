@@ -1,0 +1,237 @@
+"""Migration phases on the source host: Begin, Perform, Confirm (and v2's Perform).
+
+Each is a coroutine on the agent loop taking and returning MigrationState.
+Errors propagate; the task wrapper records them in the state, so the
+chain goes on with the clean-up phases.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import replace
+
+from tasks.cookie import CookieStatistics, make_cookie, parse
+from workers import failpoints
+from workers.abi import check_abi_stability
+from workers.agent import HostAgent
+from workers.domobj import DomainObj
+from workers.errors import FerryError, MigrationError, OperationInvalidError
+from workers.jobs import ActiveJob
+from workers.lifecycle import pause_cpus, run_cpus
+from workers.migration import qemu_migrate
+from workers.migration.params import MigrationFlags as F
+from workers.migration.params import MigrationParams
+from workers.migration.state import MigrationState, Phase
+from workers.states import DomainState, PausedReason, RunningReason, ShutoffReason
+
+log = logging.getLogger(__name__)
+
+
+def _job_dom(agent: HostAgent, p: MigrationParams, phase: Phase) -> DomainObj:
+    """The domain of this job, with the job's phase moved to `phase`."""
+    dom = agent.lookup(p.domain)
+    if dom.job is None or dom.job.id != p.job_id:
+        raise OperationInvalidError(f"domain '{p.domain}' is not in migration job {p.job_id}")
+    dom.job.phase = phase.value
+    agent.jobs.set_phase(dom.uuid, p.job_id, phase.value)
+    return dom
+
+
+def _check_abort(agent: HostAgent, dom: DomainObj, p: MigrationParams) -> None:
+    rec = agent.jobs.get(dom.uuid)
+    if rec and rec.get("abort") == "1" and rec.get("id") == p.job_id:
+        raise MigrationError("migration aborted by the operator")
+
+
+async def begin3(agent: HostAgent, st: MigrationState) -> MigrationState:
+    p = st.params
+    dom = agent.lookup(p.domain)
+    offline = p.has(F.OFFLINE)
+    if offline:
+        dom.require_inactive("migrate offline")
+        if not dom.persistent:
+            raise OperationInvalidError("offline migration needs a persistent domain")
+    else:
+        dom.require_active("migrate")
+        dom.require_state("migrate", DomainState.RUNNING, DomainState.PAUSED)
+    dom.require_no_job("migrate")
+    agent.jobs.start(dom.uuid, job_id=p.job_id, kind="migration", phase=Phase.BEGIN3.value,
+                     source=p.source, dest=p.dest, flags=p.flags)
+    dom.job = ActiveJob(p.job_id, "outgoing_migration", Phase.BEGIN3.value, time.time())
+    current = dom.current
+    chosen = current
+    if p.xmlin:
+        chosen = agent.parse(p.xmlin)
+        check_abi_stability(current, chosen)
+    spice = any(g.type == "spice" for g in current.graphics)
+    cookie = make_cookie(current.name, current.uuid, agent.host, agent.uuid,
+                         mandatory=("graphics",) if spice else ())
+    was_running = dom.state == DomainState.RUNNING and not p.has(F.PAUSED)
+    return replace(st, xml=chosen.to_xml(migratable=True), cookie=cookie.to_xml(),
+                   was_running=was_running)
+
+
+async def perform3(agent: HostAgent, st: MigrationState) -> MigrationState:
+    p = st.params
+    dom = _job_dom(agent, p, Phase.PERFORM3)
+    _check_abort(agent, dom, p)
+    dest_cookie = parse(st.cookie or "", expect_uuid=dom.uuid)
+    if not p.has(F.OFFLINE):
+        st = await _migrate(agent, dom, st, dest_cookie.graphics)
+    persistent = None
+    if p.has(F.PERSIST_DEST):
+        persistent = st.xml if p.xmlin or dom.definition is None else \
+            dom.definition.to_xml(migratable=True)
+    stats = CookieStatistics.from_dict(st.statistics) if st.statistics else None
+    out = make_cookie(dom.name, dom.uuid, agent.host, agent.uuid, persistent_xml=persistent,
+                      statistics=stats)
+    _job_dom(agent, p, Phase.PERFORM3_DONE)
+    return replace(st, cookie=out.to_xml())
+
+
+async def _migrate(agent: HostAgent, dom: DomainObj, st: MigrationState,
+                   graphics: object) -> MigrationState:
+    """Run QEMU's migration to st.uri; on success the source is paused:migration."""
+    p = st.params
+    mon = dom.require_monitor("migrate")
+    if graphics is not None:
+        await _relocate_spice(agent, dom, graphics)
+    if not p.has(F.LIVE) and dom.state == DomainState.RUNNING:
+        await pause_cpus(agent, dom, PausedReason.MIGRATION)
+        st = replace(st, source_paused_by_us=True)
+    await qemu_migrate.setup(mon, p, outgoing=True)
+    await failpoints.hit("perform3.before_migrate")
+    started_ms = int(time.time() * 1000)
+    dom.expected_pause = PausedReason.MIGRATION
+    uuid = dom.uuid
+    try:
+        await mon.execute("migrate", {"uri": st.uri})
+        info = await qemu_migrate.wait(
+            dom, mon, started_ms=started_ms,
+            on_progress=lambda prog: agent.jobs.set_progress(uuid, p.job_id, prog),
+            on_tick=lambda elapsed: _on_tick(agent, dom, p, elapsed))
+    except FerryError:
+        if dom.active:
+            await qemu_migrate.cancel(dom)
+        raise
+    finally:
+        dom.expected_pause = None
+    # QEMU stopped the CPUs for the switch-over: say so, do not wait for STOP.
+    agent.set_state(dom, DomainState.PAUSED, PausedReason.MIGRATION)
+    st = replace(st, source_paused_by_us=True)
+    stats = qemu_migrate.progress_of(info, started_ms)
+    stats.pop("status", None)
+    await _release_leases(agent, dom)
+    return replace(st, statistics=stats)
+
+
+def _on_tick(agent: HostAgent, dom: DomainObj, p: MigrationParams, elapsed: float) -> None:
+    """Per wait-loop turn: honour --timeout (pause so it converges) and abort_on_error."""
+    if p.has(F.ABORT_ON_ERROR) and dom.reason == PausedReason.IOERROR:
+        raise MigrationError("migration aborted: the guest hit an I/O error")
+    if p.timeout_s and elapsed > p.timeout_s and dom.state == DomainState.RUNNING:
+        log.info("domain %s: migration timeout %ss reached, pausing to converge", dom.name,
+                 p.timeout_s)
+        agent.loop.create_task(pause_cpus(agent, dom, PausedReason.MIGRATION))
+
+
+async def _relocate_spice(agent: HostAgent, dom: DomainObj, graphics: object) -> None:
+    from tasks.cookie import CookieGraphics
+
+    assert isinstance(graphics, CookieGraphics)
+    if graphics.type != "spice" or dom.monitor is None:
+        return
+    args: dict[str, object] = {"protocol": "spice", "hostname": graphics.listen,
+                               "port": graphics.port}
+    if graphics.tls_port and graphics.tls_port > 0:
+        args["tls-port"] = graphics.tls_port
+    if graphics.tls_subject:
+        args["cert-subject"] = graphics.tls_subject
+    try:
+        await dom.monitor.execute("client_migrate_info", args)
+    except FerryError as exc:  # clients reconnect by hand; the migration goes on
+        log.warning("domain %s: SPICE relocation failed: %s", dom.name, exc)
+
+
+async def _release_leases(agent: HostAgent, dom: DomainObj) -> None:
+    """Hook: the lock manager releases the guest's leases here (lock issue)."""
+
+
+async def confirm3(agent: HostAgent, st: MigrationState) -> MigrationState:
+    p = st.params
+    dom = agent.domains.get(p.domain)
+    if dom is None or dom.job is None or dom.job.id != p.job_id:
+        return st  # Begin never started a job here: nothing to confirm or undo
+    phase = Phase.CONFIRM3_CANCELLED if st.failed else Phase.CONFIRM3
+    _job_dom(agent, p, phase)
+    try:
+        if st.failed:
+            await _resume_source(agent, dom, st)
+        else:
+            await _finish_source(agent, dom, p)
+    finally:
+        _end_job(agent, dom, p, st)
+    return st
+
+
+async def _resume_source(agent: HostAgent, dom: DomainObj, st: MigrationState) -> None:
+    """Migration failed: the guest goes on here, as it was before."""
+    if not dom.active or dom.monitor is None:
+        return
+    status = await dom.monitor.execute("query-status")
+    if not st.was_running:
+        return
+    if status.get("running"):
+        agent.set_state(dom, DomainState.RUNNING, RunningReason.MIGRATION_CANCELED)
+    else:
+        await run_cpus(agent, dom, RunningReason.MIGRATION_CANCELED)
+
+
+async def _finish_source(agent: HostAgent, dom: DomainObj, p: MigrationParams) -> None:
+    if dom.active:
+        await agent.kill(dom, ShutoffReason.MIGRATED)
+    if p.has(F.UNDEFINE_SOURCE) and dom.persistent:
+        agent.store.delete_definition(dom.name)
+        dom.definition = None
+        if agent.domains.get(dom.name) is dom and not dom.active:
+            agent.domains.pop(dom.name)
+
+
+def _end_job(agent: HostAgent, dom: DomainObj, p: MigrationParams, st: MigrationState) -> None:
+    job, dom.job = dom.job, None
+    elapsed = int((time.time() - job.started) * 1000) if job else 0
+    info = {"id": p.job_id, "operation": "outgoing_migration", "source": p.source,
+            "dest": p.dest, "type": "failed" if st.failed else "completed",
+            "time_elapsed_ms": elapsed, "statistics": st.statistics, "error": st.error}
+    agent.jobs.complete(dom.uuid, agent.host, info)
+    if st.error:
+        agent.jobs.set_error(dom.uuid, p.job_id, st.error)
+    agent.jobs.end(dom.uuid, p.job_id)
+
+
+async def perform2(agent: HostAgent, st: MigrationState) -> MigrationState:
+    """v2: migrate, then at once kill the source on success or resume it on failure."""
+    p = st.params
+    dom = agent.lookup(p.domain)
+    if st.failed:
+        return st
+    dom.require_active("migrate")
+    dom.require_no_job("migrate")
+    agent.jobs.start(dom.uuid, job_id=p.job_id, kind="migration", phase=Phase.PERFORM2.value,
+                     source=p.source, dest=p.dest, flags=p.flags)
+    dom.job = ActiveJob(p.job_id, "outgoing_migration", Phase.PERFORM2.value, time.time())
+    st = replace(st, was_running=dom.state == DomainState.RUNNING and not p.has(F.PAUSED))
+    try:
+        st = await _migrate(agent, dom, st, None)
+    except FerryError as exc:
+        st = st.with_error(exc.at(phase=Phase.PERFORM2.value, host=agent.host))
+        try:
+            await _resume_source(agent, dom, st)
+        except FerryError as resume_exc:
+            st = st.with_error(resume_exc.at(phase=Phase.PERFORM2.value, host=agent.host))
+        _end_job(agent, dom, p, st)
+        return st
+    await _finish_source(agent, dom, p)
+    _end_job(agent, dom, p, st)
+    return st

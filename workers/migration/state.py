@@ -1,0 +1,95 @@
+"""What travels down a migration chain: parameters, cookie, URI, and the first error.
+
+Each phase task takes the state the previous phase returned and returns the
+next one, so a failed phase never stops the chain: the phases after it run
+in their cancelled form, and the last one raises the FIRST error.
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
+
+from workers import errors
+from workers.errors import FerryError, MigrationError
+from workers.migration.params import MigrationParams
+
+
+class Phase(enum.StrEnum):
+    """libvirt's migration phases (qemuMigrationJobPhase)."""
+
+    NONE = "none"
+    BEGIN3 = "begin3"
+    PERFORM2 = "perform2"
+    PERFORM3 = "perform3"
+    PERFORM3_DONE = "perform3_done"
+    CONFIRM3_CANCELLED = "confirm3_cancelled"
+    CONFIRM3 = "confirm3"
+    PREPARE = "prepare"
+    FINISH2 = "finish2"
+    FINISH3 = "finish3"
+
+
+@dataclass(frozen=True)
+class PhaseRecord:
+    phase: str
+    host: str
+    elapsed_ms: float
+    ok: bool
+    cancelled: bool = False
+
+
+@dataclass(frozen=True)
+class MigrationState:
+    params: MigrationParams
+    xml: str | None = None  # the domain definition that goes to the dest
+    cookie: str | None = None  # the cookie out of the previous phase
+    uri: str | None = None  # the QEMU migration URI prepare returned
+    source_paused_by_us: bool = False  # confirm cancelled resumes only what we paused
+    was_running: bool = True  # the run state to restore on the dest
+    error: dict[str, Any] | None = None  # the first error; never overwritten
+    cleanup_errors: tuple[dict[str, Any], ...] = ()
+    phases: tuple[PhaseRecord, ...] = ()
+    statistics: dict[str, Any] = field(default_factory=dict)
+    result: dict[str, Any] | None = None
+
+    @property
+    def failed(self) -> bool:
+        return self.error is not None
+
+    def with_error(self, exc: FerryError) -> MigrationState:
+        """The first error wins; later ones are kept as clean-up errors."""
+        if self.error is None:
+            return replace(self, error=exc.to_dict())
+        return replace(self, cleanup_errors=(*self.cleanup_errors, exc.to_dict()))
+
+    def with_phase(self, phase: Phase, host: str, started: float, ok: bool,
+                   cancelled: bool = False) -> MigrationState:
+        rec = PhaseRecord(phase.value, host, round((time.monotonic() - started) * 1000, 1), ok,
+                          cancelled)
+        return replace(self, phases=(*self.phases, rec))
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["params"] = self.params.to_json()
+        return data
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> MigrationState:
+        data = dict(data)
+        data["params"] = MigrationParams.from_json(data["params"])
+        data["phases"] = tuple(PhaseRecord(**p) for p in data.get("phases", ()))
+        data["cleanup_errors"] = tuple(data.get("cleanup_errors", ()))
+        known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
+        return cls(**known)
+
+
+def rebuild_error(info: dict[str, Any]) -> FerryError:
+    """The FerryError an error dict describes, with its original class when known."""
+    cls = getattr(errors, str(info.get("type")), None)
+    if not (isinstance(cls, type) and issubclass(cls, FerryError)):
+        cls = MigrationError
+    text = str(info.get("text") or info.get("message") or "migration failed")
+    return cls(text, info.get("phase"), info.get("host"), info.get("cause"))
