@@ -102,7 +102,8 @@ class Stack:
             env["FERRY_HOST"] = name
         return env
 
-    def start_worker(self, name: str, uuid: str | None = None, wait: bool = True) -> Worker:
+    def start_worker(self, name: str, uuid: str | None = None, wait: bool = True,
+                     env: dict[str, str] | None = None) -> Worker:
         w = self.workers.get(name) or Worker(name, uuid or str(uuidlib.uuid4()),
                                              self.root / name)
         w.state_dir.mkdir(parents=True, exist_ok=True)
@@ -110,7 +111,7 @@ class Stack:
         w.proc = subprocess.Popen(
             [str(ferry), "worker", "--host", name, "--uuid", w.uuid,
              "--state-dir", str(w.state_dir)],
-            env=self.env(name), stdin=subprocess.DEVNULL,
+            env={**self.env(name), **(env or {})}, stdin=subprocess.DEVNULL,
             stdout=open(w.state_dir / "stdout.log", "ab"),  # noqa: SIM115
             stderr=subprocess.STDOUT, start_new_session=True)
         self.workers[name] = w
@@ -143,13 +144,16 @@ class Stack:
             stop_pid(proc.pid, timeout=20)
             proc.wait(timeout=5)
 
+    def remove_worker(self, name: str, kill_guests: bool = True) -> None:
+        """Stop a worker and (by pid, from its pidfiles) the guests it left."""
+        self.stop_worker(name)
+        w = self.workers.pop(name)
+        if kill_guests:
+            for pid in _pidfile_pids(w.state_dir):
+                stop_pid(pid, timeout=5)
+
     def guest_pids(self) -> list[int]:
-        pids = []
-        for w in self.workers.values():
-            for pidfile in (w.state_dir / "run").glob("*.pid"):
-                with contextlib.suppress(ValueError, OSError):
-                    pids.append(int(pidfile.read_text().strip()))
-        return [p for p in pids if _alive(p)]
+        return [p for w in self.workers.values() for p in _pidfile_pids(w.state_dir)]
 
     def stop(self, kill_guests: bool = True) -> None:
         for name in list(self.workers):
@@ -164,6 +168,14 @@ class Stack:
             except subprocess.TimeoutExpired:
                 self.redis_proc.kill()
                 self.redis_proc.wait(timeout=5)
+
+
+def _pidfile_pids(state_dir: Path) -> list[int]:
+    pids = []
+    for pidfile in (state_dir / "run").glob("*.pid"):
+        with contextlib.suppress(ValueError, OSError):
+            pids.append(int(pidfile.read_text().strip()))
+    return [p for p in pids if _alive(p)]
 
 
 def _ping(client: redis.Redis) -> bool:

@@ -145,3 +145,70 @@ def pid_alive(pid: int) -> bool:
 
 def kvm_available() -> bool:
     return os.access("/dev/kvm", os.R_OK | os.W_OK)
+
+
+def qemu_pids_of(uuid: str) -> list[int]:
+    """Every live process whose command line names this guest uuid (QEMU's -uuid)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if uuid.encode() in cmdline and pid_alive(int(entry.name)):
+            pids.append(int(entry.name))
+    return pids
+
+
+def wait_info(client: Client, host: str, name: str, pred: Callable[[dict[str, object]], bool],
+              timeout: float = 20, what: str = "a domain state") -> dict[str, object]:
+    def check() -> dict[str, object] | None:
+        info = client.call(host, "dominfo", domain=name)
+        return info if pred(info) else None
+
+    return dict(wait_for(check, timeout, what))  # type: ignore[call-overload]
+
+
+def port_free(port: int, address: str = "127.0.0.1") -> bool:
+    import socket
+
+    with socket.socket() as s:
+        try:
+            s.bind((address, port))
+        except OSError:
+            return False
+    return True
+
+
+def pmemsave(client: Client, host: str, name: str, size: int, path: Path) -> str:
+    """Guest physical memory [0, size) to `path`; returns its sha256."""
+    import hashlib
+    import json as _json
+
+    client.call(host, "qemu_monitor_command", domain=name, timeout=120, command=_json.dumps(
+        {"execute": "pmemsave", "arguments": {"val": 0, "size": size,
+                                              "filename": str(path)}}))
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            digest.update(chunk)
+    assert path.stat().st_size == size
+    path.unlink()
+    return digest.hexdigest()
+
+
+@pytest.fixture
+def faulty_host(stack: Stack) -> Iterator[Callable[[str], str]]:
+    """Start host 'gamma' with failpoints armed; it is removed (with its guests) after."""
+    started: list[str] = []
+
+    def start(failpoints: str) -> str:
+        stack.start_worker("gamma", env={"FERRY_FAILPOINTS": failpoints})
+        started.append("gamma")
+        return "gamma"
+
+    yield start
+    for name in started:
+        stack.remove_worker(name)

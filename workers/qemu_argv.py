@@ -85,10 +85,17 @@ def build_qemu_argv(
     smp = str(d.vcpus) if d.vcpus_current is None else f"{d.vcpus_current},maxcpus={d.vcpus}"
     argv = [d.emulator, "-name", f"guest={d.name},debug-threads=on", "-S"]
     argv += ["-uuid", d.uuid, "-machine", machine]
+    cpu = None
     if d.cpu_mode in ("host-passthrough", "host-model"):
-        argv += ["-cpu", "host,arch-capabilities=off" if use_kvm else "max"]
+        cpu = "host,arch-capabilities=off" if use_kvm else "max"
     elif d.cpu_mode == "custom" and d.cpu_model:
-        argv += ["-cpu", d.cpu_model]
+        cpu = d.cpu_model
+    # libvirt's <timer name='kvmclock' present='no'/>: no paravirtual clock page that
+    # KVM rewrites in guest memory (e.g. on the dest of a migration).
+    if any(t.name == "kvmclock" and t.present is False for t in d.timers):
+        cpu = _opts(cpu or "qemu64", "kvmclock=off")
+    if cpu:
+        argv += ["-cpu", cpu]
     mem_kib = -(-d.memory_kib // 1024) * 1024  # QEMU wants whole MiB here; libvirt rounds up too
     argv += ["-m", f"size={mem_kib}k", "-smp", smp]
     argv += ["-no-user-config", "-nodefaults", "-display", "none"]

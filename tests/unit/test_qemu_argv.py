@@ -281,3 +281,10 @@ def test_a_negative_qmp_fd_is_refused() -> None:
 
 def test_the_spice_probe_says_no_for_a_binary_that_is_not_there() -> None:
     assert qemu_has_spice("/nonexistent/qemu-system-x86_64") is False
+
+
+def test_kvmclock_timer_off_turns_the_cpu_flag_off_so_kvm_never_writes_guest_memory() -> None:
+    xml = """<domain type='kvm'><name>k</name><memory unit='MiB'>64</memory>
+      <clock offset='utc'><timer name='kvmclock' present='no'/></clock></domain>"""
+    argv = build_qemu_argv(parse_domain_xml(xml), qmp_fd=3, pidfile="/tmp/p", kvm=True)
+    assert argv[argv.index("-cpu") + 1] == "qemu64,kvmclock=off"

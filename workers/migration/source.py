@@ -176,14 +176,16 @@ async def confirm3(agent: HostAgent, st: MigrationState) -> MigrationState:
 
 
 async def _resume_source(agent: HostAgent, dom: DomainObj, st: MigrationState) -> None:
-    """Migration failed: the guest goes on here, as it was before."""
+    """Migration failed: the guest goes on here, as it was before (libvirt's
+    qemuMigrationSrcRestoreDomainState: only a guest that was paused is resumed)."""
     if not dom.active or dom.monitor is None:
         return
     status = await dom.monitor.execute("query-status")
     if not st.was_running:
         return
     if status.get("running"):
-        agent.set_state(dom, DomainState.RUNNING, RunningReason.MIGRATION_CANCELED)
+        if dom.state != DomainState.RUNNING:  # QEMU resumed it itself after a late failure
+            agent.set_state(dom, DomainState.RUNNING, RunningReason.MIGRATION_CANCELED)
     else:
         await run_cpus(agent, dom, RunningReason.MIGRATION_CANCELED)
 
