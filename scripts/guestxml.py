@@ -13,9 +13,9 @@ from pathlib import Path
 
 def guest_xml(name: str, disk: Path, serial_log: Path, *, memory_mib: int = 64,
               vcpus: int = 1, uuid: str | None = None, disk_bus: str = "ide",
-              extra_devices: str = "") -> str:
+              extra_devices: str = "", domain_type: str = "kvm") -> str:
     target = "vda" if disk_bus == "virtio" else "hda"
-    return f"""<domain type='kvm'>
+    return f"""<domain type='{domain_type}'>
   <name>{name}</name>
   <uuid>{uuid or uuidlib.uuid4()}</uuid>
   <memory unit='MiB'>{memory_mib}</memory>

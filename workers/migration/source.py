@@ -165,13 +165,14 @@ async def confirm3(agent: HostAgent, st: MigrationState) -> MigrationState:
         return st  # Begin never started a job here: nothing to confirm or undo
     phase = Phase.CONFIRM3_CANCELLED if st.failed else Phase.CONFIRM3
     _job_dom(agent, p, phase)
+    uuid = dom.uuid  # an undefined source has no definition left to ask
     try:
         if st.failed:
             await _resume_source(agent, dom, st)
         else:
             await _finish_source(agent, dom, p)
     finally:
-        _end_job(agent, dom, p, st)
+        _end_job(agent, dom, uuid, st)
     return st
 
 
@@ -194,22 +195,24 @@ async def _finish_source(agent: HostAgent, dom: DomainObj, p: MigrationParams) -
     if dom.active:
         await agent.kill(dom, ShutoffReason.MIGRATED)
     if p.has(F.UNDEFINE_SOURCE) and dom.persistent:
-        agent.store.delete_definition(dom.name)
+        name = dom.name
+        agent.store.delete_definition(name)
+        if agent.domains.get(name) is dom:
+            agent.domains.pop(name)
         dom.definition = None
-        if agent.domains.get(dom.name) is dom and not dom.active:
-            agent.domains.pop(dom.name)
 
 
-def _end_job(agent: HostAgent, dom: DomainObj, p: MigrationParams, st: MigrationState) -> None:
+def _end_job(agent: HostAgent, dom: DomainObj, uuid: str, st: MigrationState) -> None:
+    p = st.params
     job, dom.job = dom.job, None
     elapsed = int((time.time() - job.started) * 1000) if job else 0
     info = {"id": p.job_id, "operation": "outgoing_migration", "source": p.source,
             "dest": p.dest, "type": "failed" if st.failed else "completed",
             "time_elapsed_ms": elapsed, "statistics": st.statistics, "error": st.error}
-    agent.jobs.complete(dom.uuid, agent.host, info)
+    agent.jobs.complete(uuid, agent.host, info)
     if st.error:
-        agent.jobs.set_error(dom.uuid, p.job_id, st.error)
-    agent.jobs.end(dom.uuid, p.job_id)
+        agent.jobs.set_error(uuid, p.job_id, st.error)
+    agent.jobs.end(uuid, p.job_id)
 
 
 async def perform2(agent: HostAgent, st: MigrationState) -> MigrationState:
@@ -223,6 +226,7 @@ async def perform2(agent: HostAgent, st: MigrationState) -> MigrationState:
     agent.jobs.start(dom.uuid, job_id=p.job_id, kind="migration", phase=Phase.PERFORM2.value,
                      source=p.source, dest=p.dest, flags=p.flags)
     dom.job = ActiveJob(p.job_id, "outgoing_migration", Phase.PERFORM2.value, time.time())
+    uuid = dom.uuid
     st = replace(st, was_running=dom.state == DomainState.RUNNING and not p.has(F.PAUSED))
     try:
         st = await _migrate(agent, dom, st, None)
@@ -232,8 +236,8 @@ async def perform2(agent: HostAgent, st: MigrationState) -> MigrationState:
             await _resume_source(agent, dom, st)
         except FerryError as resume_exc:
             st = st.with_error(resume_exc.at(phase=Phase.PERFORM2.value, host=agent.host))
-        _end_job(agent, dom, p, st)
+        _end_job(agent, dom, uuid, st)
         return st
     await _finish_source(agent, dom, p)
-    _end_job(agent, dom, p, st)
+    _end_job(agent, dom, uuid, st)
     return st

@@ -1,0 +1,165 @@
+"""Migration flags, xmlin, URIs and refusals, on real workers and QEMU."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from config.settings import load
+from scripts.stack import Stack
+from tasks.client import Client
+from tasks.migrate_client import build_chain, params_from_options
+from tests.conftest import CliResult, Guest, qemu_pids_of
+from workers.errors import FerryError
+
+
+def _defined(client: Client, make_guest: Callable[..., Guest], start: bool = True) -> Guest:
+    guest = make_guest()
+    client.call("alpha", "define", xml=guest.xml)
+    if start:
+        client.call("alpha", "start", domain=guest.name)
+    return guest
+
+
+def test_persistent_and_undefinesource_move_the_definition_too(
+        client: Client, make_guest: Callable[..., Guest]) -> None:
+    guest = _defined(client, make_guest)
+    client.migrate(guest.name, "alpha", "beta", live=True, persistent=True,
+                   undefinesource=True).wait(timeout=60)
+    assert all(d["name"] != guest.name for d in client.call("alpha", "list", all=True))
+    info = client.call("beta", "dominfo", domain=guest.name)
+    assert info["persistent"] is True and info["state"] == "running"
+    client.call("beta", "destroy", domain=guest.name)
+    info = client.call("beta", "dominfo", domain=guest.name)
+    assert (info["state"], info["persistent"]) == ("shutoff", True)
+
+
+def test_non_live_migration_pauses_first_and_the_guest_runs_on_the_dest(
+        client: Client, make_guest: Callable[..., Guest]) -> None:
+    guest = _defined(client, make_guest)
+    summary = client.migrate(guest.name, "alpha", "beta").wait(timeout=60)
+    assert summary["flags"] == []
+    info = client.call("beta", "dominfo", domain=guest.name)
+    assert (info["state"], info["reason"]) == ("running", "migrated")
+    last = guest.counters()[-1] if guest.counters() else 0
+    guest.wait_counter_above(last + 2)
+
+
+def test_suspend_flag_leaves_the_guest_paused_on_the_dest(
+        client: Client, make_guest: Callable[..., Guest]) -> None:
+    guest = _defined(client, make_guest)
+    client.migrate(guest.name, "alpha", "beta", live=True, suspend=True).wait(timeout=60)
+    info = client.call("beta", "dominfo", domain=guest.name)
+    assert (info["state"], info["reason"]) == ("paused", "user")
+
+
+def test_offline_migration_moves_only_the_definition(
+        client: Client, make_guest: Callable[..., Guest]) -> None:
+    guest = _defined(client, make_guest, start=False)
+    summary = client.migrate(guest.name, "alpha", "beta", offline=True, persistent=True,
+                             undefinesource=True).wait(timeout=60)
+    assert summary["result"] == "completed"
+    info = client.call("beta", "dominfo", domain=guest.name)
+    assert (info["state"], info["persistent"]) == ("shutoff", True)
+    assert not qemu_pids_of(guest.uuid)
+    assert all(d["name"] != guest.name for d in client.call("alpha", "list", all=True))
+
+
+def test_xmlin_with_another_disk_path_is_used_on_the_dest(
+        client: Client, make_guest: Callable[..., Guest], tmp_path: Path) -> None:
+    guest = _defined(client, make_guest)
+    moved = tmp_path / "moved.img"
+    moved.write_bytes(guest.disk.read_bytes())
+    xmlin = guest.xml.replace(str(guest.disk), str(moved))
+    client.migrate(guest.name, "alpha", "beta", live=True, xmlin=xmlin).wait(timeout=60)
+    xml = client.call("beta", "dumpxml", domain=guest.name)
+    assert str(moved) in xml and str(guest.disk) not in xml
+
+
+def test_xmlin_with_another_vcpu_count_is_refused_naming_vcpus(
+        client: Client, make_guest: Callable[..., Guest]) -> None:
+    guest = _defined(client, make_guest)
+    xmlin = guest.xml.replace("<vcpu>1</vcpu>", "<vcpu>2</vcpu>")
+    with pytest.raises(FerryError) as err:
+        client.migrate(guest.name, "alpha", "beta", live=True, xmlin=xmlin).wait(timeout=60)
+    assert "vcpus" in str(err.value) and "begin3" in str(err.value)
+    info = client.call("alpha", "dominfo", domain=guest.name)
+    assert (info["state"], info["reason"]) == ("running", "booted")
+
+
+def test_exec_migration_uri_is_refused_before_anything_starts(
+        ferry: Callable[..., CliResult], client: Client,
+        make_guest: Callable[..., Guest]) -> None:
+    guest = _defined(client, make_guest)
+    res = ferry("migrate", "-H", "alpha", guest.name, "beta", "--live",
+                "--migrateuri", "exec:cat > /tmp/x")
+    assert res.rc == 1 and res.err.startswith("error: ") and "exec" in res.err
+    assert client.call("alpha", "domjobinfo", domain=guest.name)["type"] == "none"
+
+
+def test_explicit_tcp_migration_uri_is_where_the_data_goes(
+        client: Client, make_guest: Callable[..., Guest]) -> None:
+    from scripts.stack import free_port
+
+    guest = _defined(client, make_guest)
+    port = free_port()
+    job = client.migrate(guest.name, "alpha", "beta", live=True,
+                         migrate_uri=f"tcp://127.0.0.1:{port}")
+    job.wait(timeout=60)
+    prepare = client.app.AsyncResult(f"{job.id}.prepare3").get(timeout=5)
+    assert prepare["uri"] == f"tcp:127.0.0.1:{port}"
+
+
+def test_same_host_uuid_is_refused_by_the_client_and_by_prepare(
+        stack: Stack, client: Client, make_guest: Callable[..., Guest]) -> None:
+    guest = _defined(client, make_guest)
+    twin = stack.start_worker("twin", uuid=stack.workers["alpha"].uuid)
+    try:
+        with pytest.raises(FerryError) as err:
+            client.migrate(guest.name, "alpha", "twin", live=True)
+        assert "attempt to migrate guest to the same host" in str(err.value)
+        # A service that builds the chain itself meets the same refusal in Prepare.
+        p = params_from_options(guest.name, "alpha", "twin", live=True)
+        with pytest.raises(FerryError) as err:
+            build_chain(p).apply_async().get(timeout=60)
+        assert "same host" in str(err.value) and "prepare" in str(err.value)
+        info = client.call("alpha", "dominfo", domain=guest.name)
+        assert (info["state"], info["reason"]) == ("running", "booted")
+    finally:
+        assert twin.proc is not None
+        stack.remove_worker("twin")
+
+
+def test_migrate_json_reports_a_failure_with_its_error(
+        ferry: Callable[..., CliResult], client: Client,
+        make_guest: Callable[..., Guest]) -> None:
+    guest = _defined(client, make_guest, start=False)
+    res = ferry("migrate", "-H", "alpha", guest.name, "beta", "--live", "--json")
+    assert res.rc == 1
+    out = json.loads(res.out)
+    assert out["result"] == "failed" and "not running" in out["error"]
+    assert res.err.strip().startswith("error: ") and len(res.err.strip().splitlines()) == 1
+
+
+def test_a_service_can_enqueue_the_chain_by_task_names_without_ferry(
+        stack: Stack, client: Client, make_guest: Callable[..., Guest]) -> None:
+    from celery import Celery, chain
+
+    guest = _defined(client, make_guest)
+    other = Celery("service", broker=stack.broker_url, backend=stack.broker_url)
+    other.conf.update(task_serializer="json", result_serializer="json",
+                      accept_content=["json"])
+    params = {"domain": guest.name, "source": "alpha", "dest": "beta", "flags": 1,
+              "job_id": "svc-job-1"}
+    sigs = [other.signature("ferry.begin3", args=(params,), queue="host.alpha"),
+            other.signature("ferry.prepare3", queue="host.beta"),
+            other.signature("ferry.perform3", queue="host.alpha"),
+            other.signature("ferry.finish3", queue="host.beta"),
+            other.signature("ferry.confirm3", queue="host.alpha")]
+    result = chain(*sigs).apply_async().get(timeout=60)
+    assert result["result"] == "completed" and result["job_id"] == "svc-job-1"
+    assert client.call("beta", "dominfo", domain=guest.name)["state"] == "running"
+    assert load({}).broker_url  # ferry's settings were not needed by the service
