@@ -90,6 +90,13 @@ SPECS: tuple[Spec, ...] = (
          "how long to wait for a new QEMU's monitor", 1, 600),
     Spec("log_level", str, lambda: "INFO", "worker log level (DEBUG logs every QMP message)"),
     Spec("failpoints", str, lambda: "", "test-only failure points: name=raise|kill|hang,..."),
+    Spec("downtime_ms", int, lambda: 500,
+         "largest downtime the downtime schedule raises to (Nova's default)", 10, 60000),
+    Spec("downtime_steps", int, lambda: 10, "steps of the downtime schedule", 1, 100),
+    Spec("downtime_delay_s", int, lambda: 75,
+         "seconds between downtime steps, per GiB of guest memory", 1, 3600),
+    Spec("signal_timeout_ms", int, lambda: 5000,
+         "how long a job signal waits for the job owner's reply", 50, 120000),
     Spec("incoming_timeout_s", int, lambda: 60,
          "how long Finish waits for the incoming stream to complete", 1, 3600),
 )
@@ -114,6 +121,10 @@ class Settings:
     qemu_start_timeout_s: int
     log_level: str
     failpoints: str
+    downtime_ms: int
+    downtime_steps: int
+    downtime_delay_s: int
+    signal_timeout_ms: int
     incoming_timeout_s: int
     extra: Mapping[str, str] = field(default_factory=dict)
 

@@ -29,6 +29,16 @@ def add_parsers(sub: Any, common: Any) -> None:
     p = common(sub, "domjobinfo", cmd_domjobinfo, "job information")
     p.add_argument("domain")
     p.add_argument("--completed", action="store_true")
+    for name, op, arg, help_ in (
+            ("domjobabort", "abort", None, "abort the domain's job"),
+            ("migrate-setspeed", "setspeed", "bandwidth", "set the bandwidth (MiB/s)"),
+            ("migrate-getspeed", "getspeed", None, "the bandwidth (MiB/s)"),
+            ("migrate-setmaxdowntime", "setmaxdowntime", "downtime", "set max downtime (ms)"),
+            ("migrate-postcopy", "postcopy", None, "switch to post-copy")):
+        p = common(sub, name, _signal_cmd(op, arg), help_)
+        p.add_argument("domain")
+        if arg:
+            p.add_argument(arg, type=int)
 
 
 def _options(a: argparse.Namespace) -> dict[str, Any]:
@@ -96,3 +106,23 @@ def cmd_domjobinfo(a: argparse.Namespace) -> int:
 
     info = _client().call(_host(a), "domjobinfo", domain=a.domain, completed=a.completed)
     return _emit(a, info, formats.jobinfo)
+
+
+def _signal_cmd(op: str, arg: str | None) -> Any:
+    def run(a: argparse.Namespace) -> int:
+        from scripts.cli import _client, _emit, _host
+
+        args = {arg: getattr(a, arg)} if arg else {}
+        result = _client().signal(_host(a), a.domain, op, **args)
+        return _emit(a, result, lambda r: _human(op, r))
+    return run
+
+
+def _human(op: str, result: Any) -> str:
+    if op == "getspeed":
+        return str(result["bandwidth"])
+    if op == "abort" and result.get("deferred"):
+        return "Abort recorded: the job stops at its next phase"
+    return {"abort": "Job aborted", "setspeed": "Bandwidth set",
+            "setmaxdowntime": "Max downtime set", "postcopy": "Switched to post-copy"}.get(
+        op, str(result))

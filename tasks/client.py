@@ -14,7 +14,7 @@ from celery.exceptions import TimeoutError as CeleryTimeout
 
 from config.celery_app import configure, queue_for
 from config.settings import Settings, load
-from workers.errors import FerryError, HostUnavailableError
+from workers.errors import FerryError, HostUnavailableError, InvalidInputError
 from workers.heartbeat import get_host, list_hosts
 
 
@@ -47,6 +47,21 @@ class Client:
         from tasks.migrate_client import migrate
 
         return migrate(self, domain, source, dest, **options)
+
+    def uuid_of(self, host: str, domain: str) -> str:
+        return str(self.call(host, "dominfo", domain=domain)["uuid"])
+
+    def signal(self, host: str, domain: str, op: str, **args: Any) -> Any:
+        """Send job signal `op` for `domain` (known to `host`); the owner's answer."""
+        from tasks import signals
+
+        if op not in signals.OPS:
+            raise InvalidInputError(f"unknown job signal '{op}' (one of {', '.join(signals.OPS)})")
+        uuid = self.uuid_of(host, domain)
+        timeout = self.settings.signal_timeout_ms / 1000
+        if op == "abort":
+            return signals.abort(self.redis, uuid, timeout)
+        return signals.send_signal(self.redis, uuid, op, args, timeout)
 
     def call(self, host: str, task: str, timeout: float | None = None, **kwargs: Any) -> Any:
         """Run `ferry.<task>` on `host` and return its result (or raise its error)."""

@@ -37,7 +37,7 @@ def params_from_options(domain: str, source: str, dest: str, **options: Any) -> 
     for name, flag in OPTION_FLAGS.items():
         if options.pop(name, False):
             flags |= flag
-    if flags & (F.PEER2PEER | F.TUNNELLED):
+    if flags & (F.PEER2PEER | F.TUNNELLED):  # the p2p issue adds them
         raise UnsupportedError("peer-to-peer and tunnelled migration are not available yet")
     known = {"protocol", "xmlin", "migrate_uri", "bandwidth_mib_s", "max_downtime_ms",
              "timeout_s", "job_id"}
@@ -94,6 +94,27 @@ class MigrationJob:
 
     def done(self) -> bool:
         return bool(self.result.ready())
+
+    def _signal(self, op: str, **args: Any) -> Any:
+        return self.client.signal(self.params.source, self.params.domain, op, **args)
+
+    def abort(self) -> Any:
+        return self._signal("abort")
+
+    def set_speed(self, mib_s: int) -> Any:
+        return self._signal("setspeed", bandwidth=mib_s)
+
+    def get_speed(self) -> int:
+        return int(self._signal("getspeed")["bandwidth"])
+
+    def set_max_downtime(self, ms: int) -> Any:
+        return self._signal("setmaxdowntime", downtime=ms)
+
+    def suspend(self) -> Any:
+        return self._signal("suspend")
+
+    def postcopy(self) -> Any:
+        return self._signal("postcopy")
 
 
 def migrate(client: Client, domain: str, source: str, dest: str,

@@ -25,13 +25,23 @@ log = logging.getLogger(__name__)
 PhaseFn = Callable[[HostAgent, MigrationState], Coroutine[Any, Any, MigrationState]]
 
 
-def run_phase(fn: PhaseFn, phase: Phase, state: dict[str, Any]) -> MigrationState:
+def run_phase(fn: PhaseFn, phase: Phase, state: dict[str, Any],
+              report: Callable[[dict[str, Any]], None] | None = None) -> MigrationState:
     agent = get_agent()
     st = MigrationState.from_json(state)
     cancelled = st.failed
     started = time.monotonic()
+    tick = None
+    if report is not None:
+        name = st.params.domain
+
+        def tick() -> None:
+            dom = agent.domains.get(name)
+            job = dom.job if dom is not None else None
+            if job is not None and job.progress:
+                report(job.progress)
     try:
-        st = agent.call(fn(agent, st))
+        st = agent.call(fn(agent, st), tick=tick)
         ok = not st.failed or cancelled
     except FerryError as exc:
         st, ok = st.with_error(exc.at(phase=phase.value, host=agent.host)), False
@@ -87,9 +97,16 @@ def prepare3(state: dict[str, Any]) -> dict[str, Any]:
     return run_phase(lambda a, s: dest.prepare(a, s, v3=True), Phase.PREPARE, state).to_json()
 
 
-@app.task(name="ferry.perform3")
-def perform3(state: dict[str, Any]) -> dict[str, Any]:
-    return run_phase(source.perform3, Phase.PERFORM3, state).to_json()
+def _reporter(task: Any) -> Callable[[dict[str, Any]], None]:
+    """PROGRESS state with QEMU's figures, for Flower and result-backend readers."""
+    def report(progress: dict[str, Any]) -> None:
+        task.update_state(state="PROGRESS", meta=progress)
+    return report
+
+
+@app.task(name="ferry.perform3", bind=True)
+def perform3(self: Any, state: dict[str, Any]) -> dict[str, Any]:
+    return run_phase(source.perform3, Phase.PERFORM3, state, _reporter(self)).to_json()
 
 
 @app.task(name="ferry.finish3")
@@ -107,9 +124,9 @@ def prepare2(state: dict[str, Any]) -> dict[str, Any]:
     return run_phase(lambda a, s: dest.prepare(a, s, v3=False), Phase.PREPARE, state).to_json()
 
 
-@app.task(name="ferry.perform2")
-def perform2(state: dict[str, Any]) -> dict[str, Any]:
-    return run_phase(source.perform2, Phase.PERFORM2, state).to_json()
+@app.task(name="ferry.perform2", bind=True)
+def perform2(self: Any, state: dict[str, Any]) -> dict[str, Any]:
+    return run_phase(source.perform2, Phase.PERFORM2, state, _reporter(self)).to_json()
 
 
 @app.task(name="ferry.finish2")

@@ -14,7 +14,8 @@ import logging
 import os
 import signal
 import threading
-from collections.abc import Coroutine
+import time
+from collections.abc import Callable, Coroutine
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any, TypeVar
 
@@ -29,6 +30,7 @@ from workers.jobs import JobStore
 from workers.monitor import Monitor
 from workers.ports import PortAllocator
 from workers.process import QemuProcess, attach
+from workers.signals import SignalListener
 from workers.states import DomainState, PausedReason, Reason, RunningReason, ShutoffReason
 from workers.store import StateStore
 
@@ -52,6 +54,7 @@ class HostAgent:
         self._thread = threading.Thread(target=self._run_loop, name="ferry-agent", daemon=True)
         self.redis = redis.Redis.from_url(settings.broker_url, socket_timeout=5)
         self.jobs = JobStore(self.redis, self.host)
+        self.signals = SignalListener(self)
         self.heartbeat = Heartbeat(
             self.redis,
             name=self.host,
@@ -66,6 +69,7 @@ class HostAgent:
     def start(self) -> None:
         self._thread.start()
         self.call(self._recover(), timeout=120)
+        self.call(self.signals.start(), timeout=30)
         self.heartbeat.start()
         log.info(
             "host %s (%s) ready: %d domains, kvm=%s",
@@ -79,6 +83,8 @@ class HostAgent:
         """Stop watching; never touches a guest (they outlive the worker)."""
         self.heartbeat.stop()
         with contextlib.suppress(Exception):
+            self.call(self.signals.stop(), timeout=5)
+        with contextlib.suppress(Exception):
             self.call(self._detach_all(), timeout=15)
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join(timeout=5)
@@ -87,16 +93,30 @@ class HostAgent:
         asyncio.set_event_loop(self.loop)
         self.loop.run_forever()
 
-    def call(self, coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
-        """Run `coro` on the agent loop from a task thread and wait for it."""
+    def call(self, coro: Coroutine[Any, Any, T], timeout: float | None = None,
+             tick: Callable[[], None] | None = None, every: float = 0.25) -> T:
+        """Run `coro` on the agent loop from a task thread and wait for it.
+
+        `tick` runs in the calling thread every `every` seconds while it waits
+        (Perform reports its PROGRESS state to the result backend that way).
+        """
         future = asyncio.run_coroutine_threadsafe(coro, self.loop)
-        try:
-            return future.result(timeout)
-        except FutureTimeout:
-            future.cancel()
-            raise HostUnavailableError(
-                "the host agent did not finish in time", host=self.host
-            ) from None
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            wait = every if tick is not None else None
+            if deadline is not None:
+                left = deadline - time.monotonic()
+                wait = left if wait is None else min(wait, left)
+            try:
+                return future.result(max(wait, 0) if wait is not None else None)
+            except FutureTimeout:
+                if deadline is not None and time.monotonic() >= deadline:
+                    future.cancel()
+                    raise HostUnavailableError(
+                        "the host agent did not finish in time", host=self.host
+                    ) from None
+                if tick is not None:
+                    tick()
 
     def active_names(self) -> list[str]:
         return [d.name for d in list(self.domains.values()) if d.active]

@@ -3,8 +3,9 @@
     FERRY_FAILPOINTS="finish3.before_cont=raise,prepare3.qemu_argv=bad-arg"
 
 Actions: raise (a QemuError naming the point), kill (the worker dies with
-SIGKILL), hang (the phase blocks forever), bad-arg (an argv gets an option
-QEMU refuses, so QEMU really fails to start).  With the variable unset,
+SIGKILL), hang (the phase blocks forever), slow (the phase waits SLOW_S
+first), bad-arg (an argv gets an option QEMU refuses, so QEMU really fails
+to start).  With the variable unset,
 `hit()` is a dict lookup on an empty dict.
 """
 
@@ -20,7 +21,8 @@ from workers.errors import QemuError
 
 log = logging.getLogger(__name__)
 
-ACTIONS = ("raise", "kill", "hang", "bad-arg")
+ACTIONS = ("raise", "kill", "hang", "slow", "bad-arg")
+SLOW_S = 3.0
 _ACTIVE: dict[str, str] = {}
 
 
@@ -49,6 +51,9 @@ async def hit(name: str) -> None:
         raise QemuError(f"failpoint {name} triggered")
     if action == "kill":
         os.kill(os.getpid(), signal.SIGKILL)
+    if action == "slow":
+        await asyncio.sleep(SLOW_S)
+        return
     await asyncio.Event().wait()  # hang
 
 

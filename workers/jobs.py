@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import redis
@@ -24,6 +24,10 @@ from workers.errors import OperationInvalidError
 log = logging.getLogger(__name__)
 
 DONE_TTL_S = 30 * 24 * 3600
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
 
 
 def job_key(uuid: str) -> str:
@@ -36,12 +40,22 @@ def done_key(uuid: str, host: str) -> str:
 
 @dataclass
 class ActiveJob:
-    """The job a domain is in, as the host that runs a phase of it knows it."""
+    """The job a domain is in, as the host that runs a phase of it knows it.
+
+    Signals change the knobs; the wait loop reads them every turn.
+    """
 
     id: str
     operation: str  # outgoing_migration | incoming_migration | save | restore | dump
     phase: str
     started: float
+    source: str = ""
+    dest: str = ""
+    flags: int = 0
+    abort: bool = False
+    progress: dict[str, Any] = field(default_factory=dict)
+    bandwidth_mib_s: int | None = None  # set by setspeed, applied when Perform runs
+    max_downtime_ms: int | None = None  # set by setmaxdowntime: the schedule stops
 
 
 class JobStore:
@@ -54,8 +68,8 @@ class JobStore:
         """Create the record; a record of another job for this domain is a clear error."""
         key = job_key(uuid)
         current = self.redis.hget(key, "id")
-        if current is not None and current.decode() != job_id:
-            raise OperationInvalidError(f"domain {uuid} already has job {current.decode()}")
+        if current is not None and _text(current) != job_id:
+            raise OperationInvalidError(f"domain {uuid} already has job {_text(current)}")
         self.redis.hset(key, mapping={
             "id": job_id, "kind": kind, "phase": phase, "source": source, "dest": dest or "",
             "flags": flags, "started": time.time(), "progress": "{}", "error": "",
@@ -66,7 +80,7 @@ class JobStore:
         raw = self.redis.hgetall(job_key(uuid))
         if not raw:
             return None
-        rec: dict[str, Any] = {k.decode(): v.decode() for k, v in raw.items()}
+        rec: dict[str, Any] = {_text(k): _text(v) for k, v in raw.items()}
         rec["progress"] = json.loads(rec.get("progress") or "{}")
         rec["error"] = json.loads(rec["error"]) if rec.get("error") else None
         rec["flags"] = int(rec.get("flags") or 0)
@@ -75,19 +89,30 @@ class JobStore:
 
     def _mine(self, uuid: str, job_id: str) -> bool:
         current = self.redis.hget(job_key(uuid), "id")
-        return current is not None and current.decode() == job_id
+        return current is not None and _text(current) == job_id
 
     def set_phase(self, uuid: str, job_id: str, phase: str) -> None:
         if not self._mine(uuid, job_id):
             return
         old = self.redis.hget(job_key(uuid), "phase")
         self.redis.hset(job_key(uuid), "phase", phase)
-        log.info("job %s: phase %s -> %s on %s", job_id, old.decode() if old else "none",
+        log.info("job %s: phase %s -> %s on %s", job_id, _text(old) if old else "none",
                  phase, self.host)
 
     def set_progress(self, uuid: str, job_id: str, progress: dict[str, Any]) -> None:
         if self._mine(uuid, job_id):
             self.redis.hset(job_key(uuid), "progress", json.dumps(progress))
+
+    def request_abort(self, uuid: str) -> bool:
+        """Mark the job aborted in its record (honoured at the next phase boundary)."""
+        if not self.redis.exists(job_key(uuid)):
+            return False
+        self.redis.hset(job_key(uuid), "abort", "1")
+        return True
+
+    def abort_requested(self, uuid: str, job_id: str) -> bool:
+        rec = self.redis.hmget(job_key(uuid), ["id", "abort"])
+        return rec[0] is not None and _text(rec[0]) == job_id and rec[1] == b"1"
 
     def set_error(self, uuid: str, job_id: str, error: dict[str, Any]) -> None:
         if self._mine(uuid, job_id) and not self.redis.hget(job_key(uuid), "error"):
@@ -105,6 +130,13 @@ class JobStore:
         if self._mine(uuid, job_id):
             self.redis.delete(job_key(uuid))
             log.info("job %s: ended on %s", job_id, self.host)
+
+
+def active_record(job: ActiveJob) -> dict[str, Any]:
+    """An in-memory job as a record for jobinfo_view (what the job owner answers)."""
+    return {"id": job.id, "kind": "migration" if job.operation.endswith("migration")
+            else job.operation, "phase": job.phase, "source": job.source, "dest": job.dest,
+            "started": job.started, "progress": job.progress, "error": None}
 
 
 def jobinfo_view(record: dict[str, Any] | None, host: str, *, completed: bool = False,

@@ -12,15 +12,17 @@ import json
 import os
 import subprocess
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from workers.agent import HostAgent
 from workers.domain import DomainDef, with_graphics_ports
 from workers.domobj import DomainObj
 from workers.errors import InvalidInputError, NotFoundError, OperationInvalidError, QemuError
 from workers.process import listening_socket, log_tail, spawn
 from workers.qemu_argv import build_qemu_argv, qemu_has_spice
 from workers.states import DomainState, PausedReason, RunningReason, ShutoffReason
+
+if TYPE_CHECKING:
+    from workers.agent import HostAgent
 
 
 async def define(agent: HostAgent, xml: str) -> dict[str, Any]:
@@ -145,9 +147,14 @@ async def destroy(agent: HostAgent, name: str) -> dict[str, Any]:
 async def suspend(agent: HostAgent, name: str) -> dict[str, Any]:
     dom = agent.lookup(name)
     async with dom.lock:
-        dom.require_no_job("suspend")
         dom.require_state("suspend", DomainState.RUNNING)
-        await pause_cpus(agent, dom, PausedReason.USER)
+        if dom.job is not None and dom.job.operation == "outgoing_migration":
+            # libvirt: pausing during migration lets it converge; the guest
+            # still ends running on the dest.
+            await pause_cpus(agent, dom, PausedReason.MIGRATION)
+        else:
+            dom.require_no_job("suspend")
+            await pause_cpus(agent, dom, PausedReason.USER)
         return dom.info(agent.host)
 
 

@@ -61,7 +61,7 @@ def test_options_become_flags_and_unknown_options_are_refused() -> None:
     ({"protocol": 2, "flags": 256}, "v3"),
     ({"dest": "a"}, "same host"),
     ({"bandwidth_mib_s": -1}, "bandwidth"),
-    ({"flags": 32768}, "postcopy"),
+    ({"flags": 32768}, "must be live"),
 ])
 def test_inconsistent_parameters_are_refused_before_anything_starts(
         kwargs: dict[str, object], needle: str) -> None:

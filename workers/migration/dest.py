@@ -19,6 +19,7 @@ from workers.agent import HostAgent
 from workers.domain import DomainDef
 from workers.domobj import DomainObj
 from workers.errors import InvalidInputError, MigrationError
+from workers.hostcaps import require_postcopy
 from workers.jobs import ActiveJob
 from workers.lifecycle import launch, run_cpus
 from workers.migration import qemu_migrate
@@ -68,16 +69,23 @@ def _graphics_cookie(d: DomainDef, address: str) -> CookieGraphics | None:
 
 async def prepare(agent: HostAgent, st: MigrationState, *, v3: bool) -> MigrationState:
     p = st.params
+    await failpoints.hit("prepare3.start")
     if v3:
         parse(st.cookie or "", local_hostuuid=agent.uuid)  # refuses same host, bad features
     if st.xml is None:
         raise MigrationError("no domain definition reached Prepare")
     d = agent.parse(st.xml)
+    if p.has(F.POSTCOPY):
+        require_postcopy()
+    from workers.migration.source import check_abort
+
+    check_abort(agent, None, d.uuid, p.job_id)
     dom = _incoming_dom(agent, d)
     agent.domains[d.name] = dom
     if dom.definition is None:
         dom.live = d  # a transient object needs a definition to be named by
-    dom.job = ActiveJob(p.job_id, "incoming_migration", Phase.PREPARE.value, time.time())
+    dom.job = ActiveJob(p.job_id, "incoming_migration", Phase.PREPARE.value, time.time(),
+                        source=p.source, dest=p.dest, flags=p.flags)
     agent.jobs.set_phase(d.uuid, p.job_id, Phase.PREPARE.value)
     try:
         uri = None

@@ -33,7 +33,8 @@ class MigrationFlags(enum.IntFlag):
 SUPPORTED_FLAGS = (MigrationFlags.LIVE | MigrationFlags.PERSIST_DEST
                    | MigrationFlags.UNDEFINE_SOURCE | MigrationFlags.PAUSED
                    | MigrationFlags.CHANGE_PROTECTION | MigrationFlags.OFFLINE
-                   | MigrationFlags.ABORT_ON_ERROR | MigrationFlags.AUTO_CONVERGE)
+                   | MigrationFlags.ABORT_ON_ERROR | MigrationFlags.AUTO_CONVERGE
+                   | MigrationFlags.POSTCOPY)
 
 DEFAULT_BANDWIDTH_MIB_S = 0  # 0: as fast as the link goes (QEMU's own default caps at 128)
 UNLIMITED_BANDWIDTH_BYTES = 1 << 40
@@ -103,6 +104,8 @@ class MigrationParams:
             raise InvalidInputError("offline migration requires persist_dest (--persistent)")
         if f & MigrationFlags.OFFLINE and f & MigrationFlags.LIVE:
             raise InvalidInputError("offline migration cannot be live")
+        if f & MigrationFlags.POSTCOPY and not f & MigrationFlags.LIVE:
+            raise InvalidInputError("post-copy migration must be live")
         if self.protocol == 2 and f & (MigrationFlags.OFFLINE | MigrationFlags.CHANGE_PROTECTION):
             raise InvalidInputError("offline migration and change protection need protocol v3")
         if self.source == self.dest:

@@ -27,21 +27,28 @@ ACTIVE = ("setup", "active", "pre-switchover", "device", "postcopy-active",
           "postcopy-paused", "postcopy-recover", "wait-unplug", "cancelling")
 
 
-def bandwidth_bytes(params: MigrationParams) -> int:
-    return params.bandwidth_mib_s * 1024 * 1024 if params.bandwidth_mib_s else \
-        UNLIMITED_BANDWIDTH_BYTES
+UNLIMITED = UNLIMITED_BANDWIDTH_BYTES
 
 
-async def setup(mon: Monitor, params: MigrationParams, *, outgoing: bool) -> None:
-    caps = [{"capability": "events", "state": True}]
+def mib_to_bytes(mib: int) -> int:
+    """A bandwidth in MiB/s as QEMU's max-bandwidth; 0 means unlimited."""
+    return mib * 1024 * 1024 if mib else UNLIMITED
+
+
+async def setup(mon: Monitor, params: MigrationParams, *, outgoing: bool,
+                bandwidth_mib_s: int | None = None, downtime_ms: int | None = None) -> None:
+    """Capabilities on both ends; bandwidth and downtime on the source."""
+    caps = [{"capability": "events", "state": True},
+            {"capability": "postcopy-ram", "state": params.has(MigrationFlags.POSTCOPY)}]
     if outgoing:
         caps.append({"capability": "auto-converge",
                      "state": params.has(MigrationFlags.AUTO_CONVERGE)})
     await mon.execute("migrate-set-capabilities", {"capabilities": caps})
     if outgoing:
-        mparams: dict[str, Any] = {"max-bandwidth": bandwidth_bytes(params)}
-        if params.max_downtime_ms:
-            mparams["downtime-limit"] = params.max_downtime_ms
+        bw = params.bandwidth_mib_s if bandwidth_mib_s is None else bandwidth_mib_s
+        mparams: dict[str, Any] = {"max-bandwidth": mib_to_bytes(bw)}
+        if downtime_ms:
+            mparams["downtime-limit"] = downtime_ms
         await mon.execute("migrate-set-parameters", mparams)
 
 
@@ -79,6 +86,8 @@ async def wait(dom: DomainObj, mon: Monitor, *, started_ms: int,
         if status == "failed":
             raise MigrationError(f"migration failed: {info.get('error-desc', 'unknown error')}")
         if status == "cancelled":
+            if dom.job is not None and dom.job.abort:
+                raise MigrationError("operation aborted: migration job canceled by client")
             raise MigrationError("migration was cancelled")
         if on_tick is not None:
             on_tick(time.monotonic() - t0)

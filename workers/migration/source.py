@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import replace
+from typing import Any
 
 from tasks.cookie import CookieStatistics, make_cookie, parse
 from workers import failpoints
@@ -17,11 +18,13 @@ from workers.abi import check_abi_stability
 from workers.agent import HostAgent
 from workers.domobj import DomainObj
 from workers.errors import FerryError, MigrationError, OperationInvalidError
+from workers.hostcaps import require_postcopy
 from workers.jobs import ActiveJob
 from workers.lifecycle import pause_cpus, run_cpus
 from workers.migration import qemu_migrate
 from workers.migration.params import MigrationFlags as F
 from workers.migration.params import MigrationParams
+from workers.migration.progress import DowntimeSchedule, ProgressTracker, downtime_steps
 from workers.migration.state import MigrationState, Phase
 from workers.states import DomainState, PausedReason, RunningReason, ShutoffReason
 
@@ -38,10 +41,18 @@ def _job_dom(agent: HostAgent, p: MigrationParams, phase: Phase) -> DomainObj:
     return dom
 
 
-def _check_abort(agent: HostAgent, dom: DomainObj, p: MigrationParams) -> None:
-    rec = agent.jobs.get(dom.uuid)
-    if rec and rec.get("abort") == "1" and rec.get("id") == p.job_id:
-        raise MigrationError("migration aborted by the operator")
+def _start_job(agent: HostAgent, dom: DomainObj, p: MigrationParams, phase: Phase) -> None:
+    agent.jobs.start(dom.uuid, job_id=p.job_id, kind="migration", phase=phase.value,
+                     source=p.source, dest=p.dest, flags=p.flags)
+    dom.job = ActiveJob(p.job_id, "outgoing_migration", phase.value, time.time(),
+                        source=p.source, dest=p.dest, flags=p.flags)
+
+
+def check_abort(agent: HostAgent, dom: DomainObj | None, uuid: str, job_id: str) -> None:
+    """At a phase boundary: an abort recorded earlier ends the job here."""
+    if (dom is not None and dom.job is not None and dom.job.abort) or \
+            agent.jobs.abort_requested(uuid, job_id):
+        raise MigrationError("operation aborted: migration job canceled by client")
 
 
 async def begin3(agent: HostAgent, st: MigrationState) -> MigrationState:
@@ -56,9 +67,10 @@ async def begin3(agent: HostAgent, st: MigrationState) -> MigrationState:
         dom.require_active("migrate")
         dom.require_state("migrate", DomainState.RUNNING, DomainState.PAUSED)
     dom.require_no_job("migrate")
-    agent.jobs.start(dom.uuid, job_id=p.job_id, kind="migration", phase=Phase.BEGIN3.value,
-                     source=p.source, dest=p.dest, flags=p.flags)
-    dom.job = ActiveJob(p.job_id, "outgoing_migration", Phase.BEGIN3.value, time.time())
+    if p.has(F.POSTCOPY):
+        require_postcopy()
+    _start_job(agent, dom, p, Phase.BEGIN3)
+    await agent.signals.watch(dom.uuid)
     current = dom.current
     chosen = current
     if p.xmlin:
@@ -75,7 +87,7 @@ async def begin3(agent: HostAgent, st: MigrationState) -> MigrationState:
 async def perform3(agent: HostAgent, st: MigrationState) -> MigrationState:
     p = st.params
     dom = _job_dom(agent, p, Phase.PERFORM3)
-    _check_abort(agent, dom, p)
+    check_abort(agent, dom, dom.uuid, p.job_id)
     dest_cookie = parse(st.cookie or "", expect_uuid=dom.uuid)
     if not p.has(F.OFFLINE):
         st = await _migrate(agent, dom, st, dest_cookie.graphics)
@@ -100,17 +112,19 @@ async def _migrate(agent: HostAgent, dom: DomainObj, st: MigrationState,
     if not p.has(F.LIVE) and dom.state == DomainState.RUNNING:
         await pause_cpus(agent, dom, PausedReason.MIGRATION)
         st = replace(st, source_paused_by_us=True)
-    await qemu_migrate.setup(mon, p, outgoing=True)
+    job = dom.job
+    assert job is not None
+    conv = Convergence(agent, dom, p)
+    await qemu_migrate.setup(mon, p, outgoing=True, bandwidth_mib_s=job.bandwidth_mib_s,
+                             downtime_ms=conv.initial_downtime())
     await failpoints.hit("perform3.before_migrate")
     started_ms = int(time.time() * 1000)
     dom.expected_pause = PausedReason.MIGRATION
-    uuid = dom.uuid
     try:
+        check_abort(agent, dom, dom.uuid, p.job_id)
         await mon.execute("migrate", {"uri": st.uri})
-        info = await qemu_migrate.wait(
-            dom, mon, started_ms=started_ms,
-            on_progress=lambda prog: agent.jobs.set_progress(uuid, p.job_id, prog),
-            on_tick=lambda elapsed: _on_tick(agent, dom, p, elapsed))
+        info = await qemu_migrate.wait(dom, mon, started_ms=started_ms,
+                                       on_progress=conv.progress, on_tick=conv.tick)
     except FerryError:
         if dom.active:
             await qemu_migrate.cancel(dom)
@@ -126,14 +140,50 @@ async def _migrate(agent: HostAgent, dom: DomainObj, st: MigrationState,
     return replace(st, statistics=stats)
 
 
-def _on_tick(agent: HostAgent, dom: DomainObj, p: MigrationParams, elapsed: float) -> None:
-    """Per wait-loop turn: honour --timeout (pause so it converges) and abort_on_error."""
-    if p.has(F.ABORT_ON_ERROR) and dom.reason == PausedReason.IOERROR:
-        raise MigrationError("migration aborted: the guest hit an I/O error")
-    if p.timeout_s and elapsed > p.timeout_s and dom.state == DomainState.RUNNING:
-        log.info("domain %s: migration timeout %ss reached, pausing to converge", dom.name,
-                 p.timeout_s)
-        agent.loop.create_task(pause_cpus(agent, dom, PausedReason.MIGRATION))
+class Convergence:
+    """Per wait-loop turn: progress to the job, --timeout, abort_on_error, downtime steps."""
+
+    def __init__(self, agent: HostAgent, dom: DomainObj, p: MigrationParams) -> None:
+        self.agent, self.dom, self.p = agent, dom, p
+        self.tracker = ProgressTracker()
+        s = agent.settings
+        gib = dom.current.memory_kib / (1024 * 1024)
+        self.schedule = DowntimeSchedule(list(downtime_steps(
+            s.downtime_ms, s.downtime_steps, s.downtime_delay_s, gib)))
+        self.stalled = False
+        self.timed_out = False
+
+    def user_downtime(self) -> int | None:
+        job = self.dom.job
+        return (job.max_downtime_ms if job else None) or self.p.max_downtime_ms
+
+    def initial_downtime(self) -> int | None:
+        return self.user_downtime() or self.schedule.due(0.0, False)
+
+    def progress(self, stats: dict[str, Any]) -> None:
+        job = self.dom.job
+        if job is None or not stats:
+            return
+        job.progress = self.tracker.update(stats, time.monotonic())
+        self.stalled = bool(job.progress.get("stalled"))
+        self.agent.jobs.set_progress(self.dom.uuid, job.id, job.progress)
+
+    def tick(self, elapsed: float) -> None:
+        dom, p = self.dom, self.p
+        if p.has(F.ABORT_ON_ERROR) and dom.reason == PausedReason.IOERROR:
+            raise MigrationError("migration aborted: the guest hit an I/O error")
+        if p.timeout_s and elapsed > p.timeout_s and not self.timed_out and \
+                dom.state == DomainState.RUNNING:
+            self.timed_out = True
+            log.info("domain %s: migration timeout %ss reached, pausing to converge",
+                     dom.name, p.timeout_s)
+            self.agent.loop.create_task(pause_cpus(self.agent, dom, PausedReason.MIGRATION))
+        if self.user_downtime() is None and dom.monitor is not None:
+            downtime = self.schedule.due(elapsed, self.stalled)
+            if downtime is not None:
+                log.info("domain %s: downtime step to %d ms", dom.name, downtime)
+                self.agent.loop.create_task(dom.monitor.execute(
+                    "migrate-set-parameters", {"downtime-limit": downtime}))
 
 
 async def _relocate_spice(agent: HostAgent, dom: DomainObj, graphics: object) -> None:
@@ -205,6 +255,7 @@ async def _finish_source(agent: HostAgent, dom: DomainObj, p: MigrationParams) -
 def _end_job(agent: HostAgent, dom: DomainObj, uuid: str, st: MigrationState) -> None:
     p = st.params
     job, dom.job = dom.job, None
+    agent.loop.create_task(agent.signals.unwatch(uuid))
     elapsed = int((time.time() - job.started) * 1000) if job else 0
     info = {"id": p.job_id, "operation": "outgoing_migration", "source": p.source,
             "dest": p.dest, "type": "failed" if st.failed else "completed",
@@ -223,10 +274,11 @@ async def perform2(agent: HostAgent, st: MigrationState) -> MigrationState:
         return st
     dom.require_active("migrate")
     dom.require_no_job("migrate")
-    agent.jobs.start(dom.uuid, job_id=p.job_id, kind="migration", phase=Phase.PERFORM2.value,
-                     source=p.source, dest=p.dest, flags=p.flags)
-    dom.job = ActiveJob(p.job_id, "outgoing_migration", Phase.PERFORM2.value, time.time())
+    if p.has(F.POSTCOPY):
+        require_postcopy()
+    _start_job(agent, dom, p, Phase.PERFORM2)
     uuid = dom.uuid
+    await agent.signals.watch(uuid)
     st = replace(st, was_running=dom.state == DomainState.RUNNING and not p.has(F.PAUSED))
     try:
         st = await _migrate(agent, dom, st, None)

@@ -1,0 +1,151 @@
+"""`python -m scripts.bench` (`make bench`): ferry's live migration against the raw QMP floor.
+
+Starts its own redis-server and hosts alpha and beta (scripts.stack.Stack) in
+a temporary root, one ferry guest and one floor guest per size, interleaves
+the samples, and stops every process it started, by pid, also on failure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import signal
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from scripts.bench.floor import FloorGuest, FloorSample
+from scripts.bench.migration import FerryGuest, FerrySample, start_stack, wait_filled
+from scripts.bench.report import case_json, machine, markdown
+from scripts.guestimage import MAX_REGION_MIB, build_image
+from scripts.guestxml import guest_xml
+from scripts.stack import Stack
+from tasks.client import Client
+
+BENCH_DIR = Path(__file__).resolve().parent
+CASE = "managed v3 vs floor"
+
+
+def _sizes(text: str) -> list[int]:
+    try:
+        sizes = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a MiB size list: {text!r}") from None
+    if not sizes or any(s < 64 for s in sizes):
+        raise argparse.ArgumentTypeError(f"sizes are MiB, at least 64: {text!r}")
+    return sizes
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m scripts.bench", description=__doc__)
+    p.add_argument("--runs", type=int, default=5, help="samples per side and size (default 5)")
+    p.add_argument("--sizes", type=_sizes, nargs="+", default=[[1024]], metavar="MIB",
+                   help="guest memory sizes in MiB, half of it random (default 1024)")
+    p.add_argument("--out", type=Path, default=BENCH_DIR / "results",
+                   help="directory for <timestamp>.json and .md (default scripts/bench/results)")
+    p.add_argument("--log-level", default="INFO",
+                   help="FERRY_LOG_LEVEL of the workers (DEBUG logs every QMP command)")
+    p.add_argument("--fill-timeout", type=float, default=900,
+                   help="seconds to wait for a guest to fill its random memory")
+    p.add_argument("--keep", action="store_true",
+                   help="keep the temporary root (worker logs, QEMU logs) afterwards")
+    args = p.parse_args(argv)
+    args.sizes = [s for group in args.sizes for s in group]
+    if args.runs < 1:
+        p.error("--runs must be at least 1")
+    return args
+
+
+def _log(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+def run_case(size: int, runs: int, client: Client, root: Path, floors: list[FloorGuest],
+             fill_timeout: float) -> dict[str, Any]:
+    random_mib = min(size // 2, MAX_REGION_MIB)
+    case_dir = root / f"case-{size}"
+    case_dir.mkdir()
+    image = build_image(case_dir / "guest.img", random_mib=random_mib, rate_mib_s=0)
+    xmls = {}
+    for side in ("ferry", "floor"):
+        disk = case_dir / f"{side}.img"
+        shutil.copyfile(image, disk)
+        xmls[side] = guest_xml(f"bench-{side}-{size}", disk, case_dir / f"{side}.serial",
+                               memory_mib=size, domain_type="qemu")
+    ferry = FerryGuest(client, f"bench-ferry-{size}", xmls["ferry"])
+    floor_dir = case_dir / "floor"
+    floor_dir.mkdir()
+    floor = FloorGuest(xmls["floor"], floor_dir)
+    floors.append(floor)
+    ferry_samples: list[FerrySample] = []
+    floor_samples: list[FloorSample] = []
+    try:
+        _log(f"[{size} MiB] starting both guests, filling {random_mib} MiB each (TCG)")
+        t0 = time.monotonic()
+        ferry.start()
+        floor.start()
+        wait_filled(case_dir / "ferry.serial", fill_timeout, "the ferry guest to fill")
+        wait_filled(case_dir / "floor.serial", fill_timeout, "the floor guest to fill")
+        _log(f"[{size} MiB] both filled after {time.monotonic() - t0:.0f}s")
+        for i in range(runs):
+            a = ferry.migrate()
+            ferry_samples.append(a)
+            _log(f"[{size} MiB] {i + 1}/{runs} ferry {a.direction}: {a.wall_ms:.0f} ms, "
+                 f"downtime {a.downtime_ms} ms, phases "
+                 + " ".join(f"{p['phase']}={p['elapsed_ms']:.0f}" for p in a.phases))
+            b = floor.migrate()
+            floor_samples.append(b)
+            _log(f"[{size} MiB] {i + 1}/{runs} floor {b.direction}: {b.wall_ms:.0f} ms, "
+                 f"downtime {b.downtime_ms} ms, to source quit {b.quit_ms:.0f} ms")
+    finally:
+        ferry.remove()
+        floor.close()
+        floors.remove(floor)
+    return case_json(CASE, size, random_mib, ferry_samples, floor_samples)
+
+
+def _terminate(signum: int, frame: FrameType | None) -> None:
+    raise SystemExit(128 + signum)  # runs the finally blocks that stop everything
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    signal.signal(signal.SIGTERM, _terminate)
+    root = Path(tempfile.mkdtemp(prefix="ferry-bench-", dir="/tmp"))  # short: socket paths
+    stack = Stack(root=root, log_level=args.log_level)
+    floors: list[FloorGuest] = []
+    result: dict[str, Any] = {"machine": machine(), "cases": [],
+                              "args": {"runs": args.runs, "sizes": args.sizes,
+                                       "log_level": args.log_level}}
+    try:
+        _log(f"state root {root}")
+        client = start_stack(stack)
+        for size in args.sizes:
+            result["cases"].append(run_case(size, args.runs, client, root, floors,
+                                             args.fill_timeout))
+    finally:
+        for floor in floors:
+            floor.close()
+        stack.stop(kill_guests=True)
+        if args.keep:
+            _log(f"kept {root}")
+        else:
+            shutil.rmtree(root, ignore_errors=True)
+    text = markdown(result)
+    args.out.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    (args.out / f"{stamp}.json").write_text(json.dumps(result, indent=2) + "\n")
+    (args.out / f"{stamp}.md").write_text(text)
+    (BENCH_DIR / "RESULTS.md").write_text(text)
+    print(text)
+    _log(f"wrote {args.out / stamp}.json, .md and {BENCH_DIR / 'RESULTS.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,190 @@
+"""The floor: the same live migration done by hand over QMP, without ferry.
+
+Two QEMU processes on this machine, started with exactly the argv ferry's host
+agent would build (`build_qemu_argv`, monitor on an already listening unix
+socket handed over as a fd, own session, `-S`), driven with `qemu.qmp`.  One
+sample is what ferry's managed v3 chain does at its core, and nothing else:
+
+    start the incoming QEMU (-incoming defer)          <- t0
+    dest:   migrate-set-capabilities events
+    source: migrate-set-capabilities events
+    source: migrate-set-parameters max-bandwidth (ferry's "unlimited")
+    dest:   migrate-incoming tcp:127.0.0.1:PORT
+    source: migrate tcp:127.0.0.1:PORT
+    dest:   wait for the MIGRATION completed event (no polling)
+    dest:   cont                                       <- t1: dest running
+    source: wait for its MIGRATION completed event, query-migrate (downtime), quit
+
+wall_ms is t1 - t0; quit_ms (to the source's exit) is kept beside it.  The
+next sample goes back: the dest becomes the source.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from qemu.qmp import EventListener, QMPClient
+
+from scripts.stack import free_port, stop_pid
+from workers.domain import DomainDef, parse_domain_xml
+from workers.migration.params import UNLIMITED_BANDWIDTH_BYTES
+from workers.process import listening_socket
+from workers.qemu_argv import build_qemu_argv, qemu_has_spice
+
+EVENT_TIMEOUT_S = 600.0
+EVENTS_CAP = {"capabilities": [{"capability": "events", "state": True}]}
+
+
+@dataclass
+class FloorQemu:
+    """One QEMU process of the floor guest and the only QMP client of its monitor."""
+
+    name: str
+    popen: subprocess.Popen[bytes]
+    qmp: QMPClient
+    migration: EventListener
+
+    async def execute(self, cmd: str, args: dict[str, Any] | None = None) -> Any:
+        return await self.qmp.execute(cmd, args)
+
+    async def wait_migration(self, status: str = "completed") -> None:
+        """Until QEMU emits MIGRATION `status`; a failed or cancelled migration raises."""
+
+        async def until() -> None:
+            while True:
+                event = await self.migration.get()
+                data = event.get("data")
+                got = data.get("status") if isinstance(data, dict) else None
+                if got == status:
+                    return
+                if got in ("failed", "cancelled"):
+                    raise RuntimeError(f"floor migration on {self.name}: {got}")
+
+        await asyncio.wait_for(until(), EVENT_TIMEOUT_S)
+
+
+@dataclass
+class FloorSample:
+    wall_ms: float
+    quit_ms: float
+    downtime_ms: int | None
+    total_time_ms: int | None
+    setup_time_ms: int | None
+    memory_processed: int | None
+    mbps: float | None
+    direction: str
+
+
+@dataclass
+class FloorGuest:
+    """The floor's guest: a running QEMU that `migrate()` moves to a fresh QEMU and back."""
+
+    xml: str
+    workdir: Path
+    kvm: bool = field(default_factory=lambda: os.access("/dev/kvm", os.R_OK | os.W_OK))
+    _loop: asyncio.AbstractEventLoop = field(default_factory=asyncio.new_event_loop)
+    _procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    _current: FloorQemu | None = None
+    _count: int = 0
+    _side: str = "A"
+
+    @property
+    def definition(self) -> DomainDef:
+        return parse_domain_xml(self.xml)
+
+    def pids(self) -> list[int]:
+        return [p.pid for p in self._procs if p.poll() is None]
+
+    # -- sync entry points for the driver -----------------------------------------------------
+    def start(self) -> None:
+        """Boot the guest (QEMU starts paused, as ferry's does, then `cont`)."""
+        self._current = self._loop.run_until_complete(self._start())
+
+    def migrate(self) -> FloorSample:
+        return self._loop.run_until_complete(self._migrate())
+
+    def close(self) -> None:
+        """Stop every QEMU this floor started, by pid; also after a failure."""
+        if self._current is not None:
+            with contextlib.suppress(Exception):
+                self._loop.run_until_complete(
+                    asyncio.wait_for(self._current.qmp.disconnect(), 5))
+            self._current = None
+        for popen in self._procs:
+            if popen.poll() is None:
+                stop_pid(popen.pid, timeout=5)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                popen.wait(timeout=5)
+        self._procs.clear()
+        self._loop.close()
+
+    # -- the QMP work -------------------------------------------------------------------------
+    async def _launch(self, incoming: str | None) -> FloorQemu:
+        self._count += 1
+        d = self.definition
+        name = f"{d.name}-{self._count}"
+        sock_path = self.workdir / f"{name}.qmp"
+        sock = listening_socket(sock_path)
+        try:
+            argv = build_qemu_argv(
+                d, qmp_fd=sock.fileno(), pidfile=str(self.workdir / f"{name}.pid"),
+                kvm=self.kvm, incoming=incoming, spice=qemu_has_spice(d.emulator))
+            with open(self.workdir / f"{name}.log", "ab") as out:
+                popen = subprocess.Popen(
+                    argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                    cwd=self.workdir, start_new_session=True, pass_fds=(sock.fileno(),),
+                    close_fds=True)
+        finally:
+            sock.close()
+        self._procs.append(popen)
+        qmp = QMPClient(name)
+        listener = EventListener(names=("MIGRATION",))
+        qmp.register_listener(listener)
+        await asyncio.wait_for(qmp.connect(str(sock_path)), 30)
+        return FloorQemu(name, popen, qmp, listener)
+
+    async def _start(self) -> FloorQemu:
+        q = await self._launch(None)
+        await q.execute("cont")
+        return q
+
+    async def _migrate(self) -> FloorSample:
+        src = self._current
+        if src is None:
+            raise RuntimeError("the floor guest is not running")
+        other = "B" if self._side == "A" else "A"
+        uri = f"tcp:127.0.0.1:{free_port()}"
+        t0 = time.perf_counter()
+        dst = await self._launch("defer")
+        await dst.execute("migrate-set-capabilities", EVENTS_CAP)
+        await src.execute("migrate-set-capabilities", EVENTS_CAP)
+        await src.execute("migrate-set-parameters",
+                          {"max-bandwidth": UNLIMITED_BANDWIDTH_BYTES})
+        await dst.execute("migrate-incoming", {"uri": uri})
+        src.migration.clear()  # its own incoming migration's events, from the last sample
+        await src.execute("migrate", {"uri": uri})
+        await dst.wait_migration("completed")
+        await dst.execute("cont")
+        t1 = time.perf_counter()
+        await src.wait_migration("completed")
+        info = await src.execute("query-migrate")
+        await src.execute("quit")
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(src.qmp.disconnect(), 5)
+        await asyncio.get_running_loop().run_in_executor(None, src.popen.wait, 30)
+        t2 = time.perf_counter()
+        self._procs.remove(src.popen)
+        self._current, direction, self._side = dst, f"{self._side}->{other}", other
+        ram = info.get("ram") or {}
+        return FloorSample(
+            wall_ms=(t1 - t0) * 1000, quit_ms=(t2 - t0) * 1000,
+            downtime_ms=info.get("downtime"), total_time_ms=info.get("total-time"),
+            setup_time_ms=info.get("setup-time"), memory_processed=ram.get("transferred"),
+            mbps=ram.get("mbps"), direction=direction)

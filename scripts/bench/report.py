@@ -1,0 +1,147 @@
+"""Machine facts, medians and the Markdown report of a benchmark run."""
+
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import subprocess
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict
+from datetime import UTC, datetime
+from typing import Any
+
+from scripts.bench.floor import FloorSample
+from scripts.bench.migration import FerrySample
+
+QEMU = "/usr/bin/qemu-system-x86_64"
+
+
+def machine() -> dict[str, Any]:
+    model = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    try:
+        qemu = subprocess.run([QEMU, "--version"], capture_output=True, text=True, timeout=10,
+                              check=False).stdout.splitlines()[0]
+    except (OSError, IndexError, subprocess.TimeoutExpired):
+        qemu = "unknown"
+    return {
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "nproc": len(os.sched_getaffinity(0)),
+        "cpu_model": model,
+        "kernel": platform.release(),
+        "kvm_device": os.access("/dev/kvm", os.R_OK | os.W_OK),
+        "accel": "tcg",
+        "qemu": qemu,
+        "python": platform.python_version(),
+    }
+
+
+def median(values: Iterable[float | int | None]) -> float | None:
+    xs = [float(v) for v in values if v is not None]
+    return statistics.median(xs) if xs else None
+
+
+def summarize(ferry: Sequence[FerrySample], floor: Sequence[FloorSample]) -> dict[str, Any]:
+    f_wall = median(s.wall_ms for s in ferry)
+    b_wall = median(s.wall_ms for s in floor)
+    names: list[str] = []
+    for s in ferry:
+        names += [p["phase"] for p in s.phases if p["phase"] not in names]
+    phases = {n: median(p["elapsed_ms"] for s in ferry for p in s.phases if p["phase"] == n)
+              for n in names}
+    outside = median(s.wall_ms - sum(p["elapsed_ms"] for p in s.phases) for s in ferry)
+    return {
+        "runs": len(ferry),
+        "ferry_wall_ms": f_wall,
+        "floor_wall_ms": b_wall,
+        "ratio": f_wall / b_wall if f_wall and b_wall else None,
+        "overhead_ms": f_wall - b_wall if f_wall is not None and b_wall is not None else None,
+        "ferry_wall_min_max_ms": [min(s.wall_ms for s in ferry), max(s.wall_ms for s in ferry)],
+        "floor_wall_min_max_ms": [min(s.wall_ms for s in floor), max(s.wall_ms for s in floor)],
+        "ferry_downtime_ms": median(s.downtime_ms for s in ferry),
+        "floor_downtime_ms": median(s.downtime_ms for s in floor),
+        "ferry_qemu_time_elapsed_ms": median(s.time_elapsed_ms for s in ferry),
+        "floor_qemu_total_time_ms": median(s.total_time_ms for s in floor),
+        "floor_until_source_quit_ms": median(s.quit_ms for s in floor),
+        "ferry_phase_ms": phases,
+        "ferry_outside_phases_ms": outside,
+    }
+
+
+def case_json(name: str, memory_mib: int, random_mib: int, ferry: Sequence[FerrySample],
+              floor: Sequence[FloorSample]) -> dict[str, Any]:
+    return {"case": name, "memory_mib": memory_mib, "random_mib": random_mib,
+            "summary": summarize(ferry, floor),
+            "samples": [{"i": i, "ferry": asdict(a), "floor": asdict(b)}
+                        for i, (a, b) in enumerate(zip(ferry, floor, strict=True))]}
+
+
+def _ms(v: float | None) -> str:
+    return "n/a" if v is None else f"{v:.0f}"
+
+
+def markdown(result: dict[str, Any]) -> str:
+    m = result["machine"]
+    out = [
+        "## bench",
+        "",
+        f"`python -m scripts.bench --runs {result['args']['runs']} --sizes "
+        f"{','.join(str(s) for s in result['args']['sizes'])}` on {m['date']}: "
+        f"{m['nproc']} CPUs ({m['cpu_model']}), kernel {m['kernel']}, {m['qemu']}, "
+        f"Python {m['python']}.",
+        "",
+        "Guests run under **TCG** (`<domain type='qemu'>`, `accel=tcg`), for ferry and the "
+        "floor alike: /dev/kvm here is PVM, which runs the non-paged test guest at ~1 MIPS. "
+        "Each case: one guest per side with 512 MiB of random memory per GiB (filled before "
+        "sampling), samples interleaved ferry, floor, ferry, floor, … and each sample migrates "
+        "back the way the previous one came. ferry: `Client.migrate(live=True).wait()` (managed "
+        "v3, bandwidth unlimited), wall time in the caller. floor: the same QEMU argv driven by "
+        "hand over QMP, from starting the incoming QEMU to `cont` on the dest. Downtime is "
+        "QEMU's `downtime` (ms).",
+        "",
+        "| case | runs | ferry wall ms | floor wall ms | ferry/floor | overhead ms "
+        "| ferry downtime ms | floor downtime ms |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for c in result["cases"]:
+        s = c["summary"]
+        ratio = "n/a" if s["ratio"] is None else f"{s['ratio']:.2f}x"
+        out.append(
+            f"| {c['case']}, {c['memory_mib']} MiB ({c['random_mib']} MiB random) | {s['runs']} "
+            f"| {_ms(s['ferry_wall_ms'])} | {_ms(s['floor_wall_ms'])} | {ratio} "
+            f"| {_ms(s['overhead_ms'])} | {_ms(s['ferry_downtime_ms'])} "
+            f"| {_ms(s['floor_downtime_ms'])} |")
+    out += ["", "Medians. ferry's phases (per-phase medians, ms, as the summary's `phases` "
+            "reports them) and the time outside them (Celery hand-offs, client):", ""]
+    for c in result["cases"]:
+        s = c["summary"]
+        names = list(s["ferry_phase_ms"])
+        out += [f"**{c['memory_mib']} MiB**: QEMU's own migration time: ferry "
+                f"{_ms(s['ferry_qemu_time_elapsed_ms'])} ms (time_elapsed), floor "
+                f"{_ms(s['floor_qemu_total_time_ms'])} ms (total-time); floor until the source "
+                f"QEMU has quit: {_ms(s['floor_until_source_quit_ms'])} ms.", "",
+                "| " + " | ".join([*names, "outside phases"]) + " |",
+                "|" + " ---: |" * (len(names) + 1),
+                "| " + " | ".join(_ms(s["ferry_phase_ms"][n]) for n in names)
+                + f" | {_ms(s['ferry_outside_phases_ms'])} |", ""]
+    out += ["Every sample (ms):", "",
+            "| case | # | ferry | wall | downtime | floor | wall | downtime |",
+            "| --- | ---: | --- | ---: | ---: | --- | ---: | ---: |"]
+    for c in result["cases"]:
+        for row in c["samples"]:
+            a, b = row["ferry"], row["floor"]
+            out.append(f"| {c['memory_mib']} MiB | {row['i'] + 1} | {a['direction']} "
+                       f"| {a['wall_ms']:.0f} | {_ms(a['downtime_ms'])} | {b['direction']} "
+                       f"| {b['wall_ms']:.0f} | {_ms(b['downtime_ms'])} |")
+    notes = result.get("notes")
+    if notes:
+        out += ["", *notes]
+    return "\n".join(out) + "\n"

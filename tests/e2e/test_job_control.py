@@ -1,0 +1,174 @@
+"""Job control while a migration runs: signals, progress, convergence, abort."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from scripts.guestimage import build_image
+from scripts.stack import wait_for
+from tasks.client import Client
+from tasks.migrate_client import MigrationJob
+from tests.conftest import CliResult, Guest, qemu_pids_of, wait_info
+from workers.errors import FerryError
+
+
+@pytest.fixture(scope="module")
+def busy_image(image_dir: Path) -> Path:
+    """A guest that rewrites 16 MiB as fast as it can: it never converges at low speed."""
+    return build_image(image_dir / "busy16.img", dirty_mib=16, rate_mib_s=None)
+
+
+def _busy_migration(client: Client, make_guest: Callable[..., Guest], image: Path,
+                    **opts: Any) -> tuple[Guest, MigrationJob]:
+    guest = make_guest(memory_mib=128, image=image)
+    client.call("alpha", "define", xml=guest.xml)
+    client.call("alpha", "start", domain=guest.name)
+    guest.wait_counter_above(0)
+    opts.setdefault("bandwidth_mib_s", 16)
+    job = client.migrate(guest.name, "alpha", "beta", live=True, **opts)
+    wait_for(lambda: (job.info().get("data_processed") or 0) > 0, 30,
+             "the migration to copy memory")
+    return guest, job
+
+
+def _ends_running_on_dest(client: Client, guest: Guest, job: MigrationJob) -> None:
+    summary = job.wait(timeout=60)
+    assert summary["result"] == "completed"
+    info = client.call("beta", "dominfo", domain=guest.name)
+    assert (info["state"], info["reason"]) == ("running", "migrated")
+    last = guest.counters()[-1]
+    guest.wait_counter_above(last + 2)
+
+
+def test_a_migration_that_does_not_converge_shows_moving_figures_and_abort_restores_it(
+        ferry: Callable[..., CliResult], client: Client, make_guest: Callable[..., Guest],
+        busy_image: Path) -> None:
+    guest, job = _busy_migration(client, make_guest, busy_image, bandwidth_mib_s=4)
+    first = json.loads(ferry("domjobinfo", "-H", "alpha", guest.name, "--json").out)
+    wait_for(lambda: (job.info()["data_processed"] or 0) > first["data_processed"], 10,
+             "the figures to move")
+    info = job.info()
+    assert (info["type"], info["operation"], info["phase"]) == \
+        ("unbounded", "outgoing_migration", "perform3")
+    assert info["data_total"] >= 128 * 1024 * 1024 and info["memory_bps"] > 0
+    incoming = json.loads(ferry("domjobinfo", "-H", "beta", guest.name, "--json").out)
+    assert incoming["operation"] == "incoming_migration"
+    owner = client.signal("alpha", guest.name, "jobinfo")
+    assert owner["phase"] == "perform3" and owner["data_processed"] > 0
+
+    res = ferry("domjobabort", "-H", "alpha", guest.name)
+    assert res.rc == 0, res.err
+    with pytest.raises(FerryError) as err:
+        job.wait(timeout=30)
+
+    assert "aborted" in str(err.value) and "perform3" in str(err.value)
+    src = wait_info(client, "alpha", guest.name, lambda i: i["state"] == "running")
+    assert qemu_pids_of(guest.uuid) == [src["pid"]], "no QEMU left on the dest"
+    guest.wait_counter_above(guest.counters()[-1] + 2)
+    done = client.call("alpha", "domjobinfo", domain=guest.name, completed=True)
+    assert done["type"] == "failed" and "aborted" in done["error"]
+
+
+def test_raising_the_speed_completes_the_migration(
+        client: Client, make_guest: Callable[..., Guest], busy_image: Path) -> None:
+    guest, job = _busy_migration(client, make_guest, busy_image, bandwidth_mib_s=4)
+    assert job.get_speed() == 4
+    job.set_speed(0)
+    assert job.get_speed() == 0
+    job.set_max_downtime(300)
+    _ends_running_on_dest(client, guest, job)
+
+
+def test_raising_the_max_downtime_completes_the_migration(
+        ferry: Callable[..., CliResult], client: Client, make_guest: Callable[..., Guest],
+        busy_image: Path) -> None:
+    guest, job = _busy_migration(client, make_guest, busy_image)
+    res = ferry("migrate-setmaxdowntime", "-H", "alpha", guest.name, "5000")
+    assert res.rc == 0, res.err
+    _ends_running_on_dest(client, guest, job)
+
+
+def test_suspending_the_guest_completes_the_migration_and_it_runs_on_the_dest(
+        ferry: Callable[..., CliResult], client: Client, make_guest: Callable[..., Guest],
+        busy_image: Path) -> None:
+    guest, job = _busy_migration(client, make_guest, busy_image)
+    res = ferry("suspend", "-H", "alpha", guest.name)
+    assert res.rc == 0, res.err
+    _ends_running_on_dest(client, guest, job)
+
+
+def test_the_timeout_pauses_the_guest_so_the_migration_completes(
+        client: Client, make_guest: Callable[..., Guest], busy_image: Path) -> None:
+    guest, job = _busy_migration(client, make_guest, busy_image, timeout_s=2)
+    _ends_running_on_dest(client, guest, job)
+
+
+def test_perform_reports_progress_to_the_result_backend(
+        client: Client, make_guest: Callable[..., Guest], busy_image: Path) -> None:
+    guest, job = _busy_migration(client, make_guest, busy_image, bandwidth_mib_s=4)
+    perform = client.app.AsyncResult(f"{job.id}.perform3")
+    wait_for(lambda: perform.state == "PROGRESS", 10, "a PROGRESS state")
+    meta = perform.info
+    assert meta["memory_total"] > 0 and 0 <= meta["percent"] <= 100
+    assert "eta_s" in meta and "stalled" in meta
+    job.abort()
+    with pytest.raises(FerryError):
+        job.wait(timeout=30)
+
+
+def test_disk_statistics_are_answered_during_a_migration(
+        ferry: Callable[..., CliResult], client: Client, make_guest: Callable[..., Guest],
+        busy_image: Path) -> None:
+    guest, job = _busy_migration(client, make_guest, busy_image, bandwidth_mib_s=4)
+    res = ferry("domblkstat", "-H", "alpha", guest.name, "hda", "--json")
+    assert res.rc == 0, res.err
+    assert json.loads(res.out)["hda"]["rd_req"] > 0
+    by_owner = client.signal("alpha", guest.name, "blkstat", device="hda")
+    assert by_owner["hda"]["rd_bytes"] > 0
+    assert client.signal("alpha", guest.name, "blkinfo", device="hda")["capacity"] > 0
+    assert job.info()["phase"] == "perform3"
+    job.abort()
+    with pytest.raises(FerryError):
+        job.wait(timeout=30)
+
+
+def test_an_abort_sent_during_a_slow_prepare_is_not_lost(
+        client: Client, make_guest: Callable[..., Guest],
+        faulty_host: Callable[[str], str]) -> None:
+    dest = faulty_host("prepare3.start=slow")
+    guest = make_guest()
+    client.call("alpha", "define", xml=guest.xml)
+    client.call("alpha", "start", domain=guest.name)
+    job = client.migrate(guest.name, "alpha", dest, live=True)
+    wait_for(lambda: job.info()["phase"] == "prepare", 10, "Prepare to start")
+
+    reply = job.abort()
+    assert reply["aborted"] and reply.get("deferred") is True
+    with pytest.raises(FerryError) as err:
+        job.wait(timeout=30)
+
+    assert "aborted" in str(err.value)
+    info = client.call("alpha", "dominfo", domain=guest.name)
+    assert (info["state"], info["reason"]) == ("running", "booted")
+    assert qemu_pids_of(guest.uuid) == [info["pid"]]
+
+
+def test_signals_to_a_domain_without_a_job_fail_at_once(
+        ferry: Callable[..., CliResult], client: Client,
+        make_guest: Callable[..., Guest]) -> None:
+    guest = make_guest()
+    client.call("alpha", "define", xml=guest.xml)
+    t0 = time.monotonic()
+    res = ferry("migrate-setspeed", "-H", "alpha", guest.name, "100")
+    assert res.rc == 1 and "no job" in res.err
+    res = ferry("domjobabort", "-H", "alpha", guest.name)
+    assert res.rc == 1 and "no job" in res.err
+    assert time.monotonic() - t0 < 10
+    with pytest.raises(FerryError, match="unknown job signal"):
+        client.signal("alpha", guest.name, "explode")
