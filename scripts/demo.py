@@ -1,7 +1,9 @@
-"""`ferry demo`: a local ferry, one guest, shown running; everything stopped after.
+"""`ferry demo`: a local ferry moves a running guest alpha -> beta -> alpha.
 
-It uses its own redis-server and hosts (unless FERRY_BROKER_URL is set) in
-a temporary state root, and stops every process it started, guests too.
+It uses its own redis-server and hosts (unless FERRY_BROKER_URL is set) in a
+temporary state root, shows each move with a progress bar, the guest's
+counter going on across the moves, and a summary table, then stops every
+process it started, guests too.
 """
 
 from __future__ import annotations
@@ -11,6 +13,11 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn
+from rich.table import Table
 
 from config.settings import load
 from scripts.guestimage import build_image, serial_counters
@@ -18,6 +25,8 @@ from scripts.guestxml import guest_xml
 from scripts.stack import free_port, wait_for
 from scripts.up import start_stack
 from tasks.client import Client
+
+NAME = "demo-guest"
 
 
 def _counter(serial: Path) -> int:
@@ -28,7 +37,40 @@ def _counter(serial: Path) -> int:
     return seen[-1] if seen else 0
 
 
+def _move(console: Console, client: Client, src: str, dst: str) -> dict[str, Any]:
+    job = client.migrate(NAME, src, dst, live=True)
+    with Progress(TextColumn(f"{src} -> {dst}"), BarColumn(),
+                  TextColumn("{task.percentage:>3.0f}%"), console=console,
+                  transient=False) as bar:
+        task = bar.add_task("move", total=100)
+        while not job.done():
+            info = job.info()
+            if info.get("data_total"):
+                done = 100 * (1 - (info["data_remaining"] or 0) / info["data_total"])
+                bar.update(task, completed=done)
+            time.sleep(0.1)
+        summary = job.wait(timeout=120)
+        bar.update(task, completed=100)
+    return summary
+
+
+def _table(moves: list[dict[str, Any]]) -> Table:
+    table = Table(title="migrations")
+    for col in ("move", "phases (ms)", "total ms", "downtime ms", "MiB sent", "MiB/s"):
+        table.add_column(col)
+    for s in moves:
+        st = s["statistics"]
+        phases = " ".join(f"{p['phase']}={p['elapsed_ms']:.0f}" for p in s["phases"])
+        total = sum(p["elapsed_ms"] for p in s["phases"])
+        mib = st.get("memory_processed", 0) / 1048576
+        table.add_row(f"{s['source']}->{s['dest']}", phases, f"{total:.0f}",
+                      str(st.get("downtime")), f"{mib:.1f}",
+                      f"{st.get('memory_bps', 0) / 1048576:.0f}")
+    return table
+
+
 def run_demo(args: argparse.Namespace) -> int:
+    console = Console()
     root = Path(tempfile.mkdtemp(prefix="ferry-demo-", dir="/tmp"))
     stack = None
     try:
@@ -37,19 +79,22 @@ def run_demo(args: argparse.Namespace) -> int:
         client = Client(load({"FERRY_BROKER_URL": stack.broker_url}))
         disk = build_image(root / "guest.img", dirty_mib=16, rate_mib_s=32)
         serial = root / "guest.serial"
-        name = "demo-guest"
-        client.call("alpha", "define", xml=guest_xml(name, disk, serial, memory_mib=128))
-        info = client.call("alpha", "start", domain=name)
-        print(f"guest {name} started on alpha: {info['state']}:{info['reason']} "
-              f"pid {info['pid']}")
-        for _ in range(3):
-            last = _counter(serial)
-            wait_for(lambda: _counter(serial) > last + 5, 20, "the guest's counter")  # noqa: B023
-            print(f"  serial counter: {_counter(serial)}")
-        for h in client.hosts():
-            print(f"host {h['name']}: alive={h['alive']} guests={h['guests']}")
-        client.call("alpha", "destroy", domain=name)
-        print(f"demo done in {time.monotonic() - t0:.1f}s")
+        client.call("alpha", "define", xml=guest_xml(NAME, disk, serial, memory_mib=128))
+        info = client.call("alpha", "start", domain=NAME)
+        console.print(f"guest {NAME} running on alpha (pid {info['pid']}), "
+                      "dirtying 16 MiB at 32 MiB/s")
+        wait_for(lambda: _counter(serial) > 5, 30, "the guest's counter")
+        moves = []
+        for src, dst in (("alpha", "beta"), ("beta", "alpha")):
+            before = _counter(serial)
+            moves.append(_move(console, client, src, dst))
+            wait_for(lambda: _counter(serial) > before + 5, 30, "the counter")  # noqa: B023
+            state = client.call(dst, "dominfo", domain=NAME)
+            console.print(f"  on {dst}: {state['state']}:{state['reason']}, "
+                          f"counter {before} -> {_counter(serial)}")
+        console.print(_table(moves))
+        client.call("alpha", "destroy", domain=NAME)
+        console.print(f"demo done in {time.monotonic() - t0:.1f}s")
         return 0
     finally:
         if stack is not None:

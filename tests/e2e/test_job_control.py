@@ -172,3 +172,34 @@ def test_signals_to_a_domain_without_a_job_fail_at_once(
     assert time.monotonic() - t0 < 10
     with pytest.raises(FerryError, match="unknown job signal"):
         client.signal("alpha", guest.name, "explode")
+
+
+def test_switching_to_postcopy_completes_a_migration_that_does_not_converge(
+        ferry: Callable[..., CliResult], client: Client, make_guest: Callable[..., Guest],
+        busy_image: Path) -> None:
+    from workers.hostcaps import userfaultfd_available
+
+    if not userfaultfd_available():
+        guest = make_guest()
+        client.call("alpha", "define", xml=guest.xml)
+        client.call("alpha", "start", domain=guest.name)
+        with pytest.raises(FerryError, match="userfaultfd"):
+            client.migrate(guest.name, "alpha", "beta", live=True, postcopy=True).wait(30)
+        assert client.call("alpha", "domjobinfo", domain=guest.name)["type"] == "none"
+        return
+    guest, job = _busy_migration(client, make_guest, busy_image, bandwidth_mib_s=4,
+                                 postcopy=True)
+    res = ferry("migrate-postcopy", "-H", "alpha", guest.name)
+    assert res.rc == 0, res.err
+    _ends_running_on_dest(client, guest, job)
+    assert client.call("alpha", "dominfo", domain=guest.name)["reason"] == "migrated"
+
+
+def test_postcopy_signal_without_the_postcopy_flag_is_refused(
+        client: Client, make_guest: Callable[..., Guest], busy_image: Path) -> None:
+    guest, job = _busy_migration(client, make_guest, busy_image, bandwidth_mib_s=4)
+    with pytest.raises(FerryError, match="post-copy was not enabled"):
+        job.postcopy()
+    job.abort()
+    with pytest.raises(FerryError):
+        job.wait(timeout=30)
