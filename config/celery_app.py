@@ -12,7 +12,7 @@ from config.settings import Settings
 
 app = Celery("ferry", set_as_current=True)
 
-TASK_MODULES = ["tasks.domain", "tasks.migration"]
+TASK_MODULES = ["tasks.domain", "tasks.migration", "tasks.p2p"]
 
 
 def queue_for(host: str) -> str:

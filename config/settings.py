@@ -97,6 +97,11 @@ SPECS: tuple[Spec, ...] = (
          "seconds between downtime steps, per GiB of guest memory", 1, 3600),
     Spec("signal_timeout_ms", int, lambda: 5000,
          "how long a job signal waits for the job owner's reply", 50, 120000),
+    Spec("tunnel_window_mib", int, lambda: 4,
+         "largest unacknowledged data of one tunnelled migration in Redis", 1, 256),
+    Spec("tunnel_chunk_kib", int, lambda: 1024, "chunk size of tunnelled streams", 16, 16384),
+    Spec("p2p_timeout_s", int, lambda: 120,
+         "how long a peer-to-peer source waits for each dest phase", 5, 3600),
     Spec("incoming_timeout_s", int, lambda: 60,
          "how long Finish waits for the incoming stream to complete", 1, 3600),
 )
@@ -125,6 +130,9 @@ class Settings:
     downtime_steps: int
     downtime_delay_s: int
     signal_timeout_ms: int
+    tunnel_window_mib: int
+    tunnel_chunk_kib: int
+    p2p_timeout_s: int
     incoming_timeout_s: int
     extra: Mapping[str, str] = field(default_factory=dict)
 

@@ -15,7 +15,7 @@ from celery.exceptions import TimeoutError as CeleryTimeout
 from celery.result import AsyncResult
 
 from config.celery_app import queue_for
-from workers.errors import FerryError, HostUnavailableError, InvalidInputError, UnsupportedError
+from workers.errors import FerryError, HostUnavailableError, InvalidInputError
 from workers.migration.params import MigrationFlags as F
 from workers.migration.params import MigrationParams
 
@@ -37,8 +37,6 @@ def params_from_options(domain: str, source: str, dest: str, **options: Any) -> 
     for name, flag in OPTION_FLAGS.items():
         if options.pop(name, False):
             flags |= flag
-    if flags & (F.PEER2PEER | F.TUNNELLED):  # the p2p issue adds them
-        raise UnsupportedError("peer-to-peer and tunnelled migration are not available yet")
     known = {"protocol", "xmlin", "migrate_uri", "bandwidth_mib_s", "max_downtime_ms",
              "timeout_s", "job_id"}
     unknown = set(options) - known
@@ -48,6 +46,7 @@ def params_from_options(domain: str, source: str, dest: str, **options: Any) -> 
 
 
 def build_chain(p: MigrationParams, xml: str | None = None) -> Any:
+    """The managed chain; for peer-to-peer, the one task on the source queue."""
     src, dst = queue_for(p.source), queue_for(p.dest)
 
     def sig(name: str, queue: str, *args: Any) -> Any:
@@ -56,6 +55,8 @@ def build_chain(p: MigrationParams, xml: str | None = None) -> Any:
         return app.signature(f"ferry.{name}", args=args, queue=queue,
                              task_id=f"{p.job_id}.{name}", immutable=False)
 
+    if p.has(F.PEER2PEER):
+        return sig("migrate_p2p", src, p.to_json())
     if p.protocol == 3:
         return chain(sig("begin3", src, p.to_json()), sig("prepare3", dst),
                      sig("perform3", src), sig("finish3", dst), sig("confirm3", src))
@@ -125,7 +126,8 @@ def migrate(client: Client, domain: str, source: str, dest: str,
         raise InvalidInputError("attempt to migrate guest to the same host "
                                 f"({source} and {dest} share uuid {src['uuid']})")
     xml = None
-    if p.protocol == 2:  # v2 has no Begin: the caller fetches the XML, as libvirt's does
+    if p.protocol == 2 and not p.has(F.PEER2PEER):  # v2 has no Begin: the caller fetches
+        # the XML, as libvirt's client does
         xml = client.call(source, "dumpxml", domain=domain, migratable=True)
     result = build_chain(p, xml).apply_async()
     return MigrationJob(client, p, result)

@@ -130,8 +130,10 @@ def perform2(self: Any, state: dict[str, Any]) -> dict[str, Any]:
 
 
 @app.task(name="ferry.finish2")
-def finish2(state: dict[str, Any]) -> dict[str, Any]:
-    return _last(run_phase(lambda a, s: dest.finish(a, s, v3=False), Phase.FINISH2, state))
+def finish2(state: dict[str, Any], last: bool = True) -> dict[str, Any]:
+    """The end of a managed v2 chain; a p2p source calls it with last=False for the state."""
+    st = run_phase(lambda a, s: dest.finish(a, s, v3=False), Phase.FINISH2, state)
+    return _last(st) if last else st.to_json()
 
 
 @app.task(name="ferry.domjobinfo")

@@ -37,6 +37,7 @@ class DomainObj:
     job: ActiveJob | None = None
     migration_status: str | None = None
     wakeup: asyncio.Event = field(default_factory=asyncio.Event)
+    tunnel: Any = None  # the tunnel pump (workers.migration.tunnel) of a tunnelled job
     # Ports of the host's ranges held while QEMU runs: (range name, port).
     ports: list[tuple[str, int]] = field(default_factory=list)
 

@@ -114,6 +114,18 @@ class JobStore:
         rec = self.redis.hmget(job_key(uuid), ["id", "abort"])
         return rec[0] is not None and _text(rec[0]) == job_id and rec[1] == b"1"
 
+    _CLAIM = """
+    if redis.call('HGET', KEYS[1], 'id') ~= ARGV[1] then return 'none' end
+    redis.call('HSETNX', KEYS[1], 'finish_claim', ARGV[2])
+    return redis.call('HGET', KEYS[1], 'finish_claim')
+    """
+
+    def claim_finish(self, uuid: str, job_id: str, who: str) -> str:
+        """Fence for Finish: the first of 'dest' (about to start the CPUs) and 'source'
+        (gave up waiting) wins; 'none' when the job is gone.  Atomic in Redis."""
+        winner = self.redis.eval(self._CLAIM, 1, job_key(uuid), job_id, who)
+        return _text(winner)
+
     def set_error(self, uuid: str, job_id: str, error: dict[str, Any]) -> None:
         if self._mine(uuid, job_id) and not self.redis.hget(job_key(uuid), "error"):
             self.redis.hset(job_key(uuid), "error", json.dumps(error))

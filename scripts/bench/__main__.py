@@ -9,18 +9,27 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import signal
 import sys
 import tempfile
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 from typing import Any
 
 from scripts.bench.floor import FloorGuest, FloorSample
-from scripts.bench.migration import FerryGuest, FerrySample, start_stack, wait_filled
+from scripts.bench.migration import (
+    FerryGuest,
+    FerrySample,
+    ferry_initial_downtime_ms,
+    foreign_qemu,
+    start_stack,
+    wait_filled,
+)
 from scripts.bench.report import case_json, machine, markdown
 from scripts.guestimage import MAX_REGION_MIB, build_image
 from scripts.guestxml import guest_xml
@@ -48,6 +57,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    help="guest memory sizes in MiB, half of it random (default 1024)")
     p.add_argument("--out", type=Path, default=BENCH_DIR / "results",
                    help="directory for <timestamp>.json and .md (default scripts/bench/results)")
+    p.add_argument("--warmup", type=int, default=2,
+                   help="migrations per side before the samples, reported but not counted "
+                        "(default 2: one each way)")
+    p.add_argument("--floor-downtime", default="ferry", metavar="ferry|qemu|MS",
+                   help="the floor's downtime-limit: ferry's first downtime step (default), "
+                        "QEMU's own default (300 ms), or MS")
     p.add_argument("--log-level", default="INFO",
                    help="FERRY_LOG_LEVEL of the workers (DEBUG logs every QMP command)")
     p.add_argument("--fill-timeout", type=float, default=900,
@@ -56,8 +71,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    help="keep the temporary root (worker logs, QEMU logs) afterwards")
     args = p.parse_args(argv)
     args.sizes = [s for group in args.sizes for s in group]
-    if args.runs < 1:
-        p.error("--runs must be at least 1")
+    if args.runs < 1 or args.warmup < 0:
+        p.error("--runs must be at least 1 and --warmup at least 0")
+    if args.floor_downtime not in ("ferry", "qemu") and not args.floor_downtime.isdigit():
+        p.error("--floor-downtime must be ferry, qemu or a number of ms")
     return args
 
 
@@ -65,8 +82,25 @@ def _log(text: str) -> None:
     print(text, file=sys.stderr, flush=True)
 
 
-def run_case(size: int, runs: int, client: Client, root: Path, floors: list[FloorGuest],
-             fill_timeout: float) -> dict[str, Any]:
+@dataclass
+class CaseRun:
+    size: int
+    runs: int
+    warmup: int
+    floor_downtime: str  # "ferry" (match ferry's first downtime step), "qemu", or ms
+    fill_timeout: float
+
+
+def _floor_downtime(choice: str, size: int) -> int | None:
+    if choice == "ferry":
+        return ferry_initial_downtime_ms(size)
+    if choice == "qemu":
+        return None
+    return int(choice)
+
+
+def run_case(c: CaseRun, client: Client, root: Path, floors: list[FloorGuest]) -> dict[str, Any]:
+    size = c.size
     random_mib = min(size // 2, MAX_REGION_MIB)
     case_dir = root / f"case-{size}"
     case_dir.mkdir()
@@ -80,33 +114,36 @@ def run_case(size: int, runs: int, client: Client, root: Path, floors: list[Floo
     ferry = FerryGuest(client, f"bench-ferry-{size}", xmls["ferry"])
     floor_dir = case_dir / "floor"
     floor_dir.mkdir()
-    floor = FloorGuest(xmls["floor"], floor_dir)
+    downtime = _floor_downtime(c.floor_downtime, size)
+    floor = FloorGuest(xmls["floor"], floor_dir, downtime_limit_ms=downtime)
     floors.append(floor)
-    ferry_samples: list[FerrySample] = []
-    floor_samples: list[FloorSample] = []
+    samples: list[tuple[FerrySample, FloorSample, int]] = []
     try:
         _log(f"[{size} MiB] starting both guests, filling {random_mib} MiB each (TCG)")
         t0 = time.monotonic()
         ferry.start()
         floor.start()
-        wait_filled(case_dir / "ferry.serial", fill_timeout, "the ferry guest to fill")
-        wait_filled(case_dir / "floor.serial", fill_timeout, "the floor guest to fill")
-        _log(f"[{size} MiB] both filled after {time.monotonic() - t0:.0f}s")
-        for i in range(runs):
+        wait_filled(case_dir / "ferry.serial", c.fill_timeout, "the ferry guest to fill")
+        wait_filled(case_dir / "floor.serial", c.fill_timeout, "the floor guest to fill")
+        _log(f"[{size} MiB] both filled after {time.monotonic() - t0:.0f}s; floor "
+             f"downtime-limit {downtime or 'QEMU default'} ms")
+        for i in range(c.warmup + c.runs):
+            tag = f"warm-up {i + 1}" if i < c.warmup else f"{i - c.warmup + 1}/{c.runs}"
+            others = foreign_qemu(str(root))
             a = ferry.migrate()
-            ferry_samples.append(a)
-            _log(f"[{size} MiB] {i + 1}/{runs} ferry {a.direction}: {a.wall_ms:.0f} ms, "
-                 f"downtime {a.downtime_ms} ms, phases "
+            _log(f"[{size} MiB] {tag} ferry {a.direction}: {a.wall_ms:.0f} ms, downtime "
+                 f"{a.downtime_ms} ms, phases "
                  + " ".join(f"{p['phase']}={p['elapsed_ms']:.0f}" for p in a.phases))
             b = floor.migrate()
-            floor_samples.append(b)
-            _log(f"[{size} MiB] {i + 1}/{runs} floor {b.direction}: {b.wall_ms:.0f} ms, "
-                 f"downtime {b.downtime_ms} ms, to source quit {b.quit_ms:.0f} ms")
+            _log(f"[{size} MiB] {tag} floor {b.direction}: {b.wall_ms:.0f} ms, downtime "
+                 f"{b.downtime_ms} ms, to source quit {b.quit_ms:.0f} ms"
+                 + (f" ({others} other QEMU running)" if others else ""))
+            samples.append((a, b, others))
     finally:
         ferry.remove()
         floor.close()
         floors.remove(floor)
-    return case_json(CASE, size, random_mib, ferry_samples, floor_samples)
+    return case_json(CASE, size, random_mib, samples, c.warmup, downtime)
 
 
 def _terminate(signum: int, frame: FrameType | None) -> None:
@@ -120,14 +157,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     stack = Stack(root=root, log_level=args.log_level)
     floors: list[FloorGuest] = []
     result: dict[str, Any] = {"machine": machine(), "cases": [],
-                              "args": {"runs": args.runs, "sizes": args.sizes,
-                                       "log_level": args.log_level}}
+                              "args": {"runs": args.runs, "warmup": args.warmup,
+                                       "sizes": args.sizes, "log_level": args.log_level,
+                                       "floor_downtime": args.floor_downtime}}
     try:
         _log(f"state root {root}")
         client = start_stack(stack)
         for size in args.sizes:
-            result["cases"].append(run_case(size, args.runs, client, root, floors,
-                                             args.fill_timeout))
+            case = CaseRun(size, args.runs, args.warmup, args.floor_downtime,
+                           args.fill_timeout)
+            result["cases"].append(run_case(case, client, root, floors))
+        result["machine"]["loadavg_end"] = list(os.getloadavg())
     finally:
         for floor in floors:
             floor.close()

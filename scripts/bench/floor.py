@@ -8,7 +8,8 @@ sample is what ferry's managed v3 chain does at its core, and nothing else:
     start the incoming QEMU (-incoming defer)          <- t0
     dest:   migrate-set-capabilities events
     source: migrate-set-capabilities events
-    source: migrate-set-parameters max-bandwidth (ferry's "unlimited")
+    source: migrate-set-parameters max-bandwidth (ferry's "unlimited") and
+            downtime-limit (the first step of ferry's downtime schedule)
     dest:   migrate-incoming tcp:127.0.0.1:PORT
     source: migrate tcp:127.0.0.1:PORT
     dest:   wait for the MIGRATION completed event (no polling)
@@ -79,6 +80,7 @@ class FloorSample:
     setup_time_ms: int | None
     memory_processed: int | None
     mbps: float | None
+    dirty_sync_count: int | None
     direction: str
 
 
@@ -88,6 +90,7 @@ class FloorGuest:
 
     xml: str
     workdir: Path
+    downtime_limit_ms: int | None = None  # None: QEMU's default (300 ms)
     kvm: bool = field(default_factory=lambda: os.access("/dev/kvm", os.R_OK | os.W_OK))
     _loop: asyncio.AbstractEventLoop = field(default_factory=asyncio.new_event_loop)
     _procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
@@ -165,8 +168,10 @@ class FloorGuest:
         dst = await self._launch("defer")
         await dst.execute("migrate-set-capabilities", EVENTS_CAP)
         await src.execute("migrate-set-capabilities", EVENTS_CAP)
-        await src.execute("migrate-set-parameters",
-                          {"max-bandwidth": UNLIMITED_BANDWIDTH_BYTES})
+        params: dict[str, int] = {"max-bandwidth": UNLIMITED_BANDWIDTH_BYTES}
+        if self.downtime_limit_ms:
+            params["downtime-limit"] = self.downtime_limit_ms
+        await src.execute("migrate-set-parameters", params)
         await dst.execute("migrate-incoming", {"uri": uri})
         src.migration.clear()  # its own incoming migration's events, from the last sample
         await src.execute("migrate", {"uri": uri})
@@ -187,4 +192,5 @@ class FloorGuest:
             wall_ms=(t1 - t0) * 1000, quit_ms=(t2 - t0) * 1000,
             downtime_ms=info.get("downtime"), total_time_ms=info.get("total-time"),
             setup_time_ms=info.get("setup-time"), memory_processed=ram.get("transferred"),
-            mbps=ram.get("mbps"), direction=direction)
+            mbps=ram.get("mbps"), dirty_sync_count=ram.get("dirty-sync-count"),
+            direction=direction)

@@ -30,6 +30,7 @@ class FerrySample:
     setup_time_ms: int | None
     memory_processed: int | None
     memory_bps: int | None
+    memory_iteration: int | None
     phases: list[dict[str, Any]]
     direction: str
 
@@ -74,6 +75,7 @@ class FerryGuest:
             wall_ms=wall_ms, downtime_ms=stats.get("downtime"),
             time_elapsed_ms=stats.get("time_elapsed"), setup_time_ms=stats.get("setup_time"),
             memory_processed=stats.get("memory_processed"), memory_bps=stats.get("memory_bps"),
+            memory_iteration=stats.get("memory_iteration"),
             phases=[{"phase": p["phase"], "host": p["host"], "elapsed_ms": p["elapsed_ms"]}
                     for p in summary.get("phases", [])],
             direction=f"{src}->{dst}")
@@ -96,3 +98,30 @@ def wait_filled(serial: Path, timeout: float, what: str) -> None:
             return False
 
     wait_for(filled, timeout, what, interval=0.2)
+
+
+def ferry_initial_downtime_ms(memory_mib: int) -> int:
+    """The downtime-limit ferry's workers start a migration with (their schedule's first step).
+
+    Read from the same FERRY_* environment the workers of the Stack get.
+    """
+    from workers.migration.progress import downtime_steps
+
+    s = load()
+    steps = downtime_steps(s.downtime_ms, s.downtime_steps, s.downtime_delay_s, memory_mib / 1024)
+    return next(iter(steps))[1]
+
+
+def foreign_qemu(own_marker: str) -> int:
+    """QEMU processes on this machine that are not ours (their argv does not name our root)."""
+    count = 0
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            argv = (entry / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if b"qemu-system" in argv.split(b"\0", 1)[0] and own_marker.encode() not in argv:
+            count += 1
+    return count

@@ -41,6 +41,7 @@ def machine() -> dict[str, Any]:
         "accel": "tcg",
         "qemu": qemu,
         "python": platform.python_version(),
+        "loadavg_start": list(os.getloadavg()),
     }
 
 
@@ -76,12 +77,17 @@ def summarize(ferry: Sequence[FerrySample], floor: Sequence[FloorSample]) -> dic
     }
 
 
-def case_json(name: str, memory_mib: int, random_mib: int, ferry: Sequence[FerrySample],
-              floor: Sequence[FloorSample]) -> dict[str, Any]:
+def case_json(name: str, memory_mib: int, random_mib: int,
+              samples: Sequence[tuple[FerrySample, FloorSample, int]], warmup: int,
+              floor_downtime_limit_ms: int | None) -> dict[str, Any]:
+    """The case with every sample; the first `warmup` pairs are reported, not summarized."""
+    counted = samples[warmup:]
     return {"case": name, "memory_mib": memory_mib, "random_mib": random_mib,
-            "summary": summarize(ferry, floor),
-            "samples": [{"i": i, "ferry": asdict(a), "floor": asdict(b)}
-                        for i, (a, b) in enumerate(zip(ferry, floor, strict=True))]}
+            "warmup": warmup, "floor_downtime_limit_ms": floor_downtime_limit_ms,
+            "summary": summarize([a for a, _, _ in counted], [b for _, b, _ in counted]),
+            "samples": [{"i": i, "warmup": i < warmup, "foreign_qemu": n,
+                         "ferry": asdict(a), "floor": asdict(b)}
+                        for i, (a, b, n) in enumerate(samples)]}
 
 
 def _ms(v: float | None) -> str:
@@ -89,14 +95,16 @@ def _ms(v: float | None) -> str:
 
 
 def markdown(result: dict[str, Any]) -> str:
-    m = result["machine"]
+    m, opts = result["machine"], result["args"]
     out = [
         "## bench",
         "",
-        f"`python -m scripts.bench --runs {result['args']['runs']} --sizes "
-        f"{','.join(str(s) for s in result['args']['sizes'])}` on {m['date']}: "
+        f"`python -m scripts.bench --runs {opts['runs']} --warmup {opts['warmup']} --sizes "
+        f"{','.join(str(x) for x in opts['sizes'])} "
+        f"--floor-downtime {opts['floor_downtime']}` "
+        f"on {m['date']}: "
         f"{m['nproc']} CPUs ({m['cpu_model']}), kernel {m['kernel']}, {m['qemu']}, "
-        f"Python {m['python']}.",
+        f"Python {m['python']}; load average at start {m['loadavg_start'][0]:.2f}.",
         "",
         "Guests run under **TCG** (`<domain type='qemu'>`, `accel=tcg`), for ferry and the "
         "floor alike: /dev/kvm here is PVM, which runs the non-paged test guest at ~1 MIPS. "
@@ -105,7 +113,9 @@ def markdown(result: dict[str, Any]) -> str:
         "back the way the previous one came. ferry: `Client.migrate(live=True).wait()` (managed "
         "v3, bandwidth unlimited), wall time in the caller. floor: the same QEMU argv driven by "
         "hand over QMP, from starting the incoming QEMU to `cont` on the dest. Downtime is "
-        "QEMU's `downtime` (ms).",
+        "QEMU's `downtime` (ms). The floor sets the same QEMU parameters ferry sets (events, "
+        "max-bandwidth 2^40 B/s, and ferry's initial downtime-limit unless said otherwise "
+        "below). Warm-up pairs are listed but not in the medians.",
         "",
         "| case | runs | ferry wall ms | floor wall ms | ferry/floor | overhead ms "
         "| ferry downtime ms | floor downtime ms |",
@@ -124,7 +134,10 @@ def markdown(result: dict[str, Any]) -> str:
     for c in result["cases"]:
         s = c["summary"]
         names = list(s["ferry_phase_ms"])
-        out += [f"**{c['memory_mib']} MiB**: QEMU's own migration time: ferry "
+        lim = c["floor_downtime_limit_ms"]
+        limit = "QEMU's default" if lim is None else f"{lim} ms"
+        out += [f"**{c['memory_mib']} MiB** (floor downtime-limit {limit}): QEMU's own "
+                "migration time: ferry "
                 f"{_ms(s['ferry_qemu_time_elapsed_ms'])} ms (time_elapsed), floor "
                 f"{_ms(s['floor_qemu_total_time_ms'])} ms (total-time); floor until the source "
                 f"QEMU has quit: {_ms(s['floor_until_source_quit_ms'])} ms.", "",
@@ -132,15 +145,22 @@ def markdown(result: dict[str, Any]) -> str:
                 "|" + " ---: |" * (len(names) + 1),
                 "| " + " | ".join(_ms(s["ferry_phase_ms"][n]) for n in names)
                 + f" | {_ms(s['ferry_outside_phases_ms'])} |", ""]
-    out += ["Every sample (ms):", "",
-            "| case | # | ferry | wall | downtime | floor | wall | downtime |",
-            "| --- | ---: | --- | ---: | ---: | --- | ---: | ---: |"]
+    out += ["Every sample (ms; ferry's QEMU time is time_elapsed, the floor's total-time):", "",
+            "| case | # | ferry | wall | QEMU | downtime | floor | wall | QEMU | downtime |",
+            "| --- | --- | --- | ---: | ---: | ---: | --- | ---: | ---: | ---: |"]
+    busy = 0
     for c in result["cases"]:
         for row in c["samples"]:
             a, b = row["ferry"], row["floor"]
-            out.append(f"| {c['memory_mib']} MiB | {row['i'] + 1} | {a['direction']} "
-                       f"| {a['wall_ms']:.0f} | {_ms(a['downtime_ms'])} | {b['direction']} "
-                       f"| {b['wall_ms']:.0f} | {_ms(b['downtime_ms'])} |")
+            busy += bool(row["foreign_qemu"])
+            num = "warm-up" if row["warmup"] else str(row["i"] - c["warmup"] + 1)
+            out.append(f"| {c['memory_mib']} MiB | {num} | {a['direction']} "
+                       f"| {a['wall_ms']:.0f} | {_ms(a['time_elapsed_ms'])} "
+                       f"| {_ms(a['downtime_ms'])} | {b['direction']} | {b['wall_ms']:.0f} "
+                       f"| {_ms(b['total_time_ms'])} | {_ms(b['downtime_ms'])} |")
+    if busy:
+        out += ["", f"Warning: {busy} sample pair(s) started while other QEMU processes (not "
+                "this benchmark's) were running on this machine; their figures are noisy."]
     notes = result.get("notes")
     if notes:
         out += ["", *notes]

@@ -8,6 +8,7 @@ incoming QEMU.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from dataclasses import replace
@@ -22,7 +23,7 @@ from workers.errors import InvalidInputError, MigrationError
 from workers.hostcaps import require_postcopy
 from workers.jobs import ActiveJob
 from workers.lifecycle import launch, run_cpus
-from workers.migration import qemu_migrate
+from workers.migration import qemu_migrate, tunnel
 from workers.migration.params import MigrationFlags as F
 from workers.migration.params import MigrationParams, format_qemu_uri, parse_qemu_uri
 from workers.migration.state import MigrationState, Phase
@@ -69,6 +70,8 @@ def _graphics_cookie(d: DomainDef, address: str) -> CookieGraphics | None:
 
 async def prepare(agent: HostAgent, st: MigrationState, *, v3: bool) -> MigrationState:
     p = st.params
+    if st.failed:
+        return st  # an earlier phase failed: nothing to prepare
     await failpoints.hit("prepare3.start")
     if v3:
         parse(st.cookie or "", local_hostuuid=agent.uuid)  # refuses same host, bad features
@@ -101,18 +104,36 @@ async def prepare(agent: HostAgent, st: MigrationState, *, v3: bool) -> Migratio
 
 async def _start_incoming(agent: HostAgent, dom: DomainObj, d: DomainDef,
                           p: MigrationParams) -> str:
-    uri = _listen_uri(agent, dom, p)
+    tunnelled = p.has(F.TUNNELLED)
+    uri = f"tunnel:{p.job_id}" if tunnelled else _listen_uri(agent, dom, p)
     await launch(agent, dom, d, incoming="defer",
                  extra_argv=failpoints.extra_argv("prepare3.qemu_argv"))
     agent.set_state(dom, DomainState.PAUSED, PausedReason.MIGRATION)
     mon = dom.require_monitor("migrate in")
     await qemu_migrate.setup(mon, p, outgoing=False)
-    await mon.execute("migrate-incoming", {"uri": uri})
+    if tunnelled:
+        tunnel.reset(agent.redis, p.job_id)
+        sock = await qemu_migrate.pass_socket(mon, qemu_migrate.TUNNEL_FD)
+        dom.tunnel = tunnel.TunnelReceiver(agent.settings.broker_url, p.job_id, sock)
+        dom.tunnel.start()
+        await mon.execute("migrate-incoming", {"uri": f"fd:{qemu_migrate.TUNNEL_FD}"})
+    else:
+        await mon.execute("migrate-incoming", {"uri": uri})
     return uri
+
+
+async def _end_tunnel(dom: DomainObj, close: bool) -> None:
+    pump, dom.tunnel = dom.tunnel, None
+    if pump is None:
+        return
+    if close:
+        pump.close()
+    await asyncio.get_running_loop().run_in_executor(None, pump.finish, 10.0)
 
 
 async def _discard(agent: HostAgent, dom: DomainObj) -> None:
     """Undo Prepare: the incoming QEMU goes, an object we made goes, the job ends."""
+    await _end_tunnel(dom, close=True)
     if dom.active:
         await agent.kill(dom, ShutoffReason.FAILED)
     agent.release_ports(dom)
@@ -138,10 +159,27 @@ async def finish(agent: HostAgent, st: MigrationState, *, v3: bool) -> Migration
         raise MigrationError(f"no incoming migration {p.job_id} of '{p.domain}' on this host")
     assert dom.job is not None
     dom.job.phase = phase.value
-    agent.jobs.set_phase(dom.uuid, p.job_id, phase.value)
+    uuid = dom.uuid
+    agent.jobs.set_phase(uuid, p.job_id, phase.value)
+    try:
+        return await _finish(agent, dom, st, v3)
+    finally:
+        if not v3:  # v2 has no Confirm: the job ends here
+            agent.jobs.end(uuid, p.job_id)
+
+
+async def _finish(agent: HostAgent, dom: DomainObj, st: MigrationState,
+                  v3: bool) -> MigrationState:
+    p = st.params
     if st.failed:
         await _discard(agent, dom)
         return st
+    # v3's fence against a source that gave up waiting (tasks/p2p.py); v2's source is
+    # already gone, so its Finish must go on whatever happens.
+    if v3 and agent.jobs.claim_finish(dom.uuid, p.job_id, "dest") != "dest":
+        await _discard(agent, dom)
+        raise MigrationError("the source gave up waiting for Finish: the incoming guest was "
+                             "discarded")
     try:
         st = await _finish_ok(agent, dom, st, v3)
     except BaseException:
@@ -163,6 +201,7 @@ async def _finish_ok(agent: HostAgent, dom: DomainObj, st: MigrationState,
         st = replace(st, statistics=cookie.statistics.as_dict())
     if not p.has(F.OFFLINE):
         await _wait_incoming(agent, dom)
+        await _end_tunnel(dom, close=False)
     if p.has(F.PERSIST_DEST):
         xml = (cookie.persistent if cookie and cookie.persistent else None) or st.xml
         assert xml is not None

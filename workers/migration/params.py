@@ -30,7 +30,8 @@ class MigrationFlags(enum.IntFlag):
     POSTCOPY = 32768
 
 
-SUPPORTED_FLAGS = (MigrationFlags.LIVE | MigrationFlags.PERSIST_DEST
+SUPPORTED_FLAGS = (MigrationFlags.LIVE | MigrationFlags.PEER2PEER | MigrationFlags.TUNNELLED
+                   | MigrationFlags.PERSIST_DEST
                    | MigrationFlags.UNDEFINE_SOURCE | MigrationFlags.PAUSED
                    | MigrationFlags.CHANGE_PROTECTION | MigrationFlags.OFFLINE
                    | MigrationFlags.ABORT_ON_ERROR | MigrationFlags.AUTO_CONVERGE
@@ -104,6 +105,10 @@ class MigrationParams:
             raise InvalidInputError("offline migration requires persist_dest (--persistent)")
         if f & MigrationFlags.OFFLINE and f & MigrationFlags.LIVE:
             raise InvalidInputError("offline migration cannot be live")
+        if f & MigrationFlags.TUNNELLED and not f & MigrationFlags.PEER2PEER:
+            raise InvalidInputError("tunnelled migration requires peer-to-peer (--p2p)")
+        if f & MigrationFlags.TUNNELLED and self.migrate_uri:
+            raise InvalidInputError("a tunnelled migration has no migration URI")
         if f & MigrationFlags.POSTCOPY and not f & MigrationFlags.LIVE:
             raise InvalidInputError("post-copy migration must be live")
         if self.protocol == 2 and f & (MigrationFlags.OFFLINE | MigrationFlags.CHANGE_PROTECTION):

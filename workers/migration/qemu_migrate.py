@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socket
 import time
 from collections.abc import Callable
 from typing import Any
@@ -100,8 +101,31 @@ async def nap(dom: DomainObj) -> None:
         await asyncio.wait_for(dom.wakeup.wait(), PROGRESS_INTERVAL_S)
 
 
+TUNNEL_FD = "ferry-tunnel"
+
+
+async def pass_socket(mon: Monitor, name: str) -> socket.socket:
+    """One end of a new socketpair handed to QEMU as fd `name`; the other end is ours."""
+    ours, theirs = socket.socketpair()
+    try:
+        mon.send_fd(theirs.fileno())
+        await mon.execute("getfd", {"fdname": name})
+    except BaseException:
+        ours.close()
+        raise
+    finally:
+        theirs.close()  # QEMU holds its copy; ours must go or EOF never comes
+    return ours
+
+
 async def cancel(dom: DomainObj) -> None:
-    """Best effort: stop an outgoing migration that is still running."""
+    """Best effort: stop an outgoing migration that is still running.
+
+    A tunnel's ends close first: QEMU blocked on a full socket would not see
+    the cancel otherwise.
+    """
+    if dom.tunnel is not None:
+        dom.tunnel.close()
     if dom.monitor is None:
         return
     try:

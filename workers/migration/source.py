@@ -7,6 +7,7 @@ chain goes on with the clean-up phases.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from dataclasses import replace
@@ -26,6 +27,7 @@ from workers.migration.params import MigrationFlags as F
 from workers.migration.params import MigrationParams
 from workers.migration.progress import DowntimeSchedule, ProgressTracker, downtime_steps
 from workers.migration.state import MigrationState, Phase
+from workers.migration.tunnel import TunnelSender
 from workers.states import DomainState, PausedReason, RunningReason, ShutoffReason
 
 log = logging.getLogger(__name__)
@@ -86,6 +88,8 @@ async def begin3(agent: HostAgent, st: MigrationState) -> MigrationState:
 
 async def perform3(agent: HostAgent, st: MigrationState) -> MigrationState:
     p = st.params
+    if st.failed:
+        return st  # Begin or Prepare failed: Confirm undoes what was started
     dom = _job_dom(agent, p, Phase.PERFORM3)
     check_abort(agent, dom, dom.uuid, p.job_id)
     dest_cookie = parse(st.cookie or "", expect_uuid=dom.uuid)
@@ -122,15 +126,17 @@ async def _migrate(agent: HostAgent, dom: DomainObj, st: MigrationState,
     dom.expected_pause = PausedReason.MIGRATION
     try:
         check_abort(agent, dom, dom.uuid, p.job_id)
-        await mon.execute("migrate", {"uri": st.uri})
+        uri = await _data_uri(agent, dom, mon, st)
+        await mon.execute("migrate", {"uri": uri})
         info = await qemu_migrate.wait(dom, mon, started_ms=started_ms,
                                        on_progress=conv.progress, on_tick=conv.tick)
     except FerryError:
-        if dom.active:
+        if dom.active or dom.tunnel is not None:
             await qemu_migrate.cancel(dom)
         raise
     finally:
         dom.expected_pause = None
+        await _end_tunnel(agent, dom)
     # QEMU stopped the CPUs for the switch-over: say so, do not wait for STOP.
     agent.set_state(dom, DomainState.PAUSED, PausedReason.MIGRATION)
     st = replace(st, source_paused_by_us=True)
@@ -138,6 +144,26 @@ async def _migrate(agent: HostAgent, dom: DomainObj, st: MigrationState,
     stats.pop("status", None)
     await _release_leases(agent, dom)
     return replace(st, statistics=stats)
+
+
+async def _data_uri(agent: HostAgent, dom: DomainObj, mon: Any, st: MigrationState) -> str:
+    """Where QEMU sends its stream: Prepare's URI, or a tunnel through the broker."""
+    if not st.params.has(F.TUNNELLED):
+        assert st.uri is not None
+        return st.uri
+    sock = await qemu_migrate.pass_socket(mon, qemu_migrate.TUNNEL_FD)
+    cfg = agent.settings
+    dom.tunnel = TunnelSender(cfg.broker_url, st.params.job_id, sock,
+                              window=cfg.tunnel_window_mib << 20,
+                              chunk=cfg.tunnel_chunk_kib << 10)
+    dom.tunnel.start()
+    return f"fd:{qemu_migrate.TUNNEL_FD}"
+
+
+async def _end_tunnel(agent: HostAgent, dom: DomainObj) -> None:
+    tunnel, dom.tunnel = dom.tunnel, None
+    if tunnel is not None:
+        await asyncio.get_running_loop().run_in_executor(None, tunnel.finish, 10.0)
 
 
 class Convergence:
@@ -231,6 +257,10 @@ async def _resume_source(agent: HostAgent, dom: DomainObj, st: MigrationState) -
     qemuMigrationSrcRestoreDomainState: only a guest that was paused is resumed)."""
     if not dom.active or dom.monitor is None:
         return
+    if st.outcome_unknown:
+        log.error("domain %s: the dest may have started it; it stays paused here",
+                  dom.name)
+        return
     status = await dom.monitor.execute("query-status")
     if not st.was_running:
         return
@@ -252,7 +282,9 @@ async def _finish_source(agent: HostAgent, dom: DomainObj, p: MigrationParams) -
         dom.definition = None
 
 
-def _end_job(agent: HostAgent, dom: DomainObj, uuid: str, st: MigrationState) -> None:
+def _end_job(agent: HostAgent, dom: DomainObj, uuid: str, st: MigrationState,
+             end_record: bool = True) -> None:
+    """The source's part of a job is over; v2 leaves the record to Finish2."""
     p = st.params
     job, dom.job = dom.job, None
     agent.loop.create_task(agent.signals.unwatch(uuid))
@@ -263,7 +295,8 @@ def _end_job(agent: HostAgent, dom: DomainObj, uuid: str, st: MigrationState) ->
     agent.jobs.complete(uuid, agent.host, info)
     if st.error:
         agent.jobs.set_error(uuid, p.job_id, st.error)
-    agent.jobs.end(uuid, p.job_id)
+    if end_record:
+        agent.jobs.end(uuid, p.job_id)
 
 
 async def perform2(agent: HostAgent, st: MigrationState) -> MigrationState:
@@ -288,8 +321,8 @@ async def perform2(agent: HostAgent, st: MigrationState) -> MigrationState:
             await _resume_source(agent, dom, st)
         except FerryError as resume_exc:
             st = st.with_error(resume_exc.at(phase=Phase.PERFORM2.value, host=agent.host))
-        _end_job(agent, dom, uuid, st)
+        _end_job(agent, dom, uuid, st, end_record=False)
         return st
     await _finish_source(agent, dom, p)
-    _end_job(agent, dom, uuid, st)
+    _end_job(agent, dom, uuid, st, end_record=False)
     return st

@@ -49,6 +49,7 @@ class MigrationState:
     uri: str | None = None  # the QEMU migration URI prepare returned
     source_paused_by_us: bool = False  # confirm cancelled resumes only what we paused
     was_running: bool = True  # the run state to restore on the dest
+    outcome_unknown: bool = False  # Finish may have started the dest: never resume here
     error: dict[str, Any] | None = None  # the first error; never overwritten
     cleanup_errors: tuple[dict[str, Any], ...] = ()
     phases: tuple[PhaseRecord, ...] = ()

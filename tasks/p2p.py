@@ -1,0 +1,99 @@
+"""Peer-to-peer migration: one task on the source queue drives every phase.
+
+The source runs Begin, Perform and Confirm itself and asks the dest for
+Prepare and Finish by sending those tasks to the dest's queue, with the same
+states, cookies and error rules as a managed chain.  Every wait on the dest
+is bounded.  If Finish does not answer in time, a fence in the job record
+decides: if the source claims it first, the dest will never start the CPUs
+and the source resumes; if the dest claimed it, the outcome is unknown and
+the guest stays paused here rather than risk running twice.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import replace
+from typing import Any
+
+from celery.exceptions import TimeoutError as CeleryTimeout
+
+from config.celery_app import app, queue_for
+from tasks.migration import _last, _reporter, run_phase
+from workers.agent import HostAgent, get_agent
+from workers.errors import FerryError, HostUnavailableError, MigrationError
+from workers.heartbeat import get_host
+from workers.lifecycle import dumpxml
+from workers.migration import source
+from workers.migration.params import MigrationParams
+from workers.migration.state import MigrationState, Phase
+
+log = logging.getLogger(__name__)
+
+
+def _remote(agent: HostAgent, name: str, st: MigrationState, **kwargs: Any) -> MigrationState:
+    """Run phase task `name` on the dest and wait, bounded, for its state."""
+    p = st.params
+    timeout = agent.settings.p2p_timeout_s
+    err: FerryError
+    if get_host(agent.redis, p.dest) is None:
+        err = HostUnavailableError(f"dest host '{p.dest}' is not alive", phase=name,
+                                   host=p.dest)
+        return st.with_error(err)
+    result = app.send_task(f"ferry.{name}", args=(st.to_json(),), kwargs=kwargs,
+                           queue=queue_for(p.dest), task_id=f"{p.job_id}.{name}")
+    try:
+        return MigrationState.from_json(result.get(timeout=timeout, propagate=True,
+                                                   disable_sync_subtasks=False))
+    except CeleryTimeout:
+        err = HostUnavailableError(f"dest host '{p.dest}' did not answer {name} within "
+                                   f"{timeout}s", phase=name, host=p.dest)
+    except FerryError as exc:
+        err = exc
+    except Exception as exc:
+        err = MigrationError(f"{name} on {p.dest} failed: {exc}", phase=name, host=p.dest)
+    if name.startswith("finish"):
+        return _finish_unanswered(agent, st, err)
+    return st.with_error(err)
+
+
+def _finish_unanswered(agent: HostAgent, st: MigrationState, err: FerryError) -> MigrationState:
+    p = st.params
+    uuid = agent.call(_uuid(agent, p.domain))
+    winner = agent.jobs.claim_finish(uuid, p.job_id, "source")
+    if winner in ("source", "none"):
+        return st.with_error(err)  # the dest can no longer start the guest: resume here
+    err = MigrationError(f"{err.message}; the dest may have started the guest, so it stays "
+                         "paused on the source until an operator decides",
+                         "finish3", p.dest, err.cause)
+    return replace(st, outcome_unknown=True).with_error(err)
+
+
+async def _uuid(agent: HostAgent, domain: str) -> str:
+    return agent.lookup(domain).uuid
+
+
+def run_p2p(task: Any, params: dict[str, Any]) -> MigrationState:
+    p = MigrationParams.from_json(params)
+    agent = get_agent()
+    report = _reporter(task)
+    if p.protocol == 3:
+        st = run_phase(source.begin3, Phase.BEGIN3, MigrationState(params=p).to_json())
+        st = _remote(agent, "prepare3", st)
+        st = run_phase(source.perform3, Phase.PERFORM3, st.to_json(), report)
+        st = _remote(agent, "finish3", st)
+        return run_phase(source.confirm3, Phase.CONFIRM3, st.to_json())
+    try:
+        xml = agent.call(dumpxml(agent, p.domain, migratable=True))
+    except FerryError as exc:
+        raise exc.at(phase="perform2", host=agent.host) from None
+    st = _remote(agent, "prepare2", MigrationState(params=p, xml=xml))
+    st = run_phase(source.perform2, Phase.PERFORM2, st.to_json(), report)
+    return _remote(agent, "finish2", st, last=False)
+
+
+@app.task(name="ferry.migrate_p2p", bind=True)
+def migrate_p2p(self: Any, params: dict[str, Any]) -> dict[str, Any]:
+    return _last(run_p2p(self, params))
+
+
+
