@@ -38,20 +38,21 @@ def _remote(agent: HostAgent, name: str, st: MigrationState, **kwargs: Any) -> M
     if get_host(agent.redis, p.dest) is None:
         err = HostUnavailableError(f"dest host '{p.dest}' is not alive", phase=name,
                                    host=p.dest)
-        return st.with_error(err)
-    result = app.send_task(f"ferry.{name}", args=(st.to_json(),), kwargs=kwargs,
-                           queue=queue_for(p.dest), task_id=f"{p.job_id}.{name}")
-    try:
-        return MigrationState.from_json(result.get(timeout=timeout, propagate=True,
-                                                   disable_sync_subtasks=False))
-    except CeleryTimeout:
-        err = HostUnavailableError(f"dest host '{p.dest}' did not answer {name} within "
-                                   f"{timeout}s", phase=name, host=p.dest)
-    except FerryError as exc:
-        err = exc
-    except Exception as exc:
-        err = MigrationError(f"{name} on {p.dest} failed: {exc}", phase=name, host=p.dest)
-    if name.startswith("finish"):
+    else:
+        result = app.send_task(f"ferry.{name}", args=(st.to_json(),), kwargs=kwargs,
+                               queue=queue_for(p.dest), task_id=f"{p.job_id}.{name}")
+        try:
+            return MigrationState.from_json(result.get(timeout=timeout, propagate=True,
+                                                       disable_sync_subtasks=False))
+        except CeleryTimeout:
+            err = HostUnavailableError(f"dest host '{p.dest}' did not answer {name} within "
+                                       f"{timeout}s", phase=name, host=p.dest)
+        except FerryError as exc:
+            err = exc
+        except Exception as exc:
+            err = MigrationError(f"{name} on {p.dest} failed: {exc}", phase=name,
+                                 host=p.dest)
+    if name == "finish3":
         return _finish_unanswered(agent, st, err)
     return st.with_error(err)
 

@@ -42,7 +42,8 @@ def stack() -> Iterator[Stack]:
         yield st
     finally:
         st.stop(kill_guests=True)
-        shutil.rmtree(root, ignore_errors=True)
+        if not os.environ.get("FERRY_TEST_KEEP"):  # keep logs for a post-mortem
+            shutil.rmtree(root, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
@@ -212,3 +213,15 @@ def faulty_host(stack: Stack) -> Iterator[Callable[[str], str]]:
     yield start
     for name in started:
         stack.remove_worker(name)
+
+
+def native_threads(pid: int, name: str) -> int:
+    """How many threads of process `pid` carry the OS thread name `name`."""
+    count = 0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            if (task / "comm").read_text().strip() == name:
+                count += 1
+        except OSError:
+            continue
+    return count

@@ -111,7 +111,7 @@ def test_the_timeout_pauses_the_guest_so_the_migration_completes(
 
 def test_perform_reports_progress_to_the_result_backend(
         client: Client, make_guest: Callable[..., Guest], busy_image: Path) -> None:
-    guest, job = _busy_migration(client, make_guest, busy_image, bandwidth_mib_s=4)
+    _guest, job = _busy_migration(client, make_guest, busy_image, bandwidth_mib_s=4)
     perform = client.app.AsyncResult(f"{job.id}.perform3")
     wait_for(lambda: perform.state == "PROGRESS", 10, "a PROGRESS state")
     meta = perform.info
@@ -197,7 +197,7 @@ def test_switching_to_postcopy_completes_a_migration_that_does_not_converge(
 
 def test_postcopy_signal_without_the_postcopy_flag_is_refused(
         client: Client, make_guest: Callable[..., Guest], busy_image: Path) -> None:
-    guest, job = _busy_migration(client, make_guest, busy_image, bandwidth_mib_s=4)
+    _guest, job = _busy_migration(client, make_guest, busy_image, bandwidth_mib_s=4)
     with pytest.raises(FerryError, match="post-copy was not enabled"):
         job.postcopy()
     job.abort()

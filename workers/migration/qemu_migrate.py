@@ -44,6 +44,10 @@ async def setup(mon: Monitor, params: MigrationParams, *, outgoing: bool,
     if outgoing:
         caps.append({"capability": "auto-converge",
                      "state": params.has(MigrationFlags.AUTO_CONVERGE)})
+    else:
+        # As libvirt: the dest takes the disk locks only when its CPUs start, so a
+        # source whose migration fails late can still resume on its disks.
+        caps.append({"capability": "late-block-activate", "state": True})
     await mon.execute("migrate-set-capabilities", {"capabilities": caps})
     if outgoing:
         bw = params.bandwidth_mib_s if bandwidth_mib_s is None else bandwidth_mib_s
