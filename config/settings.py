@@ -97,6 +97,8 @@ SPECS: tuple[Spec, ...] = (
          "seconds between downtime steps, per GiB of guest memory", 1, 3600),
     Spec("signal_timeout_ms", int, lambda: 5000,
          "how long a job signal waits for the job owner's reply", 50, 120000),
+    Spec("lease_ttl_ms", int, lambda: 15000,
+         "how long a lease outlives its host's last renewal", 1000, 600000),
     Spec("tunnel_window_mib", int, lambda: 4,
          "largest unacknowledged data of one tunnelled migration in Redis", 1, 256),
     Spec("tunnel_chunk_kib", int, lambda: 1024, "chunk size of tunnelled streams", 16, 16384),
@@ -130,6 +132,7 @@ class Settings:
     downtime_steps: int
     downtime_delay_s: int
     signal_timeout_ms: int
+    lease_ttl_ms: int
     tunnel_window_mib: int
     tunnel_chunk_kib: int
     p2p_timeout_s: int

@@ -97,6 +97,11 @@ def cmd_monitor(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_domlocks(a: argparse.Namespace) -> int:
+    info = _client().call(_host(a), "domlocks", domain=a.domain)
+    return _emit(a, info, formats.locks)
+
+
 def cmd_hosts(a: argparse.Namespace) -> int:
     return _emit(a, _client().hosts(), formats.hosts)
 
@@ -158,6 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--paused", action="store_true")
     _domain_cmd(sub, "list", cmd_list, "list domains").add_argument("--all", action="store_true")
     _domain_cmd(sub, "dominfo", cmd_dominfo, "domain information").add_argument("domain")
+    _domain_cmd(sub, "domlocks", cmd_domlocks, "leases of a domain").add_argument("domain")
     p = _domain_cmd(sub, "domstate", cmd_domstate, "domain state")
     p.add_argument("domain")
     p.add_argument("--reason", action="store_true")

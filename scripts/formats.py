@@ -74,3 +74,12 @@ def migration_summary(s: dict[str, Any]) -> str:
         lines.append(f"  transferred {mib:.1f} MiB, downtime {st.get('downtime')} ms, "
                      f"{st.get('memory_bps', 0) / 1048576:.0f} MiB/s")
     return "\n".join(lines)
+
+
+def locks(info: dict[str, Any]) -> str:
+    lines = [f"{'Lock manager:':<16}{info['driver']}"]
+    for res, holder in sorted(info["leases"].items()):
+        who = f"{holder['domain']} on {holder['host']} (gen {holder.get('gen')})" if holder \
+            else "free"
+        lines.append(f"  {res:<60} {who}")
+    return "\n".join(lines)

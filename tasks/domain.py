@@ -83,6 +83,11 @@ def qemu_monitor_command(domain: str, command: str, hmp: bool = False) -> Any:
     return _run(lifecycle.monitor_command, domain, command, hmp)
 
 
+@app.task(name="ferry.domlocks")
+def domlocks(domain: str) -> dict[str, Any]:
+    return _run(lifecycle.domlocks, domain)
+
+
 @app.task(name="ferry.hosts")
 def hosts() -> list[dict[str, Any]]:
     return list_hosts(get_agent().redis)

@@ -110,7 +110,8 @@ class Guest:
 
 
 @pytest.fixture
-def make_guest(tmp_path: Path, base_image: Path, client: Client) -> Iterator[Callable[..., Guest]]:
+def make_guest(tmp_path: Path, base_image: Path, client: Client,
+               stack: Stack) -> Iterator[Callable[..., Guest]]:
     """A fresh guest definition (own disk copy and serial log); not yet defined.
 
     Whatever the test left of its guests on any host is destroyed and undefined after it.
@@ -130,7 +131,7 @@ def make_guest(tmp_path: Path, base_image: Path, client: Client) -> Iterator[Cal
 
     yield make
     for guest in made:
-        for host in HOSTS:
+        for host in list(stack.workers):
             for task in ("destroy", "undefine"):
                 with contextlib.suppress(Exception):
                     client.call(host, task, domain=guest.name, timeout=30)
@@ -198,6 +199,18 @@ def pmemsave(client: Client, host: str, name: str, size: int, path: Path) -> str
     assert path.stat().st_size == size
     path.unlink()
     return digest.hexdigest()
+
+
+@pytest.fixture(scope="session")
+def nolock_hosts(stack: Stack) -> Iterator[tuple[str, str]]:
+    """Two hosts with lock_manager = none (protocol v2 needs them)."""
+    names = ("omega1", "omega2")
+    for name in names:
+        stack.start_worker(name, env={"FERRY_LOCK_MANAGER": "none"})
+    yield names
+    for name in names:
+        if name in stack.workers:
+            stack.remove_worker(name)
 
 
 @pytest.fixture

@@ -22,6 +22,7 @@ from typing import Any, TypeVar
 import redis
 
 from config.settings import Settings
+from workers import locks
 from workers.domain import DomainDef, parse_domain_xml
 from workers.domobj import DomainObj
 from workers.errors import HostUnavailableError, NotFoundError, QemuError
@@ -54,6 +55,7 @@ class HostAgent:
         self._thread = threading.Thread(target=self._run_loop, name="ferry-agent", daemon=True)
         self.redis = redis.Redis.from_url(settings.broker_url, socket_timeout=5)
         self.jobs = JobStore(self.redis, self.host)
+        self.locks = locks.make(settings.lock_manager, self.redis, settings.lease_ttl_ms)
         self.signals = SignalListener(self)
         self.heartbeat = Heartbeat(
             self.redis,
@@ -63,6 +65,7 @@ class HostAgent:
             interval_ms=settings.heartbeat_interval_ms,
             ttl_ms=settings.heartbeat_ttl_ms,
             guests=self.active_names,
+            on_beat=self.renew_leases,
         )
 
     # -- threads -----------------------------------------------------------------------------
@@ -117,6 +120,25 @@ class HostAgent:
                     ) from None
                 if tick is not None:
                     tick()
+
+    def renew_leases(self) -> None:
+        held = [d.live for d in list(self.domains.values()) if d.leases_held and d.live]
+        if held:
+            self.locks.renew(held, self.host)
+
+    def acquire_leases(self, dom: DomainObj, state: str | None = None,
+                       check_state: bool = True) -> None:
+        if not dom.leases_held:
+            pid = dom.proc.pid if dom.proc else 0
+            self.locks.acquire(dom.current, self.host, pid, state, check_state)
+            dom.leases_held, dom.lockstate = True, None
+
+    def release_leases(self, dom: DomainObj) -> str | None:
+        """Release the guest's leases (pause, switch-over, exit); its lockstate."""
+        if dom.leases_held:
+            dom.lockstate = self.locks.release(dom.current, self.host)
+            dom.leases_held = False
+        return dom.lockstate
 
     def active_names(self) -> list[str]:
         return [d.name for d in list(self.domains.values()) if d.active]
@@ -211,6 +233,11 @@ class HostAgent:
         with contextlib.suppress(FileNotFoundError):
             self.store.qmp_socket(dom.current.uuid).unlink()
         self.release_ports(dom)
+        try:
+            self.release_leases(dom)
+        except Exception as exc:  # they expire anyway once nobody renews them
+            log.error("domain %s: releasing leases failed: %s", dom.name, exc)
+        dom.lockstate = None
         self.set_state(dom, DomainState.SHUTOFF, reason)
         dom.live = None if dom.persistent else dom.live
         dom.exit_reason, dom.guest_shutdown = None, False

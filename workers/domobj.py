@@ -37,7 +37,10 @@ class DomainObj:
     job: ActiveJob | None = None
     migration_status: str | None = None
     wakeup: asyncio.Event = field(default_factory=asyncio.Event)
-    tunnel: Any = None  # the tunnel pump (workers.migration.tunnel) of a tunnelled job
+    tunnel: Any = None
+    # Leases: held while the CPUs may run; released on pause with this lockstate.
+    leases_held: bool = False
+    lockstate: str | None = None  # the tunnel pump (workers.migration.tunnel) of a tunnelled job
     # Ports of the host's ranges held while QEMU runs: (range name, port).
     ports: list[tuple[str, int]] = field(default_factory=list)
 

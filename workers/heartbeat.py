@@ -38,7 +38,9 @@ class Heartbeat:
         interval_ms: int,
         ttl_ms: int,
         guests: Callable[[], list[str]],
+        on_beat: Callable[[], None] | None = None,
     ) -> None:
+        self._on_beat = on_beat
         self._redis = client
         self._name, self._uuid, self._address = name, uuid, address
         self._interval = interval_ms / 1000
@@ -65,6 +67,8 @@ class Heartbeat:
         pipe.set(host_key(self._name), json.dumps(self.record()), px=self._ttl_ms)
         pipe.sadd(HOSTS_SET, self._name)
         pipe.execute()
+        if self._on_beat is not None:
+            self._on_beat()  # lease renewal rides on the heartbeat
 
     def start(self) -> None:
         self.beat()  # the first beat is synchronous: a started worker is listed at once

@@ -34,7 +34,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import BinaryIO
 
-from workers.errors import InvalidInputError
+from workers.errors import FerryError, InvalidInputError
 
 MAGIC = b"FERRYIMG"
 VERSION = 1
@@ -47,6 +47,14 @@ FIXED_SIZE = _FIXED.size  # 64
 
 class ImageError(InvalidInputError):
     """The file is not a complete, intact ferry image; nothing was started."""
+
+
+class CompressorError(FerryError):
+    """A compressor or decompressor ferry spawned failed."""
+
+
+class ImageIOError(FerryError):
+    """Reading or writing an image file failed: disk full, permissions, I/O error."""
 
 
 class SaveFlags(enum.IntFlag):

@@ -103,7 +103,11 @@ async def launch(agent: HostAgent, dom: DomainObj, definition: DomainDef,
 
 
 async def run_cpus(agent: HostAgent, dom: DomainObj, reason: RunningReason) -> None:
+    """Start the CPUs, leases first.  A source resuming after a failed migration
+    takes them back without the generation check (README, Leases)."""
     mon = dom.require_monitor("resume")
+    agent.acquire_leases(dom, dom.lockstate,
+                         check_state=reason != RunningReason.MIGRATION_CANCELED)
     dom.expected_resume = reason
     try:
         await mon.execute("cont")
@@ -120,6 +124,7 @@ async def pause_cpus(agent: HostAgent, dom: DomainObj, reason: PausedReason) -> 
     finally:
         dom.expected_pause = None
     agent.set_state(dom, DomainState.PAUSED, reason)
+    agent.release_leases(dom)
 
 
 async def start(agent: HostAgent, name: str, paused: bool = False) -> dict[str, Any]:
@@ -128,9 +133,15 @@ async def start(agent: HostAgent, name: str, paused: bool = False) -> dict[str, 
         dom.require_inactive("start")
         if dom.definition is None:
             raise OperationInvalidError(f"cannot start: domain '{name}' has no definition")
-        await launch(agent, dom, dom.definition)
+        agent.acquire_leases(dom)  # every lease or nothing starts
+        try:
+            await launch(agent, dom, dom.definition)
+        except BaseException:
+            agent.release_leases(dom)
+            raise
         if paused:
             agent.set_state(dom, DomainState.PAUSED, PausedReason.USER)
+            agent.release_leases(dom)
         else:
             await run_cpus(agent, dom, RunningReason.BOOTED)
         return dom.info(agent.host)
@@ -269,3 +280,10 @@ async def monitor_command(agent: HostAgent, name: str, command: str, hmp: bool =
             raise InvalidInputError("a QMP command must be a JSON object")
         return await mon.execute_raw(command)
     raise InvalidInputError('a QMP command must be JSON, e.g. {"execute": "query-status"}')
+
+
+async def domlocks(agent: HostAgent, name: str) -> dict[str, Any]:
+    """The leases of a domain and who holds them (ferry domlocks)."""
+    dom = agent.lookup(name)
+    return {"driver": agent.locks.driver, "held_here": dom.leases_held,
+            "lockstate": dom.lockstate, "leases": agent.locks.holders(dom.current)}

@@ -14,7 +14,7 @@ import time
 from dataclasses import replace
 from typing import Literal
 
-from tasks.cookie import CookieGraphics, make_cookie, parse
+from tasks.cookie import Cookie, CookieGraphics, make_cookie, parse
 from workers import failpoints
 from workers.agent import HostAgent
 from workers.domain import DomainDef
@@ -74,7 +74,11 @@ async def prepare(agent: HostAgent, st: MigrationState, *, v3: bool) -> Migratio
         return st  # an earlier phase failed: nothing to prepare
     await failpoints.hit("prepare3.start")
     if v3:
-        parse(st.cookie or "", local_hostuuid=agent.uuid)  # refuses same host, bad features
+        parse(st.cookie or "", local_hostuuid=agent.uuid)
+    else:
+        from workers.migration.source import refuse_v2_with_lease_state
+
+        refuse_v2_with_lease_state(agent)  # refuses same host, bad features
     if st.xml is None:
         raise MigrationError("no domain definition reached Prepare")
     d = agent.parse(st.xml)
@@ -211,11 +215,22 @@ async def _finish_ok(agent: HostAgent, dom: DomainObj, st: MigrationState,
     if p.has(F.OFFLINE):
         return st
     await failpoints.hit("finish3.before_cont")
+    dom.lockstate = _lockstate(agent, cookie)
     if st.was_running and not p.has(F.PAUSED):
-        await run_cpus(agent, dom, RunningReason.MIGRATED)
+        await run_cpus(agent, dom, RunningReason.MIGRATED)  # takes the leases first
     else:
         agent.set_state(dom, DomainState.PAUSED, PausedReason.USER)
     return st
+
+
+def _lockstate(agent: HostAgent, cookie: Cookie | None) -> str | None:
+    """The lease state the source handed over; refused if our lock manager differs."""
+    if cookie is None or cookie.lockstate is None:
+        return None
+    if cookie.lockstate.driver != agent.locks.driver:
+        raise MigrationError(f"lock manager '{cookie.lockstate.driver}' of the source does "
+                             f"not match this host's '{agent.locks.driver}'")
+    return cookie.lockstate.leases or None
 
 
 async def _wait_incoming(agent: HostAgent, dom: DomainObj) -> None:

@@ -13,12 +13,12 @@ import time
 from dataclasses import replace
 from typing import Any
 
-from tasks.cookie import CookieStatistics, make_cookie, parse
+from tasks.cookie import CookieLockstate, CookieStatistics, make_cookie, parse
 from workers import failpoints
 from workers.abi import check_abi_stability
 from workers.agent import HostAgent
 from workers.domobj import DomainObj
-from workers.errors import FerryError, MigrationError, OperationInvalidError
+from workers.errors import FerryError, MigrationError, OperationInvalidError, UnsupportedError
 from workers.hostcaps import require_postcopy
 from workers.jobs import ActiveJob
 from workers.lifecycle import pause_cpus, run_cpus
@@ -48,6 +48,11 @@ def _start_job(agent: HostAgent, dom: DomainObj, p: MigrationParams, phase: Phas
                      source=p.source, dest=p.dest, flags=p.flags)
     dom.job = ActiveJob(p.job_id, "outgoing_migration", phase.value, time.time(),
                         source=p.source, dest=p.dest, flags=p.flags)
+
+
+def refuse_v2_with_lease_state(agent: HostAgent) -> None:
+    if agent.locks.keeps_state:
+        raise UnsupportedError("lock manager requires migration protocol v3")
 
 
 def check_abort(agent: HostAgent, dom: DomainObj | None, uuid: str, job_id: str) -> None:
@@ -100,8 +105,13 @@ async def perform3(agent: HostAgent, st: MigrationState) -> MigrationState:
         persistent = st.xml if p.xmlin or dom.definition is None else \
             dom.definition.to_xml(migratable=True)
     stats = CookieStatistics.from_dict(st.statistics) if st.statistics else None
+    # Leases were released at the switch-over (or at an earlier pause): their state
+    # goes to Finish, which takes them with it before starting the CPUs.
+    lockstate = None
+    if agent.locks.keeps_state and dom.lockstate is not None:
+        lockstate = CookieLockstate(agent.locks.driver, dom.lockstate)
     out = make_cookie(dom.name, dom.uuid, agent.host, agent.uuid, persistent_xml=persistent,
-                      statistics=stats)
+                      statistics=stats, lockstate=lockstate)
     _job_dom(agent, p, Phase.PERFORM3_DONE)
     return replace(st, cookie=out.to_xml())
 
@@ -142,7 +152,7 @@ async def _migrate(agent: HostAgent, dom: DomainObj, st: MigrationState,
     st = replace(st, source_paused_by_us=True)
     stats = qemu_migrate.progress_of(info, started_ms)
     stats.pop("status", None)
-    await _release_leases(agent, dom)
+    agent.release_leases(dom)
     return replace(st, statistics=stats)
 
 
@@ -230,10 +240,6 @@ async def _relocate_spice(agent: HostAgent, dom: DomainObj, graphics: object) ->
         log.warning("domain %s: SPICE relocation failed: %s", dom.name, exc)
 
 
-async def _release_leases(agent: HostAgent, dom: DomainObj) -> None:
-    """Hook: the lock manager releases the guest's leases here (lock issue)."""
-
-
 async def confirm3(agent: HostAgent, st: MigrationState) -> MigrationState:
     p = st.params
     dom = agent.domains.get(p.domain)
@@ -307,6 +313,7 @@ async def perform2(agent: HostAgent, st: MigrationState) -> MigrationState:
         return st
     dom.require_active("migrate")
     dom.require_no_job("migrate")
+    refuse_v2_with_lease_state(agent)
     if p.has(F.POSTCOPY):
         require_postcopy()
     _start_job(agent, dom, p, Phase.PERFORM2)

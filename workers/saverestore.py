@@ -1,0 +1,735 @@
+"""Save, restore and dump on the agent loop: a guest's state to a file and back.
+
+Save pauses the guest and hands QEMU, over SCM_RIGHTS (`getfd`, then
+`migrate fd:NAME`), the write end of a pipe read by a compressor ferry spawns
+itself (an argument list, never a shell), which writes behind the image header
+(workers/images.py) into a temp file in the target's directory: fsync, rename,
+and the guest is shutoff:saved.  Restore checks the header, starts QEMU with
+`-incoming defer` and hands it the read end of a decompressor's pipe
+(`migrate-incoming fd:NAME`).  Raw images need no helper: QEMU gets the file.
+Dump hands QEMU the temp file for `dump-guest-memory`.
+
+Each is a job: the record shows progress (domjobinfo), and domjobabort stops
+it: QEMU's migration is cancelled (save; "save" is one of the signal
+listener's PERFORM_PHASES), the load is stopped (restore), or the finished
+dump is thrown away (QEMU cannot cancel a dump).  On any failure the temp
+file goes, a saved guest runs again (`running:save_canceled` when ferry paused
+it) and a restored one is not left behind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import io
+import logging
+import os
+import shutil
+import time
+import uuid as uuidlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from workers import failpoints, images
+from workers.abi import check_abi_stability
+from workers.domain import DomainDef
+from workers.domobj import DomainObj
+from workers.errors import (
+    FerryError,
+    InvalidInputError,
+    MigrationError,
+    OperationInvalidError,
+    QemuError,
+    UnsupportedError,
+)
+from workers.images import CompressorError, ImageError, ImageHeader, ImageIOError
+from workers.jobs import ActiveJob
+from workers.lifecycle import launch, pause_cpus, run_cpus
+from workers.migration import qemu_migrate
+from workers.migration.progress import ProgressTracker
+from workers.monitor import Monitor
+from workers.process import log_tail
+from workers.states import DomainState, PausedReason, RunningReason, ShutoffReason
+
+if TYPE_CHECKING:
+    from workers.agent import HostAgent
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+FD_NAME = "ferry-image"
+PIPE_SIZE = 1 << 20
+HELPER_GRACE_S = 2.0  # how long a failing helper gets to exit and say why
+LOAD_QUERY_TIMEOUT_S = 600.0  # QEMU answers no QMP while it loads a raw image from a file
+
+
+# -- files ---------------------------------------------------------------------------------
+def _os(what: str, fn: Callable[..., T], *args: Any) -> T:
+    """An OS call whose failure is one clear line naming what was being done."""
+    try:
+        return fn(*args)
+    except OSError as exc:
+        raise ImageIOError(f"{what}: {exc.strerror or exc}") from exc
+
+
+def target_path(path: str) -> Path:
+    """Where an image or dump goes: absolute, in an existing directory, not a directory."""
+    p = Path(path)
+    if not p.is_absolute():
+        raise InvalidInputError(f"the file path must be absolute: {path}")
+    if p.is_dir():
+        raise InvalidInputError(f"{path} is a directory")
+    if not p.parent.is_dir():
+        raise InvalidInputError(f"directory {p.parent} does not exist")
+    return p
+
+
+class _TempImage:
+    """The temp file (mode 0600, same directory) an image is written to, renamed when done."""
+
+    def __init__(self, target: Path) -> None:
+        self.target = target
+        self.tmp = target.with_name(f".{target.name}.ferry-{uuidlib.uuid4().hex[:8]}.part")
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+        self.fd = _os(f"cannot create {self.tmp}", os.open, self.tmp, flags, 0o600)
+        os.fchmod(self.fd, 0o600)  # whatever the umask
+
+    def write(self, data: bytes, offset: int) -> None:
+        view = memoryview(data)
+        while view:
+            n = _os(f"cannot write {self.tmp}", os.pwrite, self.fd, view, offset)
+            view, offset = view[n:], offset + n
+
+    def writer_fd(self, offset: int) -> int:
+        """A separate open file (own offset and flags: dd sets O_DIRECT on it) at `offset`."""
+        fd = _os(f"cannot open {self.tmp}", os.open, self.tmp, os.O_WRONLY | os.O_CLOEXEC)
+        os.lseek(fd, offset, os.SEEK_SET)
+        return fd
+
+    def size(self) -> int:
+        return os.fstat(self.fd).st_size
+
+    async def commit(self) -> None:
+        """fsync, rename over the target, fsync the directory: complete or absent."""
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(None, _os, f"cannot write {self.tmp}", os.fsync, self.fd)
+        _os(f"cannot rename to {self.target}", os.replace, self.tmp, self.target)
+        self.close()
+        dfd = os.open(self.target.parent, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            await loop.run_in_executor(None, os.fsync, dfd)
+        finally:
+            os.close(dfd)
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def discard(self) -> None:
+        self.close()
+        with contextlib.suppress(FileNotFoundError):
+            self.tmp.unlink()
+
+
+# -- helper processes (compressors, dd) ----------------------------------------------------
+class _Helper:
+    """A compressor, decompressor or dd ferry started; stderr kept for the error line."""
+
+    def __init__(self, argv: Sequence[str], proc: asyncio.subprocess.Process, err_fd: int):
+        self.argv, self.proc, self._err_fd = list(argv), proc, err_fd
+        self.stderr = ""
+
+    @classmethod
+    async def spawn(cls, argv: Sequence[str], stdin: int, stdout: int) -> _Helper:
+        err_fd = os.memfd_create("ferry-helper-stderr", os.MFD_CLOEXEC)
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                *argv, stdin=stdin, stdout=stdout, stderr=err_fd, start_new_session=True)
+        except OSError as exc:
+            os.close(err_fd)
+            raise CompressorError(f"cannot run {argv[0]}: {exc.strerror or exc}") from exc
+        log.info("started %s pid %d", " ".join(argv), proc.pid)
+        return cls(argv, proc, err_fd)
+
+    @property
+    def name(self) -> str:
+        return " ".join(self.argv[:2])
+
+    @property
+    def failed(self) -> bool:
+        return self.proc.returncode not in (None, 0)
+
+    @property
+    def broken_pipe(self) -> bool:
+        """Killed by SIGPIPE: the other end went away first (a consequence, not a cause)."""
+        return self.proc.returncode == -13
+
+    async def wait(self, timeout: float | None = None) -> bool:
+        """Until it exits (True) or `timeout` passes (False); reads its stderr once gone."""
+        try:
+            await asyncio.wait_for(self.proc.wait(), timeout)
+        except TimeoutError:
+            return False
+        if self._err_fd >= 0:
+            data = os.pread(self._err_fd, 4096, max(0, os.fstat(self._err_fd).st_size - 4096))
+            self.stderr = " | ".join(ln.strip() for ln in
+                                     data.decode(errors="replace").splitlines() if ln.strip())
+            os.close(self._err_fd)
+            self._err_fd = -1
+        return True
+
+    def error(self) -> CompressorError:
+        rc = self.proc.returncode
+        how = f"exit status {rc}" if rc is None or rc >= 0 else f"killed by signal {-rc}"
+        return CompressorError(f"{self.name} failed ({how})", cause=self.stderr or None)
+
+    async def finish(self) -> None:
+        await self.wait()
+        if self.failed:
+            raise self.error()
+
+    async def kill(self) -> None:
+        if self.proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                self.proc.kill()
+        await self.wait()
+
+
+async def _pipeline(stages: Sequence[Sequence[str]], file_fd: int, *,
+                    writing: bool) -> tuple[int, list[_Helper]]:
+    """Spawn `stages` between QEMU and `file_fd`; the fd QEMU gets and the helpers.
+
+    Writing, data flows QEMU -> stages[0] -> ... -> file; reading, file ->
+    stages[0] -> ... -> QEMU.  No stage: QEMU gets (a dup of) the file itself.
+    """
+    helpers: list[_Helper] = []
+    end = os.dup(file_fd)
+    try:
+        for argv in (reversed(stages) if writing else stages):
+            r, w = os.pipe2(os.O_CLOEXEC)
+            with contextlib.suppress(OSError):
+                fcntl.fcntl(w, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
+            stdin, stdout, keep, give = (r, end, w, r) if writing else (end, w, r, w)
+            try:
+                helpers.append(await _Helper.spawn(argv, stdin, stdout))
+            finally:
+                os.close(end)
+                os.close(give)
+            end = keep
+    except BaseException:
+        os.close(end)
+        for h in helpers:
+            await h.kill()
+        raise
+    return end, helpers
+
+
+def _require_programs(stages: Sequence[Sequence[str]]) -> None:
+    for argv in stages:
+        if shutil.which(argv[0]) is None:
+            raise UnsupportedError(f"{argv[0]} is not installed on this host")
+
+
+async def _explain(helpers: Sequence[_Helper], exc: BaseException) -> BaseException:
+    """A helper's own failure explains the error better than what QEMU saw of it."""
+    for h in helpers:
+        await h.wait(HELPER_GRACE_S)
+    failed = [h for h in helpers if h.failed]
+    causes = [h for h in failed if not h.broken_pipe] or failed
+    return causes[0].error() if causes else exc
+
+
+# -- jobs ----------------------------------------------------------------------------------
+def _start_job(agent: HostAgent, dom: DomainObj, operation: str, job_id: str | None,
+               flags: int) -> ActiveJob:
+    job_id = job_id or str(uuidlib.uuid4())
+    agent.jobs.start(dom.uuid, job_id=job_id, kind=operation, phase=operation,
+                     source=agent.host, dest=None, flags=flags)
+    dom.job = ActiveJob(job_id, operation, operation, time.time(), source=agent.host,
+                        flags=flags)
+    return dom.job
+
+
+async def _end_job(agent: HostAgent, dom: DomainObj, uuid: str, job: ActiveJob,
+                   error: BaseException | None, stats: dict[str, Any] | None = None) -> None:
+    if dom.job is job:
+        dom.job = None
+    await agent.signals.unwatch(uuid)
+    err = None
+    if error is not None:
+        err = error.to_dict() if isinstance(error, FerryError) else \
+            {"type": type(error).__name__, "message": str(error) or type(error).__name__}
+    info = {"id": job.id, "operation": job.operation, "source": agent.host, "dest": None,
+            "type": "failed" if error is not None else "completed",
+            "time_elapsed_ms": int((time.time() - job.started) * 1000),
+            "statistics": stats if stats is not None else job.progress, "error": err}
+    agent.jobs.complete(uuid, agent.host, info)
+    if err is not None:
+        agent.jobs.set_error(uuid, job.id, err)
+    agent.jobs.end(uuid, job.id)
+
+
+def _aborted(what: str) -> MigrationError:
+    return MigrationError(f"operation aborted: {what} job canceled by client")
+
+
+def _lock_dom(dom: DomainObj, op: str) -> None:
+    dom.require_active(op)
+    dom.require_state(op, DomainState.RUNNING, DomainState.PAUSED)
+    dom.require_no_job(op)
+
+
+async def _hand_fd(mon: Monitor, fd: int) -> None:
+    """Give QEMU `fd` as FD_NAME (SCM_RIGHTS); our copy is closed either way."""
+    try:
+        mon.send_fd(fd)
+        await mon.execute("getfd", {"fdname": FD_NAME})
+    finally:
+        os.close(fd)
+
+
+async def _drop_fd(dom: DomainObj) -> None:
+    """QEMU takes the named fd when a command uses it; one left over would keep a pipe open."""
+    if dom.monitor is not None:
+        with contextlib.suppress(QemuError):
+            await dom.monitor.execute("closefd", {"fdname": FD_NAME}, timeout=5)
+
+
+# -- release/acquire leases: no lock manager yet ------------------------------------------
+async def release_leases_hook(agent: HostAgent, dom: DomainObj) -> None:
+    """Hook: the lock manager releases the guest's disk leases here (lock manager issue)."""
+
+
+async def acquire_leases_hook(agent: HostAgent, dom: DomainObj) -> None:
+    """Hook: the lock manager acquires the guest's disk leases here (lock manager issue)."""
+
+
+# -- save ----------------------------------------------------------------------------------
+async def save(agent: HostAgent, name: str, path: str, *, compression: str = "raw",
+               running: bool = False, paused: bool = False, bypass_cache: bool = False,
+               job_id: str | None = None) -> dict[str, Any]:
+    """Save `name` to `path`: afterwards it is shutoff:saved and the image complete."""
+    images.check_run_flags(running, paused)
+    comp = images.compressor(compression)
+    stages = [images.compress_argv(comp.name, failpoints.extra_argv("save.compressor"))]
+    if bypass_cache:
+        stages.append(images.bypass_cache_argv())
+    real = [s for s in stages if s]
+    _require_programs(real)
+    target = target_path(path)
+    dom = agent.lookup(name)
+    flags = images.SaveFlags(0)
+    for flag, on in ((images.SaveFlags.BYPASS_CACHE, bypass_cache),
+                     (images.SaveFlags.RUNNING, running), (images.SaveFlags.PAUSED, paused)):
+        flags |= flag if on else 0
+    async with dom.lock:
+        _lock_dom(dom, "save")
+        job = _start_job(agent, dom, "save", job_id, int(flags))
+    uuid = dom.uuid
+    was_running = dom.state == DomainState.RUNNING
+    header = ImageHeader(dom.current.to_xml(migratable=True), comp.name,
+                         running or (was_running and not paused))
+    run = _SaveRun(agent, dom, job, target, header, real)
+    try:
+        await agent.signals.watch(uuid)
+        stats = await run.run()
+    except BaseException as exc:
+        err = await run.undo(exc)
+        await _end_job(agent, dom, uuid, job, err)
+        if err is exc:
+            raise
+        raise err from exc
+    await release_leases_hook(agent, dom)
+    await agent.kill(dom, ShutoffReason.SAVED)
+    await _end_job(agent, dom, uuid, job, None, stats)
+    log.info("domain %s saved to %s (%s, %d bytes)", name, target, comp.name, run.size)
+    return {**dom.info(agent.host), "path": str(target), "compression": comp.name,
+            "size": run.size, "was_running": header.was_running, "job_id": job.id,
+            "statistics": stats}
+
+
+@dataclass
+class _SaveRun:
+    agent: HostAgent
+    dom: DomainObj
+    job: ActiveJob
+    target: Path
+    header: ImageHeader
+    stages: list[list[str]]
+    image: _TempImage | None = None
+    helpers: list[_Helper] = field(default_factory=list)
+    paused_by_us: bool = False
+    migrating: bool = False
+    size: int = 0
+    tracker: ProgressTracker = field(default_factory=ProgressTracker)
+
+    async def run(self) -> dict[str, Any]:
+        agent, dom = self.agent, self.dom
+        self.image = _TempImage(self.target)
+        self.image.write(images.encode_header(self.header), 0)
+        writer = self.image.writer_fd(self.header.data_offset)
+        try:
+            qemu_fd, self.helpers = await _pipeline(self.stages, writer, writing=True)
+        finally:
+            os.close(writer)
+        try:
+            if dom.state == DomainState.RUNNING:
+                await pause_cpus(agent, dom, PausedReason.SAVE)
+                self.paused_by_us = True
+            mon = dom.require_monitor("save")
+            await _outgoing_setup(mon, self.job.bandwidth_mib_s)
+            await failpoints.hit("save.before_migrate")
+            self._tick(0.0)
+        except BaseException:
+            os.close(qemu_fd)
+            raise
+        await _hand_fd(mon, qemu_fd)
+        started_ms = int(time.time() * 1000)
+        self.migrating = True
+        await mon.execute("migrate", {"uri": f"fd:{FD_NAME}"})
+        info = await qemu_migrate.wait(dom, mon, started_ms=started_ms,
+                                       on_progress=self._progress, on_tick=self._tick)
+        self.migrating = False
+        for h in self.helpers:
+            await h.finish()
+        return await self._complete(info, started_ms)
+
+    async def _complete(self, info: dict[str, Any], started_ms: int) -> dict[str, Any]:
+        assert self.image is not None
+        data_len = self.image.size() - self.header.data_offset
+        if data_len <= 0:
+            raise ImageIOError(f"nothing was written to {self.image.tmp}")
+        self.header = replace(self.header, data_len=data_len)
+        self.image.write(images.encode_header(self.header), 0)
+        await self.image.commit()
+        self.size = self.header.data_offset + data_len
+        stats = qemu_migrate.progress_of(info, started_ms)
+        stats.pop("status", None)
+        return stats
+
+    def _progress(self, stats: dict[str, Any]) -> None:
+        if stats:
+            self.job.progress = self.tracker.update(stats, time.monotonic())
+            self.agent.jobs.set_progress(self.dom.uuid, self.job.id, self.job.progress)
+
+    def _tick(self, elapsed: float) -> None:
+        if self.job.abort or self.agent.jobs.abort_requested(self.dom.uuid, self.job.id):
+            raise _aborted("save")
+        if any(h.failed for h in self.helpers):
+            raise CompressorError("the compressor exited during the save")
+
+    async def undo(self, exc: BaseException) -> BaseException:
+        """Back to before the save: no migration, no helpers, no temp file, guest running."""
+        dom = self.dom
+        if self.migrating and dom.active:
+            await qemu_migrate.cancel(dom)
+            await _until_migration_stops(dom)
+        await _drop_fd(dom)
+        err = _aborted("save") if self.job.abort else await _explain(self.helpers, exc)
+        for h in self.helpers:
+            await h.kill()
+        if self.image is not None:
+            self.image.discard()
+        if self.paused_by_us and dom.active:
+            try:
+                await run_cpus(self.agent, dom, RunningReason.SAVE_CANCELED)
+            except FerryError as resume_exc:
+                log.error("domain %s: cannot resume after the failed save: %s", dom.name,
+                          resume_exc)
+        log.warning("domain %s: save to %s failed: %s", dom.name, self.target, err)
+        return err
+
+
+async def _outgoing_setup(mon: Monitor, bandwidth_mib_s: int | None) -> None:
+    caps = [{"capability": name, "state": name == "events"}
+            for name in ("events", "postcopy-ram", "auto-converge")]
+    await mon.execute("migrate-set-capabilities", {"capabilities": caps})
+    await mon.execute("migrate-set-parameters",
+                      {"max-bandwidth": qemu_migrate.mib_to_bytes(bandwidth_mib_s or 0)})
+
+
+async def _until_migration_stops(dom: DomainObj, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while dom.active and dom.monitor is not None and time.monotonic() < deadline:
+        with contextlib.suppress(QemuError):
+            status = (await dom.monitor.execute("query-migrate")).get("status")
+            if status not in qemu_migrate.ACTIVE:
+                return
+        dom.wakeup.clear()
+        await qemu_migrate.nap(dom)
+
+
+# -- restore -------------------------------------------------------------------------------
+async def restore(agent: HostAgent, path: str, *, xml: str | None = None,
+                  running: bool = False, paused: bool = False,
+                  job_id: str | None = None) -> dict[str, Any]:
+    """Start the guest saved in `path`: running:restored, or paused:user as asked or saved."""
+    images.check_run_flags(running, paused)
+    src = Path(path)
+    if not src.is_absolute():
+        raise InvalidInputError(f"the file path must be absolute: {path}")
+    fd = _os(f"cannot open {path}", os.open, src, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        header = _read_header(fd)
+        definition = _restore_definition(agent, header, xml)
+        argv = images.decompress_argv(header.compression)
+        stages = [argv] if argv else []
+        _require_programs(stages)
+        return await _restore(agent, fd, header, definition, stages,
+                              images.starts_running(header, running, paused), job_id)
+    finally:
+        os.close(fd)
+
+
+def _read_header(fd: int) -> ImageHeader:
+    size = os.fstat(fd).st_size
+    with io.FileIO(fd, "rb", closefd=False) as f:
+        header = images.read_header(f, size)
+    if size > header.data_offset + header.data_len:
+        raise ImageError(f"image is corrupted: {size - header.data_offset - header.data_len} "
+                         "bytes after the end its header gives")
+    os.lseek(fd, header.data_offset, os.SEEK_SET)
+    return header
+
+
+def _restore_definition(agent: HostAgent, header: ImageHeader, xml: str | None) -> DomainDef:
+    """The saved definition (checked as any user XML), or `xml` if its ABI matches."""
+    try:
+        saved = agent.parse(header.xml)
+    except InvalidInputError as exc:
+        raise ImageError(f"the domain XML in the image is refused: {exc.message}") from None
+    if xml is None:
+        return saved
+    chosen = agent.parse(xml)
+    check_abi_stability(saved, chosen)
+    return chosen
+
+
+def _restore_dom(agent: HostAgent, d: DomainDef) -> tuple[DomainObj, bool]:
+    """The object the restored guest lives in (an inactive definition of it, or new)."""
+    for other in agent.domains.values():
+        if other.uuid == d.uuid and other.name != d.name:
+            raise InvalidInputError(f"domain with uuid {d.uuid} already exists as "
+                                    f"'{other.name}'")
+    dom = agent.domains.get(d.name)
+    if dom is None:
+        return DomainObj(definition=None, live=d), True
+    if dom.uuid != d.uuid:
+        raise InvalidInputError(f"domain '{d.name}' already exists with uuid {dom.uuid}")
+    dom.require_inactive("restore")
+    dom.require_no_job("restore")
+    return dom, False
+
+
+async def _restore(agent: HostAgent, fd: int, header: ImageHeader, definition: DomainDef,
+                   stages: list[list[str]], start: bool, job_id: str | None) -> dict[str, Any]:
+    dom, created = _restore_dom(agent, definition)
+    async with dom.lock:
+        dom.require_inactive("restore")
+        agent.domains[definition.name] = dom
+        job = _start_job(agent, dom, "restore", job_id, 0)
+    uuid = dom.uuid
+    run = _RestoreRun(agent, dom, job, fd, header, stages)
+    try:
+        await agent.signals.watch(uuid)
+        await run.run(definition)
+        await acquire_leases_hook(agent, dom)
+        if start:
+            await run_cpus(agent, dom, RunningReason.RESTORED)
+        else:
+            agent.set_state(dom, DomainState.PAUSED, PausedReason.USER)
+    except BaseException as exc:
+        err = await run.undo(exc, created)
+        await _end_job(agent, dom, uuid, job, err)
+        if err is exc:
+            raise
+        raise err from exc
+    await _end_job(agent, dom, uuid, job, None)
+    log.info("domain %s restored from an image (%s)", dom.name, header.compression)
+    return {**dom.info(agent.host), "job_id": job.id, "compression": header.compression}
+
+
+@dataclass
+class _RestoreRun:
+    agent: HostAgent
+    dom: DomainObj
+    job: ActiveJob
+    fd: int
+    header: ImageHeader
+    stages: list[list[str]]
+    helpers: list[_Helper] = field(default_factory=list)
+
+    async def run(self, definition: DomainDef) -> None:
+        agent, dom = self.agent, self.dom
+        await launch(agent, dom, definition, incoming="defer")
+        mon = dom.require_monitor("restore")
+        await mon.execute("migrate-set-capabilities",
+                          {"capabilities": [{"capability": "events", "state": True}]})
+        qemu_fd, self.helpers = await _pipeline(self.stages, self.fd, writing=False)
+        await _hand_fd(mon, qemu_fd)
+        await mon.execute("migrate-incoming", {"uri": f"fd:{FD_NAME}"})
+        await self._wait(mon)
+        for h in self.helpers:
+            await h.finish()
+
+    async def _wait(self, mon: Monitor) -> None:
+        dom = self.dom
+        while True:
+            if not dom.active:
+                raise QemuError("QEMU exited while loading the image",
+                                cause=log_tail(self.agent.store.qemu_log(dom.name)) or None)
+            dom.wakeup.clear()
+            try:
+                status = (await mon.execute("query-migrate", timeout=LOAD_QUERY_TIMEOUT_S)
+                          ).get("status")
+            except QemuError:
+                if dom.active:
+                    raise
+                continue
+            self._progress()
+            if status == "completed":
+                return
+            if status in ("failed", "cancelled"):
+                raise QemuError(f"loading the image {status}")
+            if self.job.abort or self.agent.jobs.abort_requested(dom.uuid, self.job.id):
+                raise _aborted("restore")
+            if any(h.failed for h in self.helpers):
+                raise CompressorError("the decompressor exited during the restore")
+            await qemu_migrate.nap(dom)
+
+    def _progress(self) -> None:
+        """Bytes of the image read so far: QEMU and the decompressor share our file offset."""
+        with contextlib.suppress(OSError):
+            done = max(0, os.lseek(self.fd, 0, os.SEEK_CUR) - self.header.data_offset)
+            total = self.header.data_len
+            self.job.progress = {"memory_total": total, "memory_processed": min(done, total),
+                                 "memory_remaining": max(0, total - done)}
+            self.agent.jobs.set_progress(self.dom.uuid, self.job.id, self.job.progress)
+
+    async def undo(self, exc: BaseException, created: bool) -> BaseException:
+        """Nothing started: the new QEMU and the helpers are gone, a new object forgotten."""
+        agent, dom = self.agent, self.dom
+        err = _aborted("restore") if self.job.abort else await _explain(self.helpers, exc)
+        if dom.active:
+            await agent.kill(dom, ShutoffReason.FAILED)
+        for h in self.helpers:
+            await h.kill()
+        agent.release_ports(dom)
+        if created and not dom.active and agent.domains.get(dom.name) is dom:
+            agent.domains.pop(dom.name)
+        log.warning("domain %s: restore failed: %s", dom.name, err)
+        return err
+
+
+# -- dump ----------------------------------------------------------------------------------
+async def dump(agent: HostAgent, name: str, path: str, *, memory_only: bool = False,
+               format: str = "elf", live: bool = False,
+               job_id: str | None = None) -> dict[str, Any]:
+    """Guest memory to `path` with dump-guest-memory; the guest runs on afterwards."""
+    request = images.dump_request(memory_only, format)
+    target = target_path(path)
+    dom = agent.lookup(name)
+    flags = (images.DumpFlags.LIVE if live else 0) | \
+        (images.DumpFlags.MEMORY_ONLY if memory_only else 0)
+    async with dom.lock:
+        _lock_dom(dom, "dump")
+        job = _start_job(agent, dom, "dump", job_id, int(flags))
+    uuid = dom.uuid
+    run = _DumpRun(agent, dom, job, target, request, live)
+    try:
+        await agent.signals.watch(uuid)
+        await run.run()
+    except BaseException as exc:
+        if run.image is not None:
+            run.image.discard()
+        await _drop_fd(dom)
+        await run.resume()
+        await _end_job(agent, dom, uuid, job, exc)
+        raise
+    await run.resume()
+    await _end_job(agent, dom, uuid, job, None)
+    return {**dom.info(agent.host), "path": str(target), "format": format,
+            "memory_only": memory_only, "size": run.size, "job_id": job.id}
+
+
+@dataclass
+class _DumpRun:
+    agent: HostAgent
+    dom: DomainObj
+    job: ActiveJob
+    target: Path
+    request: dict[str, object]
+    live: bool
+    image: _TempImage | None = None
+    paused_by_us: bool = False
+    size: int = 0
+
+    async def run(self) -> None:
+        agent, dom = self.agent, self.dom
+        mon = dom.require_monitor("dump")
+        await _check_dump_format(mon, str(self.request["format"]))
+        self.image = _TempImage(self.target)
+        if dom.state == DomainState.RUNNING:
+            if self.live:  # QEMU stops the vCPUs itself while it dumps
+                dom.expected_pause = PausedReason.DUMP
+                reason = dom.reason
+                dom.expected_resume = reason if isinstance(reason, RunningReason) \
+                    else RunningReason.UNPAUSED
+            else:
+                await pause_cpus(agent, dom, PausedReason.DUMP)
+                self.paused_by_us = True
+        await _hand_fd(mon, self.image.writer_fd(0))
+        await mon.execute("dump-guest-memory", {"protocol": f"fd:{FD_NAME}", **self.request})
+        await self._wait(mon)
+        if self.job.abort or agent.jobs.abort_requested(dom.uuid, self.job.id):
+            raise _aborted("dump")
+        self.size = self.image.size()
+        await self.image.commit()
+
+    async def _wait(self, mon: Monitor) -> None:
+        dom = self.dom
+        while True:
+            if not dom.active:
+                raise QemuError("QEMU exited during the dump")
+            info = await mon.execute("query-dump")
+            total, done = int(info.get("total") or 0), int(info.get("completed") or 0)
+            self.job.progress = {"memory_total": total, "memory_processed": done,
+                                 "memory_remaining": max(0, total - done)}
+            self.agent.jobs.set_progress(dom.uuid, self.job.id, self.job.progress)
+            if info.get("status") == "completed":
+                return
+            if info.get("status") == "failed":
+                raise QemuError("QEMU failed to write the dump",
+                                cause=log_tail(self.agent.store.qemu_log(dom.name)) or None)
+            await qemu_migrate.nap(dom)
+
+    async def resume(self) -> None:
+        """The guest runs as before: resumed if ferry paused it, QEMU's own resume awaited."""
+        dom = self.dom
+        try:
+            if self.paused_by_us and dom.active and dom.state == DomainState.PAUSED:
+                await run_cpus(self.agent, dom, RunningReason.UNPAUSED)
+            elif self.live and dom.expected_resume is not None:
+                deadline = time.monotonic() + 5
+                while dom.active and dom.state != DomainState.RUNNING and \
+                        time.monotonic() < deadline:
+                    await asyncio.sleep(0.02)
+        except FerryError as exc:
+            log.error("domain %s: cannot resume after the dump: %s", dom.name, exc)
+        finally:
+            dom.expected_pause = dom.expected_resume = None
+
+
+async def _check_dump_format(mon: Monitor, fmt: str) -> None:
+    caps = await mon.execute("query-dump-guest-memory-capability")
+    formats = [str(f) for f in caps.get("formats", [])]
+    if fmt not in formats:
+        raise UnsupportedError(f"this QEMU cannot write {fmt} dumps (it can: "
+                               f"{', '.join(formats)})")
+
+
+__all__ = ["OperationInvalidError", "dump", "restore", "save", "target_path"]
