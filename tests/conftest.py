@@ -218,8 +218,8 @@ def faulty_host(stack: Stack) -> Iterator[Callable[[str], str]]:
     """Start host 'gamma' with failpoints armed; it is removed (with its guests) after."""
     started: list[str] = []
 
-    def start(failpoints: str) -> str:
-        stack.start_worker("gamma", env={"FERRY_FAILPOINTS": failpoints})
+    def start(failpoints: str, **env: str) -> str:
+        stack.start_worker("gamma", env={"FERRY_FAILPOINTS": failpoints, **env})
         started.append("gamma")
         return "gamma"
 

@@ -200,6 +200,7 @@ async def _finish_ok(agent: HostAgent, dom: DomainObj, st: MigrationState,
                      v3: bool) -> MigrationState:
     """Complete the incoming side; the state returned carries the source's statistics."""
     p = st.params
+    await failpoints.hit("finish3.start")
     cookie = parse(st.cookie, expect_uuid=dom.uuid) if v3 and st.cookie else None
     if cookie is not None and cookie.statistics is not None:
         st = replace(st, statistics=cookie.statistics.as_dict())
