@@ -97,6 +97,10 @@ SPECS: tuple[Spec, ...] = (
          "seconds between downtime steps, per GiB of guest memory", 1, 3600),
     Spec("signal_timeout_ms", int, lambda: 5000,
          "how long a job signal waits for the job owner's reply", 50, 120000),
+    Spec("max_outgoing_migrations", int, lambda: 2,
+         "migrations a host sends at once; more wait their turn in order", 1, 64),
+    Spec("max_incoming_migrations", int, lambda: 4,
+         "migrations a host receives at once; more wait their turn in order", 1, 64),
     Spec("lease_ttl_ms", int, lambda: 15000,
          "how long a lease outlives its host's last renewal", 1000, 600000),
     Spec("tunnel_window_mib", int, lambda: 4,
@@ -132,6 +136,8 @@ class Settings:
     downtime_steps: int
     downtime_delay_s: int
     signal_timeout_ms: int
+    max_outgoing_migrations: int
+    max_incoming_migrations: int
     lease_ttl_ms: int
     tunnel_window_mib: int
     tunnel_chunk_kib: int

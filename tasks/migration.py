@@ -19,6 +19,7 @@ from workers.jobs import jobinfo_view
 from workers.migration import dest, source
 from workers.migration.params import MigrationParams
 from workers.migration.state import MigrationState, Phase, rebuild_error
+from workers.slots import Slots
 
 log = logging.getLogger(__name__)
 
@@ -86,14 +87,34 @@ def _last(st: MigrationState) -> dict[str, Any]:
     return summary(st)
 
 
-@app.task(name="ferry.begin3")
-def begin3(params: dict[str, Any]) -> dict[str, Any]:
+RETRY_S = 0.25  # how soon a migration waiting for a slot asks again
+
+
+def wait_turn(task: Any, direction: str, job_id: str) -> None:
+    """Go on if this host has a free migration slot for the job; else retry, keeping
+    the job's place in line (and no worker thread while it waits)."""
+    agent = get_agent()
+    cfg = agent.settings
+    limit = cfg.max_outgoing_migrations if direction == "out" else cfg.max_incoming_migrations
+    if not Slots(agent.redis, agent.host).take(direction, job_id, limit):
+        raise task.retry(countdown=RETRY_S, max_retries=None)
+
+
+def give_back(direction: str, job_id: str) -> None:
+    agent = get_agent()
+    Slots(agent.redis, agent.host).give_back(direction, job_id)
+
+
+@app.task(name="ferry.begin3", bind=True)
+def begin3(self: Any, params: dict[str, Any]) -> dict[str, Any]:
     st = MigrationState(params=MigrationParams.from_json(params))
+    wait_turn(self, "out", st.params.job_id)
     return run_phase(source.begin3, Phase.BEGIN3, st.to_json()).to_json()
 
 
-@app.task(name="ferry.prepare3")
-def prepare3(state: dict[str, Any]) -> dict[str, Any]:
+@app.task(name="ferry.prepare3", bind=True)
+def prepare3(self: Any, state: dict[str, Any]) -> dict[str, Any]:
+    wait_turn(self, "in", state["params"]["job_id"])
     return run_phase(lambda a, s: dest.prepare(a, s, v3=True), Phase.PREPARE, state).to_json()
 
 
@@ -111,28 +132,45 @@ def perform3(self: Any, state: dict[str, Any]) -> dict[str, Any]:
 
 @app.task(name="ferry.finish3")
 def finish3(state: dict[str, Any]) -> dict[str, Any]:
-    return run_phase(lambda a, s: dest.finish(a, s, v3=True), Phase.FINISH3, state).to_json()
+    try:
+        return run_phase(lambda a, s: dest.finish(a, s, v3=True), Phase.FINISH3,
+                         state).to_json()
+    finally:
+        give_back("in", state["params"]["job_id"])
 
 
 @app.task(name="ferry.confirm3")
 def confirm3(state: dict[str, Any]) -> dict[str, Any]:
-    return _last(run_phase(source.confirm3, Phase.CONFIRM3, state))
+    try:
+        st = run_phase(source.confirm3, Phase.CONFIRM3, state)
+    finally:
+        give_back("out", state["params"]["job_id"])
+    return _last(st)
 
 
-@app.task(name="ferry.prepare2")
-def prepare2(state: dict[str, Any]) -> dict[str, Any]:
+@app.task(name="ferry.prepare2", bind=True)
+def prepare2(self: Any, state: dict[str, Any]) -> dict[str, Any]:
+    wait_turn(self, "in", state["params"]["job_id"])
     return run_phase(lambda a, s: dest.prepare(a, s, v3=False), Phase.PREPARE, state).to_json()
 
 
 @app.task(name="ferry.perform2", bind=True)
 def perform2(self: Any, state: dict[str, Any]) -> dict[str, Any]:
-    return run_phase(source.perform2, Phase.PERFORM2, state, _reporter(self)).to_json()
+    job_id = state["params"]["job_id"]
+    wait_turn(self, "out", job_id)
+    try:
+        return run_phase(source.perform2, Phase.PERFORM2, state, _reporter(self)).to_json()
+    finally:
+        give_back("out", job_id)
 
 
 @app.task(name="ferry.finish2")
 def finish2(state: dict[str, Any], last: bool = True) -> dict[str, Any]:
     """The end of a managed v2 chain; a p2p source calls it with last=False for the state."""
-    st = run_phase(lambda a, s: dest.finish(a, s, v3=False), Phase.FINISH2, state)
+    try:
+        st = run_phase(lambda a, s: dest.finish(a, s, v3=False), Phase.FINISH2, state)
+    finally:
+        give_back("in", state["params"]["job_id"])
     return _last(st) if last else st.to_json()
 
 

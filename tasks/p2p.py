@@ -18,7 +18,7 @@ from typing import Any
 from celery.exceptions import TimeoutError as CeleryTimeout
 
 from config.celery_app import app, queue_for
-from tasks.migration import _last, _reporter, run_phase
+from tasks.migration import _last, _reporter, give_back, run_phase, wait_turn
 from workers.agent import HostAgent, get_agent
 from workers.errors import FerryError, HostUnavailableError, MigrationError
 from workers.heartbeat import get_host
@@ -94,7 +94,12 @@ def run_p2p(task: Any, params: dict[str, Any]) -> MigrationState:
 
 @app.task(name="ferry.migrate_p2p", bind=True)
 def migrate_p2p(self: Any, params: dict[str, Any]) -> dict[str, Any]:
-    return _last(run_p2p(self, params))
+    wait_turn(self, "out", params["job_id"])
+    try:
+        st = run_p2p(self, params)
+    finally:
+        give_back("out", params["job_id"])
+    return _last(st)
 
 
 
