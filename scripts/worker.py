@@ -13,6 +13,7 @@ import sys
 
 from config.celery_app import configure, queue_for
 from config.settings import Settings, load
+from tasks.recovery import resume_interrupted
 from workers import failpoints
 from workers.agent import HostAgent, set_agent
 
@@ -41,6 +42,7 @@ def run_worker(args: argparse.Namespace) -> int:
     agent = HostAgent(settings)
     agent.start()
     set_agent(agent)
+    resume_interrupted(agent)
     try:
         app.worker_main([
             "worker", "--pool=threads", f"--concurrency={settings.worker_concurrency}",

@@ -12,6 +12,8 @@ import time
 from collections.abc import Callable, Coroutine
 from typing import Any
 
+from celery.exceptions import Ignore
+
 from config.celery_app import app
 from workers.agent import HostAgent, get_agent
 from workers.errors import FerryError, MigrationError
@@ -30,6 +32,10 @@ def run_phase(fn: PhaseFn, phase: Phase, state: dict[str, Any],
               report: Callable[[dict[str, Any]], None] | None = None) -> MigrationState:
     agent = get_agent()
     st = MigrationState.from_json(state)
+    if agent.jobs.ended(st.params.job_id):
+        # A stale redelivery of a job that has ended: run nothing, keep its results.
+        log.warning("job %s ended already: ignoring a late %s", st.params.job_id, phase.value)
+        raise Ignore()
     cancelled = st.failed
     started = time.monotonic()
     tick = None

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import signal
@@ -27,7 +28,7 @@ from workers.domain import DomainDef, parse_domain_xml
 from workers.domobj import DomainObj
 from workers.errors import HostUnavailableError, NotFoundError, QemuError
 from workers.heartbeat import Heartbeat
-from workers.jobs import JobStore
+from workers.jobs import ActiveJob, JobStore
 from workers.monitor import Monitor
 from workers.ports import PortAllocator
 from workers.process import QemuProcess, attach
@@ -180,7 +181,12 @@ class HostAgent:
             self.save_status(dom)
 
     def save_status(self, dom: DomainObj, extra: dict[str, str] | None = None) -> None:
+        """The status file: state, pid, live XML, and the job (for a restarted worker)."""
         assert dom.proc is not None and dom.live is not None
+        extra = dict(extra or {})
+        if dom.job is not None:
+            extra["job"] = dom.job.to_status()
+        extra["leases"] = json.dumps({"held": dom.leases_held, "lockstate": dom.lockstate})
         self.store.save_status(
             dom.name,
             state=dom.state.value,
@@ -277,8 +283,19 @@ class HostAgent:
         for rec in self.store.load_statuses():
             try:
                 await self._reconnect(rec.name, rec.domain_xml, rec.pid, rec.state, rec.reason)
+                dom = self.domains.get(rec.name)
+                if dom is not None and dom.active:
+                    self._restore_extra(dom, rec.extra)
             except Exception as exc:
                 log.error("domain %s: reconnect failed: %s", rec.name, exc)
+
+    def _restore_extra(self, dom: DomainObj, extra: dict[str, str]) -> None:
+        """The job and lease state a status file kept across a worker restart."""
+        if extra.get("job"):
+            dom.job = ActiveJob.from_status(extra["job"])
+        if extra.get("leases"):
+            leases = json.loads(extra["leases"])
+            dom.leases_held, dom.lockstate = bool(leases["held"]), leases["lockstate"]
 
     async def _reconnect(self, name: str, xml: str, pid: int, state: str, reason: str) -> None:
         from workers.states import parse_reason

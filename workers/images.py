@@ -193,7 +193,7 @@ def read_header(f: BinaryIO, file_size: int) -> ImageHeader:
         raise ImageError("not a ferry save image (bad magic)")
     if len(raw) < FIXED_SIZE:
         raise ImageError(f"image is truncated: {file_size} bytes, shorter than its header")
-    magic, version, flags, name, xml_len, data_offset, data_len, crc, _ = _FIXED.unpack(raw)
+    _, version, flags, name, xml_len, data_offset, data_len, crc, _ = _FIXED.unpack(raw)
     if version != VERSION:
         raise ImageError(f"unsupported image version {version} (this ferry reads {VERSION})")
     if xml_len > MAX_XML_BYTES or data_offset != align_up(FIXED_SIZE + xml_len):

@@ -56,6 +56,19 @@ class ActiveJob:
     progress: dict[str, Any] = field(default_factory=dict)
     bandwidth_mib_s: int | None = None  # set by setspeed, applied when Perform runs
     max_downtime_ms: int | None = None  # set by setmaxdowntime: the schedule stops
+    # The migration state this host last returned (or was given): what a redelivered
+    # phase answers again, and what a restarted worker resumes the chain from.
+    state: dict[str, Any] | None = None
+
+    _KEPT = ("id", "operation", "phase", "started", "source", "dest", "flags", "state")
+
+    def to_status(self) -> str:
+        return json.dumps({k: getattr(self, k) for k in self._KEPT})
+
+    @classmethod
+    def from_status(cls, text: str) -> ActiveJob:
+        data = json.loads(text)
+        return cls(**{k: data[k] for k in cls._KEPT if k in data})
 
 
 class JobStore:
@@ -138,7 +151,12 @@ class JobStore:
         raw = self.redis.get(done_key(uuid, host))
         return None if raw is None else dict(json.loads(raw))
 
+    def ended(self, job_id: str) -> bool:
+        """Whether this job ended (a stale redelivery of one of its phases must not run)."""
+        return bool(self.redis.exists(f"ferry:jobended:{job_id}"))
+
     def end(self, uuid: str, job_id: str) -> None:
+        self.redis.set(f"ferry:jobended:{job_id}", "1", ex=DONE_TTL_S)
         if self._mine(uuid, job_id):
             self.redis.delete(job_key(uuid))
             log.info("job %s: ended on %s", job_id, self.host)

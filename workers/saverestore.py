@@ -9,6 +9,9 @@ and the guest is shutoff:saved.  Restore checks the header, starts QEMU with
 (`migrate-incoming fd:NAME`).  Raw images need no helper: QEMU gets the file.
 Dump hands QEMU the temp file for `dump-guest-memory`.
 
+Leases: the save's pause releases them, restore takes them before QEMU starts
+(and gives them back when the guest stays paused), as `start` does.
+
 Each is a job: the record shows progress (domjobinfo), and domjobabort stops
 it: QEMU's migration is cancelled (save; "save" is one of the signal
 listener's PERFORM_PHASES), the load is stopped (restore), or the finished
@@ -41,7 +44,6 @@ from workers.errors import (
     FerryError,
     InvalidInputError,
     MigrationError,
-    OperationInvalidError,
     QemuError,
     UnsupportedError,
 )
@@ -139,12 +141,12 @@ class _TempImage:
 class _Helper:
     """A compressor, decompressor or dd ferry started; stderr kept for the error line."""
 
-    def __init__(self, argv: Sequence[str], proc: asyncio.subprocess.Process, err_fd: int):
-        self.argv, self.proc, self._err_fd = list(argv), proc, err_fd
+    def __init__(self, name: str, proc: asyncio.subprocess.Process, err_fd: int):
+        self.name, self.proc, self._err_fd = name, proc, err_fd
         self.stderr = ""
 
     @classmethod
-    async def spawn(cls, argv: Sequence[str], stdin: int, stdout: int) -> _Helper:
+    async def spawn(cls, name: str, argv: Sequence[str], stdin: int, stdout: int) -> _Helper:
         err_fd = os.memfd_create("ferry-helper-stderr", os.MFD_CLOEXEC)
         try:
             proc = await asyncio.create_subprocess_exec(
@@ -152,12 +154,8 @@ class _Helper:
         except OSError as exc:
             os.close(err_fd)
             raise CompressorError(f"cannot run {argv[0]}: {exc.strerror or exc}") from exc
-        log.info("started %s pid %d", " ".join(argv), proc.pid)
-        return cls(argv, proc, err_fd)
-
-    @property
-    def name(self) -> str:
-        return " ".join(self.argv[:2])
+        log.info("started %s pid %d: %s", name, proc.pid, " ".join(argv))
+        return cls(name, proc, err_fd)
 
     @property
     def failed(self) -> bool:
@@ -213,13 +211,15 @@ async def _pipeline(stages: Sequence[Sequence[str]], file_fd: int, *,
             r, w = os.pipe2(os.O_CLOEXEC)
             with contextlib.suppress(OSError):
                 fcntl.fcntl(w, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
-            stdin, stdout, keep, give = (r, end, w, r) if writing else (end, w, r, w)
+            # the helper's stdin and stdout; the pipe end kept for the next stage or QEMU
+            stdin, stdout, keep = (r, end, w) if writing else (end, w, r)
+            role = "" if argv[0] == "dd" else ("compressor " if writing else "decompressor ")
             try:
-                helpers.append(await _Helper.spawn(argv, stdin, stdout))
+                helpers.append(await _Helper.spawn(role + argv[0], argv, stdin, stdout))
             finally:
-                os.close(end)
-                os.close(give)
-            end = keep
+                os.close(stdin)
+                os.close(stdout)
+                end = keep
     except BaseException:
         os.close(end)
         for h in helpers:
@@ -238,8 +238,7 @@ async def _explain(helpers: Sequence[_Helper], exc: BaseException) -> BaseExcept
     """A helper's own failure explains the error better than what QEMU saw of it."""
     for h in helpers:
         await h.wait(HELPER_GRACE_S)
-    failed = [h for h in helpers if h.failed]
-    causes = [h for h in failed if not h.broken_pipe] or failed
+    causes = [h for h in helpers if h.failed and not h.broken_pipe]
     return causes[0].error() if causes else exc
 
 
@@ -273,6 +272,13 @@ async def _end_job(agent: HostAgent, dom: DomainObj, uuid: str, job: ActiveJob,
     agent.jobs.end(uuid, job.id)
 
 
+async def _exited(dom: DomainObj, grace: float = 2.0) -> bool:
+    """After a monitor error: whether QEMU is gone (its exit may be a moment behind)."""
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(dom.exited.wait(), grace)
+    return not dom.active
+
+
 def _aborted(what: str) -> MigrationError:
     return MigrationError(f"operation aborted: {what} job canceled by client")
 
@@ -299,15 +305,6 @@ async def _drop_fd(dom: DomainObj) -> None:
             await dom.monitor.execute("closefd", {"fdname": FD_NAME}, timeout=5)
 
 
-# -- release/acquire leases: no lock manager yet ------------------------------------------
-async def release_leases_hook(agent: HostAgent, dom: DomainObj) -> None:
-    """Hook: the lock manager releases the guest's disk leases here (lock manager issue)."""
-
-
-async def acquire_leases_hook(agent: HostAgent, dom: DomainObj) -> None:
-    """Hook: the lock manager acquires the guest's disk leases here (lock manager issue)."""
-
-
 # -- save ----------------------------------------------------------------------------------
 async def save(agent: HostAgent, name: str, path: str, *, compression: str = "raw",
                running: bool = False, paused: bool = False, bypass_cache: bool = False,
@@ -322,13 +319,12 @@ async def save(agent: HostAgent, name: str, path: str, *, compression: str = "ra
     _require_programs(real)
     target = target_path(path)
     dom = agent.lookup(name)
-    flags = images.SaveFlags(0)
-    for flag, on in ((images.SaveFlags.BYPASS_CACHE, bypass_cache),
-                     (images.SaveFlags.RUNNING, running), (images.SaveFlags.PAUSED, paused)):
-        flags |= flag if on else 0
+    flags = sum(int(flag) for flag, on in ((images.SaveFlags.BYPASS_CACHE, bypass_cache),
+                                           (images.SaveFlags.RUNNING, running),
+                                           (images.SaveFlags.PAUSED, paused)) if on)
     async with dom.lock:
         _lock_dom(dom, "save")
-        job = _start_job(agent, dom, "save", job_id, int(flags))
+        job = _start_job(agent, dom, "save", job_id, flags)
     uuid = dom.uuid
     was_running = dom.state == DomainState.RUNNING
     header = ImageHeader(dom.current.to_xml(migratable=True), comp.name,
@@ -343,9 +339,11 @@ async def save(agent: HostAgent, name: str, path: str, *, compression: str = "ra
         if err is exc:
             raise
         raise err from exc
-    await release_leases_hook(agent, dom)
-    await agent.kill(dom, ShutoffReason.SAVED)
-    await _end_job(agent, dom, uuid, job, None, stats)
+    try:
+        agent.release_leases(dom)  # already, when the save paused it; QEMU's exit would too
+        await agent.kill(dom, ShutoffReason.SAVED)
+    finally:
+        await _end_job(agent, dom, uuid, job, None, stats)
     log.info("domain %s saved to %s (%s, %d bytes)", name, target, comp.name, run.size)
     return {**dom.info(agent.host), "path": str(target), "compression": comp.name,
             "size": run.size, "was_running": header.was_running, "job_id": job.id,
@@ -430,6 +428,9 @@ class _SaveRun:
             await _until_migration_stops(dom)
         await _drop_fd(dom)
         err = _aborted("save") if self.job.abort else await _explain(self.helpers, exc)
+        if isinstance(err, MigrationError) and err.message.startswith("migration failed: "):
+            err = MigrationError(f"QEMU could not write the image: "
+                                 f"{err.message.removeprefix('migration failed: ')}")
         for h in self.helpers:
             await h.kill()
         if self.image is not None:
@@ -536,12 +537,14 @@ async def _restore(agent: HostAgent, fd: int, header: ImageHeader, definition: D
     run = _RestoreRun(agent, dom, job, fd, header, stages)
     try:
         await agent.signals.watch(uuid)
+        dom.live = definition  # the leases are those of the disks it will open
+        agent.acquire_leases(dom)  # every lease or nothing starts, as `start`
         await run.run(definition)
-        await acquire_leases_hook(agent, dom)
         if start:
             await run_cpus(agent, dom, RunningReason.RESTORED)
         else:
             agent.set_state(dom, DomainState.PAUSED, PausedReason.USER)
+            agent.release_leases(dom)
     except BaseException as exc:
         err = await run.undo(exc, created)
         await _end_job(agent, dom, uuid, job, err)
@@ -550,7 +553,8 @@ async def _restore(agent: HostAgent, fd: int, header: ImageHeader, definition: D
         raise err from exc
     await _end_job(agent, dom, uuid, job, None)
     log.info("domain %s restored from an image (%s)", dom.name, header.compression)
-    return {**dom.info(agent.host), "job_id": job.id, "compression": header.compression}
+    return {**dom.info(agent.host), "job_id": job.id, "compression": header.compression,
+            "was_running": header.was_running}
 
 
 @dataclass
@@ -587,9 +591,9 @@ class _RestoreRun:
                 status = (await mon.execute("query-migrate", timeout=LOAD_QUERY_TIMEOUT_S)
                           ).get("status")
             except QemuError:
-                if dom.active:
-                    raise
-                continue
+                if await _exited(dom):
+                    continue  # the top of the loop says so, with QEMU's last words
+                raise
             self._progress()
             if status == "completed":
                 return
@@ -613,12 +617,18 @@ class _RestoreRun:
     async def undo(self, exc: BaseException, created: bool) -> BaseException:
         """Nothing started: the new QEMU and the helpers are gone, a new object forgotten."""
         agent, dom = self.agent, self.dom
-        err = _aborted("restore") if self.job.abort else await _explain(self.helpers, exc)
-        if dom.active:
+        if dom.active:  # first: a decompressor QEMU no longer reads from dies of SIGPIPE
             await agent.kill(dom, ShutoffReason.FAILED)
+        err = _aborted("restore") if self.job.abort else await _explain(self.helpers, exc)
         for h in self.helpers:
             await h.kill()
         agent.release_ports(dom)
+        try:
+            agent.release_leases(dom)  # when QEMU never started; its exit releases them
+        except Exception as lease_exc:  # they expire anyway once nobody renews them
+            log.error("domain %s: releasing leases failed: %s", dom.name, lease_exc)
+        if dom.persistent and not dom.active:
+            dom.live = None
         if created and not dom.active and agent.domains.get(dom.name) is dom:
             agent.domains.pop(dom.name)
         log.warning("domain %s: restore failed: %s", dom.name, err)
@@ -633,11 +643,11 @@ async def dump(agent: HostAgent, name: str, path: str, *, memory_only: bool = Fa
     request = images.dump_request(memory_only, format)
     target = target_path(path)
     dom = agent.lookup(name)
-    flags = (images.DumpFlags.LIVE if live else 0) | \
-        (images.DumpFlags.MEMORY_ONLY if memory_only else 0)
+    flags = (int(images.DumpFlags.LIVE) if live else 0) | \
+        (int(images.DumpFlags.MEMORY_ONLY) if memory_only else 0)
     async with dom.lock:
         _lock_dom(dom, "dump")
-        job = _start_job(agent, dom, "dump", job_id, int(flags))
+        job = _start_job(agent, dom, "dump", job_id, flags)
     uuid = dom.uuid
     run = _DumpRun(agent, dom, job, target, request, live)
     try:
@@ -694,8 +704,14 @@ class _DumpRun:
         dom = self.dom
         while True:
             if not dom.active:
-                raise QemuError("QEMU exited during the dump")
-            info = await mon.execute("query-dump")
+                raise QemuError("QEMU exited during the dump",
+                                cause=log_tail(self.agent.store.qemu_log(dom.name)) or None)
+            try:
+                info = await mon.execute("query-dump")
+            except QemuError:
+                if await _exited(dom):
+                    continue
+                raise
             total, done = int(info.get("total") or 0), int(info.get("completed") or 0)
             self.job.progress = {"memory_total": total, "memory_processed": done,
                                  "memory_remaining": max(0, total - done)}
@@ -732,4 +748,4 @@ async def _check_dump_format(mon: Monitor, fmt: str) -> None:
                                f"{', '.join(formats)})")
 
 
-__all__ = ["OperationInvalidError", "dump", "restore", "save", "target_path"]
+__all__ = ["dump", "restore", "save", "target_path"]

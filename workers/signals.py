@@ -32,7 +32,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-PERFORM_PHASES = ("perform3", "perform2")
+PERFORM_PHASES = ("perform3", "perform2", "save")  # save: a migration to a file
+ABORT_SETTLE_S = 5.0
 
 
 def job_channel(uuid: str) -> str:
@@ -128,8 +129,22 @@ async def _abort(agent: HostAgent, dom: DomainObj, args: dict[str, Any]) -> Any:
     agent.jobs.request_abort(dom.uuid)
     if _performing(dom):
         await qemu_migrate.cancel(dom)
-        return {"aborted": True, "phase": dom.job.phase}
+        status = await _settled(dom, ABORT_SETTLE_S)
+        return {"aborted": True, "phase": dom.job.phase if dom.job else None,
+                "status": status}
     return {"aborted": True, "phase": dom.job.phase, "deferred": True}
+
+
+async def _settled(dom: DomainObj, within: float) -> str | None:
+    """QEMU's migration status once it has left the active states (bounded wait), so
+    the abort reply says the migration really stopped."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + within
+    while loop.time() < deadline:
+        if not dom.active or dom.migration_status in ("cancelled", "failed", "completed"):
+            return dom.migration_status
+        await asyncio.sleep(0.002)
+    return dom.migration_status
 
 
 async def _setspeed(agent: HostAgent, dom: DomainObj, args: dict[str, Any]) -> Any:

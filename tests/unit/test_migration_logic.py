@@ -116,3 +116,19 @@ def test_job_info_names_the_direction_by_the_host_that_asks() -> None:
                          "statistics": {"downtime": 7, "setup_time": 2}}, "beta",
                         completed=True)
     assert (done["type"], done["downtime_ms"], done["setup_time_ms"]) == ("completed", 7, 2)
+
+
+@pytest.mark.parametrize("data, needle", [
+    ([1, 2], "JSON object"),
+    ({"domain": "g", "source": "a"}, "lack dest"),
+    ({"domain": 5, "source": "a", "dest": "b"}, "'domain'"),
+    ({"domain": "g", "source": "a", "dest": "b", "flags": "1"}, "'flags'"),
+    ({"domain": "g", "source": "a", "dest": "b", "flags": True}, "'flags'"),
+    ({"domain": "g", "source": "a", "dest": "b", "timeout_s": 1.5}, "'timeout_s'"),
+    ({"domain": "g", "source": "a", "dest": "b", "xmlin": ["x"]}, "'xmlin'"),
+    ({"domain": "g", "source": "a", "dest": "b", "flags": -1}, "flags"),
+])
+def test_task_messages_with_wrong_types_or_missing_fields_are_clear_errors(
+        data: object, needle: str) -> None:
+    with pytest.raises(InvalidInputError, match=needle):
+        MigrationParams.from_json(data)  # type: ignore[arg-type]

@@ -72,6 +72,10 @@ async def prepare(agent: HostAgent, st: MigrationState, *, v3: bool) -> Migratio
     p = st.params
     if st.failed:
         return st  # an earlier phase failed: nothing to prepare
+    again = agent.domains.get(p.domain)
+    if again is not None and again.job is not None and again.job.id == p.job_id and \
+            again.job.state is not None and again.active:
+        return MigrationState.from_json(again.job.state)  # redelivered: the same answer
     await failpoints.hit("prepare3.start")
     if v3:
         parse(st.cookie or "", local_hostuuid=agent.uuid)
@@ -103,7 +107,11 @@ async def prepare(agent: HostAgent, st: MigrationState, *, v3: bool) -> Migratio
         raise
     cookie = make_cookie(d.name, d.uuid, agent.host, agent.uuid,
                          graphics=_graphics_cookie(dom.current, agent.settings.migration_address))
-    return replace(st, cookie=cookie.to_xml() if v3 else None, uri=uri)
+    st = replace(st, cookie=cookie.to_xml() if v3 else None, uri=uri)
+    dom.job.state = st.to_json()
+    if dom.active:
+        agent.save_status(dom)
+    return st
 
 
 async def _start_incoming(agent: HostAgent, dom: DomainObj, d: DomainDef,

@@ -94,6 +94,7 @@ class MigrationParams:
     timeout_s: int | None = None
 
     def __post_init__(self) -> None:
+        self._check_types()
         f = MigrationFlags(self.flags)
         unsupported = f & ~SUPPORTED_FLAGS
         if unsupported:
@@ -124,6 +125,26 @@ class MigrationParams:
         if self.timeout_s is not None and self.timeout_s <= 0:
             raise InvalidInputError("timeout must be > 0 s")
 
+    def _check_types(self) -> None:
+        """Messages come from anywhere (send_task): wrong types are a clear error."""
+        for name in ("domain", "source", "dest", "job_id"):
+            if not isinstance(getattr(self, name), str) or not getattr(self, name):
+                raise InvalidInputError(f"migration parameter '{name}' must be a non-empty "
+                                        "string")
+        for name in ("flags", "protocol", "bandwidth_mib_s"):
+            if type(getattr(self, name)) is not int:
+                raise InvalidInputError(f"migration parameter '{name}' must be an integer")
+        for name in ("max_downtime_ms", "timeout_s"):
+            value = getattr(self, name)
+            if value is not None and type(value) is not int:
+                raise InvalidInputError(f"migration parameter '{name}' must be an integer")
+        for name in ("xmlin", "migrate_uri"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, str):
+                raise InvalidInputError(f"migration parameter '{name}' must be a string")
+        if self.flags < 0:
+            raise InvalidInputError("migration flags must be >= 0")
+
     @property
     def fl(self) -> MigrationFlags:
         return MigrationFlags(self.flags)
@@ -135,7 +156,12 @@ class MigrationParams:
         return asdict(self)
 
     @classmethod
-    def from_json(cls, data: dict[str, Any]) -> MigrationParams:
+    def from_json(cls, data: Any) -> MigrationParams:
+        if not isinstance(data, dict):
+            raise InvalidInputError("migration parameters must be a JSON object")
+        missing = [k for k in ("domain", "source", "dest") if k not in data]
+        if missing:
+            raise InvalidInputError(f"migration parameters lack {', '.join(missing)}")
         known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
         return cls(**known)
 

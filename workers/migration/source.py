@@ -95,11 +95,45 @@ async def perform3(agent: HostAgent, st: MigrationState) -> MigrationState:
     p = st.params
     if st.failed:
         return st  # Begin or Prepare failed: Confirm undoes what was started
+    dom = agent.lookup(p.domain)
+    if dom.job is not None and dom.job.id == p.job_id and dom.job.phase in (
+            Phase.PERFORM3.value, Phase.PERFORM3_DONE.value):
+        return await resume_perform(agent, dom, st)  # redelivered, or after a restart
     dom = _job_dom(agent, p, Phase.PERFORM3)
+    assert dom.job is not None
+    dom.job.state = st.to_json()  # what a restarted worker resumes Perform from
+    if dom.active:
+        agent.save_status(dom)
     check_abort(agent, dom, dom.uuid, p.job_id)
     dest_cookie = parse(st.cookie or "", expect_uuid=dom.uuid)
     if not p.has(F.OFFLINE):
         st = await _migrate(agent, dom, st, dest_cookie.graphics)
+    return _perform_done(agent, dom, st)
+
+
+async def resume_perform(agent: HostAgent, dom: DomainObj,
+                         st: MigrationState) -> MigrationState:
+    """Perform ran on this host before (its task redelivered, or the worker restarted):
+    never a second `migrate`.  QEMU says how it ended: completed → the switch-over
+    happened, finish the phase; anything else → cancel it, the phase failed."""
+    assert dom.job is not None
+    if dom.job.phase == Phase.PERFORM3_DONE.value and dom.job.state:
+        return MigrationState.from_json(dom.job.state)
+    info = await dom.require_monitor("resume perform").execute("query-migrate")
+    if info.get("status") != "completed":
+        await qemu_migrate.cancel(dom)
+        raise MigrationError(f"perform3 was interrupted (worker restart or redelivery); "
+                             f"QEMU's migration was {info.get('status', 'none')}: cancelled")
+    agent.set_state(dom, DomainState.PAUSED, PausedReason.MIGRATION)
+    stats = qemu_migrate.progress_of(info, int(dom.job.started * 1000))
+    stats.pop("status", None)
+    agent.release_leases(dom)
+    st = replace(st, source_paused_by_us=True, statistics=stats)
+    return _perform_done(agent, dom, st)
+
+
+def _perform_done(agent: HostAgent, dom: DomainObj, st: MigrationState) -> MigrationState:
+    p = st.params
     persistent = None
     if p.has(F.PERSIST_DEST):
         persistent = st.xml if p.xmlin or dom.definition is None else \
@@ -112,8 +146,13 @@ async def perform3(agent: HostAgent, st: MigrationState) -> MigrationState:
         lockstate = CookieLockstate(agent.locks.driver, dom.lockstate)
     out = make_cookie(dom.name, dom.uuid, agent.host, agent.uuid, persistent_xml=persistent,
                       statistics=stats, lockstate=lockstate)
+    st = replace(st, cookie=out.to_xml())
     _job_dom(agent, p, Phase.PERFORM3_DONE)
-    return replace(st, cookie=out.to_xml())
+    assert dom.job is not None
+    dom.job.state = st.to_json()
+    if dom.active:
+        agent.save_status(dom)
+    return st
 
 
 async def _migrate(agent: HostAgent, dom: DomainObj, st: MigrationState,
@@ -137,6 +176,7 @@ async def _migrate(agent: HostAgent, dom: DomainObj, st: MigrationState,
     try:
         check_abort(agent, dom, dom.uuid, p.job_id)
         uri = await _data_uri(agent, dom, mon, st)
+        dom.migration_status = None  # from here on, QEMU's events for this migration
         await mon.execute("migrate", {"uri": uri})
         info = await qemu_migrate.wait(dom, mon, started_ms=started_ms,
                                        on_progress=conv.progress, on_tick=conv.tick)
@@ -147,6 +187,7 @@ async def _migrate(agent: HostAgent, dom: DomainObj, st: MigrationState,
     finally:
         dom.expected_pause = None
         await _end_tunnel(agent, dom)
+    await failpoints.hit("perform3.after_migrate")
     # QEMU stopped the CPUs for the switch-over: say so, do not wait for STOP.
     agent.set_state(dom, DomainState.PAUSED, PausedReason.MIGRATION)
     st = replace(st, source_paused_by_us=True)

@@ -1,0 +1,111 @@
+"""Faults in the middle of a migration: worker restarts and redelivered phases."""
+
+from __future__ import annotations
+
+import signal
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from scripts.guestimage import build_image
+from scripts.stack import Stack, wait_for
+from tasks.client import Client
+from tests.conftest import Guest, qemu_pids_of, wait_info
+from workers.errors import FerryError
+
+
+def _busy(client: Client, make_guest: Callable[..., Guest], image_dir: Path,
+          host: str = "alpha") -> Guest:
+    image = build_image(image_dir / "busy16tcg.img", dirty_mib=16, rate_mib_s=None)
+    guest = make_guest(memory_mib=128, image=image, domain_type="qemu")
+    client.call(host, "define", xml=guest.xml)
+    client.call(host, "start", domain=guest.name)
+    guest.wait_counter_above(0)
+    return guest
+
+
+def test_source_worker_killed_while_perform_copies_cancels_and_the_guest_runs_on_the_source(
+        stack: Stack, client: Client, make_guest: Callable[..., Guest],
+        image_dir: Path) -> None:
+    guest = _busy(client, make_guest, image_dir)
+    job = client.migrate(guest.name, "alpha", "beta", live=True, bandwidth_mib_s=4)
+    wait_for(lambda: (job.info().get("data_processed") or 0) > 0, 30, "the copy to run")
+    src_pid = client.call("alpha", "dominfo", domain=guest.name)["pid"]
+
+    stack.kill_worker("alpha", signal.SIGKILL)
+    stack.start_worker("alpha")
+    with pytest.raises(FerryError) as err:
+        job.wait(timeout=60)
+
+    assert "perform3 was interrupted" in str(err.value)
+    info = wait_info(client, "alpha", guest.name, lambda i: i["state"] == "running")
+    assert info["pid"] == src_pid
+    wait_for(lambda: qemu_pids_of(guest.uuid) == [src_pid], 15, "the dest QEMU to go")
+    assert client.call("alpha", "domjobinfo", domain=guest.name)["type"] == "none"
+    guest.wait_counter_above(guest.counters()[-1] + 2)
+
+
+def test_source_worker_killed_after_the_switch_over_finishes_on_the_dest_after_restart(
+        stack: Stack, client: Client, make_guest: Callable[..., Guest],
+        faulty_host: Callable[..., str], base_image: Path) -> None:
+    src = faulty_host("perform3.after_migrate=kill")
+    guest = make_guest(memory_mib=64, domain_type="qemu")
+    client.call(src, "define", xml=guest.xml)
+    client.call(src, "start", domain=guest.name)
+    guest.wait_counter_above(0)
+    job = client.migrate(guest.name, src, "beta", live=True)
+    worker = stack.workers[src].proc
+    assert worker is not None
+    worker.wait(timeout=60)  # the failpoint kills it right after QEMU completed
+    assert worker.returncode == -signal.SIGKILL
+    # The source is paused and the dest has the guest, not yet running: P until restart.
+    assert len(qemu_pids_of(guest.uuid)) == 2
+
+    stack.start_worker(src, env={"FERRY_FAILPOINTS": ""})
+    summary = job.wait(timeout=60)
+
+    assert summary["result"] == "completed"
+    dest = wait_info(client, "beta", guest.name, lambda i: i["state"] == "running")
+    assert dest["reason"] == "migrated"
+    wait_for(lambda: qemu_pids_of(guest.uuid) == [dest["pid"]], 15, "the source QEMU to go")
+    assert client.call(src, "dominfo", domain=guest.name)["reason"] == "migrated"
+    guest.wait_counter_above(guest.counters()[-1] + 2)
+
+
+def test_a_redelivered_prepare_starts_no_second_qemu_and_answers_the_same(
+        client: Client, make_guest: Callable[..., Guest], image_dir: Path) -> None:
+    guest = _busy(client, make_guest, image_dir)
+    job = client.migrate(guest.name, "alpha", "beta", live=True, bandwidth_mib_s=4)
+    wait_for(lambda: (job.info().get("data_processed") or 0) > 0, 30, "the copy to run")
+    begin = client.app.AsyncResult(f"{job.id}.begin3").get(timeout=5)
+    first = client.app.AsyncResult(f"{job.id}.prepare3").get(timeout=5)
+
+    again = client.app.send_task("ferry.prepare3", args=(begin,),
+                                 queue="host.beta").get(timeout=30)
+
+    assert again["uri"] == first["uri"] and again["cookie"] == first["cookie"]
+    assert len(qemu_pids_of(guest.uuid)) == 2, "one source and one dest QEMU"
+    job.abort()
+    with pytest.raises(FerryError):
+        job.wait(timeout=30)
+
+
+def test_a_redelivered_confirm_after_the_job_ended_kills_nothing(
+        stack: Stack, client: Client, make_guest: Callable[..., Guest]) -> None:
+    guest = make_guest(memory_mib=64, domain_type="qemu")
+    client.call("alpha", "define", xml=guest.xml)
+    client.call("alpha", "start", domain=guest.name)
+    job = client.migrate(guest.name, "alpha", "beta", live=True)
+    job.wait(timeout=60)
+    finish = client.app.AsyncResult(f"{job.id}.finish3").get(timeout=5)
+    client.migrate(guest.name, "beta", "alpha", live=True).wait(timeout=60)
+    pid = client.call("alpha", "dominfo", domain=guest.name)["pid"]
+
+    client.app.send_task("ferry.confirm3", args=(finish,), queue="host.alpha")
+    log = stack.workers["alpha"].state_dir / "worker.log"
+    wait_for(lambda: f"job {job.id} ended already" in log.read_text(), 15,
+             "the late confirm3 to be ignored")
+
+    info = client.call("alpha", "dominfo", domain=guest.name)
+    assert (info["state"], info["pid"]) == ("running", pid)
