@@ -12,7 +12,7 @@ from config.settings import Settings
 
 app = Celery("ferry", set_as_current=True)
 
-TASK_MODULES = ["tasks.domain", "tasks.migration", "tasks.p2p"]
+TASK_MODULES = ["tasks.domain", "tasks.migration", "tasks.p2p", "tasks.images"]
 
 
 def queue_for(host: str) -> str:
@@ -20,8 +20,16 @@ def queue_for(host: str) -> str:
     return f"host.{host}"
 
 
-def configure(settings: Settings) -> Celery:
-    app.conf.update(
+def client_app(settings: Settings) -> Celery:
+    """A Celery app of a client's own, so clients of several brokers in one process
+    (a service, a test) never reconfigure each other."""
+    return configure(settings, Celery("ferry-client", set_as_current=False))
+
+
+def configure(settings: Settings, target: Celery | None = None) -> Celery:
+    """Point `target` (the workers' shared app by default) at the settings' broker."""
+    target = app if target is None else target
+    target.conf.update(
         broker_url=settings.broker_url,
         result_backend=settings.broker_url,
         task_serializer="json",
@@ -53,4 +61,4 @@ def configure(settings: Settings) -> Celery:
         worker_redirect_stdouts=False,
         include=TASK_MODULES,
     )
-    return app
+    return target

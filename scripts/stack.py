@@ -79,16 +79,18 @@ class Stack:
     workers: dict[str, Worker] = field(default_factory=dict)
     extra_env: dict[str, str] = field(default_factory=dict)
 
-    def start_redis(self, port: int | None = None) -> str:
+    def start_redis(self, port: int | None = None, password: str | None = None) -> str:
         port = port or free_port()
         rdir = self.root / "redis"
         rdir.mkdir(parents=True, exist_ok=True)
         self.redis_proc = subprocess.Popen(
             ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--dir", str(rdir),
-             "--save", "", "--appendonly", "no", "--daemonize", "no"],
+             "--save", "", "--appendonly", "no", "--daemonize", "no",
+             *(["--requirepass", password] if password else [])],
             stdout=open(rdir / "redis.log", "ab"), stderr=subprocess.STDOUT,  # noqa: SIM115
             stdin=subprocess.DEVNULL)
-        self.broker_url = f"redis://127.0.0.1:{port}/0"
+        auth = f":{password}@" if password else ""
+        self.broker_url = f"redis://{auth}127.0.0.1:{port}/0"
         client = redis.Redis.from_url(self.broker_url, socket_timeout=1)
         wait_for(lambda: _ping(client), 10, "redis-server to answer")
         return self.broker_url

@@ -12,7 +12,7 @@ from typing import Any
 import redis
 from celery.exceptions import TimeoutError as CeleryTimeout
 
-from config.celery_app import configure, queue_for
+from config.celery_app import client_app, queue_for
 from config.settings import Settings, load
 from workers.errors import FerryError, HostUnavailableError, InvalidInputError
 from workers.heartbeat import get_host, list_hosts
@@ -21,7 +21,7 @@ from workers.heartbeat import get_host, list_hosts
 class Client:
     def __init__(self, settings: Settings | None = None) -> None:
         self.settings = settings or load()
-        self.app = configure(self.settings)
+        self.app = client_app(self.settings)
         self.redis = redis.Redis.from_url(self.settings.broker_url, socket_timeout=10)
 
     def host(self, name: str) -> dict[str, Any]:

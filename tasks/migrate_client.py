@@ -45,13 +45,14 @@ def params_from_options(domain: str, source: str, dest: str, **options: Any) -> 
     return MigrationParams(domain=domain, source=source, dest=dest, flags=int(flags), **options)
 
 
-def build_chain(p: MigrationParams, xml: str | None = None) -> Any:
+def build_chain(p: MigrationParams, xml: str | None = None, app: Any = None) -> Any:
     """The managed chain; for peer-to-peer, the one task on the source queue."""
     src, dst = queue_for(p.source), queue_for(p.dest)
 
-    def sig(name: str, queue: str, *args: Any) -> Any:
+    if app is None:
         from config.celery_app import app
 
+    def sig(name: str, queue: str, *args: Any) -> Any:
         return app.signature(f"ferry.{name}", args=args, queue=queue,
                              task_id=f"{p.job_id}.{name}", immutable=False)
 
@@ -129,5 +130,5 @@ def migrate(client: Client, domain: str, source: str, dest: str,
     if p.protocol == 2 and not p.has(F.PEER2PEER):  # v2 has no Begin: the caller fetches
         # the XML, as libvirt's client does
         xml = client.call(source, "dumpxml", domain=domain, migratable=True)
-    result = build_chain(p, xml).apply_async()
+    result = build_chain(p, xml, client.app).apply_async()
     return MigrationJob(client, p, result)

@@ -73,11 +73,20 @@ class SignalListener:
             try:
                 msg = await self.pubsub.get_message(timeout=1.0)
             except (redis.RedisError, OSError) as exc:
-                log.warning("job signal listener: %s; retrying", exc)
+                log.warning("job signal listener: %s; reconnecting", exc)
                 await asyncio.sleep(1.0)
+                await self._resubscribe()
                 continue
             if msg is not None and msg.get("type") == "message":
                 asyncio.get_running_loop().create_task(self._handle(msg))
+
+    async def _resubscribe(self) -> None:
+        """After the broker came back: listen again on every channel we had."""
+        channels = [c.decode() if isinstance(c, bytes) else c for c in self.pubsub.channels]
+        with contextlib.suppress(redis.RedisError, OSError):
+            await self.pubsub.reset()
+            self.pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
+            await self.pubsub.subscribe(*channels or [f"ferry.host.{self.agent.host}"])
 
     async def _handle(self, msg: dict[str, Any]) -> None:
         channel = msg["channel"].decode()

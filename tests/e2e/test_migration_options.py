@@ -124,7 +124,7 @@ def test_same_host_uuid_is_refused_by_the_client_and_by_prepare(
         # A service that builds the chain itself meets the same refusal in Prepare.
         p = params_from_options(guest.name, "alpha", "twin", live=True)
         with pytest.raises(FerryError) as err:
-            build_chain(p).apply_async().get(timeout=60)
+            build_chain(p, app=client.app).apply_async().get(timeout=60)
         assert "same host" in str(err.value) and "prepare" in str(err.value)
         info = client.call("alpha", "dominfo", domain=guest.name)
         assert (info["state"], info["reason"]) == ("running", "booted")

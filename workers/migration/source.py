@@ -13,6 +13,8 @@ import time
 from dataclasses import replace
 from typing import Any
 
+import redis
+
 from tasks.cookie import CookieLockstate, CookieStatistics, make_cookie, parse
 from workers import failpoints
 from workers.abi import check_abi_stability
@@ -243,7 +245,10 @@ class Convergence:
             return
         job.progress = self.tracker.update(stats, time.monotonic())
         self.stalled = bool(job.progress.get("stalled"))
-        self.agent.jobs.set_progress(self.dom.uuid, job.id, job.progress)
+        try:  # the broker being away must not harm the migration QEMU is running
+            self.agent.jobs.set_progress(self.dom.uuid, job.id, job.progress)
+        except redis.RedisError as exc:
+            log.warning("job %s: progress not recorded: %s", job.id, exc)
 
     def tick(self, elapsed: float) -> None:
         dom, p = self.dom, self.p

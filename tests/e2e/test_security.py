@@ -1,0 +1,57 @@
+"""Broker authentication, JSON only, and state that is not world-readable."""
+
+from __future__ import annotations
+
+import shutil
+import stat
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from config.settings import load
+from scripts.stack import Stack, wait_for
+from tasks.client import Client
+from tests.conftest import Guest
+from workers.errors import FerryError
+
+
+def test_a_redis_with_a_password_works_from_the_broker_url_and_a_wrong_one_is_refused(
+        make_guest: Callable[..., Guest]) -> None:
+    root = Path(tempfile.mkdtemp(prefix="ferry-pw-", dir="/tmp"))
+    st = Stack(root=root)
+    try:
+        url = st.start_redis(password="s3cret-pw")
+        st.start_worker("locked")
+        client = Client(load({"FERRY_BROKER_URL": url}))
+        guest = make_guest(domain_type="qemu")
+        client.call("locked", "define", xml=guest.xml)
+        assert client.call("locked", "start", domain=guest.name)["state"] == "running"
+        client.call("locked", "destroy", domain=guest.name)
+
+        wrong = Client(load({"FERRY_BROKER_URL": url.replace("s3cret-pw", "nope")}))
+        with pytest.raises(FerryError, match="cannot reach the broker"):
+            wrong.call("locked", "list")
+    finally:
+        st.stop(kill_guests=True)
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def test_workers_refuse_pickled_messages(stack: Stack, client: Client) -> None:
+    client.app.send_task("ferry.list", queue="host.alpha", serializer="pickle")
+    log = stack.workers["alpha"].state_dir / "worker.log"
+    wait_for(lambda: "pickle" in log.read_text() and "untrusted" in log.read_text(), 15,
+             "the worker to refuse the pickled message")
+
+
+def test_state_directories_and_files_are_not_world_readable(
+        stack: Stack, client: Client, make_guest: Callable[..., Guest]) -> None:
+    guest = make_guest()
+    client.call("alpha", "define", xml=guest.xml)
+    client.call("alpha", "start", domain=guest.name, paused=True)
+    state = stack.workers["alpha"].state_dir
+    for path in (state / "qemu", state / "run"):
+        assert stat.S_IMODE(path.stat().st_mode) & 0o077 == 0, path
+    for path in (state / "qemu" / f"{guest.name}.xml", state / "run" / f"{guest.name}.xml"):
+        assert stat.S_IMODE(path.stat().st_mode) & 0o077 == 0, path
