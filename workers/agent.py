@@ -23,7 +23,7 @@ from typing import Any, TypeVar
 import redis
 
 from config.settings import Settings
-from workers import locks
+from workers import locks, sweeper
 from workers.domain import DomainDef, parse_domain_xml
 from workers.domobj import DomainObj
 from workers.errors import HostUnavailableError, NotFoundError, QemuError
@@ -74,6 +74,7 @@ class HostAgent:
         self._thread.start()
         self.call(self._recover(), timeout=120)
         self.call(self.signals.start(), timeout=30)
+        self.loop.call_soon_threadsafe(lambda: self.loop.create_task(sweeper.run_forever(self)))
         self.heartbeat.start()
         log.info(
             "host %s (%s) ready: %d domains, kvm=%s",

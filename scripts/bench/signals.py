@@ -10,6 +10,7 @@ reports the migration `cancelled`.  Medians and p99; not a pass/fail test.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import shutil
 import statistics
@@ -30,7 +31,7 @@ OUT = Path(__file__).resolve().parent / "SIGNALS.md"
 
 def pct(values: list[float], q: float) -> float:
     ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
 def _copying(client: Client, name: str, src: str, dst: str) -> object:
@@ -66,10 +67,8 @@ def run(args: argparse.Namespace, root: Path) -> dict[str, list[float]]:
             reply = signals.send_signal(client.redis, uuid, "abort")
             results["abort"].append((time.perf_counter() - t0) * 1000)
             assert reply["status"] == "cancelled", reply
-            try:
+            with contextlib.suppress(Exception):  # it fails: it was aborted
                 job.wait(timeout=30)  # type: ignore[attr-defined]
-            except Exception:
-                pass
             job = _copying(client, "sig", "alpha", "beta")
         job.abort()  # type: ignore[attr-defined]
         return results
