@@ -60,8 +60,11 @@ def _port_free(port: int) -> bool:
 
 def start_flower(stack: Stack) -> subprocess.Popen[bytes]:
     celery = Path(sys.executable).with_name("celery")
+    # Flower 2 answers its HTTP API only with this set; it listens on loopback only.
+    env = {**os.environ, "FLOWER_UNAUTHENTICATED_API": "1"}
     return subprocess.Popen([str(celery), "--broker", stack.broker_url, "flower",
-                             "--address=127.0.0.1", "--port=5555"], stdin=subprocess.DEVNULL)
+                             "--address=127.0.0.1", "--port=5555"], stdin=subprocess.DEVNULL,
+                            env=env)
 
 
 def run_up(args: argparse.Namespace) -> int:

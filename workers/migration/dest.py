@@ -12,14 +12,14 @@ import asyncio
 import logging
 import time
 from dataclasses import replace
-from typing import Literal
+from typing import Any, Literal
 
 from tasks.cookie import Cookie, CookieGraphics, make_cookie, parse
 from workers import failpoints
 from workers.agent import HostAgent
 from workers.domain import DomainDef
 from workers.domobj import DomainObj
-from workers.errors import InvalidInputError, MigrationError
+from workers.errors import InvalidInputError, MigrationError, QemuError
 from workers.hostcaps import require_postcopy
 from workers.jobs import ActiveJob
 from workers.lifecycle import launch, run_cpus
@@ -130,8 +130,24 @@ async def _start_incoming(agent: HostAgent, dom: DomainObj, d: DomainDef,
         dom.tunnel.start()
         await mon.execute("migrate-incoming", {"uri": f"fd:{qemu_migrate.TUNNEL_FD}"})
     else:
-        await mon.execute("migrate-incoming", {"uri": uri})
+        uri = await _listen(agent, dom, p, mon, uri)
     return uri
+
+
+async def _listen(agent: HostAgent, dom: DomainObj, p: MigrationParams, mon: Any,
+                  uri: str) -> str:
+    """migrate-incoming on `uri`; another port of the range if this one was taken
+    meanwhile (hosts sharing an address pick from the same range)."""
+    for _ in range(5):
+        try:
+            await mon.execute("migrate-incoming", {"uri": uri})
+            return uri
+        except QemuError as exc:
+            if "in use" not in str(exc) or p.migrate_uri:
+                raise
+            log.info("port of %s taken meanwhile, trying another", uri)
+            uri = _listen_uri(agent, dom, p)
+    raise MigrationError("no free incoming migration port after 5 tries")
 
 
 async def _end_tunnel(dom: DomainObj, close: bool) -> None:
