@@ -37,6 +37,7 @@ from scripts.stack import Stack
 from tasks.client import Client
 
 BENCH_DIR = Path(__file__).resolve().parent
+NOTES_MARK = "<!-- notes: everything from here on is kept when the bench rewrites this file -->"
 CASE = "managed v3 vs floor"
 
 
@@ -63,6 +64,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--floor-downtime", default="ferry", metavar="ferry|qemu|MS",
                    help="the floor's downtime-limit: ferry's first downtime step (default), "
                         "QEMU's own default (300 ms), or MS")
+    p.add_argument("--order", choices=("abab", "abba"), default="abab",
+                   help="abab: ferry, floor, ferry, floor, ... (default); abba: every other "
+                        "pair starts with the floor, which cancels a position effect")
     p.add_argument("--log-level", default="INFO",
                    help="FERRY_LOG_LEVEL of the workers (DEBUG logs every QMP command)")
     p.add_argument("--fill-timeout", type=float, default=900,
@@ -89,6 +93,7 @@ class CaseRun:
     warmup: int
     floor_downtime: str  # "ferry" (match ferry's first downtime step), "qemu", or ms
     fill_timeout: float
+    order: str  # "abab": ferry then floor in every pair; "abba": every other pair floor first
 
 
 def _floor_downtime(choice: str, size: int) -> int | None:
@@ -130,14 +135,19 @@ def run_case(c: CaseRun, client: Client, root: Path, floors: list[FloorGuest]) -
         for i in range(c.warmup + c.runs):
             tag = f"warm-up {i + 1}" if i < c.warmup else f"{i - c.warmup + 1}/{c.runs}"
             others = foreign_qemu(str(root))
+            floor_first = c.order == "abba" and i % 2 == 1
+            b = floor.migrate() if floor_first else None
             a = ferry.migrate()
             _log(f"[{size} MiB] {tag} ferry {a.direction}: {a.wall_ms:.0f} ms, downtime "
                  f"{a.downtime_ms} ms, phases "
                  + " ".join(f"{p['phase']}={p['elapsed_ms']:.0f}" for p in a.phases))
-            b = floor.migrate()
+            b = b or floor.migrate()
             _log(f"[{size} MiB] {tag} floor {b.direction}: {b.wall_ms:.0f} ms, downtime "
                  f"{b.downtime_ms} ms, to source quit {b.quit_ms:.0f} ms"
-                 + (f" ({others} other QEMU running)" if others else ""))
+                 + (" (ran first)" if floor_first else ""))
+            others = max(others, foreign_qemu(str(root)))
+            if others:
+                _log(f"[{size} MiB] {tag}: {others} other QEMU process(es) on this machine")
             samples.append((a, b, others))
     finally:
         ferry.remove()
@@ -146,7 +156,19 @@ def run_case(c: CaseRun, client: Client, root: Path, floors: list[FloorGuest]) -
     return case_json(CASE, size, random_mib, samples, c.warmup, downtime)
 
 
+def write_results(path: Path, text: str) -> None:
+    """The new generated section, then the hand-written notes the file had (if any)."""
+    notes = ""
+    if path.exists():
+        old = path.read_text()
+        at = old.find(NOTES_MARK)
+        if at >= 0:
+            notes = "\n" + old[at:]
+    path.write_text(text + notes)
+
+
 def _terminate(signum: int, frame: FrameType | None) -> None:
+    signal.signal(signum, signal.SIG_IGN)  # a second signal must not cut the clean-up short
     raise SystemExit(128 + signum)  # runs the finally blocks that stop everything
 
 
@@ -159,13 +181,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     result: dict[str, Any] = {"machine": machine(), "cases": [],
                               "args": {"runs": args.runs, "warmup": args.warmup,
                                        "sizes": args.sizes, "log_level": args.log_level,
-                                       "floor_downtime": args.floor_downtime}}
+                                       "floor_downtime": args.floor_downtime,
+                                       "order": args.order}}
     try:
         _log(f"state root {root}")
         client = start_stack(stack)
         for size in args.sizes:
             case = CaseRun(size, args.runs, args.warmup, args.floor_downtime,
-                           args.fill_timeout)
+                           args.fill_timeout, args.order)
             result["cases"].append(run_case(case, client, root, floors))
         result["machine"]["loadavg_end"] = list(os.getloadavg())
     finally:
@@ -181,7 +204,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     stamp = time.strftime("%Y%m%d-%H%M%S")
     (args.out / f"{stamp}.json").write_text(json.dumps(result, indent=2) + "\n")
     (args.out / f"{stamp}.md").write_text(text)
-    (BENCH_DIR / "RESULTS.md").write_text(text)
+    write_results(BENCH_DIR / "RESULTS.md", text)
     print(text)
     _log(f"wrote {args.out / stamp}.json, .md and {BENCH_DIR / 'RESULTS.md'}")
     return 0

@@ -94,6 +94,7 @@ class FloorGuest:
     kvm: bool = field(default_factory=lambda: os.access("/dev/kvm", os.R_OK | os.W_OK))
     _loop: asyncio.AbstractEventLoop = field(default_factory=asyncio.new_event_loop)
     _procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    _clients: list[QMPClient] = field(default_factory=list)
     _current: FloorQemu | None = None
     _count: int = 0
     _side: str = "A"
@@ -114,18 +115,25 @@ class FloorGuest:
         return self._loop.run_until_complete(self._migrate())
 
     def close(self) -> None:
-        """Stop every QEMU this floor started, by pid; also after a failure."""
-        if self._current is not None:
-            with contextlib.suppress(Exception):
-                self._loop.run_until_complete(
-                    asyncio.wait_for(self._current.qmp.disconnect(), 5))
-            self._current = None
+        """Stop every QEMU this floor started, by pid; also after a failure or a signal."""
+        if self._loop.is_closed():
+            return
+        self._current = None
+        for qmp in self._clients:
+            with contextlib.suppress(BaseException):
+                self._loop.run_until_complete(asyncio.wait_for(qmp.disconnect(), 5))
+        self._clients.clear()
         for popen in self._procs:
             if popen.poll() is None:
                 stop_pid(popen.pid, timeout=5)
             with contextlib.suppress(subprocess.TimeoutExpired):
                 popen.wait(timeout=5)
         self._procs.clear()
+        pending = asyncio.all_tasks(self._loop)  # a sample cut short by a signal leaves some
+        for task in pending:
+            task.cancel()
+        with contextlib.suppress(BaseException):
+            self._loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
         self._loop.close()
 
     # -- the QMP work -------------------------------------------------------------------------
@@ -148,6 +156,7 @@ class FloorGuest:
             sock.close()
         self._procs.append(popen)
         qmp = QMPClient(name)
+        self._clients.append(qmp)
         listener = EventListener(names=("MIGRATION",))
         qmp.register_listener(listener)
         await asyncio.wait_for(qmp.connect(str(sock_path)), 30)
@@ -183,6 +192,7 @@ class FloorGuest:
         await src.execute("quit")
         with contextlib.suppress(Exception):
             await asyncio.wait_for(src.qmp.disconnect(), 5)
+        self._clients.remove(src.qmp)
         await asyncio.get_running_loop().run_in_executor(None, src.popen.wait, 30)
         t2 = time.perf_counter()
         self._procs.remove(src.popen)

@@ -59,6 +59,8 @@ def summarize(ferry: Sequence[FerrySample], floor: Sequence[FloorSample]) -> dic
     phases = {n: median(p["elapsed_ms"] for s in ferry for p in s.phases if p["phase"] == n)
               for n in names}
     outside = median(s.wall_ms - sum(p["elapsed_ms"] for p in s.phases) for s in ferry)
+    f_rest = median(s.wall_ms - s.time_elapsed_ms for s in ferry if s.time_elapsed_ms is not None)
+    b_rest = median(s.wall_ms - s.total_time_ms for s in floor if s.total_time_ms is not None)
     return {
         "runs": len(ferry),
         "ferry_wall_ms": f_wall,
@@ -72,6 +74,10 @@ def summarize(ferry: Sequence[FerrySample], floor: Sequence[FloorSample]) -> dic
         "ferry_qemu_time_elapsed_ms": median(s.time_elapsed_ms for s in ferry),
         "floor_qemu_total_time_ms": median(s.total_time_ms for s in floor),
         "floor_until_source_quit_ms": median(s.quit_ms for s in floor),
+        "ferry_outside_qemu_ms": f_rest,
+        "floor_outside_qemu_ms": b_rest,
+        "overhead_outside_qemu_ms": f_rest - b_rest
+        if f_rest is not None and b_rest is not None else None,
         "ferry_phase_ms": phases,
         "ferry_outside_phases_ms": outside,
     }
@@ -96,12 +102,14 @@ def _ms(v: float | None) -> str:
 
 def markdown(result: dict[str, Any]) -> str:
     m, opts = result["machine"], result["args"]
+    interleave = ("ferry, floor, floor, ferry, ferry, floor, … (abba)"
+                  if opts.get("order") == "abba" else "ferry, floor, ferry, floor, …")
     out = [
         "## bench",
         "",
         f"`python -m scripts.bench --runs {opts['runs']} --warmup {opts['warmup']} --sizes "
         f"{','.join(str(x) for x in opts['sizes'])} "
-        f"--floor-downtime {opts['floor_downtime']}` "
+        f"--floor-downtime {opts['floor_downtime']} --order {opts.get('order', 'abab')}` "
         f"on {m['date']}: "
         f"{m['nproc']} CPUs ({m['cpu_model']}), kernel {m['kernel']}, {m['qemu']}, "
         f"Python {m['python']}; load average at start {m['loadavg_start'][0]:.2f}.",
@@ -109,8 +117,8 @@ def markdown(result: dict[str, Any]) -> str:
         "Guests run under **TCG** (`<domain type='qemu'>`, `accel=tcg`), for ferry and the "
         "floor alike: /dev/kvm here is PVM, which runs the non-paged test guest at ~1 MIPS. "
         "Each case: one guest per side with 512 MiB of random memory per GiB (filled before "
-        "sampling), samples interleaved ferry, floor, ferry, floor, … and each sample migrates "
-        "back the way the previous one came. ferry: `Client.migrate(live=True).wait()` (managed "
+        f"sampling), samples interleaved {interleave} and each sample migrates back the way the "
+        "previous one came. ferry: `Client.migrate(live=True).wait()` (managed "
         "v3, bandwidth unlimited), wall time in the caller. floor: the same QEMU argv driven by "
         "hand over QMP, from starting the incoming QEMU to `cont` on the dest. Downtime is "
         "QEMU's `downtime` (ms). The floor sets the same QEMU parameters ferry sets (events, "
@@ -129,6 +137,15 @@ def markdown(result: dict[str, Any]) -> str:
             f"| {_ms(s['ferry_wall_ms'])} | {_ms(s['floor_wall_ms'])} | {ratio} "
             f"| {_ms(s['overhead_ms'])} | {_ms(s['ferry_downtime_ms'])} "
             f"| {_ms(s['floor_downtime_ms'])} |")
+    out += ["", "QEMU's transfer time varies a lot from sample to sample on this machine (see "
+            "below), so the same medians without it: wall minus QEMU's migration time (ferry: "
+            "time_elapsed, floor: total-time), i.e. what each side adds around QEMU's transfer:",
+            "", "| case | ferry wall minus QEMU ms | floor wall minus QEMU ms | overhead ms |",
+            "| --- | ---: | ---: | ---: |"]
+    for c in result["cases"]:
+        s = c["summary"]
+        out.append(f"| {c['memory_mib']} MiB | {_ms(s['ferry_outside_qemu_ms'])} "
+                   f"| {_ms(s['floor_outside_qemu_ms'])} | {_ms(s['overhead_outside_qemu_ms'])} |")
     out += ["", "Medians. ferry's phases (per-phase medians, ms, as the summary's `phases` "
             "reports them) and the time outside them (Celery hand-offs, client):", ""]
     for c in result["cases"]:
@@ -159,8 +176,9 @@ def markdown(result: dict[str, Any]) -> str:
                        f"| {_ms(a['downtime_ms'])} | {b['direction']} | {b['wall_ms']:.0f} "
                        f"| {_ms(b['total_time_ms'])} | {_ms(b['downtime_ms'])} |")
     if busy:
-        out += ["", f"Warning: {busy} sample pair(s) started while other QEMU processes (not "
-                "this benchmark's) were running on this machine; their figures are noisy."]
+        out += ["", f"Warning: in {busy} sample pair(s) other QEMU processes (not this "
+                "benchmark's) were running on this machine before or after the pair; their "
+                "figures are noisy."]
     notes = result.get("notes")
     if notes:
         out += ["", *notes]
