@@ -9,6 +9,8 @@ process it started, guests too.
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
 import shutil
 import tempfile
 import time
@@ -28,6 +30,7 @@ from tasks.client import Client
 from workers.errors import FerryError
 
 NAME = "demo-guest"
+MEMORY_MIB = 128
 
 
 def _counter(serial: Path) -> int:
@@ -58,6 +61,16 @@ def _move(console: Console, client: Client, src: str, dst: str) -> dict[str, Any
     return summary
 
 
+def _memory(client: Client, host: str, path: Path) -> str:
+    """sha256 of the guest's whole memory, pmemsave'd by QEMU on `host`."""
+    command = json.dumps({"execute": "pmemsave", "arguments": {
+        "val": 0, "size": MEMORY_MIB << 20, "filename": str(path)}})
+    client.call(host, "qemu_monitor_command", domain=NAME, command=command, timeout=60)
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    path.unlink()
+    return digest
+
+
 def _table(moves: list[dict[str, Any]]) -> Table:
     table = Table(title="migrations")
     for col in ("move", "phases (ms)", "total ms", "downtime ms", "MiB sent", "MiB/s"):
@@ -83,15 +96,24 @@ def run_demo(args: argparse.Namespace) -> int:
         client = Client(load({"FERRY_BROKER_URL": stack.broker_url}))
         disk = build_image(root / "guest.img", dirty_mib=16, rate_mib_s=32)
         serial = root / "guest.serial"
-        client.call("alpha", "define", xml=guest_xml(NAME, disk, serial, memory_mib=128))
+        client.call("alpha", "define", xml=guest_xml(NAME, disk, serial, memory_mib=MEMORY_MIB))
         info = client.call("alpha", "start", domain=NAME)
         console.print(f"guest {NAME} running on alpha (pid {info['pid']}), "
                       "dirtying 16 MiB at 32 MiB/s")
         wait_for(lambda: _counter(serial) > 5, 30, "the guest's counter")
         moves = []
-        for src, dst in (("alpha", "beta"), ("beta", "alpha")):
+        for src, dst, check_memory in (("alpha", "beta", False), ("beta", "alpha", True)):
             before = _counter(serial)
+            if check_memory:  # paused, so the bytes cannot change: they must match
+                client.call(src, "suspend", domain=NAME)
+                digest = _memory(client, src, root / "before.mem")
             moves.append(_move(console, client, src, dst))
+            if check_memory:
+                same = _memory(client, dst, root / "after.mem") == digest
+                console.print(f"  guest memory identical on both sides: {same}")
+                if not same:
+                    return 1
+                client.call(dst, "resume", domain=NAME)
             wait_for(lambda: _counter(serial) > before + 5, 30, "the counter")  # noqa: B023
             state = client.call(dst, "dominfo", domain=NAME)
             console.print(f"  on {dst}: {state['state']}:{state['reason']}, "
