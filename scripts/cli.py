@@ -185,6 +185,9 @@ def build_parser() -> argparse.ArgumentParser:
     from scripts.migrate_cmd import add_parsers
 
     add_parsers(sub, _domain_cmd)
+    from scripts.image_cmd import add_parsers as add_image_parsers
+
+    add_image_parsers(sub, _domain_cmd)
     return parser
 
 

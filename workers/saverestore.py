@@ -7,7 +7,8 @@ itself (an argument list, never a shell), which writes behind the image header
 and the guest is shutoff:saved.  Restore checks the header, starts QEMU with
 `-incoming defer` and hands it the read end of a decompressor's pipe
 (`migrate-incoming fd:NAME`).  Raw images need no helper: QEMU gets the file.
-Dump hands QEMU the temp file for `dump-guest-memory`.
+Dump hands QEMU the temp file for `dump-guest-memory`.  Temp files and
+helper processes live in workers/imageio.py.
 
 Leases: the save's pause releases them, restore takes them before QEMU starts
 (and gives them back when the guest stays paused), as `start` does.
@@ -24,17 +25,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import fcntl
 import io
 import logging
 import os
-import shutil
 import time
 import uuid as uuidlib
-from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any
 
 from workers import failpoints, images
 from workers.abi import check_abi_stability
@@ -46,6 +44,16 @@ from workers.errors import (
     MigrationError,
     QemuError,
     UnsupportedError,
+)
+from workers.imageio import (
+    Helper,
+    TempImage,
+    explain,
+    io_call,
+    not_a_disk,
+    pipeline,
+    require_programs,
+    target_path,
 )
 from workers.images import CompressorError, ImageError, ImageHeader, ImageIOError
 from workers.jobs import ActiveJob
@@ -60,186 +68,9 @@ if TYPE_CHECKING:
     from workers.agent import HostAgent
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
 
 FD_NAME = "ferry-image"
-PIPE_SIZE = 1 << 20
-HELPER_GRACE_S = 2.0  # how long a failing helper gets to exit and say why
 LOAD_QUERY_TIMEOUT_S = 600.0  # QEMU answers no QMP while it loads a raw image from a file
-
-
-# -- files ---------------------------------------------------------------------------------
-def _os(what: str, fn: Callable[..., T], *args: Any) -> T:
-    """An OS call whose failure is one clear line naming what was being done."""
-    try:
-        return fn(*args)
-    except OSError as exc:
-        raise ImageIOError(f"{what}: {exc.strerror or exc}") from exc
-
-
-def target_path(path: str) -> Path:
-    """Where an image or dump goes: absolute, in an existing directory, not a directory."""
-    p = Path(path)
-    if not p.is_absolute():
-        raise InvalidInputError(f"the file path must be absolute: {path}")
-    if p.is_dir():
-        raise InvalidInputError(f"{path} is a directory")
-    if not p.parent.is_dir():
-        raise InvalidInputError(f"directory {p.parent} does not exist")
-    return p
-
-
-class _TempImage:
-    """The temp file (mode 0600, same directory) an image is written to, renamed when done."""
-
-    def __init__(self, target: Path) -> None:
-        self.target = target
-        self.tmp = target.with_name(f".{target.name}.ferry-{uuidlib.uuid4().hex[:8]}.part")
-        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
-        self.fd = _os(f"cannot create {self.tmp}", os.open, self.tmp, flags, 0o600)
-        os.fchmod(self.fd, 0o600)  # whatever the umask
-
-    def write(self, data: bytes, offset: int) -> None:
-        view = memoryview(data)
-        while view:
-            n = _os(f"cannot write {self.tmp}", os.pwrite, self.fd, view, offset)
-            view, offset = view[n:], offset + n
-
-    def writer_fd(self, offset: int) -> int:
-        """A separate open file (own offset and flags: dd sets O_DIRECT on it) at `offset`."""
-        fd = _os(f"cannot open {self.tmp}", os.open, self.tmp, os.O_WRONLY | os.O_CLOEXEC)
-        os.lseek(fd, offset, os.SEEK_SET)
-        return fd
-
-    def size(self) -> int:
-        return os.fstat(self.fd).st_size
-
-    async def commit(self) -> None:
-        """fsync, rename over the target, fsync the directory: complete or absent."""
-        loop = asyncio.get_running_loop()
-        await loop.run_in_executor(None, _os, f"cannot write {self.tmp}", os.fsync, self.fd)
-        _os(f"cannot rename to {self.target}", os.replace, self.tmp, self.target)
-        self.close()
-        dfd = os.open(self.target.parent, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            await loop.run_in_executor(None, os.fsync, dfd)
-        finally:
-            os.close(dfd)
-
-    def close(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
-
-    def discard(self) -> None:
-        self.close()
-        with contextlib.suppress(FileNotFoundError):
-            self.tmp.unlink()
-
-
-# -- helper processes (compressors, dd) ----------------------------------------------------
-class _Helper:
-    """A compressor, decompressor or dd ferry started; stderr kept for the error line."""
-
-    def __init__(self, name: str, proc: asyncio.subprocess.Process, err_fd: int):
-        self.name, self.proc, self._err_fd = name, proc, err_fd
-        self.stderr = ""
-
-    @classmethod
-    async def spawn(cls, name: str, argv: Sequence[str], stdin: int, stdout: int) -> _Helper:
-        err_fd = os.memfd_create("ferry-helper-stderr", os.MFD_CLOEXEC)
-        try:
-            proc = await asyncio.create_subprocess_exec(
-                *argv, stdin=stdin, stdout=stdout, stderr=err_fd, start_new_session=True)
-        except OSError as exc:
-            os.close(err_fd)
-            raise CompressorError(f"cannot run {argv[0]}: {exc.strerror or exc}") from exc
-        log.info("started %s pid %d: %s", name, proc.pid, " ".join(argv))
-        return cls(name, proc, err_fd)
-
-    @property
-    def failed(self) -> bool:
-        return self.proc.returncode not in (None, 0)
-
-    @property
-    def broken_pipe(self) -> bool:
-        """Killed by SIGPIPE: the other end went away first (a consequence, not a cause)."""
-        return self.proc.returncode == -13
-
-    async def wait(self, timeout: float | None = None) -> bool:
-        """Until it exits (True) or `timeout` passes (False); reads its stderr once gone."""
-        try:
-            await asyncio.wait_for(self.proc.wait(), timeout)
-        except TimeoutError:
-            return False
-        if self._err_fd >= 0:
-            data = os.pread(self._err_fd, 4096, max(0, os.fstat(self._err_fd).st_size - 4096))
-            self.stderr = " | ".join(ln.strip() for ln in
-                                     data.decode(errors="replace").splitlines() if ln.strip())
-            os.close(self._err_fd)
-            self._err_fd = -1
-        return True
-
-    def error(self) -> CompressorError:
-        rc = self.proc.returncode
-        how = f"exit status {rc}" if rc is None or rc >= 0 else f"killed by signal {-rc}"
-        return CompressorError(f"{self.name} failed ({how})", cause=self.stderr or None)
-
-    async def finish(self) -> None:
-        await self.wait()
-        if self.failed:
-            raise self.error()
-
-    async def kill(self) -> None:
-        if self.proc.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
-                self.proc.kill()
-        await self.wait()
-
-
-async def _pipeline(stages: Sequence[Sequence[str]], file_fd: int, *,
-                    writing: bool) -> tuple[int, list[_Helper]]:
-    """Spawn `stages` between QEMU and `file_fd`; the fd QEMU gets and the helpers.
-
-    Writing, data flows QEMU -> stages[0] -> ... -> file; reading, file ->
-    stages[0] -> ... -> QEMU.  No stage: QEMU gets (a dup of) the file itself.
-    """
-    helpers: list[_Helper] = []
-    end = os.dup(file_fd)
-    try:
-        for argv in (reversed(stages) if writing else stages):
-            r, w = os.pipe2(os.O_CLOEXEC)
-            with contextlib.suppress(OSError):
-                fcntl.fcntl(w, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
-            # the helper's stdin and stdout; the pipe end kept for the next stage or QEMU
-            stdin, stdout, keep = (r, end, w) if writing else (end, w, r)
-            role = "" if argv[0] == "dd" else ("compressor " if writing else "decompressor ")
-            try:
-                helpers.append(await _Helper.spawn(role + argv[0], argv, stdin, stdout))
-            finally:
-                os.close(stdin)
-                os.close(stdout)
-                end = keep
-    except BaseException:
-        os.close(end)
-        for h in helpers:
-            await h.kill()
-        raise
-    return end, helpers
-
-
-def _require_programs(stages: Sequence[Sequence[str]]) -> None:
-    for argv in stages:
-        if shutil.which(argv[0]) is None:
-            raise UnsupportedError(f"{argv[0]} is not installed on this host")
-
-
-async def _explain(helpers: Sequence[_Helper], exc: BaseException) -> BaseException:
-    """A helper's own failure explains the error better than what QEMU saw of it."""
-    for h in helpers:
-        await h.wait(HELPER_GRACE_S)
-    causes = [h for h in helpers if h.failed and not h.broken_pipe]
-    return causes[0].error() if causes else exc
 
 
 # -- jobs ----------------------------------------------------------------------------------
@@ -316,9 +147,10 @@ async def save(agent: HostAgent, name: str, path: str, *, compression: str = "ra
     if bypass_cache:
         stages.append(images.bypass_cache_argv())
     real = [s for s in stages if s]
-    _require_programs(real)
+    require_programs(real)
     target = target_path(path)
     dom = agent.lookup(name)
+    not_a_disk(dom.current, target)
     flags = sum(int(flag) for flag, on in ((images.SaveFlags.BYPASS_CACHE, bypass_cache),
                                            (images.SaveFlags.RUNNING, running),
                                            (images.SaveFlags.PAUSED, paused)) if on)
@@ -358,8 +190,8 @@ class _SaveRun:
     target: Path
     header: ImageHeader
     stages: list[list[str]]
-    image: _TempImage | None = None
-    helpers: list[_Helper] = field(default_factory=list)
+    image: TempImage | None = None
+    helpers: list[Helper] = field(default_factory=list)
     paused_by_us: bool = False
     migrating: bool = False
     size: int = 0
@@ -367,11 +199,11 @@ class _SaveRun:
 
     async def run(self) -> dict[str, Any]:
         agent, dom = self.agent, self.dom
-        self.image = _TempImage(self.target)
+        self.image = TempImage(self.target)
         self.image.write(images.encode_header(self.header), 0)
         writer = self.image.writer_fd(self.header.data_offset)
         try:
-            qemu_fd, self.helpers = await _pipeline(self.stages, writer, writing=True)
+            qemu_fd, self.helpers = await pipeline(self.stages, writer, writing=True)
         finally:
             os.close(writer)
         try:
@@ -427,7 +259,7 @@ class _SaveRun:
             await qemu_migrate.cancel(dom)
             await _until_migration_stops(dom)
         await _drop_fd(dom)
-        err = _aborted("save") if self.job.abort else await _explain(self.helpers, exc)
+        err = _aborted("save") if self.job.abort else await explain(self.helpers, exc)
         if isinstance(err, MigrationError) and err.message.startswith("migration failed: "):
             err = MigrationError(f"QEMU could not write the image: "
                                  f"{err.message.removeprefix('migration failed: ')}")
@@ -473,13 +305,13 @@ async def restore(agent: HostAgent, path: str, *, xml: str | None = None,
     src = Path(path)
     if not src.is_absolute():
         raise InvalidInputError(f"the file path must be absolute: {path}")
-    fd = _os(f"cannot open {path}", os.open, src, os.O_RDONLY | os.O_CLOEXEC)
+    fd = io_call(f"cannot open {path}", os.open, src, os.O_RDONLY | os.O_CLOEXEC)
     try:
         header = _read_header(fd)
         definition = _restore_definition(agent, header, xml)
         argv = images.decompress_argv(header.compression)
         stages = [argv] if argv else []
-        _require_programs(stages)
+        require_programs(stages)
         return await _restore(agent, fd, header, definition, stages,
                               images.starts_running(header, running, paused), job_id)
     finally:
@@ -565,7 +397,7 @@ class _RestoreRun:
     fd: int
     header: ImageHeader
     stages: list[list[str]]
-    helpers: list[_Helper] = field(default_factory=list)
+    helpers: list[Helper] = field(default_factory=list)
 
     async def run(self, definition: DomainDef) -> None:
         agent, dom = self.agent, self.dom
@@ -573,7 +405,7 @@ class _RestoreRun:
         mon = dom.require_monitor("restore")
         await mon.execute("migrate-set-capabilities",
                           {"capabilities": [{"capability": "events", "state": True}]})
-        qemu_fd, self.helpers = await _pipeline(self.stages, self.fd, writing=False)
+        qemu_fd, self.helpers = await pipeline(self.stages, self.fd, writing=False)
         await _hand_fd(mon, qemu_fd)
         await mon.execute("migrate-incoming", {"uri": f"fd:{FD_NAME}"})
         await self._wait(mon)
@@ -619,7 +451,7 @@ class _RestoreRun:
         agent, dom = self.agent, self.dom
         if dom.active:  # first: a decompressor QEMU no longer reads from dies of SIGPIPE
             await agent.kill(dom, ShutoffReason.FAILED)
-        err = _aborted("restore") if self.job.abort else await _explain(self.helpers, exc)
+        err = _aborted("restore") if self.job.abort else await explain(self.helpers, exc)
         for h in self.helpers:
             await h.kill()
         agent.release_ports(dom)
@@ -643,6 +475,7 @@ async def dump(agent: HostAgent, name: str, path: str, *, memory_only: bool = Fa
     request = images.dump_request(memory_only, format)
     target = target_path(path)
     dom = agent.lookup(name)
+    not_a_disk(dom.current, target)
     flags = (int(images.DumpFlags.LIVE) if live else 0) | \
         (int(images.DumpFlags.MEMORY_ONLY) if memory_only else 0)
     async with dom.lock:
@@ -674,7 +507,7 @@ class _DumpRun:
     target: Path
     request: dict[str, object]
     live: bool
-    image: _TempImage | None = None
+    image: TempImage | None = None
     paused_by_us: bool = False
     size: int = 0
 
@@ -682,7 +515,7 @@ class _DumpRun:
         agent, dom = self.agent, self.dom
         mon = dom.require_monitor("dump")
         await _check_dump_format(mon, str(self.request["format"]))
-        self.image = _TempImage(self.target)
+        self.image = TempImage(self.target)
         if dom.state == DomainState.RUNNING:
             if self.live:  # QEMU stops the vCPUs itself while it dumps
                 dom.expected_pause = PausedReason.DUMP
