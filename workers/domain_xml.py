@@ -1,0 +1,377 @@
+"""Reading and writing domain XML for the model in workers/domain.py.
+
+Parsing refuses anything outside the subset by name; see the docstring of
+workers/domain.py for what the subset is and which runtime values `live` keeps.
+"""
+
+from __future__ import annotations
+
+import re
+import uuid as uuidlib
+from typing import Any
+
+from lxml import etree
+
+from workers.domain import (
+    _FEATURES,
+    DEFAULT_EMULATOR,
+    DEFAULT_MAX_MEMORY_KIB,
+    MAX_XML_BYTES,
+    QEMU_NS,
+    Console,
+    Disk,
+    DomainDef,
+    Graphics,
+    Serial,
+    Timer,
+    _check,
+    _enums,
+)
+from workers.errors import InvalidInputError, UnsupportedError
+
+Kids = dict[str, list[Any]]
+# Elements with element children; every other known element must be a leaf.
+_CONTAINERS = {"os", "features", "cpu", "clock", "devices", "disk", "serial", "console"}
+_CONTAINERS |= {"graphics", "video", "memballoon", "target", "qemu:commandline"}
+
+
+def _tag(elem: Any) -> str:
+    q = etree.QName(elem)
+    prefix = "qemu:" if q.namespace == QEMU_NS else f"{elem.prefix}:" if elem.prefix else ""
+    return prefix + q.localname
+
+
+def _kids(parent: Any, known: str, ignored: str = "", multi: str = "") -> Kids:
+    """Children of `parent` by tag; unknown tags are refused by name, `ignored` ones skipped."""
+    out: Kids = {}
+    for child in parent:
+        tag = _tag(child)
+        if tag in ignored.split():
+            continue
+        _check(
+            tag in known.split() + multi.split(),
+            f"unsupported element <{tag}> in <{_tag(parent)}>",
+            UnsupportedError,
+        )
+        _check(tag not in out or tag in multi.split(), f"duplicate <{tag}> in <{_tag(parent)}>")
+        if tag not in _CONTAINERS and len(child):
+            _kids(child, "")
+        out.setdefault(tag, []).append(child)
+    return out
+
+
+def _first(kids: Kids, tag: str) -> Any:
+    """The child `tag`, or an empty stand-in so attribute lookups give their defaults."""
+    return kids[tag][0] if tag in kids else etree.Element(tag)
+
+
+def _text(kids: Kids, tag: str) -> str | None:
+    return (kids[tag][0].text or "").strip() if tag in kids else None
+
+
+def _int(text: str | None, what: str) -> int | None:
+    if text is None:
+        return None
+    _check(bool(re.fullmatch(r"\s*-?[0-9]{1,9}\s*", text)), f"{what} {text!r} is not an integer")
+    return int(text)
+
+
+def _yes(text: str | None, what: str) -> bool | None:
+    _enums("", (what, text, (None, "yes", "no", "on", "off")))
+    return None if text is None else text in ("yes", "on")
+
+
+def _kib(elem: Any, max_kib: int) -> int:
+    """libvirt's virScaleInteger: b, bytes, k, KiB (1024), KB (1000) ... E; KiB by default."""
+    what, text, unit = elem.tag, (elem.text or "").strip(), elem.get("unit", "KiB")
+    m = re.fullmatch(r"(b|bytes)|([kmgtpe])(ib|b)?", unit.lower())
+    _check(m is not None, f"<{what}> unit {unit!r} is unknown")
+    assert m is not None
+    scale = 1 if m[1] else (1000 if m[3] == "b" else 1024) ** ("kmgtpe".index(m[2]) + 1)
+    _check(bool(re.fullmatch(r"[0-9]{1,24}", text)), f"<{what}> {text!r} is not a size")
+    kib = -(-int(text) * scale // 1024)
+    _check(kib <= max_kib, f"<{what}> {kib} KiB exceeds the limit of {max_kib} KiB")
+    return kib
+
+
+def parse(
+    text: str | bytes,
+    *,
+    allow_qemu_commandline: bool = False,
+    max_memory_kib: int = DEFAULT_MAX_MEMORY_KIB,
+    live: bool = False,
+) -> DomainDef:
+    """Parse domain XML into a validated DomainDef; `live` keeps runtime values (status files)."""
+    data = text.encode("utf-8") if isinstance(text, str) else bytes(text)
+    _check(len(data) <= MAX_XML_BYTES, f"domain XML is larger than {MAX_XML_BYTES} bytes")
+    try:
+        decoded = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise InvalidInputError("domain XML is not UTF-8") from None
+    _check("\x00" not in decoded, "domain XML contains a NUL character")
+    if "<!DOCTYPE" in decoded or "<!ENTITY" in decoded:
+        raise InvalidInputError("entity declarations are not allowed (domain XML has a DOCTYPE)")
+    parser = etree.XMLParser(
+        resolve_entities=False, no_network=True, load_dtd=False, dtd_validation=False,
+        huge_tree=False, remove_comments=True, remove_pis=True, encoding="utf-8",
+    )  # fmt: skip
+    try:
+        root = etree.fromstring(data, parser)
+    except etree.XMLSyntaxError as exc:
+        raise InvalidInputError(f"malformed domain XML: {exc}".replace("\n", " ")) from None
+    _check(_tag(root) == "domain", f"the root element must be <domain>, not <{_tag(root)}>")
+    k = _kids(
+        root,
+        "name uuid title description memory currentMemory vcpu os features cpu clock "
+        "on_poweroff on_reboot on_crash devices qemu:commandline",
+        ignored="metadata resource seclabel",
+    )
+    _check(root.get("type") is not None, "domain type attribute is missing")
+    _check(bool(_text(k, "name")), "domain <name> is missing")
+    _check("memory" in k, "domain <memory> is missing")
+    vcpu, os_ = _first(k, "vcpu"), _kids(_first(k, "os"), "type", "bootmenu", multi="boot")
+    ostype, cpu = _first(os_, "type"), _kids(_first(k, "cpu"), "model")
+    dev = _kids(
+        _first(k, "devices"),
+        "emulator memballoon",
+        ignored="controller input",
+        multi="disk serial console graphics video",
+    )
+    f: dict[str, Any] = {
+        "name": _text(k, "name"),
+        "uuid": _text(k, "uuid") or str(uuidlib.uuid4()),
+        "type": root.get("type"),
+        "title": _text(k, "title"),
+        "description": k["description"][0].text if "description" in k else None,
+        "memory_kib": _kib(k["memory"][0], max_memory_kib),
+        "vcpus": _int(vcpu.text or "", "<vcpu>") if "vcpu" in k else 1,
+        "vcpus_current": _int(vcpu.get("current"), "<vcpu> current"),
+        "os_type": (ostype.text or "hvm").strip(),
+        "arch": ostype.get("arch", "x86_64"),
+        "machine": ostype.get("machine", "pc"),
+        "boot_devices": tuple(b.get("dev") for b in os_.get("boot", ())),
+        "emulator": _text(dev, "emulator") or DEFAULT_EMULATOR,
+        "disks": tuple(_disk(e) for e in dev.get("disk", ())),
+        "graphics": tuple(_graphics(e, live) for e in dev.get("graphics", ())),
+        "videos": tuple(_video(e) for e in dev.get("video", ())),
+        "memballoon": _first(dev, "memballoon").get("model", "virtio"),
+    }
+    _kids(_first(dev, "memballoon"), "", "address alias stats")
+    if "currentMemory" in k:
+        f["current_memory_kib"] = _kib(k["currentMemory"][0], max_memory_kib)
+    if not f["boot_devices"] and not any(d.boot_order for d in f["disks"]):
+        f["boot_devices"] = ("hd",)
+    if "features" in k:
+        f["features"] = tuple(_kids(k["features"][0], " ".join(_FEATURES), "vmport"))
+    for action in ("on_poweroff", "on_reboot", "on_crash"):
+        if action in k:
+            f[action] = _text(k, action)
+    if "cpu" in k:
+        model = _text(cpu, "model") or None
+        f["cpu_mode"] = _first(k, "cpu").get("mode", "custom" if model else None)
+        f["cpu_model"] = model if f["cpu_mode"] == "custom" else None
+    clock = _first(k, "clock")
+    f["clock_offset"] = clock.get("offset", "utc")
+    f["timers"] = tuple(
+        Timer(
+            name=t.get("name"),
+            tickpolicy=t.get("tickpolicy"),
+            present=_yes(t.get("present"), "timer present"),
+        )
+        for t in _kids(clock, "", multi="timer").get("timer", ())
+    )
+    f["serials"], f["consoles"] = _serials(dev, live)
+    if "qemu:commandline" in k:
+        _check(
+            allow_qemu_commandline,
+            "<qemu:commandline> is not allowed on this host (FERRY_ALLOW_QEMU_COMMANDLINE)",
+            UnsupportedError,
+        )
+        args = _kids(k["qemu:commandline"][0], "", multi="qemu:arg").get("qemu:arg", ())
+        f["qemu_args"] = tuple(a.get("value", "") for a in args)
+    return DomainDef(**f)
+
+
+def _disk(e: Any) -> Disk:
+    k = _kids(e, "driver source target readonly shareable boot", "address alias backingStore")
+    kind, drv, tgt = e.get("type", "file"), _first(k, "driver"), _first(k, "target")
+    _kids(tgt, "")
+    _check(kind == "file", f"disk type {kind!r} is not supported (only 'file')", UnsupportedError)
+    _enums("disk ", ("driver name", drv.get("name", "qemu"), ("qemu",)))
+    _check(bool(tgt.get("dev")), "disk <target dev> is missing")
+    bus = {"vd": "virtio", "hd": "ide", "sd": "scsi"}.get(tgt.get("dev")[:2], "virtio")
+    return Disk(
+        target=tgt.get("dev"),
+        bus=tgt.get("bus", bus),
+        source=_first(k, "source").get("file"),
+        device=e.get("device", "disk"),
+        format=drv.get("type", "raw"),
+        cache=drv.get("cache"),
+        discard=drv.get("discard"),
+        detect_zeroes=drv.get("detect_zeroes"),
+        readonly="readonly" in k,
+        shareable="shareable" in k,
+        boot_order=_int(_first(k, "boot").get("order"), "disk boot order"),
+    )
+
+
+def _chardev(e: Any, port: int, live: bool) -> Serial:
+    k = _kids(e, "source target", "alias address")
+    src, kind = _first(k, "source"), e.get("type", "pty")
+    return Serial(
+        type=kind,
+        port=port,
+        path=None if kind == "pty" and not live else src.get("path"),
+        mode=src.get("mode", "connect") if kind == "unix" else None,
+        append=_yes(src.get("append"), "serial source append") if kind == "file" else None,
+    )
+
+
+def _serials(dev: Kids, live: bool) -> tuple[tuple[Serial, ...], tuple[Console, ...]]:
+    serials: list[Serial] = []
+    for e in dev.get("serial", ()):
+        tgt = _first(_kids(e, "source target", "alias address"), "target")
+        _enums("serial target ", ("type", tgt.get("type", "isa-serial"), ("isa-serial",)))
+        for model in _kids(tgt, "model").get("model", ()):
+            _enums("serial target ", ("model name", model.get("name"), ("isa-serial",)))
+        port = _int(tgt.get("port"), "serial target port")
+        if port is None:  # libvirt: the lowest free port
+            port = min(set(range(4)) - {s.port for s in serials}, default=4)
+        serials.append(_chardev(e, port, live))
+    consoles: list[Console] = []
+    for e in dev.get("console", ()):
+        tgt = _first(_kids(e, "source target", "alias address"), "target")
+        _kids(tgt, "")
+        port = _int(tgt.get("port", "0"), "console target port") or 0
+        con = Console(target_type=tgt.get("type", "serial"), port=port)
+        if con.target_type == "serial" and not any(s.port == port for s in serials):
+            serials.append(_chardev(e, port, live))
+        consoles.append(con)
+    return tuple(serials), tuple(consoles)
+
+
+def _graphics(e: Any, live: bool) -> Graphics:
+    listen = e.get("listen")
+    for item in _kids(e, "", "image", multi="listen").get("listen", ()):
+        kind = item.get("type", "address")
+        _check(
+            kind == "address", f"graphics listen type {kind!r} is not supported", UnsupportedError
+        )
+        listen = item.get("address") or listen
+    port, tls = _int(e.get("port"), "graphics port"), _int(e.get("tlsPort"), "graphics tlsPort")
+    auto = e.get("autoport") == "yes" or (e.get("autoport") is None and port in (None, -1))
+    return Graphics(
+        type=e.get("type"),
+        port=None if port == -1 or (auto and not live) else port,
+        autoport=auto,
+        tls_port=None if tls == -1 else tls,
+        listen=listen,
+        passwd=e.get("passwd"),
+    )
+
+
+def _video(e: Any) -> str:
+    k = _kids(e, "model", "address alias")
+    _check("model" in k, "video <model> is missing")
+    return str(k["model"][0].get("type"))
+
+
+# ---------------------------------------------------------------- formatting
+
+
+def _sub(
+    parent: Any, tag: str, text: str | None = None, *, when: bool = True, **attrs: object
+) -> Any:
+    """Append <tag> with the attributes that are not None, if `when`."""
+    if not when:
+        return None
+    elem = etree.SubElement(parent, tag, {k: str(v) for k, v in attrs.items() if v is not None})
+    elem.text = text
+    return elem
+
+
+def _onoff(flag: bool | None, yes: str = "on", no: str = "off") -> str | None:
+    return None if flag is None else yes if flag else no
+
+
+def format_element(d: DomainDef, live: bool, secure: bool) -> Any:
+    root = etree.Element(
+        "domain", {"type": d.type}, nsmap={"qemu": QEMU_NS} if d.qemu_args else None
+    )
+    for tag in ("name", "uuid", "title", "description"):
+        if getattr(d, tag) is not None:
+            _sub(root, tag, getattr(d, tag))
+    _sub(root, "memory", str(d.memory_kib), unit="KiB")
+    _sub(root, "currentMemory", str(d.current_memory_kib), unit="KiB")
+    _sub(root, "vcpu", str(d.vcpus), current=d.vcpus_current)
+    os_ = _sub(root, "os")
+    _sub(os_, "type", d.os_type, arch=d.arch, machine=d.machine)
+    for dev in d.boot_devices:
+        _sub(os_, "boot", dev=dev)
+    if d.features:
+        feats = _sub(root, "features")
+        for name in d.features:
+            _sub(feats, name)
+    if d.cpu_mode:
+        _sub(_sub(root, "cpu", mode=d.cpu_mode), "model", d.cpu_model, when=bool(d.cpu_model))
+    clock = _sub(root, "clock", offset=d.clock_offset)
+    for t in d.timers:
+        _sub(
+            clock,
+            "timer",
+            name=t.name,
+            tickpolicy=t.tickpolicy,
+            present=_onoff(t.present, "yes", "no"),
+        )
+    for action in ("on_poweroff", "on_reboot", "on_crash"):
+        _sub(root, action, getattr(d, action))
+    devices = _sub(root, "devices")
+    _sub(devices, "emulator", d.emulator)
+    for disk in d.disks:
+        e = _sub(devices, "disk", type="file", device=disk.device)
+        _sub(
+            e,
+            "driver",
+            name="qemu",
+            type=disk.format,
+            cache=disk.cache,
+            discard=disk.discard,
+            detect_zeroes=disk.detect_zeroes,
+        )
+        _sub(e, "source", file=disk.source, when=disk.source is not None)
+        _sub(e, "target", dev=disk.target, bus=disk.bus)
+        for flag in ("readonly", "shareable"):
+            _sub(e, flag, when=getattr(disk, flag))
+        _sub(e, "boot", order=disk.boot_order, when=disk.boot_order is not None)
+        _sub(e, "alias", name=disk.alias, when=live)
+    mirrored = [s for c in d.consoles for s in d.serials if s.port == c.port]
+    for tag, s in [("serial", s) for s in d.serials] + [("console", s) for s in mirrored]:
+        tty = s.path if tag == "console" and s.type == "pty" else None
+        e = _sub(devices, tag, type=s.type, tty=tty)
+        if s.path is not None:
+            _sub(e, "source", mode=s.mode, path=s.path, append=_onoff(s.append))
+        _sub(e, "target", type="isa-serial" if tag == "serial" else "serial", port=s.port)
+        _sub(e, "alias", name=s.alias, when=live)
+    for g in d.graphics:
+        e = _sub(
+            devices,
+            "graphics",
+            type=g.type,
+            port=g.port,
+            autoport=_onoff(g.autoport, "yes", "no"),
+            tlsPort=g.tls_port,
+            listen=g.listen,
+            passwd=g.passwd if secure else None,
+        )
+        _sub(e, "listen", type="address", address=g.listen, when=g.listen is not None)
+    for model in d.videos:
+        e = _sub(devices, "video")
+        _sub(e, "model", type=model)
+        _sub(e, "alias", name="video0", when=live and model != "none")
+    e = _sub(devices, "memballoon", model=d.memballoon)
+    _sub(e, "alias", name="balloon0", when=live and d.memballoon != "none")
+    if d.qemu_args:
+        cmd = _sub(root, f"{{{QEMU_NS}}}commandline")
+        for arg in d.qemu_args:
+            _sub(cmd, f"{{{QEMU_NS}}}arg", value=arg)
+    return root
