@@ -88,11 +88,13 @@ async def wait(dom: DomainObj, mon: Monitor, *, started_ms: int,
         on_progress(progress_of(info, started_ms))
         if status == "completed":
             return dict(info)
+        if status in ("failed", "cancelled") and dom.job is not None and dom.job.abort:
+            # An abort closes a tunnel before it cancels: QEMU may see the broken pipe
+            # first and say "failed"; either way the operator's abort is the cause.
+            raise MigrationError("operation aborted: migration job canceled by client")
         if status == "failed":
             raise MigrationError(f"migration failed: {info.get('error-desc', 'unknown error')}")
         if status == "cancelled":
-            if dom.job is not None and dom.job.abort:
-                raise MigrationError("operation aborted: migration job canceled by client")
             raise MigrationError("migration was cancelled")
         if on_tick is not None:
             on_tick(time.monotonic() - t0)
