@@ -3,6 +3,8 @@
 Starts its own redis-server and hosts alpha and beta (scripts.stack.Stack) in
 a temporary root, one ferry guest and one floor guest per size, interleaves
 the samples, and stops every process it started, by pid, also on failure.
+`--case transports` compares managed, p2p and p2p tunnelled migration and the
+floor on one guest instead (scripts/bench/transports.py, TRANSPORTS.md).
 """
 
 from __future__ import annotations
@@ -31,6 +33,8 @@ from scripts.bench.migration import (
     wait_filled,
 )
 from scripts.bench.report import case_json, machine, markdown
+from scripts.bench.transports import run_transports, tunnel_settings
+from scripts.bench.transports_report import markdown as transports_markdown
 from scripts.guestimage import MAX_REGION_MIB, build_image
 from scripts.guestxml import guest_xml
 from scripts.stack import Stack
@@ -53,14 +57,19 @@ def _sizes(text: str) -> list[int]:
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m scripts.bench", description=__doc__)
-    p.add_argument("--runs", type=int, default=5, help="samples per side and size (default 5)")
+    p.add_argument("--case", choices=("floor", "transports"), default="floor",
+                   help="floor: managed v3 against the floor per size (default, RESULTS.md); "
+                        "transports: managed, p2p, p2p tunnelled and the floor on one 1 GiB "
+                        "guest, rotated rounds (TRANSPORTS.md; --sizes and --order unused)")
+    p.add_argument("--runs", type=int, default=None,
+                   help="samples per side and size (default 5); transports: rounds (default 8)")
     p.add_argument("--sizes", type=_sizes, nargs="+", default=[[1024]], metavar="MIB",
                    help="guest memory sizes in MiB, half of it random (default 1024)")
     p.add_argument("--out", type=Path, default=BENCH_DIR / "results",
                    help="directory for <timestamp>.json and .md (default scripts/bench/results)")
-    p.add_argument("--warmup", type=int, default=2,
+    p.add_argument("--warmup", type=int, default=None,
                    help="migrations per side before the samples, reported but not counted "
-                        "(default 2: one each way)")
+                        "(default 2: one each way); transports: rounds (default 1)")
     p.add_argument("--floor-downtime", default="ferry", metavar="ferry|qemu|MS",
                    help="the floor's downtime-limit: ferry's first downtime step (default), "
                         "QEMU's own default (300 ms), or MS")
@@ -75,6 +84,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    help="keep the temporary root (worker logs, QEMU logs) afterwards")
     args = p.parse_args(argv)
     args.sizes = [s for group in args.sizes for s in group]
+    transports = args.case == "transports"
+    if args.runs is None:
+        args.runs = 8 if transports else 5
+    if args.warmup is None:
+        args.warmup = 1 if transports else 2
     if args.runs < 1 or args.warmup < 0:
         p.error("--runs must be at least 1 and --warmup at least 0")
     if args.floor_downtime not in ("ferry", "qemu") and not args.floor_downtime.isdigit():
@@ -167,6 +181,17 @@ def write_results(path: Path, text: str) -> None:
     path.write_text(text + notes)
 
 
+def _cpu_pids(stack: Stack) -> dict[int, str]:
+    """The processes the transports case samples CPU time of, besides QEMU."""
+    pids = {os.getpid(): "bench client"}
+    if stack.redis_proc is not None:
+        pids[stack.redis_proc.pid] = "redis"
+    for name, w in stack.workers.items():
+        if w.proc is not None:
+            pids[w.proc.pid] = f"worker {name}"
+    return pids
+
+
 def _terminate(signum: int, frame: FrameType | None) -> None:
     signal.signal(signum, signal.SIG_IGN)  # a second signal must not cut the clean-up short
     raise SystemExit(128 + signum)  # runs the finally blocks that stop everything
@@ -183,10 +208,21 @@ def main(argv: Sequence[str] | None = None) -> int:
                                        "sizes": args.sizes, "log_level": args.log_level,
                                        "floor_downtime": args.floor_downtime,
                                        "order": args.order}}
+    if args.case == "transports":
+        result["args"] = {k: result["args"][k] for k in ("runs", "warmup", "log_level",
+                                                         "floor_downtime")}
+        result["args"]["case"] = "transports"
+        result["args"]["tunnel"] = tunnel_settings()
     try:
         _log(f"state root {root}")
         client = start_stack(stack)
-        for size in args.sizes:
+        if args.case == "transports":
+            result["cases"].append(run_transports(
+                client, root, floors, runs=args.runs, warmup=args.warmup,
+                fill_timeout=args.fill_timeout,
+                floor_downtime_ms=_floor_downtime(args.floor_downtime, 1024),
+                cpu_pids=_cpu_pids(stack)))
+        for size in args.sizes if args.case == "floor" else []:
             case = CaseRun(size, args.runs, args.warmup, args.floor_downtime,
                            args.fill_timeout, args.order)
             result["cases"].append(run_case(case, client, root, floors))
@@ -199,14 +235,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             _log(f"kept {root}")
         else:
             shutil.rmtree(root, ignore_errors=True)
-    text = markdown(result)
+    transports = args.case == "transports"
+    text = transports_markdown(result) if transports else markdown(result)
     args.out.mkdir(parents=True, exist_ok=True)
-    stamp = time.strftime("%Y%m%d-%H%M%S")
+    stamp = time.strftime("%Y%m%d-%H%M%S") + ("-transports" if transports else "")
     (args.out / f"{stamp}.json").write_text(json.dumps(result, indent=2) + "\n")
     (args.out / f"{stamp}.md").write_text(text)
-    write_results(BENCH_DIR / "RESULTS.md", text)
+    section = BENCH_DIR / ("TRANSPORTS.md" if transports else "RESULTS.md")
+    write_results(section, text)
     print(text)
-    _log(f"wrote {args.out / stamp}.json, .md and {BENCH_DIR / 'RESULTS.md'}")
+    _log(f"wrote {args.out / stamp}.json, .md and {section}")
     return 0
 
 

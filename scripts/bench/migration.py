@@ -60,11 +60,12 @@ class FerryGuest:
         self.client.call(self.at, "define", xml=self.xml)
         self.client.call(self.at, "start", domain=self.name)
 
-    def migrate(self) -> FerrySample:
+    def migrate(self, **options: Any) -> FerrySample:
+        """One live migration to the other host; `options` as Client.migrate (p2p=True, ...)."""
         src = self.at
         dst = HOSTS[1] if src == HOSTS[0] else HOSTS[0]
         t0 = time.perf_counter()
-        summary = self.client.migrate(self.name, src, dst, live=True).wait(
+        summary = self.client.migrate(self.name, src, dst, live=True, **options).wait(
             timeout=MIGRATION_TIMEOUT_S)
         wall_ms = (time.perf_counter() - t0) * 1000
         if summary.get("result") != "completed":
