@@ -74,6 +74,25 @@ def rotation(i: int) -> tuple[str, ...]:
     return VARIANTS[k:] + VARIANTS[:k]
 
 
+def schedule(runs: int, warmup: int) -> list[tuple[int, int, str, str]]:
+    """(round, position, variant, kind) in the order to run them.
+
+    A round has three ferry migrations, so the guest starts every other round
+    on the other host, and with four rotations each ferry variant would go one
+    way three times out of four.  An extra managed migration after every four
+    counted rounds ("reposition", not counted) swaps the start, so every 8
+    rounds give each variant every position twice and each direction 4 times.
+    """
+    out = []
+    for i in range(warmup + runs):
+        j = i - warmup
+        out += [(i, pos, v, "warm-up" if j < 0 else "sample")
+                for pos, v in enumerate(rotation(j))]
+        if j >= 0 and j % 4 == 3 and i < warmup + runs - 1:
+            out.append((i, len(VARIANTS), MANAGED, "reposition"))
+    return out
+
+
 def _throughput(processed: int | None, ms: float | None) -> float | None:
     return processed / MIB / (ms / 1000) if processed and ms else None
 
@@ -213,19 +232,19 @@ def run_transports(client: Client, root: Path, floors: list[FloorGuest], *, runs
         wait_filled(case_dir / "floor.serial", fill_timeout, "the floor guest to fill")
         _log(f"[transports] both filled after {time.monotonic() - t0:.0f}s; floor "
              f"downtime-limit {floor_downtime_ms or 'QEMU default'} ms")
-        for i in range(warmup + runs):
-            tag = f"warm-up {i + 1}" if i < warmup else f"{i - warmup + 1}/{runs}"
-            for pos, variant in enumerate(rotation(i - warmup)):
-                others = foreign_qemu(str(root))
-                rec = _migrate(variant, ferry, floor, cpu_pids, root)
-                others = max(others, foreign_qemu(str(root)))
-                rec.update(round=i, position=pos, warmup=i < warmup, variant=variant,
-                           foreign_qemu=others)
-                samples.append(rec)
-                _log(f"[transports] {tag} {variant:<14} {rec['direction']}: wall "
-                     f"{rec['wall_ms']:.0f} ms, QEMU {rec['qemu_ms']} ms, "
-                     f"{rec['throughput_mib_s'] or 0:.0f} MiB/s, downtime "
-                     f"{rec['downtime_ms']} ms" + (f", {others} other QEMU" if others else ""))
+        for i, pos, variant, kind in schedule(runs, warmup):
+            tag = {"sample": f"{i - warmup + 1}/{runs}", "warm-up": f"warm-up {i + 1}"}.get(
+                kind, kind)
+            others = foreign_qemu(str(root))
+            rec = _migrate(variant, ferry, floor, cpu_pids, root)
+            others = max(others, foreign_qemu(str(root)))
+            rec.update(round=i, position=pos, kind=kind, warmup=kind != "sample",
+                       variant=variant, foreign_qemu=others)
+            samples.append(rec)
+            _log(f"[transports] {tag} {variant:<14} {rec['direction']}: wall "
+                 f"{rec['wall_ms']:.0f} ms, QEMU {rec['qemu_ms']} ms, "
+                 f"{rec['throughput_mib_s'] or 0:.0f} MiB/s, downtime "
+                 f"{rec['downtime_ms']} ms" + (f", {others} other QEMU" if others else ""))
     finally:
         ferry.remove()
         floor.close()

@@ -35,13 +35,16 @@ def markdown(result: dict[str, Any]) -> str:
         "and beta), moved by the three ferry variants in turn, and its twin moved by the floor. "
         "Each round runs every variant once, the order rotated by one from round to round "
         f"({', '.join(variants)}; then starting with {variants[1]}; ...), each migration goes "
-        "to the other host. managed direct: `Client.migrate(live=True)` (v3 chain); p2p "
-        "direct: `p2p=True`; p2p tunnelled: `p2p=True, tunnelled=True` (QEMU's stream through "
-        "Redis); floor: the same QEMU argv over QMP, tcp, from starting the incoming QEMU to "
-        "`cont` on the dest. Wall time in the caller around `.wait()`. QEMU time: ferry's "
-        "statistics `time_elapsed`, the floor's `total-time`; throughput = memory processed "
-        "(QEMU's `ram.transferred`) / QEMU time; QEMU MiB/s = QEMU's own `mbps` (ferry: "
-        "`memory_bps`). Downtime: QEMU's `downtime`. Floor downtime-limit: "
+        "to the other host; after every 4 rounds one more managed migration, not counted, "
+        "swaps the host the next round starts on, so that 8 rounds give every variant each "
+        "position twice and each direction 4 times. managed direct: "
+        "`Client.migrate(live=True)` (v3 chain); p2p direct: `p2p=True`; p2p tunnelled: "
+        "`p2p=True, tunnelled=True` (QEMU's stream through Redis); floor: the same QEMU argv "
+        "over QMP, tcp, from starting the incoming QEMU to `cont` on the dest. Wall time in the "
+        "caller around `.wait()`. QEMU time: ferry's statistics `time_elapsed`, the floor's "
+        "`total-time`; throughput = memory processed (QEMU's `ram.transferred`) / QEMU time; "
+        "QEMU MiB/s = QEMU's own `mbps` (ferry: `memory_bps`). Downtime: QEMU's `downtime`. "
+        "Floor downtime-limit: "
         f"{'QEMU default' if lim is None else f'{lim} ms'} (ferry's first step). "
         f"Medians of {opts['runs']} rounds; {opts['warmup']} warm-up round(s) listed below, "
         "not counted. Tunnel: window "
@@ -90,7 +93,9 @@ def markdown(result: dict[str, Any]) -> str:
     for r in c["samples"]:
         if r["foreign_qemu"]:
             busy.add(r["round"])
-        rnd = "warm-up" if r["warmup"] else str(r["round"] - c["warmup"] + 1)
+        rnd = str(r["round"] - c["warmup"] + 1)
+        if r["warmup"]:
+            rnd = "warm-up" if r["round"] < c["warmup"] else f"{rnd} (reposition)"
         out.append(f"| {rnd} | {r['position'] + 1} | {r['variant']} | {r['direction']} "
                    f"| {r['wall_ms']:.0f} | {_f(r['qemu_ms'])} | {_f(r['throughput_mib_s'])} "
                    f"| {_f(r['downtime_ms'])} |")

@@ -27,6 +27,7 @@ from workers.errors import FerryError
 from workers.images import COMPRESSORS, ImageHeader, encode_header, read_header
 
 MIB = 1024 * 1024
+FIXED_XML_BYTE = 70  # a byte of the domain XML in the header (it starts at 64)
 
 
 def _started(client: Client, make_guest: Callable[..., Guest], host: str = "alpha",
@@ -151,9 +152,6 @@ def _broken_images(good: Path) -> Iterator[tuple[str, bytes, str]]:
     flipped = bytearray(data)
     flipped[FIXED_XML_BYTE] ^= 0x01
     yield "corrupted header", bytes(flipped), "checksum mismatch"
-
-
-FIXED_XML_BYTE = 70
 
 
 def test_broken_images_are_refused_and_nothing_starts(
