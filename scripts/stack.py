@@ -79,18 +79,19 @@ class Stack:
     workers: dict[str, Worker] = field(default_factory=dict)
     extra_env: dict[str, str] = field(default_factory=dict)
 
-    def start_redis(self, port: int | None = None, password: str | None = None) -> str:
+    def start_redis(self, port: int | None = None, password: str | None = None,
+                    bind: str = "127.0.0.1") -> str:
         port = port or free_port()
         rdir = self.root / "redis"
         rdir.mkdir(parents=True, exist_ok=True)
         self.redis_proc = subprocess.Popen(
-            ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--dir", str(rdir),
+            ["redis-server", "--port", str(port), "--bind", bind, "--dir", str(rdir),
              "--save", "", "--appendonly", "no", "--daemonize", "no",
              *(["--requirepass", password] if password else [])],
             stdout=open(rdir / "redis.log", "ab"), stderr=subprocess.STDOUT,  # noqa: SIM115
             stdin=subprocess.DEVNULL)
         auth = f":{password}@" if password else ""
-        self.broker_url = f"redis://{auth}127.0.0.1:{port}/0"
+        self.broker_url = f"redis://{auth}{bind}:{port}/0"
         client = redis.Redis.from_url(self.broker_url, socket_timeout=1)
         wait_for(lambda: _ping(client), 10, "redis-server to answer")
         return self.broker_url
@@ -105,13 +106,16 @@ class Stack:
         return env
 
     def start_worker(self, name: str, uuid: str | None = None, wait: bool = True,
-                     env: dict[str, str] | None = None) -> Worker:
+                     env: dict[str, str] | None = None,
+                     prefix: tuple[str, ...] = ()) -> Worker:
+        """Start `ferry worker` for host `name`; `prefix` wraps the command (e.g. `ip
+        netns exec NS`, which execs it: the pid stays the worker's)."""
         w = self.workers.get(name) or Worker(name, uuid or str(uuidlib.uuid4()),
                                              self.root / name)
         w.state_dir.mkdir(parents=True, exist_ok=True)
         ferry = Path(sys.executable).with_name("ferry")
         w.proc = subprocess.Popen(
-            [str(ferry), "worker", "--host", name, "--uuid", w.uuid,
+            [*prefix, str(ferry), "worker", "--host", name, "--uuid", w.uuid,
              "--state-dir", str(w.state_dir)],
             env={**self.env(name), **(env or {})}, stdin=subprocess.DEVNULL,
             stdout=open(w.state_dir / "stdout.log", "ab"),  # noqa: SIM115

@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from config.settings import load
+from scripts.fleet import Fleet, netns_available
 from scripts.guestxml import guest_xml
 from scripts.stack import Stack, wait_for
 from tasks.client import Client
@@ -238,3 +239,58 @@ def native_threads(pid: int, name: str) -> int:
         except OSError:
             continue
     return count
+
+
+@dataclass
+class FleetRun:
+    """A started fleet (scripts/fleet.py), a client on its broker, a guest maker."""
+
+    fleet: Fleet
+    client: Client
+    image: Path
+    work: Path
+
+    def guest(self, memory_mib: int = 32, domain_type: str = "qemu") -> Guest:
+        name = f"g-{uuid.uuid4().hex[:8]}"
+        disk = self.work / f"{name}.img"
+        shutil.copyfile(self.image, disk)
+        serial = self.work / f"{name}.serial"
+        dom_uuid = str(uuid.uuid4())
+        xml = guest_xml(name, disk, serial, memory_mib=memory_mib, uuid=dom_uuid,
+                        domain_type=domain_type)
+        return Guest(name, dom_uuid, xml, disk, serial)
+
+    def boot(self, host: str, guest: Guest) -> Guest:
+        self.client.call(host, "define", xml=guest.xml)
+        self.client.call(host, "start", domain=guest.name)
+        return guest
+
+    def running_on(self, guest: Guest) -> list[str]:
+        """Hosts where this guest's QEMU runs its CPUs now (from each host's dominfo)."""
+        where = []
+        for host in self.fleet.hosts:
+            with contextlib.suppress(Exception):
+                info = self.client.call(host, "dominfo", domain=guest.name, timeout=10)
+                if info["state"] == "running":
+                    where.append(host)
+        return where
+
+
+@contextlib.contextmanager
+def fleet_of(names: list[str], base_image: Path, env: dict[str, str] | None = None,
+             host_env: dict[str, dict[str, str]] | None = None) -> Iterator[FleetRun]:
+    """A fleet of namespace hosts for one test module; skips where namespaces cannot be
+    made.  Everything is torn down after, also on failure."""
+    reason = netns_available()
+    if reason is not None:
+        pytest.skip(f"namespace test hosts need CAP_NET_ADMIN and iproute2: {reason}")
+    root = Path(tempfile.mkdtemp(prefix="ferry-fl-", dir="/tmp"))
+    fleet = Fleet(root=root, extra_env=dict(env or {}))
+    try:
+        fleet.start(names, host_env)
+        client = Client(load({"FERRY_BROKER_URL": fleet.broker_url}))
+        yield FleetRun(fleet, client, base_image, root)
+    finally:
+        fleet.stop()
+        if not os.environ.get("FERRY_TEST_KEEP"):
+            shutil.rmtree(root, ignore_errors=True)
