@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from celery import Celery
 
+from config import broker
 from config.settings import Settings
 
 app = Celery("ferry", set_as_current=True)
@@ -29,9 +30,13 @@ def client_app(settings: Settings) -> Celery:
 def configure(settings: Settings, target: Celery | None = None) -> Celery:
     """Point `target` (the workers' shared app by default) at the settings' broker."""
     target = app if target is None else target
+    tls = broker.ssl_options(settings)
     target.conf.update(
         broker_url=settings.broker_url,
         result_backend=settings.broker_url,
+        # rediss://: the same verified TLS as every other client (config/broker.py)
+        broker_use_ssl=tls or False,
+        redis_backend_use_ssl=tls,
         task_serializer="json",
         result_serializer="json",
         accept_content=["json"],

@@ -54,6 +54,15 @@ def _uuid(text: str) -> str:
     return str(uuid.UUID(text))
 
 
+def _optional_path(text: str) -> Path | None:
+    if not text:
+        return None
+    path = Path(text)
+    if not path.is_absolute():
+        raise ValueError(f"not an absolute path: {text!r}")
+    return path
+
+
 def _lock_manager(text: str) -> str:
     if text not in ("redis", "none"):
         raise ValueError(f"lock manager must be 'redis' or 'none', not {text!r}")
@@ -63,6 +72,11 @@ def _lock_manager(text: str) -> str:
 SPECS: tuple[Spec, ...] = (
     Spec("broker_url", str, lambda: "redis://127.0.0.1:6379/0",
          "Redis URL of the Celery broker, result backend and job records"),
+    Spec("redis_ca", _optional_path, lambda: None,
+         "CA file that verifies a rediss:// broker (default: the system's CAs)"),
+    Spec("redis_cert", _optional_path, lambda: None,
+         "client certificate for a rediss:// broker that asks for one"),
+    Spec("redis_key", _optional_path, lambda: None, "private key of FERRY_REDIS_CERT"),
     Spec("host", str, socket.gethostname, "name of this host; its queue is host.<name>"),
     Spec("host_uuid", _uuid, lambda: "", "host UUID; default: stored in the state dir"),
     Spec("state_dir", Path, lambda: Path("/var/lib/ferry"),
@@ -116,6 +130,9 @@ SPECS: tuple[Spec, ...] = (
 @dataclass(frozen=True)
 class Settings:
     broker_url: str
+    redis_ca: Path | None
+    redis_cert: Path | None
+    redis_key: Path | None
     host: str
     host_uuid: str
     state_dir: Path

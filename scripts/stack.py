@@ -17,9 +17,12 @@ import uuid as uuidlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import redis
 
+from config import broker
+from config.settings import Settings, load
 from workers.heartbeat import get_host
 
 
@@ -62,6 +65,15 @@ def _alive(pid: int) -> bool:
     return state != "Z"
 
 
+@dataclass(frozen=True)
+class RedisTls:
+    """Certificate, key and CA of a redis-server that speaks only TLS."""
+
+    cert: Path
+    key: Path
+    ca: Path
+
+
 @dataclass
 class Worker:
     name: str
@@ -80,21 +92,36 @@ class Stack:
     extra_env: dict[str, str] = field(default_factory=dict)
 
     def start_redis(self, port: int | None = None, password: str | None = None,
-                    bind: str = "127.0.0.1") -> str:
+                    bind: str = "127.0.0.1", tls: RedisTls | None = None) -> str:
+        """redis-server on `bind`; with `tls`, on a TLS port only (rediss://)."""
         port = port or free_port()
         rdir = self.root / "redis"
         rdir.mkdir(parents=True, exist_ok=True)
+        listen = ["--port", str(port)] if tls is None else [
+            "--port", "0", "--tls-port", str(port), "--tls-cert-file", str(tls.cert),
+            "--tls-key-file", str(tls.key), "--tls-ca-cert-file", str(tls.ca),
+            "--tls-auth-clients", "no"]
         self.redis_proc = subprocess.Popen(
-            ["redis-server", "--port", str(port), "--bind", bind, "--dir", str(rdir),
+            ["redis-server", *listen, "--bind", bind, "--dir", str(rdir),
              "--save", "", "--appendonly", "no", "--daemonize", "no",
              *(["--requirepass", password] if password else [])],
             stdout=open(rdir / "redis.log", "ab"), stderr=subprocess.STDOUT,  # noqa: SIM115
             stdin=subprocess.DEVNULL)
         auth = f":{password}@" if password else ""
-        self.broker_url = f"redis://{auth}{bind}:{port}/0"
-        client = redis.Redis.from_url(self.broker_url, socket_timeout=1)
+        scheme = "redis" if tls is None else "rediss"
+        self.broker_url = f"{scheme}://{auth}{bind}:{port}/0"
+        if tls is not None:
+            self.extra_env["FERRY_REDIS_CA"] = str(tls.ca)
+        client = self.redis_client(socket_timeout=1)
         wait_for(lambda: _ping(client), 10, "redis-server to answer")
         return self.broker_url
+
+    def settings(self) -> Settings:
+        return load(self.env())
+
+    def redis_client(self, **kwargs: Any) -> redis.Redis:
+        """A client of this stack's Redis, TLS included (config/broker.py)."""
+        return broker.connect(self.settings(), **kwargs)
 
     def env(self, name: str | None = None) -> dict[str, str]:
         env = dict(os.environ)
@@ -126,7 +153,7 @@ class Stack:
         return w
 
     def wait_alive(self, name: str, pid: int, timeout: float = 30) -> None:
-        client = redis.Redis.from_url(self.broker_url, socket_timeout=2)
+        client = self.redis_client(socket_timeout=2)
 
         def ready() -> bool:
             proc = self.workers[name].proc

@@ -12,6 +12,7 @@ from typing import Any
 import redis
 from celery.exceptions import TimeoutError as CeleryTimeout
 
+from config import broker
 from config.celery_app import client_app, queue_for
 from config.settings import Settings, load
 from workers.errors import FerryError, HostUnavailableError, InvalidInputError
@@ -22,7 +23,7 @@ class Client:
     def __init__(self, settings: Settings | None = None) -> None:
         self.settings = settings or load()
         self.app = client_app(self.settings)
-        self.redis = redis.Redis.from_url(self.settings.broker_url, socket_timeout=10)
+        self.redis = broker.connect(self.settings, socket_timeout=10)
 
     def host(self, name: str) -> dict[str, Any]:
         """The live record of host `name`, or a clear error."""

@@ -20,8 +20,7 @@ from collections.abc import Callable, Coroutine
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any, TypeVar
 
-import redis
-
+from config import broker
 from config.settings import Settings
 from workers import locks, sweeper
 from workers.domain import DomainDef, parse_domain_xml
@@ -54,7 +53,7 @@ class HostAgent:
         self.migration_ports = PortAllocator("migration", *settings.migration_ports)
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._run_loop, name="ferry-agent", daemon=True)
-        self.redis = redis.Redis.from_url(settings.broker_url, socket_timeout=5)
+        self.redis = broker.connect(settings, socket_timeout=5)
         self.jobs = JobStore(self.redis, self.host)
         self.locks = locks.make(settings.lock_manager, self.redis, settings.lease_ttl_ms)
         self.signals = SignalListener(self)

@@ -17,8 +17,8 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 import redis
-import redis.asyncio as aredis
 
+from config import broker
 from workers import lifecycle
 from workers.domobj import DomainObj
 from workers.errors import FerryError, InvalidInputError, OperationInvalidError
@@ -43,7 +43,7 @@ def job_channel(uuid: str) -> str:
 class SignalListener:
     def __init__(self, agent: HostAgent) -> None:
         self.agent = agent
-        self.redis = aredis.Redis.from_url(agent.settings.broker_url)
+        self.redis = broker.connect_async(agent.settings)
         self.pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
         self._task: asyncio.Task[None] | None = None
 

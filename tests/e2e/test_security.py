@@ -11,9 +11,10 @@ from pathlib import Path
 import pytest
 
 from config.settings import load
-from scripts.stack import Stack, wait_for
+from scripts.stack import RedisTls, Stack, wait_for
 from tasks.client import Client
-from tests.conftest import Guest
+from tests.certs import ca_and_server
+from tests.conftest import Guest, qemu_pids_of
 from workers.errors import FerryError
 
 
@@ -33,6 +34,47 @@ def test_a_redis_with_a_password_works_from_the_broker_url_and_a_wrong_one_is_re
         wrong = Client(load({"FERRY_BROKER_URL": url.replace("s3cret-pw", "nope")}))
         with pytest.raises(FerryError, match="cannot reach the broker"):
             wrong.call("locked", "list")
+    finally:
+        st.stop(kill_guests=True)
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def test_a_tls_only_redis_carries_tasks_signals_leases_and_a_tunnelled_migration(
+        make_guest: Callable[..., Guest]) -> None:
+    """Every ferry client of Redis speaks verified TLS from the settings alone (rediss://
+    and FERRY_REDIS_CA): Celery, heartbeats, leases, job signals and the tunnel."""
+    root = Path(tempfile.mkdtemp(prefix="ferry-tls-", dir="/tmp"))
+    ca, server = ca_and_server(root)
+    st = Stack(root=root)
+    try:
+        url = st.start_redis(tls=RedisTls(server.cert, server.key, ca.cert))
+        assert url.startswith("rediss://")
+        for name in ("tls1", "tls2"):
+            st.start_worker(name)  # waits for its heartbeat, read over TLS
+        client = Client(load({"FERRY_BROKER_URL": url, "FERRY_REDIS_CA": str(ca.cert)}))
+        guest = make_guest(domain_type="qemu")
+        client.call("tls1", "define", xml=guest.xml)
+        assert client.call("tls1", "start", domain=guest.name)["state"] == "running"
+        locks = client.call("tls1", "domlocks", domain=guest.name)
+        assert locks["driver"] == "redis" and locks["held_here"]
+
+        job = client.migrate(guest.name, "tls1", "tls2", live=True, p2p=True, tunnelled=True,
+                             bandwidth_mib_s=1)
+        wait_for(lambda: (job.info().get("data_processed") or 0) > 0, 30,
+                 "the tunnelled migration to copy memory (a job signal over TLS)")
+        job.set_speed(0)
+        assert job.wait(timeout=60)["result"] == "completed"
+        info = client.call("tls2", "dominfo", domain=guest.name)
+        assert (info["state"], info["reason"]) == ("running", "migrated")
+        assert qemu_pids_of(guest.uuid) == [info["pid"]]
+
+        no_ca = Client(load({"FERRY_BROKER_URL": url}))  # the system's CAs do not know ours
+        with pytest.raises(FerryError, match="cannot reach the broker"):
+            no_ca.call("tls1", "list")
+        plain = Client(load({"FERRY_BROKER_URL": url.replace("rediss://", "redis://")}))
+        with pytest.raises(FerryError, match="cannot reach the broker"):
+            plain.call("tls1", "list")
+        client.call("tls2", "destroy", domain=guest.name)
     finally:
         st.stop(kill_guests=True)
         shutil.rmtree(root, ignore_errors=True)

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import pytest
 
+from config import broker
+from config.celery_app import client_app
 from config.settings import describe, load
 from workers.errors import FerryError, InvalidInputError, QemuError
 
@@ -41,6 +43,7 @@ def test_overrides_from_worker_flags_win_over_the_environment() -> None:
     ({"FERRY_LOCK_MANAGER": "sanlock"}, "sanlock"),
     ({"FERRY_ALLOW_QEMU_COMMANDLINE": "maybe"}, "boolean"),
     ({"FERRY_HOST_UUID": "not-a-uuid"}, "FERRY_HOST_UUID"),
+    ({"FERRY_REDIS_CA": "relative/ca.pem"}, "FERRY_REDIS_CA"),
 ])
 def test_bad_values_are_one_clear_error_naming_the_variable(env: dict[str, str],
                                                            needle: str) -> None:
@@ -61,3 +64,25 @@ def test_errors_say_where_they_happened_and_survive_a_json_round_trip() -> None:
     rebuilt = QemuError(*err.args)
     assert str(rebuilt) == str(err) and isinstance(rebuilt, FerryError)
     assert err.to_dict()["type"] == "QemuError"
+
+
+def test_a_rediss_broker_is_always_verified_against_the_configured_ca() -> None:
+    import ssl
+
+    s = load({"FERRY_BROKER_URL": "rediss://broker:6380/0", "FERRY_REDIS_CA": "/etc/ca.pem",
+              "FERRY_REDIS_CERT": "/etc/me.crt", "FERRY_REDIS_KEY": "/etc/me.key"})
+    want = {"ssl_cert_reqs": ssl.CERT_REQUIRED, "ssl_ca_certs": "/etc/ca.pem",
+            "ssl_certfile": "/etc/me.crt", "ssl_keyfile": "/etc/me.key"}
+    assert broker.ssl_options(s) == want
+    conf = client_app(s).conf
+    assert conf.broker_use_ssl == want and conf.redis_backend_use_ssl == want
+    pool = broker.connect(s).connection_pool.connection_kwargs
+    assert pool["ssl_cert_reqs"] == ssl.CERT_REQUIRED and pool["ssl_check_hostname"] is True
+    assert broker.ssl_options(load({"FERRY_BROKER_URL": "rediss://b/0"})) == {
+        "ssl_cert_reqs": ssl.CERT_REQUIRED}
+
+
+def test_a_plain_redis_broker_has_no_tls_options() -> None:
+    s = load({"FERRY_REDIS_CA": "/etc/ca.pem"})
+    assert broker.ssl_options(s) is None
+    assert client_app(s).conf.broker_use_ssl is False

@@ -126,7 +126,7 @@ async def _start_incoming(agent: HostAgent, dom: DomainObj, d: DomainDef,
     if tunnelled:
         tunnel.reset(agent.redis, p.job_id)
         sock = await qemu_migrate.pass_socket(mon, qemu_migrate.TUNNEL_FD)
-        dom.tunnel = tunnel.TunnelReceiver(agent.settings.broker_url, p.job_id, sock)
+        dom.tunnel = tunnel.TunnelReceiver(agent.settings, p.job_id, sock)
         dom.tunnel.start()
         await mon.execute("migrate-incoming", {"uri": f"fd:{qemu_migrate.TUNNEL_FD}"})
     else:

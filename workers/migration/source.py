@@ -206,7 +206,7 @@ async def _data_uri(agent: HostAgent, dom: DomainObj, mon: Any, st: MigrationSta
         return st.uri
     sock = await qemu_migrate.pass_socket(mon, qemu_migrate.TUNNEL_FD)
     cfg = agent.settings
-    dom.tunnel = TunnelSender(cfg.broker_url, st.params.job_id, sock,
+    dom.tunnel = TunnelSender(cfg, st.params.job_id, sock,
                               window=cfg.tunnel_window_mib << 20,
                               chunk=cfg.tunnel_chunk_kib << 10)
     dom.tunnel.start()

@@ -24,6 +24,9 @@ import time
 
 import redis
 
+from config import broker
+from config.settings import Settings
+
 log = logging.getLogger(__name__)
 
 POLL_S = 0.2  # how often blocked pops look at the stop flags
@@ -36,9 +39,10 @@ def _keys(job_id: str) -> tuple[str, str, str]:
 
 
 class _Pump(threading.Thread):
-    def __init__(self, name: str, url: str, job_id: str, sock: socket.socket) -> None:
+    def __init__(self, name: str, settings: Settings, job_id: str,
+                 sock: socket.socket) -> None:
         super().__init__(name=name, daemon=True)
-        self.redis = redis.Redis.from_url(url, socket_timeout=10)
+        self.redis = broker.connect(settings, socket_timeout=10)
         self.job_id = job_id
         self.sock = sock
         self.data_key, self.ack_key, self.closed_key = _keys(job_id)
@@ -88,9 +92,9 @@ class _Pump(threading.Thread):
 
 
 class TunnelSender(_Pump):
-    def __init__(self, url: str, job_id: str, sock: socket.socket, *, window: int,
+    def __init__(self, settings: Settings, job_id: str, sock: socket.socket, *, window: int,
                  chunk: int) -> None:
-        super().__init__("tunnel-send", url, job_id, sock)
+        super().__init__("tunnel-send", settings, job_id, sock)
         self.window, self.chunk = window, chunk
         self.inflight = 0
 
@@ -132,8 +136,8 @@ class TunnelSender(_Pump):
 
 
 class TunnelReceiver(_Pump):
-    def __init__(self, url: str, job_id: str, sock: socket.socket) -> None:
-        super().__init__("tunnel-recv", url, job_id, sock)
+    def __init__(self, settings: Settings, job_id: str, sock: socket.socket) -> None:
+        super().__init__("tunnel-recv", settings, job_id, sock)
         self.done = threading.Event()
 
     def cleanup(self) -> None:

@@ -1,0 +1,56 @@
+"""The one place Redis connections are made: every ferry client of the broker (job
+records, leases, heartbeats, signals, tunnels, admission slots, the Celery broker
+and result backend) gets its connection options here, so a `rediss://` URL means
+the same verified TLS everywhere.
+
+With `rediss://` the server's certificate is always verified (CERT_REQUIRED,
+hostname checked) against FERRY_REDIS_CA, or the system's CA store when it is
+unset; FERRY_REDIS_CERT / FERRY_REDIS_KEY add a client certificate for a Redis
+with `tls-auth-clients yes`.  Kombu alone would connect to a rediss:// URL
+without any verification (CERT_NONE, a warning); ferry never does.
+"""
+
+from __future__ import annotations
+
+import ssl
+from typing import Any
+
+import redis
+import redis.asyncio as aredis
+
+from config.settings import Settings
+
+
+def uses_tls(settings: Settings) -> bool:
+    return settings.broker_url.startswith("rediss://")
+
+
+def ssl_options(settings: Settings) -> dict[str, Any] | None:
+    """redis-py / kombu / Celery SSL keywords for the broker, None for plain redis://."""
+    if not uses_tls(settings):
+        return None
+    opts: dict[str, Any] = {"ssl_cert_reqs": ssl.CERT_REQUIRED}
+    if settings.redis_ca:
+        opts["ssl_ca_certs"] = str(settings.redis_ca)
+    if settings.redis_cert:
+        opts["ssl_certfile"] = str(settings.redis_cert)
+    if settings.redis_key:
+        opts["ssl_keyfile"] = str(settings.redis_key)
+    return opts
+
+
+def _kwargs(settings: Settings, extra: dict[str, Any]) -> dict[str, Any]:
+    opts = ssl_options(settings) or {}
+    if opts:
+        opts = {**opts, "ssl_check_hostname": True}
+    return {**opts, **extra}
+
+
+def connect(settings: Settings, **kwargs: Any) -> redis.Redis:
+    """A blocking client of the broker (TLS options from the settings)."""
+    return redis.Redis.from_url(settings.broker_url, **_kwargs(settings, kwargs))
+
+
+def connect_async(settings: Settings, **kwargs: Any) -> aredis.Redis:
+    """An asyncio client of the broker, for the agent loop (job signals)."""
+    return aredis.Redis.from_url(settings.broker_url, **_kwargs(settings, kwargs))
