@@ -115,6 +115,8 @@ SPECS: tuple[Spec, ...] = (
          "migrations a host sends at once; more wait their turn in order", 1, 64),
     Spec("max_incoming_migrations", int, lambda: 4,
          "migrations a host receives at once; more wait their turn in order", 1, 64),
+    Spec("max_pair_migrations", int, lambda: 2,
+         "migrations between one source and one dest at once; more wait in order", 1, 64),
     Spec("lease_ttl_ms", int, lambda: 15000,
          "how long a lease outlives its host's last renewal", 1000, 600000),
     Spec("tunnel_window_mib", int, lambda: 4,
@@ -155,6 +157,7 @@ class Settings:
     signal_timeout_ms: int
     max_outgoing_migrations: int
     max_incoming_migrations: int
+    max_pair_migrations: int
     lease_ttl_ms: int
     tunnel_window_mib: int
     tunnel_chunk_kib: int

@@ -59,7 +59,8 @@ def jobinfo(info: dict[str, Any]) -> str:
         rows += [(k.replace("_", " ").capitalize(), info[k]) for k in (
             "operation", "phase", "time_elapsed_ms", "data_total", "data_processed",
             "data_remaining", "memory_bps", "memory_dirty_rate", "memory_iteration",
-            "downtime_ms", "setup_time_ms", "error") if info.get(k) is not None]
+            "downtime_ms", "setup_time_ms", "queue", "queue_position", "error")
+            if info.get(k) is not None]
     return "\n".join(f"{k + ':':<20}{v}" for k, v in rows)
 
 

@@ -16,12 +16,13 @@ from celery.exceptions import Ignore
 
 from config.celery_app import app
 from workers.agent import HostAgent, get_agent
+from workers.domain_xml import parse as parse_domain
 from workers.errors import FerryError, MigrationError
 from workers.jobs import jobinfo_view
 from workers.migration import dest, source
 from workers.migration.params import MigrationParams
 from workers.migration.state import MigrationState, Phase, rebuild_error
-from workers.slots import Slots
+from workers.slots import Line, Slots, pair_name
 
 log = logging.getLogger(__name__)
 
@@ -94,33 +95,74 @@ def _last(st: MigrationState) -> dict[str, Any]:
 
 
 RETRY_S = 0.25  # how soon a migration waiting for a slot asks again
+OUTGOING = (Line.PAIR, Line.OUT)  # taken by the source, in this order, before the job runs
+INCOMING = (Line.IN,)
 
 
-def wait_turn(task: Any, direction: str, job_id: str) -> None:
-    """Go on if this host has a free migration slot for the job; else retry, keeping
-    the job's place in line (and no worker thread while it waits)."""
-    agent = get_agent()
+def _line(agent: HostAgent, line: Line, params: dict[str, Any]) -> tuple[Slots, int]:
     cfg = agent.settings
-    limit = cfg.max_outgoing_migrations if direction == "out" else cfg.max_incoming_migrations
-    if not Slots(agent.redis, agent.host).take(direction, job_id, limit):
-        raise task.retry(countdown=RETRY_S, max_retries=None)
+    if line == Line.PAIR:
+        return (Slots(agent.redis, pair_name(params["source"], params["dest"])),
+                cfg.max_pair_migrations)
+    limit = cfg.max_outgoing_migrations if line == Line.OUT else cfg.max_incoming_migrations
+    return Slots(agent.redis, agent.host), limit
 
 
-def give_back(direction: str, job_id: str) -> None:
+def wait_turn(task: Any, lines: tuple[Line, ...], params: dict[str, Any],
+              xml: str | None = None) -> None:
+    """Go on if every line (pair, out, in) has a free slot for the job; else retry,
+    keeping the job's place in line (and no worker thread while it waits).  A waiting
+    job is shown queued in domjobinfo, with the line and its place in it."""
     agent = get_agent()
-    Slots(agent.redis, agent.host).give_back(direction, job_id)
+    job_id = params["job_id"]
+    for line in lines:
+        slots, limit = _line(agent, line, params)
+        place = slots.place(line.value, job_id, limit)
+        if place:
+            _show_queued(agent, params, xml, line, place)
+            raise task.retry(countdown=RETRY_S)  # the task allows unlimited retries
+    if task.request.retries:  # it waited: it is no longer queued
+        uuid = _domain_uuid(agent, params, xml)
+        if uuid is not None:
+            agent.jobs.clear_queued(uuid, job_id)
 
 
-@app.task(name="ferry.begin3", bind=True)
+def _show_queued(agent: HostAgent, params: dict[str, Any], xml: str | None, line: Line,
+                 place: int) -> None:
+    uuid = _domain_uuid(agent, params, xml)
+    if uuid is not None:
+        agent.jobs.set_queued(uuid, {"id": params["job_id"], "line": line.value,
+                                     "place": place, "source": params["source"],
+                                     "dest": params["dest"]})
+
+
+def _domain_uuid(agent: HostAgent, params: dict[str, Any], xml: str | None) -> str | None:
+    """The guest's uuid: from the definition on its way (dest), or the source's domain."""
+    try:
+        if xml is not None:
+            return parse_domain(xml, allow_qemu_commandline=True).uuid
+        return str(agent.call(_uuid_of(agent, params["domain"])))
+    except FerryError:
+        return None  # the phase itself will say what is wrong
+
+
+def give_back(lines: tuple[Line, ...], params: dict[str, Any]) -> None:
+    agent = get_agent()
+    for line in lines:
+        slots, _ = _line(agent, line, params)
+        slots.give_back(line.value, params["job_id"])
+
+
+@app.task(name="ferry.begin3", bind=True, max_retries=None)
 def begin3(self: Any, params: dict[str, Any]) -> dict[str, Any]:
     st = MigrationState(params=MigrationParams.from_json(params))
-    wait_turn(self, "out", st.params.job_id)
+    wait_turn(self, OUTGOING, params)
     return run_phase(source.begin3, Phase.BEGIN3, st.to_json()).to_json()
 
 
-@app.task(name="ferry.prepare3", bind=True)
+@app.task(name="ferry.prepare3", bind=True, max_retries=None)
 def prepare3(self: Any, state: dict[str, Any]) -> dict[str, Any]:
-    wait_turn(self, "in", state["params"]["job_id"])
+    wait_turn(self, INCOMING, state["params"], state.get("xml"))
     return run_phase(lambda a, s: dest.prepare(a, s, v3=True), Phase.PREPARE, state).to_json()
 
 
@@ -142,7 +184,7 @@ def finish3(state: dict[str, Any]) -> dict[str, Any]:
         return run_phase(lambda a, s: dest.finish(a, s, v3=True), Phase.FINISH3,
                          state).to_json()
     finally:
-        give_back("in", state["params"]["job_id"])
+        give_back(INCOMING, state["params"])
 
 
 @app.task(name="ferry.confirm3")
@@ -150,24 +192,23 @@ def confirm3(state: dict[str, Any]) -> dict[str, Any]:
     try:
         st = run_phase(source.confirm3, Phase.CONFIRM3, state)
     finally:
-        give_back("out", state["params"]["job_id"])
+        give_back(OUTGOING, state["params"])
     return _last(st)
 
 
-@app.task(name="ferry.prepare2", bind=True)
+@app.task(name="ferry.prepare2", bind=True, max_retries=None)
 def prepare2(self: Any, state: dict[str, Any]) -> dict[str, Any]:
-    wait_turn(self, "in", state["params"]["job_id"])
+    wait_turn(self, INCOMING, state["params"], state.get("xml"))
     return run_phase(lambda a, s: dest.prepare(a, s, v3=False), Phase.PREPARE, state).to_json()
 
 
-@app.task(name="ferry.perform2", bind=True)
+@app.task(name="ferry.perform2", bind=True, max_retries=None)
 def perform2(self: Any, state: dict[str, Any]) -> dict[str, Any]:
-    job_id = state["params"]["job_id"]
-    wait_turn(self, "out", job_id)
+    wait_turn(self, OUTGOING, state["params"])
     try:
         return run_phase(source.perform2, Phase.PERFORM2, state, _reporter(self)).to_json()
     finally:
-        give_back("out", job_id)
+        give_back(OUTGOING, state["params"])
 
 
 @app.task(name="ferry.finish2")
@@ -176,7 +217,7 @@ def finish2(state: dict[str, Any], last: bool = True) -> dict[str, Any]:
     try:
         st = run_phase(lambda a, s: dest.finish(a, s, v3=False), Phase.FINISH2, state)
     finally:
-        give_back("in", state["params"]["job_id"])
+        give_back(INCOMING, state["params"])
     return _last(st) if last else st.to_json()
 
 
@@ -186,7 +227,7 @@ def domjobinfo(domain: str, completed: bool = False) -> dict[str, Any]:
     uuid = agent.call(_uuid_of(agent, domain))
     if completed:
         return jobinfo_view(agent.jobs.completed(uuid, agent.host), agent.host, completed=True)
-    return jobinfo_view(agent.jobs.get(uuid), agent.host)
+    return jobinfo_view(agent.jobs.get(uuid), agent.host, queued=agent.jobs.queued(uuid))
 
 
 async def _uuid_of(agent: HostAgent, domain: str) -> str:

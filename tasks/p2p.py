@@ -18,7 +18,7 @@ from typing import Any
 from celery.exceptions import TimeoutError as CeleryTimeout
 
 from config.celery_app import app, queue_for
-from tasks.migration import _last, _reporter, give_back, run_phase, wait_turn
+from tasks.migration import OUTGOING, _last, _reporter, give_back, run_phase, wait_turn
 from workers.agent import HostAgent, get_agent
 from workers.errors import FerryError, HostUnavailableError, MigrationError
 from workers.heartbeat import get_host
@@ -92,13 +92,13 @@ def run_p2p(task: Any, params: dict[str, Any]) -> MigrationState:
     return _remote(agent, "finish2", st, last=False)
 
 
-@app.task(name="ferry.migrate_p2p", bind=True)
+@app.task(name="ferry.migrate_p2p", bind=True, max_retries=None)
 def migrate_p2p(self: Any, params: dict[str, Any]) -> dict[str, Any]:
-    wait_turn(self, "out", params["job_id"])
+    wait_turn(self, OUTGOING, params)
     try:
         st = run_p2p(self, params)
     finally:
-        give_back("out", params["job_id"])
+        give_back(OUTGOING, params)
     return _last(st)
 
 

@@ -3,6 +3,9 @@
     ferry:job:<domain uuid>              hash: id, kind, phase, source, dest, flags,
                                          started, progress (JSON), error (JSON), abort
     ferry:jobdone:<domain uuid>:<host>   JSON: the completed job as that host saw it
+    ferry:queued:<domain uuid>           JSON: a migration waiting for a slot (workers/
+                                         slots.py): id, line, place, since; short TTL,
+                                         refreshed by every retry of the waiting task
 
 Each field is written on its own (HSET), so the phase task and the progress
 loop never overwrite each other's fields.  `set_phase` is the one place a
@@ -20,10 +23,12 @@ from typing import Any
 import redis
 
 from workers.errors import OperationInvalidError
+from workers.migration.state import Phase
 
 log = logging.getLogger(__name__)
 
 DONE_TTL_S = 30 * 24 * 3600
+QUEUED_TTL_S = 5  # a waiting task refreshes it every 250 ms; gone soon after the waiter
 
 
 def _text(value: bytes | str) -> str:
@@ -36,6 +41,10 @@ def job_key(uuid: str) -> str:
 
 def done_key(uuid: str, host: str) -> str:
     return f"ferry:jobdone:{uuid}:{host}"
+
+
+def queued_key(uuid: str) -> str:
+    return f"ferry:queued:{uuid}"
 
 
 @dataclass
@@ -151,6 +160,23 @@ class JobStore:
         raw = self.redis.get(done_key(uuid, host))
         return None if raw is None else dict(json.loads(raw))
 
+    def set_queued(self, uuid: str, info: dict[str, Any]) -> None:
+        """Mark a migration of this domain waiting in a line; `since` is kept from the
+        first mark of the same job."""
+        old = self.queued(uuid)
+        since = old["since"] if old and old.get("id") == info["id"] else time.time()
+        self.redis.set(queued_key(uuid), json.dumps({**info, "since": since}),
+                       ex=QUEUED_TTL_S)
+
+    def queued(self, uuid: str) -> dict[str, Any] | None:
+        raw = self.redis.get(queued_key(uuid))
+        return None if raw is None else dict(json.loads(raw))
+
+    def clear_queued(self, uuid: str, job_id: str) -> None:
+        old = self.queued(uuid)
+        if old is not None and old.get("id") == job_id:
+            self.redis.delete(queued_key(uuid))
+
     def ended(self, job_id: str) -> bool:
         """Whether this job ended (a stale redelivery of one of its phases must not run)."""
         return bool(self.redis.exists(f"ferry:jobended:{job_id}"))
@@ -170,14 +196,20 @@ def active_record(job: ActiveJob) -> dict[str, Any]:
 
 
 def jobinfo_view(record: dict[str, Any] | None, host: str, *, completed: bool = False,
-                 now: float | None = None) -> dict[str, Any]:
-    """domjobinfo's fields from an active record or a completed one, as `host` sees it."""
+                 now: float | None = None,
+                 queued: dict[str, Any] | None = None) -> dict[str, Any]:
+    """domjobinfo's fields from an active record or a completed one, as `host` sees it;
+    a migration waiting for a slot (`queued`) shows phase 'queued', its line and place."""
     view: dict[str, Any] = {
         "type": "none", "operation": None, "phase": None, "time_elapsed_ms": None,
         "data_total": None, "data_processed": None, "data_remaining": None,
         "memory_bps": None, "memory_dirty_rate": None, "memory_iteration": None,
         "downtime_ms": None, "setup_time_ms": None, "error": None, "id": None,
+        "queue": None, "queue_position": None,
     }
+    if queued is not None and not completed and (
+            record is None or record.get("id") == queued.get("id")):
+        return _queued_view(view, record, queued, host, now or time.time())
     if record is None:
         return view
     if completed:
@@ -202,4 +234,16 @@ def jobinfo_view(record: dict[str, Any] | None, host: str, *, completed: bool = 
         memory_dirty_rate=stats.get("memory_dirty_rate"),
         memory_iteration=stats.get("memory_iteration"), downtime_ms=stats.get("downtime"),
         setup_time_ms=stats.get("setup_time"))
+    return view
+
+
+def _queued_view(view: dict[str, Any], record: dict[str, Any] | None,
+                 queued: dict[str, Any], host: str, now: float) -> dict[str, Any]:
+    started = float((record or {}).get("started") or queued.get("since") or now)
+    operation = "outgoing_migration" if host == queued.get("source") else \
+        "incoming_migration"
+    view.update(type="unbounded", operation=operation, phase=Phase.QUEUED.value,
+                id=queued.get("id"),
+                time_elapsed_ms=int((now - started) * 1000), queue=queued.get("line"),
+                queue_position=queued.get("place"))
     return view

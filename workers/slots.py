@@ -1,17 +1,35 @@
-"""Per-host limits on concurrent migrations, first come first served.
+"""Limits on concurrent migrations, first come first served.
 
 Like Nova's max_concurrent_live_migrations: a host runs at most N outgoing
-(and M incoming) migrations; the others wait their turn in arrival order.
-A Redis list per host and direction holds the jobs in arrival order; a job
-may go on while it is among the first N.  A waiting task does not hold a
-worker thread: it is retried shortly (Celery retry), keeping its place.
+(and M incoming) migrations, and a host pair (source, dest) at most P; the
+others wait their turn in arrival order.  A Redis list per line (host and
+direction, or pair) holds the jobs in arrival order; a job may go on while
+it is among the first N.  A waiting task does not hold a worker thread: it
+is retried shortly (Celery retry), keeping its place.
+
+Lines are always taken in the order pair, out, in (and given back together
+with out, or in), so no job waits for a line while holding a later one.
 """
 
 from __future__ import annotations
 
+import enum
 import time
 
 import redis
+
+
+class Line(enum.StrEnum):
+    """Which limit a migration waits for."""
+
+    PAIR = "pair"  # source -> dest: FERRY_MAX_PAIR_MIGRATIONS
+    OUT = "out"  # the source's outgoing: FERRY_MAX_OUTGOING_MIGRATIONS
+    IN = "in"  # the dest's incoming: FERRY_MAX_INCOMING_MIGRATIONS
+
+
+def pair_name(source: str, dest: str) -> str:
+    """The 'host' a pair line is kept under (host names hold no '>')."""
+    return f"{source}>{dest}"
 
 STALE_S = 6 * 3600  # an entry older than any migration is a leftover
 
@@ -27,6 +45,11 @@ class Slots:
 
     def take(self, direction: str, job_id: str, limit: int) -> bool:
         """Join the line (once) and say whether this job may go on now."""
+        return self.place(direction, job_id, limit) == 0
+
+    def place(self, direction: str, job_id: str, limit: int) -> int:
+        """Join the line (once); 0 if this job may go on now, else its place among
+        those waiting (1: next to go)."""
         key = _key(self.host, direction)
         entries = [e.decode() if isinstance(e, bytes) else str(e)
                    for e in self.redis.lrange(key, 0, -1)]
@@ -37,7 +60,7 @@ class Slots:
                        for e in self.redis.lrange(key, 0, -1)]
         self._prune(key, entries)
         ids = [e.split("|", 1)[0] for e in entries]
-        return ids.index(job_id) < limit if job_id in ids else False
+        return waiting_place(ids, job_id, limit)
 
     def _prune(self, key: str, entries: list[str]) -> None:
         now = time.time()
@@ -52,3 +75,12 @@ class Slots:
             text = entry.decode() if isinstance(entry, bytes) else str(entry)
             if text.split("|", 1)[0] == job_id:
                 self.redis.lrem(key, 0, text)
+
+
+def waiting_place(ids: list[str], job_id: str, limit: int) -> int:
+    """0 if `job_id` is among the first `limit` of the line, else its place among the
+    waiting (1-based); a job not in the line (pruned meanwhile) waits at the end."""
+    if job_id not in ids:
+        return max(len(ids) - limit, 0) + 1
+    index = ids.index(job_id)
+    return 0 if index < limit else index - limit + 1

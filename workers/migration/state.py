@@ -30,6 +30,7 @@ class Phase(enum.StrEnum):
     PREPARE = "prepare"
     FINISH2 = "finish2"
     FINISH3 = "finish3"
+    QUEUED = "queued"  # ferry's own: waiting for a slot (workers/slots.py), before Begin
 
 
 @dataclass(frozen=True)
