@@ -124,6 +124,9 @@ SPECS: tuple[Spec, ...] = (
     Spec("tunnel_chunk_kib", int, lambda: 1024, "chunk size of tunnelled streams", 16, 16384),
     Spec("p2p_timeout_s", int, lambda: 120,
          "how long a peer-to-peer source waits for each dest phase", 5, 3600),
+    Spec("migration_stall_timeout_s", int, lambda: 30,
+         "seconds an outgoing migration may send nothing before it is cancelled (0: never)",
+         0, 3600),
     Spec("incoming_timeout_s", int, lambda: 60,
          "how long Finish waits for the incoming stream to complete", 1, 3600),
 )
@@ -163,6 +166,7 @@ class Settings:
     tunnel_chunk_kib: int
     p2p_timeout_s: int
     incoming_timeout_s: int
+    migration_stall_timeout_s: int
     extra: Mapping[str, str] = field(default_factory=dict)
 
     def replace(self, **changes: Any) -> Settings:

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
-from workers.migration.progress import DowntimeSchedule, ProgressTracker, downtime_steps
+from workers.migration.progress import (
+    DowntimeSchedule,
+    ProgressTracker,
+    TransferWatch,
+    downtime_steps,
+)
 
 
 def test_downtime_steps_follow_novas_schedule() -> None:
@@ -41,3 +46,20 @@ def test_schedule_applies_each_step_once_and_early_when_stalled() -> None:
     assert s.due(2.5, False) is None
     assert s.due(25.0, False) == 150
     assert s.due(99.0, True) is None
+
+
+def test_a_stream_that_sends_nothing_for_the_limit_is_stuck_and_any_byte_resets_it() -> None:
+    w = TransferWatch(3.0)
+    w.update(0, 10.0)
+    assert not w.stuck(12.9)
+    assert w.stuck(13.0)
+    w.update(4096, 13.5)
+    assert not w.stuck(16.0)
+    w.update(4096, 16.4)  # the same figure again is no progress
+    assert w.stuck(16.5)
+
+
+def test_a_stall_limit_of_zero_never_gives_up() -> None:
+    w = TransferWatch(0)
+    w.update(0, 0.0)
+    assert not w.stuck(1e6)

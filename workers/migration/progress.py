@@ -3,6 +3,9 @@
 - `ProgressTracker` turns successive query-migrate figures into what an
   operator reads: a percentage that never goes backwards, an estimate of
   the time left, and a `stalled` mark when remaining data stops shrinking.
+- `TransferWatch` notices a stream that sends nothing (a cut network: QEMU's
+  socket blocks while TCP retransmits for many minutes, and QEMU has no
+  timeout of its own), so Perform can cancel it in bounded time.
 - `downtime_steps` is Nova's schedule: the allowed downtime rises in steps
   over time (delay per GiB of guest memory), so a migration that does not
   converge at a small downtime eventually does at a larger one.
@@ -54,6 +57,23 @@ class ProgressTracker:
             self.low_remaining, self.low_since = remaining, now
             return False
         return now - self.low_since >= STALL_WINDOW_S
+
+
+@dataclass
+class TransferWatch:
+    """Bytes sent must grow within `limit_s` (0: never give up)."""
+
+    limit_s: float
+    best: int = -1
+    since: float | None = None
+
+    def update(self, processed: int, now: float) -> None:
+        if self.since is None or processed > self.best:
+            self.best, self.since = processed, now
+
+    def stuck(self, now: float) -> bool:
+        return self.limit_s > 0 and self.since is not None and \
+            now - self.since >= self.limit_s
 
 
 @dataclass

@@ -27,7 +27,12 @@ from workers.lifecycle import pause_cpus, run_cpus
 from workers.migration import qemu_migrate
 from workers.migration.params import MigrationFlags as F
 from workers.migration.params import MigrationParams
-from workers.migration.progress import DowntimeSchedule, ProgressTracker, downtime_steps
+from workers.migration.progress import (
+    DowntimeSchedule,
+    ProgressTracker,
+    TransferWatch,
+    downtime_steps,
+)
 from workers.migration.state import MigrationState, Phase
 from workers.migration.tunnel import TunnelSender
 from workers.states import DomainState, PausedReason, RunningReason, ShutoffReason
@@ -231,6 +236,8 @@ class Convergence:
             s.downtime_ms, s.downtime_steps, s.downtime_delay_s, gib)))
         self.stalled = False
         self.timed_out = False
+        self.watch = TransferWatch(s.migration_stall_timeout_s)
+        self.status = ""
 
     def user_downtime(self) -> int | None:
         job = self.dom.job
@@ -240,6 +247,8 @@ class Convergence:
         return self.user_downtime() or self.schedule.due(0.0, False)
 
     def progress(self, stats: dict[str, Any]) -> None:
+        self.watch.update(int(stats.get("memory_processed") or 0), time.monotonic())
+        self.status = str(stats.get("status") or "")
         job = self.dom.job
         if job is None or not stats:
             return
@@ -252,6 +261,12 @@ class Convergence:
 
     def tick(self, elapsed: float) -> None:
         dom, p = self.dom, self.p
+        if self.watch.stuck(time.monotonic()) and not self.status.startswith("postcopy"):
+            # Post-copy cannot be cancelled (the dest runs the guest); anything
+            # before the switch-over can: the source runs on.
+            raise MigrationError(f"the migration stream sent nothing for "
+                                 f"{self.watch.limit_s:.0f}s (network to the dest cut?): "
+                                 "cancelled")
         if p.has(F.ABORT_ON_ERROR) and dom.reason == PausedReason.IOERROR:
             raise MigrationError("migration aborted: the guest hit an I/O error")
         if p.timeout_s and elapsed > p.timeout_s and not self.timed_out and \
