@@ -63,6 +63,14 @@ def _optional_path(text: str) -> Path | None:
     return path
 
 
+def _dirs(text: str) -> tuple[Path, ...]:
+    dirs = tuple(Path(part) for part in text.split(":") if part.strip())
+    for d in dirs:
+        if not d.is_absolute():
+            raise ValueError(f"not an absolute directory: {str(d)!r}")
+    return dirs
+
+
 def _lock_manager(text: str) -> str:
     if text not in ("redis", "none"):
         raise ValueError(f"lock manager must be 'redis' or 'none', not {text!r}")
@@ -87,6 +95,8 @@ SPECS: tuple[Spec, ...] = (
          "port range for incoming migration streams"),
     Spec("graphics_ports", _port_range, lambda: (5900, 6099),
          "port range for VNC and SPICE autoport"),
+    Spec("allowed_dirs", _dirs, tuple,
+         "':'-separated directories disks, serial files and images must be in (empty: any)"),
     Spec("allow_qemu_commandline", _bool, lambda: False,
          "accept <qemu:commandline> passthrough in domain XML"),
     Spec("lock_manager", _lock_manager, lambda: "redis", "lease manager: redis or none"),
@@ -144,6 +154,7 @@ class Settings:
     migration_address: str
     migration_ports: tuple[int, int]
     graphics_ports: tuple[int, int]
+    allowed_dirs: tuple[Path, ...]
     allow_qemu_commandline: bool
     lock_manager: str
     heartbeat_interval_ms: int

@@ -29,6 +29,7 @@ from workers.errors import HostUnavailableError, NotFoundError, QemuError
 from workers.heartbeat import Heartbeat
 from workers.jobs import ActiveJob, JobStore
 from workers.monitor import Monitor
+from workers.paths import AllowedDirs
 from workers.ports import PortAllocator
 from workers.process import QemuProcess, attach
 from workers.signals import SignalListener
@@ -46,6 +47,7 @@ class HostAgent:
         self.settings = settings
         self.host = settings.host
         self.store = StateStore(settings.state_dir)
+        self.allowed = AllowedDirs(settings.allowed_dirs)
         self.uuid = self.store.host_uuid(settings.host_uuid)
         self.kvm = os.access("/dev/kvm", os.R_OK | os.W_OK)
         self.domains: dict[str, DomainObj] = {}
@@ -158,12 +160,15 @@ class HostAgent:
     def parse(self, xml: str, *, stored: bool = False, live: bool = False) -> DomainDef:
         """A definition from a user (checked against host policy) or from our own files."""
         allow = stored or self.settings.allow_qemu_commandline
-        return parse_domain_xml(
+        d = parse_domain_xml(
             xml,
             allow_qemu_commandline=allow,
             max_memory_kib=self.settings.max_guest_memory_mib * 1024,
             live=live,
         )
+        if not stored:  # our own files keep working when the policy tightens
+            self.allowed.check_domain(d)
+        return d
 
     # -- the one place where a domain's state changes ---------------------------------------
     def set_state(self, dom: DomainObj, state: DomainState, reason: Reason) -> None:

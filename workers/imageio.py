@@ -16,6 +16,7 @@ import fcntl
 import logging
 import os
 import shutil
+import stat
 import uuid as uuidlib
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -24,6 +25,7 @@ from typing import Any, TypeVar
 from workers.domain import DomainDef
 from workers.errors import InvalidInputError, UnsupportedError
 from workers.images import CompressorError, ImageIOError
+from workers.paths import AllowedDirs
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -40,16 +42,44 @@ def io_call(what: str, fn: Callable[..., T], *args: Any) -> T:
         raise ImageIOError(f"{what}: {exc.strerror or exc}") from exc
 
 
-def target_path(path: str) -> Path:
-    """Where an image or dump goes: absolute, in an existing directory, not a directory."""
+def target_path(path: str, allowed: AllowedDirs) -> Path:
+    """Where an image or dump goes: absolute, in an existing directory, not a directory
+    nor a device, resolved (a symlink leads to the file it names, which is what gets
+    replaced) and inside the allowed directories."""
     p = Path(path)
     if not p.is_absolute():
         raise InvalidInputError(f"the file path must be absolute: {path}")
     if p.is_dir():
         raise InvalidInputError(f"{path} is a directory")
-    if not p.parent.is_dir():
+    allowed.check(p, "image path")
+    real = Path(os.path.realpath(p))
+    if real.exists() and not real.is_file():
+        raise InvalidInputError(f"{path} is not a regular file")
+    if not real.parent.is_dir():
         raise InvalidInputError(f"directory {p.parent} does not exist")
-    return p
+    return real
+
+
+def open_image(path: str, allowed: AllowedDirs) -> int:
+    """An existing image opened for reading: a regular file inside the allowed directories
+    (checked on the path, then on the file really opened), never through a last symlink."""
+    p = Path(path)
+    if not p.is_absolute():
+        raise InvalidInputError(f"the file path must be absolute: {path}")
+    allowed.check(p, "image path")
+    flags = os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW
+    fd = io_call(f"cannot open {path}", os.open, os.path.realpath(p), flags)
+    try:
+        mode = os.fstat(fd).st_mode
+        if stat.S_ISDIR(mode):
+            raise InvalidInputError(f"{path} is a directory")
+        if not stat.S_ISREG(mode):
+            raise InvalidInputError(f"{path} is not a regular file")
+        allowed.check_fd(fd, path, "image path")
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 def not_a_disk(d: DomainDef, target: Path) -> None:
@@ -63,11 +93,16 @@ def not_a_disk(d: DomainDef, target: Path) -> None:
 class TempImage:
     """The temp file (mode 0600, same directory) an image is written to, renamed when done."""
 
-    def __init__(self, target: Path) -> None:
+    def __init__(self, target: Path, allowed: AllowedDirs) -> None:
         self.target = target
         self.tmp = target.with_name(f".{target.name}.ferry-{uuidlib.uuid4().hex[:8]}.part")
-        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW
         self.fd = io_call(f"cannot create {self.tmp}", os.open, self.tmp, flags, 0o600)
+        try:  # a directory swapped for a symlink since target_path() is caught here
+            allowed.check_fd(self.fd, target, "image path")
+        except BaseException:
+            self.discard()
+            raise
         os.fchmod(self.fd, 0o600)  # whatever the umask
 
     def write(self, data: bytes, offset: int) -> None:
@@ -78,7 +113,8 @@ class TempImage:
 
     def writer_fd(self, offset: int) -> int:
         """A separate open file (own offset and flags: dd sets O_DIRECT on it) at `offset`."""
-        fd = io_call(f"cannot open {self.tmp}", os.open, self.tmp, os.O_WRONLY | os.O_CLOEXEC)
+        flags = os.O_WRONLY | os.O_CLOEXEC | os.O_NOFOLLOW
+        fd = io_call(f"cannot open {self.tmp}", os.open, self.tmp, flags)
         os.lseek(fd, offset, os.SEEK_SET)
         return fd
 

@@ -133,6 +133,7 @@ async def start(agent: HostAgent, name: str, paused: bool = False) -> dict[str, 
         dom.require_inactive("start")
         if dom.definition is None:
             raise OperationInvalidError(f"cannot start: domain '{name}' has no definition")
+        agent.allowed.check_domain(dom.definition)  # also a definition older than the policy
         agent.acquire_leases(dom)  # every lease or nothing starts
         try:
             await launch(agent, dom, dom.definition)

@@ -49,8 +49,8 @@ from workers.imageio import (
     Helper,
     TempImage,
     explain,
-    io_call,
     not_a_disk,
+    open_image,
     pipeline,
     require_programs,
     target_path,
@@ -148,7 +148,7 @@ async def save(agent: HostAgent, name: str, path: str, *, compression: str = "ra
         stages.append(images.bypass_cache_argv())
     real = [s for s in stages if s]
     require_programs(real)
-    target = target_path(path)
+    target = target_path(path, agent.allowed)
     dom = agent.lookup(name)
     not_a_disk(dom.current, target)
     flags = sum(int(flag) for flag, on in ((images.SaveFlags.BYPASS_CACHE, bypass_cache),
@@ -199,7 +199,7 @@ class _SaveRun:
 
     async def run(self) -> dict[str, Any]:
         agent, dom = self.agent, self.dom
-        self.image = TempImage(self.target)
+        self.image = TempImage(self.target, self.agent.allowed)
         self.image.write(images.encode_header(self.header), 0)
         writer = self.image.writer_fd(self.header.data_offset)
         try:
@@ -302,10 +302,7 @@ async def restore(agent: HostAgent, path: str, *, xml: str | None = None,
                   job_id: str | None = None) -> dict[str, Any]:
     """Start the guest saved in `path`: running:restored, or paused:user as asked or saved."""
     images.check_run_flags(running, paused)
-    src = Path(path)
-    if not src.is_absolute():
-        raise InvalidInputError(f"the file path must be absolute: {path}")
-    fd = io_call(f"cannot open {path}", os.open, src, os.O_RDONLY | os.O_CLOEXEC)
+    fd = open_image(path, agent.allowed)
     try:
         header = _read_header(fd)
         definition = _restore_definition(agent, header, xml)
@@ -473,7 +470,7 @@ async def dump(agent: HostAgent, name: str, path: str, *, memory_only: bool = Fa
                job_id: str | None = None) -> dict[str, Any]:
     """Guest memory to `path` with dump-guest-memory; the guest runs on afterwards."""
     request = images.dump_request(memory_only, format)
-    target = target_path(path)
+    target = target_path(path, agent.allowed)
     dom = agent.lookup(name)
     not_a_disk(dom.current, target)
     flags = (int(images.DumpFlags.LIVE) if live else 0) | \
@@ -515,7 +512,7 @@ class _DumpRun:
         agent, dom = self.agent, self.dom
         mon = dom.require_monitor("dump")
         await _check_dump_format(mon, str(self.request["format"]))
-        self.image = TempImage(self.target)
+        self.image = TempImage(self.target, self.agent.allowed)
         if dom.state == DomainState.RUNNING:
             if self.live:  # QEMU stops the vCPUs itself while it dumps
                 dom.expected_pause = PausedReason.DUMP

@@ -44,6 +44,7 @@ def test_overrides_from_worker_flags_win_over_the_environment() -> None:
     ({"FERRY_ALLOW_QEMU_COMMANDLINE": "maybe"}, "boolean"),
     ({"FERRY_HOST_UUID": "not-a-uuid"}, "FERRY_HOST_UUID"),
     ({"FERRY_REDIS_CA": "relative/ca.pem"}, "FERRY_REDIS_CA"),
+    ({"FERRY_ALLOWED_DIRS": "/srv/vms:images"}, "FERRY_ALLOWED_DIRS"),
 ])
 def test_bad_values_are_one_clear_error_naming_the_variable(env: dict[str, str],
                                                            needle: str) -> None:
