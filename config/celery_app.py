@@ -10,6 +10,7 @@ from celery import Celery
 
 from config import broker
 from config.settings import Settings
+from workers.errors import InvalidInputError
 
 app = Celery("ferry", set_as_current=True)
 
@@ -66,4 +67,27 @@ def configure(settings: Settings, target: Celery | None = None) -> Celery:
         worker_redirect_stdouts=False,
         include=TASK_MODULES,
     )
+    if settings.signing_key or settings.signing_cert or settings.signing_cert_store:
+        _sign_messages(settings, target)
     return target
+
+
+def _sign_messages(settings: Settings, target: Celery) -> None:
+    """Celery's `auth` serializer: every task message this process sends is signed with
+    FERRY_SIGNING_KEY, and only messages signed by a certificate in
+    FERRY_SIGNING_CERT_STORE are accepted; unsigned (json) ones are refused.  Results,
+    job records and signals stay plain JSON behind the broker's own password and TLS."""
+    paths = (settings.signing_key, settings.signing_cert, settings.signing_cert_store)
+    if not all(paths):
+        raise InvalidInputError("message signing needs FERRY_SIGNING_KEY, FERRY_SIGNING_CERT "
+                                "and FERRY_SIGNING_CERT_STORE together")
+    missing = [str(p) for p in paths if p is not None and not p.exists()]
+    if missing:
+        raise InvalidInputError(f"message signing: {', '.join(missing)} does not exist")
+    target.conf.update(
+        task_serializer="auth", accept_content=["auth"], security_digest="sha256",
+        security_key=str(settings.signing_key), security_certificate=str(settings.signing_cert),
+        security_cert_store=str(settings.signing_cert_store))
+    # json stays decodable for results and events (their accept lists name it); the
+    # process-wide registry drops pickle, yaml and msgpack altogether.
+    target.setup_security(allowed_serializers=["json"])

@@ -85,6 +85,11 @@ SPECS: tuple[Spec, ...] = (
     Spec("redis_cert", _optional_path, lambda: None,
          "client certificate for a rediss:// broker that asks for one"),
     Spec("redis_key", _optional_path, lambda: None, "private key of FERRY_REDIS_CERT"),
+    Spec("signing_key", _optional_path, lambda: None,
+         "private key that signs task messages (Celery's auth serializer); empty: off"),
+    Spec("signing_cert", _optional_path, lambda: None, "certificate of FERRY_SIGNING_KEY"),
+    Spec("signing_cert_store", _optional_path, lambda: None,
+         "directory of the certificates whose signed task messages are accepted"),
     Spec("host", str, socket.gethostname, "name of this host; its queue is host.<name>"),
     Spec("host_uuid", _uuid, lambda: "", "host UUID; default: stored in the state dir"),
     Spec("state_dir", Path, lambda: Path("/var/lib/ferry"),
@@ -148,6 +153,9 @@ class Settings:
     redis_ca: Path | None
     redis_cert: Path | None
     redis_key: Path | None
+    signing_key: Path | None
+    signing_cert: Path | None
+    signing_cert_store: Path | None
     host: str
     host_uuid: str
     state_dir: Path

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import stat
+import subprocess
+import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -13,7 +16,7 @@ import pytest
 from config.settings import load
 from scripts.stack import RedisTls, Stack, wait_for
 from tasks.client import Client
-from tests.certs import ca_and_server
+from tests.certs import KeyPair, ca_and_server, self_signed
 from tests.conftest import Guest, qemu_pids_of
 from workers.errors import FerryError
 
@@ -97,3 +100,58 @@ def test_state_directories_and_files_are_not_world_readable(
         assert stat.S_IMODE(path.stat().st_mode) & 0o077 == 0, path
     for path in (state / "qemu" / f"{guest.name}.xml", state / "run" / f"{guest.name}.xml"):
         assert stat.S_IMODE(path.stat().st_mode) & 0o077 == 0, path
+
+
+def _signing(pair: KeyPair, store: Path) -> dict[str, str]:
+    return {"FERRY_SIGNING_KEY": str(pair.key), "FERRY_SIGNING_CERT": str(pair.cert),
+            "FERRY_SIGNING_CERT_STORE": str(store)}
+
+
+def test_signed_task_messages_run_on_signing_workers_and_unsigned_or_foreign_ones_are_refused(
+        make_guest: Callable[..., Guest]) -> None:
+    root = Path(tempfile.mkdtemp(prefix="ferry-sign-", dir="/tmp"))
+    certs, store = root / "certs", root / "store"
+    certs.mkdir()
+    store.mkdir()
+    pairs = {n: self_signed(certs, n, f"ferry {n}") for n in ("sign1", "sign2", "cli", "rogue")}
+    for name in ("sign1", "sign2", "cli"):  # the rogue's certificate is not trusted
+        shutil.copy(pairs[name].cert, store / f"{name}.crt")
+    st = Stack(root=root)
+    exe = str(Path(sys.executable).with_name("ferry"))
+
+    def cli(signer: str, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([exe, *args], env={**st.env(), **_signing(pairs[signer], store),
+                                                 **env},
+                              capture_output=True, text=True, timeout=90, stdin=subprocess.DEVNULL)
+
+    try:
+        url = st.start_redis()
+        for name in ("sign1", "sign2"):
+            st.start_worker(name, env=_signing(pairs[name], store))
+        guest, other = make_guest(domain_type="qemu"), make_guest(domain_type="qemu")
+        (root / "g.xml").write_text(guest.xml)
+        assert cli("cli", "define", "-H", "sign1", str(root / "g.xml")).returncode == 0
+        assert cli("cli", "start", "-H", "sign1", guest.name).returncode == 0
+        res = cli("cli", "migrate", "-H", "sign1", guest.name, "sign2", "--live", "--json")
+        assert res.returncode == 0, res.stderr  # the workers sign the phases they chain
+        info = json.loads(cli("cli", "dominfo", "-H", "sign2", guest.name, "--json").stdout)
+        assert (info["state"], info["reason"]) == ("running", "migrated")
+
+        log = st.workers["sign1"].state_dir / "worker.log"
+        plain = Client(load({"FERRY_BROKER_URL": url}))  # json, unsigned
+        plain.app.send_task("ferry.define", kwargs={"xml": other.xml}, queue="host.sign1")
+        wait_for(lambda: "untrusted content of type json" in log.read_text(), 15,
+                 "the worker to refuse the unsigned message")
+        (root / "o.xml").write_text(other.xml)
+        res = cli("rogue", "define", "-H", "sign1", str(root / "o.xml"),
+                  FERRY_TASK_TIMEOUT_S="3")
+        assert res.returncode == 1 and "did not answer" in res.stderr, res.stderr
+        wait_for(lambda: "Unknown certificate" in log.read_text(), 15,
+                 "the worker to refuse the message signed by an unknown certificate")
+        listed = json.loads(cli("cli", "list", "-H", "sign1", "--all", "--json").stdout)
+        assert other.name not in [d["name"] for d in listed]
+        assert qemu_pids_of(other.uuid) == []
+        cli("cli", "destroy", "-H", "sign2", guest.name)
+    finally:
+        st.stop(kill_guests=True)
+        shutil.rmtree(root, ignore_errors=True)

@@ -83,6 +83,21 @@ def test_a_rediss_broker_is_always_verified_against_the_configured_ca() -> None:
         "ssl_cert_reqs": ssl.CERT_REQUIRED}
 
 
+@pytest.mark.parametrize("env, needle", [
+    ({"FERRY_SIGNING_KEY": "/k.pem"}, "together"),
+    ({"FERRY_SIGNING_KEY": "/nonexistent/k.pem", "FERRY_SIGNING_CERT": "/nonexistent/c.pem",
+      "FERRY_SIGNING_CERT_STORE": "/nonexistent/store"}, "/nonexistent/k.pem"),
+])
+def test_message_signing_needs_all_three_files(env: dict[str, str], needle: str) -> None:
+    with pytest.raises(InvalidInputError, match=needle):
+        client_app(load(env))
+
+
+def test_signing_is_off_by_default_and_messages_are_json() -> None:
+    conf = client_app(load({})).conf
+    assert (conf.task_serializer, conf.accept_content) == ("json", ["json"])
+
+
 def test_a_plain_redis_broker_has_no_tls_options() -> None:
     s = load({"FERRY_REDIS_CA": "/etc/ca.pem"})
     assert broker.ssl_options(s) is None
