@@ -18,6 +18,7 @@ from typing import Any
 from tasks.cookie import statistics_from_query_migrate
 from workers.domobj import DomainObj
 from workers.errors import MigrationError, QemuError
+from workers.migration import tunnel
 from workers.migration.params import UNLIMITED_BANDWIDTH_BYTES, MigrationFlags, MigrationParams
 from workers.monitor import Monitor
 
@@ -112,7 +113,7 @@ TUNNEL_FD = "ferry-tunnel"
 
 async def pass_socket(mon: Monitor, name: str) -> socket.socket:
     """One end of a new socketpair handed to QEMU as fd `name`; the other end is ours."""
-    ours, theirs = socket.socketpair()
+    ours, theirs = tunnel.stream_pair()
     try:
         mon.send_fd(theirs.fileno())
         await mon.execute("getfd", {"fdname": name})

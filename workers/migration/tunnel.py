@@ -2,14 +2,17 @@
 
 The source QEMU writes to one end of a socketpair (handed over with
 SCM_RIGHTS); a sender thread reads whole chunks from the other end and
-pushes them onto a Redis list.  A receiver thread on the dest pops them and
-writes them into the incoming QEMU's socketpair, acknowledging each chunk.
-The sender never has more than `window` bytes unacknowledged, so Redis holds
-at most a few MiB per migration whatever the guest size (backpressure
-both ways: a slow dest stops the sender, a full socket stops QEMU).
+pushes several at once onto a Redis list (one RPUSH, sent from the chunk
+buffer without a copy).  A receiver thread on the dest pops up to a
+window's worth at once (BLMPOP), acknowledges the batch, and writes it into
+the incoming QEMU's socketpair.  The sender never has more than `window`
+bytes unacknowledged, so Redis holds at most a few MiB per migration
+whatever the guest size (backpressure both ways: a slow dest stops the
+sender, a full socket stops QEMU).  scripts/bench/tunnel_micro.py measures
+the tunnel alone.
 
 Keys (all deleted at the end):  ferry:tunnel:<job>:data  chunks, b"" = end
-                                ferry:tunnel:<job>:ack   one length per chunk
+                                ferry:tunnel:<job>:ack   one length per popped batch
                                 ferry:tunnel:<job>:closed  set by either side
 """
 
@@ -31,6 +34,25 @@ log = logging.getLogger(__name__)
 
 POLL_S = 0.2  # how often blocked pops look at the stop flags
 IDLE_LIMIT_S = 60.0  # no progress at all for this long ends the tunnel
+ACK_DRAIN = 1024  # acknowledgements the sender takes with each push, at most
+POP_COUNT = 256  # chunks the receiver pops at once, at most (the window bounds it)
+SOCKET_BUFFER = 4 << 20  # bytes the kernel may buffer in each QEMU socket
+READ_SIZE = 1 << 20  # bytes per read from Redis (redis-py reads 64 KiB by default)
+
+
+def stream_pair() -> tuple[socket.socket, socket.socket]:
+    """A socketpair for QEMU's stream whose buffers hold a whole push or pop.
+
+    With the default ~200 KiB QEMU and the pump take turns: QEMU blocks
+    while the pump talks to Redis.  Bigger buffers let both run at once
+    (capped by net.core.wmem_max/rmem_max; kernel memory, not Redis's).
+    """
+    pair = socket.socketpair()
+    for sock in pair:
+        for opt in (socket.SO_SNDBUF, socket.SO_RCVBUF):
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, opt, SOCKET_BUFFER)
+    return pair
 
 
 def _keys(job_id: str) -> tuple[str, str, str]:
@@ -42,7 +64,7 @@ class _Pump(threading.Thread):
     def __init__(self, name: str, settings: Settings, job_id: str,
                  sock: socket.socket) -> None:
         super().__init__(name=name, daemon=True)
-        self.redis = broker.connect(settings, socket_timeout=10)
+        self.redis = broker.connect(settings, socket_timeout=10, socket_read_size=READ_SIZE)
         self.job_id = job_id
         self.sock = sock
         self.data_key, self.ack_key, self.closed_key = _keys(job_id)
@@ -91,12 +113,55 @@ class _Pump(threading.Thread):
                 self.close()
 
 
+def _pack(*args: bytes | memoryview) -> list[bytes | memoryview]:
+    """One RESP command as parts to send in turn: big values are sent as they are.
+
+    redis-py's packer (hiredis's too) builds one buffer per command, a copy
+    of every MiB on the tunnel's hot path; these parts are written with
+    sendall each, straight from the chunk buffer.
+    """
+    parts: list[bytes | memoryview] = [b"*%d\r\n" % len(args)]
+    for arg in args:
+        parts.append(b"$%d\r\n" % len(arg))
+        parts.append(arg)
+        parts.append(b"\r\n")
+    return parts
+
+
+class _Conn:
+    """One connection of the pool, used for pipelined commands by hand."""
+
+    def __init__(self, client: redis.Redis) -> None:
+        self.pool = client.connection_pool
+        self.conn = self.pool.get_connection()
+
+    def send(self, *commands: list[bytes | memoryview]) -> None:
+        self.conn.send_packed_command([p for c in commands for p in c], check_health=False)
+
+    def read(self) -> object:
+        reply = self.conn.read_response()
+        if isinstance(reply, redis.ResponseError):
+            raise reply
+        return reply
+
+    def release(self) -> None:
+        self.pool.release(self.conn)
+
+
 class TunnelSender(_Pump):
+    """QEMU's stream to the data list, several chunks per command, within the window.
+
+    The receiver acknowledges what it popped (one count per batch); the
+    sender reads those counts with each push (the same round trip) and
+    blocks on them only when the window is full.
+    """
+
     def __init__(self, settings: Settings, job_id: str, sock: socket.socket, *, window: int,
                  chunk: int) -> None:
         super().__init__("tunnel-send", settings, job_id, sock)
-        self.window, self.chunk = window, chunk
+        self.window, self.chunk = window, min(chunk, window)
         self.inflight = 0
+        self.batch = max(1, window // (2 * self.chunk))  # chunks per push: two pushes in flight
 
     def read_full(self, buf: memoryview) -> int:
         """Fill `buf` unless the stream ends: a short read is not the end."""
@@ -109,24 +174,55 @@ class TunnelSender(_Pump):
         return got
 
     def pump(self) -> None:
-        buf = bytearray(self.chunk)
+        conn = _Conn(self.redis)
+        try:
+            self._pump(conn)
+        finally:
+            conn.release()
+
+    def _pump(self, conn: _Conn) -> None:
+        buf = bytearray(self.chunk * self.batch)
         view = memoryview(buf)
+        data_key, ack_key = self.data_key.encode(), self.ack_key.encode()
         while not self.stop_event.is_set():
-            n = self.read_full(view)
+            self.wait_credit(conn, self.chunk)
+            room = min(self.batch, (self.window - self.inflight) // self.chunk) or 1
+            chunks, ended = self.read_chunks(view, room)
+            if ended:
+                chunks.append(view[:0])  # b"": the end of the stream
+            if chunks:
+                conn.send(_pack(b"RPUSH", data_key, *chunks),
+                          _pack(b"LPOP", ack_key, b"%d" % ACK_DRAIN))
+                conn.read()
+                self.credit(conn.read())
+            if ended:
+                return
+
+    def read_chunks(self, view: memoryview, room: int) -> tuple[list[memoryview], bool]:
+        """Up to `room` full chunks of `view`; True once the stream has ended."""
+        chunks: list[memoryview] = []
+        for i in range(room):
+            part = view[i * self.chunk:(i + 1) * self.chunk]
+            n = self.read_full(part)
             if n:
-                self.wait_credit(n)
-                self.redis.rpush(self.data_key, bytes(view[:n]))
+                chunks.append(part[:n])
                 self.inflight += n
                 self.bytes += n
             if n < self.chunk:
-                self.redis.rpush(self.data_key, b"")
-                return
+                return chunks, True
+        return chunks, False
 
-    def wait_credit(self, n: int) -> None:
+    def credit(self, acks: object) -> None:
+        if isinstance(acks, list):
+            self.inflight -= sum(int(a) for a in acks)
+
+    def wait_credit(self, conn: _Conn, n: int) -> None:
         last = time.monotonic()
+        ack_key = self.ack_key.encode()
         while self.inflight + n > self.window:
-            item = self.redis.blpop([self.ack_key], timeout=POLL_S)
-            if item is not None:
+            conn.send(_pack(b"BLPOP", ack_key, b"%g" % POLL_S))
+            item = conn.read()
+            if isinstance(item, list):
                 self.inflight -= int(item[1])
                 last = time.monotonic()
             elif self.closed():
@@ -136,6 +232,9 @@ class TunnelSender(_Pump):
 
 
 class TunnelReceiver(_Pump):
+    """The data list to the incoming QEMU: pops whole batches, acknowledges each batch
+    before writing it out, so the sender refills Redis while QEMU reads."""
+
     def __init__(self, settings: Settings, job_id: str, sock: socket.socket) -> None:
         super().__init__("tunnel-recv", settings, job_id, sock)
         self.done = threading.Event()
@@ -144,22 +243,37 @@ class TunnelReceiver(_Pump):
         self.redis.delete(self.data_key, self.ack_key, self.closed_key)
 
     def pump(self) -> None:
+        conn = _Conn(self.redis)
+        try:
+            self._pump(conn)
+        finally:
+            conn.release()
+
+    def _pump(self, conn: _Conn) -> None:
+        data_key, ack_key = self.data_key.encode(), self.ack_key.encode()
+        pop = _pack(b"BLMPOP", b"%g" % POLL_S, b"1", data_key, b"LEFT", b"COUNT",
+                    b"%d" % POP_COUNT)
         while not self.stop_event.is_set():
-            item = self.redis.blpop([self.data_key], timeout=POLL_S)
-            if item is None:
+            conn.send(pop)
+            reply = conn.read()
+            if not isinstance(reply, list):
                 if self.closed():
                     raise OSError("tunnel closed by the other side")
                 continue
-            data = item[1]
-            assert isinstance(data, bytes)
-            if not data:
+            items = reply[1]
+            size = sum(len(i) for i in items)
+            if size:
+                conn.send(_pack(b"RPUSH", ack_key, b"%d" % size))
+            for data in items:
+                self.sock.sendall(data)
+                self.bytes += len(data)
+            if size:
+                conn.read()
+            if not items[-1]:  # b"": the end of the stream
                 self.done.set()
                 with contextlib.suppress(OSError):
                     self.sock.shutdown(socket.SHUT_WR)
                 return
-            self.sock.sendall(data)
-            self.bytes += len(data)
-            self.redis.rpush(self.ack_key, len(data))
 
 
 def _name_native_thread(name: bytes) -> None:

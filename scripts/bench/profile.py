@@ -1,0 +1,82 @@
+"""`python -m scripts.bench.profile`: where ferry's own time goes in one managed migration.
+
+A small TCG guest (no random memory: QEMU's transfer is short, so ferry's
+share stands out) moved to and fro on a local ferry.  Per migration: the
+wall time in the caller, QEMU's own time (the statistics' time_elapsed),
+ferry's phases, the time outside them (Celery hand-offs, the client), and
+the CPU seconds the two workers and Redis spent (from /proc).  With
+`--log-level DEBUG --keep` the worker logs hold a timeline of every QMP
+command and Redis-backed step (scripts/bench/PROFILE.md reads one).
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from scripts.bench.migration import FerryGuest, start_stack
+from scripts.bench.tunnel_micro import _proc_cpu_s
+from scripts.guestimage import build_image
+from scripts.guestxml import guest_xml
+from scripts.stack import Stack
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m scripts.bench.profile", description=__doc__)
+    p.add_argument("--runs", type=int, default=20, help="migrations counted (default 20)")
+    p.add_argument("--warmup", type=int, default=2, help="migrations not counted (default 2)")
+    p.add_argument("--memory-mib", type=int, default=128, help="guest memory (default 128)")
+    p.add_argument("--log-level", default="INFO")
+    p.add_argument("--keep", action="store_true", help="keep the temporary root (logs)")
+    args = p.parse_args(argv)
+    root = Path(tempfile.mkdtemp(prefix="ferry-prof-", dir="/tmp"))
+    stack = Stack(root=root, log_level=args.log_level)
+    rows: list[dict[str, float]] = []
+    try:
+        client = start_stack(stack)
+        image = build_image(root / "guest.img")
+        xml = guest_xml("prof", image, root / "prof.serial", memory_mib=args.memory_mib,
+                        domain_type="qemu")
+        guest = FerryGuest(client, "prof", xml)
+        guest.start()
+        pids = {name: w.proc.pid for name, w in stack.workers.items() if w.proc is not None}
+        assert stack.redis_proc is not None
+        pids["redis"] = stack.redis_proc.pid
+        for i in range(args.warmup + args.runs):
+            cpu0 = {k: _proc_cpu_s(pid) for k, pid in pids.items()}
+            s = guest.migrate()
+            cpu = {k: _proc_cpu_s(pid) - cpu0[k] for k, pid in pids.items()}
+            phases = {ph["phase"]: ph["elapsed_ms"] for ph in s.phases}
+            row = {"wall": s.wall_ms, "qemu": float(s.time_elapsed_ms or 0),
+                   "outside_qemu": s.wall_ms - (s.time_elapsed_ms or 0),
+                   **phases, "outside_phases": s.wall_ms - sum(phases.values()),
+                   **{f"cpu_{k}": v * 1000 for k, v in cpu.items()}}
+            print(f"{'warm-up' if i < args.warmup else i - args.warmup + 1} {s.direction}: "
+                  + " ".join(f"{k}={v:.0f}" for k, v in row.items()), file=sys.stderr)
+            if i >= args.warmup:
+                rows.append(row)
+        guest.remove()
+    finally:
+        stack.stop(kill_guests=True)
+        if args.keep:
+            print(f"kept {root}", file=sys.stderr)
+        else:
+            shutil.rmtree(root, ignore_errors=True)
+    keys = list(rows[0])
+    print(f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}, {args.runs} migrations of a "
+          f"{args.memory_mib} MiB TCG guest, medians (ms; cpu_* = CPU ms per migration):")
+    print("| " + " | ".join(keys) + " |")
+    print("|" + " ---: |" * len(keys))
+    print("| " + " | ".join(f"{statistics.median(r.get(k, 0) for r in rows):.0f}"
+                            for k in keys) + " |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
