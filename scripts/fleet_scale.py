@@ -77,16 +77,16 @@ class Sighting:
 class RunWatch(threading.Thread):
     """Asks each host in turn which guests run there, until stopped."""
 
-    def __init__(self, settings: Settings, hosts: list[str]) -> None:
+    def __init__(self, settings: Settings, hosts: list[str], pause_s: float = 0.0) -> None:
         super().__init__(daemon=True)
-        self.settings, self.hosts = settings, hosts
+        self.settings, self.hosts, self.pause_s = settings, hosts, pause_s
         self.sightings: list[Sighting] = []
         self.errors = 0
         self.halt = threading.Event()
 
     def run(self) -> None:
         client = Client(self.settings)  # its own Celery app: not shared across threads
-        while not self.halt.is_set():
+        while not self.halt.wait(self.pause_s):  # pause_s between passes over the hosts
             for host in self.hosts:
                 sent = time.monotonic()
                 try:

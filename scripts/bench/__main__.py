@@ -4,7 +4,9 @@ Starts its own redis-server and hosts alpha and beta (scripts.stack.Stack) in
 a temporary root, one ferry guest and one floor guest per size, interleaves
 the samples, and stops every process it started, by pid, also on failure.
 `--case transports` compares managed, p2p and p2p tunnelled migration and the
-floor on one guest instead (scripts/bench/transports.py, TRANSPORTS.md).
+floor on one guest instead (scripts/bench/transports.py, TRANSPORTS.md);
+`--case scale` moves N small guests at once between 4 namespace hosts, beside
+the floor at the same concurrency (scripts/bench/scale.py, SCALE.md).
 """
 
 from __future__ import annotations
@@ -57,10 +59,13 @@ def _sizes(text: str) -> list[int]:
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m scripts.bench", description=__doc__)
-    p.add_argument("--case", choices=("floor", "transports"), default="floor",
+    p.add_argument("--case", choices=("floor", "transports", "scale"), default="floor",
                    help="floor: managed v3 against the floor per size (default, RESULTS.md); "
                         "transports: managed, p2p, p2p tunnelled and the floor on one 1 GiB "
-                        "guest, rotated rounds (TRANSPORTS.md; --sizes and --order unused)")
+                        "guest, rotated rounds (TRANSPORTS.md; --sizes and --order unused); "
+                        "scale: N guests at once on 4 namespace hosts (SCALE.md, --counts)")
+    p.add_argument("--counts", default="1,2,4,8,16",
+                   help="scale: numbers of guests moved at once (default 1,2,4,8,16)")
     p.add_argument("--runs", type=int, default=None,
                    help="samples per side and size (default 5); transports: rounds (default 8)")
     p.add_argument("--sizes", type=_sizes, nargs="+", default=[[1024]], metavar="MIB",
@@ -86,7 +91,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     args.sizes = [s for group in args.sizes for s in group]
     transports = args.case == "transports"
     if args.runs is None:
-        args.runs = 8 if transports else 5
+        args.runs = 8 if transports else (3 if args.case == "scale" else 5)
     if args.warmup is None:
         args.warmup = 1 if transports else 2
     if args.runs < 1 or args.warmup < 0:
@@ -200,6 +205,8 @@ def _terminate(signum: int, frame: FrameType | None) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     signal.signal(signal.SIGTERM, _terminate)
+    if args.case == "scale":
+        return main_scale(args)
     root = Path(tempfile.mkdtemp(prefix="ferry-bench-", dir="/tmp"))  # short: socket paths
     stack = Stack(root=root, log_level=args.log_level)
     floors: list[FloorGuest] = []
@@ -245,6 +252,35 @@ def main(argv: Sequence[str] | None = None) -> int:
     write_results(section, text)
     print(text)
     _log(f"wrote {args.out / stamp}.json, .md and {section}")
+    return 0
+
+
+def main_scale(args: argparse.Namespace) -> int:
+    from scripts.bench.scale import markdown as scale_markdown
+    from scripts.bench.scale import run_scale
+
+    counts = [int(x) for x in args.counts.split(",") if x.strip()]
+    root = Path(tempfile.mkdtemp(prefix="ferry-bench-", dir="/tmp"))
+    result: dict[str, Any] = {"machine": machine(), "cases": [],
+                              "args": {"case": "scale", "runs": args.runs, "counts": counts,
+                                       "log_level": args.log_level}}
+    try:
+        _log(f"state root {root}")
+        result["cases"].append(run_scale(root, counts, args.runs, args.log_level))
+        result["machine"]["loadavg_end"] = list(os.getloadavg())
+    finally:
+        if args.keep:
+            _log(f"kept {root}")
+        else:
+            shutil.rmtree(root, ignore_errors=True)
+    text = scale_markdown(result)
+    args.out.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S") + "-scale"
+    (args.out / f"{stamp}.json").write_text(json.dumps(result, indent=2) + "\n")
+    (args.out / f"{stamp}.md").write_text(text)
+    write_results(BENCH_DIR / "SCALE.md", text)
+    print(text)
+    _log(f"wrote {args.out / stamp}.json, .md and {BENCH_DIR / 'SCALE.md'}")
     return 0
 
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import os
 import subprocess
 import time
@@ -40,6 +41,7 @@ from workers.process import listening_socket
 from workers.qemu_argv import build_qemu_argv, qemu_has_spice
 
 EVENT_TIMEOUT_S = 600.0
+_NETNS_PORTS = itertools.count(50000)  # ports inside fleet namespaces (free_port is root's)
 EVENTS_CAP = {"capabilities": [{"capability": "events", "state": True}]}
 
 
@@ -91,6 +93,9 @@ class FloorGuest:
     xml: str
     workdir: Path
     downtime_limit_ms: int | None = None  # None: QEMU's default (300 ms)
+    # Fleet hosts (scripts/fleet.py) of sides A and B: (network namespace, address);
+    # None: both sides in this namespace, on 127.0.0.1.
+    places: tuple[tuple[str, str], tuple[str, str]] | None = None
     kvm: bool = field(default_factory=lambda: os.access("/dev/kvm", os.R_OK | os.W_OK))
     _loop: asyncio.AbstractEventLoop = field(default_factory=asyncio.new_event_loop)
     _procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
@@ -137,7 +142,14 @@ class FloorGuest:
         self._loop.close()
 
     # -- the QMP work -------------------------------------------------------------------------
-    async def _launch(self, incoming: str | None) -> FloorQemu:
+    def _place(self, side: str) -> tuple[list[str], str]:
+        """(argv prefix, migration address) of side A or B."""
+        if self.places is None:
+            return [], "127.0.0.1"
+        netns, address = self.places[0 if side == "A" else 1]
+        return ["ip", "netns", "exec", netns], address
+
+    async def _launch(self, incoming: str | None, side: str = "A") -> FloorQemu:
         self._count += 1
         d = self.definition
         name = f"{d.name}-{self._count}"
@@ -147,6 +159,7 @@ class FloorGuest:
             argv = build_qemu_argv(
                 d, qmp_fd=sock.fileno(), pidfile=str(self.workdir / f"{name}.pid"),
                 kvm=self.kvm, incoming=incoming, spice=qemu_has_spice(d.emulator))
+            argv = [*self._place(side)[0], *argv]
             with open(self.workdir / f"{name}.log", "ab") as out:
                 popen = subprocess.Popen(
                     argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
@@ -172,9 +185,11 @@ class FloorGuest:
         if src is None:
             raise RuntimeError("the floor guest is not running")
         other = "B" if self._side == "A" else "A"
-        uri = f"tcp:127.0.0.1:{free_port()}"
+        address = self._place(other)[1]
+        port = free_port() if self.places is None else next(_NETNS_PORTS)
+        uri = f"tcp:{address}:{port}"
         t0 = time.perf_counter()
-        dst = await self._launch("defer")
+        dst = await self._launch("defer", other)
         await dst.execute("migrate-set-capabilities", EVENTS_CAP)
         await src.execute("migrate-set-capabilities", EVENTS_CAP)
         params: dict[str, int] = {"max-bandwidth": UNLIMITED_BANDWIDTH_BYTES}
