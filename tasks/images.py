@@ -11,6 +11,7 @@ from collections.abc import Callable, Coroutine
 from typing import Any
 
 from config.celery_app import app
+from tasks.checked import checked
 from workers import errors, saverestore
 from workers.agent import HostAgent, get_agent
 from workers.errors import FerryError
@@ -42,6 +43,7 @@ def _run(task: Any, make: Callable[[HostAgent, str], Coroutine[Any, Any, Any]]) 
 
 
 @app.task(name="ferry.save", bind=True)
+@checked
 def save(self: Any, domain: str, path: str, compression: str = "raw", running: bool = False,
          paused: bool = False, bypass_cache: bool = False) -> dict[str, Any]:
     return _run(self, lambda agent, job_id: saverestore.save(
@@ -50,6 +52,7 @@ def save(self: Any, domain: str, path: str, compression: str = "raw", running: b
 
 
 @app.task(name="ferry.restore", bind=True)
+@checked
 def restore(self: Any, path: str, xml: str | None = None, running: bool = False,
             paused: bool = False) -> dict[str, Any]:
     return _run(self, lambda agent, job_id: saverestore.restore(
@@ -57,6 +60,7 @@ def restore(self: Any, path: str, xml: str | None = None, running: bool = False,
 
 
 @app.task(name="ferry.dump", bind=True)
+@checked
 def dump(self: Any, domain: str, path: str, memory_only: bool = False, format: str = "elf",
          live: bool = False) -> dict[str, Any]:
     return _run(self, lambda agent, job_id: saverestore.dump(

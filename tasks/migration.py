@@ -15,6 +15,7 @@ from typing import Any
 from celery.exceptions import Ignore
 
 from config.celery_app import app
+from tasks.checked import checked
 from workers.agent import HostAgent, get_agent
 from workers.domain_xml import parse as parse_domain
 from workers.errors import FerryError, MigrationError
@@ -153,7 +154,13 @@ def give_back(lines: tuple[Line, ...], params: dict[str, Any]) -> None:
         slots.give_back(line.value, params["job_id"])
 
 
+def _valid(state: dict[str, Any]) -> None:
+    """The whole state is checked before anything (an admission line) uses a part of it."""
+    MigrationState.from_json(state)
+
+
 @app.task(name="ferry.begin3", bind=True, max_retries=None)
+@checked
 def begin3(self: Any, params: dict[str, Any]) -> dict[str, Any]:
     st = MigrationState(params=MigrationParams.from_json(params))
     wait_turn(self, OUTGOING, params)
@@ -161,7 +168,9 @@ def begin3(self: Any, params: dict[str, Any]) -> dict[str, Any]:
 
 
 @app.task(name="ferry.prepare3", bind=True, max_retries=None)
+@checked
 def prepare3(self: Any, state: dict[str, Any]) -> dict[str, Any]:
+    _valid(state)
     wait_turn(self, INCOMING, state["params"], state.get("xml"))
     return run_phase(lambda a, s: dest.prepare(a, s, v3=True), Phase.PREPARE, state).to_json()
 
@@ -174,12 +183,16 @@ def _reporter(task: Any) -> Callable[[dict[str, Any]], None]:
 
 
 @app.task(name="ferry.perform3", bind=True)
+@checked
 def perform3(self: Any, state: dict[str, Any]) -> dict[str, Any]:
+    _valid(state)
     return run_phase(source.perform3, Phase.PERFORM3, state, _reporter(self)).to_json()
 
 
 @app.task(name="ferry.finish3")
+@checked
 def finish3(state: dict[str, Any]) -> dict[str, Any]:
+    _valid(state)
     try:
         return run_phase(lambda a, s: dest.finish(a, s, v3=True), Phase.FINISH3,
                          state).to_json()
@@ -188,7 +201,9 @@ def finish3(state: dict[str, Any]) -> dict[str, Any]:
 
 
 @app.task(name="ferry.confirm3")
+@checked
 def confirm3(state: dict[str, Any]) -> dict[str, Any]:
+    _valid(state)
     try:
         st = run_phase(source.confirm3, Phase.CONFIRM3, state)
     finally:
@@ -197,13 +212,17 @@ def confirm3(state: dict[str, Any]) -> dict[str, Any]:
 
 
 @app.task(name="ferry.prepare2", bind=True, max_retries=None)
+@checked
 def prepare2(self: Any, state: dict[str, Any]) -> dict[str, Any]:
+    _valid(state)
     wait_turn(self, INCOMING, state["params"], state.get("xml"))
     return run_phase(lambda a, s: dest.prepare(a, s, v3=False), Phase.PREPARE, state).to_json()
 
 
 @app.task(name="ferry.perform2", bind=True, max_retries=None)
+@checked
 def perform2(self: Any, state: dict[str, Any]) -> dict[str, Any]:
+    _valid(state)
     wait_turn(self, OUTGOING, state["params"])
     try:
         return run_phase(source.perform2, Phase.PERFORM2, state, _reporter(self)).to_json()
@@ -212,8 +231,10 @@ def perform2(self: Any, state: dict[str, Any]) -> dict[str, Any]:
 
 
 @app.task(name="ferry.finish2")
+@checked
 def finish2(state: dict[str, Any], last: bool = True) -> dict[str, Any]:
     """The end of a managed v2 chain; a p2p source calls it with last=False for the state."""
+    _valid(state)
     try:
         st = run_phase(lambda a, s: dest.finish(a, s, v3=False), Phase.FINISH2, state)
     finally:
@@ -222,6 +243,7 @@ def finish2(state: dict[str, Any], last: bool = True) -> dict[str, Any]:
 
 
 @app.task(name="ferry.domjobinfo")
+@checked
 def domjobinfo(domain: str, completed: bool = False) -> dict[str, Any]:
     agent = get_agent()
     uuid = agent.call(_uuid_of(agent, domain))

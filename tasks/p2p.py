@@ -18,6 +18,7 @@ from typing import Any
 from celery.exceptions import TimeoutError as CeleryTimeout
 
 from config.celery_app import app, queue_for
+from tasks.checked import checked
 from tasks.migration import OUTGOING, _last, _reporter, give_back, run_phase, wait_turn
 from workers.agent import HostAgent, get_agent
 from workers.errors import FerryError, HostUnavailableError, MigrationError
@@ -93,7 +94,9 @@ def run_p2p(task: Any, params: dict[str, Any]) -> MigrationState:
 
 
 @app.task(name="ferry.migrate_p2p", bind=True, max_retries=None)
+@checked
 def migrate_p2p(self: Any, params: dict[str, Any]) -> dict[str, Any]:
+    MigrationParams.from_json(params)  # checked before it takes a place in line
     wait_turn(self, OUTGOING, params)
     try:
         st = run_p2p(self, params)

@@ -24,7 +24,7 @@ from workers.domobj import DomainObj
 from workers.errors import FerryError, InvalidInputError, OperationInvalidError
 from workers.jobs import active_record, jobinfo_view
 from workers.migration import qemu_migrate
-from workers.migration.params import MigrationFlags
+from workers.migration.params import MAX_BANDWIDTH_MIB_S, MAX_DOWNTIME_MS, MigrationFlags
 from workers.states import DomainState, PausedReason
 
 if TYPE_CHECKING:
@@ -97,8 +97,10 @@ class SignalListener:
             log.warning("ignoring malformed job signal on %s", channel)
             return
         try:
-            result = await self.dispatch(channel.rsplit(".", 1)[1], str(sig.get("op")),
-                                         dict(sig.get("args") or {}))
+            args = sig.get("args") or {}
+            if not isinstance(args, dict):
+                raise InvalidInputError("job signal args must be a JSON object")
+            result = await self.dispatch(channel.rsplit(".", 1)[1], str(sig.get("op")), args)
             reply: dict[str, Any] = {"id": sig_id, "ok": True, "result": result}
         except FerryError as exc:
             reply = {"id": sig_id, "ok": False, "error": str(exc.at(host=self.agent.host))}
@@ -118,13 +120,13 @@ class SignalListener:
         return await handler(self.agent, dom, args)
 
 
-def _int_arg(args: dict[str, Any], key: str, low: int) -> int:
-    try:
-        value = int(args[key])
-    except (KeyError, TypeError, ValueError):
-        raise InvalidInputError(f"signal needs an integer '{key}'") from None
-    if value < low:
-        raise InvalidInputError(f"'{key}' must be >= {low}")
+def _int_arg(args: dict[str, Any], key: str, low: int, high: int) -> int:
+    """An integer argument in [low, high]; JSON true, 1.5 or "100" are refused."""
+    value = args.get(key)
+    if type(value) is not int:
+        raise InvalidInputError(f"signal needs an integer '{key}'")
+    if not low <= value <= high:
+        raise InvalidInputError(f"'{key}' must be in {low}..{high}, not {value}")
     return value
 
 
@@ -158,7 +160,7 @@ async def _settled(dom: DomainObj, within: float) -> str | None:
 
 async def _setspeed(agent: HostAgent, dom: DomainObj, args: dict[str, Any]) -> Any:
     assert dom.job is not None
-    mib = _int_arg(args, "bandwidth", 0)
+    mib = _int_arg(args, "bandwidth", 0, MAX_BANDWIDTH_MIB_S)
     dom.job.bandwidth_mib_s = mib
     if _performing(dom):
         assert dom.monitor is not None
@@ -178,7 +180,7 @@ async def _getspeed(agent: HostAgent, dom: DomainObj, args: dict[str, Any]) -> A
 
 async def _setmaxdowntime(agent: HostAgent, dom: DomainObj, args: dict[str, Any]) -> Any:
     assert dom.job is not None
-    ms = _int_arg(args, "downtime", 1)
+    ms = _int_arg(args, "downtime", 1, MAX_DOWNTIME_MS)
     dom.job.max_downtime_ms = ms
     if _performing(dom):
         assert dom.monitor is not None

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from scripts.stack import Stack
-from tests.conftest import CliResult, Guest
+from tasks.client import Client
+from tests.conftest import CliResult, Guest, qemu_pids_of
 
 ENTITY = """<?xml version="1.0"?>
 <!DOCTYPE domain [<!ENTITY x "xxxxxxxxxx"><!ENTITY y "&x;&x;&x;&x;&x;&x;&x;&x;">]>
@@ -32,6 +33,7 @@ def _mutations(xml: str) -> dict[str, tuple[str, str]]:
                                  "<memory unit='TiB'>4096</memory>", xml), "memory"),
         "slash in name": (xml.replace(name.group(0), "<name>a/b</name>"), "name"),
         "dotdot in name": (xml.replace(name.group(0), "<name>a..b</name>"), "name"),
+        "absurd vcpus": (re.sub(r"<vcpu>\d+</vcpu>", "<vcpu>4096</vcpu>", xml), "vcpu"),
         "qemu commandline": (xml.replace(
             "<domain type='kvm'>",
             "<domain type='kvm' xmlns:qemu='http://libvirt.org/schemas/domain/qemu/1.0'>").replace(
@@ -41,7 +43,7 @@ def _mutations(xml: str) -> dict[str, tuple[str, str]]:
 
 
 CASES = ["malformed", "entity", "unknown device", "missing name", "memory zero",
-         "absurd memory", "slash in name", "dotdot in name", "qemu commandline"]
+         "absurd memory", "absurd vcpus", "slash in name", "dotdot in name", "qemu commandline"]
 
 
 def _names(ferry: Callable[..., CliResult]) -> list[str]:
@@ -121,3 +123,40 @@ def test_a_host_that_does_not_exist_is_a_clear_error_not_a_hang(
 
 def test_a_file_that_cannot_be_read_is_a_clear_error(ferry: Callable[..., CliResult]) -> None:
     _one_line_error(ferry("define", "-H", "alpha", "/nonexistent/dom.xml"), "cannot read")
+
+
+# exec:, fd:, rdma: and port 0 are refused by the same parser (tests/unit/test_migration_logic)
+@pytest.mark.parametrize("uri, needle", [
+    ("file:/tmp/ferry-x", "scheme 'file'"),
+    ("tcp:127.0.0.1:70000", "port is not 1-65535"),
+    ("tcp:no-such-host.invalid:49999", "'no-such-host.invalid' is unknown on host beta"),
+])
+def test_a_bad_migration_uri_is_refused_and_the_guest_runs_on_where_it_was(
+        uri: str, needle: str, ferry: Callable[..., CliResult], client: Client,
+        make_guest: Callable[..., Guest]) -> None:
+    guest = make_guest(domain_type="qemu")
+    client.call("alpha", "define", xml=guest.xml)
+    pid = client.call("alpha", "start", domain=guest.name)["pid"]
+    beta_before = client.call("beta", "list", all=True)
+
+    _one_line_error(ferry("migrate", "-H", "alpha", guest.name, "beta", "--live",
+                          "--migrateuri", uri), needle)
+
+    info = client.call("alpha", "dominfo", domain=guest.name)
+    assert (info["state"], info["reason"], info["pid"]) == ("running", "booted", pid)
+    assert qemu_pids_of(guest.uuid) == [pid]
+    assert client.call("beta", "list", all=True) == beta_before
+    assert client.call("alpha", "domjobinfo", domain=guest.name)["type"] == "none"
+
+
+def test_a_migration_to_a_host_that_does_not_exist_is_refused_before_anything_starts(
+        ferry: Callable[..., CliResult], client: Client,
+        make_guest: Callable[..., Guest]) -> None:
+    guest = make_guest(domain_type="qemu")
+    client.call("alpha", "define", xml=guest.xml)
+    pid = client.call("alpha", "start", domain=guest.name)["pid"]
+    _one_line_error(ferry("migrate", "-H", "alpha", guest.name, "nosuchhost", "--live",
+                          timeout=30), "nosuchhost")
+    info = client.call("alpha", "dominfo", domain=guest.name)
+    assert (info["state"], info["pid"]) == ("running", pid)
+    assert client.call("alpha", "domjobinfo", domain=guest.name)["type"] == "none"

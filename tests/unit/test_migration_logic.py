@@ -61,6 +61,8 @@ def test_options_become_flags_and_unknown_options_are_refused() -> None:
     ({"protocol": 2, "flags": 256}, "v3"),
     ({"dest": "a"}, "same host"),
     ({"bandwidth_mib_s": -1}, "bandwidth"),
+    ({"bandwidth_mib_s": 1 << 30}, "bandwidth"),
+    ({"max_downtime_ms": 10**10}, "max downtime"),
     ({"flags": 32768}, "must be live"),
 ])
 def test_inconsistent_parameters_are_refused_before_anything_starts(
@@ -132,3 +134,28 @@ def test_task_messages_with_wrong_types_or_missing_fields_are_clear_errors(
         data: object, needle: str) -> None:
     with pytest.raises(InvalidInputError, match=needle):
         MigrationParams.from_json(data)  # type: ignore[arg-type]
+
+
+GOOD_PARAMS = {"domain": "g", "source": "a", "dest": "b", "job_id": "J"}
+
+
+@pytest.mark.parametrize("data, needle", [
+    ("state", "JSON object"),
+    ({"xml": "<domain/>"}, "lacks params"),
+    ({"params": [1]}, "parameters must be a JSON object"),
+    ({"params": GOOD_PARAMS, "cookie": 5}, "'cookie' has the wrong type"),
+    ({"params": GOOD_PARAMS, "was_running": "yes"}, "'was_running'"),
+    ({"params": GOOD_PARAMS, "error": "boom"}, "'error'"),
+    ({"params": GOOD_PARAMS, "phases": ["x"]}, "'phases' must be JSON objects"),
+    ({"params": GOOD_PARAMS, "phases": [{"phase": "begin3"}]}, "bad phase record"),
+    ({"params": GOOD_PARAMS, "cleanup_errors": [3]}, "'cleanup_errors'"),
+])
+def test_a_migration_state_of_the_wrong_shape_is_a_clear_error(data: object,
+                                                               needle: str) -> None:
+    with pytest.raises(InvalidInputError, match=needle):
+        MigrationState.from_json(data)
+
+
+def test_a_well_formed_state_still_round_trips() -> None:
+    st = MigrationState(MigrationParams(**GOOD_PARAMS), cookie="<qemu-migration/>")
+    assert MigrationState.from_json(st.to_json()) == st

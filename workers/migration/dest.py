@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import time
 from dataclasses import replace
 from typing import Any, Literal
@@ -48,10 +49,25 @@ def _incoming_dom(agent: HostAgent, d: DomainDef) -> DomainObj:
     return dom
 
 
+def _check_listen_address(agent: HostAgent, scheme: str, host: str) -> None:
+    """Before QEMU starts: a --migrateuri host must resolve here, a unix socket must go
+    where files may go (FERRY_ALLOWED_DIRS)."""
+    if scheme == "unix":
+        agent.allowed.check(host, "migration URI socket")
+        return
+    try:
+        socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
+    except (socket.gaierror, UnicodeError) as exc:
+        reason = getattr(exc, "strerror", None) or str(exc)
+        raise InvalidInputError(f"migration URI host '{host}' is unknown on host "
+                                f"{agent.host}: {reason}") from None
+
+
 def _listen_uri(agent: HostAgent, dom: DomainObj, p: MigrationParams) -> str:
     scheme, host, port = ("tcp", agent.settings.migration_address, None)
     if p.migrate_uri:
         scheme, host, port = parse_qemu_uri(p.migrate_uri)
+        _check_listen_address(agent, scheme, host)
     if scheme == "tcp" and port is None:
         port = agent.migration_ports.acquire(host)
         dom.ports.append(("migration", port))

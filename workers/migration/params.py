@@ -39,6 +39,8 @@ SUPPORTED_FLAGS = (MigrationFlags.LIVE | MigrationFlags.PEER2PEER | MigrationFla
 
 DEFAULT_BANDWIDTH_MIB_S = 0  # 0: as fast as the link goes (QEMU's own default caps at 128)
 UNLIMITED_BANDWIDTH_BYTES = 1 << 40
+MAX_BANDWIDTH_MIB_S = UNLIMITED_BANDWIDTH_BYTES >> 20  # more would be less than "unlimited"
+MAX_DOWNTIME_MS = 2_000_000  # QEMU's largest downtime-limit
 
 
 def parse_qemu_uri(uri: str) -> tuple[str, str, int | None]:
@@ -118,10 +120,10 @@ class MigrationParams:
             raise InvalidInputError(f"source and destination are the same host '{self.source}'")
         if self.migrate_uri is not None:
             parse_qemu_uri(self.migrate_uri)
-        if self.bandwidth_mib_s < 0:
-            raise InvalidInputError("bandwidth must be >= 0 MiB/s")
-        if self.max_downtime_ms is not None and self.max_downtime_ms <= 0:
-            raise InvalidInputError("max downtime must be > 0 ms")
+        if not 0 <= self.bandwidth_mib_s <= MAX_BANDWIDTH_MIB_S:
+            raise InvalidInputError(f"bandwidth must be in 0..{MAX_BANDWIDTH_MIB_S} MiB/s")
+        if self.max_downtime_ms is not None and not 0 < self.max_downtime_ms <= MAX_DOWNTIME_MS:
+            raise InvalidInputError(f"max downtime must be in 1..{MAX_DOWNTIME_MS} ms")
         if self.timeout_s is not None and self.timeout_s <= 0:
             raise InvalidInputError("timeout must be > 0 s")
 

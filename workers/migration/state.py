@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from workers import errors
-from workers.errors import FerryError, MigrationError
+from workers.errors import FerryError, InvalidInputError, MigrationError
 from workers.migration.params import MigrationParams
 
 
@@ -79,13 +79,40 @@ class MigrationState:
         return data
 
     @classmethod
-    def from_json(cls, data: dict[str, Any]) -> MigrationState:
+    def from_json(cls, data: Any) -> MigrationState:
+        """A state from a task message (anyone can send one): wrong shapes are clear errors."""
+        _check_shape(data)
         data = dict(data)
         data["params"] = MigrationParams.from_json(data["params"])
-        data["phases"] = tuple(PhaseRecord(**p) for p in data.get("phases", ()))
+        try:
+            data["phases"] = tuple(PhaseRecord(**p) for p in data.get("phases", ()))
+        except TypeError as exc:
+            raise InvalidInputError(f"migration state: bad phase record: {exc}") from None
         data["cleanup_errors"] = tuple(data.get("cleanup_errors", ()))
         known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
         return cls(**known)
+
+
+_STATE_TYPES: dict[str, tuple[type, ...]] = {
+    "xml": (str, type(None)), "cookie": (str, type(None)), "uri": (str, type(None)),
+    "source_paused_by_us": (bool,), "was_running": (bool,), "outcome_unknown": (bool,),
+    "error": (dict, type(None)), "cleanup_errors": (list, tuple), "phases": (list, tuple),
+    "statistics": (dict,), "result": (dict, type(None)),
+}
+
+
+def _check_shape(data: Any) -> None:
+    if not isinstance(data, dict):
+        raise InvalidInputError("migration state must be a JSON object")
+    if "params" not in data:
+        raise InvalidInputError("migration state lacks params")
+    for key, kinds in _STATE_TYPES.items():
+        if key in data and not isinstance(data[key], kinds):
+            raise InvalidInputError(f"migration state '{key}' has the wrong type "
+                                    f"({type(data[key]).__name__})")
+    for key in ("phases", "cleanup_errors"):
+        if not all(isinstance(p, dict) for p in data.get(key, ())):
+            raise InvalidInputError(f"migration state '{key}' must be JSON objects")
 
 
 def rebuild_error(info: dict[str, Any]) -> FerryError:
