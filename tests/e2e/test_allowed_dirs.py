@@ -145,7 +145,7 @@ def test_an_incoming_migration_of_a_guest_with_a_disk_outside_is_refused_at_prep
     ok = make_guest(domain_type="qemu")  # its disk is inside tmp_path
     client.call("alpha", "define", xml=ok.xml)
     client.call("alpha", "start", domain=ok.name)
-    with pytest.raises(FerryError, match="migration URI socket .* is outside the allowed"):
+    with pytest.raises(FerryError, match=r"migration URI socket .* is outside the allowed"):
         client.migrate(ok.name, "alpha", HOST, live=True,
                        migrate_uri=f"unix:{outside}/m.sock").wait(timeout=60)
     assert list(outside.iterdir()) == [outside / "m.img"]
