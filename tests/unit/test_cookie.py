@@ -472,6 +472,16 @@ def test_a_repeated_identity_element_is_refused() -> None:
         parse(twice)
 
 
+@pytest.mark.parametrize("section", ["graphics", "lockstate", "statistics", "hostname"])
+def test_every_section_given_twice_is_refused_naming_it(section: str) -> None:
+    root = etree.fromstring(full_cookie().to_xml())
+    el = root.find(section)
+    assert el is not None
+    root.append(etree.fromstring(etree.tostring(el)))
+    with pytest.raises(InvalidInputError, match=f"more than one <{section}>"):
+        parse(etree.tostring(root))
+
+
 def test_two_persistent_definitions_are_refused() -> None:
     c = full_cookie()
     assert c.persistent is not None
