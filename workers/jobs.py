@@ -84,18 +84,28 @@ class JobStore:
     def __init__(self, client: redis.Redis, host: str) -> None:
         self.redis = client
         self.host = host
+        self._start_script = client.register_script(self._START)
+        self._set_mine_script = client.register_script(self._SET_MINE)
+        self._end_script = client.register_script(self._END)
+
+    # One round trip each (the worker's job bookkeeping sits on every phase's path):
+    # the id check and the write happen in Redis, atomically.
+    _START = """
+    local current = redis.call('HGET', KEYS[1], 'id')
+    if current and current ~= ARGV[1] then return current end
+    redis.call('HSET', KEYS[1], 'id', ARGV[1], unpack(ARGV, 2))
+    return false
+    """
 
     def start(self, uuid: str, *, job_id: str, kind: str, phase: str, source: str,
               dest: str | None, flags: int) -> None:
         """Create the record; a record of another job for this domain is a clear error."""
-        key = job_key(uuid)
-        current = self.redis.hget(key, "id")
-        if current is not None and _text(current) != job_id:
-            raise OperationInvalidError(f"domain {uuid} already has job {_text(current)}")
-        self.redis.hset(key, mapping={
-            "id": job_id, "kind": kind, "phase": phase, "source": source, "dest": dest or "",
-            "flags": flags, "started": time.time(), "progress": "{}", "error": "",
-        })
+        fields = {"kind": kind, "phase": phase, "source": source, "dest": dest or "",
+                  "flags": flags, "started": time.time(), "progress": "{}", "error": ""}
+        other = self._start_script(keys=[job_key(uuid)],
+                                   args=[job_id, *[str(x) for kv in fields.items() for x in kv]])
+        if other is not None:
+            raise OperationInvalidError(f"domain {uuid} already has job {_text(other)}")
         log.info("job %s (%s): started in phase %s on %s", job_id, kind, phase, self.host)
 
     def get(self, uuid: str) -> dict[str, Any] | None:
@@ -109,21 +119,29 @@ class JobStore:
         rec["started"] = float(rec.get("started") or 0)
         return rec
 
-    def _mine(self, uuid: str, job_id: str) -> bool:
-        current = self.redis.hget(job_key(uuid), "id")
-        return current is not None and _text(current) == job_id
+    _SET_MINE = """
+    if redis.call('HGET', KEYS[1], 'id') ~= ARGV[1] then return false end
+    local old = redis.call('HGET', KEYS[1], ARGV[2])
+    if ARGV[4] == '1' and old and old ~= '' then return old end
+    redis.call('HSET', KEYS[1], ARGV[2], ARGV[3])
+    return old or ''
+    """
+
+    def _set_mine(self, uuid: str, job_id: str, field: str, value: str,
+                  only_empty: bool = False) -> str | None:
+        """Set `field` if the record is this job's (and, only_empty, if the field is
+        empty); the old value, or None when the record is another job's or gone."""
+        old = self._set_mine_script(keys=[job_key(uuid)],
+                                    args=[job_id, field, value, "1" if only_empty else "0"])
+        return None if old is None else _text(old)
 
     def set_phase(self, uuid: str, job_id: str, phase: str) -> None:
-        if not self._mine(uuid, job_id):
-            return
-        old = self.redis.hget(job_key(uuid), "phase")
-        self.redis.hset(job_key(uuid), "phase", phase)
-        log.info("job %s: phase %s -> %s on %s", job_id, _text(old) if old else "none",
-                 phase, self.host)
+        old = self._set_mine(uuid, job_id, "phase", phase)
+        if old is not None:
+            log.info("job %s: phase %s -> %s on %s", job_id, old or "none", phase, self.host)
 
     def set_progress(self, uuid: str, job_id: str, progress: dict[str, Any]) -> None:
-        if self._mine(uuid, job_id):
-            self.redis.hset(job_key(uuid), "progress", json.dumps(progress))
+        self._set_mine(uuid, job_id, "progress", json.dumps(progress))
 
     def request_abort(self, uuid: str) -> bool:
         """Mark the job aborted in its record (honoured at the next phase boundary)."""
@@ -149,8 +167,8 @@ class JobStore:
         return _text(winner)
 
     def set_error(self, uuid: str, job_id: str, error: dict[str, Any]) -> None:
-        if self._mine(uuid, job_id) and not self.redis.hget(job_key(uuid), "error"):
-            self.redis.hset(job_key(uuid), "error", json.dumps(error))
+        """The job's first error; a later one does not replace it."""
+        self._set_mine(uuid, job_id, "error", json.dumps(error), only_empty=True)
 
     def complete(self, uuid: str, host: str, info: dict[str, Any]) -> None:
         """Keep what `host` saw of a finished job (domjobinfo --completed)."""
@@ -181,10 +199,15 @@ class JobStore:
         """Whether this job ended (a stale redelivery of one of its phases must not run)."""
         return bool(self.redis.exists(f"ferry:jobended:{job_id}"))
 
+    _END = """
+    redis.call('SET', KEYS[2], '1', 'EX', ARGV[2])
+    if redis.call('HGET', KEYS[1], 'id') ~= ARGV[1] then return 0 end
+    return redis.call('DEL', KEYS[1])
+    """
+
     def end(self, uuid: str, job_id: str) -> None:
-        self.redis.set(f"ferry:jobended:{job_id}", "1", ex=DONE_TTL_S)
-        if self._mine(uuid, job_id):
-            self.redis.delete(job_key(uuid))
+        if self._end_script(keys=[job_key(uuid), f"ferry:jobended:{job_id}"],
+                            args=[job_id, DONE_TTL_S]):
             log.info("job %s: ended on %s", job_id, self.host)
 
 
