@@ -8,6 +8,9 @@ wrong interface or an address taken from the wrong place shows.
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -63,3 +66,14 @@ def test_incoming_qemu_listens_on_the_dest_namespace_address_and_the_guest_moves
     assert fleet.running_on(g) == ["n2"]
     assert g.wait_counter_above(before) > before
     assert incoming_qemu() == pid, "the guest runs in the QEMU that listened in n2"
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("setpriv"),
+                    reason="needs root and setpriv to drop the capabilities")
+def test_without_the_capabilities_the_fleet_says_why_instead_of_failing() -> None:
+    probe = "from scripts.fleet import netns_available; print(netns_available())"
+    proc = subprocess.run(["setpriv", "--bounding-set=-sys_admin,-net_admin", sys.executable,
+                           "-c", probe], capture_output=True, text=True, timeout=60,
+                          check=True, cwd=Path(__file__).resolve().parents[2])
+    assert proc.stdout.startswith("cannot create network namespaces: ")
+    assert "not permitted" in proc.stdout
