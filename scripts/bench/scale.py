@@ -135,7 +135,8 @@ class ScaleRun:
                 each, failures = [], []
                 for fut in futures:
                     try:
-                        each.append(round(fut.result(timeout=600).wall_ms, 1))
+                        # to the source's exit, as ferry's result comes after Confirm
+                        each.append(round(fut.result(timeout=600).quit_ms, 1))
                     except Exception as exc:
                         failures.append(str(exc))
                 out[label] = {"total_ms": round((time.monotonic() - t0) * 1000, 1),
@@ -258,8 +259,9 @@ def markdown(result: dict[str, Any]) -> str:
         "the floor moves N twins in bare QEMU in the same namespaces at the same "
         "concurrency over QMP. Ferry and floor alternate (A B A B), each run one move "
         f"there and one back; admission limits raised to {c['limits']}. Medians over both "
-        "directions of every run; per-migration time from its send to its result (ferry) or "
-        "from starting the incoming QEMU to `cont` (floor). CPU: seconds over all ferry runs "
+        "directions of every run; per-migration time from its send to its result (ferry: "
+        "after Confirm removed the source) or from starting the incoming QEMU to the source "
+        "QEMU's exit (floor). CPU: seconds over all ferry runs "
         "of one N; RSS: peak (VmHWM) after them. During ferry runs a watch asks every host "
         f"which guests run (every {WATCH_PAUSE_S} s) and checks no guest ran on two hosts.",
         "",
