@@ -46,10 +46,10 @@ OPTIONS: dict[str, dict[str, bool]] = {
 }
 # (numerator, denominator, figure, target, "min" | "max"): what the issue asks to hold
 RATIOS: tuple[tuple[str, str, str, float, str], ...] = (
-    (TUNNELLED, P2P, "throughput_mib_s", 0.7, "min"),
+    (TUNNELLED, P2P, "throughput_mib_s", 0.8, "min"),  # issue 10 (the p2p issue: 0.7)
     (P2P, MANAGED, "wall_ms", 1.05, "max"),
     (P2P, MANAGED, "outside_qemu_ms", 0.0, ""),
-    (TUNNELLED, MANAGED, "throughput_mib_s", 0.7, "min"),
+    (TUNNELLED, MANAGED, "throughput_mib_s", 0.8, "min"),
     (MANAGED, FLOOR, "wall_ms", 0.0, ""),
     (MANAGED, FLOOR, "throughput_mib_s", 0.0, ""),
 )
