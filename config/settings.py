@@ -142,6 +142,8 @@ SPECS: tuple[Spec, ...] = (
     Spec("migration_stall_timeout_s", int, lambda: 30,
          "seconds an outgoing migration may send nothing before it is cancelled (0: never)",
          0, 3600),
+    Spec("sweep_interval_s", int, lambda: 30,
+         "how often the sweeper looks for incoming guests whose job ended elsewhere", 1, 3600),
     Spec("incoming_timeout_s", int, lambda: 60,
          "how long Finish waits for the incoming stream to complete", 1, 3600),
 )
@@ -186,6 +188,7 @@ class Settings:
     p2p_timeout_s: int
     incoming_timeout_s: int
     migration_stall_timeout_s: int
+    sweep_interval_s: int
     extra: Mapping[str, str] = field(default_factory=dict)
 
     def replace(self, **changes: Any) -> Settings:

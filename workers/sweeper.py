@@ -1,6 +1,8 @@
 """The sweeper: periodic (and at start) reconciliation of what a crash can leave.
 
-- an incoming QEMU whose job record is gone (the job ended elsewhere): discarded;
+- an incoming QEMU whose job record is gone (the job ended elsewhere): discarded,
+  at once if the job is marked ended (e.g. a p2p source gave up on a dest that
+  was cut off, and the dest hears of it only when its link returns);
 - a guest paused by a migration with no job left: never resumed blindly (the
   dest may run it), reported with a clear reason for the operator;
 - leases need no sweeping: nobody renews a dead owner's, so they expire.
@@ -14,14 +16,16 @@ import logging
 import time
 from typing import TYPE_CHECKING
 
+from workers.migration.state import Phase
 from workers.states import DomainState, PausedReason, ShutoffReason
 
 if TYPE_CHECKING:
     from workers.agent import HostAgent
+    from workers.domobj import DomainObj
+    from workers.jobs import ActiveJob
 
 log = logging.getLogger(__name__)
 
-SWEEP_INTERVAL_S = 30.0
 GRACE_S = 30.0  # a job younger than this may simply not have written its record yet
 
 
@@ -31,9 +35,11 @@ async def sweep(agent: HostAgent) -> list[str]:
     now = time.time()
     for dom in list(agent.domains.values()):
         job = dom.job
-        if job is not None and job.operation == "incoming_migration" and dom.active and \
-                now - job.started > GRACE_S and agent.jobs.get(dom.uuid) is None:
+        if job is not None and _waiting_incoming(dom, job) and \
+                _gone(agent, dom.uuid, job.id, now - job.started):
             async with dom.lock:
+                if not _waiting_incoming(dom, job):
+                    continue  # Finish began meanwhile: it decides
                 await agent.kill(dom, ShutoffReason.FAILED)
             dom.job = None
             agent.release_ports(dom)
@@ -47,8 +53,26 @@ async def sweep(agent: HostAgent) -> list[str]:
     return done
 
 
+def _waiting_incoming(dom: DomainObj, job: ActiveJob) -> bool:
+    """An incoming guest Prepare made and no Finish has begun on (a Finish in progress
+    decides itself: it may have won the fence and be starting the CPUs)."""
+    return job.operation == "incoming_migration" and dom.active and dom.job is job and \
+        job.phase == Phase.PREPARE.value
+
+
+def _gone(agent: HostAgent, uuid: str, job_id: str, age_s: float) -> bool:
+    """The job of an incoming guest is over: marked ended, or (past the grace) its
+    record is gone or belongs to another job."""
+    if agent.jobs.ended(job_id):
+        return True
+    if age_s <= GRACE_S:
+        return False
+    record = agent.jobs.get(uuid)
+    return record is None or record.get("id") != job_id
+
+
 async def run_forever(agent: HostAgent) -> None:
     while True:
         with contextlib.suppress(Exception):
             await sweep(agent)
-        await asyncio.sleep(SWEEP_INTERVAL_S)
+        await asyncio.sleep(agent.settings.sweep_interval_s)

@@ -21,7 +21,8 @@ from tests.conftest import FleetRun, Guest, fleet_of, qemu_pids_of
 from workers.errors import FerryError
 
 STALL_S = 3
-ENV = {"FERRY_MIGRATION_STALL_TIMEOUT_S": str(STALL_S)}
+ENV = {"FERRY_MIGRATION_STALL_TIMEOUT_S": str(STALL_S), "FERRY_P2P_TIMEOUT_S": "5",
+       "FERRY_SWEEP_INTERVAL_S": "1"}
 # c1 waits 3 s after QEMU's switch-over, before Perform returns: time to cut c2 then.
 SLOW_AFTER_SWITCH = {"FERRY_FAILPOINTS": "perform3.after_migrate=slow"}
 BANDWIDTH = 2  # MiB/s: below the test guest's dirty rate, so Perform runs until cut
@@ -99,6 +100,24 @@ def test_cutting_the_dest_off_entirely_during_perform_keeps_the_guest_on_the_sou
         job.wait(timeout=120)
     wait_for(lambda: not _qemus_in(fleet, "c2", g), 30, "c2's incoming QEMU to be reaped")
     assert fleet.client.call("c1", "dominfo", domain=g.name)["state"] == "running"
+    assert fleet.running_on(g) == ["c1"]
+
+
+def test_a_p2p_source_gives_up_on_a_dest_cut_off_and_the_dest_discards_its_guest_when_back(
+        fleet: FleetRun) -> None:
+    g = fleet.boot("c1", fleet.guest())
+    job = fleet.client.migrate(g.name, "c1", "c2", live=True, p2p=True,
+                               bandwidth_mib_s=BANDWIDTH)
+    _streaming(fleet, g)
+    fleet.fleet.set_link("c2", data=False, broker=False)
+    with pytest.raises(FerryError, match="sent nothing"):
+        job.wait(timeout=60)  # the stall, then Finish unanswered for 5 s: the source ends
+    info = fleet.client.call("c1", "dominfo", domain=g.name)
+    assert info["state"] == "running"
+    assert _qemus_in(fleet, "c2", g), "c2, cut off, has not heard yet"
+    fleet.fleet.set_link("c2", data=True, broker=True)
+    # Its late Finish belongs to an ended job and runs nothing; the sweeper discards.
+    wait_for(lambda: not _qemus_in(fleet, "c2", g), 30, "c2's incoming QEMU to be reaped")
     assert fleet.running_on(g) == ["c1"]
 
 
