@@ -144,7 +144,13 @@ class _Conn:
             raise reply
         return reply
 
-    def release(self) -> None:
+    def __enter__(self) -> _Conn:
+        return self
+
+    def __exit__(self, kind: object, exc: object, tb: object) -> None:
+        """Back to the pool; cut short (a reply may be unread), disconnected first."""
+        if exc is not None:
+            self.conn.disconnect()
         self.pool.release(self.conn)
 
 
@@ -174,11 +180,8 @@ class TunnelSender(_Pump):
         return got
 
     def pump(self) -> None:
-        conn = _Conn(self.redis)
-        try:
+        with _Conn(self.redis) as conn:
             self._pump(conn)
-        finally:
-            conn.release()
 
     def _pump(self, conn: _Conn) -> None:
         buf = bytearray(self.chunk * self.batch)
@@ -243,11 +246,8 @@ class TunnelReceiver(_Pump):
         self.redis.delete(self.data_key, self.ack_key, self.closed_key)
 
     def pump(self) -> None:
-        conn = _Conn(self.redis)
-        try:
+        with _Conn(self.redis) as conn:
             self._pump(conn)
-        finally:
-            conn.release()
 
     def _pump(self, conn: _Conn) -> None:
         data_key, ack_key = self.data_key.encode(), self.ack_key.encode()
