@@ -197,7 +197,7 @@ class HostAgent:
             state=dom.state.value,
             reason=dom.reason.value,
             pid=dom.proc.pid,
-            domain_xml=dom.live.to_xml(live=True),
+            domain_xml=dom.live_status_xml(),
             extra=extra,
         )
 

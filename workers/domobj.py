@@ -43,6 +43,15 @@ class DomainObj:
     lockstate: str | None = None  # the tunnel pump (workers.migration.tunnel) of a tunnelled job
     # Ports of the host's ranges held while QEMU runs: (range name, port).
     ports: list[tuple[str, int]] = field(default_factory=list)
+    # The live definition's XML as the status file keeps it, for the `live` it was made
+    # of (a DomainDef is frozen): status files are written several times per migration.
+    live_xml: tuple[DomainDef, str] | None = field(default=None, repr=False)
+
+    def live_status_xml(self) -> str:
+        assert self.live is not None
+        if self.live_xml is None or self.live_xml[0] is not self.live:
+            self.live_xml = (self.live, self.live.to_xml(live=True))
+        return self.live_xml[1]
 
     @property
     def current(self) -> DomainDef:
