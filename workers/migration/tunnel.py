@@ -134,12 +134,15 @@ class _Conn:
     def __init__(self, client: redis.Redis) -> None:
         self.pool = client.connection_pool
         self.conn = self.pool.get_connection()
+        self.pending = 0  # replies not read yet
 
     def send(self, *commands: list[bytes | memoryview]) -> None:
         self.conn.send_packed_command([p for c in commands for p in c], check_health=False)
+        self.pending += len(commands)
 
     def read(self) -> object:
         reply = self.conn.read_response()
+        self.pending -= 1
         if isinstance(reply, redis.ResponseError):
             raise reply
         return reply
@@ -148,8 +151,8 @@ class _Conn:
         return self
 
     def __exit__(self, kind: object, exc: object, tb: object) -> None:
-        """Back to the pool; cut short (a reply may be unread), disconnected first."""
-        if exc is not None:
+        """Back to the pool; with a reply unread (cut short), disconnected first."""
+        if exc is not None or self.pending:
             self.conn.disconnect()
         self.pool.release(self.conn)
 
@@ -250,29 +253,40 @@ class TunnelReceiver(_Pump):
             self._pump(conn)
 
     def _pump(self, conn: _Conn) -> None:
+        """The next pop is sent before this batch goes to QEMU, so Redis hands over the
+        next batch while QEMU reads this one."""
         data_key, ack_key = self.data_key.encode(), self.ack_key.encode()
         pop = _pack(b"BLMPOP", b"%g" % POLL_S, b"1", data_key, b"LEFT", b"COUNT",
                     b"%d" % POP_COUNT)
-        while not self.stop_event.is_set():
-            conn.send(pop)
+        conn.send(pop)
+        while True:
             reply = conn.read()
             if not isinstance(reply, list):
                 if self.closed():
                     raise OSError("tunnel closed by the other side")
+                if self.stop_event.is_set():
+                    return
+                conn.send(pop)
                 continue
             items = reply[1]
             size = sum(len(i) for i in items)
-            if size:
-                conn.send(_pack(b"RPUSH", ack_key, b"%d" % size))
+            end = not items[-1]  # b"": the end of the stream
+            commands = [_pack(b"RPUSH", ack_key, b"%d" % size)] if size else []
+            if not end and not self.stop_event.is_set():
+                commands.append(pop)
+            if commands:
+                conn.send(*commands)
             for data in items:
                 self.sock.sendall(data)
                 self.bytes += len(data)
             if size:
                 conn.read()
-            if not items[-1]:  # b"": the end of the stream
+            if end:
                 self.done.set()
                 with contextlib.suppress(OSError):
                     self.sock.shutdown(socket.SHUT_WR)
+                return
+            if self.stop_event.is_set():
                 return
 
 
