@@ -119,6 +119,8 @@ SPECS: tuple[Spec, ...] = (
          "how long to wait for a new QEMU's monitor", 1, 600),
     Spec("log_level", str, lambda: "INFO", "worker log level (DEBUG logs every QMP message)"),
     Spec("failpoints", str, lambda: "", "test-only failure points: name=raise|kill|hang,..."),
+    Spec("failpoint_dir", str, lambda: "",
+         "test-only: failpoints armed at run time by files named after them in this dir"),
     Spec("downtime_ms", int, lambda: 500,
          "largest downtime the downtime schedule raises to (Nova's default)", 10, 60000),
     Spec("downtime_steps", int, lambda: 10, "steps of the downtime schedule", 1, 100),
@@ -175,6 +177,7 @@ class Settings:
     qemu_start_timeout_s: int
     log_level: str
     failpoints: str
+    failpoint_dir: str
     downtime_ms: int
     downtime_steps: int
     downtime_delay_s: int

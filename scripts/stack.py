@@ -88,22 +88,31 @@ class Stack:
     broker_url: str = ""
     log_level: str = "INFO"
     redis_proc: subprocess.Popen[bytes] | None = None
+    redis_port: int = 0
+    redis_password: str | None = None
+    redis_persistent: bool = False
     workers: dict[str, Worker] = field(default_factory=dict)
     extra_env: dict[str, str] = field(default_factory=dict)
 
     def start_redis(self, port: int | None = None, password: str | None = None,
-                    bind: str = "127.0.0.1", tls: RedisTls | None = None) -> str:
-        """redis-server on `bind`; with `tls`, on a TLS port only (rediss://)."""
+                    bind: str = "127.0.0.1", tls: RedisTls | None = None,
+                    persistent: bool = False) -> str:
+        """redis-server on `bind`; with `tls`, on a TLS port only (rediss://);
+        `persistent` keeps its data (append-only file) across restart_redis(), as a
+        production broker would."""
         port = port or free_port()
         rdir = self.root / "redis"
         rdir.mkdir(parents=True, exist_ok=True)
+        self.redis_port, self.redis_password = port, password
+        self.redis_persistent = persistent
         listen = ["--port", str(port)] if tls is None else [
             "--port", "0", "--tls-port", str(port), "--tls-cert-file", str(tls.cert),
             "--tls-key-file", str(tls.key), "--tls-ca-cert-file", str(tls.ca),
             "--tls-auth-clients", "no"]
         self.redis_proc = subprocess.Popen(
             ["redis-server", *listen, "--bind", bind, "--dir", str(rdir),
-             "--save", "", "--appendonly", "no", "--daemonize", "no",
+             "--save", "", "--appendonly", "yes" if persistent else "no",
+             "--appendfsync", "always", "--daemonize", "no",
              *(["--requirepass", password] if password else [])],
             stdout=open(rdir / "redis.log", "ab"), stderr=subprocess.STDOUT,  # noqa: SIM115
             stdin=subprocess.DEVNULL)
@@ -122,6 +131,22 @@ class Stack:
     def redis_client(self, **kwargs: Any) -> redis.Redis:
         """A client of this stack's Redis, TLS included (config/broker.py)."""
         return broker.connect(self.settings(), **kwargs)
+
+    def stop_redis(self) -> None:
+        if self.redis_proc is not None and self.redis_proc.poll() is None:
+            self.redis_proc.terminate()
+            try:
+                self.redis_proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.redis_proc.kill()
+                self.redis_proc.wait(timeout=5)
+
+    def restart_redis(self) -> None:
+        """Stop redis-server and start it again on the same port (its data kept if it
+        was started persistent; plain TCP only)."""
+        self.stop_redis()
+        self.start_redis(self.redis_port, self.redis_password,
+                         persistent=self.redis_persistent)
 
     def env(self, name: str | None = None) -> dict[str, str]:
         env = dict(os.environ)
@@ -194,13 +219,7 @@ class Stack:
         if kill_guests:
             for pid in self.guest_pids():
                 stop_pid(pid, timeout=5)
-        if self.redis_proc is not None and self.redis_proc.poll() is None:
-            self.redis_proc.terminate()
-            try:
-                self.redis_proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.redis_proc.kill()
-                self.redis_proc.wait(timeout=5)
+        self.stop_redis()
 
 
 def _pidfile_pids(state_dir: Path) -> list[int]:

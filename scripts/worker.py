@@ -38,7 +38,7 @@ def run_worker(args: argparse.Namespace) -> int:
     settings.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     setup_logging(settings)
     app = configure(settings)
-    failpoints.configure(settings.failpoints)
+    failpoints.configure(settings.failpoints, settings.failpoint_dir)
     agent = HostAgent(settings)
     agent.start()
     set_agent(agent)

@@ -2,17 +2,29 @@
 
 With late acknowledgement a phase that was running when its worker died is
 delivered again only after the broker's visibility timeout (hours), so the
-worker does not wait for that: for every guest whose status file says it
-was in Begin or Perform here, it asks QEMU how far it got (never a second
-`migrate`) and sends the rest of the chain itself, Finish to the dest and
-Confirm here, under the job's task ids, so the caller waiting on the job
-gets its result.  A phase redelivered later finds the job ended and runs
-nothing.
+worker does not wait for that.  For every guest whose status file says it
+was in a migration here, it compares the phase with the job record (where
+the chain had got to) and sends the rest of the chain itself, under the
+job's task ids, so the caller waiting on the job gets its result:
+
+- source in Begin (managed: the chain had not moved on; p2p: the task that
+  drove the migration died with the worker): the job fails, the dest is
+  cleaned up, the guest runs on here;
+- source in Perform: QEMU says how far it got (never a second `migrate`);
+- source past Perform whose Confirm will not come (p2p, or killed during
+  Confirm): wait for Finish's answer, then Confirm; with no answer, the
+  Finish fence decides, as in a p2p source that gave up waiting;
+- dest in Prepare or Finish whose answer was lost with the worker, CPUs not
+  started: the job fails from that phase on (the incoming QEMU goes, the
+  source resumes).
+
+A phase redelivered later finds the job ended and runs nothing.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 from typing import Any
 
 from celery import chain
@@ -20,30 +32,68 @@ from celery import chain
 from config.celery_app import app, queue_for
 from workers.agent import HostAgent
 from workers.domobj import DomainObj
-from workers.errors import FerryError, MigrationError
+from workers.errors import FerryError, HostUnavailableError, MigrationError
 from workers.migration.params import MigrationFlags
 from workers.migration.source import resume_perform
 from workers.migration.state import MigrationState, Phase
+from workers.states import DomainState
 
 log = logging.getLogger(__name__)
 
+# The chain's phases in order (v3), and those that run on the source.
+_PHASES = ["begin3", "prepare3", "perform3", "finish3", "confirm3"]
+_ON_SOURCE = ("begin3", "perform3", "confirm3")
+_TAIL = ["finish3", "confirm3"]
 
-async def _interrupted(agent: HostAgent, dom: DomainObj) -> MigrationState | None:
-    """The state to continue an interrupted outgoing migration with, or None."""
+
+def _record_phase(agent: HostAgent, dom: DomainObj) -> str | None:
+    record = agent.jobs.get(dom.uuid)
+    if record is None or dom.job is None or record.get("id") != dom.job.id:
+        return None
+    return str(record.get("phase") or "")
+
+
+async def _interrupted(agent: HostAgent,
+                       dom: DomainObj) -> tuple[MigrationState, list[str]] | None:
+    """How to continue an interrupted outgoing migration: its state and the phases
+    left to send (just ["confirm3"]: once Finish has answered), or None."""
     job = dom.job
     if job is None or job.operation != "outgoing_migration" or job.state is None:
         return None
     st = MigrationState.from_json(job.state)
-    record = agent.jobs.get(dom.uuid)
-    if job.phase == Phase.BEGIN3.value and record and record.get("phase") == "begin3":
-        err = MigrationError("the source worker restarted during begin3", "begin3", agent.host)
-        return st.with_error(err)
-    if job.phase != Phase.PERFORM3.value:
-        return None  # the chain was not waiting on this worker
-    try:
-        return await resume_perform(agent, dom, st)
-    except FerryError as exc:
-        return st.with_error(exc.at(phase="perform3", host=agent.host))
+    p2p = st.params.has(MigrationFlags.PEER2PEER)
+    phase = _record_phase(agent, dom)
+    if phase is None:
+        return None
+    if job.phase == Phase.BEGIN3.value and (phase == "begin3" or p2p):
+        err = MigrationError(f"the source worker restarted during {phase}", phase, agent.host)
+        return st.with_error(err), _TAIL
+    if job.phase == Phase.PERFORM3.value:
+        try:
+            return await resume_perform(agent, dom, st), _TAIL
+        except FerryError as exc:
+            return st.with_error(exc.at(phase="perform3", host=agent.host)), _TAIL
+    if job.phase == Phase.PERFORM3_DONE.value and (p2p or phase.startswith("confirm3")):
+        return st, ["confirm3"]
+    return None  # the chain was not waiting on this worker
+
+
+async def _incoming_interrupted(agent: HostAgent,
+                                dom: DomainObj) -> tuple[MigrationState, list[str]] | None:
+    """A Prepare or Finish whose answer died with this (dest) worker, CPUs not started."""
+    job = dom.job
+    if job is None or job.operation != "incoming_migration" or job.state is None or \
+            dom.state == DomainState.RUNNING:
+        return None
+    phase = _record_phase(agent, dom)
+    if phase not in (Phase.PREPARE.value, Phase.FINISH3.value):
+        return None
+    err = MigrationError(f"the dest worker restarted during {phase}", phase, agent.host)
+    st = MigrationState.from_json(job.state).with_error(err)
+    start = "prepare3" if phase == Phase.PREPARE.value else "finish3"
+    if st.params.has(MigrationFlags.PEER2PEER):
+        return st, [start]  # the source's task waits for this answer and runs the rest
+    return st, _PHASES[_PHASES.index(start):]
 
 
 def resume_interrupted(agent: HostAgent) -> list[str]:
@@ -51,25 +101,55 @@ def resume_interrupted(agent: HostAgent) -> list[str]:
     resumed = []
     for dom in list(agent.domains.values()):
         try:
-            st = agent.call(_interrupted(agent, dom), timeout=60)
+            found = agent.call(_interrupted(agent, dom), timeout=60) or \
+                agent.call(_incoming_interrupted(agent, dom), timeout=60)
         except Exception as exc:
             log.error("domain %s: cannot resume its job: %s", dom.name, exc)
             continue
-        if st is None:
+        if found is None:
             continue
-        _send_rest(st)
+        st, rest = found
+        if rest == ["confirm3"]:
+            threading.Thread(target=_confirm_after_finish, args=(agent, st), daemon=True,
+                             name=f"ferry-resume-{st.params.job_id}").start()
+        else:
+            _send_rest(st, rest)
         resumed.append(st.params.job_id)
-        log.warning("job %s of %s: resumed after a restart (%s)", st.params.job_id, dom.name,
-                    "failed: " + st.error["message"] if st.error else "switch-over done")
+        log.warning("job %s of %s: resumed with %s after a restart (%s)", st.params.job_id,
+                    dom.name, ",".join(rest),
+                    "failed: " + st.error["message"] if st.error else "ok")
     return resumed
 
 
-def _send_rest(st: MigrationState) -> None:
+def _sig(st: MigrationState, name: str, *args: Any) -> Any:
     p = st.params
-    last_id = f"{p.job_id}.migrate_p2p" if p.has(MigrationFlags.PEER2PEER) \
-        else f"{p.job_id}.confirm3"
-    rest: Any = chain(
-        app.signature("ferry.finish3", args=(st.to_json(),), queue=queue_for(p.dest),
-                      task_id=f"{p.job_id}.finish3"),
-        app.signature("ferry.confirm3", queue=queue_for(p.source), task_id=last_id))
-    rest.apply_async()
+    queue = queue_for(p.source if name in _ON_SOURCE else p.dest)
+    task_id = f"{p.job_id}.{name}"
+    if name == "confirm3" and p.has(MigrationFlags.PEER2PEER):
+        task_id = f"{p.job_id}.migrate_p2p"  # the id the p2p caller waits on
+    return app.signature(f"ferry.{name}", args=args, queue=queue, task_id=task_id)
+
+
+def _send_rest(st: MigrationState, rest: list[str]) -> None:
+    """Phases `rest` as a chain, the first given the state."""
+    sigs = [_sig(st, rest[0], st.to_json())] + [_sig(st, name) for name in rest[1:]]
+    flow: Any = chain(*sigs) if len(sigs) > 1 else sigs[0]
+    flow.apply_async()
+
+
+def _confirm_after_finish(agent: HostAgent, st: MigrationState) -> None:
+    """Confirm once Finish has answered; bounded, then the Finish fence decides."""
+    p = st.params
+    wait = agent.settings.p2p_timeout_s + agent.settings.incoming_timeout_s
+    try:
+        result = app.AsyncResult(f"{p.job_id}.finish3").get(
+            timeout=wait, propagate=True, disable_sync_subtasks=False)
+        st = MigrationState.from_json(result)
+    except Exception as exc:
+        from tasks.p2p import _finish_unanswered
+
+        err = exc if isinstance(exc, FerryError) else HostUnavailableError(
+            f"dest host '{p.dest}' did not answer finish3 after the source restarted",
+            phase="finish3", host=p.dest, cause=str(exc))
+        st = _finish_unanswered(agent, st, err)
+    _sig(st, "confirm3", st.to_json()).apply_async()

@@ -127,6 +127,7 @@ async def prepare(agent: HostAgent, st: MigrationState, *, v3: bool) -> Migratio
     dom.job.state = st.to_json()
     if dom.active:
         agent.save_status(dom)
+    await failpoints.hit("prepare3.end")
     return st
 
 

@@ -55,6 +55,9 @@ def _start_job(agent: HostAgent, dom: DomainObj, p: MigrationParams, phase: Phas
                      source=p.source, dest=p.dest, flags=p.flags)
     dom.job = ActiveJob(p.job_id, "outgoing_migration", phase.value, time.time(),
                         source=p.source, dest=p.dest, flags=p.flags)
+    if dom.active:  # a restarted worker finds the job (and what Begin was given)
+        dom.job.state = MigrationState(params=p).to_json()
+        agent.save_status(dom)
 
 
 def refuse_v2_with_lease_state(agent: HostAgent) -> None:
@@ -94,6 +97,7 @@ async def begin3(agent: HostAgent, st: MigrationState) -> MigrationState:
     cookie = make_cookie(current.name, current.uuid, agent.host, agent.uuid,
                          mandatory=("graphics",) if spice else ())
     was_running = dom.state == DomainState.RUNNING and not p.has(F.PAUSED)
+    await failpoints.hit("begin3.end")
     return replace(st, xml=chosen.to_xml(migratable=True), cookie=cookie.to_xml(),
                    was_running=was_running)
 
@@ -308,6 +312,7 @@ async def confirm3(agent: HostAgent, st: MigrationState) -> MigrationState:
         return st  # Begin never started a job here: nothing to confirm or undo
     phase = Phase.CONFIRM3_CANCELLED if st.failed else Phase.CONFIRM3
     _job_dom(agent, p, phase)
+    await failpoints.hit("confirm3.start")
     uuid = dom.uuid  # an undefined source has no definition left to ask
     try:
         if st.failed:

@@ -1,0 +1,169 @@
+"""The fault matrix of issue 8: which fault, when, in which mode, and what must follow.
+
+One source of truth for tests/e2e/test_fault_matrix.py (which runs the cases)
+and `python -m scripts.faults` (which prints them as a table).
+
+Outcomes (libvirt's rules): S = the guest runs on the source, D = it runs on
+the dest, P = the source stays paused with a clear reason because the dest's
+fate is unknown, LOST = no copy is left running and the error says why.
+
+A phase is held at an exact point by a failpoint armed at run time
+(`pause`, see workers/failpoints.py), the fault is inflicted, then the phase
+is let go.  "Perform (copying)" needs no failpoint: the migration runs at
+1 MiB/s and the fault lands once QEMU has sent data.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+
+class Fault(enum.Enum):
+    SRC_WORKER = "kill source worker"
+    DST_WORKER = "kill dest worker"
+    SRC_QEMU = "kill source QEMU"
+    DST_QEMU = "kill dest QEMU"
+    REDIS = "Redis restart"
+    ABORT = "abort"
+
+
+class At(enum.Enum):
+    BEGIN = "Begin"
+    PREPARE = "Prepare"
+    COPYING = "Perform (copying)"
+    SWITCHED = "Perform (after switch-over)"
+    FINISH = "Finish"
+    CONFIRM = "Confirm"
+
+
+class Mode(enum.Enum):
+    MANAGED = "managed"
+    P2P = "p2p"
+
+
+class Outcome(enum.Enum):
+    S = "S"
+    D = "D"
+    P = "P"
+    LOST = "lost"
+
+
+SOURCE, DEST = "source", "dest"
+
+# Where each phase is held: (the side whose worker runs the point, the failpoint).
+POINTS: dict[At, tuple[str, str] | None] = {
+    At.BEGIN: (SOURCE, "begin3.end"),
+    At.PREPARE: (DEST, "prepare3.end"),
+    At.COPYING: None,
+    At.SWITCHED: (SOURCE, "perform3.after_migrate"),
+    At.FINISH: (DEST, "finish3.start"),
+    At.CONFIRM: (SOURCE, "confirm3.start"),
+}
+
+S, D, LOST = Outcome.S, Outcome.D, Outcome.LOST
+_PHASES = list(At)
+
+# The issue's table, one row per fault, in the order of At.  Where ferry's
+# answer differs from libvirt's, NOTES says why.
+EXPECTED: dict[Fault, list[Outcome | None]] = {
+    Fault.SRC_WORKER: [S, D, S, D, D, D],
+    Fault.DST_WORKER: [D, S, D, D, S, D],
+    Fault.SRC_QEMU: [LOST, LOST, LOST, D, D, D],
+    Fault.DST_QEMU: [None, S, S, S, S, LOST],
+    Fault.REDIS: [D, D, D, D, D, D],
+    Fault.ABORT: [S, S, S, D, D, D],
+}
+
+# p2p runs Begin, Perform and Confirm in one task on the source, so a source
+# worker killed while that task waits for the dest takes the driver with it.
+P2P_EXPECTED: dict[tuple[Fault, At], Outcome] = {
+    (Fault.SRC_WORKER, At.PREPARE): S,
+}
+
+NOTES: dict[tuple[Fault, At], str] = {
+    (Fault.SRC_WORKER, At.PREPARE):
+        "managed: the chain waits in the broker and the restarted source worker runs "
+        "Perform (D, where libvirt, whose client loses its connection, has S); p2p: the "
+        "driving task died with the worker, the restarted worker cancels (S)",
+    (Fault.DST_WORKER, At.BEGIN):
+        "the dest worker is idle during Begin; Prepare waits in its queue until it is "
+        "back, so the migration goes on (D)",
+    (Fault.DST_WORKER, At.FINISH):
+        "killed before the dest CPUs started: the restarted dest worker discards the "
+        "incoming guest and the source resumes (S)",
+    (Fault.DST_QEMU, At.BEGIN): "not meaningful: no dest QEMU exists during Begin",
+    (Fault.DST_QEMU, At.CONFIRM):
+        "the guest already runs on the dest; Confirm kills the source as planned, so "
+        "the dest's crash loses it (reported as crashed on the dest)",
+    (Fault.REDIS, At.BEGIN):
+        "the broker keeps its messages (append-only file), so every phase goes on (D)",
+    (Fault.ABORT, At.SWITCHED): "too late: QEMU completed, the migration goes on (D)",
+    (Fault.ABORT, At.FINISH): "refused: the switch-over happened",
+    (Fault.ABORT, At.CONFIRM): "refused: the switch-over happened",
+}
+
+
+@dataclass(frozen=True)
+class Case:
+    fault: Fault
+    at: At
+    mode: Mode
+    expected: Outcome
+
+    @property
+    def id(self) -> str:
+        return f"{self.mode.value}-{self.fault.name.lower()}-{self.at.name.lower()}"
+
+    @property
+    def point(self) -> tuple[str, str] | None:
+        return POINTS[self.at]
+
+
+def cases() -> list[Case]:
+    out = []
+    for mode in Mode:
+        for fault, row in EXPECTED.items():
+            for at, expected in zip(_PHASES, row, strict=True):
+                if expected is None:
+                    continue
+                if mode == Mode.P2P:
+                    expected = P2P_EXPECTED.get((fault, at), expected)
+                out.append(Case(fault, at, mode, expected))
+    return out
+
+
+def skipped() -> list[tuple[Fault, At, str]]:
+    """The cells not run, with the reason."""
+    return [(fault, at, NOTES.get((fault, at), "")) for fault, row in EXPECTED.items()
+            for at, expected in zip(_PHASES, row, strict=True) if expected is None]
+
+
+@dataclass
+class Result:
+    case: str
+    fault: str
+    at: str
+    mode: str
+    expected: str
+    actual: str
+    settle_s: float
+    error: str | None
+    passed: bool
+
+
+def markdown(results: list[Result]) -> str:
+    """The matrix as a Markdown table, in case order, with the notes after it."""
+    lines = ["| mode | fault | phase | expected | actual | settle (s) | error |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    for r in results:
+        actual = r.actual if r.passed else f"**{r.actual}** (failed)"
+        error = (r.error or "").replace("|", "/")
+        if len(error) > 90:
+            error = error[:87] + "..."
+        lines.append(f"| {r.mode} | {r.fault} | {r.at} | {r.expected} | {actual} | "
+                     f"{r.settle_s:.1f} | {error} |")
+    lines.append("")
+    for (fault, at), note in NOTES.items():
+        lines.append(f"- {fault.value} / {at.value}: {note}.")
+    return "\n".join(lines) + "\n"

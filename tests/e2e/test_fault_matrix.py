@@ -1,0 +1,308 @@
+"""The fault matrix: every fault x phase x mode of tests/e2e/faultcases.py on real parts.
+
+A stack of its own (a persistent redis-server that can be restarted, two
+workers whose failpoints are armed at run time), reused by every case; each
+case starts a fresh small TCG guest and removes it after.  A poller samples
+both hosts' status files all through the case: never two running copies.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import shutil
+import signal
+import tempfile
+import threading
+import time
+import uuid as uuidlib
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+from lxml import etree
+
+from config.settings import load
+from scripts.guestxml import guest_xml
+from scripts.stack import Stack, wait_for
+from tasks.client import Client
+from tests.conftest import pid_alive, port_free, qemu_pids_of
+from tests.e2e.faultcases import SOURCE, At, Case, Fault, Mode, Outcome, Result, cases
+from workers.errors import FerryError
+
+SRC, DST = "fsrc", "fdst"
+PORTS = (49400, 49409)  # the dest's migration ports: none may be left listening
+ERROR_NAMES = {  # what the job's error must say for each fault
+    Fault.SRC_WORKER: r"restart|interrupted",
+    Fault.DST_WORKER: r"restart|interrupted",
+    Fault.SRC_QEMU: r"exited|crash|not running|QEMU",
+    Fault.DST_QEMU: r"exited|crash|closed|incoming|failed",
+    Fault.REDIS: r"broker|redis|connection",
+    Fault.ABORT: r"abort|cancel",
+}
+
+
+@dataclass
+class FaultStack:
+    stack: Stack
+    client: Client
+    disk_dir: Path
+    base_image: Path
+
+    def worker_env(self, host: str) -> dict[str, str]:
+        return {"FERRY_FAILPOINT_DIR": str(self.fp_dir(host)),
+                "FERRY_MIGRATION_PORTS": f"{PORTS[0]}-{PORTS[1]}",
+                "FERRY_P2P_TIMEOUT_S": "30", "FERRY_INCOMING_TIMEOUT_S": "30",
+                "FERRY_LEASE_TTL_MS": "5000"}
+
+    def fp_dir(self, host: str) -> Path:
+        return self.stack.root / host / "failpoints"
+
+    def start_worker(self, host: str) -> None:
+        self.fp_dir(host).mkdir(parents=True, exist_ok=True)
+        self.stack.start_worker(host, env=self.worker_env(host))
+
+    def status(self, host: str, name: str) -> tuple[str, int] | None:
+        """(state, pid) from the host's status file when its QEMU lives."""
+        path = self.stack.root / host / "run" / f"{name}.xml"
+        try:
+            root = etree.parse(str(path)).getroot()
+        except (OSError, etree.XMLSyntaxError):
+            return None
+        pid = int(root.get("pid", "0"))
+        return (root.get("state", ""), pid) if pid and pid_alive(pid) else None
+
+
+@pytest.fixture(scope="module")
+def fstack(base_image: Path) -> Iterator[FaultStack]:
+    root = Path(tempfile.mkdtemp(prefix="ferry-f-", dir="/tmp"))
+    st = Stack(root=root, log_level="DEBUG")
+    try:
+        st.start_redis(persistent=True)
+        fs = FaultStack(st, Client(load({"FERRY_BROKER_URL": st.broker_url})), root / "disks",
+                        base_image)
+        fs.disk_dir.mkdir()
+        for host in (SRC, DST):
+            fs.start_worker(host)
+        yield fs
+    finally:
+        st.stop(kill_guests=True)
+        if not os.environ.get("FERRY_TEST_KEEP"):
+            shutil.rmtree(root, ignore_errors=True)
+
+
+class Sampler(threading.Thread):
+    """Samples both hosts' status files until stopped: the most copies ever running."""
+
+    def __init__(self, fs: FaultStack, name: str) -> None:
+        super().__init__(daemon=True)
+        self.fs, self.name = fs, name
+        self.stopped = threading.Event()
+        self.most_running, self.samples = 0, 0
+        self.seen: list[tuple[str | None, str | None]] = []
+
+    def run(self) -> None:
+        while not self.stopped.wait(0.02):
+            states = tuple(s[0] if (s := self.fs.status(h, self.name)) else None
+                           for h in (SRC, DST))
+            self.samples += 1
+            self.most_running = max(self.most_running, states.count("running"))
+            if not self.seen or self.seen[-1] != states:
+                self.seen.append(states)  # type: ignore[arg-type]
+
+
+@dataclass
+class Run:
+    case: Case
+    name: str
+    uuid: str
+    xml: str
+    reply: Any = None
+    error: str | None = None
+    summary: dict[str, Any] = field(default_factory=dict)
+
+
+def _host(side: str) -> str:
+    return SRC if side == SOURCE else DST
+
+
+def _start_guest(fs: FaultStack) -> tuple[str, str, str]:
+    name, dom_uuid = f"f-{uuidlib.uuid4().hex[:8]}", str(uuidlib.uuid4())
+    disk = fs.disk_dir / f"{name}.img"
+    shutil.copyfile(fs.base_image, disk)
+    xml = guest_xml(name, disk, fs.disk_dir / f"{name}.serial", memory_mib=32,
+                    uuid=dom_uuid, domain_type="qemu")
+    fs.client.call(SRC, "define", xml=xml)
+    fs.client.call(SRC, "start", domain=name)
+    return name, dom_uuid, xml
+
+
+def _hold(fs: FaultStack, case: Case, job: Any) -> None:
+    """Wait (an event, never a sleep) until the case's phase is at its point."""
+    if case.point is None:  # copying: QEMU has sent data and goes on at 1 MiB/s
+        wait_for(lambda: (job.info().get("data_processed") or 0) > 0, 60, "the copy to run")
+        return
+    side, point = case.point
+    marker = fs.fp_dir(_host(side)) / f"{point}.hit"
+    wait_for(marker.exists, 60, f"{point} to be reached")
+
+
+def _release(fs: FaultStack, case: Case) -> None:
+    if case.point is not None:
+        side, point = case.point
+        for suffix in ("", ".hit"):
+            with contextlib.suppress(FileNotFoundError):
+                (fs.fp_dir(_host(side)) / f"{point}{suffix}").unlink()
+
+
+def _kill_worker(fs: FaultStack, host: str, case: Case) -> None:
+    fs.stack.kill_worker(host, signal.SIGKILL)
+    _release(fs, case)  # the point of a dead worker must not hold its successor
+    fs.start_worker(host)
+
+
+def _kill_qemu(fs: FaultStack, host: str, run: Run) -> None:
+    st = fs.status(host, run.name)
+    assert st is not None, f"no QEMU of {run.name} on {host} to kill"
+    os.kill(st[1], signal.SIGKILL)
+    wait_for(lambda: not pid_alive(st[1]), 10, "the QEMU to die")
+
+
+def _inflict(fs: FaultStack, run: Run, job: Any) -> None:
+    case = run.case
+    if case.fault in (Fault.SRC_WORKER, Fault.DST_WORKER):
+        _kill_worker(fs, SRC if case.fault == Fault.SRC_WORKER else DST, case)
+    elif case.fault in (Fault.SRC_QEMU, Fault.DST_QEMU):
+        _kill_qemu(fs, SRC if case.fault == Fault.SRC_QEMU else DST, run)
+    elif case.fault == Fault.REDIS:
+        fs.stack.restart_redis()
+    elif case.fault == Fault.ABORT:
+        try:
+            run.reply = job.abort()
+        except FerryError as exc:
+            run.reply = {"refused": str(exc)}
+    _release(fs, case)
+    if case.at == At.COPYING:  # what goes on after the fault need not crawl
+        with contextlib.suppress(FerryError):
+            job.set_speed(0)
+
+
+def _outcome(fs: FaultStack, run: Run) -> Outcome | None:
+    """The settled outcome, or None while something is still moving."""
+    states = {h: fs.status(h, run.name) for h in (SRC, DST)}
+    live = {h: s[0] for h, s in states.items() if s is not None}
+    if fs.client.redis.exists(f"ferry:job:{run.uuid}"):
+        return None
+    if len(qemu_pids_of(run.uuid)) != len(live):
+        return None
+    if list(live.values()) == ["running"]:
+        return Outcome.S if SRC in live else Outcome.D
+    if live == {SRC: "paused"}:
+        return Outcome.P
+    return Outcome.LOST if not live else None
+
+
+def _run(fs: FaultStack, case: Case) -> tuple[Run, Outcome | str, float, Sampler]:
+    name, dom_uuid, xml = _start_guest(fs)
+    run = Run(case, name, dom_uuid, xml)
+    if case.point is not None:
+        side, point = case.point
+        (fs.fp_dir(_host(side)) / point).write_text("pause")
+    sampler = Sampler(fs, name)
+    sampler.start()
+    try:
+        speed = {"bandwidth_mib_s": 1} if case.at == At.COPYING else {}
+        job = fs.client.migrate(name, SRC, DST, live=True, p2p=case.mode == Mode.P2P, **speed)
+        _hold(fs, case, job)
+        started = time.monotonic()
+        _inflict(fs, run, job)
+        try:
+            run.summary = job.wait(timeout=90)
+        except FerryError as exc:
+            run.error = str(exc)
+        try:
+            outcome: Outcome | str = wait_for(lambda: _outcome(fs, run), 30,  # type: ignore[assignment]
+                                              "the case to settle")
+        except TimeoutError:
+            outcome = f"unsettled {sampler.seen[-1] if sampler.seen else ''}"
+        return run, outcome, time.monotonic() - started, sampler
+    finally:
+        sampler.stopped.set()
+        sampler.join()
+        _release(fs, case)
+
+
+def _cleanup(fs: FaultStack, run: Run) -> None:
+    for host in (SRC, DST):
+        if fs.stack.workers[host].proc is None or fs.stack.workers[host].proc.poll() is not None:  # type: ignore[union-attr]
+            fs.start_worker(host)
+    for host in (SRC, DST):
+        for task in ("destroy", "undefine"):
+            with contextlib.suppress(Exception):
+                fs.client.call(host, task, domain=run.name, timeout=30)
+    wait_for(lambda: not qemu_pids_of(run.uuid), 20, "the case's QEMUs to go")
+
+
+def _report(result: Result) -> None:
+    path = os.environ.get("FERRY_FAULT_REPORT")
+    if path:
+        with open(path, "a") as f:
+            f.write(json.dumps(asdict(result)) + "\n")
+
+
+def _lease_holder(fs: FaultStack, dom_uuid: str) -> str | None:
+    raw = fs.client.redis.get(f"ferry:lease:domain:{dom_uuid}")
+    return None if raw is None else str(json.loads(raw)["host"])
+
+
+@pytest.mark.parametrize("case", cases(), ids=lambda c: c.id)
+def test_fault_leaves_one_copy_and_says_why(fstack: FaultStack, case: Case) -> None:
+    run, outcome, settle, sampler = None, "error", 0.0, None
+    try:
+        run, outcome, settle, sampler = _run(fstack, case)
+        actual = outcome.value if isinstance(outcome, Outcome) else outcome
+        passed = outcome == case.expected
+        _report(Result(case.id, case.fault.value, case.at.value, case.mode.value,
+                       case.expected.value, actual, settle, run.error, passed))
+        _check(fstack, run, outcome, sampler)
+    except (redis.RedisError, TimeoutError, FerryError) as exc:
+        if run is None:
+            _report(Result(case.id, case.fault.value, case.at.value, case.mode.value,
+                           case.expected.value, "harness error", settle, str(exc), False))
+        raise
+    finally:
+        if run is not None:
+            _cleanup(fstack, run)
+
+
+def _check(fs: FaultStack, run: Run, outcome: Outcome | str, sampler: Sampler) -> None:
+    case = run.case
+    assert sampler.samples > 10 and sampler.most_running <= 1, \
+        f"two running copies seen: {sampler.seen}"
+    assert outcome == case.expected, \
+        f"{case.id}: expected {case.expected.value}, got {outcome} (error: {run.error}); " \
+        f"states seen {sampler.seen}"
+    running = {Outcome.S: SRC, Outcome.D: DST}.get(outcome)  # type: ignore[arg-type]
+    pids = qemu_pids_of(run.uuid)
+    assert len(pids) == (0 if outcome == Outcome.LOST else 1), "a leftover QEMU"
+    assert all(port_free(p) for p in range(PORTS[0], PORTS[1] + 1)), "a migration port left"
+    assert _lease_holder(fs, run.uuid) in (running, None), "a lease held by the wrong host"
+    if running is not None:
+        assert _lease_holder(fs, run.uuid) == running, "the running copy lost its lease"
+    if case.fault == Fault.DST_QEMU and case.at == At.CONFIRM:  # lost after it completed
+        info = fs.client.call(DST, "dominfo", domain=run.name)
+        assert (info["state"], info["reason"]) == ("shutoff", "crashed")
+    elif outcome != Outcome.D:
+        assert run.error is not None, "the job failed without an error"
+        assert re.search(ERROR_NAMES[case.fault], run.error, re.I), \
+            f"the error does not name the fault: {run.error}"
+    if outcome == Outcome.P:
+        info = fs.client.call(SRC, "dominfo", domain=run.name)
+        assert (info["state"], info["reason"]) == ("paused", "migration")
+    if case.fault == Fault.ABORT and case.at in (At.FINISH, At.CONFIRM):
+        assert "refused" in (run.reply or {}), f"a late abort was not refused: {run.reply}"
