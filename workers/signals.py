@@ -134,13 +134,21 @@ def _performing(dom: DomainObj) -> bool:
     return dom.job is not None and dom.job.phase in PERFORM_PHASES and dom.monitor is not None
 
 
+TOO_LATE = "too late to abort: the switch-over happened, the migration goes on to the dest"
+SWITCHED_PHASES = ("perform3_done", "confirm3")
+
+
 async def _abort(agent: HostAgent, dom: DomainObj, args: dict[str, Any]) -> Any:
     assert dom.job is not None
+    if dom.job.phase in SWITCHED_PHASES:
+        raise OperationInvalidError(TOO_LATE)
     dom.job.abort = True
     agent.jobs.request_abort(dom.uuid)
     if _performing(dom):
         await qemu_migrate.cancel(dom)
         status = await _settled(dom, ABORT_SETTLE_S)
+        if status == "completed":
+            raise OperationInvalidError(TOO_LATE)
         return {"aborted": True, "phase": dom.job.phase if dom.job else None,
                 "status": status}
     return {"aborted": True, "phase": dom.job.phase, "deferred": True}
