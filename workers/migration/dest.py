@@ -276,6 +276,9 @@ def _lockstate(agent: HostAgent, cookie: Cookie | None) -> str | None:
 
 
 async def _wait_incoming(agent: HostAgent, dom: DomainObj) -> None:
+    if not dom.active:
+        raise MigrationError(f"the incoming QEMU exited ({dom.reason.value}) before the "
+                             "migration completed")
     mon = dom.require_monitor("finish migration")
     deadline = time.monotonic() + agent.settings.incoming_timeout_s
     while True:
