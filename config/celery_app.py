@@ -6,12 +6,16 @@ settings are known, so importing ferry never reads the environment.
 
 from __future__ import annotations
 
+import logging
+from typing import Any
+
 from celery import Celery
 
 from config import broker
 from config.settings import Settings
 from workers.errors import InvalidInputError
 
+log = logging.getLogger(__name__)
 app = Celery("ferry", set_as_current=True)
 
 TASK_MODULES = ["tasks.domain", "tasks.migration", "tasks.p2p", "tasks.images"]
@@ -91,3 +95,35 @@ def _sign_messages(settings: Settings, target: Celery) -> None:
     # json stays decodable for results and events (their accept lists name it); the
     # process-wide registry drops pickle, yaml and msgpack altogether.
     target.setup_security(allowed_serializers=["json"])
+
+
+def survive_broker_restarts(settings: Settings) -> None:
+    """Keep a worker alive when the broker restarts (called by `ferry worker` only).
+
+    Two kombu 5.7 holes make a Celery worker exit when Redis goes away and
+    comes back: (1) closing the lost connection restores unacknowledged messages
+    through a transport already detached; (2) a task that finishes after the
+    reconnection acknowledges its message on the lost channel.  Both raise an
+    AttributeError that ends the worker.  ferry never wants (1) anyway: a
+    late-acked phase still running here would be put back in its queue and
+    delivered again while it runs; an unacknowledged message stays in Redis
+    until the visibility timeout, as after a killed worker.  For (2) the
+    acknowledgement is made with a client of our own, so the message is not
+    delivered again hours later.
+    """
+    from kombu.transport import redis as kombu_redis
+
+    channel = kombu_redis.Channel
+    channel.do_restore = False
+    plain_ack = channel.basic_ack
+
+    def basic_ack(self: Any, delivery_tag: str, multiple: bool = False) -> None:
+        if self.connection is not None and self.connection.client is not None:
+            plain_ack(self, delivery_tag, multiple)
+            return
+        log.warning("acknowledging message %s of a connection lost meanwhile", delivery_tag)
+        with broker.connect(settings, socket_timeout=5) as client:
+            client.pipeline().zrem(self.unacked_index_key, delivery_tag) \
+                .hdel(self.unacked_key, delivery_tag).execute()
+
+    channel.basic_ack = basic_ack

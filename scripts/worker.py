@@ -11,7 +11,7 @@ import argparse
 import logging
 import sys
 
-from config.celery_app import configure, queue_for
+from config.celery_app import configure, queue_for, survive_broker_restarts
 from config.settings import Settings, load
 from tasks.recovery import resume_interrupted
 from workers import failpoints
@@ -38,6 +38,7 @@ def run_worker(args: argparse.Namespace) -> int:
     settings.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     setup_logging(settings)
     app = configure(settings)
+    survive_broker_restarts(settings)
     failpoints.configure(settings.failpoints, settings.failpoint_dir)
     agent = HostAgent(settings)
     agent.start()
