@@ -188,8 +188,15 @@ def _inflict(fs: FaultStack, run: Run, job: Any) -> None:
             run.reply = {"refused": str(exc)}
     _release(fs, case)
     if case.at == At.COPYING:  # what goes on after the fault need not crawl
-        with contextlib.suppress(FerryError):
-            job.set_speed(0)
+        wait_for(lambda: _speed_up(job), 30, "the migration to speed up or end")
+
+
+def _speed_up(job: Any) -> bool:
+    try:
+        job.set_speed(0)
+        return True
+    except FerryError as exc:  # no job any more, or the owner not back yet
+        return job.done() or "no job" in str(exc)
 
 
 def _outcome(fs: FaultStack, run: Run) -> Outcome | None:
