@@ -1,0 +1,73 @@
+"""`python -m scripts.faults`: run the fault matrix and print it as a Markdown table.
+
+The cases are those of tests/e2e/faultcases.py, run by
+tests/e2e/test_fault_matrix.py (pytest, real processes); each case appends its
+result to a report file, read back here.  `--readme` also puts the table in
+README.md's Faults section, between the faults-matrix markers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from tests.e2e.faultcases import Result, cases, markdown, skipped
+
+ROOT = Path(__file__).resolve().parent.parent
+BEGIN, END = "<!-- faults-matrix:begin -->", "<!-- faults-matrix:end -->"
+
+
+def run_matrix(select: str | None) -> tuple[list[Result], int, float]:
+    with tempfile.TemporaryDirectory(prefix="ferry-faults-") as tmp:
+        report = Path(tmp) / "report.jsonl"
+        argv = [sys.executable, "-m", "pytest", "-q", "tests/e2e/test_fault_matrix.py",
+                *(["-k", select] if select else [])]
+        started = time.monotonic()
+        rc = subprocess.call(argv, cwd=ROOT, env={**os.environ,
+                                                  "FERRY_FAULT_REPORT": str(report)})
+        elapsed = time.monotonic() - started
+        rows = [Result(**json.loads(line)) for line in report.read_text().splitlines()] \
+            if report.exists() else []
+    order = {c.id: i for i, c in enumerate(cases())}
+    return sorted(rows, key=lambda r: order.get(r.case, len(order))), rc, elapsed
+
+
+def render(results: list[Result], elapsed: float) -> str:
+    passed = sum(r.passed for r in results)
+    head = (f"Fault matrix, {time.strftime('%Y-%m-%d', time.gmtime())}: {passed} of "
+            f"{len(results)} cases hold their expected outcome and invariants "
+            f"({elapsed:.0f} s in all).\n\n")
+    tail = "".join(f"- not run: {f.value} / {a.value}: {why}.\n" for f, a, why in skipped())
+    return head + markdown(results) + tail
+
+
+def put_in_readme(text: str) -> None:
+    readme = ROOT / "README.md"
+    body = readme.read_text()
+    if BEGIN not in body or END not in body:
+        raise SystemExit(f"README.md has no {BEGIN} ... {END} block")
+    start, stop = body.index(BEGIN) + len(BEGIN), body.index(END)
+    readme.write_text(body[:start] + "\n" + text + body[stop:])
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m scripts.faults", description=__doc__)
+    ap.add_argument("-k", dest="select", help="only the cases pytest -k selects")
+    ap.add_argument("--readme", action="store_true", help="also write the table into README.md")
+    args = ap.parse_args(argv)
+    results, rc, elapsed = run_matrix(args.select)
+    text = render(results, elapsed)
+    print(text)
+    if args.readme:
+        put_in_readme(text)
+    return rc
+
+
+if __name__ == "__main__":
+    sys.exit(main())
