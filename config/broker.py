@@ -12,13 +12,23 @@ without any verification (CERT_NONE, a warning); ferry never does.
 
 from __future__ import annotations
 
+import logging
 import ssl
 from typing import Any
 
 import redis
 import redis.asyncio as aredis
+from tenacity import (
+    Retrying,
+    before_sleep_log,
+    retry_if_exception_type,
+    stop_after_delay,
+    wait_random_exponential,
+)
 
 from config.settings import Settings
+
+log = logging.getLogger(__name__)
 
 
 def uses_tls(settings: Settings) -> bool:
@@ -46,9 +56,37 @@ def _kwargs(settings: Settings, extra: dict[str, Any]) -> dict[str, Any]:
     return {**opts, **extra}
 
 
-def connect(settings: Settings, **kwargs: Any) -> redis.Redis:
-    """A blocking client of the broker (TLS options from the settings)."""
-    return redis.Redis.from_url(settings.broker_url, **_kwargs(settings, kwargs))
+class RetryingRedis(redis.Redis):
+    """A client that rides out a broker restart: a command that meets a lost
+    connection (or a Redis still loading its data) is tried again with jittered
+    exponential waits, for `retry_s` seconds at most, then the error is raised.
+    ferry's commands are safe to repeat (HSET, SET, DEL, compare-and-set scripts)."""
+
+    retry_s: float = 0.0
+
+    def execute_command(self, *args: Any, **options: Any) -> Any:
+        if self.retry_s <= 0:
+            return super().execute_command(*args, **options)
+        for attempt in Retrying(
+                stop=stop_after_delay(self.retry_s),
+                wait=wait_random_exponential(multiplier=0.05, max=1.0),
+                retry=retry_if_exception_type((redis.ConnectionError, redis.TimeoutError)),
+                before_sleep=before_sleep_log(log, logging.WARNING), reraise=True):
+            with attempt:
+                return super().execute_command(*args, **options)
+        raise AssertionError("unreachable")  # pragma: no cover (reraise=True)
+
+
+def connect(settings: Settings, retry: bool = False, **kwargs: Any) -> redis.Redis:
+    """A blocking client of the broker (TLS options from the settings); with `retry`,
+    one that retries for FERRY_BROKER_RETRY_S while the broker is away (the
+    worker's own: job records, leases, heartbeat, admission slots)."""
+    if not retry:
+        return redis.Redis.from_url(settings.broker_url, **_kwargs(settings, kwargs))
+    client = RetryingRedis.from_url(settings.broker_url, **_kwargs(settings, kwargs))
+    assert isinstance(client, RetryingRedis)
+    client.retry_s = settings.broker_retry_s
+    return client
 
 
 def connect_async(settings: Settings, **kwargs: Any) -> aredis.Redis:

@@ -139,6 +139,9 @@ SPECS: tuple[Spec, ...] = (
     Spec("tunnel_window_mib", int, lambda: 4,
          "largest unacknowledged data of one tunnelled migration in Redis", 1, 256),
     Spec("tunnel_chunk_kib", int, lambda: 1024, "chunk size of tunnelled streams", 16, 16384),
+    Spec("broker_retry_s", int, lambda: 5,
+         "how long a worker retries a Redis command while the broker is away (0: never)",
+         0, 300),
     Spec("p2p_timeout_s", int, lambda: 120,
          "how long a peer-to-peer source waits for each dest phase", 5, 3600),
     Spec("migration_stall_timeout_s", int, lambda: 30,
@@ -188,6 +191,7 @@ class Settings:
     lease_ttl_ms: int
     tunnel_window_mib: int
     tunnel_chunk_kib: int
+    broker_retry_s: int
     p2p_timeout_s: int
     incoming_timeout_s: int
     migration_stall_timeout_s: int

@@ -178,7 +178,10 @@ def prepare3(self: Any, state: dict[str, Any]) -> dict[str, Any]:
 def _reporter(task: Any) -> Callable[[dict[str, Any]], None]:
     """PROGRESS state with QEMU's figures, for Flower and result-backend readers."""
     def report(progress: dict[str, Any]) -> None:
-        task.update_state(state="PROGRESS", meta=progress)
+        try:
+            task.update_state(state="PROGRESS", meta=progress)
+        except Exception as exc:  # the broker away must not fail the phase QEMU runs on
+            log.warning("progress not reported: %s", exc)
     return report
 
 

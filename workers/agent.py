@@ -55,7 +55,7 @@ class HostAgent:
         self.migration_ports = PortAllocator("migration", *settings.migration_ports)
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._run_loop, name="ferry-agent", daemon=True)
-        self.redis = broker.connect(settings, socket_timeout=5)
+        self.redis = broker.connect(settings, retry=True, socket_timeout=5)
         self.jobs = JobStore(self.redis, self.host)
         self.locks = locks.make(settings.lock_manager, self.redis, settings.lease_ttl_ms)
         self.signals = SignalListener(self)
