@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 DEBS := qemu-system-x86 qemu-utils redis-server zstd xz-utils bzip2 lzop binutils
 STAMP := $(VENV)/.ferry-installed
 
-.PHONY: setup demo test lint bench clean
+.PHONY: setup demo test lint bench faults clean
 
 setup: $(STAMP)
 
@@ -23,6 +23,9 @@ test: setup lint
 lint: setup
 	$(BIN)/ruff check config workers tasks scripts tests
 	$(BIN)/mypy
+
+faults: setup
+	$(BIN)/python -m scripts.faults
 
 bench: setup
 	$(BIN)/python -m scripts.bench

@@ -17,7 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from tests.e2e.faultcases import Result, cases, markdown, skipped
+from tests.e2e.faultcases import Result, cases, markdown
 
 ROOT = Path(__file__).resolve().parent.parent
 BEGIN, END = "<!-- faults-matrix:begin -->", "<!-- faults-matrix:end -->"
@@ -43,8 +43,7 @@ def render(results: list[Result], elapsed: float) -> str:
     head = (f"Fault matrix, {time.strftime('%Y-%m-%d', time.gmtime())}: {passed} of "
             f"{len(results)} cases hold their expected outcome and invariants "
             f"({elapsed:.0f} s in all).\n\n")
-    tail = "".join(f"- not run: {f.value} / {a.value}: {why}.\n" for f, a, why in skipped())
-    return head + markdown(results) + tail
+    return head + markdown(results)
 
 
 def put_in_readme(text: str) -> None:

@@ -94,10 +94,12 @@ NOTES: dict[tuple[Fault, At], str] = {
         "incoming guest and the source resumes (S)",
     (Fault.DST_QEMU, At.BEGIN): "not meaningful: no dest QEMU exists during Begin",
     (Fault.DST_QEMU, At.CONFIRM):
-        "the guest already runs on the dest; Confirm kills the source as planned, so "
-        "the dest's crash loses it (reported as crashed on the dest)",
+        "the guest already runs on the dest and the job completed; Confirm removes the "
+        "source as planned, so the dest's crash loses the guest (its transient "
+        "definition goes with its QEMU)",
     (Fault.REDIS, At.BEGIN):
-        "the broker keeps its messages (append-only file), so every phase goes on (D)",
+        "the broker keeps its messages (append-only file), so every phase goes on (D; "
+        "the issue's table has S for Begin and Prepare)",
     (Fault.ABORT, At.SWITCHED): "too late: QEMU completed, the migration goes on (D)",
     (Fault.ABORT, At.FINISH): "refused: the switch-over happened",
     (Fault.ABORT, At.CONFIRM): "refused: the switch-over happened",
@@ -131,12 +133,6 @@ def cases() -> list[Case]:
                     expected = P2P_EXPECTED.get((fault, at), expected)
                 out.append(Case(fault, at, mode, expected))
     return out
-
-
-def skipped() -> list[tuple[Fault, At, str]]:
-    """The cells not run, with the reason."""
-    return [(fault, at, NOTES.get((fault, at), "")) for fault, row in EXPECTED.items()
-            for at, expected in zip(_PHASES, row, strict=True) if expected is None]
 
 
 @dataclass

@@ -40,8 +40,8 @@ PORTS = (49400, 49409)  # the dest's migration ports: none may be left listening
 ERROR_NAMES = {  # what the job's error must say for each fault
     Fault.SRC_WORKER: r"restart|interrupted",
     Fault.DST_WORKER: r"restart|interrupted",
-    Fault.SRC_QEMU: r"exited|crash|not running|QEMU",
-    Fault.DST_QEMU: r"exited|crash|closed|incoming|failed",
+    Fault.SRC_QEMU: r"QEMU of .* exited",
+    Fault.DST_QEMU: r"incoming QEMU exited|connection refused|broken pipe",
     Fault.REDIS: r"broker|redis|connection",
     Fault.ABORT: r"abort|cancel",
 }

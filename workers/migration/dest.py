@@ -201,7 +201,8 @@ async def finish(agent: HostAgent, st: MigrationState, *, v3: bool) -> Migration
     if dom is None:
         if st.failed:
             return st  # Prepare never got as far as creating anything here
-        raise MigrationError(f"no incoming migration {p.job_id} of '{p.domain}' on this host")
+        raise MigrationError(f"no incoming migration {p.job_id} of '{p.domain}' on this host: "
+                             "its incoming QEMU exited or was discarded")
     assert dom.job is not None
     dom.job.phase = phase.value
     uuid = dom.uuid

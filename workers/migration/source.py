@@ -112,6 +112,9 @@ async def perform3(agent: HostAgent, st: MigrationState) -> MigrationState:
         return await resume_perform(agent, dom, st)  # redelivered, or after a restart
     dom = _job_dom(agent, p, Phase.PERFORM3)
     assert dom.job is not None
+    if not dom.active and not p.has(F.OFFLINE):
+        raise MigrationError(f"the QEMU of '{dom.name}' exited ({dom.reason.value}) before "
+                             "Perform: the guest is lost, nothing to migrate")
     dom.job.state = st.to_json()  # what a restarted worker resumes Perform from
     if dom.active:
         agent.save_status(dom)
