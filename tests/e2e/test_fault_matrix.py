@@ -195,8 +195,8 @@ def _speed_up(job: Any) -> bool:
     try:
         job.set_speed(0)
         return True
-    except FerryError as exc:  # no job any more, or the owner not back yet
-        return job.done() or "no job" in str(exc)
+    except FerryError:  # the job ended, or its owner is not listening again yet
+        return job.done()
 
 
 def _outcome(fs: FaultStack, run: Run) -> Outcome | None:
