@@ -125,6 +125,7 @@ class Run:
     reply: Any = None
     error: str | None = None
     summary: dict[str, Any] = field(default_factory=dict)
+    worker_pids: dict[str, int] = field(default_factory=dict)  # before the fault
 
 
 def _host(side: str) -> str:
@@ -216,7 +217,7 @@ def _outcome(fs: FaultStack, run: Run) -> Outcome | None:
 
 def _run(fs: FaultStack, case: Case) -> tuple[Run, Outcome | str, float, Sampler]:
     name, dom_uuid, xml = _start_guest(fs)
-    run = Run(case, name, dom_uuid, xml)
+    run = Run(case, name, dom_uuid, xml, worker_pids=_worker_pids(fs))
     if case.point is not None:
         side, point = case.point
         (fs.fp_dir(_host(side)) / point).write_text("pause")
@@ -242,6 +243,12 @@ def _run(fs: FaultStack, case: Case) -> tuple[Run, Outcome | str, float, Sampler
         sampler.stopped.set()
         sampler.join()
         _release(fs, case)
+
+
+def _worker_pids(fs: FaultStack) -> dict[str, int]:
+    """The live worker processes by host (a dead one is left out)."""
+    procs = {h: fs.stack.workers[h].proc for h in (SRC, DST)}
+    return {h: p.pid for h, p in procs.items() if p is not None and p.poll() is None}
 
 
 def _cleanup(fs: FaultStack, run: Run) -> None:
@@ -302,6 +309,10 @@ def test_fault_leaves_one_copy_and_says_why(fstack: FaultStack, case: Case) -> N
 
 def _check(fs: FaultStack, run: Run, outcome: Outcome | str, sampler: Sampler) -> None:
     case = run.case
+    killed = {Fault.SRC_WORKER: SRC, Fault.DST_WORKER: DST}.get(case.fault)
+    survivors = {h: pid for h, pid in run.worker_pids.items() if h != killed}
+    assert {h: _worker_pids(fs).get(h) for h in survivors} == survivors, \
+        "a worker that was not killed died (or was restarted)"
     assert sampler.samples > 2 and sampler.most_running <= 1, \
         f"two running copies seen: {sampler.seen}"
     assert outcome == case.expected, \
