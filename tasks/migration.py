@@ -110,22 +110,37 @@ def _line(agent: HostAgent, line: Line, params: dict[str, Any]) -> tuple[Slots, 
 
 
 def wait_turn(task: Any, lines: tuple[Line, ...], params: dict[str, Any],
-              xml: str | None = None) -> None:
-    """Go on if every line (pair, out, in) has a free slot for the job; else retry,
+              xml: str | None = None) -> bool:
+    """Go on (True) if every line (pair, out, in) has a free slot for the job; else retry,
     keeping the job's place in line (and no worker thread while it waits).  A waiting
-    job is shown queued in domjobinfo, with the line and its place in it."""
+    job is shown queued in domjobinfo, with the line and its place in it.  An abort
+    while it waits takes it out of every line: False, the phase then fails as aborted."""
     agent = get_agent()
     job_id = params["job_id"]
     for line in lines:
         slots, limit = _line(agent, line, params)
         place = slots.place(line.value, job_id, limit)
-        if place:
-            _show_queued(agent, params, xml, line, place)
-            raise task.retry(countdown=RETRY_S)  # the task allows unlimited retries
+        if not place:
+            continue
+        uuid = _domain_uuid(agent, params, xml)
+        if uuid is not None and agent.jobs.abort_requested(uuid, job_id):
+            log.info("job %s: aborted while waiting in the %s line", job_id, line.value)
+            give_back(lines, params)
+            agent.jobs.clear_queued(uuid, job_id)
+            return False
+        _show_queued(agent, params, xml, line, place)
+        raise task.retry(countdown=RETRY_S)  # the task allows unlimited retries
     if task.request.retries:  # it waited: it is no longer queued
         uuid = _domain_uuid(agent, params, xml)
         if uuid is not None:
             agent.jobs.clear_queued(uuid, job_id)
+    return True
+
+
+async def aborted_in_line(agent: HostAgent, st: MigrationState) -> MigrationState:
+    """The phase of a migration aborted while it waited for its turn."""
+    raise MigrationError("operation aborted: migration job canceled by client while it "
+                         "waited in line")
 
 
 def _show_queued(agent: HostAgent, params: dict[str, Any], xml: str | None, line: Line,
@@ -163,15 +178,16 @@ def _valid(state: dict[str, Any]) -> None:
 @checked
 def begin3(self: Any, params: dict[str, Any]) -> dict[str, Any]:
     st = MigrationState(params=MigrationParams.from_json(params))
-    wait_turn(self, OUTGOING, params)
-    return run_phase(source.begin3, Phase.BEGIN3, st.to_json()).to_json()
+    fn = source.begin3 if wait_turn(self, OUTGOING, params) else aborted_in_line
+    return run_phase(fn, Phase.BEGIN3, st.to_json()).to_json()
 
 
 @app.task(name="ferry.prepare3", bind=True, max_retries=None)
 @checked
 def prepare3(self: Any, state: dict[str, Any]) -> dict[str, Any]:
     _valid(state)
-    wait_turn(self, INCOMING, state["params"], state.get("xml"))
+    if not wait_turn(self, INCOMING, state["params"], state.get("xml")):
+        return run_phase(aborted_in_line, Phase.PREPARE, state).to_json()
     return run_phase(lambda a, s: dest.prepare(a, s, v3=True), Phase.PREPARE, state).to_json()
 
 
@@ -218,7 +234,8 @@ def confirm3(state: dict[str, Any]) -> dict[str, Any]:
 @checked
 def prepare2(self: Any, state: dict[str, Any]) -> dict[str, Any]:
     _valid(state)
-    wait_turn(self, INCOMING, state["params"], state.get("xml"))
+    if not wait_turn(self, INCOMING, state["params"], state.get("xml")):
+        return run_phase(aborted_in_line, Phase.PREPARE, state).to_json()
     return run_phase(lambda a, s: dest.prepare(a, s, v3=False), Phase.PREPARE, state).to_json()
 
 
@@ -226,9 +243,9 @@ def prepare2(self: Any, state: dict[str, Any]) -> dict[str, Any]:
 @checked
 def perform2(self: Any, state: dict[str, Any]) -> dict[str, Any]:
     _valid(state)
-    wait_turn(self, OUTGOING, state["params"])
+    fn = source.perform2 if wait_turn(self, OUTGOING, state["params"]) else aborted_in_line
     try:
-        return run_phase(source.perform2, Phase.PERFORM2, state, _reporter(self)).to_json()
+        return run_phase(fn, Phase.PERFORM2, state, _reporter(self)).to_json()
     finally:
         give_back(OUTGOING, state["params"])
 

@@ -19,7 +19,15 @@ from celery.exceptions import TimeoutError as CeleryTimeout
 
 from config.celery_app import app, queue_for
 from tasks.checked import checked
-from tasks.migration import OUTGOING, _last, _reporter, give_back, run_phase, wait_turn
+from tasks.migration import (
+    OUTGOING,
+    _last,
+    _reporter,
+    aborted_in_line,
+    give_back,
+    run_phase,
+    wait_turn,
+)
 from workers.agent import HostAgent, get_agent
 from workers.errors import FerryError, HostUnavailableError, MigrationError
 from workers.heartbeat import get_host
@@ -96,8 +104,11 @@ def run_p2p(task: Any, params: dict[str, Any]) -> MigrationState:
 @app.task(name="ferry.migrate_p2p", bind=True, max_retries=None)
 @checked
 def migrate_p2p(self: Any, params: dict[str, Any]) -> dict[str, Any]:
-    MigrationParams.from_json(params)  # checked before it takes a place in line
-    wait_turn(self, OUTGOING, params)
+    p = MigrationParams.from_json(params)  # checked before it takes a place in line
+    if not wait_turn(self, OUTGOING, params):
+        st = run_phase(aborted_in_line, Phase.BEGIN3 if p.protocol == 3 else Phase.PERFORM2,
+                       MigrationState(params=p).to_json())
+        return _last(st)
     try:
         st = run_p2p(self, params)
     finally:

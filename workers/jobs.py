@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 
 DONE_TTL_S = 30 * 24 * 3600
 QUEUED_TTL_S = 5  # a waiting task refreshes it every 250 ms; gone soon after the waiter
+QUEUED_ABORT_TTL_S = 3600  # an abort of a waiting migration outlives any wait in line
 
 
 def _text(value: bytes | str) -> str:
@@ -45,6 +46,10 @@ def done_key(uuid: str, host: str) -> str:
 
 def queued_key(uuid: str) -> str:
     return f"ferry:queued:{uuid}"
+
+
+def queued_abort_key(job_id: str) -> str:
+    return f"ferry:queuedabort:{job_id}"
 
 
 @dataclass
@@ -144,15 +149,22 @@ class JobStore:
         self._set_mine(uuid, job_id, "progress", json.dumps(progress))
 
     def request_abort(self, uuid: str) -> bool:
-        """Mark the job aborted in its record (honoured at the next phase boundary)."""
-        if not self.redis.exists(job_key(uuid)):
+        """Mark the job aborted in its record (honoured at the next phase boundary), or
+        a migration still waiting in line before its first phase (it leaves the line)."""
+        if self.redis.exists(job_key(uuid)):
+            self.redis.hset(job_key(uuid), "abort", "1")
+            return True
+        waiting = self.queued(uuid)
+        if waiting is None:
             return False
-        self.redis.hset(job_key(uuid), "abort", "1")
+        self.redis.set(queued_abort_key(str(waiting["id"])), "1", ex=QUEUED_ABORT_TTL_S)
         return True
 
     def abort_requested(self, uuid: str, job_id: str) -> bool:
         rec = self.redis.hmget(job_key(uuid), ["id", "abort"])
-        return rec[0] is not None and _text(rec[0]) == job_id and rec[1] == b"1"
+        if rec[0] is not None and _text(rec[0]) == job_id and rec[1] == b"1":
+            return True
+        return bool(self.redis.exists(queued_abort_key(job_id)))
 
     _CLAIM = """
     if redis.call('HGET', KEYS[1], 'id') ~= ARGV[1] then return 'none' end
