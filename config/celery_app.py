@@ -104,17 +104,25 @@ def survive_broker_restarts(settings: Settings) -> None:
     comes back: (1) closing the lost connection restores unacknowledged messages
     through a transport already detached; (2) a task that finishes after the
     reconnection acknowledges its message on the lost channel.  Both raise an
-    AttributeError that ends the worker.  ferry never wants (1) anyway: a
-    late-acked phase still running here would be put back in its queue and
-    delivered again while it runs; an unacknowledged message stays in Redis
-    until the visibility timeout, as after a killed worker.  For (2) the
-    acknowledgement is made with a client of our own, so the message is not
-    delivered again hours later.
+    AttributeError that ends the worker.  ferry never wants (1) on a lost
+    connection anyway: a late-acked phase still running here would be put back
+    in its queue and delivered again while it runs; its message stays in Redis
+    (as after a killed worker) and is acknowledged when the phase ends.  For (2)
+    the acknowledgement is made with a client of our own, so the message is not
+    delivered again hours later.  A graceful shutdown still restores as before.
     """
+    from celery.worker.consumer.consumer import Consumer
     from kombu.transport import redis as kombu_redis
 
+    plain_lost = Consumer.on_connection_error_after_connected
+
+    def on_connection_lost(self: Any, exc: Exception) -> None:
+        transport = getattr(self.connection, "transport", None)
+        for chan in list(getattr(transport, "channels", None) or ()):
+            chan.do_restore = False
+        plain_lost(self, exc)
+
     channel = kombu_redis.Channel
-    channel.do_restore = False
     plain_ack = channel.basic_ack
 
     def basic_ack(self: Any, delivery_tag: str, multiple: bool = False) -> None:
@@ -126,4 +134,6 @@ def survive_broker_restarts(settings: Settings) -> None:
             client.pipeline().zrem(self.unacked_index_key, delivery_tag) \
                 .hdel(self.unacked_key, delivery_tag).execute()
 
-    setattr(channel, "basic_ack", basic_ack)  # noqa: B010 (a method of kombu's class)
+    # methods of Celery's and kombu's classes, replaced in the worker process only
+    setattr(Consumer, "on_connection_error_after_connected", on_connection_lost)  # noqa: B010
+    setattr(channel, "basic_ack", basic_ack)  # noqa: B010

@@ -1,0 +1,64 @@
+"""Failpoints armed at run time, and the fault matrix's case list."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+
+from tests.e2e.faultcases import EXPECTED, At, Fault, Mode, Outcome, cases
+from workers import failpoints
+from workers.errors import QemuError
+
+
+@pytest.fixture(autouse=True)
+def _disarm() -> object:
+    yield
+    failpoints.configure("")
+
+
+def test_a_point_armed_by_a_file_raises_and_disarmed_does_nothing(tmp_path: Path) -> None:
+    failpoints.configure("", str(tmp_path))
+    asyncio.run(failpoints.hit("begin3.end"))  # not armed: returns at once
+
+    (tmp_path / "begin3.end").write_text("raise")
+    with pytest.raises(QemuError, match=r"failpoint begin3\.end"):
+        asyncio.run(failpoints.hit("begin3.end"))
+
+
+def test_a_paused_point_marks_the_hit_and_goes_on_once_released(tmp_path: Path) -> None:
+    failpoints.configure("", str(tmp_path))
+    (tmp_path / "finish3.start").write_text("pause")
+
+    async def scenario() -> bool:
+        phase = asyncio.create_task(failpoints.hit("finish3.start"))
+        while not (tmp_path / "finish3.start.hit").exists():
+            await asyncio.sleep(0.01)
+        held = not phase.done()
+        (tmp_path / "finish3.start").unlink()
+        await asyncio.wait_for(phase, 5)
+        return held
+
+    assert asyncio.run(scenario())
+
+
+def test_an_unknown_action_is_refused() -> None:
+    with pytest.raises(ValueError, match="action must be one of"):
+        failpoints.configure("begin3.end=explode")
+
+
+def test_the_matrix_has_every_cell_but_the_dest_qemu_before_it_exists() -> None:
+    all_cases = cases()
+    assert len(all_cases) == 2 * (len(Fault) * len(At) - 1)
+    assert not [c for c in all_cases if (c.fault, c.at) == (Fault.DST_QEMU, At.BEGIN)]
+    assert len({c.id for c in all_cases}) == len(all_cases)
+    assert all(len(row) == len(At) for row in EXPECTED.values())
+
+
+def test_p2p_differs_only_where_the_driving_task_dies_with_the_source_worker() -> None:
+    by_cell: dict[tuple[Fault, At], dict[Mode, Outcome]] = {}
+    for c in cases():
+        by_cell.setdefault((c.fault, c.at), {})[c.mode] = c.expected
+    differ = [cell for cell, modes in by_cell.items() if modes[Mode.MANAGED] != modes[Mode.P2P]]
+    assert differ == [(Fault.SRC_WORKER, At.PREPARE)]
