@@ -16,7 +16,8 @@ job's task ids, so the caller waiting on the job gets its result:
   Finish fence decides, as in a p2p source that gave up waiting;
 - dest in Prepare or Finish whose answer was lost with the worker, CPUs not
   started: the job fails from that phase on (the incoming QEMU goes, the
-  source resumes).
+  source resumes); CPUs started: the guest runs here, Finish's answer is
+  given and Confirm follows.
 
 A phase redelivered later finds the job ended and runs nothing.
 """
@@ -33,6 +34,7 @@ from config.celery_app import app, queue_for
 from workers.agent import HostAgent
 from workers.domobj import DomainObj
 from workers.errors import FerryError, HostUnavailableError, MigrationError
+from workers.migration.dest import complete_incoming
 from workers.migration.params import MigrationFlags
 from workers.migration.source import resume_perform
 from workers.migration.state import MigrationState, Phase
@@ -80,14 +82,20 @@ async def _interrupted(agent: HostAgent,
 
 async def _incoming_interrupted(agent: HostAgent,
                                 dom: DomainObj) -> tuple[MigrationState, list[str]] | None:
-    """A Prepare or Finish whose answer died with this (dest) worker, CPUs not started."""
+    """A Prepare or Finish whose answer died with this (dest) worker."""
     job = dom.job
-    if job is None or job.operation != "incoming_migration" or job.state is None or \
-            dom.state == DomainState.RUNNING:
+    if job is None or job.operation != "incoming_migration" or job.state is None:
         return None
     phase = _record_phase(agent, dom)
     if phase not in (Phase.PREPARE.value, Phase.FINISH3.value):
         return None
+    if dom.state == DomainState.RUNNING:
+        if phase != Phase.FINISH3.value:
+            return None
+        # Finish had started the CPUs: the guest runs here; answer for Finish.
+        st = complete_incoming(agent, dom, MigrationState.from_json(job.state))
+        app.backend.mark_as_done(f"{st.params.job_id}.finish3", st.to_json())
+        return st, [] if st.params.has(MigrationFlags.PEER2PEER) else ["confirm3"]
     err = MigrationError(f"the dest worker restarted during {phase}", phase, agent.host)
     st = MigrationState.from_json(job.state).with_error(err)
     start = "prepare3" if phase == Phase.PREPARE.value else "finish3"
@@ -112,7 +120,7 @@ def resume_interrupted(agent: HostAgent) -> list[str]:
         if rest == ["confirm3"]:
             threading.Thread(target=_confirm_after_finish, args=(agent, st), daemon=True,
                              name=f"ferry-resume-{st.params.job_id}").start()
-        else:
+        elif rest:
             _send_rest(st, rest)
         resumed.append(st.params.job_id)
         log.warning("job %s of %s: resumed with %s after a restart (%s)", st.params.job_id,

@@ -34,6 +34,7 @@ class At(enum.Enum):
     COPYING = "Perform (copying)"
     SWITCHED = "Perform (after switch-over)"
     FINISH = "Finish"
+    STARTED = "Finish (dest CPUs started)"
     CONFIRM = "Confirm"
 
 
@@ -58,21 +59,22 @@ POINTS: dict[At, tuple[str, str] | None] = {
     At.COPYING: None,
     At.SWITCHED: (SOURCE, "perform3.after_migrate"),
     At.FINISH: (DEST, "finish3.start"),
+    At.STARTED: (DEST, "finish3.after_cont"),
     At.CONFIRM: (SOURCE, "confirm3.start"),
 }
 
-S, D, LOST = Outcome.S, Outcome.D, Outcome.LOST
+S, D, P, LOST = Outcome.S, Outcome.D, Outcome.P, Outcome.LOST
 _PHASES = list(At)
 
 # The table, one row per fault, in the order of At.  Where ferry's
 # answer differs from libvirt's, NOTES says why.
 EXPECTED: dict[Fault, list[Outcome | None]] = {
-    Fault.SRC_WORKER: [S, D, S, D, D, D],
-    Fault.DST_WORKER: [D, S, D, D, S, D],
-    Fault.SRC_QEMU: [LOST, LOST, LOST, D, D, D],
-    Fault.DST_QEMU: [None, S, S, S, S, LOST],
-    Fault.REDIS: [D, D, D, D, D, D],
-    Fault.ABORT: [S, S, S, D, D, D],
+    Fault.SRC_WORKER: [S, D, S, D, D, D, D],
+    Fault.DST_WORKER: [D, S, D, D, S, D, D],
+    Fault.SRC_QEMU: [LOST, LOST, LOST, D, D, D, D],
+    Fault.DST_QEMU: [None, S, S, S, S, P, LOST],
+    Fault.REDIS: [D, D, D, D, D, D, D],
+    Fault.ABORT: [S, S, S, D, D, D, D],
 }
 
 # p2p runs Begin, Perform and Confirm in one task on the source, so a source
@@ -91,7 +93,11 @@ NOTES: dict[tuple[Fault, At], str] = {
         "back, so the migration goes on (D)",
     (Fault.DST_WORKER, At.FINISH):
         "killed before the dest CPUs started: the restarted dest worker discards the "
-        "incoming guest and the source resumes (S)",
+        "incoming guest and the source resumes (S); killed after: it answers for Finish "
+        "and Confirm follows (D)",
+    (Fault.DST_QEMU, At.STARTED):
+        "the dest ran the guest and may have written its disks, so the source is never "
+        "resumed: it stays paused and the error says why (P)",
     (Fault.DST_QEMU, At.BEGIN): "not meaningful: no dest QEMU exists during Begin",
     (Fault.DST_QEMU, At.CONFIRM):
         "the guest already runs on the dest and the job completed; Confirm removes the "
@@ -101,7 +107,8 @@ NOTES: dict[tuple[Fault, At], str] = {
         "the broker keeps its messages (append-only file), so every phase goes on (D; "
         "the issue's table has S for Begin and Prepare)",
     (Fault.ABORT, At.SWITCHED): "too late: QEMU completed, the migration goes on (D)",
-    (Fault.ABORT, At.FINISH): "refused: the switch-over happened",
+    (Fault.ABORT, At.FINISH): "refused: the switch-over happened (also once the dest "
+                              "CPUs started)",
     (Fault.ABORT, At.CONFIRM): "refused: the switch-over happened",
 }
 

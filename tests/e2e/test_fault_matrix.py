@@ -41,7 +41,7 @@ ERROR_NAMES = {  # what the job's error must say for each fault
     Fault.SRC_WORKER: r"restart|interrupted",
     Fault.DST_WORKER: r"restart|interrupted",
     Fault.SRC_QEMU: r"QEMU of .* exited",
-    Fault.DST_QEMU: r"incoming QEMU exited|connection refused|broken pipe",
+    Fault.DST_QEMU: r"incoming QEMU exited|connection refused|broken pipe",  # QEMU's words
     Fault.REDIS: r"broker|redis|connection",
     Fault.ABORT: r"abort|cancel",
 }
@@ -338,5 +338,5 @@ def _check(fs: FaultStack, run: Run, outcome: Outcome | str, sampler: Sampler) -
     if outcome == Outcome.P:
         info = fs.client.call(SRC, "dominfo", domain=run.name)
         assert (info["state"], info["reason"]) == ("paused", "migration")
-    if case.fault == Fault.ABORT and case.at in (At.FINISH, At.CONFIRM):
+    if case.fault == Fault.ABORT and case.at in (At.FINISH, At.STARTED, At.CONFIRM):
         assert "refused" in (run.reply or {}), f"a late abort was not refused: {run.reply}"

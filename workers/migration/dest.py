@@ -231,10 +231,24 @@ async def _finish(agent: HostAgent, dom: DomainObj, st: MigrationState,
     except BaseException:
         await _discard(agent, dom)
         raise
+    if not dom.active and not p.has(F.OFFLINE):
+        # It may have run here and written to its disks: the source must not resume.
+        await _discard(agent, dom)
+        err = MigrationError(f"the incoming QEMU exited ({dom.reason.value}) after its CPUs "
+                             "started: the source stays paused, the guest may have run here",
+                             "finish3", agent.host)
+        return replace(st, outcome_unknown=True).with_error(err)
+    return complete_incoming(agent, dom, st)
+
+
+def complete_incoming(agent: HostAgent, dom: DomainObj, st: MigrationState) -> MigrationState:
+    """The dest's part of the job is over, the guest is here: Finish's answer."""
     info = dom.info(agent.host)
     _complete(agent, dom, st)
     dom.job = None
     agent.release_ports(dom)
+    if dom.active:
+        agent.save_status(dom)  # no job left in the status file
     return replace(st, result=info)
 
 
@@ -263,6 +277,7 @@ async def _finish_ok(agent: HostAgent, dom: DomainObj, st: MigrationState,
         await run_cpus(agent, dom, RunningReason.MIGRATED)  # takes the leases first
     else:
         agent.set_state(dom, DomainState.PAUSED, PausedReason.USER)
+    await failpoints.hit("finish3.after_cont")
     return st
 
 
