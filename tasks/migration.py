@@ -128,7 +128,8 @@ def wait_turn(task: Any, lines: tuple[Line, ...], params: dict[str, Any],
             give_back(lines, params)
             agent.jobs.clear_queued(uuid, job_id)
             return False
-        _show_queued(agent, params, xml, line, place)
+        if uuid is not None:
+            _show_queued(agent, params, uuid, line, place)
         raise task.retry(countdown=RETRY_S)  # the task allows unlimited retries
     if task.request.retries:  # it waited: it is no longer queued
         uuid = _domain_uuid(agent, params, xml)
@@ -143,13 +144,11 @@ async def aborted_in_line(agent: HostAgent, st: MigrationState) -> MigrationStat
                          "waited in line")
 
 
-def _show_queued(agent: HostAgent, params: dict[str, Any], xml: str | None, line: Line,
+def _show_queued(agent: HostAgent, params: dict[str, Any], uuid: str, line: Line,
                  place: int) -> None:
-    uuid = _domain_uuid(agent, params, xml)
-    if uuid is not None:
-        agent.jobs.set_queued(uuid, {"id": params["job_id"], "line": line.value,
-                                     "place": place, "source": params["source"],
-                                     "dest": params["dest"]})
+    agent.jobs.set_queued(uuid, {"id": params["job_id"], "line": line.value,
+                                 "place": place, "source": params["source"],
+                                 "dest": params["dest"]})
 
 
 def _domain_uuid(agent: HostAgent, params: dict[str, Any], xml: str | None) -> str | None:
