@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -70,6 +71,13 @@ class DomainObj:
     @property
     def active(self) -> bool:
         return self.proc is not None
+
+    async def gone_within(self, grace: float = 2.0) -> bool:
+        """After a monitor error: whether QEMU is gone (its exit may be a moment behind
+        the closed monitor, so a dead QEMU is reported as such, not as a QMP error)."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.exited.wait(), grace)
+        return not self.active
 
     @property
     def persistent(self) -> bool:

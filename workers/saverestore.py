@@ -103,13 +103,6 @@ async def _end_job(agent: HostAgent, dom: DomainObj, uuid: str, job: ActiveJob,
     agent.jobs.end(uuid, job.id)
 
 
-async def _exited(dom: DomainObj, grace: float = 2.0) -> bool:
-    """After a monitor error: whether QEMU is gone (its exit may be a moment behind)."""
-    with contextlib.suppress(TimeoutError):
-        await asyncio.wait_for(dom.exited.wait(), grace)
-    return not dom.active
-
-
 def _aborted(what: str) -> MigrationError:
     return MigrationError(f"operation aborted: {what} job canceled by client")
 
@@ -420,7 +413,7 @@ class _RestoreRun:
                 status = (await mon.execute("query-migrate", timeout=LOAD_QUERY_TIMEOUT_S)
                           ).get("status")
             except QemuError:
-                if await _exited(dom):
+                if await dom.gone_within():
                     continue  # the top of the loop says so, with QEMU's last words
                 raise
             self._progress()
@@ -539,7 +532,7 @@ class _DumpRun:
             try:
                 info = await mon.execute("query-dump")
             except QemuError:
-                if await _exited(dom):
+                if await dom.gone_within():
                     continue
                 raise
             total, done = int(info.get("total") or 0), int(info.get("completed") or 0)

@@ -301,7 +301,13 @@ async def _wait_incoming(agent: HostAgent, dom: DomainObj) -> None:
         if not dom.active:
             raise MigrationError("the incoming QEMU exited before the migration completed")
         dom.wakeup.clear()
-        status = (await mon.execute("query-migrate")).get("status", "none")
+        try:
+            status = (await mon.execute("query-migrate")).get("status", "none")
+        except QemuError:
+            if await dom.gone_within():
+                raise MigrationError("the incoming QEMU exited before the migration "
+                                     "completed") from None
+            raise
         if status == "completed":
             return
         if status in ("failed", "cancelled"):

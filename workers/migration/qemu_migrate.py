@@ -82,7 +82,7 @@ async def wait(dom: DomainObj, mon: Monitor, *, started_ms: int,
         try:
             info = await mon.execute("query-migrate")
         except QemuError:
-            if not dom.active:
+            if await dom.gone_within():
                 raise MigrationError(f"QEMU of '{dom.name}' exited during migration") from None
             raise
         status = info.get("status", "none")
