@@ -184,10 +184,16 @@ def begin3(self: Any, params: dict[str, Any]) -> dict[str, Any]:
 @app.task(name="ferry.prepare3", bind=True, max_retries=None)
 @checked
 def prepare3(self: Any, state: dict[str, Any]) -> dict[str, Any]:
+    return _prepare(self, state, v3=True)
+
+
+def _prepare(task: Any, state: dict[str, Any], *, v3: bool) -> dict[str, Any]:
+    """Prepare (v2 or v3) once the dest has an incoming slot for the job."""
     _valid(state)
-    if not wait_turn(self, INCOMING, state["params"], state.get("xml")):
-        return run_phase(aborted_in_line, Phase.PREPARE, state).to_json()
-    return run_phase(lambda a, s: dest.prepare(a, s, v3=True), Phase.PREPARE, state).to_json()
+    fn: PhaseFn = aborted_in_line
+    if wait_turn(task, INCOMING, state["params"], state.get("xml")):
+        fn = lambda a, s: dest.prepare(a, s, v3=v3)  # noqa: E731
+    return run_phase(fn, Phase.PREPARE, state).to_json()
 
 
 def _reporter(task: Any) -> Callable[[dict[str, Any]], None]:
@@ -232,10 +238,7 @@ def confirm3(state: dict[str, Any]) -> dict[str, Any]:
 @app.task(name="ferry.prepare2", bind=True, max_retries=None)
 @checked
 def prepare2(self: Any, state: dict[str, Any]) -> dict[str, Any]:
-    _valid(state)
-    if not wait_turn(self, INCOMING, state["params"], state.get("xml")):
-        return run_phase(aborted_in_line, Phase.PREPARE, state).to_json()
-    return run_phase(lambda a, s: dest.prepare(a, s, v3=False), Phase.PREPARE, state).to_json()
+    return _prepare(self, state, v3=False)
 
 
 @app.task(name="ferry.perform2", bind=True, max_retries=None)
