@@ -231,7 +231,7 @@ async def _finish(agent: HostAgent, dom: DomainObj, st: MigrationState,
     except BaseException:
         await _discard(agent, dom)
         raise
-    if not dom.active and not p.has(F.OFFLINE):
+    if not p.has(F.OFFLINE) and not await _still_alive(dom):
         # It may have run here and written to its disks: the source must not resume.
         await _discard(agent, dom)
         err = MigrationError(f"the incoming QEMU exited ({dom.reason.value}) after its CPUs "
@@ -239,6 +239,18 @@ async def _finish(agent: HostAgent, dom: DomainObj, st: MigrationState,
                              "finish3", agent.host)
         return replace(st, outcome_unknown=True).with_error(err)
     return complete_incoming(agent, dom, st)
+
+
+async def _still_alive(dom: DomainObj) -> bool:
+    """A QMP round trip, so a QEMU killed a moment ago is not taken for alive while its
+    exit is still on its way to the agent (Confirm would then kill the source)."""
+    if not dom.active or dom.monitor is None:
+        return False
+    try:
+        await dom.monitor.execute("query-status", timeout=5)
+    except QemuError:
+        return not await dom.gone_within()
+    return True
 
 
 def complete_incoming(agent: HostAgent, dom: DomainObj, st: MigrationState) -> MigrationState:
