@@ -11,7 +11,7 @@ import argparse
 import logging
 import sys
 
-from config.celery_app import configure, queue_for, survive_broker_restarts
+from config.celery_app import configure, queue_for, reuse_publish_clients, survive_broker_restarts
 from config.settings import Settings, load
 from tasks.recovery import resume_interrupted
 from workers import failpoints
@@ -39,6 +39,7 @@ def run_worker(args: argparse.Namespace) -> int:
     setup_logging(settings)
     app = configure(settings)
     survive_broker_restarts(settings)
+    reuse_publish_clients()
     failpoints.configure(settings.failpoints, settings.failpoint_dir)
     agent = HostAgent(settings)
     agent.start()

@@ -92,6 +92,8 @@ class JobStore:
         self._start_script = client.register_script(self._START)
         self._set_mine_script = client.register_script(self._SET_MINE)
         self._end_script = client.register_script(self._END)
+        self._claim_script = client.register_script(self._CLAIM)
+        self._aborted_script = client.register_script(self._ABORTED)
 
     # One round trip each (the worker's job bookkeeping sits on every phase's path):
     # the id check and the write happen in Redis, atomically.
@@ -161,10 +163,15 @@ class JobStore:
         return True
 
     def abort_requested(self, uuid: str, job_id: str) -> bool:
-        rec = self.redis.hmget(job_key(uuid), ["id", "abort"])
-        if rec[0] is not None and _text(rec[0]) == job_id and rec[1] == b"1":
-            return True
-        return bool(self.redis.exists(queued_abort_key(job_id)))
+        return bool(self._aborted_script(keys=[job_key(uuid), queued_abort_key(job_id)],
+                                         args=[job_id]))
+
+    # Asked at every phase boundary: the record's abort mark, or one left while queued.
+    _ABORTED = """
+    local rec = redis.call('HMGET', KEYS[1], 'id', 'abort')
+    if rec[1] == ARGV[1] and rec[2] == '1' then return 1 end
+    return redis.call('EXISTS', KEYS[2])
+    """
 
     _CLAIM = """
     if redis.call('HGET', KEYS[1], 'id') ~= ARGV[1] then return 'none' end
@@ -175,7 +182,7 @@ class JobStore:
     def claim_finish(self, uuid: str, job_id: str, who: str) -> str:
         """Fence for Finish: the first of 'dest' (about to start the CPUs) and 'source'
         (gave up waiting) wins; 'none' when the job is gone.  Atomic in Redis."""
-        winner = self.redis.eval(self._CLAIM, 1, job_key(uuid), job_id, who)
+        winner = self._claim_script(keys=[job_key(uuid)], args=[job_id, who])
         return _text(winner)
 
     def set_error(self, uuid: str, job_id: str, error: dict[str, Any]) -> None:

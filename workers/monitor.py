@@ -36,12 +36,27 @@ class _Dispatch(EventListener):
         self._callback(str(event["event"]), dict(data) if isinstance(data, dict) else {})
 
 
+class _QuietClient(QMPClient):
+    """qemu.qmp renders every message to text for its debug log (`str(msg)`, ~20 µs of
+    JSON each) before the logger decides to drop it; render only when it is kept."""
+
+    def _cb_outbound(self, msg: Message) -> Message:
+        if self.logger.isEnabledFor(logging.DEBUG):
+            self.logger.debug("--> %s", msg)
+        return msg
+
+    def _cb_inbound(self, msg: Message) -> Message:
+        if self.logger.isEnabledFor(logging.DEBUG):
+            self.logger.debug("<-- %s", msg)
+        return msg
+
+
 class Monitor:
     """One QMP connection with logged commands and an event callback."""
 
     def __init__(self, name: str, on_event: EventCallback) -> None:
         self.name = name
-        self._client = QMPClient(name)
+        self._client = _QuietClient(name)
         self._client.register_listener(_Dispatch(on_event))
 
     async def connect(self, address: str | socket.socket, timeout: float) -> None:

@@ -39,6 +39,30 @@ def _key(host: str, direction: str) -> str:
 
 
 class Slots:
+    """One round trip per line: joining, pruning leftovers and reading the line happen
+    in one script, atomically (two jobs joining at once keep one order)."""
+
+    _JOIN = """
+    local entries = redis.call('LRANGE', KEYS[1], 0, -1)
+    local mine = false
+    for _, e in ipairs(entries) do
+        local id, since = string.match(e, '^([^|]*)|?(.*)$')
+        if id == ARGV[1] then mine = true end
+        local age = tonumber(ARGV[2]) - (tonumber(since) or tonumber(ARGV[2]))
+        if age > tonumber(ARGV[3]) then redis.call('LREM', KEYS[1], 0, e) end
+    end
+    if not mine then redis.call('RPUSH', KEYS[1], ARGV[1] .. '|' .. ARGV[2]) end
+    return redis.call('LRANGE', KEYS[1], 0, -1)
+    """
+
+    _LEAVE = """
+    local n = 0
+    for _, e in ipairs(redis.call('LRANGE', KEYS[1], 0, -1)) do
+        if string.match(e, '^([^|]*)') == ARGV[1] then n = n + redis.call('LREM', KEYS[1], 0, e) end
+    end
+    return n
+    """
+
     def __init__(self, client: redis.Redis, host: str) -> None:
         self.redis = client
         self.host = host
@@ -49,32 +73,17 @@ class Slots:
 
     def place(self, direction: str, job_id: str, limit: int) -> int:
         """Join the line (once); 0 if this job may go on now, else its place among
-        those waiting (1: next to go)."""
-        key = _key(self.host, direction)
-        entries = [e.decode() if isinstance(e, bytes) else str(e)
-                   for e in self.redis.lrange(key, 0, -1)]
-        mine = [e for e in entries if e.split("|", 1)[0] == job_id]
-        if not mine:
-            self.redis.rpush(key, f"{job_id}|{time.time():.0f}")
-            entries = [e.decode() if isinstance(e, bytes) else str(e)
-                       for e in self.redis.lrange(key, 0, -1)]
-        self._prune(key, entries)
-        ids = [e.split("|", 1)[0] for e in entries]
+        those waiting (1: next to go).  Entries older than STALE_S are leftovers of
+        lost tasks and leave the line."""
+        entries = self.redis.register_script(self._JOIN)(
+            keys=[_key(self.host, direction)], args=[job_id, f"{time.time():.0f}", STALE_S])
+        ids = [(e.decode() if isinstance(e, bytes) else str(e)).split("|", 1)[0]
+               for e in entries]
         return waiting_place(ids, job_id, limit)
 
-    def _prune(self, key: str, entries: list[str]) -> None:
-        now = time.time()
-        for entry in entries:
-            _, _, since = entry.partition("|")
-            if since and now - float(since) > STALE_S:
-                self.redis.lrem(key, 0, entry)
-
     def give_back(self, direction: str, job_id: str) -> None:
-        key = _key(self.host, direction)
-        for entry in self.redis.lrange(key, 0, -1):
-            text = entry.decode() if isinstance(entry, bytes) else str(entry)
-            if text.split("|", 1)[0] == job_id:
-                self.redis.lrem(key, 0, text)
+        self.redis.register_script(self._LEAVE)(keys=[_key(self.host, direction)],
+                                                args=[job_id])
 
 
 def waiting_place(ids: list[str], job_id: str, limit: int) -> int:

@@ -53,6 +53,7 @@ def median(values: Iterable[float | int | None]) -> float | None:
 def summarize(ferry: Sequence[FerrySample], floor: Sequence[FloorSample]) -> dict[str, Any]:
     f_wall = median(s.wall_ms for s in ferry)
     b_wall = median(s.wall_ms for s in floor)
+    q_wall = median(s.quit_ms for s in floor)
     names: list[str] = []
     for s in ferry:
         names += [p["phase"] for p in s.phases if p["phase"] not in names]
@@ -74,6 +75,10 @@ def summarize(ferry: Sequence[FerrySample], floor: Sequence[FloorSample]) -> dic
         "ferry_qemu_time_elapsed_ms": median(s.time_elapsed_ms for s in ferry),
         "floor_qemu_total_time_ms": median(s.total_time_ms for s in floor),
         "floor_until_source_quit_ms": median(s.quit_ms for s in floor),
+        # ferry's wall includes Confirm, which ends the source QEMU: the floor's own
+        # migration including that quit is the same work.
+        "overhead_vs_quit_ms": f_wall - q_wall if f_wall is not None and q_wall else None,
+        "ratio_vs_quit": f_wall / q_wall if f_wall and q_wall else None,
         "ferry_outside_qemu_ms": f_rest,
         "floor_outside_qemu_ms": b_rest,
         "overhead_outside_qemu_ms": f_rest - b_rest
@@ -100,6 +105,10 @@ def _ms(v: float | None) -> str:
     return "n/a" if v is None else f"{v:.0f}"
 
 
+def _x(v: float | None) -> str:
+    return "n/a" if v is None else f"{v:.2f}x"
+
+
 def markdown(result: dict[str, Any]) -> str:
     m, opts = result["machine"], result["args"]
     interleave = ("ferry, floor, floor, ferry, ferry, floor, … (abba)"
@@ -120,14 +129,17 @@ def markdown(result: dict[str, Any]) -> str:
         f"sampling), samples interleaved {interleave} and each sample migrates back the way the "
         "previous one came. ferry: `Client.migrate(live=True).wait()` (managed "
         "v3, bandwidth unlimited), wall time in the caller. floor: the same QEMU argv driven by "
-        "hand over QMP, from starting the incoming QEMU to `cont` on the dest. Downtime is "
+        "hand over QMP, from starting the incoming QEMU to `cont` on the dest (\"floor\"), "
+        "and on until the source QEMU has quit (\"floor with source quit\": the same work as "
+        "ferry's, whose Confirm ends the source QEMU before `wait()` returns). Downtime is "
         "QEMU's `downtime` (ms). The floor sets the same QEMU parameters ferry sets (events, "
         "max-bandwidth 2^40 B/s, and ferry's initial downtime-limit unless said otherwise "
         "below). Warm-up pairs are listed but not in the medians.",
         "",
         "| case | runs | ferry wall ms | floor wall ms | ferry/floor | overhead ms "
+        "| floor with source quit ms | ferry/floor with quit | overhead ms "
         "| ferry downtime ms | floor downtime ms |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for c in result["cases"]:
         s = c["summary"]
@@ -135,7 +147,9 @@ def markdown(result: dict[str, Any]) -> str:
         out.append(
             f"| {c['case']}, {c['memory_mib']} MiB ({c['random_mib']} MiB random) | {s['runs']} "
             f"| {_ms(s['ferry_wall_ms'])} | {_ms(s['floor_wall_ms'])} | {ratio} "
-            f"| {_ms(s['overhead_ms'])} | {_ms(s['ferry_downtime_ms'])} "
+            f"| {_ms(s['overhead_ms'])} | {_ms(s.get('floor_until_source_quit_ms'))} "
+            f"| {_x(s.get('ratio_vs_quit'))} | {_ms(s.get('overhead_vs_quit_ms'))} "
+            f"| {_ms(s['ferry_downtime_ms'])} "
             f"| {_ms(s['floor_downtime_ms'])} |")
     out += ["", "QEMU's transfer time varies a lot from sample to sample on this machine (see "
             "below), so the same medians without it: wall minus QEMU's migration time (ferry: "
