@@ -4,7 +4,9 @@ A small TCG guest (no random memory: QEMU's transfer is short, so ferry's
 share stands out) moved to and fro on a local ferry.  Per migration: the
 wall time in the caller, QEMU's own time (the statistics' time_elapsed),
 ferry's phases, the time outside them (Celery hand-offs, the client), and
-the CPU seconds the two workers and Redis spent (from /proc).  With
+the CPU seconds the two workers and Redis spent (from /proc), and after each
+migration `celery_chain`: five near-empty tasks chained over the same hosts
+the way the migration's five phases are, i.e. what Celery alone costs.  With
 `--log-level DEBUG --keep` the worker logs hold a timeline of every QMP
 command and Redis-backed step (scripts/bench/PROFILE.md reads one).
 """
@@ -22,14 +24,18 @@ import time
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import redis
+from celery import chain
 
+from config.celery_app import queue_for
 from scripts.bench.migration import FerryGuest, start_stack
 from scripts.bench.tunnel_micro import _proc_cpu_s
 from scripts.guestimage import build_image
 from scripts.guestxml import guest_xml
 from scripts.stack import Stack
+from tasks.client import Client
 
 
 class _Monitor(threading.Thread):
@@ -69,6 +75,19 @@ def _commands(r: redis.Redis) -> Counter[str]:
     return Counter({k.removeprefix("cmdstat_"): int(v["calls"]) for k, v in stats.items()})
 
 
+def celery_chain_ms(client: Client, hosts: Sequence[str], payload: dict[str, Any]) -> float:
+    """Celery's own floor for the migration's chain: five tasks that do next to nothing
+    (`ferry.hosts`: one Redis read), routed like begin3 → prepare3 → perform3 → finish3 →
+    confirm3 and carrying 4 KiB in their headers, about a migration state's size, with the
+    same settings (late ack, STARTED, events, extended results)."""
+    sigs = [client.app.signature("ferry.hosts", queue=queue_for(h), immutable=True,
+                                 headers={"ferry_bench_payload": payload})
+            for h in (hosts[0], hosts[1], hosts[0], hosts[1], hosts[0])]
+    t0 = time.perf_counter()
+    chain(*sigs).apply_async().get(timeout=30)
+    return (time.perf_counter() - t0) * 1000
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m scripts.bench.profile", description=__doc__)
     p.add_argument("--runs", type=int, default=20, help="migrations counted (default 20)")
@@ -105,12 +124,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             if args.commands and i == args.warmup:
                 print("redis commands of one migration: " + ", ".join(
                     f"{k} {v}" for k, v in cmds.most_common()), file=sys.stderr)
+            chain_ms = celery_chain_ms(client, s.direction.split("->"), {"state": "x" * 4096})
             phases = {ph["phase"]: ph["elapsed_ms"] for ph in s.phases}
             row = {"wall": s.wall_ms, "qemu": float(s.time_elapsed_ms or 0),
                    "outside_qemu": s.wall_ms - (s.time_elapsed_ms or 0),
                    **phases, "outside_phases": s.wall_ms - sum(phases.values()),
                    **{f"cpu_{k}": v * 1000 for k, v in cpu.items()},
-                   "redis_cmds": float(sum(cmds.values()) - 2)}  # less the 2 INFO
+                   "redis_cmds": float(sum(cmds.values()) - 2),  # less the 2 INFO
+                   "celery_chain": chain_ms}
             print(f"{'warm-up' if i < args.warmup else i - args.warmup + 1} {s.direction}: "
                   + " ".join(f"{k}={v:.0f}" for k, v in row.items()), file=sys.stderr)
             if i >= args.warmup:
