@@ -3,16 +3,23 @@
 Shared by the scale test (tests/e2e/test_fleet_scale.py) and the scale bench
 (scripts/bench/scale.py).  A round sends every move at once and notes when
 each ends (its result appears in the backend); the `RunWatch` asks every host
-in turn which guests run there, all through the round, and `double_runs`
+in turn which guests run there, all through the round (the `FileWatch` reads
+their status files instead, at no cost to the workers), and `double_runs`
 says which guest was ever seen running on two hosts.
 """
 
 from __future__ import annotations
 
+import json
+import os
+import re
 import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
+
+from celery.states import READY_STATES
 
 from config.settings import Settings
 from tasks.client import Client
@@ -27,6 +34,7 @@ class Outcome:
     dest: str
     seconds: float
     error: str | None = None
+    phases: dict[str, float] | None = None  # ms per phase, from the summary
 
 
 @dataclass
@@ -39,6 +47,19 @@ class Round:
         return [o for o in self.outcomes if o.error is not None]
 
 
+def _ready(client: Client, jobs: list[Any], pending: list[int]) -> set[int]:
+    """Which of the pending jobs have their result in the backend: one MGET for all
+    (asking each in turn every 20 ms was hundreds of round trips a second at N = 16,
+    CPU taken from the workers being measured)."""
+    backend = client.app.backend
+    keys = [backend.get_key_for_task(jobs[i][2].result.id) for i in pending]
+    ready = set()
+    for i, raw in zip(pending, backend.client.mget(keys), strict=True):
+        if raw is not None and json.loads(raw).get("status") in READY_STATES:
+            ready.add(i)
+    return ready
+
+
 def move_all(client: Client, moves: list[Move], timeout: float = 600, **options: Any) -> Round:
     """Every move at once (managed live migrations); each one's time from its send to
     its result, and the round's from the first send to the last result."""
@@ -48,15 +69,17 @@ def move_all(client: Client, moves: list[Move], timeout: float = 600, **options:
     ended: dict[int, Outcome] = {}
     deadline = t0 + timeout
     while len(ended) < len(jobs):
+        ready = _ready(client, jobs, [i for i in range(len(jobs)) if i not in ended])
         for i, ((name, src, dst), sent, job) in enumerate(jobs):
-            if i in ended or not job.result.ready():
+            if i not in ready:
                 continue
-            error = None
+            error, phases = None, None
             try:
-                job.wait(timeout=10)
+                summary = job.wait(timeout=10)
+                phases = {p["phase"]: p["elapsed_ms"] for p in summary.get("phases", [])}
             except Exception as exc:
                 error = str(exc) or type(exc).__name__
-            ended[i] = Outcome(name, src, dst, time.monotonic() - sent, error)
+            ended[i] = Outcome(name, src, dst, time.monotonic() - sent, error, phases)
         if time.monotonic() > deadline:
             for i, ((name, src, dst), sent, _) in enumerate(jobs):
                 ended.setdefault(i, Outcome(name, src, dst, time.monotonic() - sent,
@@ -101,6 +124,55 @@ class RunWatch(threading.Thread):
         self.halt.set()
         self.join(timeout=30)
         return list(self.sightings)
+
+
+class FileWatch(threading.Thread):
+    """Reads every host's status files in turn, until stopped: which guests run where,
+    at no cost to the workers (hosts on this machine only; the bench uses it, so the
+    watch does not take CPU from the migrations it measures).  A status file names
+    the state and the QEMU pid at its start (`<domstatus state= reason= pid=>`)."""
+
+    HEAD = re.compile(rb'<domstatus state="([a-z]+)" reason="[^"]*" pid="([0-9]+)"')
+
+    def __init__(self, run_dirs: dict[str, Path], pause_s: float = 0.02) -> None:
+        super().__init__(daemon=True)
+        self.run_dirs, self.pause_s = run_dirs, pause_s
+        self.sightings: list[Sighting] = []
+        self.halt = threading.Event()
+
+    def running(self, run_dir: Path) -> frozenset[str]:
+        names = []
+        for path in run_dir.glob("*.xml"):
+            try:
+                with path.open("rb") as f:
+                    head = self.HEAD.match(f.read(200))
+            except OSError:
+                continue
+            if head and head.group(1) == b"running" and _alive(int(head.group(2))):
+                names.append(path.stem)
+        return frozenset(names)
+
+    def run(self) -> None:
+        while not self.halt.wait(self.pause_s):
+            for host, run_dir in self.run_dirs.items():
+                sent = time.monotonic()
+                running = self.running(run_dir)
+                self.sightings.append(Sighting(sent, time.monotonic(), host, running))
+
+    def stop(self) -> list[Sighting]:
+        self.halt.set()
+        self.join(timeout=30)
+        return list(self.sightings)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def double_runs(sightings: list[Sighting], moves: list[Move]) -> list[str]:

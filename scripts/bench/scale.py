@@ -30,7 +30,7 @@ from typing import Any
 from scripts.bench.cpu import CpuSampler
 from scripts.bench.floor import FloorGuest
 from scripts.fleet import Fleet
-from scripts.fleet_scale import Move, RunWatch, double_runs, move_all
+from scripts.fleet_scale import FileWatch, Move, double_runs, move_all
 from scripts.guestimage import build_image, serial_counters
 from scripts.guestxml import guest_xml
 from scripts.stack import wait_for
@@ -40,7 +40,8 @@ CASE = "scale"
 HOSTS = ["h1", "h2", "h3", "h4"]
 COUNTS = (1, 2, 4, 8, 16)
 MEMORY_MIB = 32
-WATCH_PAUSE_S = 0.2  # the no-double-run watch costs the workers little CPU beside the floor
+PHASES = ("begin3", "prepare", "perform3", "finish3", "confirm3")
+WATCH_PAUSE_S = 0.02  # the no-double-run watch reads status files: no worker CPU
 
 
 def _log(text: str) -> None:
@@ -113,7 +114,8 @@ class ScaleRun:
         out: dict[str, Any] = {}
         back = [(name, dst, src) for name, src, dst in moves]
         for label, ms in (("there", moves), ("back", back)):
-            watch = RunWatch(self.client.settings, HOSTS, pause_s=WATCH_PAUSE_S)
+            watch = FileWatch({h: self.fleet.root / h / "run" for h in HOSTS},
+                              pause_s=WATCH_PAUSE_S)
             watch.start()
             try:
                 rnd = move_all(self.client, ms, timeout=600)
@@ -121,6 +123,7 @@ class ScaleRun:
                 sightings = watch.stop()
             out[label] = {"total_ms": round(rnd.wall_s * 1000, 1),
                           "each_ms": [round(o.seconds * 1000, 1) for o in rnd.outcomes],
+                          "phases_ms": [o.phases for o in rnd.outcomes],
                           "failures": [o.error for o in rnd.failures],
                           "double_runs": double_runs(sightings, ms),
                           "watch_samples": len(sightings)}
@@ -184,6 +187,17 @@ def run_count(run: ScaleRun, n: int, runs: int, pids: dict[int, str]) -> dict[st
     return summarize(n, ferry_runs, floor_runs, cpu, pids)
 
 
+def _phase_medians(runs: list[dict[str, Any]]) -> dict[str, float | None]:
+    """Per-phase medians over every ferry migration of one N (ms)."""
+    seen: dict[str, list[float]] = {}
+    for r in runs:
+        for d in ("there", "back"):
+            for phases in r[d].get("phases_ms", []):
+                for name, ms in (phases or {}).items():
+                    seen.setdefault(name, []).append(ms)
+    return {name: _median(values) for name, values in seen.items()}
+
+
 def summarize(n: int, ferry_runs: list[dict[str, Any]], floor_runs: list[dict[str, Any]],
               cpu: dict[str, float], pids: dict[int, str]) -> dict[str, Any]:
     def figures(runs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -202,6 +216,7 @@ def summarize(n: int, ferry_runs: list[dict[str, Any]], floor_runs: list[dict[st
     redis_pid = next(p for p, label in pids.items() if label == "redis")
     return {
         "guests": n, "ferry": ferry, "floor": floor, "total_ratio": ratio,
+        "ferry_phase_ms": _phase_medians(ferry_runs),
         "each_ratio": (round(ferry["each_median_ms"] / floor["each_median_ms"], 2)
                        if ferry["each_median_ms"] and floor["each_median_ms"] else None),
         "double_runs": doubles,
@@ -262,8 +277,10 @@ def markdown(result: dict[str, Any]) -> str:
         "directions of every run; per-migration time from its send to its result (ferry: "
         "after Confirm removed the source) or from starting the incoming QEMU to the source "
         "QEMU's exit (floor). CPU: seconds over all ferry runs "
-        "of one N; RSS: peak (VmHWM) after them. During ferry runs a watch asks every host "
-        f"which guests run (every {WATCH_PAUSE_S} s) and checks no guest ran on two hosts.",
+        "of one N; RSS: peak (VmHWM) after them. During ferry runs a watch reads every "
+        f"host's status files (every {WATCH_PAUSE_S} s: which guests run, by state and live "
+        "QEMU pid) and checks no guest ran on two hosts; the caller learns of all results "
+        "with one MGET every 20 ms.",
         "",
         "| N | ferry total ms | floor total ms | ratio | ferry each median / max ms "
         "| floor each median / max ms | ratio | failures ferry / floor | guests seen twice "
@@ -280,4 +297,10 @@ def markdown(result: dict[str, Any]) -> str:
             f"{fl['failures']}/{fl['migrations']} | {len(x['double_runs'])} "
             f"| {x['cpu_s']['workers']} | {x['cpu_s']['redis']} "
             f"| {x['peak_rss_mib']['workers max']} | {x['peak_rss_mib']['redis']} |")
+    out += ["", "ferry's per-phase medians (ms) at each N:", "",
+            "| N | " + " | ".join(PHASES) + " |", "| ---: |" + " ---: |" * len(PHASES)]
+    for x in c["counts"]:
+        ph = x.get("ferry_phase_ms") or {}
+        out.append(f"| {x['guests']} | " + " | ".join(
+            "n/a" if ph.get(p) is None else f"{ph[p]:.0f}" for p in PHASES) + " |")
     return "\n".join(out) + "\n"
