@@ -41,6 +41,7 @@ class Outcome:
 class Round:
     wall_s: float
     outcomes: list[Outcome]
+    send_s: float = 0.0  # from the first send to the last (the caller sends one by one)
 
     @property
     def failures(self) -> list[Outcome]:
@@ -86,7 +87,8 @@ def move_all(client: Client, moves: list[Move], timeout: float = 600, **options:
                                             f"did not end within {timeout:.0f}s"))
             break
         time.sleep(0.02)
-    return Round(time.monotonic() - t0, [ended[i] for i in range(len(jobs))])
+    return Round(time.monotonic() - t0, [ended[i] for i in range(len(jobs))],
+                 jobs[-1][1] - t0 if jobs else 0.0)
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ and to 3 GiB.  Serial output, CRLF-terminated::
 R is the top of the usable RAM below 3 GiB in MiB; D is the dirty region after
 clamping.  Dirtying writes a running count to the first word of each page in
 turn; time comes from polling the PIT, and an idle guest halts between RTC
-ticks (1024 Hz) instead of spinning.  The assembled blob is cached per process;
+ticks (64 Hz) instead of spinning.  The assembled blob is cached per process;
 parameters are patched into its parameter block, so one assembly serves every
 parameter set.  Under a KVM that emulates non-paged guest code (PVM does) the
 guest runs at ~1 MIPS: boot takes seconds and large random fills take minutes.

@@ -122,6 +122,7 @@ class ScaleRun:
             finally:
                 sightings = watch.stop()
             out[label] = {"total_ms": round(rnd.wall_s * 1000, 1),
+                          "send_ms": round(rnd.send_s * 1000, 1),
                           "each_ms": [round(o.seconds * 1000, 1) for o in rnd.outcomes],
                           "phases_ms": [o.phases for o in rnd.outcomes],
                           "failures": [o.error for o in rnd.failures],
@@ -205,6 +206,7 @@ def summarize(n: int, ferry_runs: list[dict[str, Any]], floor_runs: list[dict[st
         each = [ms for rd in rounds for ms in rd["each_ms"]]
         return {"total_ms": _median([rd["total_ms"] for rd in rounds]),
                 "each_median_ms": _median(each), "each_max_ms": max(each) if each else None,
+                "send_ms": _median([rd["send_ms"] for rd in rounds if "send_ms" in rd]),
                 "failures": sum(len(rd["failures"]) for rd in rounds),
                 "migrations": sum(len(rd["each_ms"]) + len(rd["failures"]) for rd in rounds)}
 
@@ -297,10 +299,13 @@ def markdown(result: dict[str, Any]) -> str:
             f"{fl['failures']}/{fl['migrations']} | {len(x['double_runs'])} "
             f"| {x['cpu_s']['workers']} | {x['cpu_s']['redis']} "
             f"| {x['peak_rss_mib']['workers max']} | {x['peak_rss_mib']['redis']} |")
-    out += ["", "ferry's per-phase medians (ms) at each N:", "",
-            "| N | " + " | ".join(PHASES) + " |", "| ---: |" + " ---: |" * len(PHASES)]
+    out += ["", "ferry's per-phase medians (ms) at each N, and how long the caller took to "
+            "send all N migrations (one `Client.migrate` after the other):", "",
+            "| N | sending all N | " + " | ".join(PHASES) + " |",
+            "| ---: | ---: |" + " ---: |" * len(PHASES)]
     for x in c["counts"]:
         ph = x.get("ferry_phase_ms") or {}
-        out.append(f"| {x['guests']} | " + " | ".join(
+        send = x["ferry"].get("send_ms")
+        out.append(f"| {x['guests']} | {'n/a' if send is None else f'{send:.0f}'} | " + " | ".join(
             "n/a" if ph.get(p) is None else f"{ph[p]:.0f}" for p in PHASES) + " |")
     return "\n".join(out) + "\n"
