@@ -34,7 +34,7 @@ from scripts.bench.migration import (
     start_stack,
     wait_filled,
 )
-from scripts.bench.report import case_json, machine, markdown
+from scripts.bench.report import case_json, machine, markdown, resummarize
 from scripts.bench.transports import run_transports, tunnel_settings
 from scripts.bench.transports_report import markdown as transports_markdown
 from scripts.guestimage import MAX_REGION_MIB, build_image
@@ -91,6 +91,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    help="FERRY_LOG_LEVEL of the workers (DEBUG logs every QMP command)")
     p.add_argument("--fill-timeout", type=float, default=900,
                    help="seconds to wait for a guest to fill its random memory")
+    p.add_argument("--report", type=Path, metavar="JSON",
+                   help="run nothing: write the report of a saved floor-case result again "
+                        "(its .md and RESULTS.md), with summaries recomputed from its samples")
     p.add_argument("--keep", action="store_true",
                    help="keep the temporary root (worker logs, QEMU logs) afterwards")
     args = p.parse_args(argv)
@@ -235,9 +238,21 @@ def _terminate(signum: int, frame: FrameType | None) -> None:
     raise SystemExit(128 + signum)  # runs the finally blocks that stop everything
 
 
+def rewrite_report(path: Path) -> int:
+    result = resummarize(json.loads(path.read_text()))
+    text = markdown(result)
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    path.with_suffix(".md").write_text(text)
+    write_results(BENCH_DIR / "RESULTS.md", text)
+    print(text)
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     signal.signal(signal.SIGTERM, _terminate)
+    if args.report is not None:
+        return rewrite_report(args.report)
     if args.case == "scale":
         return main_scale(args)
     if args.case == "floor":

@@ -62,8 +62,17 @@ def summarize(ferry: Sequence[FerrySample], floor: Sequence[FloorSample]) -> dic
     outside = median(s.wall_ms - sum(p["elapsed_ms"] for p in s.phases) for s in ferry)
     f_rest = median(s.wall_ms - s.time_elapsed_ms for s in ferry if s.time_elapsed_ms is not None)
     b_rest = median(s.wall_ms - s.total_time_ms for s in floor if s.total_time_ms is not None)
+    # Interleaved pairs: the median of each pair's difference is robust to the transfer
+    # time's swings that move both medians (QEMU's time is bimodal on this VM).
+    paired = median(a.wall_ms - b.wall_ms for a, b in zip(ferry, floor, strict=True))
+    paired_q = median(a.wall_ms - b.quit_ms for a, b in zip(ferry, floor, strict=True))
     return {
         "runs": len(ferry),
+        "paired_overhead_ms": paired,
+        "paired_ratio": 1 + paired / b_wall if paired is not None and b_wall else None,
+        "paired_overhead_vs_quit_ms": paired_q,
+        "paired_ratio_vs_quit": 1 + paired_q / q_wall if paired_q is not None and q_wall
+        else None,
         "ferry_wall_ms": f_wall,
         "floor_wall_ms": b_wall,
         "ratio": f_wall / b_wall if f_wall and b_wall else None,
@@ -151,6 +160,18 @@ def markdown(result: dict[str, Any]) -> str:
             f"| {_x(s.get('ratio_vs_quit'))} | {_ms(s.get('overhead_vs_quit_ms'))} "
             f"| {_ms(s['ferry_downtime_ms'])} "
             f"| {_ms(s['floor_downtime_ms'])} |")
+    out += ["", "The same from the pairs: the median of each pair's difference (ferry wall "
+            "minus floor wall, in the same pair), and the ratio it gives over the floor's "
+            "median; steadier than the ratio of two medians when QEMU's transfer time swings "
+            "(below):", "",
+            "| case | paired overhead ms | ratio | paired overhead vs floor with quit ms "
+            "| ratio |", "| --- | ---: | ---: | ---: | ---: |"]
+    for c in result["cases"]:
+        s = c["summary"]
+        out.append(f"| {c['memory_mib']} MiB | {_ms(s.get('paired_overhead_ms'))} "
+                   f"| {_x(s.get('paired_ratio'))} "
+                   f"| {_ms(s.get('paired_overhead_vs_quit_ms'))} "
+                   f"| {_x(s.get('paired_ratio_vs_quit'))} |")
     out += ["", "QEMU's transfer time varies a lot from sample to sample on this machine (see "
             "below), so the same medians without it: wall minus QEMU's migration time (ferry: "
             "time_elapsed, floor: total-time), i.e. what each side adds around QEMU's transfer:",
@@ -197,3 +218,13 @@ def markdown(result: dict[str, Any]) -> str:
     if notes:
         out += ["", *notes]
     return "\n".join(out) + "\n"
+
+
+def resummarize(result: dict[str, Any]) -> dict[str, Any]:
+    """A saved floor-case result with its summaries computed again from its samples (a
+    report written by an older harness gets the figures added since)."""
+    for c in result["cases"]:
+        counted = [x for x in c["samples"] if not x["warmup"]]
+        c["summary"] = summarize([FerrySample(**x["ferry"]) for x in counted],
+                                 [FloorSample(**x["floor"]) for x in counted])
+    return result
