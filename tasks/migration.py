@@ -193,7 +193,16 @@ def _prepare(task: Any, state: dict[str, Any], *, v3: bool) -> dict[str, Any]:
     fn: PhaseFn = aborted_in_line
     if wait_turn(task, INCOMING, state["params"], state.get("xml")):
         fn = lambda a, s: dest.prepare(a, s, v3=v3)  # noqa: E731
-    return run_phase(fn, Phase.PREPARE, state).to_json()
+    try:
+        st = run_phase(fn, Phase.PREPARE, state)
+    except Ignore:  # a late redelivery of an ended job: it holds no slot either
+        give_back(INCOMING, state["params"])
+        raise
+    if st.failed:
+        # A failed Prepare leaves no incoming QEMU: the slot goes back now, not at
+        # Finish, which a message sent on its own (or a broken chain) never reaches.
+        give_back(INCOMING, state["params"])
+    return st.to_json()
 
 
 def _reporter(task: Any) -> Callable[[dict[str, Any]], None]:

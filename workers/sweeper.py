@@ -2,7 +2,8 @@
 
 - an incoming QEMU whose job record is gone (the job ended elsewhere): discarded,
   at once if the job is marked ended (e.g. a p2p source gave up on a dest that
-  was cut off, and the dest hears of it only when its link returns);
+  was cut off, and the dest hears of it only when its link returns), and its
+  place in the host's incoming line given back (no Finish will);
 - a guest paused by a migration with no job left: never resumed blindly (the
   dest may run it), reported with a clear reason for the operator;
 - leases need no sweeping: nobody renews a dead owner's, so they expire.
@@ -17,6 +18,7 @@ import time
 from typing import TYPE_CHECKING
 
 from workers.migration.state import Phase
+from workers.slots import Line, Slots
 from workers.states import DomainState, PausedReason, ShutoffReason
 
 if TYPE_CHECKING:
@@ -43,6 +45,7 @@ async def sweep(agent: HostAgent) -> list[str]:
                 await agent.kill(dom, ShutoffReason.FAILED)
             dom.job = None
             agent.release_ports(dom)
+            Slots(agent.redis, agent.host).give_back(Line.IN.value, job.id)
             done.append(f"discarded incoming {dom.name}: its job {job.id} is gone")
         elif job is None and dom.state == DomainState.PAUSED and \
                 dom.reason == PausedReason.MIGRATION:

@@ -186,3 +186,45 @@ def test_job_signals_with_unknown_ops_or_bad_arguments_are_refused_and_the_job_g
     state = client.call("alpha", "dominfo", domain=guest.name)
     assert state["state"] == "running"
     assert qemu_pids_of(guest.uuid) == [state["pid"]]
+
+
+def test_a_prepare_sent_on_its_own_that_fails_gives_its_incoming_place_back_at_once(
+        client: Client, make_guest: Callable[..., Guest],
+        unchanged: Callable[[], None]) -> None:
+    """No Finish follows a lone message: the failed Prepare itself leaves the line."""
+    guest = make_guest(domain_type="qemu")
+    params = {**PARAMS, "domain": guest.name, "job_id": f"j-lone-{guest.name}"}
+    state = {"params": params, "xml": guest.xml, "cookie": LAUGHS}
+    result = client.app.send_task("ferry.prepare3", args=(state,), queue="host.beta")
+    try:
+        out = result.get(timeout=30)
+        assert out["error"] is not None and "entity declaration" in out["error"]["text"]
+    finally:
+        result.forget()
+    assert qemu_pids_of(guest.uuid) == []
+    unchanged()
+
+
+def test_an_incoming_guest_of_a_made_up_job_is_discarded_with_its_place_in_line(
+        stack: Stack, client: Client, make_guest: Callable[..., Guest],
+        faulty_host: Callable[..., str]) -> None:
+    """Prepare succeeds for a job nobody runs; once the job is known to be over the
+    sweeper discards the incoming QEMU and gives its place in the line back."""
+    host = faulty_host("", FERRY_SWEEP_INTERVAL_S="1")
+    guest = make_guest(domain_type="qemu")
+    job_id = f"j-madeup-{guest.name}"
+    params = {**PARAMS, "domain": guest.name, "dest": host, "job_id": job_id}
+    state = {"params": params, "xml": guest.xml, "cookie": _cookie(guest)}
+    result = client.app.send_task("ferry.prepare3", args=(state,), queue=f"host.{host}")
+    try:
+        out = result.get(timeout=60)
+        assert out["error"] is None and out["uri"], out
+    finally:
+        result.forget()
+    r = stack.redis_client()
+    line = f"ferry:slots:{host}:in"
+    assert [e.split(b"|")[0] for e in r.lrange(line, 0, -1)] == [job_id.encode()]
+    assert len(qemu_pids_of(guest.uuid)) == 1
+    r.set(f"ferry:jobended:{job_id}", "1", ex=600)
+    wait_for(lambda: not qemu_pids_of(guest.uuid), 30, "the sweeper to discard the guest")
+    wait_for(lambda: r.llen(line) == 0, 10, "its place in the line to be given back")
