@@ -11,7 +11,6 @@ says which guest was ever seen running on two hosts.
 from __future__ import annotations
 
 import json
-import os
 import re
 import threading
 import time
@@ -22,6 +21,7 @@ from typing import Any
 from celery.states import READY_STATES
 
 from config.settings import Settings
+from scripts.stack import pid_alive
 from tasks.client import Client
 
 Move = tuple[str, str, str]  # guest name, source, dest
@@ -150,7 +150,7 @@ class FileWatch(threading.Thread):
                     head = self.HEAD.match(f.read(200))
             except OSError:
                 continue
-            if head and head.group(1) == b"running" and _alive(int(head.group(2))):
+            if head and head.group(1) == b"running" and pid_alive(int(head.group(2))):
                 names.append(path.stem)
         return frozenset(names)
 
@@ -165,16 +165,6 @@ class FileWatch(threading.Thread):
         self.halt.set()
         self.join(timeout=30)
         return list(self.sightings)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def double_runs(sightings: list[Sighting], moves: list[Move]) -> list[str]:

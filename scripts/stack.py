@@ -50,14 +50,15 @@ def stop_pid(pid: int, timeout: float = 10.0) -> None:
     with contextlib.suppress(ProcessLookupError):
         os.kill(pid, signal.SIGTERM)
     try:
-        wait_for(lambda: not _alive(pid), timeout, f"pid {pid} to exit")
+        wait_for(lambda: not pid_alive(pid), timeout, f"pid {pid} to exit")
     except TimeoutError:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
-        wait_for(lambda: not _alive(pid), 10, f"pid {pid} to die")
+        wait_for(lambda: not pid_alive(pid), 10, f"pid {pid} to die")
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether `pid` runs (a zombie does not)."""
     try:
         state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
     except (OSError, IndexError):
@@ -227,7 +228,7 @@ def _pidfile_pids(state_dir: Path) -> list[int]:
     for pidfile in (state_dir / "run").glob("*.pid"):
         with contextlib.suppress(ValueError, OSError):
             pids.append(int(pidfile.read_text().strip()))
-    return [p for p in pids if _alive(p)]
+    return [p for p in pids if pid_alive(p)]
 
 
 def _ping(client: redis.Redis) -> bool:

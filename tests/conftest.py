@@ -21,7 +21,7 @@ import pytest
 from config.settings import load
 from scripts.fleet import Fleet, netns_available
 from scripts.guestxml import guest_xml
-from scripts.stack import Stack, wait_for
+from scripts.stack import Stack, pid_alive, wait_for
 from tasks.client import Client
 
 HOSTS = ("alpha", "beta")
@@ -136,14 +136,6 @@ def make_guest(tmp_path: Path, base_image: Path, client: Client,
             for task in ("destroy", "undefine"):
                 with contextlib.suppress(Exception):
                     client.call(host, task, domain=guest.name, timeout=30)
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return False
-    return state != "Z"
 
 
 def kvm_available() -> bool:
