@@ -335,6 +335,9 @@ def _check(fs: FaultStack, run: Run, outcome: Outcome | str, sampler: Sampler) -
         assert run.error is not None, "the job failed without an error"
         assert re.search(ERROR_NAMES[case.fault], run.error, re.I), \
             f"the error does not name the fault: {run.error}"
+    if outcome == Outcome.D and run.error is None:  # also when a restarted dest answered
+        stats = run.summary.get("statistics") or {}
+        assert stats.get("time_elapsed"), f"the summary lacks QEMU's statistics: {stats}"
     if outcome == Outcome.P:
         info = fs.client.call(SRC, "dominfo", domain=run.name)
         assert (info["state"], info["reason"]) == ("paused", "migration")

@@ -314,6 +314,7 @@ async def confirm3(agent: HostAgent, st: MigrationState) -> MigrationState:
     if dom is None or dom.job is None or dom.job.id != p.job_id:
         return st  # Begin never started a job here: nothing to confirm or undo
     phase = Phase.CONFIRM3_CANCELLED if st.failed else Phase.CONFIRM3
+    st = _with_own_statistics(st, dom)
     _job_dom(agent, p, phase)
     await failpoints.hit("confirm3.start")
     uuid = dom.uuid  # an undefined source has no definition left to ask
@@ -325,6 +326,15 @@ async def confirm3(agent: HostAgent, st: MigrationState) -> MigrationState:
     finally:
         _end_job(agent, dom, uuid, st)
     return st
+
+
+def _with_own_statistics(st: MigrationState, dom: DomainObj) -> MigrationState:
+    """The statistics Perform recorded here, when Finish's answer lacks them (a restarted
+    dest answers for a Finish that had started the CPUs from what Prepare saved)."""
+    if st.statistics or dom.job is None or not dom.job.state:
+        return st
+    own = dom.job.state.get("statistics")
+    return replace(st, statistics=dict(own)) if isinstance(own, dict) and own else st
 
 
 async def _resume_source(agent: HostAgent, dom: DomainObj, st: MigrationState) -> None:
