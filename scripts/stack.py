@@ -73,6 +73,7 @@ class RedisTls:
     cert: Path
     key: Path
     ca: Path
+    auth_clients: bool = False  # clients must show a certificate the CA signed
 
 
 @dataclass
@@ -109,7 +110,7 @@ class Stack:
         listen = ["--port", str(port)] if tls is None else [
             "--port", "0", "--tls-port", str(port), "--tls-cert-file", str(tls.cert),
             "--tls-key-file", str(tls.key), "--tls-ca-cert-file", str(tls.ca),
-            "--tls-auth-clients", "no"]
+            "--tls-auth-clients", "yes" if tls.auth_clients else "no"]
         self.redis_proc = subprocess.Popen(
             ["redis-server", *listen, "--bind", bind, "--dir", str(rdir),
              "--save", "", "--appendonly", "yes" if persistent else "no",

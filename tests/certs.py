@@ -66,3 +66,12 @@ def ca_and_server(directory: Path, ip: str = "127.0.0.1") -> tuple[KeyPair, KeyP
     server = _cert(ip, server_key, ca_cert.subject, ca_key, ca=False, ip=ip)
     return _write(directory, "ca", ca_cert, ca_key), _write(directory, "server", server,
                                                              server_key)
+
+
+def client_of(directory: Path, ca: KeyPair, cn: str) -> KeyPair:
+    """A client certificate signed by `ca` (Redis with `tls-auth-clients yes`)."""
+    ca_key = serialization.load_pem_private_key(ca.key.read_bytes(), password=None)
+    assert isinstance(ca_key, rsa.RSAPrivateKey)
+    issuer = x509.load_pem_x509_certificate(ca.cert.read_bytes()).subject
+    key = _key()
+    return _write(directory, cn, _cert(cn, key, issuer, ca_key, ca=False), key)

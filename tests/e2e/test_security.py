@@ -16,7 +16,7 @@ import pytest
 from config.settings import load
 from scripts.stack import RedisTls, Stack, wait_for
 from tasks.client import Client
-from tests.certs import KeyPair, ca_and_server, self_signed
+from tests.certs import KeyPair, ca_and_server, client_of, self_signed
 from tests.conftest import Guest, qemu_pids_of
 from workers.errors import FerryError
 
@@ -78,6 +78,40 @@ def test_a_tls_only_redis_carries_tasks_signals_leases_and_a_tunnelled_migration
         with pytest.raises(FerryError, match="cannot reach the broker"):
             plain.call("tls1", "list")
         client.call("tls2", "destroy", domain=guest.name)
+    finally:
+        st.stop(kill_guests=True)
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def test_a_redis_that_asks_for_client_certificates_works_with_the_ones_in_the_settings(
+        make_guest: Callable[..., Guest]) -> None:
+    """Mutual TLS: FERRY_REDIS_CERT and FERRY_REDIS_KEY reach every ferry client of Redis
+    (Celery, heartbeats, leases, job signals, the tunnel); without them: refused."""
+    root = Path(tempfile.mkdtemp(prefix="ferry-mtls-", dir="/tmp"))
+    ca, server = ca_and_server(root)
+    mine = client_of(root, ca, "ferry-host")
+    st = Stack(root=root)
+    st.extra_env.update({"FERRY_REDIS_CERT": str(mine.cert), "FERRY_REDIS_KEY": str(mine.key)})
+    try:
+        url = st.start_redis(tls=RedisTls(server.cert, server.key, ca.cert, auth_clients=True))
+        for name in ("mtls1", "mtls2"):
+            st.start_worker(name)
+        client = Client(st.settings())
+        guest = make_guest(domain_type="qemu")
+        client.call("mtls1", "define", xml=guest.xml)
+        assert client.call("mtls1", "start", domain=guest.name)["state"] == "running"
+        job = client.migrate(guest.name, "mtls1", "mtls2", live=True, p2p=True,
+                             tunnelled=True, bandwidth_mib_s=1)
+        wait_for(lambda: (job.info().get("data_processed") or 0) > 0, 30,
+                 "the tunnelled migration to copy memory")
+        job.set_speed(0)
+        assert job.wait(timeout=60)["result"] == "completed"
+        assert client.call("mtls2", "dominfo", domain=guest.name)["state"] == "running"
+
+        anonymous = Client(load({"FERRY_BROKER_URL": url, "FERRY_REDIS_CA": str(ca.cert)}))
+        with pytest.raises(FerryError, match="cannot reach the broker"):
+            anonymous.call("mtls1", "list")
+        client.call("mtls2", "destroy", domain=guest.name)
     finally:
         st.stop(kill_guests=True)
         shutil.rmtree(root, ignore_errors=True)
