@@ -291,8 +291,19 @@ class HostAgent:
                 dom = self.domains.get(rec.name)
                 if dom is not None and dom.active:
                     self._restore_extra(dom, rec.extra)
+                elif rec.extra.get("job"):
+                    self._job_lost(rec.domain_xml, ActiveJob.from_status(rec.extra["job"]))
             except Exception as exc:
                 log.error("domain %s: reconnect failed: %s", rec.name, exc)
+
+    def _job_lost(self, xml: str, job: ActiveJob) -> None:
+        """A job's QEMU died while this worker was down: its record says so, where
+        the next phase (or domjobinfo) finds the cause."""
+        uuid = self.parse(xml, stored=True, live=True).uuid
+        err = QemuError(f"the worker of {self.host} restarted and found the QEMU of its "
+                        f"{job.operation.replace('_', ' ')} gone", job.phase, self.host)
+        self.jobs.set_error(uuid, job.id, err.to_dict())
+        log.warning("job %s: %s", job.id, err)
 
     def _restore_extra(self, dom: DomainObj, extra: dict[str, str]) -> None:
         """The job and lease state a status file kept across a worker restart."""

@@ -41,6 +41,7 @@ class At(enum.Enum):
 class Mode(enum.Enum):
     MANAGED = "managed"
     P2P = "p2p"
+    TUNNELLED = "p2p tunnelled"
 
 
 class Outcome(enum.Enum):
@@ -91,6 +92,11 @@ NOTES: dict[tuple[Fault, At], str] = {
     (Fault.DST_WORKER, At.BEGIN):
         "the dest worker is idle during Begin; Prepare waits in its queue until it is "
         "back, so the migration goes on (D)",
+    (Fault.DST_WORKER, At.COPYING):
+        "direct: the data path goes on without the worker and the restarted worker finds "
+        "its QEMU (D); tunnelled: the stream's receiving end lives in the dest worker, so "
+        "its death ends the incoming QEMU, the source resumes (S) and the error says the "
+        "restarted worker found that QEMU gone",
     (Fault.DST_WORKER, At.FINISH):
         "killed before the dest CPUs started: the restarted dest worker discards the "
         "incoming guest and the source resumes (S); killed after: it answers for Finish "
@@ -106,6 +112,9 @@ NOTES: dict[tuple[Fault, At], str] = {
     (Fault.REDIS, At.BEGIN):
         "the broker keeps its messages (append-only file), so every phase goes on (D; "
         "the issue's table has S for Begin and Prepare)",
+    (Fault.REDIS, At.COPYING):
+        "tunnelled: the stream itself flows through Redis, so a restart breaks it; the "
+        "source resumes (S) and the error names the tunnel's lost connection",
     (Fault.ABORT, At.SWITCHED): "too late: QEMU completed, the migration goes on (D)",
     (Fault.ABORT, At.FINISH): "refused: the switch-over happened (also once the dest "
                               "CPUs started)",
@@ -122,16 +131,25 @@ class Case:
 
     @property
     def id(self) -> str:
-        return f"{self.mode.value}-{self.fault.name.lower()}-{self.at.name.lower()}"
+        return f"{self.mode.name.lower()}-{self.fault.name.lower()}-{self.at.name.lower()}"
 
     @property
     def point(self) -> tuple[str, str] | None:
         return POINTS[self.at]
 
 
+# Tunnelled: the stream goes through the workers and Redis, so the faults that hit the
+# data path while QEMU copies are run again in that mode.
+TUNNELLED_EXPECTED: dict[tuple[Fault, At], Outcome] = {
+    (Fault.SRC_WORKER, At.COPYING): S,
+    (Fault.DST_WORKER, At.COPYING): S,
+    (Fault.REDIS, At.COPYING): S,
+}
+
+
 def cases() -> list[Case]:
     out = []
-    for mode in Mode:
+    for mode in (Mode.MANAGED, Mode.P2P):
         for fault, row in EXPECTED.items():
             for at, expected in zip(_PHASES, row, strict=True):
                 if expected is None:
@@ -139,7 +157,8 @@ def cases() -> list[Case]:
                 if mode == Mode.P2P:
                     expected = P2P_EXPECTED.get((fault, at), expected)
                 out.append(Case(fault, at, mode, expected))
-    return out
+    return out + [Case(fault, at, Mode.TUNNELLED, expected)
+                  for (fault, at), expected in TUNNELLED_EXPECTED.items()]
 
 
 @dataclass

@@ -225,7 +225,8 @@ def _run(fs: FaultStack, case: Case) -> tuple[Run, Outcome | str, float, Sampler
     sampler.start()
     try:
         speed = {"bandwidth_mib_s": 1} if case.at == At.COPYING else {}
-        job = fs.client.migrate(name, SRC, DST, live=True, p2p=case.mode == Mode.P2P, **speed)
+        job = fs.client.migrate(name, SRC, DST, live=True, p2p=case.mode != Mode.MANAGED,
+                                tunnelled=case.mode == Mode.TUNNELLED, **speed)
         _hold(fs, case, job)
         started = time.monotonic()
         _inflict(fs, run, job)

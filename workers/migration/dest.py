@@ -20,7 +20,7 @@ from workers import failpoints
 from workers.agent import HostAgent
 from workers.domain import DomainDef
 from workers.domobj import DomainObj
-from workers.errors import InvalidInputError, MigrationError, QemuError
+from workers.errors import FerryError, InvalidInputError, MigrationError, QemuError
 from workers.hostcaps import require_postcopy
 from workers.jobs import ActiveJob
 from workers.lifecycle import launch, run_cpus
@@ -187,6 +187,18 @@ async def _discard(agent: HostAgent, dom: DomainObj) -> None:
         agent.domains.pop(dom.name)
 
 
+def _known_cause(agent: HostAgent, st: MigrationState) -> str:
+    """What the job record says happened (e.g. a restarted worker found the QEMU gone)."""
+    try:
+        uuid = agent.parse(st.xml or "").uuid
+    except FerryError:
+        return ""
+    rec = agent.jobs.get(uuid)
+    error = rec.get("error") if rec is not None and rec.get("id") == st.params.job_id else None
+    return f" ({error.get('message')})" if isinstance(error, dict) and error.get("message") \
+        else ""
+
+
 def _job_dom(agent: HostAgent, p: MigrationParams) -> DomainObj | None:
     dom = agent.domains.get(p.domain)
     if dom is None or dom.job is None or dom.job.id != p.job_id:
@@ -202,7 +214,7 @@ async def finish(agent: HostAgent, st: MigrationState, *, v3: bool) -> Migration
         if st.failed:
             return st  # Prepare never got as far as creating anything here
         raise MigrationError(f"no incoming migration {p.job_id} of '{p.domain}' on this host: "
-                             "its incoming QEMU exited or was discarded")
+                             f"its incoming QEMU exited or was discarded{_known_cause(agent, st)}")
     assert dom.job is not None
     dom.job.phase = phase.value
     uuid = dom.uuid

@@ -94,7 +94,10 @@ async def wait(dom: DomainObj, mon: Monitor, *, started_ms: int,
             # first and say "failed"; either way the operator's abort is the cause.
             raise MigrationError("operation aborted: migration job canceled by client")
         if status == "failed":
-            raise MigrationError(f"migration failed: {info.get('error-desc', 'unknown error')}")
+            desc = info.get("error-desc", "unknown error")
+            if dom.tunnel is not None and dom.tunnel.error:  # QEMU only saw its socket close
+                desc = f"{desc} (the tunnel through the broker broke: {dom.tunnel.error})"
+            raise MigrationError(f"migration failed: {desc}")
         if status == "cancelled":
             raise MigrationError("migration was cancelled")
         if on_tick is not None:
