@@ -50,7 +50,8 @@ def test_an_unknown_action_is_refused() -> None:
 
 def test_the_matrix_has_every_cell_but_the_dest_qemu_before_it_exists() -> None:
     all_cases = cases()
-    assert len(all_cases) == 2 * (len(Fault) * len(At) - 1)
+    direct = [c for c in all_cases if c.mode != Mode.TUNNELLED]
+    assert len(direct) == 2 * (len(Fault) * len(At) - 1)
     assert not [c for c in all_cases if (c.fault, c.at) == (Fault.DST_QEMU, At.BEGIN)]
     assert len({c.id for c in all_cases}) == len(all_cases)
     assert all(len(row) == len(At) for row in EXPECTED.values())
@@ -62,3 +63,11 @@ def test_p2p_differs_only_where_the_driving_task_dies_with_the_source_worker() -
         by_cell.setdefault((c.fault, c.at), {})[c.mode] = c.expected
     differ = [cell for cell, modes in by_cell.items() if modes[Mode.MANAGED] != modes[Mode.P2P]]
     assert differ == [(Fault.SRC_WORKER, At.PREPARE)]
+
+
+def test_tunnelled_runs_the_data_path_faults_while_copying_all_ending_on_the_source() -> None:
+    tunnelled = [c for c in cases() if c.mode == Mode.TUNNELLED]
+    assert {(c.fault, c.at) for c in tunnelled} == {
+        (Fault.SRC_WORKER, At.COPYING), (Fault.DST_WORKER, At.COPYING),
+        (Fault.REDIS, At.COPYING)}
+    assert {c.expected for c in tunnelled} == {Outcome.S}
