@@ -10,6 +10,7 @@ import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -34,12 +35,30 @@ def test_a_redis_with_a_password_works_from_the_broker_url_and_a_wrong_one_is_re
         assert client.call("locked", "start", domain=guest.name)["state"] == "running"
         client.call("locked", "destroy", domain=guest.name)
 
-        wrong = Client(load({"FERRY_BROKER_URL": url.replace("s3cret-pw", "nope")}))
-        with pytest.raises(FerryError, match="cannot reach the broker"):
-            wrong.call("locked", "list")
+        _refused({"FERRY_BROKER_URL": url.replace("s3cret-pw", "nope")}, "locked")
     finally:
         st.stop(kill_guests=True)
         shutil.rmtree(root, ignore_errors=True)
+
+
+def _refused(env: dict[str, str], host: str) -> None:
+    """A client with these settings cannot talk to the broker at all."""
+    with pytest.raises(FerryError, match="cannot reach the broker"):
+        Client(load(env)).call(host, "list")
+
+
+def _move_tunnelled(client: Client, guest: Guest, src: str, dst: str) -> dict[str, Any]:
+    """A p2p tunnelled migration slow enough to be asked about midway (a job signal), then
+    sped up; the guest's dominfo on the dest once it completed."""
+    job = client.migrate(guest.name, src, dst, live=True, p2p=True, tunnelled=True,
+                         bandwidth_mib_s=1)
+    wait_for(lambda: (job.info().get("data_processed") or 0) > 0, 30,
+             "the tunnelled migration to copy memory (a job signal)")
+    job.set_speed(0)
+    assert job.wait(timeout=60)["result"] == "completed"
+    info = client.call(dst, "dominfo", domain=guest.name)
+    assert (info["state"], info["reason"]) == ("running", "migrated")
+    return dict(info)
 
 
 def test_a_tls_only_redis_carries_tasks_signals_leases_and_a_tunnelled_migration(
@@ -61,22 +80,11 @@ def test_a_tls_only_redis_carries_tasks_signals_leases_and_a_tunnelled_migration
         locks = client.call("tls1", "domlocks", domain=guest.name)
         assert locks["driver"] == "redis" and locks["held_here"]
 
-        job = client.migrate(guest.name, "tls1", "tls2", live=True, p2p=True, tunnelled=True,
-                             bandwidth_mib_s=1)
-        wait_for(lambda: (job.info().get("data_processed") or 0) > 0, 30,
-                 "the tunnelled migration to copy memory (a job signal over TLS)")
-        job.set_speed(0)
-        assert job.wait(timeout=60)["result"] == "completed"
-        info = client.call("tls2", "dominfo", domain=guest.name)
-        assert (info["state"], info["reason"]) == ("running", "migrated")
+        info = _move_tunnelled(client, guest, "tls1", "tls2")
         assert qemu_pids_of(guest.uuid) == [info["pid"]]
 
-        no_ca = Client(load({"FERRY_BROKER_URL": url}))  # the system's CAs do not know ours
-        with pytest.raises(FerryError, match="cannot reach the broker"):
-            no_ca.call("tls1", "list")
-        plain = Client(load({"FERRY_BROKER_URL": url.replace("rediss://", "redis://")}))
-        with pytest.raises(FerryError, match="cannot reach the broker"):
-            plain.call("tls1", "list")
+        _refused({"FERRY_BROKER_URL": url}, "tls1")  # the system's CAs do not know ours
+        _refused({"FERRY_BROKER_URL": url.replace("rediss://", "redis://")}, "tls1")
         client.call("tls2", "destroy", domain=guest.name)
     finally:
         st.stop(kill_guests=True)
@@ -100,17 +108,9 @@ def test_a_redis_that_asks_for_client_certificates_works_with_the_ones_in_the_se
         guest = make_guest(domain_type="qemu")
         client.call("mtls1", "define", xml=guest.xml)
         assert client.call("mtls1", "start", domain=guest.name)["state"] == "running"
-        job = client.migrate(guest.name, "mtls1", "mtls2", live=True, p2p=True,
-                             tunnelled=True, bandwidth_mib_s=1)
-        wait_for(lambda: (job.info().get("data_processed") or 0) > 0, 30,
-                 "the tunnelled migration to copy memory")
-        job.set_speed(0)
-        assert job.wait(timeout=60)["result"] == "completed"
-        assert client.call("mtls2", "dominfo", domain=guest.name)["state"] == "running"
+        _move_tunnelled(client, guest, "mtls1", "mtls2")
 
-        anonymous = Client(load({"FERRY_BROKER_URL": url, "FERRY_REDIS_CA": str(ca.cert)}))
-        with pytest.raises(FerryError, match="cannot reach the broker"):
-            anonymous.call("mtls1", "list")
+        _refused({"FERRY_BROKER_URL": url, "FERRY_REDIS_CA": str(ca.cert)}, "mtls1")
         client.call("mtls2", "destroy", domain=guest.name)
     finally:
         st.stop(kill_guests=True)
