@@ -47,9 +47,9 @@ class Slots:
     local mine = false
     for _, e in ipairs(entries) do
         local id, since = string.match(e, '^([^|]*)|?(.*)$')
-        if id == ARGV[1] then mine = true end
         local age = tonumber(ARGV[2]) - (tonumber(since) or tonumber(ARGV[2]))
-        if age > tonumber(ARGV[3]) then redis.call('LREM', KEYS[1], 0, e) end
+        if age > tonumber(ARGV[3]) then redis.call('LREM', KEYS[1], 0, e)
+        elseif id == ARGV[1] then mine = true end
     end
     if not mine then redis.call('RPUSH', KEYS[1], ARGV[1] .. '|' .. ARGV[2]) end
     return redis.call('LRANGE', KEYS[1], 0, -1)
@@ -74,7 +74,8 @@ class Slots:
     def place(self, direction: str, job_id: str, limit: int) -> int:
         """Join the line (once); 0 if this job may go on now, else its place among
         those waiting (1: next to go).  Entries older than STALE_S are leftovers of
-        lost tasks and leave the line."""
+        lost tasks and leave the line (a job whose own entry is that old joins anew,
+        at the end)."""
         entries = self.redis.register_script(self._JOIN)(
             keys=[_key(self.host, direction)], args=[job_id, f"{time.time():.0f}", STALE_S])
         ids = [(e.decode() if isinstance(e, bytes) else str(e)).split("|", 1)[0]

@@ -40,3 +40,13 @@ def test_an_entry_older_than_any_migration_leaves_the_line_when_a_job_joins(
     stack.redis_client().rpush(key, f"lost|{time.time() - STALE_S - 60:.0f}")
     assert slots.place("out", "new", 1) == 0
     assert [e.split(b"|")[0] for e in stack.redis_client().lrange(key, 0, -1)] == [b"new"]
+
+
+def test_a_job_whose_own_entry_went_stale_joins_the_line_again_at_the_end(
+        stack: Stack) -> None:
+    slots, key = _line(stack)
+    stack.redis_client().rpush(key, f"me|{time.time() - STALE_S - 60:.0f}",
+                               f"other|{time.time():.0f}")
+    assert slots.place("out", "me", 1) == 1
+    assert [e.split(b"|")[0] for e in stack.redis_client().lrange(key, 0, -1)] == \
+        [b"other", b"me"]
