@@ -5,6 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 DEBS := qemu-system-x86 qemu-utils redis-server zstd xz-utils bzip2 lzop binutils
 STAMP := $(VENV)/.ferry-installed
+TEST_JOBS ?= 2
 
 .PHONY: setup demo test lint bench faults clean
 
@@ -18,7 +19,7 @@ demo: setup
 	$(BIN)/ferry demo
 
 test: setup lint
-	$(BIN)/pytest -q tests
+	$(BIN)/pytest -q -n $(TEST_JOBS) tests
 
 lint: setup
 	$(BIN)/ruff check config workers tasks scripts tests

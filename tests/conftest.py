@@ -26,12 +26,53 @@ from tasks.client import Client
 
 HOSTS = ("alpha", "beta")
 
+# `make test` runs the suite on two pytest-xdist workers. Modules whose tests share one
+# module-wide fixture, or a machine-wide resource (network namespaces and their subnets,
+# the fault matrix's fixed port range), run whole on one worker, one group at a time; every
+# other test is a unit of its own. (xdist 3.8's `--dist loadgroup` did not keep marked tests
+# together under pytest 9 here, so the grouping is done by the scheduler below.)
+SERIAL_GROUPS = {
+    "test_fault_matrix.py": "faults",
+    "test_job_control.py": "job_control",
+    "test_fleet.py": "fleet",
+    "test_fleet_admission.py": "fleet",
+    "test_fleet_cuts.py": "fleet",
+    "test_fleet_scale.py": "fleet",
+}
+
+
+def serial_group(nodeid: str) -> str:
+    """The unit of work a test belongs to: its group, or the test alone."""
+    return SERIAL_GROUPS.get(nodeid.split("::", 1)[0].rsplit("/", 1)[-1], nodeid)
+
+
+def pytest_xdist_make_scheduler(config: pytest.Config, log: object) -> object:
+    from xdist.scheduler import LoadScopeScheduling
+
+    class SerialGroupScheduling(LoadScopeScheduling):  # type: ignore[misc]
+        def _split_scope(self, nodeid: str) -> str:
+            return serial_group(nodeid)
+
+    return SerialGroupScheduling(config, log)
+
+
+def _xdist_worker() -> int | None:
+    """This process's pytest-xdist worker number (gw3 -> 3), None when run alone."""
+    name = os.environ.get("PYTEST_XDIST_WORKER", "")
+    return int(name[2:]) if name.startswith("gw") and name[2:].isdigit() else None
+
 
 @pytest.fixture(scope="session")
 def stack() -> Iterator[Stack]:
     # A short root: unix socket paths must fit in 107 bytes.
     root = Path(tempfile.mkdtemp(prefix="ferry-", dir="/tmp"))
     st = Stack(root=root, log_level="DEBUG")
+    worker = _xdist_worker()
+    if worker is not None:
+        # Each xdist worker's stack gets its own migration ports, below the kernel's
+        # ephemeral range (32768-60999) that the other worker's redis-servers draw from.
+        first = 30000 + 64 * worker
+        st.extra_env["FERRY_MIGRATION_PORTS"] = f"{first}-{first + 63}"
     try:
         st.start_redis()
         for name in HOSTS:
@@ -286,3 +327,4 @@ def fleet_of(names: list[str], base_image: Path, env: dict[str, str] | None = No
         fleet.stop()
         if not os.environ.get("FERRY_TEST_KEEP"):
             shutil.rmtree(root, ignore_errors=True)
+

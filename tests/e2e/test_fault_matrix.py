@@ -36,7 +36,8 @@ from tests.e2e.faultcases import SOURCE, At, Case, Fault, Mode, Outcome, Result,
 from workers.errors import FerryError
 
 SRC, DST = "fsrc", "fdst"
-PORTS = (49400, 49409)  # the dest's migration ports: none may be left listening
+PORTS = (29400, 29409)  # the dest's migration ports (below the ephemeral range):
+# none may be left listening
 ERROR_NAMES = {  # what the job's error must say for each fault
     Fault.SRC_WORKER: r"restart|interrupted",
     Fault.DST_WORKER: r"restart|interrupted",
@@ -270,17 +271,31 @@ def _report(result: Result) -> None:
             f.write(json.dumps(asdict(result)) + "\n")
 
 
-def _listening(ports: range) -> list[int]:
-    """Ports of `ports` with a listening TCP socket (TIME_WAIT ones do not count)."""
-    found = []
+def _listening(ports: range) -> list[str]:
+    """Ports of `ports` with a listening TCP socket (TIME_WAIT ones do not count), each
+    with the process holding it, so a failure says whose it is."""
+    found: dict[str, int] = {}  # socket inode -> port
     for table in ("/proc/net/tcp", "/proc/net/tcp6"):
         with contextlib.suppress(OSError), open(table) as f:
             for line in f.readlines()[1:]:
-                local, state = line.split()[1], line.split()[3]
-                port = int(local.rsplit(":", 1)[1], 16)
-                if state == "0A" and port in ports:
-                    found.append(port)
-    return found
+                cols = line.split()
+                port = int(cols[1].rsplit(":", 1)[1], 16)
+                if cols[3] == "0A" and port in ports:
+                    found[cols[9]] = port
+    return [f"{port} ({_socket_owner(inode)})" for inode, port in found.items()]
+
+
+def _socket_owner(inode: str) -> str:
+    link = f"socket:[{inode}]"
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        with contextlib.suppress(OSError):
+            for fd in (proc / "fd").iterdir():
+                if os.readlink(fd) == link:
+                    cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+                    return f"pid {proc.name}: {cmd[:160]}"
+    return "no process"
 
 
 def _lease_holder(fs: FaultStack, dom_uuid: str) -> str | None:
