@@ -52,7 +52,15 @@ def links_back_up(fleet: FleetRun) -> Iterator[None]:
 
 def _qemus_in(fleet: FleetRun, host: str, g: Guest) -> list[int]:
     ns = fleet.fleet.netns_inode(host)
-    return [p for p in qemu_pids_of(g.uuid) if os.stat(f"/proc/{p}/ns/net").st_ino == ns]
+    return [p for p in qemu_pids_of(g.uuid) if _netns_of(p) == ns]
+
+
+def _netns_of(pid: int) -> int | None:
+    """The inode of the network namespace of `pid`; None once it has exited."""
+    try:
+        return os.stat(f"/proc/{pid}/ns/net").st_ino
+    except FileNotFoundError:
+        return None
 
 
 def _streaming(fleet: FleetRun, g: Guest) -> None:
