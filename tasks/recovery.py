@@ -10,6 +10,11 @@ job's task ids, so the caller waiting on the job gets its result:
 - source in Begin (managed: the chain had not moved on; p2p: the task that
   drove the migration died with the worker): the job fails, the dest is
   cleaned up, the guest runs on here;
+- source past Begin while the dest prepares (managed: the chain is with the
+  dest): libvirt's rule, a source restarted before the switch-over rolls
+  back; the job is marked cancelled and Perform, when it comes, fails with
+  that reason, so Finish discards the incoming guest and the guest runs on
+  here;
 - source in Perform: QEMU says how far it got (never a second `migrate`);
 - source past Perform whose Confirm will not come (p2p, or killed during
   Confirm): wait for Finish's answer, then Confirm; with no answer, the
@@ -70,6 +75,12 @@ async def _interrupted(agent: HostAgent,
     if job.phase == Phase.BEGIN3.value and (phase == "begin3" or p2p):
         err = MigrationError(f"the source worker restarted during {phase}", phase, agent.host)
         return st.with_error(err), _TAIL
+    if job.phase == Phase.BEGIN3.value and phase == Phase.PREPARE.value:
+        job.cancelled = ("the source worker restarted while the dest prepared: the "
+                         "migration is cancelled before Perform")
+        agent.save_status(dom)
+        log.warning("job %s of %s: %s", job.id, dom.name, job.cancelled)
+        return None  # the chain goes on by itself and fails at Perform
     if job.phase == Phase.PERFORM3.value:
         try:
             return await resume_perform(agent, dom, st), _TAIL

@@ -73,8 +73,12 @@ class ActiveJob:
     # The migration state this host last returned (or was given): what a redelivered
     # phase answers again, and what a restarted worker resumes the chain from.
     state: dict[str, Any] | None = None
+    # Why the job may not go on (a restarted source worker found it past Begin, the chain
+    # with the dest): the next phase here fails with this text.
+    cancelled: str = ""
 
-    _KEPT = ("id", "operation", "phase", "started", "source", "dest", "flags", "state")
+    _KEPT = ("id", "operation", "phase", "started", "source", "dest", "flags", "state",
+             "cancelled")
 
     def to_status(self) -> str:
         return json.dumps({k: getattr(self, k) for k in self._KEPT})

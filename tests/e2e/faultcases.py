@@ -70,7 +70,7 @@ _PHASES = list(At)
 # The table, one row per fault, in the order of At.  Where ferry's
 # answer differs from libvirt's, NOTES says why.
 EXPECTED: dict[Fault, list[Outcome | None]] = {
-    Fault.SRC_WORKER: [S, D, S, D, D, D, D],
+    Fault.SRC_WORKER: [S, S, S, D, D, D, D],
     Fault.DST_WORKER: [D, S, D, D, S, D, D],
     Fault.SRC_QEMU: [LOST, LOST, LOST, D, D, D, D],
     Fault.DST_QEMU: [None, S, S, S, S, P, LOST],
@@ -78,17 +78,12 @@ EXPECTED: dict[Fault, list[Outcome | None]] = {
     Fault.ABORT: [S, S, S, D, D, D, D],
 }
 
-# p2p runs Begin, Perform and Confirm in one task on the source, so a source
-# worker killed while that task waits for the dest takes the driver with it.
-P2P_EXPECTED: dict[tuple[Fault, At], Outcome] = {
-    (Fault.SRC_WORKER, At.PREPARE): S,
-}
-
 NOTES: dict[tuple[Fault, At], str] = {
     (Fault.SRC_WORKER, At.PREPARE):
-        "managed: the chain waits in the broker and the restarted source worker runs "
-        "Perform (D, where libvirt, whose client loses its connection, has S); p2p: the "
-        "driving task died with the worker, the restarted worker cancels (S)",
+        "managed: the chain is with the dest; the restarted source worker marks the job "
+        "cancelled (a source restarted before the switch-over rolls back) and Perform, "
+        "when it comes, fails with that reason; p2p: the driving task died with the "
+        "worker and the restarted worker cancels",
     (Fault.DST_WORKER, At.BEGIN):
         "the dest worker is idle during Begin; Prepare waits in its queue until it is "
         "back, so the migration goes on (D)",
@@ -154,8 +149,6 @@ def cases() -> list[Case]:
             for at, expected in zip(_PHASES, row, strict=True):
                 if expected is None:
                     continue
-                if mode == Mode.P2P:
-                    expected = P2P_EXPECTED.get((fault, at), expected)
                 out.append(Case(fault, at, mode, expected))
     return out + [Case(fault, at, Mode.TUNNELLED, expected)
                   for (fault, at), expected in TUNNELLED_EXPECTED.items()]

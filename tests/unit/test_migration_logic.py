@@ -159,3 +159,15 @@ def test_a_migration_state_of_the_wrong_shape_is_a_clear_error(data: object,
 def test_a_well_formed_state_still_round_trips() -> None:
     st = MigrationState(MigrationParams(**GOOD_PARAMS), cookie="<qemu-migration/>")
     assert MigrationState.from_json(st.to_json()) == st
+
+
+def test_a_cancelled_job_stays_cancelled_through_the_status_file() -> None:
+    """A source worker restarted twice before Perform still fails Perform."""
+    from workers.jobs import ActiveJob
+
+    job = ActiveJob("j1", "outgoing_migration", "begin3", 1.0, source="a", dest="b",
+                    cancelled="the source worker restarted while the dest prepared")
+    again = ActiveJob.from_status(job.to_status())
+    assert again.cancelled == job.cancelled
+    assert ActiveJob.from_status(
+        ActiveJob("j2", "outgoing_migration", "begin3", 1.0).to_status()).cancelled == ""
