@@ -15,6 +15,7 @@ from celery.exceptions import TimeoutError as CeleryTimeout
 from config import broker
 from config.celery_app import client_app, queue_for
 from config.settings import Settings, load
+from tasks import results
 from workers.errors import FerryError, HostUnavailableError, InvalidInputError
 from workers.heartbeat import get_host, list_hosts
 
@@ -70,7 +71,7 @@ class Client:
         wait = timeout or self.settings.task_timeout_s
         result = self.app.send_task(f"ferry.{task}", kwargs=kwargs, queue=queue_for(host))
         try:
-            return result.get(timeout=wait, propagate=True)
+            return results.wait(result, wait, propagate=True)
         except CeleryTimeout:
             raise HostUnavailableError(f"host '{host}' did not answer {task} within {wait:.0f}s",
                                        host=host) from None

@@ -15,6 +15,7 @@ from celery.exceptions import TimeoutError as CeleryTimeout
 from celery.result import AsyncResult
 
 from config.celery_app import queue_for
+from tasks import results
 from workers.errors import FerryError, HostUnavailableError, InvalidInputError
 from workers.migration.params import MigrationFlags as F
 from workers.migration.params import MigrationParams
@@ -80,7 +81,7 @@ class MigrationJob:
     def wait(self, timeout: float | None = None) -> dict[str, Any]:
         """The summary when the migration completed; raises its first error otherwise."""
         try:
-            return dict(self.result.get(timeout=timeout, propagate=True))
+            return dict(results.wait(self.result, timeout, propagate=True))
         except CeleryTimeout:
             raise HostUnavailableError(f"migration {self.id} did not end within {timeout}s") \
                 from None

@@ -18,6 +18,7 @@ from typing import Any
 from celery.exceptions import TimeoutError as CeleryTimeout
 
 from config.celery_app import app, queue_for
+from tasks import results
 from tasks.checked import checked
 from tasks.migration import (
     OUTGOING,
@@ -51,8 +52,8 @@ def _remote(agent: HostAgent, name: str, st: MigrationState, **kwargs: Any) -> M
         result = app.send_task(f"ferry.{name}", args=(st.to_json(),), kwargs=kwargs,
                                queue=queue_for(p.dest), task_id=f"{p.job_id}.{name}")
         try:
-            return MigrationState.from_json(result.get(timeout=timeout, propagate=True,
-                                                       disable_sync_subtasks=False))
+            return MigrationState.from_json(results.wait(result, timeout, propagate=True,
+                                                         disable_sync_subtasks=False))
         except CeleryTimeout:
             err = HostUnavailableError(f"dest host '{p.dest}' did not answer {name} within "
                                        f"{timeout}s", phase=name, host=p.dest)

@@ -36,6 +36,7 @@ from typing import Any
 from celery import chain
 
 from config.celery_app import app, queue_for
+from tasks import results
 from workers.agent import HostAgent
 from workers.domobj import DomainObj
 from workers.errors import FerryError, HostUnavailableError, MigrationError
@@ -161,8 +162,8 @@ def _confirm_after_finish(agent: HostAgent, st: MigrationState) -> None:
     p = st.params
     wait = agent.settings.p2p_timeout_s + agent.settings.incoming_timeout_s
     try:
-        result = app.AsyncResult(f"{p.job_id}.finish3").get(
-            timeout=wait, propagate=True, disable_sync_subtasks=False)
+        result = results.wait(app.AsyncResult(f"{p.job_id}.finish3"), wait, propagate=True,
+                              disable_sync_subtasks=False)
         st = MigrationState.from_json(result)
     except Exception as exc:
         from tasks.p2p import _finish_unanswered

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -79,3 +80,45 @@ def test_the_plain_client_fails_at_once(lone_redis: Stack) -> None:
         client.get("ferry:test:kept")
 
     assert time.monotonic() - started < 5
+
+
+def _store_without_message(st: Stack, task_id: str, value: object) -> None:
+    """Store a task's result as Celery's Redis backend does, minus the pub/sub message
+    (what a waiter whose subscription is being made again after a restart misses)."""
+    meta = {"status": "SUCCESS", "result": value, "traceback": None, "children": [],
+            "date_done": "2026-11-26T00:00:00", "task_id": task_id}
+    st.redis_client().set(f"celery-task-meta-{task_id}", json.dumps(meta))
+
+
+def test_a_result_whose_message_was_missed_is_still_found_by_the_wait(
+        lone_redis: Stack) -> None:
+    from celery.exceptions import TimeoutError as CeleryTimeout
+
+    from config.celery_app import client_app
+    from tasks import results
+
+    app = client_app(load({"FERRY_BROKER_URL": lone_redis.broker_url}))
+    plain, sliced = app.AsyncResult("t-plain"), app.AsyncResult("t-sliced")
+    got: dict[str, object] = {}
+
+    def waiter(name: str, wait: Callable[[], object]) -> threading.Thread:
+        def run() -> None:
+            try:
+                got[name] = wait()
+            except CeleryTimeout:
+                got[name] = "timed out"
+        thread = threading.Thread(target=run)
+        thread.start()
+        return thread
+
+    # The plain wait shows the message really is missing (so the other proves something).
+    threads = [waiter("plain", lambda: plain.get(timeout=3 * results.SLICE_S)),
+               waiter("sliced", lambda: results.wait(sliced, 30))]
+    wait_for(lambda: len(lone_redis.redis_client().pubsub_channels()) == 2, 10,
+             "both waiters to subscribe")
+    _store_without_message(lone_redis, "t-plain", {"answer": 1})
+    _store_without_message(lone_redis, "t-sliced", {"answer": 2})
+    for thread in threads:
+        thread.join(timeout=40)
+
+    assert got == {"plain": "timed out", "sliced": {"answer": 2}}
