@@ -28,6 +28,8 @@ from workers.domobj import DomainObj
 from workers.errors import HostUnavailableError, NotFoundError, QemuError
 from workers.heartbeat import Heartbeat
 from workers.jobs import ActiveJob, JobStore
+from workers.migration import tunnel
+from workers.migration.params import MigrationFlags
 from workers.monitor import Monitor
 from workers.paths import AllowedDirs
 from workers.ports import PortAllocator
@@ -304,6 +306,8 @@ class HostAgent:
                         f"{job.operation.replace('_', ' ')} gone", job.phase, self.host)
         self.jobs.set_error(uuid, job.id, err.to_dict())
         log.warning("job %s: %s", job.id, err)
+        if job.operation == "incoming_migration" and job.flags & MigrationFlags.TUNNELLED:
+            tunnel.mark_closed(self.redis, job.id)  # its receiver died with the old worker
 
     def _restore_extra(self, dom: DomainObj, extra: dict[str, str]) -> None:
         """The job and lease state a status file kept across a worker restart."""

@@ -297,6 +297,12 @@ def _name_native_thread(name: bytes) -> None:
         libc.prctl(15, name, 0, 0, 0)  # PR_SET_NAME
 
 
+def mark_closed(client: redis.Redis, job_id: str) -> None:
+    """Flag the tunnel closed for the other side: its end here died with this host's
+    worker, so a sender waiting for acknowledgements stops now, not after its join."""
+    client.set(_keys(job_id)[2], "1", ex=300)
+
+
 def reset(client: redis.Redis, job_id: str) -> None:
     """Forget any leftovers of an earlier attempt of this job."""
     client.delete(*_keys(job_id))
