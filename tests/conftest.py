@@ -327,4 +327,3 @@ def fleet_of(names: list[str], base_image: Path, env: dict[str, str] | None = No
         fleet.stop()
         if not os.environ.get("FERRY_TEST_KEEP"):
             shutil.rmtree(root, ignore_errors=True)
-
