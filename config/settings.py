@@ -148,7 +148,8 @@ SPECS: tuple[Spec, ...] = (
          "seconds an outgoing migration may send nothing before it is cancelled (0: never)",
          0, 3600),
     Spec("sweep_interval_s", int, lambda: 30,
-         "how often the sweeper looks for incoming guests whose job ended elsewhere", 1, 3600),
+         "how often the sweeper looks for incoming guests whose job ended elsewhere and "
+         "job records no guest is in", 1, 3600),
     Spec("incoming_timeout_s", int, lambda: 60,
          "how long Finish waits for the incoming stream to complete", 1, 3600),
 )

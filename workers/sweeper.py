@@ -6,6 +6,11 @@
   place in the host's incoming line given back (no Finish will);
 - a guest paused by a migration with no job left: never resumed blindly (the
   dest may run it), reported with a clear reason for the operator;
+- a job record naming this host as the source while no guest here is in that
+  job (its phases were lost with a crash): it would refuse every later job of
+  the guest, so once it is past the grace and still so in the next pass (a job
+  that is just ending is not mistaken for one), the job is ended and its late
+  phases, should they come, run nothing;
 - leases need no sweeping: nobody renews a dead owner's, so they expire.
 """
 
@@ -15,8 +20,10 @@ import asyncio
 import contextlib
 import logging
 import time
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from workers.jobs import job_key
 from workers.migration.state import Phase
 from workers.slots import Line, Slots
 from workers.states import DomainState, PausedReason, ShutoffReason
@@ -31,9 +38,35 @@ log = logging.getLogger(__name__)
 GRACE_S = 30.0  # a job younger than this may simply not have written its record yet
 
 
-async def sweep(agent: HostAgent) -> list[str]:
+@dataclass
+class OrphanRecords:
+    """Job records of this host (as the source) that no guest here is in, by pass."""
+
+    suspects: dict[str, str] = field(default_factory=dict)  # uuid -> job id, last pass
+
+    def reconcile(self, agent: HostAgent) -> list[str]:
+        mine = {d.uuid: d.job.id for d in agent.domains.values() if d.job is not None}
+        now, orphans = time.time(), {}
+        for key in agent.redis.scan_iter(match=job_key("*"), count=1000):
+            uuid = (key.decode() if isinstance(key, bytes) else key).rsplit(":", 1)[1]
+            record = agent.jobs.get(uuid)
+            if record is None or record.get("source") != agent.host or \
+                    mine.get(uuid) == record["id"] or now - record["started"] <= GRACE_S:
+                continue
+            orphans[uuid] = str(record["id"])
+        done = []
+        for uuid, job_id in orphans.items():
+            if self.suspects.get(uuid) == job_id:
+                agent.jobs.end(uuid, job_id)
+                done.append(f"ended job {job_id} of domain {uuid}: its record names this "
+                            "host as the source but no guest here is in it")
+        self.suspects = {u: j for u, j in orphans.items() if self.suspects.get(u) != j}
+        return done
+
+
+async def sweep(agent: HostAgent, orphans: OrphanRecords | None = None) -> list[str]:
     """One pass; returns what it did, one line each."""
-    done = []
+    done = [] if orphans is None else orphans.reconcile(agent)
     now = time.time()
     for dom in list(agent.domains.values()):
         job = dom.job
@@ -75,7 +108,8 @@ def _gone(agent: HostAgent, uuid: str, job_id: str, age_s: float) -> bool:
 
 
 async def run_forever(agent: HostAgent) -> None:
+    orphans = OrphanRecords()
     while True:
         with contextlib.suppress(Exception):
-            await sweep(agent)
+            await sweep(agent, orphans)
         await asyncio.sleep(agent.settings.sweep_interval_s)

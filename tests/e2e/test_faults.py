@@ -109,3 +109,45 @@ def test_a_redelivered_confirm_after_the_job_ended_kills_nothing(
 
     info = client.call("alpha", "dominfo", domain=guest.name)
     assert (info["state"], info["pid"]) == ("running", pid)
+
+
+def test_a_job_record_whose_phases_were_lost_is_ended_by_the_sweeper_and_the_guest_moves(
+        stack: Stack, client: Client, make_guest: Callable[..., Guest],
+        faulty_host: Callable[..., str]) -> None:
+    """A crash left a record naming this host as the source of a job no guest here is
+    in: it would refuse every later job of the guest.  The sweeper ends it (after the
+    grace, and only when the next pass still finds it so); records of other hosts and
+    young ones stay."""
+    import time
+
+    host = faulty_host("", FERRY_SWEEP_INTERVAL_S="1")
+    guest = make_guest(domain_type="qemu")
+    client.call(host, "define", xml=guest.xml)
+    client.call(host, "start", domain=guest.name)
+    r = stack.redis_client()
+    lost_at = time.time() - 3600
+    r.hset(f"ferry:job:{guest.uuid}", mapping={
+        "id": "j-lost", "kind": "migration", "phase": "begin3", "source": host,
+        "dest": "alpha", "flags": "1", "started": str(lost_at), "progress": "{}",
+        "error": ""})
+    others = {"ferry:job:00000000-0000-4000-8000-000000000001": {"source": "beta",
+                                                                "started": lost_at},
+              "ferry:job:00000000-0000-4000-8000-000000000002": {"source": host,
+                                                                "started": time.time()}}
+    for key, rec in others.items():
+        r.hset(key, mapping={"id": f"j-{key[-1]}", "kind": "migration", "phase": "begin3",
+                             "dest": "alpha", "flags": "1", "progress": "{}", "error": "",
+                             **{k: str(v) for k, v in rec.items()}})
+    try:
+        wait_for(lambda: not r.exists(f"ferry:job:{guest.uuid}"), 20,
+                 "the sweeper to end the lost job's record")
+        assert r.exists("ferry:jobended:j-lost"), "its late phases will run nothing"
+        assert all(r.exists(key) for key in others), "another host's or a young record"
+        log = (stack.workers[host].state_dir / "worker.log").read_text()
+        assert f"sweeper: ended job j-lost of domain {guest.uuid}" in log
+
+        summary = client.migrate(guest.name, host, "alpha", live=True).wait(timeout=120)
+        assert summary["result"] == "completed"
+        assert client.call("alpha", "dominfo", domain=guest.name)["state"] == "running"
+    finally:
+        r.delete(*others)
