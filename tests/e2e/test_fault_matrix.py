@@ -127,6 +127,7 @@ class Run:
     error: str | None = None
     summary: dict[str, Any] = field(default_factory=dict)
     worker_pids: dict[str, int] = field(default_factory=dict)  # before the fault
+    job_id: str = ""
 
 
 def _host(side: str) -> str:
@@ -228,6 +229,7 @@ def _run(fs: FaultStack, case: Case) -> tuple[Run, Outcome | str, float, Sampler
         speed = {"bandwidth_mib_s": 1} if case.at == At.COPYING else {}
         job = fs.client.migrate(name, SRC, DST, live=True, p2p=case.mode != Mode.MANAGED,
                                 tunnelled=case.mode == Mode.TUNNELLED, **speed)
+        run.job_id = job.id
         _hold(fs, case, job)
         started = time.monotonic()
         _inflict(fs, run, job)
@@ -298,6 +300,20 @@ def _socket_owner(inode: str) -> str:
     return "no process"
 
 
+LOG_LINE = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} ")  # a record's first line
+
+
+def _job_log(fs: FaultStack, run: Run) -> str:
+    """Both workers' log lines naming the case's job or guest, in time order."""
+    lines = []
+    for host in (SRC, DST):
+        with contextlib.suppress(OSError):
+            text = (fs.stack.root / host / "worker.log").read_text(errors="replace")
+            lines += [line[:300] for line in text.splitlines() if LOG_LINE.match(line) and
+                      ((run.job_id and run.job_id in line) or run.name in line)]
+    return "\n".join(sorted(lines))
+
+
 def _lease_holder(fs: FaultStack, dom_uuid: str) -> str | None:
     raw = fs.client.redis.get(f"ferry:lease:domain:{dom_uuid}")
     return None if raw is None else str(json.loads(raw)["host"])
@@ -317,6 +333,10 @@ def test_fault_leaves_one_copy_and_says_why(fstack: FaultStack, case: Case) -> N
         if run is None:
             _report(Result(case.id, case.fault.value, case.at.value, case.mode.value,
                            case.expected.value, "harness error", settle, str(exc), False))
+        raise
+    except AssertionError:
+        if run is not None:
+            print(_job_log(fstack, run))  # shown with the failure: what each worker did
         raise
     finally:
         if run is not None:
