@@ -59,6 +59,7 @@ class FaultStack:
         return {"FERRY_FAILPOINT_DIR": str(self.fp_dir(host)),
                 "FERRY_MIGRATION_PORTS": f"{PORTS[0]}-{PORTS[1]}",
                 "FERRY_P2P_TIMEOUT_S": "30", "FERRY_INCOMING_TIMEOUT_S": "30",
+                "FERRY_SWEEP_INTERVAL_S": "2",
                 "FERRY_LEASE_TTL_MS": "5000"}
 
     def fp_dir(self, host: str) -> Path:
@@ -377,5 +378,8 @@ def _check(fs: FaultStack, run: Run, outcome: Outcome | str, sampler: Sampler) -
     if outcome == Outcome.P:
         info = fs.client.call(SRC, "dominfo", domain=run.name)
         assert (info["state"], info["reason"]) == ("paused", "migration")
+        log = fs.stack.root / SRC / "worker.log"
+        wait_for(lambda: f"sweeper: {run.name} stays paused" in log.read_text(), 10,
+                 "the source's sweeper to report the guest the migration left paused")
     if case.fault == Fault.ABORT and case.at in (At.FINISH, At.STARTED, At.CONFIRM):
         assert "refused" in (run.reply or {}), f"a late abort was not refused: {run.reply}"
