@@ -149,7 +149,10 @@ SPECS: tuple[Spec, ...] = (
          0, 3600),
     Spec("sweep_interval_s", int, lambda: 30,
          "how often the sweeper looks for incoming guests whose job ended elsewhere and "
-         "job records no guest is in", 1, 3600),
+         "for the halves of a job a crash separated", 1, 3600),
+    Spec("sweep_grace_s", int, lambda: 30,
+         "how old a job must be before the sweeper takes a missing record or guest as lost",
+         1, 3600),
     Spec("incoming_timeout_s", int, lambda: 60,
          "how long Finish waits for the incoming stream to complete", 1, 3600),
 )
@@ -197,6 +200,7 @@ class Settings:
     incoming_timeout_s: int
     migration_stall_timeout_s: int
     sweep_interval_s: int
+    sweep_grace_s: int
     extra: Mapping[str, str] = field(default_factory=dict)
 
     def replace(self, **changes: Any) -> Settings:

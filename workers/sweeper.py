@@ -11,6 +11,10 @@
   the guest, so once it is past the grace and still so in the next pass (a job
   that is just ending is not mistaken for one), the job is ended and its late
   phases, should they come, run nothing;
+- the other way round, a guest here in an outgoing job that waits for another
+  host (after Begin, or after Perform) while the job's record is gone (a
+  broker that lost its data): the job is ended by the same rule; a guest the
+  migration paused stays paused and is reported as below;
 - leases need no sweeping: nobody renews a dead owner's, so they expire.
 """
 
@@ -35,36 +39,86 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-GRACE_S = 30.0  # a job younger than this may simply not have written its record yet
-
 
 @dataclass
-class OrphanRecords:
-    """Job records of this host (as the source) that no guest here is in, by pass."""
+class Orphans:
+    """The two halves of a source's job that can lose each other in a crash: a job
+    record with no guest here in that job, and a guest here in a job with no record
+    (a broker that lost its data).  Either is acted on only when two passes in a row
+    find it so, so a job that is just ending is not mistaken for one."""
 
-    suspects: dict[str, str] = field(default_factory=dict)  # uuid -> job id, last pass
+    suspects: dict[tuple[str, str], str] = field(default_factory=dict)  # -> job id
 
     def reconcile(self, agent: HostAgent) -> list[str]:
-        mine = {d.uuid: d.job.id for d in agent.domains.values() if d.job is not None}
-        now, orphans = time.time(), {}
-        for key in agent.redis.scan_iter(match=job_key("*"), count=1000):
-            uuid = (key.decode() if isinstance(key, bytes) else key).rsplit(":", 1)[1]
-            record = agent.jobs.get(uuid)
-            if record is None or record.get("source") != agent.host or \
-                    mine.get(uuid) == record["id"] or now - record["started"] <= GRACE_S:
-                continue
-            orphans[uuid] = str(record["id"])
+        found = {**_records_without_job(agent), **_jobs_without_record(agent)}
         done = []
-        for uuid, job_id in orphans.items():
-            if self.suspects.get(uuid) == job_id:
+        for (kind, uuid), job_id in found.items():
+            if self.suspects.get((kind, uuid)) != job_id:
+                continue
+            if kind == "record":
                 agent.jobs.end(uuid, job_id)
                 done.append(f"ended job {job_id} of domain {uuid}: its record names this "
                             "host as the source but no guest here is in it")
-        self.suspects = {u: j for u, j in orphans.items() if self.suspects.get(u) != j}
+            elif (dom := _domain(agent, uuid)) is not None and dom.job is not None and \
+                    dom.job.id == job_id:
+                _end_lost_job(agent, dom)
+                done.append(f"ended job {job_id} of {dom.name}: its record and phases are "
+                            "gone from the broker")
+        self.suspects = {k: j for k, j in found.items() if self.suspects.get(k) != j}
         return done
 
 
-async def sweep(agent: HostAgent, orphans: OrphanRecords | None = None) -> list[str]:
+def _records_without_job(agent: HostAgent) -> dict[tuple[str, str], str]:
+    mine = {d.uuid: d.job.id for d in agent.domains.values() if d.job is not None}
+    now, found, grace = time.time(), {}, agent.settings.sweep_grace_s
+    for key in agent.redis.scan_iter(match=job_key("*"), count=1000):
+        uuid = (key.decode() if isinstance(key, bytes) else key).rsplit(":", 1)[1]
+        record = agent.jobs.get(uuid)
+        if record is None or record.get("source") != agent.host or \
+                mine.get(uuid) == record["id"] or now - record["started"] <= grace:
+            continue
+        found[("record", uuid)] = str(record["id"])
+    return found
+
+
+# An outgoing job in these phases waits for another host; no phase of it runs here.
+_WAITING = (Phase.BEGIN3.value, Phase.PERFORM3_DONE.value)
+
+
+def _jobs_without_record(agent: HostAgent) -> dict[tuple[str, str], str]:
+    now, found, grace = time.time(), {}, agent.settings.sweep_grace_s
+    for dom in agent.domains.values():
+        job = dom.job
+        if job is None or job.operation != "outgoing_migration" or \
+                job.phase not in _WAITING or now - job.started <= grace:
+            continue
+        record = agent.jobs.get(dom.uuid)
+        if record is None or record.get("id") != job.id:
+            found[("job", dom.uuid)] = job.id
+    return found
+
+
+def _domain(agent: HostAgent, uuid: str) -> DomainObj | None:
+    return next((d for d in agent.domains.values() if d.uuid == uuid), None)
+
+
+def _end_lost_job(agent: HostAgent, dom: DomainObj) -> None:
+    """End the source's part: a guest the migration paused stays paused (the dest may
+    run it; the pass below reports it), any other is left as it is."""
+    from workers.errors import MigrationError
+    from workers.migration.source import end_job
+    from workers.migration.state import MigrationState
+
+    job = dom.job
+    assert job is not None and job.state is not None
+    err = MigrationError("the job's record and phases are gone from the broker (it lost "
+                         "its data?): the sweeper ended the job", job.phase, agent.host)
+    end_job(agent, dom, dom.uuid, MigrationState.from_json(job.state).with_error(err))
+    if dom.active:
+        agent.save_status(dom)
+
+
+async def sweep(agent: HostAgent, orphans: Orphans | None = None) -> list[str]:
     """One pass; returns what it did, one line each."""
     done = [] if orphans is None else orphans.reconcile(agent)
     now = time.time()
@@ -101,14 +155,14 @@ def _gone(agent: HostAgent, uuid: str, job_id: str, age_s: float) -> bool:
     record is gone or belongs to another job."""
     if agent.jobs.ended(job_id):
         return True
-    if age_s <= GRACE_S:
+    if age_s <= agent.settings.sweep_grace_s:
         return False
     record = agent.jobs.get(uuid)
     return record is None or record.get("id") != job_id
 
 
 async def run_forever(agent: HostAgent) -> None:
-    orphans = OrphanRecords()
+    orphans = Orphans()
     while True:
         with contextlib.suppress(Exception):
             await sweep(agent, orphans)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import signal
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -151,3 +152,42 @@ def test_a_job_record_whose_phases_were_lost_is_ended_by_the_sweeper_and_the_gue
         assert client.call("alpha", "dominfo", domain=guest.name)["state"] == "running"
     finally:
         r.delete(*others)
+
+
+def _completed(client: Client, host: str, name: str) -> dict[str, Any] | None:
+    done = client.call(host, "domjobinfo", domain=name, completed=True)
+    return done if done.get("type") not in (None, "none") else None
+
+
+def test_a_job_whose_record_the_broker_lost_is_ended_by_the_sweeper_and_the_guest_moves(
+        stack: Stack, client: Client, make_guest: Callable[..., Guest],
+        faulty_host: Callable[..., str]) -> None:
+    """The other half: the source's guest waits after Begin in a job whose record (and
+    phases) the broker lost.  The sweeper ends the job past the grace; the guest, never
+    paused by it, runs on and can be migrated again."""
+    host = faulty_host("", FERRY_SWEEP_INTERVAL_S="1", FERRY_SWEEP_GRACE_S="3")
+    stack.start_worker("delta", env={"FERRY_FAILPOINTS": "prepare3.start=hang"})
+    try:
+        guest = make_guest(domain_type="qemu")
+        client.call(host, "define", xml=guest.xml)
+        pid = client.call(host, "start", domain=guest.name)["pid"]
+        job = client.migrate(guest.name, host, "delta", live=True)
+        wait_for(lambda: client.app.AsyncResult(f"{job.id}.begin3").ready(), 20,
+                 "Begin to end (the dest's Prepare then hangs)")
+        assert client.call(host, "domjobinfo", domain=guest.name)["phase"] == "begin3"
+        r = stack.redis_client()
+        r.delete(f"ferry:job:{guest.uuid}")  # what a broker without its data has left
+
+        done = wait_for(lambda: _completed(client, host, guest.name), 30,
+                        "the sweeper to end the job (past the grace, two passes)")
+        assert done["type"] == "failed" and "gone from the broker" in done["error"]
+        info = client.call(host, "dominfo", domain=guest.name)
+        assert (info["state"], info["pid"]) == ("running", pid)
+        assert r.exists(f"ferry:jobended:{job.id}"), "its late phases will run nothing"
+        log = (stack.workers[host].state_dir / "worker.log").read_text()
+        assert f"sweeper: ended job {job.id} of {guest.name}" in log
+
+        summary = client.migrate(guest.name, host, "alpha", live=True).wait(timeout=120)
+        assert summary["result"] == "completed"
+    finally:
+        stack.remove_worker("delta")

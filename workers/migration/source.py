@@ -326,7 +326,7 @@ async def confirm3(agent: HostAgent, st: MigrationState) -> MigrationState:
         else:
             await _finish_source(agent, dom, p)
     finally:
-        _end_job(agent, dom, uuid, st)
+        end_job(agent, dom, uuid, st)
     return st
 
 
@@ -369,7 +369,7 @@ async def _finish_source(agent: HostAgent, dom: DomainObj, p: MigrationParams) -
         dom.definition = None
 
 
-def _end_job(agent: HostAgent, dom: DomainObj, uuid: str, st: MigrationState,
+def end_job(agent: HostAgent, dom: DomainObj, uuid: str, st: MigrationState,
              end_record: bool = True) -> None:
     """The source's part of a job is over; v2 leaves the record to Finish2."""
     p = st.params
@@ -409,8 +409,8 @@ async def perform2(agent: HostAgent, st: MigrationState) -> MigrationState:
             await _resume_source(agent, dom, st)
         except FerryError as resume_exc:
             st = st.with_error(resume_exc.at(phase=Phase.PERFORM2.value, host=agent.host))
-        _end_job(agent, dom, uuid, st, end_record=False)
+        end_job(agent, dom, uuid, st, end_record=False)
         return st
     await _finish_source(agent, dom, p)
-    _end_job(agent, dom, uuid, st, end_record=False)
+    end_job(agent, dom, uuid, st, end_record=False)
     return st
