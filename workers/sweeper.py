@@ -89,9 +89,9 @@ def _jobs_without_record(agent: HostAgent) -> dict[tuple[str, str], str]:
     now, found, grace = time.time(), {}, agent.settings.sweep_grace_s
     for dom in agent.domains.values():
         job = dom.job
-        if job is None or job.operation != "outgoing_migration" or \
+        if job is None or job.operation != "outgoing_migration" or job.state is None or \
                 job.phase not in _WAITING or now - job.started <= grace:
-            continue
+            continue  # (an offline migration keeps no state to end it from)
         record = agent.jobs.get(dom.uuid)
         if record is None or record.get("id") != job.id:
             found[("job", dom.uuid)] = job.id
@@ -120,7 +120,12 @@ def _end_lost_job(agent: HostAgent, dom: DomainObj) -> None:
 
 async def sweep(agent: HostAgent, orphans: Orphans | None = None) -> list[str]:
     """One pass; returns what it did, one line each."""
-    done = [] if orphans is None else orphans.reconcile(agent)
+    done: list[str] = []
+    if orphans is not None:
+        try:
+            done = orphans.reconcile(agent)
+        except Exception as exc:  # the rest of the pass still runs
+            log.error("sweeper: job records not reconciled: %s", exc)
     now = time.time()
     for dom in list(agent.domains.values()):
         job = dom.job
