@@ -25,7 +25,7 @@ import contextlib
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from workers.jobs import job_key
 from workers.migration.state import Phase
@@ -50,56 +50,62 @@ class Orphans:
     suspects: dict[tuple[str, str], str] = field(default_factory=dict)  # -> job id
 
     def reconcile(self, agent: HostAgent) -> list[str]:
-        found = {**_records_without_job(agent), **_jobs_without_record(agent)}
+        records = _records(agent)
+        found = {**_records_without_job(agent, records), **_jobs_without_record(agent, records)}
         done = []
-        for (kind, uuid), job_id in found.items():
-            if self.suspects.get((kind, uuid)) != job_id:
+        for (kind, key), job_id in found.items():
+            if self.suspects.get((kind, key)) != job_id:
                 continue
             if kind == "record":
-                agent.jobs.end(uuid, job_id)
-                done.append(f"ended job {job_id} of domain {uuid}: its record names this "
+                agent.jobs.end(key, job_id)
+                done.append(f"ended job {job_id} of domain {key}: its record names this "
                             "host as the source but no guest here is in it")
-            elif (dom := _domain(agent, uuid)) is not None and dom.job is not None and \
+            elif (dom := agent.domains.get(key)) is not None and dom.job is not None and \
                     dom.job.id == job_id:
                 _end_lost_job(agent, dom)
-                done.append(f"ended job {job_id} of {dom.name}: its record and phases are "
+                done.append(f"ended job {job_id} of {key}: its record and phases are "
                             "gone from the broker")
         self.suspects = {k: j for k, j in found.items() if self.suspects.get(k) != j}
         return done
 
 
-def _records_without_job(agent: HostAgent) -> dict[tuple[str, str], str]:
-    mine = {d.uuid: d.job.id for d in agent.domains.values() if d.job is not None}
-    now, found, grace = time.time(), {}, agent.settings.sweep_grace_s
+def _records(agent: HostAgent) -> dict[str, dict[str, Any]]:
+    """Every job record in the broker, by domain uuid (read once per pass)."""
+    records = {}
     for key in agent.redis.scan_iter(match=job_key("*"), count=1000):
         uuid = (key.decode() if isinstance(key, bytes) else key).rsplit(":", 1)[1]
-        record = agent.jobs.get(uuid)
-        if record is None or record.get("source") != agent.host or \
-                mine.get(uuid) == record["id"] or now - record["started"] <= grace:
-            continue
-        found[("record", uuid)] = str(record["id"])
-    return found
+        if (record := agent.jobs.get(uuid)) is not None:
+            records[uuid] = record
+    return records
+
+
+def _records_without_job(agent: HostAgent,
+                         records: dict[str, dict[str, Any]]) -> dict[tuple[str, str], str]:
+    """("record", uuid) -> job id."""
+    mine = {d.uuid: d.job.id for d in agent.domains.values() if d.job is not None}
+    now, grace = time.time(), agent.settings.sweep_grace_s
+    return {("record", uuid): str(rec["id"]) for uuid, rec in records.items()
+            if rec.get("source") == agent.host and mine.get(uuid) != rec["id"] and
+            now - rec["started"] > grace}
 
 
 # An outgoing job in these phases waits for another host; no phase of it runs here.
 _WAITING = (Phase.BEGIN3.value, Phase.PERFORM3_DONE.value)
 
 
-def _jobs_without_record(agent: HostAgent) -> dict[tuple[str, str], str]:
+def _jobs_without_record(agent: HostAgent,
+                         records: dict[str, dict[str, Any]]) -> dict[tuple[str, str], str]:
+    """("job", domain name) -> job id."""
     now, found, grace = time.time(), {}, agent.settings.sweep_grace_s
-    for dom in agent.domains.values():
+    for name, dom in agent.domains.items():
         job = dom.job
         if job is None or job.operation != "outgoing_migration" or job.state is None or \
                 job.phase not in _WAITING or now - job.started <= grace:
             continue  # (an offline migration keeps no state to end it from)
-        record = agent.jobs.get(dom.uuid)
+        record = records.get(dom.uuid)
         if record is None or record.get("id") != job.id:
-            found[("job", dom.uuid)] = job.id
+            found[("job", name)] = job.id
     return found
-
-
-def _domain(agent: HostAgent, uuid: str) -> DomainObj | None:
-    return next((d for d in agent.domains.values() if d.uuid == uuid), None)
 
 
 def _end_lost_job(agent: HostAgent, dom: DomainObj) -> None:

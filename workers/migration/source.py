@@ -67,10 +67,10 @@ def refuse_v2_with_lease_state(agent: HostAgent) -> None:
 
 def check_abort(agent: HostAgent, dom: DomainObj | None, uuid: str, job_id: str) -> None:
     """At a phase boundary: an abort recorded earlier ends the job here."""
-    if dom is not None and dom.job is not None and dom.job.cancelled:
-        raise MigrationError(dom.job.cancelled)
-    if (dom is not None and dom.job is not None and dom.job.abort) or \
-            agent.jobs.abort_requested(uuid, job_id):
+    job = dom.job if dom is not None else None
+    if job is not None and job.cancelled:
+        raise MigrationError(job.cancelled)
+    if (job is not None and job.abort) or agent.jobs.abort_requested(uuid, job_id):
         raise MigrationError("operation aborted: migration job canceled by client")
 
 
