@@ -62,6 +62,12 @@ def _xdist_worker() -> int | None:
     return int(name[2:]) if name.startswith("gw") and name[2:].isdigit() else None
 
 
+def _port_base() -> int:
+    """First migration port of this run's stacks; FERRY_TEST_PORT_BASE moves it so that two
+    checkouts can run their suites side by side on one machine."""
+    return int(os.environ.get("FERRY_TEST_PORT_BASE", "30000"))
+
+
 @pytest.fixture(scope="session")
 def stack() -> Iterator[Stack]:
     # A short root: unix socket paths must fit in 107 bytes.
@@ -71,7 +77,7 @@ def stack() -> Iterator[Stack]:
     if worker is not None:
         # Each xdist worker's stack gets its own migration ports, below the kernel's
         # ephemeral range (32768-60999) that the other worker's redis-servers draw from.
-        first = 30000 + 64 * worker
+        first = _port_base() + 64 * worker
         st.extra_env["FERRY_MIGRATION_PORTS"] = f"{first}-{first + 63}"
     try:
         st.start_redis()
