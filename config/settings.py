@@ -1,8 +1,10 @@
 """Typed settings from FERRY_* environment variables, read once.
 
-Each setting has a default, bounds and one line of help.  `load()` reads the
-environment (or a mapping given by tests) and returns a frozen `Settings`;
-nothing else in ferry reads the environment.
+Each setting has a default, bounds and one line of help; a parser's docstring
+says what it accepts.  docs/settings.md is generated from these declarations
+(`python -m scripts.devtools.settings_doc`).  `load()` reads the environment
+(or a mapping given by tests) and returns a frozen `Settings`; nothing else
+in ferry reads the environment.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ class Spec:
 
 
 def _bool(text: str) -> bool:
+    """1/true/yes/on or 0/false/no/off/empty, any case."""
     value = text.strip().lower()
     if value in ("1", "true", "yes", "on"):
         return True
@@ -41,6 +44,7 @@ def _bool(text: str) -> bool:
 
 
 def _port_range(text: str) -> tuple[int, int]:
+    """LOW-HIGH, within 1-65535."""
     low, sep, high = text.partition("-")
     if not sep:
         raise ValueError(f"not a port range LOW-HIGH: {text!r}")
@@ -51,10 +55,12 @@ def _port_range(text: str) -> tuple[int, int]:
 
 
 def _uuid(text: str) -> str:
+    """a UUID."""
     return str(uuid.UUID(text))
 
 
 def _optional_path(text: str) -> Path | None:
+    """an absolute path, or empty."""
     if not text:
         return None
     path = Path(text)
@@ -64,6 +70,7 @@ def _optional_path(text: str) -> Path | None:
 
 
 def _dirs(text: str) -> tuple[Path, ...]:
+    """absolute directories, ':'-separated."""
     dirs = tuple(Path(part) for part in text.split(":") if part.strip())
     for d in dirs:
         if not d.is_absolute():
@@ -72,6 +79,7 @@ def _dirs(text: str) -> tuple[Path, ...]:
 
 
 def _lock_manager(text: str) -> str:
+    """redis or none."""
     if text not in ("redis", "none"):
         raise ValueError(f"lock manager must be 'redis' or 'none', not {text!r}")
     return text
@@ -118,7 +126,8 @@ SPECS: tuple[Spec, ...] = (
     Spec("qemu_start_timeout_s", int, lambda: 30,
          "how long to wait for a new QEMU's monitor", 1, 600),
     Spec("log_level", str, lambda: "INFO", "worker log level (DEBUG logs every QMP message)"),
-    Spec("failpoints", str, lambda: "", "test-only failure points: name=raise|kill|hang,..."),
+    Spec("failpoints", str, lambda: "",
+         "test-only failure points: name=raise|kill|hang|slow|bad-arg|pause,..."),
     Spec("failpoint_dir", str, lambda: "",
          "test-only: failpoints armed at run time by files named after them in this dir"),
     Spec("downtime_ms", int, lambda: 500,
@@ -238,5 +247,5 @@ def _check_bounds(spec: Spec, value: Any) -> None:
 
 
 def describe() -> str:
-    """One line per setting, for `ferry worker --help` and the README."""
+    """One line per setting, for `ferry worker --help`."""
     return "\n".join(f"FERRY_{s.name.upper():<28} {s.help}" for s in SPECS)
