@@ -1,6 +1,6 @@
 """`python -m scripts.bench` (`make bench`): ferry's live migration against the raw QMP floor.
 
-Starts its own redis-server and hosts alpha and beta (scripts.stack.Stack) in
+Starts its own redis-server and hosts alpha and beta (scripts.testbed.stack.Stack) in
 a temporary root, one ferry guest and one floor guest per size, interleaves
 the samples, and stops every process it started, by pid, also on failure.
 `--case transports` compares managed, p2p and p2p tunnelled migration and the
@@ -37,9 +37,9 @@ from scripts.bench.migration import (
 from scripts.bench.report import case_json, machine, markdown, resummarize
 from scripts.bench.transports import run_transports, tunnel_settings
 from scripts.bench.transports_report import markdown as transports_markdown
-from scripts.guestimage import MAX_REGION_MIB, build_image
-from scripts.guestxml import guest_xml
-from scripts.stack import Stack
+from scripts.testbed.guestimage import MAX_REGION_MIB, build_image
+from scripts.testbed.guestxml import guest_xml
+from scripts.testbed.stack import Stack
 from tasks.client import Client
 
 BENCH_DIR = Path(__file__).resolve().parent

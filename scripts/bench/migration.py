@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from config.settings import load
-from scripts.stack import Stack, wait_for
+from scripts.testbed.stack import Stack, wait_for
 from tasks.client import Client
 
 HOSTS = ("alpha", "beta")

@@ -32,9 +32,9 @@ from celery import chain
 from config.celery_app import queue_for
 from scripts.bench.migration import FerryGuest, start_stack
 from scripts.bench.tunnel_micro import _proc_cpu_s
-from scripts.guestimage import build_image
-from scripts.guestxml import guest_xml
-from scripts.stack import Stack
+from scripts.testbed.guestimage import build_image
+from scripts.testbed.guestxml import guest_xml
+from scripts.testbed.stack import Stack
 from tasks.client import Client
 
 

@@ -20,9 +20,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from scripts.bench.report import machine
-from scripts.guestimage import build_image
-from scripts.guestxml import guest_xml
-from scripts.stack import Stack, wait_for
+from scripts.testbed.guestimage import build_image
+from scripts.testbed.guestxml import guest_xml
+from scripts.testbed.stack import Stack, wait_for
 from tasks import signals
 from tasks.client import Client
 

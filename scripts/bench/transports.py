@@ -31,8 +31,8 @@ from config.settings import load
 from scripts.bench.cpu import CpuSampler
 from scripts.bench.floor import FloorGuest, FloorSample
 from scripts.bench.migration import FerryGuest, FerrySample, foreign_qemu, wait_filled
-from scripts.guestimage import build_image
-from scripts.guestxml import guest_xml
+from scripts.testbed.guestimage import build_image
+from scripts.testbed.guestxml import guest_xml
 from tasks.client import Client
 
 CASE = "transports"

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from config.settings import load
-from scripts.stack import Stack, stop_pid
+from scripts.testbed.stack import Stack, stop_pid
 from workers.migration import tunnel
 
 BLOCK = 1 << 20

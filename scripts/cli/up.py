@@ -16,7 +16,7 @@ import threading
 from pathlib import Path
 
 from config.settings import load
-from scripts.stack import Stack, free_port
+from scripts.testbed.stack import Stack, free_port
 
 DEFAULT_PORT = 6379
 

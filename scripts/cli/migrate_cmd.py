@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from scripts import formats
+from scripts.cli import formats
 from workers.errors import FerryError, InvalidInputError
 
 
@@ -56,7 +56,7 @@ def _options(a: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_migrate(a: argparse.Namespace) -> int:
-    from scripts.cli import _client, _host
+    from scripts.cli.main import _client, _host
 
     client = _client()
     source = _host(a)
@@ -102,7 +102,7 @@ def _follow(job: Any) -> dict[str, Any]:
 
 
 def cmd_domjobinfo(a: argparse.Namespace) -> int:
-    from scripts.cli import _client, _emit, _host
+    from scripts.cli.main import _client, _emit, _host
 
     info = _client().call(_host(a), "domjobinfo", domain=a.domain, completed=a.completed)
     return _emit(a, info, formats.jobinfo)
@@ -110,7 +110,7 @@ def cmd_domjobinfo(a: argparse.Namespace) -> int:
 
 def _signal_cmd(op: str, arg: str | None) -> Any:
     def run(a: argparse.Namespace) -> int:
-        from scripts.cli import _client, _emit, _host
+        from scripts.cli.main import _client, _emit, _host
 
         args = {arg: getattr(a, arg)} if arg else {}
         result = _client().signal(_host(a), a.domain, op, **args)

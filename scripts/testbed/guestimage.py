@@ -1,7 +1,7 @@
 """Build a tiny bootable raw disk image whose guest dirties RAM at a known rate.
 
 Migration tests need a guest whose memory behaviour is known and whose liveness
-can be read from outside.  This guest (scripts/guest/guest.S) boots from the MBR
+can be read from outside.  This guest (scripts/testbed/guest/guest.S) boots from the MBR
 under SeaBIOS (IDE, AHCI or virtio-blk), switches to flat 32-bit protected
 mode, optionally fills `random_mib` MiB at 2 MiB with incompressible bytes,
 then forever dirties `dirty_mib` MiB, also from 2 MiB (so it overwrites random
@@ -225,7 +225,7 @@ def _rate_arg(text: str) -> int | None:
 def main(argv: Sequence[str] | None = None) -> int:
     """CLI: build one image and print its path."""
     parser = argparse.ArgumentParser(
-        prog="python -m scripts.guestimage",
+        prog="python -m scripts.testbed.guestimage",
         description="Build ferry's test guest: a raw disk image that dirties RAM at a set rate.",
     )
     parser.add_argument("out", type=Path, help="image file to write (raw)")

@@ -53,7 +53,7 @@ def _abspath(path: str) -> str:
 
 
 def cmd_save(a: argparse.Namespace) -> int:
-    from scripts.cli import _emit
+    from scripts.cli.main import _emit
 
     path = _abspath(a.file)
     info = _call(a, "save", a.domain, domain=a.domain, path=path, compression=a.compress,
@@ -62,7 +62,7 @@ def cmd_save(a: argparse.Namespace) -> int:
 
 
 def cmd_restore(a: argparse.Namespace) -> int:
-    from scripts.cli import _emit
+    from scripts.cli.main import _emit
 
     path = _abspath(a.file)
     xml = None
@@ -77,7 +77,7 @@ def cmd_restore(a: argparse.Namespace) -> int:
 
 
 def cmd_dump(a: argparse.Namespace) -> int:
-    from scripts.cli import _emit
+    from scripts.cli.main import _emit
 
     path = _abspath(a.file)
     info = _call(a, "dump", a.domain, domain=a.domain, path=path, memory_only=a.memory_only,
@@ -100,7 +100,7 @@ def _saved_name(path: str) -> str | None:
 
 def _call(a: argparse.Namespace, task: str, follow: str | None, **kwargs: Any) -> Any:
     """Run the task; on a terminal, with a progress bar from domjobinfo."""
-    from scripts.cli import _client, _host
+    from scripts.cli.main import _client, _host
 
     client, host = _client(), _host(a)
     if follow is None or a.json or not sys.stdout.isatty():

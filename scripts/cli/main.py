@@ -12,7 +12,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from scripts import formats
+from scripts.cli import formats
 from workers.errors import FerryError, InvalidInputError
 
 Handler = Callable[[argparse.Namespace], int]
@@ -107,19 +107,19 @@ def cmd_hosts(a: argparse.Namespace) -> int:
 
 
 def cmd_worker(a: argparse.Namespace) -> int:
-    from scripts.worker import run_worker
+    from scripts.cli.worker import run_worker
 
     return run_worker(a)
 
 
 def cmd_up(a: argparse.Namespace) -> int:
-    from scripts.up import run_up
+    from scripts.cli.up import run_up
 
     return run_up(a)
 
 
 def cmd_demo(a: argparse.Namespace) -> int:
-    from scripts.demo import run_demo
+    from scripts.cli.demo import run_demo
 
     return run_demo(a)
 
@@ -182,10 +182,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("command", nargs="+")
     p.add_argument("--hmp", action="store_true")
     p.add_argument("--pretty", action="store_true")
-    from scripts.migrate_cmd import add_parsers
+    from scripts.cli.migrate_cmd import add_parsers
 
     add_parsers(sub, _domain_cmd)
-    from scripts.image_cmd import add_parsers as add_image_parsers
+    from scripts.cli.image_cmd import add_parsers as add_image_parsers
 
     add_image_parsers(sub, _domain_cmd)
     return parser

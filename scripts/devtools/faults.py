@@ -1,4 +1,4 @@
-"""`python -m scripts.faults`: run the fault matrix and print it as a Markdown table.
+"""`python -m scripts.devtools.faults`: run the fault matrix and print it as a Markdown table.
 
 The cases are those of tests/e2e/faultcases.py, run by
 tests/e2e/test_fault_matrix.py (pytest, real processes); each case appends its
@@ -19,7 +19,7 @@ from pathlib import Path
 
 from tests.e2e.faultcases import Result, cases, markdown
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 BEGIN, END = "<!-- faults-matrix:begin -->", "<!-- faults-matrix:end -->"
 
 
@@ -56,7 +56,7 @@ def put_in_readme(text: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m scripts.faults", description=__doc__)
+    ap = argparse.ArgumentParser(prog="python -m scripts.devtools.faults", description=__doc__)
     ap.add_argument("-k", dest="select", help="only the cases pytest -k selects")
     ap.add_argument("--readme", action="store_true", help="also write the table into README.md")
     args = ap.parse_args(argv)

@@ -22,10 +22,10 @@ from rich.progress import BarColumn, Progress, TextColumn
 from rich.table import Table
 
 from config.settings import load
-from scripts.guestimage import build_image, serial_counters
-from scripts.guestxml import guest_xml
-from scripts.stack import free_port, wait_for
-from scripts.up import start_stack
+from scripts.cli.up import start_stack
+from scripts.testbed.guestimage import build_image, serial_counters
+from scripts.testbed.guestxml import guest_xml
+from scripts.testbed.stack import free_port, wait_for
 from tasks.client import Client
 from workers.errors import FerryError
 

@@ -21,7 +21,7 @@ from typing import Any
 from celery.states import READY_STATES
 
 from config.settings import Settings
-from scripts.stack import pid_alive
+from scripts.testbed.stack import pid_alive
 from tasks.client import Client
 
 Move = tuple[str, str, str]  # guest name, source, dest

@@ -1,4 +1,4 @@
-"""Domain XML for the test guest (scripts/guestimage.py), for tests and the demo.
+"""Domain XML for the test guest (scripts/testbed/guestimage.py), for tests and the demo.
 
 kvmclock is off: SeaBIOS enables it, and KVM then rewrites its time page in
 guest memory on the dest of a migration, so the memory identity checks

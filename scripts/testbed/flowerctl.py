@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from scripts.stack import free_port, stop_pid, wait_for
+from scripts.testbed.stack import free_port, stop_pid, wait_for
 
 
 @dataclass

@@ -1,6 +1,6 @@
 """A PNG of Flower's task list after a migration, for the README.
 
-    python -m scripts.flower_screenshot [--out docs/flower.png]
+    python -m scripts.testbed.flower_screenshot [--out docs/flower.png]
 
 Starts its own redis-server, hosts alpha and beta and Flower (all on free
 loopback ports, in a temporary state root), boots a small test guest,
@@ -20,10 +20,10 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from config.settings import load
-from scripts.flowerctl import Flower, start_flower
-from scripts.guestimage import build_image
-from scripts.guestxml import guest_xml
-from scripts.stack import Stack, wait_for
+from scripts.testbed.flowerctl import Flower, start_flower
+from scripts.testbed.guestimage import build_image
+from scripts.testbed.guestxml import guest_xml
+from scripts.testbed.stack import Stack, wait_for
 from tasks.client import Client
 
 NAME = "web1"
@@ -85,7 +85,7 @@ def take(out: Path, chromium: str) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m scripts.flower_screenshot",
+    parser = argparse.ArgumentParser(prog="python -m scripts.testbed.flower_screenshot",
                                      description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path("docs/flower.png"),
                         help="where to write the PNG (default: docs/flower.png)")

@@ -23,7 +23,7 @@ import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from scripts.stack import Stack, Worker
+from scripts.testbed.stack import Stack, Worker
 
 DATA_NET = "198.18"  # 198.18.0.0/15 is reserved for benchmark networks (RFC 2544)
 BROKER_NET = "198.19"

@@ -1,6 +1,6 @@
 # ferry test guest: a BIOS-booted bare-metal loop that dirties RAM at a known rate.
 #
-# Built by scripts/guestimage.py (as --32, ld -T guest.ld, objcopy -O binary);
+# Built by scripts/testbed/guestimage.py (as --32, ld -T guest.ld, objcopy -O binary);
 # the Python builder patches the parameter block at the start of stage 2.
 #
 #   0x00000-0x004ff  IVT + BIOS data area (left alone)
@@ -95,7 +95,7 @@ msg_disk:
         .word   0xaa55
 
 # ---- stage 2 (0x7e00) -------------------------------------------------------
-# Parameter block: found by its magic and rewritten by scripts/guestimage.py.
+# Parameter block: found by its magic and rewritten by scripts/testbed/guestimage.py.
 params:
         .ascii  "FERRYPRM"
 p_version:      .long 1
