@@ -9,11 +9,12 @@ from pathlib import Path
 from typing import Any
 
 from scripts.cli import formats
+from scripts.cli.common import Handler, client, domain_cmd, emit, host_of
 from workers.errors import FerryError, InvalidInputError
 
 
-def add_parsers(sub: Any, common: Any) -> None:
-    p = common(sub, "migrate", cmd_migrate, "migrate a domain to another host")
+def add_parsers(sub: Any) -> None:
+    p = domain_cmd(sub, "migrate", cmd_migrate, "migrate a domain to another host")
     p.add_argument("domain")
     p.add_argument("dest", help="the destination host")
     for flag in ("live", "p2p", "tunnelled", "persistent", "undefinesource", "suspend",
@@ -26,7 +27,7 @@ def add_parsers(sub: Any, common: Any) -> None:
     p.add_argument("--timeout", type=int, help="pause the guest after S seconds to converge")
     p.add_argument("--max-downtime", type=int, help="ms")
     p.add_argument("--protocol", type=int, choices=(2, 3), default=3)
-    p = common(sub, "domjobinfo", cmd_domjobinfo, "job information")
+    p = domain_cmd(sub, "domjobinfo", cmd_domjobinfo, "job information")
     p.add_argument("domain")
     p.add_argument("--completed", action="store_true")
     for name, op, arg, help_ in (
@@ -35,7 +36,7 @@ def add_parsers(sub: Any, common: Any) -> None:
             ("migrate-getspeed", "getspeed", None, "the bandwidth (MiB/s)"),
             ("migrate-setmaxdowntime", "setmaxdowntime", "downtime", "set max downtime (ms)"),
             ("migrate-postcopy", "postcopy", None, "switch to post-copy")):
-        p = common(sub, name, _signal_cmd(op, arg), help_)
+        p = domain_cmd(sub, name, _signal_cmd(op, arg), help_)
         p.add_argument("domain")
         if arg:
             p.add_argument(arg, type=int)
@@ -56,11 +57,9 @@ def _options(a: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_migrate(a: argparse.Namespace) -> int:
-    from scripts.cli.main import _client, _host
-
-    client = _client()
-    source = _host(a)
-    job = client.migrate(a.domain, source, a.dest, **_options(a))
+    api = client()
+    source = host_of(a)
+    job = api.migrate(a.domain, source, a.dest, **_options(a))
     if a.no_wait:
         out = {"job_id": job.id, "domain": a.domain, "source": source, "dest": a.dest,
                "result": "started"}
@@ -82,6 +81,7 @@ def cmd_migrate(a: argparse.Namespace) -> int:
 
 def _follow(job: Any) -> dict[str, Any]:
     """A progress bar on a terminal while the migration runs."""
+    # Imported here: rich's progress bar is only drawn on a terminal.
     from rich.progress import BarColumn, Progress, TextColumn, TransferSpeedColumn
 
     columns = (TextColumn("{task.description}"), BarColumn(),
@@ -102,19 +102,15 @@ def _follow(job: Any) -> dict[str, Any]:
 
 
 def cmd_domjobinfo(a: argparse.Namespace) -> int:
-    from scripts.cli.main import _client, _emit, _host
-
-    info = _client().call(_host(a), "domjobinfo", domain=a.domain, completed=a.completed)
-    return _emit(a, info, formats.jobinfo)
+    info = client().call(host_of(a), "domjobinfo", domain=a.domain, completed=a.completed)
+    return emit(a, info, formats.jobinfo)
 
 
-def _signal_cmd(op: str, arg: str | None) -> Any:
+def _signal_cmd(op: str, arg: str | None) -> Handler:
     def run(a: argparse.Namespace) -> int:
-        from scripts.cli.main import _client, _emit, _host
-
         args = {arg: getattr(a, arg)} if arg else {}
-        result = _client().signal(_host(a), a.domain, op, **args)
-        return _emit(a, result, lambda r: _human(op, r))
+        result = client().signal(host_of(a), a.domain, op, **args)
+        return emit(a, result, lambda r: _human(op, r))
     return run
 
 
