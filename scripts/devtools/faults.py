@@ -2,8 +2,8 @@
 
 The cases are those of tests/e2e/faultcases.py, run by
 tests/e2e/test_fault_matrix.py (pytest, real processes); each case appends its
-result to a report file, read back here.  `--readme` also puts the table in
-README.md's Faults section, between the faults-matrix markers.
+result to a report file, read back here.  `--docs` also puts the table in
+docs/faults.md, between the faults-matrix markers.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from pathlib import Path
 from tests.e2e.faultcases import Result, cases, markdown
 
 ROOT = Path(__file__).resolve().parents[2]
+DOCS = ROOT / "docs" / "faults.md"
 BEGIN, END = "<!-- faults-matrix:begin -->", "<!-- faults-matrix:end -->"
 
 
@@ -46,25 +47,38 @@ def render(results: list[Result], elapsed: float) -> str:
     return head + markdown(results)
 
 
-def put_in_readme(text: str) -> None:
-    readme = ROOT / "README.md"
-    body = readme.read_text()
+def read_page(page: Path = DOCS) -> str:
+    """The text of the page the table goes in; exits with one error line if it cannot."""
+    name = page.relative_to(ROOT) if page.is_relative_to(ROOT) else page
+    try:
+        body = page.read_text()
+    except FileNotFoundError:
+        raise SystemExit(f"error: {name} does not exist (the table goes in it)") from None
     if BEGIN not in body or END not in body:
-        raise SystemExit(f"README.md has no {BEGIN} ... {END} block")
+        raise SystemExit(f"error: {name} has no {BEGIN} ... {END} block")
+    return body
+
+
+def put_in_docs(text: str, page: Path = DOCS) -> None:
+    """Replace what stands between the faults-matrix markers of `page` with `text`."""
+    body = read_page(page)
     start, stop = body.index(BEGIN) + len(BEGIN), body.index(END)
-    readme.write_text(body[:start] + "\n" + text + body[stop:])
+    page.write_text(body[:start] + "\n" + text + body[stop:])
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m scripts.devtools.faults", description=__doc__)
     ap.add_argument("-k", dest="select", help="only the cases pytest -k selects")
-    ap.add_argument("--readme", action="store_true", help="also write the table into README.md")
+    ap.add_argument("--docs", action="store_true",
+                    help="also write the table into docs/faults.md")
     args = ap.parse_args(argv)
+    if args.docs:
+        read_page()  # before the matrix's minutes, not after
     results, rc, elapsed = run_matrix(args.select)
     text = render(results, elapsed)
     print(text)
-    if args.readme:
-        put_in_readme(text)
+    if args.docs:
+        put_in_docs(text)
     return rc
 
 
