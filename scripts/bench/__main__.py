@@ -7,6 +7,10 @@ the samples, and stops every process it started, by pid, also on failure.
 floor on one guest instead (scripts/bench/transports.py, TRANSPORTS.md);
 `--case scale` moves N small guests at once between 4 namespace hosts, beside
 the floor at the same concurrency (scripts/bench/scale.py, SCALE.md).
+
+Every run writes its raw samples (<timestamp>.json and .md) to --out, by
+default scripts/bench/results/, which git ignores; the curated *.md here get
+the new section and keep their hand-written notes.
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ from scripts.testbed.stack import Stack
 from tasks.client import Client
 
 BENCH_DIR = Path(__file__).resolve().parent
+RUNS_DIR = BENCH_DIR / "results"  # raw output of every run; in .gitignore
 NOTES_MARK = "<!-- notes: everything from here on is kept when the bench rewrites this file -->"
 CASE = "managed v3 vs floor"
 DEFAULT_SIZES = (256, 1024, 4096)  # the sizes issue 10 asks for
@@ -76,8 +81,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--skip-large", action="store_true",
                    help=f"leave out sizes of {LARGE_MIB} MiB and more (their guests need "
                         "~8 GiB of memory at the peak and ~30 s each to fill)")
-    p.add_argument("--out", type=Path, default=BENCH_DIR / "results",
-                   help="directory for <timestamp>.json and .md (default scripts/bench/results)")
+    p.add_argument("--out", type=Path, default=RUNS_DIR,
+                   help="directory for <timestamp>.json and .md (default scripts/bench/results, "
+                        "not tracked by git)")
     p.add_argument("--warmup", type=int, default=None,
                    help="migrations per side before the samples, reported but not counted "
                         "(default 2: one each way); transports: rounds (default 1)")
