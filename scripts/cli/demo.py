@@ -56,7 +56,7 @@ def _move(console: Console, client: Client, src: str, dst: str) -> dict[str, Any
                 done = 100 * (1 - (info["data_remaining"] or 0) / info["data_total"])
                 bar.update(task, completed=done)
             time.sleep(0.1)
-        summary = job.wait(timeout=120)
+        summary: dict[str, Any] = job.wait(timeout=120)
         bar.update(task, completed=100)
     return summary
 
