@@ -39,6 +39,8 @@ from scripts.bench.migration import (
     wait_filled,
 )
 from scripts.bench.report import case_json, machine, markdown, resummarize
+from scripts.bench.scale import markdown as scale_markdown
+from scripts.bench.scale import run_scale
 from scripts.bench.transports import run_transports, tunnel_settings
 from scripts.bench.transports_report import markdown as transports_markdown
 from scripts.testbed.guestimage import MAX_REGION_MIB, build_image
@@ -312,9 +314,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def main_scale(args: argparse.Namespace) -> int:
-    from scripts.bench.scale import markdown as scale_markdown
-    from scripts.bench.scale import run_scale
-
     counts = [int(x) for x in args.counts.split(",") if x.strip()]
     root = Path(tempfile.mkdtemp(prefix="ferry-bench-", dir="/tmp"))
     result: dict[str, Any] = {"machine": machine(), "cases": [],

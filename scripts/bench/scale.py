@@ -27,6 +27,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from config.settings import load
 from scripts.bench.cpu import CpuSampler
 from scripts.bench.floor import FloorGuest
 from scripts.testbed.fleet import Fleet
@@ -242,8 +243,6 @@ def run_scale(root: Path, counts: list[int], runs: int, log_level: str) -> dict[
     try:
         fleet.root.mkdir(parents=True)
         fleet.start(HOSTS)
-        from config.settings import load
-
         client = Client(load({"FERRY_BROKER_URL": fleet.broker_url}))
         image = build_image(root / "guest.img", dirty_mib=1, rate_mib_s=1)
         run = ScaleRun(fleet, client, root, image)
