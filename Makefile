@@ -11,8 +11,8 @@ TEST_JOBS ?= 2
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml scripts/setup.sh
-	bash scripts/setup.sh "$(PY)" "$(VENV)" $(DEBS)
+$(STAMP): pyproject.toml scripts/devtools/setup.sh
+	bash scripts/devtools/setup.sh "$(PY)" "$(VENV)" $(DEBS)
 	touch $(STAMP)
 
 demo: setup
@@ -26,7 +26,7 @@ lint: setup
 	$(BIN)/mypy
 
 faults: setup
-	$(BIN)/python -m scripts.faults
+	$(BIN)/python -m scripts.devtools.faults
 
 bench: setup
 	$(BIN)/python -m scripts.bench

@@ -19,9 +19,9 @@ from pathlib import Path
 import pytest
 
 from config.settings import load
-from scripts.fleet import Fleet, netns_available
-from scripts.guestxml import guest_xml
-from scripts.stack import Stack, pid_alive, wait_for
+from scripts.testbed.fleet import Fleet, netns_available
+from scripts.testbed.guestxml import guest_xml
+from scripts.testbed.stack import Stack, pid_alive, wait_for
 from tasks.client import Client
 
 HOSTS = ("alpha", "beta")
@@ -128,7 +128,7 @@ def image_dir() -> Iterator[Path]:
 
 @pytest.fixture(scope="session")
 def base_image(image_dir: Path) -> Path:
-    from scripts.guestimage import build_image
+    from scripts.testbed.guestimage import build_image
 
     return build_image(image_dir / "base.img", dirty_mib=4, rate_mib_s=4)
 
@@ -142,7 +142,7 @@ class Guest:
     serial: Path
 
     def counters(self) -> list[int]:
-        from scripts.guestimage import serial_counters
+        from scripts.testbed.guestimage import serial_counters
 
         try:
             return serial_counters(self.serial.read_text(errors="replace"))
@@ -282,7 +282,7 @@ def native_threads(pid: int, name: str) -> int:
 
 @dataclass
 class FleetRun:
-    """A started fleet (scripts/fleet.py), a client on its broker, a guest maker."""
+    """A started fleet (scripts/testbed/fleet.py), a client on its broker, a guest maker."""
 
     fleet: Fleet
     client: Client

@@ -1,12 +1,16 @@
 """`python -m scripts.bench` (`make bench`): ferry's live migration against the raw QMP floor.
 
-Starts its own redis-server and hosts alpha and beta (scripts.stack.Stack) in
+Starts its own redis-server and hosts alpha and beta (scripts.testbed.stack.Stack) in
 a temporary root, one ferry guest and one floor guest per size, interleaves
 the samples, and stops every process it started, by pid, also on failure.
 `--case transports` compares managed, p2p and p2p tunnelled migration and the
 floor on one guest instead (scripts/bench/transports.py, TRANSPORTS.md);
 `--case scale` moves N small guests at once between 4 namespace hosts, beside
 the floor at the same concurrency (scripts/bench/scale.py, SCALE.md).
+
+Every run writes its raw samples (<timestamp>.json and .md) to --out, by
+default scripts/bench/results/, which git ignores; the curated *.md here get
+the new section and keep their hand-written notes.
 """
 
 from __future__ import annotations
@@ -35,14 +39,17 @@ from scripts.bench.migration import (
     wait_filled,
 )
 from scripts.bench.report import case_json, machine, markdown, resummarize
+from scripts.bench.scale import markdown as scale_markdown
+from scripts.bench.scale import run_scale
 from scripts.bench.transports import run_transports, tunnel_settings
 from scripts.bench.transports_report import markdown as transports_markdown
-from scripts.guestimage import MAX_REGION_MIB, build_image
-from scripts.guestxml import guest_xml
-from scripts.stack import Stack
+from scripts.testbed.guestimage import MAX_REGION_MIB, build_image
+from scripts.testbed.guestxml import guest_xml
+from scripts.testbed.stack import Stack
 from tasks.client import Client
 
 BENCH_DIR = Path(__file__).resolve().parent
+RUNS_DIR = BENCH_DIR / "results"  # raw output of every run; in .gitignore
 NOTES_MARK = "<!-- notes: everything from here on is kept when the bench rewrites this file -->"
 CASE = "managed v3 vs floor"
 DEFAULT_SIZES = (256, 1024, 4096)  # the sizes issue 10 asks for
@@ -76,8 +83,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--skip-large", action="store_true",
                    help=f"leave out sizes of {LARGE_MIB} MiB and more (their guests need "
                         "~8 GiB of memory at the peak and ~30 s each to fill)")
-    p.add_argument("--out", type=Path, default=BENCH_DIR / "results",
-                   help="directory for <timestamp>.json and .md (default scripts/bench/results)")
+    p.add_argument("--out", type=Path, default=RUNS_DIR,
+                   help="directory for <timestamp>.json and .md (default scripts/bench/results, "
+                        "not tracked by git)")
     p.add_argument("--warmup", type=int, default=None,
                    help="migrations per side before the samples, reported but not counted "
                         "(default 2: one each way); transports: rounds (default 1)")
@@ -306,9 +314,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def main_scale(args: argparse.Namespace) -> int:
-    from scripts.bench.scale import markdown as scale_markdown
-    from scripts.bench.scale import run_scale
-
     counts = [int(x) for x in args.counts.split(",") if x.strip()]
     root = Path(tempfile.mkdtemp(prefix="ferry-bench-", dir="/tmp"))
     result: dict[str, Any] = {"machine": machine(), "cases": [],

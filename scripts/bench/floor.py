@@ -34,7 +34,7 @@ from typing import Any
 
 from qemu.qmp import EventListener, QMPClient
 
-from scripts.stack import free_port, stop_pid
+from scripts.testbed.stack import free_port, stop_pid
 from workers.domain import DomainDef, parse_domain_xml
 from workers.migration.params import UNLIMITED_BANDWIDTH_BYTES
 from workers.process import listening_socket
@@ -93,7 +93,7 @@ class FloorGuest:
     xml: str
     workdir: Path
     downtime_limit_ms: int | None = None  # None: QEMU's default (300 ms)
-    # Fleet hosts (scripts/fleet.py) of sides A and B: (network namespace, address);
+    # Fleet hosts (scripts/testbed/fleet.py) of sides A and B: (network namespace, address);
     # None: both sides in this namespace, on 127.0.0.1.
     places: tuple[tuple[str, str], tuple[str, str]] | None = None
     kvm: bool = field(default_factory=lambda: os.access("/dev/kvm", os.R_OK | os.W_OK))

@@ -42,9 +42,9 @@ from qemu.qmp import EventListener, QMPClient
 from config.settings import load
 from scripts.bench.migration import wait_filled
 from scripts.bench.report import machine
-from scripts.guestimage import build_image
-from scripts.guestxml import guest_xml
-from scripts.stack import Stack, stop_pid
+from scripts.testbed.guestimage import build_image
+from scripts.testbed.guestxml import guest_xml
+from scripts.testbed.stack import Stack, stop_pid
 from tasks.client import Client
 from workers.domain import parse_domain_xml
 from workers.images import COMPRESSORS, compress_argv, decompress_argv

@@ -15,8 +15,9 @@ from pathlib import Path
 from typing import Any
 
 from config.settings import load
-from scripts.stack import Stack, wait_for
+from scripts.testbed.stack import Stack, wait_for
 from tasks.client import Client
+from workers.migration.progress import downtime_steps
 
 HOSTS = ("alpha", "beta")
 MIGRATION_TIMEOUT_S = 600.0
@@ -106,8 +107,6 @@ def ferry_initial_downtime_ms(memory_mib: int) -> int:
 
     Read from the same FERRY_* environment the workers of the Stack get.
     """
-    from workers.migration.progress import downtime_steps
-
     s = load()
     steps = downtime_steps(s.downtime_ms, s.downtime_steps, s.downtime_delay_s, memory_mib / 1024)
     return next(iter(steps))[1]

@@ -24,7 +24,7 @@ import time
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import redis
 from celery import chain
@@ -32,9 +32,9 @@ from celery import chain
 from config.celery_app import queue_for
 from scripts.bench.migration import FerryGuest, start_stack
 from scripts.bench.tunnel_micro import _proc_cpu_s
-from scripts.guestimage import build_image
-from scripts.guestxml import guest_xml
-from scripts.stack import Stack
+from scripts.testbed.guestimage import build_image
+from scripts.testbed.guestxml import guest_xml
+from scripts.testbed.stack import Stack
 from tasks.client import Client
 
 
@@ -43,7 +43,8 @@ class _Monitor(threading.Thread):
 
     def __init__(self, url: str) -> None:
         super().__init__(daemon=True)
-        self.conn = redis.Redis.from_url(url).connection_pool.get_connection()
+        # Any: redis's Connection leaves send_command and disconnect unannotated.
+        self.conn = cast(Any, redis.Redis.from_url(url).connection_pool.get_connection())
         self.conn.send_command("MONITOR")
         self.conn.read_response()
         self.lines: list[str] = []

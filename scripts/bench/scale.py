@@ -1,6 +1,6 @@
 """`python -m scripts.bench --case scale`: many migrations at once on 4 namespace hosts.
 
-A fleet (scripts/fleet.py) of 4 hosts, each a network namespace with its own
+A fleet (scripts/testbed/fleet.py) of 4 hosts, each a network namespace with its own
 address and `ferry worker`, one redis-server on a bridge.  For each count N
 (default 1, 2, 4, 8, 16): N small TCG guests spread over the hosts (guest i
 on host i mod 4), every one moved at once to the next host, then all back;
@@ -12,7 +12,7 @@ as the floor's do.
 
 Per run and direction: total time (first send to last result), each
 migration's time (its send to its result), failures, and a watch that no
-guest ran on two hosts (scripts/fleet_scale.py); per N: CPU seconds of the
+guest ran on two hosts (scripts/testbed/fleet_scale.py); per N: CPU seconds of the
 workers and of Redis over the ferry runs, and their peak RSS (VmHWM).
 """
 
@@ -27,13 +27,14 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from config.settings import load
 from scripts.bench.cpu import CpuSampler
 from scripts.bench.floor import FloorGuest
-from scripts.fleet import Fleet
-from scripts.fleet_scale import FileWatch, Move, double_runs, move_all
-from scripts.guestimage import build_image, serial_counters
-from scripts.guestxml import guest_xml
-from scripts.stack import wait_for
+from scripts.testbed.fleet import Fleet
+from scripts.testbed.fleet_scale import FileWatch, Move, double_runs, move_all
+from scripts.testbed.guestimage import build_image, serial_counters
+from scripts.testbed.guestxml import guest_xml
+from scripts.testbed.stack import wait_for
 from tasks.client import Client
 
 CASE = "scale"
@@ -242,8 +243,6 @@ def run_scale(root: Path, counts: list[int], runs: int, log_level: str) -> dict[
     try:
         fleet.root.mkdir(parents=True)
         fleet.start(HOSTS)
-        from config.settings import load
-
         client = Client(load({"FERRY_BROKER_URL": fleet.broker_url}))
         image = build_image(root / "guest.img", dirty_mib=1, rate_mib_s=1)
         run = ScaleRun(fleet, client, root, image)
@@ -271,8 +270,9 @@ def markdown(result: dict[str, Any]) -> str:
         f"CPUs ({m['cpu_model']}), kernel {m['kernel']}, {m['qemu']}; load average at start "
         f"{m['loadavg_start'][0]:.2f}.",
         "",
-        f"{c['hosts']} namespace hosts (scripts/fleet.py), N TCG guests of {c['memory_mib']} "
-        "MiB (guest i on host i mod 4), all moved at once to the next host, then all back; "
+        f"{c['hosts']} namespace hosts (scripts/testbed/fleet.py), N TCG guests of "
+        f"{c['memory_mib']} MiB (guest i on host i mod 4), all moved at once to the next host, "
+        "then all back; "
         "the floor moves N twins in bare QEMU in the same namespaces at the same "
         "concurrency over QMP. Ferry and floor alternate (A B A B), each run one move "
         f"there and one back; admission limits raised to {c['limits']}. Medians over both "

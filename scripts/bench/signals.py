@@ -19,10 +19,11 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from config.settings import load
 from scripts.bench.report import machine
-from scripts.guestimage import build_image
-from scripts.guestxml import guest_xml
-from scripts.stack import Stack, wait_for
+from scripts.testbed.guestimage import build_image
+from scripts.testbed.guestxml import guest_xml
+from scripts.testbed.stack import Stack, wait_for
 from tasks import signals
 from tasks.client import Client
 
@@ -47,8 +48,6 @@ def run(args: argparse.Namespace, root: Path) -> dict[str, list[float]]:
         stack.start_redis()
         for host in ("alpha", "beta"):
             stack.start_worker(host)
-        from config.settings import load
-
         client = Client(load({"FERRY_BROKER_URL": stack.broker_url}))
         image = build_image(root / "busy.img", dirty_mib=16, rate_mib_s=None)
         xml = guest_xml("sig", image, root / "sig.serial", memory_mib=128, domain_type="qemu")

@@ -27,12 +27,14 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from redis.utils import HIREDIS_AVAILABLE
+
 from config.settings import load
 from scripts.bench.cpu import CpuSampler
 from scripts.bench.floor import FloorGuest, FloorSample
 from scripts.bench.migration import FerryGuest, FerrySample, foreign_qemu, wait_filled
-from scripts.guestimage import build_image
-from scripts.guestxml import guest_xml
+from scripts.testbed.guestimage import build_image
+from scripts.testbed.guestxml import guest_xml
 from tasks.client import Client
 
 CASE = "transports"
@@ -57,8 +59,6 @@ RATIOS: tuple[tuple[str, str, str, float, str], ...] = (
 
 def tunnel_settings() -> dict[str, Any]:
     """The tunnel's settings the workers get (they inherit this environment)."""
-    from redis.utils import HIREDIS_AVAILABLE
-
     s = load()
     return {"window_mib": s.tunnel_window_mib, "chunk_kib": s.tunnel_chunk_kib,
             "hiredis": HIREDIS_AVAILABLE}

@@ -24,8 +24,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+from redis.utils import HIREDIS_AVAILABLE
+
 from config.settings import load
-from scripts.stack import Stack, stop_pid
+from scripts.testbed.stack import Stack, stop_pid
 from workers.migration import tunnel
 
 BLOCK = 1 << 20
@@ -163,8 +165,6 @@ def main(argv: list[str] | None = None) -> int:
             stack.redis_proc.wait(10)
         shutil.rmtree(root, ignore_errors=True)
     med = {k: statistics.median(r[k] for r in rows) for k in rows[0]}
-    from redis.utils import HIREDIS_AVAILABLE
-
     parser = "hiredis" if HIREDIS_AVAILABLE else "pure Python"
     print(f"window {args.window_mib} MiB, chunk {args.chunk_kib} KiB, {args.mib} MiB x "
           f"{args.runs}, parser {parser}: tunnel median {med['mib_s']:.0f} MiB/s "

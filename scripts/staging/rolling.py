@@ -24,7 +24,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from scripts.stack import wait_for
 from scripts.staging.common import (
     MOVE_HEADERS,
     Move,
@@ -37,6 +36,7 @@ from scripts.staging.common import (
     table,
 )
 from scripts.staging.evacuate import evacuate
+from scripts.testbed.stack import wait_for
 from tasks.client import Client
 from workers.errors import FerryError
 

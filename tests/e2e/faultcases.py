@@ -1,7 +1,7 @@
 """The fault matrix of issue 8: which fault, when, in which mode, and what must follow.
 
 One source of truth for tests/e2e/test_fault_matrix.py (which runs the cases)
-and `python -m scripts.faults` (which prints them as a table).
+and `python -m scripts.devtools.faults` (which prints them as a table).
 
 Outcomes (libvirt's rules): S = the guest runs on the source, D = it runs on
 the dest, P = the source stays paused with a clear reason because the dest's

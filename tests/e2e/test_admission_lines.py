@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 import uuid
 
-from scripts.stack import Stack
+from scripts.testbed.stack import Stack
 from workers.slots import STALE_S, Slots
 
 

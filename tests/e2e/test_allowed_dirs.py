@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from scripts.stack import Stack
+from scripts.testbed.stack import Stack
 from tasks.client import Client
 from tests.conftest import Guest, qemu_pids_of
 from workers.errors import FerryError

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from scripts.stack import Stack
+from scripts.testbed.stack import Stack
 from tasks.client import Client
 from tests.conftest import CliResult, Guest, qemu_pids_of
 

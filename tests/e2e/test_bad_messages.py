@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 import redis
 
-from scripts.stack import Stack, wait_for
+from scripts.testbed.stack import Stack, wait_for
 from tasks.client import Client
 from tasks.signals import send_signal
 from tests.conftest import Guest, qemu_pids_of

@@ -16,7 +16,7 @@ import redis
 
 from config import broker
 from config.settings import load
-from scripts.stack import Stack, wait_for
+from scripts.testbed.stack import Stack, wait_for
 
 
 @pytest.fixture

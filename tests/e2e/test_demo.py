@@ -10,7 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from scripts.stack import stop_pid, wait_for
+from scripts.testbed.stack import stop_pid, wait_for
 from tests.conftest import pid_alive
 
 DEADLINE_S = 120  # the promise: under two minutes on this machine

@@ -8,7 +8,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from scripts.stack import Stack
+from scripts.testbed.stack import Stack
 from tasks.client import Client
 from tests.conftest import Guest
 

@@ -28,8 +28,8 @@ import redis
 from lxml import etree
 
 from config.settings import load
-from scripts.guestxml import guest_xml
-from scripts.stack import Stack, wait_for
+from scripts.testbed.guestxml import guest_xml
+from scripts.testbed.stack import Stack, wait_for
 from tasks.client import Client
 from tests.conftest import pid_alive, qemu_pids_of
 from tests.e2e.faultcases import SOURCE, At, Case, Fault, Mode, Outcome, Result, cases

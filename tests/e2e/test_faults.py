@@ -9,8 +9,8 @@ from typing import Any
 
 import pytest
 
-from scripts.guestimage import build_image
-from scripts.stack import Stack, wait_for
+from scripts.testbed.guestimage import build_image
+from scripts.testbed.stack import Stack, wait_for
 from tasks.client import Client
 from tests.conftest import Guest, qemu_pids_of, wait_info
 from workers.errors import FerryError

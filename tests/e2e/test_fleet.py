@@ -1,4 +1,4 @@
-"""Hosts with their own addresses (network namespaces, scripts/fleet.py).
+"""Hosts with their own addresses (network namespaces, scripts/testbed/fleet.py).
 
 On one machine every host of the usual test stack shares 127.0.0.1; here each
 host is a namespace with its own migration address, so a port opened on the
@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from scripts.fleet import socket_inodes
-from scripts.stack import wait_for
+from scripts.testbed.fleet import socket_inodes
+from scripts.testbed.stack import wait_for
 from tests.conftest import FleetRun, fleet_of, qemu_pids_of
 
 # n3 waits 3 s before it starts QEMU's migration: long enough to see the dest listen.
@@ -71,7 +71,7 @@ def test_incoming_qemu_listens_on_the_dest_namespace_address_and_the_guest_moves
 @pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("setpriv"),
                     reason="needs root and setpriv to drop the capabilities")
 def test_without_the_capabilities_the_fleet_says_why_instead_of_failing() -> None:
-    probe = "from scripts.fleet import netns_available; print(netns_available())"
+    probe = "from scripts.testbed.fleet import netns_available; print(netns_available())"
     proc = subprocess.run(["setpriv", "--bounding-set=-sys_admin,-net_admin", sys.executable,
                            "-c", probe], capture_output=True, text=True, timeout=60,
                           check=True, cwd=Path(__file__).resolve().parents[2])

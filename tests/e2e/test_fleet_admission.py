@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from scripts.stack import wait_for
+from scripts.testbed.stack import wait_for
 from tests.conftest import FleetRun, fleet_of
 from workers.errors import FerryError
 

@@ -1,4 +1,4 @@
-"""Network cuts between namespace hosts (scripts/fleet.py).
+"""Network cuts between namespace hosts (scripts/testbed/fleet.py).
 
 A cut is the dest's veth brought down inside its namespace: its peer loses
 carrier and the bridge drops what is sent to it (no filter, no RST: the
@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from scripts.stack import wait_for
+from scripts.testbed.stack import wait_for
 from tests.conftest import FleetRun, Guest, fleet_of, qemu_pids_of
 from workers.errors import FerryError
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from scripts.fleet_scale import RunWatch, double_runs, move_all
+from scripts.testbed.fleet_scale import RunWatch, double_runs, move_all
 from tests.conftest import fleet_of
 
 HOSTS = ["s1", "s2", "s3", "s4"]

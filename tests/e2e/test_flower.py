@@ -6,8 +6,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from scripts.flowerctl import start_flower
-from scripts.stack import Stack, wait_for
+from scripts.testbed.flowerctl import start_flower
+from scripts.testbed.stack import Stack, wait_for
 from tasks.client import Client
 from tests.conftest import Guest
 

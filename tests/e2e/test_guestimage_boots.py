@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from scripts.guestimage import build_image, serial_counters
+from scripts.testbed.guestimage import build_image, serial_counters
 
 pytestmark = [
     pytest.mark.e2e,

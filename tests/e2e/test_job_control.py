@@ -10,8 +10,8 @@ from typing import Any
 
 import pytest
 
-from scripts.guestimage import build_image
-from scripts.stack import wait_for
+from scripts.testbed.guestimage import build_image
+from scripts.testbed.stack import wait_for
 from tasks.client import Client
 from tasks.migrate_client import MigrationJob
 from tests.conftest import CliResult, Guest, qemu_pids_of, wait_info

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import redis
 
-from scripts.stack import Stack, wait_for
+from scripts.testbed.stack import Stack, wait_for
 from tasks.client import Client
 from tests.conftest import Guest, wait_info
 from workers.domain import parse_domain_xml

@@ -8,7 +8,7 @@ import signal
 from collections.abc import Callable
 from pathlib import Path
 
-from scripts.stack import Stack, wait_for
+from scripts.testbed.stack import Stack, wait_for
 from tasks.client import Client
 from tests.conftest import CliResult, Guest, pid_alive
 

@@ -6,7 +6,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from scripts.stack import Stack
+from scripts.testbed.stack import Stack
 from tasks.client import Client
 from tests.conftest import Guest
 

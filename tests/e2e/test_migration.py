@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from scripts.guestimage import build_image
+from scripts.testbed.guestimage import build_image
 from tasks.client import Client
 from tests.conftest import CliResult, Guest, pmemsave, qemu_pids_of
 
@@ -106,7 +106,7 @@ def test_memory_of_a_guest_with_512_mib_random_is_identical_after_migration(
     guest = make_guest(memory_mib=640, image=image, domain_type="qemu")
     client.call("alpha", "define", xml=guest.xml)
     client.call("alpha", "start", domain=guest.name)
-    from scripts.stack import wait_for
+    from scripts.testbed.stack import wait_for
 
     wait_for(lambda: "filled" in guest.serial.read_text(errors="replace"), 60,
              "the guest to fill its random memory")

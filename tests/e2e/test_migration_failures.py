@@ -8,8 +8,8 @@ from collections.abc import Callable
 
 import pytest
 
-from scripts.guestimage import build_image
-from scripts.stack import wait_for
+from scripts.testbed.guestimage import build_image
+from scripts.testbed.stack import wait_for
 from tasks.client import Client
 from tests.conftest import Guest, port_free, qemu_pids_of, wait_info
 from workers.errors import FerryError

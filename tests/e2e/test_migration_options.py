@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from config.settings import load
-from scripts.stack import Stack
+from scripts.testbed.stack import Stack
 from tasks.client import Client
 from tasks.migrate_client import build_chain, params_from_options
 from tests.conftest import CliResult, Guest, qemu_pids_of
@@ -102,7 +102,7 @@ def test_exec_migration_uri_is_refused_before_anything_starts(
 
 def test_explicit_tcp_migration_uri_is_where_the_data_goes(
         client: Client, make_guest: Callable[..., Guest]) -> None:
-    from scripts.stack import free_port
+    from scripts.testbed.stack import free_port
 
     guest = _defined(client, make_guest)
     port = free_port()

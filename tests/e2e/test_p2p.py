@@ -12,8 +12,8 @@ from typing import Any
 import pytest
 import redis
 
-from scripts.guestimage import build_image
-from scripts.stack import Stack, wait_for
+from scripts.testbed.guestimage import build_image
+from scripts.testbed.stack import Stack, wait_for
 from tasks.client import Client
 from tests.conftest import Guest, native_threads, pmemsave, qemu_pids_of, wait_info
 from workers.errors import FerryError

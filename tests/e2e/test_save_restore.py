@@ -19,8 +19,8 @@ from typing import Any
 
 import pytest
 
-from scripts.guestimage import build_image
-from scripts.stack import wait_for
+from scripts.testbed.guestimage import build_image
+from scripts.testbed.stack import wait_for
 from tasks.client import Client
 from tests.conftest import CliResult, Guest, pmemsave, qemu_pids_of, wait_info
 from workers.errors import FerryError

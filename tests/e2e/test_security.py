@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from config.settings import load
-from scripts.stack import RedisTls, Stack, wait_for
+from scripts.testbed.stack import RedisTls, Stack, wait_for
 from tasks.client import Client
 from tests.certs import KeyPair, ca_and_server, client_of, self_signed
 from tests.conftest import Guest, qemu_pids_of

@@ -11,8 +11,8 @@ from typing import Any
 
 import pytest
 
-from scripts.stack import Stack
 from scripts.staging import evacuate, rolling, soak
+from scripts.testbed.stack import Stack
 from tasks.client import Client
 from tests.conftest import Guest
 

@@ -6,7 +6,7 @@ import os
 import subprocess
 from pathlib import Path
 
-from scripts.fleet_scale import FileWatch
+from scripts.testbed.fleet_scale import FileWatch
 from workers.store import StateStore
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from scripts.fleet import parse_listeners
+from scripts.testbed.fleet import parse_listeners
 
 PROC_NET_TCP = """\
   sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from scripts import guestimage
-from scripts.guestimage import (
+from scripts.testbed import guestimage
+from scripts.testbed.guestimage import (
     IMAGE_SIZE,
     MAGIC,
     GuestBuildError,

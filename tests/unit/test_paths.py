@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from scripts.guestxml import guest_xml
+from scripts.testbed.guestxml import guest_xml
 from workers.domain import parse_domain_xml
 from workers.errors import InvalidInputError
 from workers.imageio import TempImage, open_image, target_path

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from scripts.fleet_scale import Sighting, double_runs
+from scripts.testbed.fleet_scale import Sighting, double_runs
 
 MOVES = [("g1", "h1", "h2")]
 

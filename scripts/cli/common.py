@@ -1,0 +1,56 @@
+"""What every `ferry` command module shares: the client, the host, input and output.
+
+main.py and the command modules (migrate_cmd, image_cmd) import this; it
+imports none of them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from config.settings import load
+from scripts.cli import formats
+from workers.errors import InvalidInputError
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+def client() -> Any:
+    """A client on the broker of the settings."""
+    # Imported here: Celery and the task modules are only needed by commands
+    # that talk to hosts, not by `ferry --help`.
+    from tasks.client import Client
+
+    return Client()
+
+
+def host_of(args: argparse.Namespace) -> str:
+    """The host `-H` names, else FERRY_HOST."""
+    return str(args.host) if args.host else load().host
+
+
+def emit(args: argparse.Namespace, value: Any, human: Callable[[Any], str]) -> int:
+    """Print `value` as JSON with `--json`, else as `human` renders it."""
+    print(formats.as_json(value) if getattr(args, "json", False) else human(value))
+    return 0
+
+
+def read_input(path: str) -> str:
+    """The text of a file, or of stdin for `-`."""
+    try:
+        return Path(path).read_text() if path != "-" else sys.stdin.read()
+    except OSError as exc:
+        raise InvalidInputError(f"cannot read {path}: {exc.strerror}") from exc
+
+
+def domain_cmd(sub: Any, name: str, handler: Handler, help_: str) -> argparse.ArgumentParser:
+    """A subcommand that acts on one host: `-H`, `--json`, and its handler."""
+    p: argparse.ArgumentParser = sub.add_parser(name, help=help_)
+    p.add_argument("-H", "--host", help="the host to act on (default: FERRY_HOST)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(handler=handler)
+    return p

@@ -1,0 +1,170 @@
+"""The `ferry` command: virsh names and habits, one host per `-H`.
+
+Errors are one line `error: ...` on stderr and exit status 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from scripts.cli import formats, image_cmd, migrate_cmd
+from scripts.cli.common import Handler, client, domain_cmd, emit, host_of, read_input
+from workers.errors import FerryError
+
+
+def cmd_define(a: argparse.Namespace) -> int:
+    info = client().call(host_of(a), "define", xml=read_input(a.file))
+    return emit(a, info, lambda i: f"Domain '{i['name']}' defined on {i['host']}")
+
+
+def _simple(task: str, done: str) -> Handler:
+    def run(a: argparse.Namespace) -> int:
+        kwargs: dict[str, Any] = {"domain": a.domain}
+        if task == "start":
+            kwargs["paused"] = a.paused
+        info = client().call(host_of(a), task, **kwargs)
+        return emit(a, info, lambda i: f"Domain '{i['name']}' {done}")
+    return run
+
+
+def cmd_list(a: argparse.Namespace) -> int:
+    return emit(a, client().call(host_of(a), "list", all=a.all), formats.domain_list)
+
+
+def cmd_dominfo(a: argparse.Namespace) -> int:
+    return emit(a, client().call(host_of(a), "dominfo", domain=a.domain), formats.dominfo)
+
+
+def cmd_domstate(a: argparse.Namespace) -> int:
+    info = client().call(host_of(a), "dominfo", domain=a.domain)
+    return emit(a, {"state": info["state"], "reason": info["reason"]},
+                lambda s: f"{s['state']} ({s['reason']})" if a.reason else s["state"])
+
+
+def cmd_dumpxml(a: argparse.Namespace) -> int:
+    xml = client().call(host_of(a), "dumpxml", domain=a.domain, inactive=a.inactive,
+                        migratable=a.migratable)
+    print(xml.rstrip())
+    return 0
+
+
+def cmd_domblkstat(a: argparse.Namespace) -> int:
+    stats = client().call(host_of(a), "domblkstat", domain=a.domain, device=a.device)
+    return emit(a, stats, formats.blkstat)
+
+
+def cmd_domblkinfo(a: argparse.Namespace) -> int:
+    info = client().call(host_of(a), "domblkinfo", domain=a.domain, device=a.device)
+    return emit(a, info, formats.blkinfo)
+
+
+def cmd_monitor(a: argparse.Namespace) -> int:
+    reply = client().call(host_of(a), "qemu_monitor_command", domain=a.domain,
+                          command=" ".join(a.command), hmp=a.hmp)
+    print(reply if isinstance(reply, str) else json.dumps(reply, indent=2 if a.pretty else None))
+    return 0
+
+
+def cmd_domlocks(a: argparse.Namespace) -> int:
+    info = client().call(host_of(a), "domlocks", domain=a.domain)
+    return emit(a, info, formats.locks)
+
+
+def cmd_hosts(a: argparse.Namespace) -> int:
+    return emit(a, client().hosts(), formats.hosts)
+
+
+# worker, up and demo are imported when run: they pull in Celery's worker, the
+# host agent and the test bed, which the other commands (and --help) do not need.
+def cmd_worker(a: argparse.Namespace) -> int:
+    from scripts.cli.worker import run_worker
+
+    return run_worker(a)
+
+
+def cmd_up(a: argparse.Namespace) -> int:
+    from scripts.cli.up import run_up
+
+    return run_up(a)
+
+
+def cmd_demo(a: argparse.Namespace) -> int:
+    from scripts.cli.demo import run_demo
+
+    return run_demo(a)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ferry", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    w = sub.add_parser("worker", help="run a host: a Celery worker on queue host.NAME")
+    w.add_argument("--host", required=True)
+    w.add_argument("--uuid")
+    w.add_argument("--state-dir")
+    w.add_argument("--migration-address")
+    w.add_argument("--loglevel")
+    w.set_defaults(handler=cmd_worker)
+
+    for name, handler, help_ in (("up", cmd_up, "run redis and hosts in the foreground"),
+                                 ("demo", cmd_demo, "the guided demo")):
+        p = sub.add_parser(name, help=help_)
+        p.add_argument("--hosts", default="alpha,beta")
+        p.add_argument("--flower", action="store_true")
+        p.set_defaults(handler=handler)
+
+    domain_cmd(sub, "hosts", cmd_hosts, "list hosts and whether they are alive")
+    domain_cmd(sub, "define", cmd_define, "define a domain from XML").add_argument("file")
+    for name, task, done in (("undefine", "undefine", "has been undefined"),
+                             ("start", "start", "started"), ("destroy", "destroy", "destroyed"),
+                             ("suspend", "suspend", "suspended"),
+                             ("resume", "resume", "resumed")):
+        p = domain_cmd(sub, name, _simple(task, done), f"{name} a domain")
+        p.add_argument("domain")
+        if name == "start":
+            p.add_argument("--paused", action="store_true")
+    domain_cmd(sub, "list", cmd_list, "list domains").add_argument("--all", action="store_true")
+    domain_cmd(sub, "dominfo", cmd_dominfo, "domain information").add_argument("domain")
+    domain_cmd(sub, "domlocks", cmd_domlocks, "leases of a domain").add_argument("domain")
+    p = domain_cmd(sub, "domstate", cmd_domstate, "domain state")
+    p.add_argument("domain")
+    p.add_argument("--reason", action="store_true")
+    p = domain_cmd(sub, "dumpxml", cmd_dumpxml, "domain XML")
+    p.add_argument("domain")
+    p.add_argument("--inactive", action="store_true")
+    p.add_argument("--migratable", action="store_true")
+    p = domain_cmd(sub, "domblkstat", cmd_domblkstat, "disk I/O statistics")
+    p.add_argument("domain")
+    p.add_argument("device", nargs="?")
+    p = domain_cmd(sub, "domblkinfo", cmd_domblkinfo, "disk size information")
+    p.add_argument("domain")
+    p.add_argument("device")
+    p = domain_cmd(sub, "qemu-monitor-command", cmd_monitor, "QMP/HMP passthrough")
+    p.add_argument("domain")
+    p.add_argument("command", nargs="+")
+    p.add_argument("--hmp", action="store_true")
+    p.add_argument("--pretty", action="store_true")
+    migrate_cmd.add_parsers(sub)
+    image_cmd.add_parsers(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.handler(args))
+    except FerryError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+    except Exception as exc:  # never a traceback for the operator
+        print(f"error: {type(exc).__name__}: {exc}".splitlines()[0], file=sys.stderr)
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

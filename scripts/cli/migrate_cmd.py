@@ -1,0 +1,124 @@
+"""`ferry migrate` and `ferry domjobinfo`: start a migration, follow it, report it."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from scripts.cli import formats
+from scripts.cli.common import Handler, client, domain_cmd, emit, host_of
+from workers.errors import FerryError, InvalidInputError
+
+
+def add_parsers(sub: Any) -> None:
+    p = domain_cmd(sub, "migrate", cmd_migrate, "migrate a domain to another host")
+    p.add_argument("domain")
+    p.add_argument("dest", help="the destination host")
+    for flag in ("live", "p2p", "tunnelled", "persistent", "undefinesource", "suspend",
+                 "offline", "abort-on-error", "auto-converge", "postcopy",
+                 "change-protection", "no-wait"):
+        p.add_argument(f"--{flag}", action="store_true")
+    p.add_argument("--xml", help="destination domain XML (checked for ABI stability)")
+    p.add_argument("--migrateuri", help="QEMU migration URI, tcp:HOST[:PORT]")
+    p.add_argument("--bandwidth", type=int, default=0, help="MiB/s (default: unlimited)")
+    p.add_argument("--timeout", type=int, help="pause the guest after S seconds to converge")
+    p.add_argument("--max-downtime", type=int, help="ms")
+    p.add_argument("--protocol", type=int, choices=(2, 3), default=3)
+    p = domain_cmd(sub, "domjobinfo", cmd_domjobinfo, "job information")
+    p.add_argument("domain")
+    p.add_argument("--completed", action="store_true")
+    for name, op, arg, help_ in (
+            ("domjobabort", "abort", None, "abort the domain's job"),
+            ("migrate-setspeed", "setspeed", "bandwidth", "set the bandwidth (MiB/s)"),
+            ("migrate-getspeed", "getspeed", None, "the bandwidth (MiB/s)"),
+            ("migrate-setmaxdowntime", "setmaxdowntime", "downtime", "set max downtime (ms)"),
+            ("migrate-postcopy", "postcopy", None, "switch to post-copy")):
+        p = domain_cmd(sub, name, _signal_cmd(op, arg), help_)
+        p.add_argument("domain")
+        if arg:
+            p.add_argument(arg, type=int)
+
+
+def _options(a: argparse.Namespace) -> dict[str, Any]:
+    opts: dict[str, Any] = {name: getattr(a, name) for name in (
+        "live", "p2p", "tunnelled", "persistent", "undefinesource", "suspend", "offline",
+        "abort_on_error", "auto_converge", "postcopy", "change_protection")}
+    opts.update(protocol=a.protocol, bandwidth_mib_s=a.bandwidth, timeout_s=a.timeout,
+                max_downtime_ms=a.max_downtime, migrate_uri=a.migrateuri)
+    if a.xml:
+        try:
+            opts["xmlin"] = Path(a.xml).read_text()
+        except OSError as exc:
+            raise InvalidInputError(f"cannot read {a.xml}: {exc.strerror}") from exc
+    return opts
+
+
+def cmd_migrate(a: argparse.Namespace) -> int:
+    api = client()
+    source = host_of(a)
+    job = api.migrate(a.domain, source, a.dest, **_options(a))
+    if a.no_wait:
+        out = {"job_id": job.id, "domain": a.domain, "source": source, "dest": a.dest,
+               "result": "started"}
+        print(formats.as_json(out) if a.json else f"Migration job {job.id} started")
+        return 0
+    try:
+        summary = _follow(job) if sys.stdout.isatty() and not a.json else job.wait()
+    except FerryError as exc:
+        if a.json:
+            print(formats.as_json({"job_id": job.id, "domain": a.domain, "source": source,
+                                   "dest": a.dest, "result": "failed", "error": str(exc)}))
+        raise
+    if a.json:
+        print(formats.as_json(summary))
+    else:
+        print(formats.migration_summary(summary))
+    return 0
+
+
+def _follow(job: Any) -> dict[str, Any]:
+    """A progress bar on a terminal while the migration runs."""
+    # Imported here: rich's progress bar is only drawn on a terminal.
+    from rich.progress import BarColumn, Progress, TextColumn, TransferSpeedColumn
+
+    columns = (TextColumn("{task.description}"), BarColumn(),
+               TextColumn("{task.percentage:>3.0f}%"), TransferSpeedColumn())
+    with Progress(*columns, transient=True) as bar:
+        task = bar.add_task(f"migrating {job.params.domain}", total=None)
+        while not job.done():
+            try:
+                info = job.info()
+            except FerryError:
+                info = {}
+            total, processed = info.get("data_total"), info.get("data_processed")
+            if total:
+                bar.update(task, total=total, completed=processed or 0,
+                           description=f"{job.params.domain} {info.get('phase') or ''}")
+            time.sleep(0.25)
+    return dict(job.wait())
+
+
+def cmd_domjobinfo(a: argparse.Namespace) -> int:
+    info = client().call(host_of(a), "domjobinfo", domain=a.domain, completed=a.completed)
+    return emit(a, info, formats.jobinfo)
+
+
+def _signal_cmd(op: str, arg: str | None) -> Handler:
+    def run(a: argparse.Namespace) -> int:
+        args = {arg: getattr(a, arg)} if arg else {}
+        result = client().signal(host_of(a), a.domain, op, **args)
+        return emit(a, result, lambda r: _human(op, r))
+    return run
+
+
+def _human(op: str, result: Any) -> str:
+    if op == "getspeed":
+        return str(result["bandwidth"])
+    if op == "abort" and result.get("deferred"):
+        return "Abort recorded: the job stops at its next phase"
+    return {"abort": "Job aborted", "setspeed": "Bandwidth set",
+            "setmaxdowntime": "Max downtime set", "postcopy": "Switched to post-copy"}.get(
+        op, str(result))
