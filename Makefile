@@ -12,7 +12,7 @@ TEST_JOBS ?= 2
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml scripts/devtools/setup.sh
+$(STAMP): pyproject.toml Makefile scripts/devtools/setup.sh
 	bash scripts/devtools/setup.sh "$(PY)" "$(VENV)" $(DEBS)
 	touch $(STAMP)
 
