@@ -87,7 +87,7 @@ def cmd_dump(a: argparse.Namespace) -> int:
 
 def _saved_name(path: str) -> str | None:
     """The guest's name from the image header, when this machine can read the file."""
-    from workers.domain import parse_domain_xml
+    from workers.domain_xml import parse_domain_xml
     from workers.images import read_header
 
     try:

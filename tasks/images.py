@@ -20,7 +20,7 @@ from workers.errors import FerryError
 def _portable(exc: FerryError) -> FerryError:
     """The same error as a class of workers.errors, which every client can rebuild."""
     for cls in type(exc).__mro__:
-        if cls.__module__ == errors.__name__:
+        if getattr(errors, cls.__name__, None) is cls:
             return cls(exc.message, exc.phase, exc.host, exc.cause)
     return FerryError(exc.message, exc.phase, exc.host, exc.cause)
 

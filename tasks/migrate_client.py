@@ -8,20 +8,19 @@ without importing ferry.  Task ids are `<job id>.<phase>`.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from celery import chain
 from celery.exceptions import TimeoutError as CeleryTimeout
 from celery.result import AsyncResult
 
+from config import celery_app
 from config.celery_app import queue_for
 from tasks import results
+from tasks.connection import Connection
 from workers.errors import FerryError, HostUnavailableError, InvalidInputError
 from workers.migration.params import MigrationFlags as F
 from workers.migration.params import MigrationParams
-
-if TYPE_CHECKING:
-    from tasks.client import Client
 
 OPTION_FLAGS = {
     "live": F.LIVE, "p2p": F.PEER2PEER, "tunnelled": F.TUNNELLED,
@@ -49,9 +48,7 @@ def params_from_options(domain: str, source: str, dest: str, **options: Any) -> 
 def build_chain(p: MigrationParams, xml: str | None = None, app: Any = None) -> Any:
     """The managed chain; for peer-to-peer, the one task on the source queue."""
     src, dst = queue_for(p.source), queue_for(p.dest)
-
-    if app is None:
-        from config.celery_app import app
+    app = celery_app.app if app is None else app
 
     def sig(name: str, queue: str, *args: Any) -> Any:
         return app.signature(f"ferry.{name}", args=args, queue=queue,
@@ -70,7 +67,7 @@ def build_chain(p: MigrationParams, xml: str | None = None, app: Any = None) -> 
 class MigrationJob:
     """A handle on a running migration."""
 
-    client: Client
+    client: Connection
     params: MigrationParams
     result: AsyncResult
 
@@ -120,7 +117,7 @@ class MigrationJob:
         return self._signal("postcopy")
 
 
-def migrate(client: Client, domain: str, source: str, dest: str,
+def migrate(client: Connection, domain: str, source: str, dest: str,
             **options: Any) -> MigrationJob:
     p = params_from_options(domain, source, dest, **options)
     src, dst = client.host(source), client.host(dest)

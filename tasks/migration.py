@@ -17,7 +17,7 @@ from celery.exceptions import Ignore
 from config.celery_app import app
 from tasks.checked import checked
 from workers.agent import HostAgent, get_agent
-from workers.domain_xml import parse as parse_domain
+from workers.domain_xml import parse_domain_xml
 from workers.errors import FerryError, MigrationError
 from workers.jobs import jobinfo_view
 from workers.migration import dest, source
@@ -88,7 +88,7 @@ def summary(st: MigrationState) -> dict[str, Any]:
             "phases": [vars(r) for r in st.phases]}
 
 
-def _last(st: MigrationState) -> dict[str, Any]:
+def chain_result(st: MigrationState) -> dict[str, Any]:
     """The end of a chain: the summary, or the FIRST error raised."""
     if st.error is not None:
         raise rebuild_error(st.error)
@@ -155,7 +155,7 @@ def _domain_uuid(agent: HostAgent, params: dict[str, Any], xml: str | None) -> s
     """The guest's uuid: from the definition on its way (dest), or the source's domain."""
     try:
         if xml is not None:
-            return parse_domain(xml, allow_qemu_commandline=True).uuid
+            return parse_domain_xml(xml, allow_qemu_commandline=True).uuid
         return str(agent.call(_uuid_of(agent, params["domain"])))
     except FerryError:
         return None  # the phase itself will say what is wrong
@@ -205,7 +205,7 @@ def _prepare(task: Any, state: dict[str, Any], *, v3: bool) -> dict[str, Any]:
     return st.to_json()
 
 
-def _reporter(task: Any) -> Callable[[dict[str, Any]], None]:
+def progress_reporter(task: Any) -> Callable[[dict[str, Any]], None]:
     """PROGRESS state with QEMU's figures, for Flower and result-backend readers."""
     def report(progress: dict[str, Any]) -> None:
         try:
@@ -219,7 +219,7 @@ def _reporter(task: Any) -> Callable[[dict[str, Any]], None]:
 @checked
 def perform3(self: Any, state: dict[str, Any]) -> dict[str, Any]:
     _valid(state)
-    return run_phase(source.perform3, Phase.PERFORM3, state, _reporter(self)).to_json()
+    return run_phase(source.perform3, Phase.PERFORM3, state, progress_reporter(self)).to_json()
 
 
 @app.task(name="ferry.finish3")
@@ -241,7 +241,7 @@ def confirm3(state: dict[str, Any]) -> dict[str, Any]:
         st = run_phase(source.confirm3, Phase.CONFIRM3, state)
     finally:
         give_back(OUTGOING, state["params"])
-    return _last(st)
+    return chain_result(st)
 
 
 @app.task(name="ferry.prepare2", bind=True, max_retries=None)
@@ -256,7 +256,7 @@ def perform2(self: Any, state: dict[str, Any]) -> dict[str, Any]:
     _valid(state)
     fn = source.perform2 if wait_turn(self, OUTGOING, state["params"]) else aborted_in_line
     try:
-        return run_phase(fn, Phase.PERFORM2, state, _reporter(self)).to_json()
+        return run_phase(fn, Phase.PERFORM2, state, progress_reporter(self)).to_json()
     finally:
         give_back(OUTGOING, state["params"])
 
@@ -270,7 +270,7 @@ def finish2(state: dict[str, Any], last: bool = True) -> dict[str, Any]:
         st = run_phase(lambda a, s: dest.finish(a, s, v3=False), Phase.FINISH2, state)
     finally:
         give_back(INCOMING, state["params"])
-    return _last(st) if last else st.to_json()
+    return chain_result(st) if last else st.to_json()
 
 
 @app.task(name="ferry.domjobinfo")

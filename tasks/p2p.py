@@ -22,10 +22,10 @@ from tasks import results
 from tasks.checked import checked
 from tasks.migration import (
     OUTGOING,
-    _last,
-    _reporter,
     aborted_in_line,
+    chain_result,
     give_back,
+    progress_reporter,
     run_phase,
     wait_turn,
 )
@@ -63,11 +63,11 @@ def _remote(agent: HostAgent, name: str, st: MigrationState, **kwargs: Any) -> M
             err = MigrationError(f"{name} on {p.dest} failed: {exc}", phase=name,
                                  host=p.dest)
     if name == "finish3":
-        return _finish_unanswered(agent, st, err)
+        return finish_unanswered(agent, st, err)
     return st.with_error(err)
 
 
-def _finish_unanswered(agent: HostAgent, st: MigrationState, err: FerryError) -> MigrationState:
+def finish_unanswered(agent: HostAgent, st: MigrationState, err: FerryError) -> MigrationState:
     p = st.params
     uuid = agent.call(_uuid(agent, p.domain))
     winner = agent.jobs.claim_finish(uuid, p.job_id, "source")
@@ -86,7 +86,7 @@ async def _uuid(agent: HostAgent, domain: str) -> str:
 def run_p2p(task: Any, params: dict[str, Any]) -> MigrationState:
     p = MigrationParams.from_json(params)
     agent = get_agent()
-    report = _reporter(task)
+    report = progress_reporter(task)
     if p.protocol == 3:
         st = run_phase(source.begin3, Phase.BEGIN3, MigrationState(params=p).to_json())
         st = _remote(agent, "prepare3", st)
@@ -109,12 +109,12 @@ def migrate_p2p(self: Any, params: dict[str, Any]) -> dict[str, Any]:
     if not wait_turn(self, OUTGOING, params):
         st = run_phase(aborted_in_line, Phase.BEGIN3 if p.protocol == 3 else Phase.PERFORM2,
                        MigrationState(params=p).to_json())
-        return _last(st)
+        return chain_result(st)
     try:
         st = run_p2p(self, params)
     finally:
         give_back(OUTGOING, params)
-    return _last(st)
+    return chain_result(st)
 
 
 

@@ -37,6 +37,7 @@ from celery import chain
 
 from config.celery_app import app, queue_for
 from tasks import results
+from tasks.p2p import finish_unanswered
 from workers.agent import HostAgent
 from workers.domobj import DomainObj
 from workers.errors import FerryError, HostUnavailableError, MigrationError
@@ -166,10 +167,8 @@ def _confirm_after_finish(agent: HostAgent, st: MigrationState) -> None:
                               disable_sync_subtasks=False)
         st = MigrationState.from_json(result)
     except Exception as exc:
-        from tasks.p2p import _finish_unanswered
-
         err = exc if isinstance(exc, FerryError) else HostUnavailableError(
             f"dest host '{p.dest}' did not answer finish3 after the source restarted",
             phase="finish3", host=p.dest, cause=str(exc))
-        st = _finish_unanswered(agent, st, err)
+        st = finish_unanswered(agent, st, err)
     _sig(st, "confirm3", st.to_json()).apply_async()

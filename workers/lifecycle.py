@@ -12,17 +12,16 @@ import json
 import os
 import subprocess
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from workers.agent import HostAgent
 from workers.domain import DomainDef, with_graphics_ports
+from workers.domain_xml import format_domain_xml
 from workers.domobj import DomainObj
 from workers.errors import InvalidInputError, NotFoundError, OperationInvalidError, QemuError
 from workers.process import listening_socket, log_tail, spawn
 from workers.qemu_argv import build_qemu_argv, qemu_has_spice
 from workers.states import DomainState, PausedReason, RunningReason, ShutoffReason
-
-if TYPE_CHECKING:
-    from workers.agent import HostAgent
 
 
 async def define(agent: HostAgent, xml: str) -> dict[str, Any]:
@@ -32,7 +31,7 @@ async def define(agent: HostAgent, xml: str) -> dict[str, Any]:
             raise InvalidInputError(f"domain '{new.name}' already exists with uuid {dom.uuid}")
         if dom.uuid == new.uuid and dom.name != new.name:
             raise InvalidInputError(f"domain with uuid {new.uuid} already exists as '{dom.name}'")
-    agent.store.save_definition(new.name, new.to_xml())
+    agent.store.save_definition(new.name, format_domain_xml(new))
     existing = agent.domains.get(new.name)
     if existing is not None:
         existing.require_no_job("redefine")
@@ -193,8 +192,9 @@ async def dumpxml(
 ) -> str:
     dom = agent.lookup(name)
     if inactive and dom.definition is not None:
-        return dom.definition.to_xml(migratable=migratable)
-    return dom.current.to_xml(live=dom.active and not migratable, migratable=migratable)
+        return format_domain_xml(dom.definition, migratable=migratable)
+    return format_domain_xml(dom.current, live=dom.active and not migratable,
+                             migratable=migratable)
 
 
 def _disk(dom: DomainObj, device: str) -> Any:

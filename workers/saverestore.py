@@ -32,11 +32,13 @@ import time
 import uuid as uuidlib
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from workers import failpoints, images
 from workers.abi import check_abi_stability
+from workers.agent import HostAgent
 from workers.domain import DomainDef
+from workers.domain_xml import format_domain_xml
 from workers.domobj import DomainObj
 from workers.errors import (
     FerryError,
@@ -63,9 +65,6 @@ from workers.migration.progress import ProgressTracker
 from workers.monitor import Monitor
 from workers.process import log_tail
 from workers.states import DomainState, PausedReason, RunningReason, ShutoffReason
-
-if TYPE_CHECKING:
-    from workers.agent import HostAgent
 
 log = logging.getLogger(__name__)
 
@@ -152,7 +151,7 @@ async def save(agent: HostAgent, name: str, path: str, *, compression: str = "ra
         job = _start_job(agent, dom, "save", job_id, flags)
     uuid = dom.uuid
     was_running = dom.state == DomainState.RUNNING
-    header = ImageHeader(dom.current.to_xml(migratable=True), comp.name,
+    header = ImageHeader(format_domain_xml(dom.current, migratable=True), comp.name,
                          running or (was_running and not paused))
     run = _SaveRun(agent, dom, job, target, header, real)
     try:

@@ -25,17 +25,16 @@ import contextlib
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from workers.jobs import job_key
-from workers.migration.state import Phase
+from workers.agent import HostAgent
+from workers.domobj import DomainObj
+from workers.errors import MigrationError
+from workers.jobs import ActiveJob, job_key
+from workers.migration.guards import end_outgoing_job
+from workers.migration.state import MigrationState, Phase
 from workers.slots import Line, Slots
 from workers.states import DomainState, PausedReason, ShutoffReason
-
-if TYPE_CHECKING:
-    from workers.agent import HostAgent
-    from workers.domobj import DomainObj
-    from workers.jobs import ActiveJob
 
 log = logging.getLogger(__name__)
 
@@ -111,15 +110,11 @@ def _jobs_without_record(agent: HostAgent,
 def _end_lost_job(agent: HostAgent, dom: DomainObj) -> None:
     """End the source's part: a guest the migration paused stays paused (the dest may
     run it; the pass below reports it), any other is left as it is."""
-    from workers.errors import MigrationError
-    from workers.migration.source import end_job
-    from workers.migration.state import MigrationState
-
     job = dom.job
     assert job is not None and job.state is not None
     err = MigrationError("the job's record and phases are gone from the broker (it lost "
                          "its data?): the sweeper ended the job", job.phase, agent.host)
-    end_job(agent, dom, dom.uuid, MigrationState.from_json(job.state).with_error(err))
+    end_outgoing_job(agent, dom, dom.uuid, MigrationState.from_json(job.state).with_error(err))
     if dom.active:
         agent.save_status(dom)
 

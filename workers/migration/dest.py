@@ -15,16 +15,18 @@ import time
 from dataclasses import replace
 from typing import Any, Literal
 
-from tasks.cookie import Cookie, CookieGraphics, make_cookie, parse
 from workers import failpoints
 from workers.agent import HostAgent
 from workers.domain import DomainDef
+from workers.domain_xml import format_domain_xml
 from workers.domobj import DomainObj
 from workers.errors import FerryError, InvalidInputError, MigrationError, QemuError
 from workers.hostcaps import require_postcopy
 from workers.jobs import ActiveJob
 from workers.lifecycle import launch, run_cpus
 from workers.migration import qemu_migrate, tunnel
+from workers.migration.cookie import Cookie, CookieGraphics, make_cookie, parse
+from workers.migration.guards import check_abort, refuse_v2_with_lease_state
 from workers.migration.params import MigrationFlags as F
 from workers.migration.params import MigrationParams, format_qemu_uri, parse_qemu_uri
 from workers.migration.state import MigrationState, Phase
@@ -96,16 +98,12 @@ async def prepare(agent: HostAgent, st: MigrationState, *, v3: bool) -> Migratio
     if v3:
         parse(st.cookie or "", local_hostuuid=agent.uuid)
     else:
-        from workers.migration.source import refuse_v2_with_lease_state
-
         refuse_v2_with_lease_state(agent)  # refuses same host, bad features
     if st.xml is None:
         raise MigrationError("no domain definition reached Prepare")
     d = agent.parse(st.xml)
     if p.has(F.POSTCOPY):
         require_postcopy()
-    from workers.migration.source import check_abort
-
     check_abort(agent, None, d.uuid, p.job_id)
     dom = _incoming_dom(agent, d)
     agent.domains[d.name] = dom
@@ -291,7 +289,7 @@ async def _finish_ok(agent: HostAgent, dom: DomainObj, st: MigrationState,
         xml = (cookie.persistent if cookie and cookie.persistent else None) or st.xml
         assert xml is not None
         definition = agent.parse(xml)
-        agent.store.save_definition(definition.name, definition.to_xml())
+        agent.store.save_definition(definition.name, format_domain_xml(definition))
         dom.definition = definition
     if p.has(F.OFFLINE):
         return st

@@ -15,16 +15,24 @@ from typing import Any
 
 import redis
 
-from tasks.cookie import CookieLockstate, CookieStatistics, make_cookie, parse
 from workers import failpoints
 from workers.abi import check_abi_stability
 from workers.agent import HostAgent
+from workers.domain_xml import format_domain_xml
 from workers.domobj import DomainObj
-from workers.errors import FerryError, MigrationError, OperationInvalidError, UnsupportedError
+from workers.errors import FerryError, MigrationError, OperationInvalidError
 from workers.hostcaps import require_postcopy
 from workers.jobs import ActiveJob
 from workers.lifecycle import pause_cpus, run_cpus
 from workers.migration import qemu_migrate
+from workers.migration.cookie import (
+    CookieGraphics,
+    CookieLockstate,
+    CookieStatistics,
+    make_cookie,
+    parse,
+)
+from workers.migration.guards import check_abort, end_outgoing_job, refuse_v2_with_lease_state
 from workers.migration.params import MigrationFlags as F
 from workers.migration.params import MigrationParams
 from workers.migration.progress import (
@@ -60,20 +68,6 @@ def _start_job(agent: HostAgent, dom: DomainObj, p: MigrationParams, phase: Phas
         agent.save_status(dom)
 
 
-def refuse_v2_with_lease_state(agent: HostAgent) -> None:
-    if agent.locks.keeps_state:
-        raise UnsupportedError("lock manager requires migration protocol v3")
-
-
-def check_abort(agent: HostAgent, dom: DomainObj | None, uuid: str, job_id: str) -> None:
-    """At a phase boundary: an abort recorded earlier ends the job here."""
-    job = dom.job if dom is not None else None
-    if job is not None and job.cancelled:
-        raise MigrationError(job.cancelled)
-    if (job is not None and job.abort) or agent.jobs.abort_requested(uuid, job_id):
-        raise MigrationError("operation aborted: migration job canceled by client")
-
-
 async def begin3(agent: HostAgent, st: MigrationState) -> MigrationState:
     p = st.params
     dom = agent.lookup(p.domain)
@@ -100,7 +94,7 @@ async def begin3(agent: HostAgent, st: MigrationState) -> MigrationState:
                          mandatory=("graphics",) if spice else ())
     was_running = dom.state == DomainState.RUNNING and not p.has(F.PAUSED)
     await failpoints.hit("begin3.end")
-    return replace(st, xml=chosen.to_xml(migratable=True), cookie=cookie.to_xml(),
+    return replace(st, xml=format_domain_xml(chosen, migratable=True), cookie=cookie.to_xml(),
                    was_running=was_running)
 
 
@@ -153,7 +147,7 @@ def _perform_done(agent: HostAgent, dom: DomainObj, st: MigrationState) -> Migra
     persistent = None
     if p.has(F.PERSIST_DEST):
         persistent = st.xml if p.xmlin or dom.definition is None else \
-            dom.definition.to_xml(migratable=True)
+            format_domain_xml(dom.definition, migratable=True)
     stats = CookieStatistics.from_dict(st.statistics) if st.statistics else None
     # Leases were released at the switch-over (or at an earlier pause): their state
     # goes to Finish, which takes them with it before starting the CPUs.
@@ -172,7 +166,7 @@ def _perform_done(agent: HostAgent, dom: DomainObj, st: MigrationState) -> Migra
 
 
 async def _migrate(agent: HostAgent, dom: DomainObj, st: MigrationState,
-                   graphics: object) -> MigrationState:
+                   graphics: CookieGraphics | None) -> MigrationState:
     """Run QEMU's migration to st.uri; on success the source is paused:migration."""
     p = st.params
     mon = dom.require_monitor("migrate")
@@ -292,10 +286,7 @@ class Convergence:
                     "migrate-set-parameters", {"downtime-limit": downtime}))
 
 
-async def _relocate_spice(agent: HostAgent, dom: DomainObj, graphics: object) -> None:
-    from tasks.cookie import CookieGraphics
-
-    assert isinstance(graphics, CookieGraphics)
+async def _relocate_spice(agent: HostAgent, dom: DomainObj, graphics: CookieGraphics) -> None:
     if graphics.type != "spice" or dom.monitor is None:
         return
     args: dict[str, object] = {"protocol": "spice", "hostname": graphics.listen,
@@ -326,7 +317,7 @@ async def confirm3(agent: HostAgent, st: MigrationState) -> MigrationState:
         else:
             await _finish_source(agent, dom, p)
     finally:
-        end_job(agent, dom, uuid, st)
+        end_outgoing_job(agent, dom, uuid, st)
     return st
 
 
@@ -369,23 +360,6 @@ async def _finish_source(agent: HostAgent, dom: DomainObj, p: MigrationParams) -
         dom.definition = None
 
 
-def end_job(agent: HostAgent, dom: DomainObj, uuid: str, st: MigrationState,
-             end_record: bool = True) -> None:
-    """The source's part of a job is over; v2 leaves the record to Finish2."""
-    p = st.params
-    job, dom.job = dom.job, None
-    agent.loop.create_task(agent.signals.unwatch(uuid))
-    elapsed = int((time.time() - job.started) * 1000) if job else 0
-    info = {"id": p.job_id, "operation": "outgoing_migration", "source": p.source,
-            "dest": p.dest, "type": "failed" if st.failed else "completed",
-            "time_elapsed_ms": elapsed, "statistics": st.statistics, "error": st.error}
-    agent.jobs.complete(uuid, agent.host, info)
-    if st.error:
-        agent.jobs.set_error(uuid, p.job_id, st.error)
-    if end_record:
-        agent.jobs.end(uuid, p.job_id)
-
-
 async def perform2(agent: HostAgent, st: MigrationState) -> MigrationState:
     """v2: migrate, then at once kill the source on success or resume it on failure."""
     p = st.params
@@ -409,8 +383,8 @@ async def perform2(agent: HostAgent, st: MigrationState) -> MigrationState:
             await _resume_source(agent, dom, st)
         except FerryError as resume_exc:
             st = st.with_error(resume_exc.at(phase=Phase.PERFORM2.value, host=agent.host))
-        end_job(agent, dom, uuid, st, end_record=False)
+        end_outgoing_job(agent, dom, uuid, st, end_record=False)
         return st
     await _finish_source(agent, dom, p)
-    end_job(agent, dom, uuid, st, end_record=False)
+    end_outgoing_job(agent, dom, uuid, st, end_record=False)
     return st
