@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from workers.errors import InvalidInputError
-from workers.images import COMPRESSORS, DUMP_FORMATS
+from workers.image_format import COMPRESSORS, DUMP_FORMATS
 
 IMAGE_TIMEOUT_S = 6 * 3600.0  # a large guest through xz takes a while
 
@@ -88,7 +88,7 @@ def cmd_dump(a: argparse.Namespace) -> int:
 def _saved_name(path: str) -> str | None:
     """The guest's name from the image header, when this machine can read the file."""
     from workers.domain_xml import parse_domain_xml
-    from workers.images import read_header
+    from workers.image_format import read_header
 
     try:
         with open(path, "rb") as f:

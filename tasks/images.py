@@ -1,6 +1,6 @@
 """Celery tasks for save, restore and dump on one host (queue host.<name>).
 
-Each reads its arguments, runs one agent coroutine (workers/saverestore.py)
+Each reads its arguments, runs one agent coroutine (workers/image_jobs.py)
 and returns JSON.  The job id is the task id, so the job record and the
 task's PROGRESS state (QEMU's figures, for Flower) belong together.
 """
@@ -12,7 +12,7 @@ from typing import Any
 
 from config.celery_app import app
 from tasks.checked import checked
-from workers import errors, saverestore
+from workers import errors, image_jobs
 from workers.agent import HostAgent, get_agent
 from workers.errors import FerryError
 
@@ -46,7 +46,7 @@ def _run(task: Any, make: Callable[[HostAgent, str], Coroutine[Any, Any, Any]]) 
 @checked
 def save(self: Any, domain: str, path: str, compression: str = "raw", running: bool = False,
          paused: bool = False, bypass_cache: bool = False) -> dict[str, Any]:
-    return _run(self, lambda agent, job_id: saverestore.save(
+    return _run(self, lambda agent, job_id: image_jobs.save(
         agent, domain, path, compression=compression, running=running, paused=paused,
         bypass_cache=bypass_cache, job_id=job_id or None))
 
@@ -55,7 +55,7 @@ def save(self: Any, domain: str, path: str, compression: str = "raw", running: b
 @checked
 def restore(self: Any, path: str, xml: str | None = None, running: bool = False,
             paused: bool = False) -> dict[str, Any]:
-    return _run(self, lambda agent, job_id: saverestore.restore(
+    return _run(self, lambda agent, job_id: image_jobs.restore(
         agent, path, xml=xml, running=running, paused=paused, job_id=job_id or None))
 
 
@@ -63,6 +63,6 @@ def restore(self: Any, path: str, xml: str | None = None, running: bool = False,
 @checked
 def dump(self: Any, domain: str, path: str, memory_only: bool = False, format: str = "elf",
          live: bool = False) -> dict[str, Any]:
-    return _run(self, lambda agent, job_id: saverestore.dump(
+    return _run(self, lambda agent, job_id: image_jobs.dump(
         agent, domain, path, memory_only=memory_only, format=format, live=live,
         job_id=job_id or None))

@@ -21,8 +21,8 @@ from workers.domain_xml import parse_domain_xml
 from workers.errors import FerryError, MigrationError
 from workers.jobs import jobinfo_view
 from workers.migration import dest, source
+from workers.migration.chain_state import MigrationState, Phase, rebuild_error
 from workers.migration.params import MigrationParams
-from workers.migration.state import MigrationState, Phase, rebuild_error
 from workers.slots import Line, Slots, pair_name
 
 log = logging.getLogger(__name__)

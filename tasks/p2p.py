@@ -34,8 +34,8 @@ from workers.errors import FerryError, HostUnavailableError, MigrationError
 from workers.heartbeat import get_host
 from workers.lifecycle import dumpxml
 from workers.migration import source
+from workers.migration.chain_state import MigrationState, Phase
 from workers.migration.params import MigrationParams
-from workers.migration.state import MigrationState, Phase
 
 log = logging.getLogger(__name__)
 

@@ -39,13 +39,13 @@ from config.celery_app import app, queue_for
 from tasks import results
 from tasks.p2p import finish_unanswered
 from workers.agent import HostAgent
+from workers.domain_states import DomainState
 from workers.domobj import DomainObj
 from workers.errors import FerryError, HostUnavailableError, MigrationError
+from workers.migration.chain_state import MigrationState, Phase
 from workers.migration.dest import complete_incoming
 from workers.migration.params import MigrationFlags
 from workers.migration.source import resume_perform
-from workers.migration.state import MigrationState, Phase
-from workers.states import DomainState
 
 log = logging.getLogger(__name__)
 

@@ -26,6 +26,14 @@ from config import broker
 from config.settings import Settings
 from workers import locks
 from workers.domain import DomainDef
+from workers.domain_states import (
+    DomainState,
+    PausedReason,
+    Reason,
+    RunningReason,
+    ShutoffReason,
+    parse_reason,
+)
 from workers.domain_xml import parse_domain_xml
 from workers.domobj import DomainObj
 from workers.errors import HostUnavailableError, NotFoundError, QemuError
@@ -38,14 +46,6 @@ from workers.monitor import Monitor
 from workers.paths import AllowedDirs
 from workers.ports import PortAllocator
 from workers.process import QemuProcess, attach
-from workers.states import (
-    DomainState,
-    PausedReason,
-    Reason,
-    RunningReason,
-    ShutoffReason,
-    parse_reason,
-)
 from workers.store import StateStore
 
 log = logging.getLogger(__name__)

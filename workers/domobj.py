@@ -8,12 +8,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from workers.domain import DomainDef
+from workers.domain_states import DomainState, PausedReason, Reason, RunningReason, ShutoffReason
 from workers.domain_xml import format_domain_xml
 from workers.errors import OperationInvalidError
 from workers.jobs import ActiveJob
 from workers.monitor import Monitor
 from workers.process import QemuProcess
-from workers.states import DomainState, PausedReason, Reason, RunningReason, ShutoffReason
 
 
 @dataclass

@@ -23,7 +23,7 @@ from typing import Any
 import redis
 
 from workers.errors import OperationInvalidError
-from workers.migration.state import Phase
+from workers.migration.chain_state import Phase
 
 log = logging.getLogger(__name__)
 

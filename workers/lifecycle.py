@@ -16,12 +16,12 @@ from typing import Any
 
 from workers.agent import HostAgent
 from workers.domain import DomainDef, with_graphics_ports
+from workers.domain_states import DomainState, PausedReason, RunningReason, ShutoffReason
 from workers.domain_xml import format_domain_xml
 from workers.domobj import DomainObj
 from workers.errors import InvalidInputError, NotFoundError, OperationInvalidError, QemuError
 from workers.process import listening_socket, log_tail, spawn
 from workers.qemu_argv import build_qemu_argv, qemu_has_spice
-from workers.states import DomainState, PausedReason, RunningReason, ShutoffReason
 
 
 async def define(agent: HostAgent, xml: str) -> dict[str, Any]:

@@ -28,13 +28,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from workers.agent import HostAgent
+from workers.domain_states import DomainState, PausedReason, ShutoffReason
 from workers.domobj import DomainObj
 from workers.errors import MigrationError
 from workers.jobs import ActiveJob, job_key
+from workers.migration.chain_state import MigrationState, Phase
 from workers.migration.guards import end_outgoing_job
-from workers.migration.state import MigrationState, Phase
 from workers.slots import Line, Slots
-from workers.states import DomainState, PausedReason, ShutoffReason
 
 log = logging.getLogger(__name__)
 

@@ -47,7 +47,7 @@ from scripts.guestxml import guest_xml
 from scripts.stack import Stack, stop_pid
 from tasks.client import Client
 from workers.domain_xml import parse_domain_xml
-from workers.images import COMPRESSORS, compress_argv, decompress_argv
+from workers.image_format import COMPRESSORS, compress_argv, decompress_argv
 from workers.migration.params import UNLIMITED_BANDWIDTH_BYTES
 from workers.process import listening_socket
 from workers.qemu_argv import build_qemu_argv

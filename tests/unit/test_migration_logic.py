@@ -7,8 +7,8 @@ import pytest
 from tasks.migrate_client import build_chain, params_from_options
 from workers.errors import InvalidInputError, OperationInvalidError, QemuError, UnsupportedError
 from workers.jobs import jobinfo_view
+from workers.migration.chain_state import MigrationState, Phase, rebuild_error
 from workers.migration.params import MigrationFlags, MigrationParams, parse_qemu_uri
-from workers.migration.state import MigrationState, Phase, rebuild_error
 
 
 def test_flags_have_libvirts_bit_values() -> None:

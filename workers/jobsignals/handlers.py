@@ -13,12 +13,12 @@ from typing import Any
 
 from workers import lifecycle
 from workers.agent import HostAgent
+from workers.domain_states import DomainState, PausedReason
 from workers.domobj import DomainObj
 from workers.errors import InvalidInputError, OperationInvalidError
 from workers.jobs import active_record, jobinfo_view
 from workers.migration import qemu_migrate
 from workers.migration.params import MAX_BANDWIDTH_MIB_S, MAX_DOWNTIME_MS, MigrationFlags
-from workers.states import DomainState, PausedReason
 
 log = logging.getLogger(__name__)
 

@@ -18,6 +18,7 @@ from typing import Any, Literal
 from workers import failpoints
 from workers.agent import HostAgent
 from workers.domain import DomainDef
+from workers.domain_states import DomainState, PausedReason, RunningReason, ShutoffReason
 from workers.domain_xml import format_domain_xml
 from workers.domobj import DomainObj
 from workers.errors import FerryError, InvalidInputError, MigrationError, QemuError
@@ -25,12 +26,11 @@ from workers.hostcaps import require_postcopy
 from workers.jobs import ActiveJob
 from workers.lifecycle import launch, run_cpus
 from workers.migration import qemu_migrate, tunnel
+from workers.migration.chain_state import MigrationState, Phase
 from workers.migration.cookie import Cookie, CookieGraphics, make_cookie, parse
 from workers.migration.guards import check_abort, refuse_v2_with_lease_state
 from workers.migration.params import MigrationFlags as F
 from workers.migration.params import MigrationParams, format_qemu_uri, parse_qemu_uri
-from workers.migration.state import MigrationState, Phase
-from workers.states import DomainState, PausedReason, RunningReason, ShutoffReason
 
 log = logging.getLogger(__name__)
 

@@ -8,7 +8,7 @@ import time
 from workers.agent import HostAgent
 from workers.domobj import DomainObj
 from workers.errors import MigrationError, UnsupportedError
-from workers.migration.state import MigrationState
+from workers.migration.chain_state import MigrationState
 
 
 def refuse_v2_with_lease_state(agent: HostAgent) -> None:

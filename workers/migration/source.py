@@ -18,6 +18,7 @@ import redis
 from workers import failpoints
 from workers.abi import check_abi_stability
 from workers.agent import HostAgent
+from workers.domain_states import DomainState, PausedReason, RunningReason, ShutoffReason
 from workers.domain_xml import format_domain_xml
 from workers.domobj import DomainObj
 from workers.errors import FerryError, MigrationError, OperationInvalidError
@@ -25,6 +26,7 @@ from workers.hostcaps import require_postcopy
 from workers.jobs import ActiveJob
 from workers.lifecycle import pause_cpus, run_cpus
 from workers.migration import qemu_migrate
+from workers.migration.chain_state import MigrationState, Phase
 from workers.migration.cookie import (
     CookieGraphics,
     CookieLockstate,
@@ -41,9 +43,7 @@ from workers.migration.progress import (
     TransferWatch,
     downtime_steps,
 )
-from workers.migration.state import MigrationState, Phase
 from workers.migration.tunnel import TunnelSender
-from workers.states import DomainState, PausedReason, RunningReason, ShutoffReason
 
 log = logging.getLogger(__name__)
 

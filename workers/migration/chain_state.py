@@ -1,4 +1,5 @@
-"""What travels down a migration chain: parameters, cookie, URI, and the first error.
+"""A migration job's state, what travels down its chain: parameters, cookie, URI, and the
+first error.  (A domain's run state is workers/domain_states.py.)
 
 Each phase task takes the state the previous phase returned and returns the
 next one, so a failed phase never stops the chain: the phases after it run
