@@ -10,8 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable, Coroutine
 from typing import Any
 
-from config.celery_app import app
-from tasks.checked import checked
+from tasks.checked import task
 from workers import errors, image_jobs
 from workers.agent import HostAgent, get_agent
 from workers.errors import FerryError
@@ -42,8 +41,7 @@ def _run(task: Any, make: Callable[[HostAgent, str], Coroutine[Any, Any, Any]]) 
         raise _portable(exc.at(host=agent.host)) from None
 
 
-@app.task(name="ferry.save", bind=True)
-@checked
+@task("save", bind=True)
 def save(self: Any, domain: str, path: str, compression: str = "raw", running: bool = False,
          paused: bool = False, bypass_cache: bool = False) -> dict[str, Any]:
     return _run(self, lambda agent, job_id: image_jobs.save(
@@ -51,16 +49,14 @@ def save(self: Any, domain: str, path: str, compression: str = "raw", running: b
         bypass_cache=bypass_cache, job_id=job_id or None))
 
 
-@app.task(name="ferry.restore", bind=True)
-@checked
+@task("restore", bind=True)
 def restore(self: Any, path: str, xml: str | None = None, running: bool = False,
             paused: bool = False) -> dict[str, Any]:
     return _run(self, lambda agent, job_id: image_jobs.restore(
         agent, path, xml=xml, running=running, paused=paused, job_id=job_id or None))
 
 
-@app.task(name="ferry.dump", bind=True)
-@checked
+@task("dump", bind=True)
 def dump(self: Any, domain: str, path: str, memory_only: bool = False, format: str = "elf",
          live: bool = False) -> dict[str, Any]:
     return _run(self, lambda agent, job_id: image_jobs.dump(

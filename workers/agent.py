@@ -38,6 +38,7 @@ from workers.domain_xml import parse_domain_xml
 from workers.domobj import DomainObj
 from workers.errors import HostUnavailableError, NotFoundError, QemuError
 from workers.heartbeat import Heartbeat
+from workers.job_types import JobOperation
 from workers.jobs import ActiveJob, JobStore
 from workers.jobsignals.listener import SignalListener
 from workers.migration import tunnel
@@ -323,7 +324,8 @@ class HostAgent:
                         f"{job.operation.replace('_', ' ')} gone", job.phase, self.host)
         self.jobs.set_error(uuid, job.id, err.to_dict())
         log.warning("job %s: %s", job.id, err)
-        if job.operation == "incoming_migration" and job.flags & MigrationFlags.TUNNELLED:
+        tunnelled = job.flags & MigrationFlags.TUNNELLED
+        if job.operation == JobOperation.INCOMING_MIGRATION and tunnelled:
             tunnel.mark_closed(self.redis, job.id)  # its receiver died with the old worker
 
     def _restore_extra(self, dom: DomainObj, extra: dict[str, str]) -> None:

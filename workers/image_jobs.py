@@ -59,6 +59,7 @@ from workers.image_stream import (
     require_programs,
     target_path,
 )
+from workers.job_types import JobOperation, Phase
 from workers.jobs import ActiveJob
 from workers.lifecycle import launch, pause_cpus, run_cpus
 from workers.migration import qemu_migrate
@@ -73,12 +74,13 @@ LOAD_QUERY_TIMEOUT_S = 600.0  # QEMU answers no QMP while it loads a raw image f
 
 
 # -- jobs ----------------------------------------------------------------------------------
-def _start_job(agent: HostAgent, dom: DomainObj, operation: str, job_id: str | None,
+def _start_job(agent: HostAgent, dom: DomainObj, operation: JobOperation, job_id: str | None,
                flags: int) -> ActiveJob:
     job_id = job_id or str(uuidlib.uuid4())
-    agent.jobs.start(dom.uuid, job_id=job_id, kind=operation, phase=operation,
+    phase = Phase(operation.value)  # an image job has one phase, named as its operation
+    agent.jobs.start(dom.uuid, job_id=job_id, kind=operation.kind, phase=phase,
                      source=agent.host, dest=None, flags=flags)
-    dom.job = ActiveJob(job_id, operation, operation, time.time(), source=agent.host,
+    dom.job = ActiveJob(job_id, operation, phase, time.time(), source=agent.host,
                         flags=flags)
     return dom.job
 
@@ -148,7 +150,7 @@ async def save(agent: HostAgent, name: str, path: str, *, compression: str = "ra
                                            (image_format.SaveFlags.PAUSED, paused)) if on)
     async with dom.lock:
         _lock_dom(dom, "save")
-        job = _start_job(agent, dom, "save", job_id, flags)
+        job = _start_job(agent, dom, JobOperation.SAVE, job_id, flags)
     uuid = dom.uuid
     was_running = dom.state == DomainState.RUNNING
     header = ImageHeader(format_domain_xml(dom.current, migratable=True), comp.name,
@@ -353,7 +355,7 @@ async def _restore(agent: HostAgent, fd: int, header: ImageHeader, definition: D
     async with dom.lock:
         dom.require_inactive("restore")
         agent.domains[definition.name] = dom
-        job = _start_job(agent, dom, "restore", job_id, 0)
+        job = _start_job(agent, dom, JobOperation.RESTORE, job_id, 0)
     uuid = dom.uuid
     run = _RestoreRun(agent, dom, job, fd, header, stages)
     try:
@@ -469,7 +471,7 @@ async def dump(agent: HostAgent, name: str, path: str, *, memory_only: bool = Fa
         (int(image_format.DumpFlags.MEMORY_ONLY) if memory_only else 0)
     async with dom.lock:
         _lock_dom(dom, "dump")
-        job = _start_job(agent, dom, "dump", job_id, flags)
+        job = _start_job(agent, dom, JobOperation.DUMP, job_id, flags)
     uuid = dom.uuid
     run = _DumpRun(agent, dom, job, target, request, live)
     try:

@@ -20,6 +20,7 @@ from workers.domain_states import DomainState, PausedReason, RunningReason, Shut
 from workers.domain_xml import format_domain_xml
 from workers.domobj import DomainObj
 from workers.errors import InvalidInputError, NotFoundError, OperationInvalidError, QemuError
+from workers.job_types import JobOperation
 from workers.process import listening_socket, log_tail, spawn
 from workers.qemu_argv import build_qemu_argv, qemu_has_spice
 
@@ -159,7 +160,7 @@ async def suspend(agent: HostAgent, name: str) -> dict[str, Any]:
     dom = agent.lookup(name)
     async with dom.lock:
         dom.require_state("suspend", DomainState.RUNNING)
-        if dom.job is not None and dom.job.operation == "outgoing_migration":
+        if dom.job is not None and dom.job.operation == JobOperation.OUTGOING_MIGRATION:
             # libvirt: pausing during migration lets it converge; the guest
             # still ends running on the dest.
             await pause_cpus(agent, dom, PausedReason.MIGRATION)

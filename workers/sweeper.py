@@ -31,8 +31,8 @@ from workers.agent import HostAgent
 from workers.domain_states import DomainState, PausedReason, ShutoffReason
 from workers.domobj import DomainObj
 from workers.errors import MigrationError
+from workers.job_types import JobOperation, Phase
 from workers.jobs import ActiveJob, job_key
-from workers.migration.chain_state import MigrationState, Phase
 from workers.migration.guards import end_outgoing_job
 from workers.slots import Line, Slots
 
@@ -89,7 +89,7 @@ def _records_without_job(agent: HostAgent,
 
 
 # An outgoing job in these phases waits for another host; no phase of it runs here.
-_WAITING = (Phase.BEGIN3.value, Phase.PERFORM3_DONE.value)
+_WAITING = (Phase.BEGIN3, Phase.PERFORM3_DONE)
 
 
 def _jobs_without_record(agent: HostAgent,
@@ -98,7 +98,7 @@ def _jobs_without_record(agent: HostAgent,
     now, found, grace = time.time(), {}, agent.settings.sweep_grace_s
     for name, dom in agent.domains.items():
         job = dom.job
-        if job is None or job.operation != "outgoing_migration" or job.state is None or \
+        if job is None or job.operation != JobOperation.OUTGOING_MIGRATION or job.state is None or \
                 job.phase not in _WAITING or now - job.started <= grace:
             continue  # (an offline migration keeps no state to end it from)
         record = records.get(dom.uuid)
@@ -114,7 +114,7 @@ def _end_lost_job(agent: HostAgent, dom: DomainObj) -> None:
     assert job is not None and job.state is not None
     err = MigrationError("the job's record and phases are gone from the broker (it lost "
                          "its data?): the sweeper ended the job", job.phase, agent.host)
-    end_outgoing_job(agent, dom, dom.uuid, MigrationState.from_json(job.state).with_error(err))
+    end_outgoing_job(agent, dom, dom.uuid, job.state.with_error(err))
     if dom.active:
         agent.save_status(dom)
 
@@ -152,8 +152,8 @@ async def sweep(agent: HostAgent, orphans: Orphans | None = None) -> list[str]:
 def _waiting_incoming(dom: DomainObj, job: ActiveJob) -> bool:
     """An incoming guest Prepare made and no Finish has begun on (a Finish in progress
     decides itself: it may have won the fence and be starting the CPUs)."""
-    return job.operation == "incoming_migration" and dom.active and dom.job is job and \
-        job.phase == Phase.PREPARE.value
+    return job.operation == JobOperation.INCOMING_MIGRATION and dom.active and \
+        dom.job is job and job.phase == Phase.PREPARE
 
 
 def _gone(agent: HostAgent, uuid: str, job_id: str, age_s: float) -> bool:

@@ -16,13 +16,14 @@ from workers.agent import HostAgent
 from workers.domain_states import DomainState, PausedReason
 from workers.domobj import DomainObj
 from workers.errors import InvalidInputError, OperationInvalidError
+from workers.job_types import Phase
 from workers.jobs import active_record, jobinfo_view
 from workers.migration import qemu_migrate
 from workers.migration.params import MAX_BANDWIDTH_MIB_S, MAX_DOWNTIME_MS, MigrationFlags
 
 log = logging.getLogger(__name__)
 
-PERFORM_PHASES = ("perform3", "perform2", "save")  # save: a migration to a file
+PERFORM_PHASES = (Phase.PERFORM3, Phase.PERFORM2, Phase.SAVE)  # save: a migration to a file
 ABORT_SETTLE_S = 5.0
 
 
@@ -53,7 +54,7 @@ def _performing(dom: DomainObj) -> bool:
 
 
 TOO_LATE = "too late to abort: the switch-over happened, the migration goes on to the dest"
-SWITCHED_PHASES = ("perform3_done", "confirm3")
+SWITCHED_PHASES = (Phase.PERFORM3_DONE, Phase.CONFIRM3)
 
 
 async def _abort(agent: HostAgent, dom: DomainObj, args: dict[str, Any]) -> Any:

@@ -23,10 +23,11 @@ from workers.domain_xml import format_domain_xml
 from workers.domobj import DomainObj
 from workers.errors import FerryError, InvalidInputError, MigrationError, QemuError
 from workers.hostcaps import require_postcopy
+from workers.job_types import JobOperation, Phase
 from workers.jobs import ActiveJob
 from workers.lifecycle import launch, run_cpus
 from workers.migration import qemu_migrate, tunnel
-from workers.migration.chain_state import MigrationState, Phase
+from workers.migration.chain_state import MigrationState
 from workers.migration.cookie import Cookie, CookieGraphics, make_cookie, parse
 from workers.migration.guards import check_abort, refuse_v2_with_lease_state
 from workers.migration.params import MigrationFlags as F
@@ -93,7 +94,7 @@ async def prepare(agent: HostAgent, st: MigrationState, *, v3: bool) -> Migratio
     again = agent.domains.get(p.domain)
     if again is not None and again.job is not None and again.job.id == p.job_id and \
             again.job.state is not None and again.active:
-        return MigrationState.from_json(again.job.state)  # redelivered: the same answer
+        return again.job.state  # redelivered: the same answer
     await failpoints.hit("prepare3.start")
     if v3:
         parse(st.cookie or "", local_hostuuid=agent.uuid)
@@ -109,9 +110,9 @@ async def prepare(agent: HostAgent, st: MigrationState, *, v3: bool) -> Migratio
     agent.domains[d.name] = dom
     if dom.definition is None:
         dom.live = d  # a transient object needs a definition to be named by
-    dom.job = ActiveJob(p.job_id, "incoming_migration", Phase.PREPARE.value, time.time(),
+    dom.job = ActiveJob(p.job_id, JobOperation.INCOMING_MIGRATION, Phase.PREPARE, time.time(),
                         source=p.source, dest=p.dest, flags=p.flags)
-    agent.jobs.set_phase(d.uuid, p.job_id, Phase.PREPARE.value)
+    agent.jobs.set_phase(d.uuid, p.job_id, Phase.PREPARE)
     try:
         uri = None
         if not p.has(F.OFFLINE):
@@ -122,7 +123,7 @@ async def prepare(agent: HostAgent, st: MigrationState, *, v3: bool) -> Migratio
     cookie = make_cookie(d.name, d.uuid, agent.host, agent.uuid,
                          graphics=_graphics_cookie(dom.current, agent.settings.migration_address))
     st = replace(st, cookie=cookie.to_xml() if v3 else None, uri=uri)
-    dom.job.state = st.to_json()
+    dom.job.state = st
     if dom.active:
         agent.save_status(dom)
     await failpoints.hit("prepare3.end")
@@ -214,9 +215,9 @@ async def finish(agent: HostAgent, st: MigrationState, *, v3: bool) -> Migration
         raise MigrationError(f"no incoming migration {p.job_id} of '{p.domain}' on this host: "
                              f"its incoming QEMU exited or was discarded{_known_cause(agent, st)}")
     assert dom.job is not None
-    dom.job.phase = phase.value
+    dom.job.phase = phase
     uuid = dom.uuid
-    agent.jobs.set_phase(uuid, p.job_id, phase.value)
+    agent.jobs.set_phase(uuid, p.job_id, phase)
     try:
         return await _finish(agent, dom, st, v3)
     finally:
@@ -246,7 +247,7 @@ async def _finish(agent: HostAgent, dom: DomainObj, st: MigrationState,
         await _discard(agent, dom)
         err = MigrationError(f"the incoming QEMU exited ({dom.reason.value}) after its CPUs "
                              "started: the source stays paused, the guest may have run here",
-                             "finish3", agent.host)
+                             Phase.FINISH3, agent.host)
         return replace(st, outcome_unknown=True).with_error(err)
     return complete_incoming(agent, dom, st)
 
@@ -343,7 +344,7 @@ async def _wait_incoming(agent: HostAgent, dom: DomainObj) -> None:
 def _complete(agent: HostAgent, dom: DomainObj, st: MigrationState) -> None:
     p = st.params
     job = dom.job
-    info = {"id": p.job_id, "operation": "incoming_migration", "source": p.source,
+    info = {"id": p.job_id, "operation": JobOperation.INCOMING_MIGRATION, "source": p.source,
             "dest": p.dest, "type": "completed", "statistics": st.statistics,
             "time_elapsed_ms": int((time.time() - job.started) * 1000) if job else 0,
             "error": None}

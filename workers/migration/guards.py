@@ -8,6 +8,7 @@ import time
 from workers.agent import HostAgent
 from workers.domobj import DomainObj
 from workers.errors import MigrationError, UnsupportedError
+from workers.job_types import JobOperation
 from workers.migration.chain_state import MigrationState
 
 
@@ -32,7 +33,7 @@ def end_outgoing_job(agent: HostAgent, dom: DomainObj, uuid: str, st: MigrationS
     job, dom.job = dom.job, None
     agent.loop.create_task(agent.signals.unwatch(uuid))
     elapsed = int((time.time() - job.started) * 1000) if job else 0
-    info = {"id": p.job_id, "operation": "outgoing_migration", "source": p.source,
+    info = {"id": p.job_id, "operation": JobOperation.OUTGOING_MIGRATION, "source": p.source,
             "dest": p.dest, "type": "failed" if st.failed else "completed",
             "time_elapsed_ms": elapsed, "statistics": st.statistics, "error": st.error}
     agent.jobs.complete(uuid, agent.host, info)

@@ -23,10 +23,11 @@ from workers.domain_xml import format_domain_xml
 from workers.domobj import DomainObj
 from workers.errors import FerryError, MigrationError, OperationInvalidError
 from workers.hostcaps import require_postcopy
+from workers.job_types import JobOperation, Phase
 from workers.jobs import ActiveJob
 from workers.lifecycle import pause_cpus, run_cpus
 from workers.migration import qemu_migrate
-from workers.migration.chain_state import MigrationState, Phase
+from workers.migration.chain_state import MigrationState
 from workers.migration.cookie import (
     CookieGraphics,
     CookieLockstate,
@@ -53,18 +54,19 @@ def _job_dom(agent: HostAgent, p: MigrationParams, phase: Phase) -> DomainObj:
     dom = agent.lookup(p.domain)
     if dom.job is None or dom.job.id != p.job_id:
         raise OperationInvalidError(f"domain '{p.domain}' is not in migration job {p.job_id}")
-    dom.job.phase = phase.value
-    agent.jobs.set_phase(dom.uuid, p.job_id, phase.value)
+    dom.job.phase = phase
+    agent.jobs.set_phase(dom.uuid, p.job_id, phase)
     return dom
 
 
 def _start_job(agent: HostAgent, dom: DomainObj, p: MigrationParams, phase: Phase) -> None:
-    agent.jobs.start(dom.uuid, job_id=p.job_id, kind="migration", phase=phase.value,
+    agent.jobs.start(dom.uuid, job_id=p.job_id, kind=JobOperation.OUTGOING_MIGRATION.kind,
+                     phase=phase,
                      source=p.source, dest=p.dest, flags=p.flags)
-    dom.job = ActiveJob(p.job_id, "outgoing_migration", phase.value, time.time(),
+    dom.job = ActiveJob(p.job_id, JobOperation.OUTGOING_MIGRATION, phase, time.time(),
                         source=p.source, dest=p.dest, flags=p.flags)
     if dom.active:  # a restarted worker finds the job (and what Begin was given)
-        dom.job.state = MigrationState(params=p).to_json()
+        dom.job.state = MigrationState(params=p)
         agent.save_status(dom)
 
 
@@ -104,14 +106,14 @@ async def perform3(agent: HostAgent, st: MigrationState) -> MigrationState:
         return st  # Begin or Prepare failed: Confirm undoes what was started
     dom = agent.lookup(p.domain)
     if dom.job is not None and dom.job.id == p.job_id and dom.job.phase in (
-            Phase.PERFORM3.value, Phase.PERFORM3_DONE.value):
+            Phase.PERFORM3, Phase.PERFORM3_DONE):
         return await resume_perform(agent, dom, st)  # redelivered, or after a restart
     dom = _job_dom(agent, p, Phase.PERFORM3)
     assert dom.job is not None
     if not dom.active and not p.has(F.OFFLINE):
         raise MigrationError(f"the QEMU of '{dom.name}' exited ({dom.reason.value}) before "
                              "Perform: the guest is lost, nothing to migrate")
-    dom.job.state = st.to_json()  # what a restarted worker resumes Perform from
+    dom.job.state = st  # what a restarted worker resumes Perform from
     if dom.active:
         agent.save_status(dom)
     check_abort(agent, dom, dom.uuid, p.job_id)
@@ -127,8 +129,8 @@ async def resume_perform(agent: HostAgent, dom: DomainObj,
     never a second `migrate`.  QEMU says how it ended: completed → the switch-over
     happened, finish the phase; anything else → cancel it, the phase failed."""
     assert dom.job is not None
-    if dom.job.phase == Phase.PERFORM3_DONE.value and dom.job.state:
-        return MigrationState.from_json(dom.job.state)
+    if dom.job.phase == Phase.PERFORM3_DONE and dom.job.state is not None:
+        return dom.job.state
     info = await dom.require_monitor("resume perform").execute("query-migrate")
     if info.get("status") != "completed":
         await qemu_migrate.cancel(dom)
@@ -159,7 +161,7 @@ def _perform_done(agent: HostAgent, dom: DomainObj, st: MigrationState) -> Migra
     st = replace(st, cookie=out.to_xml())
     _job_dom(agent, p, Phase.PERFORM3_DONE)
     assert dom.job is not None
-    dom.job.state = st.to_json()
+    dom.job.state = st
     if dom.active:
         agent.save_status(dom)
     return st
@@ -324,10 +326,10 @@ async def confirm3(agent: HostAgent, st: MigrationState) -> MigrationState:
 def _with_own_statistics(st: MigrationState, dom: DomainObj) -> MigrationState:
     """The statistics Perform recorded here, when Finish's answer lacks them (a restarted
     dest answers for a Finish that had started the CPUs from what Prepare saved)."""
-    if st.statistics or dom.job is None or not dom.job.state:
+    if st.statistics or dom.job is None or dom.job.state is None:
         return st
-    own = dom.job.state.get("statistics")
-    return replace(st, statistics=dict(own)) if isinstance(own, dict) and own else st
+    own = dom.job.state.statistics
+    return replace(st, statistics=dict(own)) if own else st
 
 
 async def _resume_source(agent: HostAgent, dom: DomainObj, st: MigrationState) -> None:
@@ -378,11 +380,11 @@ async def perform2(agent: HostAgent, st: MigrationState) -> MigrationState:
     try:
         st = await _migrate(agent, dom, st, None)
     except FerryError as exc:
-        st = st.with_error(exc.at(phase=Phase.PERFORM2.value, host=agent.host))
+        st = st.with_error(exc.at(phase=Phase.PERFORM2, host=agent.host))
         try:
             await _resume_source(agent, dom, st)
         except FerryError as resume_exc:
-            st = st.with_error(resume_exc.at(phase=Phase.PERFORM2.value, host=agent.host))
+            st = st.with_error(resume_exc.at(phase=Phase.PERFORM2, host=agent.host))
         end_outgoing_job(agent, dom, uuid, st, end_record=False)
         return st
     await _finish_source(agent, dom, p)
