@@ -61,7 +61,7 @@ from workers.image_stream import (
 )
 from workers.job_types import JobOperation, Phase
 from workers.jobs import ActiveJob
-from workers.lifecycle import launch, pause_cpus, run_cpus
+from workers.lifecycle import inactive_domain_for, launch, pause_cpus, run_cpus
 from workers.migration import qemu_migrate
 from workers.migration.progress import ProgressTracker
 from workers.monitor import Monitor
@@ -335,18 +335,8 @@ def _restore_definition(agent: HostAgent, header: ImageHeader, xml: str | None) 
 
 def _restore_dom(agent: HostAgent, d: DomainDef) -> tuple[DomainObj, bool]:
     """The object the restored guest lives in (an inactive definition of it, or new)."""
-    for other in agent.domains.values():
-        if other.uuid == d.uuid and other.name != d.name:
-            raise InvalidInputError(f"domain with uuid {d.uuid} already exists as "
-                                    f"'{other.name}'")
-    dom = agent.domains.get(d.name)
-    if dom is None:
-        return DomainObj(definition=None, live=d), True
-    if dom.uuid != d.uuid:
-        raise InvalidInputError(f"domain '{d.name}' already exists with uuid {dom.uuid}")
-    dom.require_inactive("restore")
-    dom.require_no_job("restore")
-    return dom, False
+    dom = inactive_domain_for(agent, d, "restore")
+    return (DomainObj(definition=None, live=d), True) if dom is None else (dom, False)
 
 
 async def _restore(agent: HostAgent, fd: int, header: ImageHeader, definition: DomainDef,

@@ -42,6 +42,24 @@ async def define(agent: HostAgent, xml: str) -> dict[str, Any]:
     return dom.info(agent.host)
 
 
+def inactive_domain_for(agent: HostAgent, d: DomainDef, op: str) -> DomainObj | None:
+    """The domain a guest arriving here (migrated in, restored) starts in: None when this
+    host has none of its name, else that one, which must have `d`'s uuid, be inactive and
+    in no job.  A uuid held here by another name is refused."""
+    for other in agent.domains.values():
+        if other.uuid == d.uuid and other.name != d.name:
+            raise InvalidInputError(f"domain with uuid {d.uuid} already exists as "
+                                    f"'{other.name}'")
+    dom = agent.domains.get(d.name)
+    if dom is None:
+        return None
+    if dom.uuid != d.uuid:
+        raise InvalidInputError(f"domain '{d.name}' already exists with uuid {dom.uuid}")
+    dom.require_inactive(op)
+    dom.require_no_job(op)
+    return dom
+
+
 async def undefine(agent: HostAgent, name: str) -> dict[str, Any]:
     dom = agent.lookup(name)
     if not dom.persistent:

@@ -25,7 +25,7 @@ from workers.errors import FerryError, InvalidInputError, MigrationError, QemuEr
 from workers.hostcaps import require_postcopy
 from workers.job_types import JobOperation, Phase
 from workers.jobs import ActiveJob
-from workers.lifecycle import launch, run_cpus
+from workers.lifecycle import inactive_domain_for, launch, run_cpus
 from workers.migration import qemu_migrate, tunnel
 from workers.migration.chain_state import MigrationState
 from workers.migration.cookie import Cookie, CookieGraphics, make_cookie, parse
@@ -38,18 +38,7 @@ log = logging.getLogger(__name__)
 
 def _incoming_dom(agent: HostAgent, d: DomainDef) -> DomainObj:
     """The object the incoming guest lives in: new, or an inactive definition of it here."""
-    for other in agent.domains.values():
-        if other.uuid == d.uuid and other.name != d.name:
-            raise InvalidInputError(f"domain with uuid {d.uuid} already exists as "
-                                    f"'{other.name}'")
-    dom = agent.domains.get(d.name)
-    if dom is None:
-        return DomainObj(definition=None)
-    if dom.uuid != d.uuid:
-        raise InvalidInputError(f"domain '{d.name}' already exists with uuid {dom.uuid}")
-    dom.require_inactive("migrate in")
-    dom.require_no_job("migrate in")
-    return dom
+    return inactive_domain_for(agent, d, "migrate in") or DomainObj(definition=None)
 
 
 def _check_listen_address(agent: HostAgent, scheme: str, host: str) -> None:
