@@ -5,16 +5,21 @@ Each task reads its arguments, runs one agent coroutine and returns JSON.
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable, Coroutine
+from typing import Any, Concatenate, ParamSpec, TypeVar
 
 from tasks.checked import task
 from workers import lifecycle
-from workers.agent import get_agent
+from workers.agent import HostAgent, get_agent
 from workers.errors import FerryError
 from workers.heartbeat import list_hosts
 
+P = ParamSpec("P")
+T = TypeVar("T")
 
-def _run(fn: Any, *args: Any, **kwargs: Any) -> Any:
+
+def _run(fn: Callable[Concatenate[HostAgent, P], Coroutine[Any, Any, T]], *args: P.args,
+         **kwargs: P.kwargs) -> T:
     """Run one lifecycle coroutine on this host's agent; errors name the host."""
     agent = get_agent()
     try:

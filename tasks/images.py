@@ -8,23 +8,26 @@ task's PROGRESS state (QEMU's figures, for Flower) belong together.
 from __future__ import annotations
 
 from collections.abc import Callable, Coroutine
-from typing import Any
+from typing import Any, TypeVar
 
 from tasks.checked import task
 from workers import errors, image_jobs
 from workers.agent import HostAgent, get_agent
 from workers.errors import FerryError
 
+T = TypeVar("T")
+
 
 def _portable(exc: FerryError) -> FerryError:
     """The same error as a class of workers.errors, which every client can rebuild."""
     for cls in type(exc).__mro__:
-        if getattr(errors, cls.__name__, None) is cls:
+        known = getattr(errors, cls.__name__, None) is cls
+        if known and issubclass(cls, FerryError):
             return cls(exc.message, exc.phase, exc.host, exc.cause)
     return FerryError(exc.message, exc.phase, exc.host, exc.cause)
 
 
-def _run(task: Any, make: Callable[[HostAgent, str], Coroutine[Any, Any, Any]]) -> Any:
+def _run(task: Any, make: Callable[[HostAgent, str], Coroutine[Any, Any, T]]) -> T:
     """Run the coroutine `make(agent, job_id)`; report the job's progress while it runs."""
     agent = get_agent()
     job_id = str(task.request.id or "") or None

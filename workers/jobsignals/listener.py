@@ -51,7 +51,7 @@ class SignalListener:
             with contextlib.suppress(BaseException):
                 await self._task
         with contextlib.suppress(Exception):
-            await self.pubsub.aclose()
+            await self.pubsub.aclose()  # type: ignore[no-untyped-call]  # unannotated in redis-py
             await self.redis.aclose()
 
     async def watch(self, uuid: str) -> None:

@@ -27,7 +27,8 @@ def send_signal(client: redis.Redis, uuid: str, op: str, args: dict[str, Any] | 
                 timeout_s: float = 5.0) -> Any:
     reply_to = reply_channel()
     sig_id = str(uuidlib.uuid4())
-    pubsub = client.pubsub(ignore_subscribe_messages=True)
+    # redis-py leaves Redis.pubsub unannotated
+    pubsub = client.pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call]
     try:
         pubsub.subscribe(reply_to)
         sig = {"id": sig_id, "op": op, "args": args or {}, "reply_to": reply_to}
