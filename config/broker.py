@@ -65,15 +65,16 @@ class RetryingRedis(redis.Redis):
     retry_s: float = 0.0
 
     def execute_command(self, *args: Any, **options: Any) -> Any:
+        # redis-py leaves Redis.execute_command unannotated
         if self.retry_s <= 0:
-            return super().execute_command(*args, **options)
+            return super().execute_command(*args, **options)  # type: ignore[no-untyped-call]
         for attempt in Retrying(
                 stop=stop_after_delay(self.retry_s),
                 wait=wait_random_exponential(multiplier=0.05, max=1.0),
                 retry=retry_if_exception_type((redis.ConnectionError, redis.TimeoutError)),
                 before_sleep=before_sleep_log(log, logging.WARNING), reraise=True):
             with attempt:
-                return super().execute_command(*args, **options)
+                return super().execute_command(*args, **options)  # type: ignore[no-untyped-call]
         raise AssertionError("unreachable")  # pragma: no cover (reraise=True)
 
 

@@ -12,8 +12,8 @@ from typing import Any
 from celery import Celery
 
 from config import broker
+from config.errors import InvalidInputError
 from config.settings import Settings
-from workers.errors import InvalidInputError
 
 log = logging.getLogger(__name__)
 app = Celery("ferry", set_as_current=True)
