@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import inspect
 import logging
-import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
+import celery
+import kombu
 from celery.worker.consumer.consumer import Consumer
 from kombu.transport import redis as kombu_redis
 
@@ -83,9 +84,12 @@ CONN_OR_ACQUIRE = Replacement(
 REPLACEMENTS = (CONNECTION_LOST, BASIC_ACK, CONN_OR_ACQUIRE)
 
 
+_PACKAGES = {"celery": celery, "kombu": kombu}
+
+
 def installed_version(package: str) -> str:
     """The release of `package` this process runs (its `__version__`)."""
-    return str(getattr(sys.modules[package], "__version__", "unknown"))
+    return str(getattr(_PACKAGES[package], "__version__", "unknown"))
 
 
 def refusal(replacement: Replacement) -> str | None:
