@@ -8,17 +8,29 @@ hostname checked) against FERRY_REDIS_CA, or the system's CA store when it is
 unset; FERRY_REDIS_CERT / FERRY_REDIS_KEY add a client certificate for a Redis
 with `tls-auth-clients yes`.  Kombu alone would connect to a rediss:// URL
 without any verification (CERT_NONE, a warning); ferry never does.
+
+With a Sentinel URL (`sentinel://HOST:PORT;sentinel://...`, config/sentinel.py) every
+client asks the sentinels for the current master of FERRY_SENTINEL_MASTER and
+connects there (redis-py's `Sentinel.master_for`): when a connection to the master
+is lost, or the old master answers READONLY after it was demoted, the next
+connection asks the sentinels again, so a failover needs no restart of anything.
+TLS is on in that mode when FERRY_REDIS_CA or FERRY_REDIS_CERT is set (a
+`sentinel://` URL has no TLS scheme of its own), to the sentinels and the master
+alike; FERRY_SENTINEL_PASSWORD is the sentinels' password, the URL's the master's.
 """
 
 from __future__ import annotations
 
 import logging
 import ssl
+import threading
 from collections.abc import Callable
 from typing import Any
 
 import redis
 import redis.asyncio as aredis
+import redis.asyncio.sentinel as asentinel
+import redis.sentinel
 from tenacity import (
     Retrying,
     before_sleep_log,
@@ -27,12 +39,24 @@ from tenacity import (
     wait_random_exponential,
 )
 
+from config import sentinel
 from config.settings import Settings
 
 log = logging.getLogger(__name__)
 
+# How long a client waits for one sentinel to accept a connection or answer before it
+# asks the next one (a sentinel on a machine that is gone must not stall discovery).
+SENTINEL_TIMEOUT_S = 2.0
+
+
+def uses_sentinel(settings: Settings) -> bool:
+    """Whether the broker URL is in Celery's Sentinel form."""
+    return sentinel.is_sentinel(settings.broker_url)
+
 
 def uses_tls(settings: Settings) -> bool:
+    if uses_sentinel(settings):
+        return bool(settings.redis_ca or settings.redis_cert)
     return settings.broker_url.startswith("rediss://")
 
 
@@ -80,18 +104,118 @@ class RetryingRedis(redis.Redis):
         raise AssertionError("unreachable")  # pragma: no cover (reraise=True)
 
 
+def sentinel_kwargs(settings: Settings) -> dict[str, Any]:
+    """Connection options of the sentinels themselves: their password, TLS, and short
+    timeouts (Celery's `sentinel_kwargs` transport option takes the same)."""
+    opts: dict[str, Any] = {"socket_timeout": SENTINEL_TIMEOUT_S,
+                            "socket_connect_timeout": SENTINEL_TIMEOUT_S}
+    if settings.sentinel_password:
+        opts["password"] = settings.sentinel_password
+    tls = _kwargs(settings, {})
+    if tls:
+        opts.update(ssl=True, **tls)
+    return opts
+
+
+def _master_kwargs(settings: Settings, extra: dict[str, Any]) -> dict[str, Any]:
+    """Options of the connections to the master: database and credentials from the URL,
+    TLS from the settings, the caller's own (timeouts, buffer sizes)."""
+    url = sentinel.parse(settings.broker_url)
+    opts: dict[str, Any] = {"db": url.db}
+    if url.password is not None:
+        opts["password"] = url.password
+    if url.username is not None:
+        opts["username"] = url.username
+    tls = _kwargs(settings, {})
+    if tls:
+        opts.update(ssl=True, **tls)
+    return {**opts, **extra}
+
+
+class _Sentinel(redis.sentinel.Sentinel):
+    """redis-py's Sentinel manager, its discovery serialised: it reorders its list of
+    sentinels as it goes, and a worker's task threads share one manager."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        # redis-py leaves Sentinel's methods unannotated
+        plain_init: Callable[..., None] = super().__init__
+        plain_init(*args, **kwargs)
+        self._discover_lock = threading.Lock()
+
+    def discover_master(self, service_name: str) -> Any:
+        with self._discover_lock:
+            # redis-py leaves discover_master unannotated
+            plain: Callable[[str], Any] = super().discover_master
+            return plain(service_name)
+
+
+def master_address(settings: Settings) -> tuple[str, int] | None:
+    """The current master's address as the sentinels tell it (None: no sentinel knows
+    one now, or the broker URL is not a Sentinel URL).  For logs and tests."""
+    if not uses_sentinel(settings):
+        return None
+    manager = _Sentinel(sentinel.parse(settings.broker_url).nodes,
+                        sentinel_kwargs=sentinel_kwargs(settings))
+    try:
+        host, port = manager.discover_master(settings.sentinel_master)
+        return (str(host), int(port))
+    except redis.sentinel.MasterNotFoundError:
+        return None
+    finally:
+        for node in manager.sentinels:
+            node.close()
+
+
 def connect(settings: Settings, retry: bool = False, **kwargs: Any) -> redis.Redis:
     """A blocking client of the broker (TLS options from the settings); with `retry`,
     one that retries for FERRY_BROKER_RETRY_S while the broker is away (the
-    worker's own: job records, leases, heartbeat, admission slots)."""
-    if not retry:
-        return redis.Redis.from_url(settings.broker_url, **_kwargs(settings, kwargs))
-    client = RetryingRedis.from_url(settings.broker_url, **_kwargs(settings, kwargs))
-    assert isinstance(client, RetryingRedis)
-    client.retry_s = settings.broker_retry_s
+    worker's own: job records, leases, heartbeat, admission slots).  With a Sentinel
+    URL, a client of whichever server is the master at the time of each connection."""
+    cls = RetryingRedis if retry else redis.Redis
+    if uses_sentinel(settings):
+        manager = _Sentinel(sentinel.parse(settings.broker_url).nodes,
+                            sentinel_kwargs=sentinel_kwargs(settings))
+        master_for: Callable[..., Any] = manager.master_for  # unannotated in redis-py
+        client = master_for(settings.sentinel_master, redis_class=cls,
+                            **_master_kwargs(settings, kwargs))
+    else:
+        client = cls.from_url(settings.broker_url, **_kwargs(settings, kwargs))
+    assert isinstance(client, cls)
+    if isinstance(client, RetryingRedis):
+        client.retry_s = settings.broker_retry_s
     return client
 
 
 def connect_async(settings: Settings, **kwargs: Any) -> aredis.Redis:
-    """An asyncio client of the broker, for the agent loop (job signals)."""
+    """An asyncio client of the broker, for the agent loop (job signals); with a
+    Sentinel URL, of the current master, as `connect`."""
+    if uses_sentinel(settings):
+        make: Callable[..., asentinel.Sentinel] = asentinel.Sentinel  # unannotated
+        manager = make(sentinel.parse(settings.broker_url).nodes,
+                       sentinel_kwargs=sentinel_kwargs(settings))
+        async_master_for: Callable[..., Any] = manager.master_for
+        client = async_master_for(settings.sentinel_master, redis_class=aredis.Redis,
+                                    **_master_kwargs(settings, kwargs))
+        assert isinstance(client, aredis.Redis)
+        return client
     return aredis.Redis.from_url(settings.broker_url, **_kwargs(settings, kwargs))
+
+
+def lost_connection_note(settings: Settings) -> str:
+    """What to add to the error of a stream that lost its broker connection: with
+    Sentinel, that a failover (the master's machine lost) ends such a stream."""
+    if not uses_sentinel(settings):
+        return ""
+    return (" (the connection to the broker's master was lost: a Sentinel failover, or a "
+            "master restart, ends a tunnelled stream; the next migration uses the new "
+            "master)")
+
+
+def celery_transport_options(settings: Settings) -> dict[str, Any]:
+    """What Celery's broker and result backend need for a Sentinel URL (kombu's
+    SentinelChannel and Celery's SentinelBackend): the master's name and the
+    sentinels' own connection options.  Empty for redis:// and rediss://."""
+    if not uses_sentinel(settings):
+        return {}
+    return {"master_name": settings.sentinel_master,
+            "sentinel_kwargs": sentinel_kwargs(settings)}

@@ -32,6 +32,8 @@ def configure(settings: Settings, target: Celery | None = None) -> Celery:
     """Point `target` (the workers' shared app by default) at the settings' broker."""
     target = app if target is None else target
     tls = broker.ssl_options(settings)
+    # sentinel://: the master's name and the sentinels' options, for both (config/broker.py)
+    sentinel = broker.celery_transport_options(settings)
     target.conf.update(
         broker_url=settings.broker_url,
         result_backend=settings.broker_url,
@@ -51,7 +53,8 @@ def configure(settings: Settings, target: Celery | None = None) -> Celery:
         task_acks_late=True,
         task_reject_on_worker_lost=True,
         worker_prefetch_multiplier=1,
-        broker_transport_options={"visibility_timeout": 6 * 3600},
+        broker_transport_options={"visibility_timeout": 6 * 3600, **sentinel},
+        result_backend_transport_options=dict(sentinel),
         broker_connection_retry_on_startup=True,
         # Nothing is routed to Celery's default queue by accident: every call
         # names its host queue; an unrouted task waits in a queue nobody reads.

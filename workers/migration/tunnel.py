@@ -65,6 +65,7 @@ class _Pump(threading.Thread):
                  sock: socket.socket) -> None:
         super().__init__(name=name, daemon=True)
         self.redis = broker.connect(settings, socket_timeout=10, socket_read_size=READ_SIZE)
+        self.lost_note = broker.lost_connection_note(settings)
         self.job_id = job_id
         self.sock = sock
         self.data_key, self.ack_key, self.closed_key = _keys(job_id)
@@ -109,6 +110,8 @@ class _Pump(threading.Thread):
         except (OSError, redis.RedisError, TimeoutError) as exc:
             if not self.stop_event.is_set():
                 self.error = f"{self.name}: {exc}"
+                if isinstance(exc, redis.ConnectionError):
+                    self.error += self.lost_note
                 log.warning("tunnel %s: %s", self.job_id, self.error)
                 self.close()
 
