@@ -85,9 +85,13 @@ class RetryingRedis(redis.Redis):
     """A client that rides out a broker restart: a command that meets a lost
     connection (or a Redis still loading its data) is tried again with jittered
     exponential waits, for `retry_s` seconds at most, then the error is raised.
-    ferry's commands are safe to repeat (HSET, SET, DEL, compare-and-set scripts)."""
+    ferry's commands are safe to repeat (HSET, SET, DEL, compare-and-set scripts).
+
+    `replica_wait_ms`: how long its guarded writes wait for a replica
+    (config/replication.py); set for a Sentinel broker only."""
 
     retry_s: float = 0.0
+    replica_wait_ms: int = 0
 
     def execute_command(self, *args: Any, **options: Any) -> Any:
         # redis-py leaves execute_command unannotated
@@ -170,8 +174,9 @@ def connect(settings: Settings, retry: bool = False, **kwargs: Any) -> redis.Red
     """A blocking client of the broker (TLS options from the settings); with `retry`,
     one that retries for FERRY_BROKER_RETRY_S while the broker is away (the
     worker's own: job records, leases, heartbeat, admission slots).  With a Sentinel
-    URL, a client of whichever server is the master at the time of each connection."""
-    cls = RetryingRedis if retry else redis.Redis
+    URL, a client of whichever server is the master at the time of each connection,
+    whose guarded writes wait for a replica (config/replication.py)."""
+    cls = RetryingRedis
     if uses_sentinel(settings):
         manager = _Sentinel(sentinel.parse(settings.broker_url).nodes,
                             sentinel_kwargs=sentinel_kwargs(settings))
@@ -180,9 +185,9 @@ def connect(settings: Settings, retry: bool = False, **kwargs: Any) -> redis.Red
                             **_master_kwargs(settings, kwargs))
     else:
         client = cls.from_url(settings.broker_url, **_kwargs(settings, kwargs))
-    assert isinstance(client, cls)
-    if isinstance(client, RetryingRedis):
-        client.retry_s = settings.broker_retry_s
+    assert isinstance(client, RetryingRedis)
+    client.retry_s = settings.broker_retry_s if retry else 0.0
+    client.replica_wait_ms = settings.replica_wait_ms if uses_sentinel(settings) else 0
     return client
 
 

@@ -22,6 +22,7 @@ def test_a_blocking_client_asks_the_sentinels_for_the_named_master() -> None:
     client = broker.connect(settings, retry=True, socket_timeout=5)
     pool = client.connection_pool
     assert isinstance(client, broker.RetryingRedis) and client.retry_s == 7
+    assert client.replica_wait_ms == 1000  # Sentinel: guarded writes wait for a replica
     assert isinstance(pool, redis.sentinel.SentinelConnectionPool)
     assert pool.service_name == "prod" and pool.is_master
     assert pool.connection_class is redis.sentinel.SentinelManagedConnection
@@ -37,7 +38,7 @@ def test_a_blocking_client_asks_the_sentinels_for_the_named_master() -> None:
 def test_a_plain_client_and_an_async_one_too() -> None:
     settings = load({"FERRY_BROKER_URL": URL})
     plain = broker.connect(settings)
-    assert type(plain).__name__ == "Redis"
+    assert plain.retry_s == 0 and plain.replica_wait_ms == 1000
     assert isinstance(plain.connection_pool, redis.sentinel.SentinelConnectionPool)
     assert plain.connection_pool.service_name == "ferry"
     aclient = broker.connect_async(settings, socket_timeout=3)
@@ -88,6 +89,7 @@ def test_celery_builds_its_sentinel_transport_and_backend() -> None:
 
 def test_plain_urls_get_no_sentinel_options() -> None:
     settings = load({"FERRY_BROKER_URL": "redis://127.0.0.1:6379/0"})
+    assert broker.connect(settings, retry=True).replica_wait_ms == 0  # never waits
     assert broker.celery_transport_options(settings) == {}
     assert broker.lost_connection_note(settings) == ""
     assert "result_backend_transport_options" not in {

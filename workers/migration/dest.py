@@ -113,8 +113,8 @@ async def prepare(agent: HostAgent, st: MigrationState, *, v3: bool) -> Migratio
         dom.live = d  # a transient object needs a definition to be named by
     dom.job = ActiveJob(p.job_id, "incoming_migration", Phase.PREPARE.value, time.time(),
                         source=p.source, dest=p.dest, flags=p.flags)
-    agent.jobs.set_phase(d.uuid, p.job_id, Phase.PREPARE.value)
     try:
+        agent.jobs.set_phase(d.uuid, p.job_id, Phase.PREPARE.value)  # may need a replica
         uri = None
         if not p.has(F.OFFLINE):
             uri = await _start_incoming(agent, dom, d, p)
@@ -234,7 +234,12 @@ async def _finish(agent: HostAgent, dom: DomainObj, st: MigrationState,
         return st
     # v3's fence against a source that gave up waiting (tasks/p2p.py); v2's source is
     # already gone, so its Finish must go on whatever happens.
-    if v3 and agent.jobs.claim_finish(dom.uuid, p.job_id, "dest") != "dest":
+    try:
+        winner = agent.jobs.claim_finish(dom.uuid, p.job_id, "dest") if v3 else "dest"
+    except FerryError:  # no replica has the claim (Sentinel): the CPUs must not start
+        await _discard(agent, dom)
+        raise
+    if winner != "dest":
         await _discard(agent, dom)
         raise MigrationError("the source gave up waiting for Finish: the incoming guest was "
                              "discarded")
