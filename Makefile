@@ -3,7 +3,7 @@ SHELL := /bin/bash
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-DEBS := qemu-system-x86 qemu-utils redis-server zstd xz-utils bzip2 lzop binutils
+DEBS := qemu-system-x86 qemu-utils redis-server redis-sentinel zstd xz-utils bzip2 lzop binutils
 STAMP := $(VENV)/.ferry-installed
 TEST_JOBS ?= 2
 
