@@ -136,9 +136,41 @@ def _master_kwargs(settings: Settings, extra: dict[str, Any]) -> dict[str, Any]:
     return {**opts, **extra}
 
 
+def newest_master(states: list[dict[str, Any]], min_other_sentinels: int = 0
+                  ) -> tuple[str, int] | None:
+    """The master address of the newest view among the sentinels' answers (the
+    highest config epoch), leaving out one they see as down.
+
+    redis-py takes the first sentinel's answer; right after a failover a sentinel
+    that has not heard of it yet still names the old master, which may be back by
+    then as a replica: reads would go to it.  The sentinel that led the failover
+    holds the new epoch."""
+    best: dict[str, Any] | None = None
+    for state in states:
+        if not state.get("is_master") or state.get("is_sdown") or state.get("is_odown"):
+            continue
+        if int(state.get("num-other-sentinels", 0)) < min_other_sentinels:
+            continue
+        if best is None or int(state.get("config-epoch", 0)) > int(best.get("config-epoch", 0)):
+            best = state
+    return None if best is None else (str(best["ip"]), int(best["port"]))
+
+
+def _state_of(masters: object, service_name: str) -> dict[str, Any] | None:
+    """One master's state from SENTINEL MASTERS as redis-py parses it (a dict by name;
+    a list of states under RESP3)."""
+    if isinstance(masters, dict):
+        state = masters.get(service_name)
+        return state if isinstance(state, dict) else None
+    for state in masters if isinstance(masters, list) else ():
+        if isinstance(state, dict) and state.get("name") == service_name:
+            return state
+    return None
+
+
 class _Sentinel(redis.sentinel.Sentinel):
-    """redis-py's Sentinel manager, its discovery serialised: it reorders its list of
-    sentinels as it goes, and a worker's task threads share one manager."""
+    """redis-py's Sentinel manager, asking every sentinel and going by the newest view
+    (`newest_master`); serialised, as a worker's task threads share one manager."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         # redis-py leaves Sentinel's methods unannotated
@@ -146,11 +178,44 @@ class _Sentinel(redis.sentinel.Sentinel):
         plain_init(*args, **kwargs)
         self._discover_lock = threading.Lock()
 
-    def discover_master(self, service_name: str) -> Any:
+    def discover_master(self, service_name: str) -> tuple[str, int]:
         with self._discover_lock:
-            # redis-py leaves discover_master unannotated
-            plain: Callable[[str], Any] = super().discover_master
-            return plain(service_name)
+            states, errors = [], []
+            for node in self.sentinels:
+                try:
+                    state = _state_of(node.sentinel_masters(), service_name)
+                except (redis.ConnectionError, redis.TimeoutError) as exc:
+                    errors.append(f"{node} - {exc!r}")
+                    continue
+                if state:
+                    states.append(state)
+            found = newest_master(states, self.min_other_sentinels)
+            if found is None:
+                raise redis.sentinel.MasterNotFoundError(
+                    f"No master found for {service_name!r}"
+                    + (f" : {', '.join(errors)}" if errors else ""))
+            return found
+
+
+class _AsyncSentinel(asentinel.Sentinel):
+    """The same discovery for asyncio clients."""
+
+    async def discover_master(self, service_name: str) -> tuple[str, int]:
+        states, errors = [], []
+        for node in self.sentinels:
+            try:
+                state = _state_of(await node.sentinel_masters(), service_name)
+            except (redis.ConnectionError, redis.TimeoutError) as exc:
+                errors.append(f"{node} - {exc!r}")
+                continue
+            if state:
+                states.append(state)
+        found = newest_master(states, self.min_other_sentinels)
+        if found is None:
+            raise asentinel.MasterNotFoundError(
+                f"No master found for {service_name!r}"
+                + (f" : {', '.join(errors)}" if errors else ""))
+        return found
 
 
 def master_address(settings: Settings) -> tuple[str, int] | None:
@@ -195,7 +260,7 @@ def connect_async(settings: Settings, **kwargs: Any) -> aredis.Redis:
     """An asyncio client of the broker, for the agent loop (job signals); with a
     Sentinel URL, of the current master, as `connect`."""
     if uses_sentinel(settings):
-        make: Callable[..., asentinel.Sentinel] = asentinel.Sentinel  # unannotated
+        make: Callable[..., asentinel.Sentinel] = _AsyncSentinel  # unannotated in redis-py
         manager = make(sentinel.parse(settings.broker_url).nodes,
                        sentinel_kwargs=sentinel_kwargs(settings))
         async_master_for: Callable[..., Any] = manager.master_for

@@ -70,6 +70,12 @@ def configure(settings: Settings, target: Celery | None = None) -> Celery:
         worker_redirect_stdouts=False,
         include=TASK_MODULES,
     )
+    if sentinel:
+        # A phase that ends while the sentinels promote a replica publishes the next
+        # one once there is a master again (Celery's default gives up after ~0.6 s).
+        target.conf.update(task_publish_retry_policy={
+            "max_retries": 2 * settings.broker_retry_s + 2, "interval_start": 0,
+            "interval_step": 0.5, "interval_max": 0.5})
     if settings.signing_key or settings.signing_cert or settings.signing_cert_store:
         _sign_messages(settings, target)
     return target

@@ -19,6 +19,7 @@ import os
 import signal
 import socket
 import subprocess
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -265,6 +266,28 @@ class SentinelSet:
         os.kill(master.proc.pid, signal.SIGKILL)
         master.proc.wait(timeout=10)
         return master
+
+    def cut_replica_link(self, for_s: float | None = None) -> None:
+        """Leave the replicas behind: they are stopped (SIGSTOP) and the master drops
+        their links, so what the master takes from now on reaches no replica until
+        `resume_replicas()` (at once, or after `for_s` seconds in a timer thread):
+        then they reconnect and catch up, unless the master is gone by then."""
+        master = self.master()
+        replicas = [s for s in self.servers if s is not master and s.running()]
+        for replica in replicas:
+            os.kill(replica.pid, signal.SIGSTOP)
+        self._client(master).client_kill_filter(_type="replica")
+        if for_s is not None:
+            timer = threading.Timer(for_s, self.resume_replicas)
+            timer.daemon = True
+            timer.start()
+
+    def resume_replicas(self) -> None:
+        """SIGCONT every replica `cut_replica_link` stopped."""
+        for server in self.servers:
+            if server.running():
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(server.pid, signal.SIGCONT)
 
     def wait_failover(self, old: Server, timeout: float = 30) -> Server:
         """Until every running sentinel names a new master that says it is one."""
