@@ -235,7 +235,7 @@ def master_address(settings: Settings) -> tuple[str, int] | None:
             node.close()
 
 
-def connect(settings: Settings, retry: bool = False, **kwargs: Any) -> redis.Redis:
+def connect(settings: Settings, retry: bool = False, **kwargs: Any) -> RetryingRedis:
     """A blocking client of the broker (TLS options from the settings); with `retry`,
     one that retries for FERRY_BROKER_RETRY_S while the broker is away (the
     worker's own: job records, leases, heartbeat, admission slots).  With a Sentinel

@@ -96,3 +96,22 @@ def test_plain_urls_get_no_sentinel_options() -> None:
         k for k, v in client_app(settings).conf.items() if v}
     assert broker.master_address(settings) is None
     assert "failover" in broker.lost_connection_note(load({"FERRY_BROKER_URL": URL}))
+
+
+def _state(port: int, epoch: int, **flags: bool) -> dict[str, object]:
+    return {"ip": "10.0.0.9", "port": port, "config-epoch": epoch, "is_master": True,
+            "is_sdown": False, "is_odown": False, "num-other-sentinels": 2, **flags}
+
+
+def test_discovery_goes_by_the_newest_view_of_the_sentinels() -> None:
+    # a sentinel that has not heard of the failover names the old master (epoch 3);
+    # the one that led it names the new one (epoch 4), whatever the order of answers
+    lagging, leader = _state(6379, 3), _state(6380, 4)
+    assert broker.newest_master([lagging, leader]) == ("10.0.0.9", 6380)
+    assert broker.newest_master([leader, lagging]) == ("10.0.0.9", 6380)
+    assert broker.newest_master([_state(6380, 9, is_sdown=True), lagging]) == \
+        ("10.0.0.9", 6379)
+    assert broker.newest_master([_state(6380, 9, is_odown=True)]) is None
+    assert broker.newest_master([_state(6380, 9, is_master=False)]) is None
+    assert broker.newest_master([leader], min_other_sentinels=3) is None
+    assert broker.newest_master([]) is None

@@ -195,8 +195,11 @@ def _known_cause(agent: HostAgent, st: MigrationState) -> str:
         return ""
     rec = agent.jobs.get(uuid)
     error = rec.get("error") if rec is not None and rec.get("id") == st.params.job_id else None
-    return f" ({error.get('message')})" if isinstance(error, dict) and error.get("message") \
-        else ""
+    if isinstance(error, dict) and error.get("message"):
+        return f" ({error.get('message')})"
+    stream = tunnel.broken(agent.redis, st.params.job_id) if st.params.has(F.TUNNELLED) \
+        else None
+    return f" (the tunnel broke: {stream})" if stream else ""
 
 
 def _job_dom(agent: HostAgent, p: MigrationParams) -> DomainObj | None:
