@@ -8,7 +8,9 @@ other way round in the next pair), one managed v3 live migration per sample,
 the wall time measured around `Client.migrate(...).wait()`.  The Sentinel
 side pays for the discovery of the master on each new connection and for
 WAIT 1 on its guarded writes (lease hand-over, Finish claim, phase changes);
-the report gives both medians and their ratio (the target is <= 1.05).
+the report gives both medians, their ratio (the target is <= 1.05), the median
+of the pairs' own ratios, and the machine's load average (a loaded machine
+swings single migrations by 2x: compare runs of the same load only).
 
 Raw samples go to scripts/bench/results/sentinel-<timestamp>.json; every
 process started here is stopped by pid, also on failure.
@@ -130,8 +132,11 @@ def run(args: argparse.Namespace) -> dict[str, object]:
         shutil.rmtree(root, ignore_errors=True)
     med_plain = statistics.median(plain.walls_ms)
     med_sent = statistics.median(sent.walls_ms)
+    pairs = [s / p for p, s in zip(plain.walls_ms, sent.walls_ms, strict=True)]
     return {"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "runs": args.runs,
             "memory_mib": args.memory, "domain_type": domain_type,
+            "load_average": [round(x, 2) for x in os.getloadavg()],
+            "pair_ratio_median": round(statistics.median(pairs), 3),
             "plain_ms": [round(w, 1) for w in plain.walls_ms],
             "sentinel_ms": [round(w, 1) for w in sent.walls_ms],
             "plain_median_ms": round(med_plain, 1), "sentinel_median_ms": round(med_sent, 1),
@@ -147,7 +152,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"{result['date']}: {result['runs']} interleaved pairs, {result['memory_mib']} MiB "
           f"{result['domain_type']} guest: redis:// median {result['plain_median_ms']} ms, "
           f"sentinel:// median {result['sentinel_median_ms']} ms, ratio {result['ratio']} "
-          f"(raw: {out})")
+          f"(median of the pairs' ratios {result['pair_ratio_median']}; load average "
+          f"{result['load_average']}; raw: {out})")
     return 0
 
 
