@@ -97,9 +97,18 @@ class SentinelStack:
         old = self.set.kill_master()
         new = self.set.wait_failover(old)
         promoted = time.monotonic() - killed_at
+        self.heal(old)
+        return new, promoted
+
+    def heal(self, old: Server) -> None:
+        """The old master back as a replica in sync, and both workers' heartbeats on
+        the new master (a failover may drop the last ones, like any recent write)."""
         self.set.restart_as_replica(old)
         self.set.wait_replicas(1)
-        return new, promoted
+        for host in (SRC, DST):
+            proc = self.stack.workers[host].proc
+            if proc is not None and proc.poll() is None:
+                self.stack.wait_alive(host, proc.pid)
 
 
 @pytest.fixture(scope="module")
@@ -440,8 +449,7 @@ def test_an_idle_guest_keeps_running_and_everything_finds_the_new_master(
         assert signalled and signalled[0][0] in ("HostUnavailableError", "NoJobOwnerError"), \
             f"a signal during the failover: {signalled}"
         times["signal_error_s"] = signalled[0][1]
-        sstack.set.restart_as_replica(old)
-        sstack.set.wait_replicas(1)
+        sstack.heal(old)
         _report({"case": "idle", "outcome": "S", **{k: round(v, 2) for k, v in times.items()}})
         print(f"failover and reconnect times: {times}")
 
@@ -480,8 +488,7 @@ def test_a_lease_handed_over_survives_the_master_killed_right_after(
         sstack.set.wait_failover(old)
         assert set(_lease_holders(sstack, guest).values()) == {DST}, \
             "the promoted replica lost the dest's leases"
-        sstack.set.restart_as_replica(old)
-        sstack.set.wait_replicas(1)
+        sstack.heal(old)
         _release(sstack, (DEST, "finish3.after_cont"))
         guest.summary = job.wait(timeout=90)
         assert guest.summary["result"] == "completed"
@@ -525,8 +532,7 @@ def test_without_the_wait_a_failover_drops_a_lease_and_with_it_keeps_it(
             assert took >= 0.4, "the acquire did not wait for the replica"
         holder = locks.holders(d)[f"domain:{d.uuid}"]
         kept[waits] = None if holder is None else str(holder["host"])
-        sstack.set.restart_as_replica(old)
-        sstack.set.wait_replicas(1)
+        sstack.heal(old)
         client.close()
     assert kept == {False: None, True: DST}
 
@@ -552,8 +558,7 @@ def test_no_replica_to_acknowledge_fails_the_migration_and_the_source_runs_on(
         assert set(_lease_holders(sstack, guest).values()) == {SRC}
     finally:
         if not replica.running():
-            sstack.set.restart_as_replica(replica)
-        sstack.set.wait_replicas(1)
+            sstack.heal(replica)
     try:
         again = sstack.client.migrate(guest.name, SRC, DST, live=True).wait(timeout=90)
         assert again["result"] == "completed"
