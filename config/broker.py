@@ -31,6 +31,9 @@ import redis
 import redis.asyncio as aredis
 import redis.asyncio.sentinel as asentinel
 import redis.sentinel
+from redis.asyncio.retry import Retry as AsyncRetry
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 from tenacity import (
     Retrying,
     before_sleep_log,
@@ -108,11 +111,13 @@ class RetryingRedis(redis.Redis):
         raise AssertionError("unreachable")  # pragma: no cover (reraise=True)
 
 
-def sentinel_kwargs(settings: Settings) -> dict[str, Any]:
+def sentinel_kwargs(settings: Settings, asynchronous: bool = False) -> dict[str, Any]:
     """Connection options of the sentinels themselves: their password, TLS, and short
     timeouts (Celery's `sentinel_kwargs` transport option takes the same)."""
     opts: dict[str, Any] = {"socket_timeout": SENTINEL_TIMEOUT_S,
-                            "socket_connect_timeout": SENTINEL_TIMEOUT_S}
+                            "socket_connect_timeout": SENTINEL_TIMEOUT_S,
+                            # no retries with back-off on one sentinel: the next is asked
+                            "retry": (AsyncRetry if asynchronous else Retry)(NoBackoff(), 0)}
     if settings.sentinel_password:
         opts["password"] = settings.sentinel_password
     tls = _kwargs(settings, {})
@@ -139,7 +144,8 @@ def _master_kwargs(settings: Settings, extra: dict[str, Any]) -> dict[str, Any]:
 def newest_master(states: list[dict[str, Any]], min_other_sentinels: int = 0
                   ) -> tuple[str, int] | None:
     """The master address of the newest view among the sentinels' answers (the
-    highest config epoch), leaving out one they see as down.
+    highest config epoch), leaving out one they see as down.  Asked of a majority
+    of the sentinels (the first to answer; one on a lost machine goes last).
 
     redis-py takes the first sentinel's answer; right after a failover a sentinel
     that has not heard of it yet still names the old master, which may be back by
@@ -180,15 +186,20 @@ class _Sentinel(redis.sentinel.Sentinel):
 
     def discover_master(self, service_name: str) -> tuple[str, int]:
         with self._discover_lock:
-            states, errors = [], []
-            for node in self.sentinels:
+            states, errors, answered = [], [], []
+            for node in list(self.sentinels):
                 try:
                     state = _state_of(node.sentinel_masters(), service_name)
                 except (redis.ConnectionError, redis.TimeoutError) as exc:
                     errors.append(f"{node} - {exc!r}")
                     continue
+                answered.append(node)
                 if state:
                     states.append(state)
+                if len(answered) > len(self.sentinels) // 2:
+                    break  # a majority answered: enough to see the newest view
+            # the ones that answered first next time (a sentinel on a lost machine last)
+            self.sentinels = answered + [n for n in self.sentinels if n not in answered]
             found = newest_master(states, self.min_other_sentinels)
             if found is None:
                 raise redis.sentinel.MasterNotFoundError(
@@ -201,15 +212,19 @@ class _AsyncSentinel(asentinel.Sentinel):
     """The same discovery for asyncio clients."""
 
     async def discover_master(self, service_name: str) -> tuple[str, int]:
-        states, errors = [], []
-        for node in self.sentinels:
+        states, errors, answered = [], [], []
+        for node in list(self.sentinels):
             try:
                 state = _state_of(await node.sentinel_masters(), service_name)
             except (redis.ConnectionError, redis.TimeoutError) as exc:
                 errors.append(f"{node} - {exc!r}")
                 continue
+            answered.append(node)
             if state:
                 states.append(state)
+            if len(answered) > len(self.sentinels) // 2:
+                break
+        self.sentinels = answered + [n for n in self.sentinels if n not in answered]
         found = newest_master(states, self.min_other_sentinels)
         if found is None:
             raise asentinel.MasterNotFoundError(
@@ -262,7 +277,7 @@ def connect_async(settings: Settings, **kwargs: Any) -> aredis.Redis:
     if uses_sentinel(settings):
         make: Callable[..., asentinel.Sentinel] = _AsyncSentinel  # unannotated in redis-py
         manager = make(sentinel.parse(settings.broker_url).nodes,
-                       sentinel_kwargs=sentinel_kwargs(settings))
+                       sentinel_kwargs=sentinel_kwargs(settings, asynchronous=True))
         async_master_for: Callable[..., Any] = manager.master_for
         client = async_master_for(settings.sentinel_master, redis_class=aredis.Redis,
                                     **_master_kwargs(settings, kwargs))

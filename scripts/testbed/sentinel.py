@@ -24,7 +24,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import redis
 
@@ -103,6 +103,9 @@ class SentinelSet:
     sentinel_password: str | None = None  # the sentinels' own
     down_after_ms: int = 1000
     failover_timeout_ms: int = 2000
+    # TLS only (servers, replication and sentinels): certificate, key, CA; the
+    # certificate must name 127.0.0.1 (the sentinels hand out addresses)
+    tls: tuple[Path, Path, Path] | None = None
     servers: list[Server] = field(default_factory=list)
     sentinels: list[Server] = field(default_factory=list)
 
@@ -134,8 +137,14 @@ class SentinelSet:
         auth = ["--requirepass", self.password, "--masterauth", self.password] \
             if self.password else []
         follow = ["--replicaof", HOST, str(replica_of.port)] if replica_of else []
+        listen = ["--port", str(server.port)]
+        if self.tls is not None:
+            cert, key, ca = self.tls
+            listen = ["--port", "0", "--tls-port", str(server.port), "--tls-cert-file",
+                      str(cert), "--tls-key-file", str(key), "--tls-ca-cert-file", str(ca),
+                      "--tls-auth-clients", "no", "--tls-replication", "yes"]
         server.proc = subprocess.Popen(
-            ["redis-server", "--port", str(server.port), "--bind", HOST,
+            ["redis-server", *listen, "--bind", HOST,
              "--dir", str(server.dir), "--save", "", "--appendonly", "no",
              "--daemonize", "no", "--repl-diskless-sync", "yes",
              "--repl-diskless-sync-delay", "0", *auth, *follow],
@@ -148,7 +157,13 @@ class SentinelSet:
         sentinel = Server(f"sentinel-{index}", free_port(), self.root / f"sentinel-{index}")
         sentinel.dir.mkdir(parents=True, exist_ok=True)
         name = self.master_name
-        lines = [f"port {sentinel.port}", f"bind {HOST}", f"dir {sentinel.dir}",
+        listen = [f"port {sentinel.port}"]
+        if self.tls is not None:
+            cert, key, ca = self.tls
+            listen = ["port 0", f"tls-port {sentinel.port}", f"tls-cert-file {cert}",
+                      f"tls-key-file {key}", f"tls-ca-cert-file {ca}", "tls-auth-clients no",
+                      "tls-replication yes"]
+        lines = [*listen, f"bind {HOST}", f"dir {sentinel.dir}",
                  "daemonize no", f"logfile {sentinel.dir / 'sentinel.log'}",
                  f"sentinel monitor {name} {HOST} {master.port} {QUORUM}",
                  f"sentinel down-after-milliseconds {name} {self.down_after_ms}",
@@ -179,15 +194,23 @@ class SentinelSet:
         env = {"FERRY_BROKER_URL": self.url, "FERRY_SENTINEL_MASTER": self.master_name}
         if self.sentinel_password:
             env["FERRY_SENTINEL_PASSWORD"] = self.sentinel_password
+        if self.tls is not None:
+            env["FERRY_REDIS_CA"] = str(self.tls[2])
         return env
+
+    def _tls_kwargs(self) -> dict[str, Any]:
+        if self.tls is None:
+            return {}
+        return {"ssl": True, "ssl_ca_certs": str(self.tls[2])}
 
     def _client(self, server: Server, timeout: float = 1.0) -> redis.Redis:
         return redis.Redis(HOST, server.port, password=self.password, socket_timeout=timeout,
-                           socket_connect_timeout=timeout)
+                           socket_connect_timeout=timeout, **self._tls_kwargs())
 
     def _sentinel_client(self, sentinel: Server) -> redis.Redis:
         return redis.Redis(HOST, sentinel.port, password=self.sentinel_password,
-                           socket_timeout=1.0, socket_connect_timeout=1.0)
+                           socket_timeout=1.0, socket_connect_timeout=1.0,
+                           **self._tls_kwargs())
 
     def server_at(self, port: int) -> Server:
         for server in self.servers:

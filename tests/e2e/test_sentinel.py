@@ -564,3 +564,31 @@ def test_no_replica_to_acknowledge_fails_the_migration_and_the_source_runs_on(
         assert again["result"] == "completed"
     finally:
         _cleanup(sstack, guest)
+
+
+def test_tls_to_the_sentinels_and_the_master_follows_a_failover(tmp_path: Path) -> None:
+    """A TLS-only set (servers, replication, sentinels): ferry's clients and Celery's
+    broker and backend connect with FERRY_REDIS_CA, verified, and follow a failover."""
+    from config.celery_app import client_app
+    from tests.certs import ca_and_server
+
+    ca, server = ca_and_server(tmp_path)
+    tls_set = SentinelSet(tmp_path / "set", tls=(server.cert, server.key, ca.cert))
+    try:
+        tls_set.start()
+        settings = load(tls_set.env())
+        client = broker.connect(settings, retry=True, socket_timeout=5)
+        client.set("ferry:test:tls", "1")
+        app = client_app(settings)
+        app.backend.client.set("ferry:test:backend", "1")
+        with app.connection_for_write() as conn:
+            conn.default_channel.client.ping()
+        old = tls_set.kill_master()
+        tls_set.wait_failover(old)
+        assert client.get("ferry:test:tls") == b"1", "the retrying client found the new master"
+        assert app.backend.client.get("ferry:test:backend") == b"1"
+        unverified = load({**tls_set.env(), "FERRY_REDIS_CA": str(server.cert)})
+        with pytest.raises(redis.ConnectionError):  # a server the CA did not sign: refused
+            broker.connect(unverified, socket_timeout=2).ping()
+    finally:
+        tls_set.stop()
