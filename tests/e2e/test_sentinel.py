@@ -568,7 +568,8 @@ def test_no_replica_to_acknowledge_fails_the_migration_and_the_source_runs_on(
 
 def test_tls_to_the_sentinels_and_the_master_follows_a_failover(tmp_path: Path) -> None:
     """A TLS-only set (servers, replication, sentinels): ferry's clients and Celery's
-    broker and backend connect with FERRY_REDIS_CA, verified, and follow a failover."""
+    broker and backend connect with FERRY_REDIS_CA, verified, and follow a failover;
+    a stopped sentinel does not slow a new client down."""
     from config.celery_app import client_app
     from tests.certs import ca_and_server
 
@@ -587,6 +588,10 @@ def test_tls_to_the_sentinels_and_the_master_follows_a_failover(tmp_path: Path) 
         tls_set.wait_failover(old)
         assert client.get("ferry:test:tls") == b"1", "the retrying client found the new master"
         assert app.backend.client.get("ferry:test:backend") == b"1"
+        tls_set.sentinels[0].stop()  # a sentinel gone with its machine slows nobody down
+        started = time.monotonic()
+        assert broker.connect(settings, socket_timeout=5).get("ferry:test:tls") == b"1"
+        assert time.monotonic() - started < 1.5
         unverified = load({**tls_set.env(), "FERRY_REDIS_CA": str(server.cert)})
         with pytest.raises(redis.ConnectionError):  # a server the CA did not sign: refused
             broker.connect(unverified, socket_timeout=2).ping()
