@@ -101,8 +101,8 @@ async def prepare(agent: HostAgent, st: MigrationState, *, v3: bool) -> Migratio
         dom.live = d  # a transient object needs a definition to be named by
     dom.job = ActiveJob(p.job_id, JobOperation.INCOMING_MIGRATION, Phase.PREPARE, time.time(),
                         source=p.source, dest=p.dest, flags=p.flags)
-    agent.jobs.set_phase(d.uuid, p.job_id, Phase.PREPARE)
     try:
+        agent.jobs.set_phase(d.uuid, p.job_id, Phase.PREPARE)  # may need a replica
         uri = None
         if not p.has(F.OFFLINE):
             uri = await _start_incoming(agent, dom, d, p)
@@ -183,8 +183,11 @@ def _known_cause(agent: HostAgent, st: MigrationState) -> str:
         return ""
     rec = agent.jobs.get(uuid)
     error = rec.get("error") if rec is not None and rec.get("id") == st.params.job_id else None
-    return f" ({error.get('message')})" if isinstance(error, dict) and error.get("message") \
-        else ""
+    if isinstance(error, dict) and error.get("message"):
+        return f" ({error.get('message')})"
+    stream = tunnel.broken(agent.redis, st.params.job_id) if st.params.has(F.TUNNELLED) \
+        else None
+    return f" (the tunnel broke: {stream})" if stream else ""
 
 
 def _job_dom(agent: HostAgent, p: MigrationParams) -> DomainObj | None:
@@ -222,7 +225,12 @@ async def _finish(agent: HostAgent, dom: DomainObj, st: MigrationState,
         return st
     # v3's fence against a source that gave up waiting (tasks/p2p.py); v2's source is
     # already gone, so its Finish must go on whatever happens.
-    if v3 and agent.jobs.claim_finish(dom.uuid, p.job_id, "dest") != "dest":
+    try:
+        winner = agent.jobs.claim_finish(dom.uuid, p.job_id, "dest") if v3 else "dest"
+    except FerryError:  # no replica has the claim (Sentinel): the CPUs must not start
+        await _discard(agent, dom)
+        raise
+    if winner != "dest":
         await _discard(agent, dom)
         raise MigrationError("the source gave up waiting for Finish: the incoming guest was "
                              "discarded")
