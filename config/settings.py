@@ -80,6 +80,7 @@ def _dirs(text: str) -> tuple[Path, ...]:
 
 
 def _name(text: str) -> str:
+    """any non-empty name (blanks around it are dropped)."""
     if not text.strip():
         raise ValueError("must not be empty")
     return text.strip()

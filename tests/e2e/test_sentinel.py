@@ -39,13 +39,13 @@ from lxml import etree
 from config import broker
 from config.settings import load
 from scripts.testbed.guestxml import guest_xml
-from scripts.testbed.stack import Stack, pid_alive, wait_for
 from scripts.testbed.sentinel import SentinelSet, Server
-from tasks import signals
+from scripts.testbed.stack import Stack, pid_alive, wait_for
 from tasks.client import Client
 from tests.conftest import qemu_pids_of
 from tests.e2e.faultcases import DEST, POINTS, SOURCE, At, Mode
 from workers.errors import FerryError
+from workers.jobsignals import sender as signals
 from workers.locks import RedisLocks
 
 SRC, DST = "salpha", "sbeta"
@@ -508,7 +508,7 @@ def test_without_the_wait_a_failover_drops_a_lease_and_with_it_keeps_it(
     """Why the WAIT: the same lease write, the replica left behind just before it and
     the master killed just after, is lost by the failover when nothing waited for the
     replica, and kept when the write waited (for the replica to come back)."""
-    from workers.domain import parse_domain_xml
+    from workers.domain_xml import parse_domain_xml
 
     settings = load(sstack.stack.env())
     kept: dict[bool, str | None] = {}
