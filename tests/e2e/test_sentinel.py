@@ -289,7 +289,11 @@ def _check_after(ss: SentinelStack, guest: Guest, host: str) -> None:
     """What must hold after any case: one copy, its leases, the outcome, no leftovers,
     and a second migration that works."""
     assert len(qemu_pids_of(guest.uuid)) == 1, "a leftover QEMU"
-    assert not _listening(range(PORTS[0], PORTS[1] + 1)), "a migration port left listening"
+    # A discarded incoming QEMU may still be on its way out on a loaded machine.
+    ports = range(PORTS[0], PORTS[1] + 1)
+    with contextlib.suppress(TimeoutError):
+        wait_for(lambda: not _listening(ports), 15, "the migration ports to close")
+    assert not _listening(ports), "a migration port left listening"
     holders = _lease_holders(ss, guest)
     assert set(holders.values()) == {host}, f"leases not held by {host} alone: {holders}"
     r = ss.master_client()
