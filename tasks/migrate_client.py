@@ -29,6 +29,7 @@ OPTION_FLAGS = {
     "change_protection": F.CHANGE_PROTECTION, "offline": F.OFFLINE,
     "compressed": F.COMPRESSED, "abort_on_error": F.ABORT_ON_ERROR,
     "auto_converge": F.AUTO_CONVERGE, "postcopy": F.POSTCOPY,
+    "copy_storage_all": F.NON_SHARED_DISK, "copy_storage_inc": F.NON_SHARED_INC,
 }
 
 
@@ -39,10 +40,17 @@ def params_from_options(domain: str, source: str, dest: str, **options: Any) -> 
         if options.pop(name, False):
             flags |= flag
     known = {"protocol", "xmlin", "migrate_uri", "bandwidth_mib_s", "max_downtime_ms",
-             "timeout_s", "job_id"}
+             "timeout_s", "job_id", "migrate_disks", "disks_port"}
     unknown = set(options) - known
     if unknown:
         raise InvalidInputError(f"unknown migration option(s): {', '.join(sorted(unknown))}")
+    disks = options.get("migrate_disks")
+    if isinstance(disks, str):  # "vda,vdb", as virsh takes it
+        options["migrate_disks"] = tuple(t.strip() for t in disks.split(",") if t.strip())
+    elif disks is None:
+        options.pop("migrate_disks", None)
+    elif isinstance(disks, list | tuple):
+        options["migrate_disks"] = tuple(disks)
     return MigrationParams(domain=domain, source=source, dest=dest, flags=int(flags), **options)
 
 

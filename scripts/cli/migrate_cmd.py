@@ -27,6 +27,14 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("--timeout", type=int, help="pause the guest after S seconds to converge")
     p.add_argument("--max-downtime", type=int, help="ms")
     p.add_argument("--protocol", type=int, choices=(2, 3), default=3)
+    p.add_argument("--copy-storage-all", action="store_true",
+                   help="copy the guest's disks to the dest (NBD)")
+    p.add_argument("--copy-storage-inc", action="store_true",
+                   help="copy only the top image of each disk (the backing chain is there)")
+    p.add_argument("--migrate-disks", metavar="T,T",
+                   help="copy only these disk targets (the others must be shared)")
+    p.add_argument("--disks-port", type=int, help="the dest's NBD port (default: from "
+                   "its migration port range)")
     p = domain_cmd(sub, "domjobinfo", cmd_domjobinfo, "job information")
     p.add_argument("domain")
     p.add_argument("--completed", action="store_true")
@@ -45,9 +53,11 @@ def add_parsers(sub: Any) -> None:
 def _options(a: argparse.Namespace) -> dict[str, Any]:
     opts: dict[str, Any] = {name: getattr(a, name) for name in (
         "live", "p2p", "tunnelled", "persistent", "undefinesource", "suspend", "offline",
-        "abort_on_error", "auto_converge", "postcopy", "change_protection")}
+        "abort_on_error", "auto_converge", "postcopy", "change_protection",
+        "copy_storage_all", "copy_storage_inc")}
     opts.update(protocol=a.protocol, bandwidth_mib_s=a.bandwidth, timeout_s=a.timeout,
-                max_downtime_ms=a.max_downtime, migrate_uri=a.migrateuri)
+                max_downtime_ms=a.max_downtime, migrate_uri=a.migrateuri,
+                migrate_disks=a.migrate_disks, disks_port=a.disks_port)
     if a.xml:
         try:
             opts["xmlin"] = Path(a.xml).read_text()
