@@ -33,6 +33,7 @@ from workers.domobj import DomainObj
 from workers.errors import MigrationError
 from workers.job_types import JobOperation, Phase
 from workers.jobs import ActiveJob, job_key
+from workers.migration import storage_dest
 from workers.migration.guards import end_outgoing_job
 from workers.slots import Line, Slots
 
@@ -136,6 +137,7 @@ async def sweep(agent: HostAgent, orphans: Orphans | None = None) -> list[str]:
                 if not _waiting_incoming(dom, job):
                     continue  # Finish began meanwhile: it decides
                 await agent.kill(dom, ShutoffReason.FAILED)
+            storage_dest.discard_images(dom)
             dom.job = None
             agent.release_ports(dom)
             Slots(agent.redis, agent.host).give_back(Line.IN.value, job.id)

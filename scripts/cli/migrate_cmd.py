@@ -104,9 +104,10 @@ def _follow(job: Any) -> dict[str, Any]:
             except FerryError:
                 info = {}
             total, processed = info.get("data_total"), info.get("data_processed")
-            if total:
+            if total:  # memory and disks (a storage copy's), as libvirt counts data
+                what = "disks" if info.get("disk_remaining") else info.get("phase") or ""
                 bar.update(task, total=total, completed=processed or 0,
-                           description=f"{job.params.domain} {info.get('phase') or ''}")
+                           description=f"{job.params.domain} {what}")
             time.sleep(0.25)
     return dict(job.wait())
 

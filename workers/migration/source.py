@@ -22,13 +22,15 @@ from workers.domain_states import DomainState, PausedReason, RunningReason, Shut
 from workers.domain_xml import format_domain_xml
 from workers.domobj import DomainObj
 from workers.errors import FerryError, MigrationError, OperationInvalidError
+from workers.heartbeat import get_host
 from workers.hostcaps import require_postcopy
 from workers.job_types import JobOperation, Phase
 from workers.jobs import ActiveJob
 from workers.lifecycle import pause_cpus, run_cpus
-from workers.migration import qemu_migrate
+from workers.migration import qemu_migrate, storage
 from workers.migration.chain_state import MigrationState
 from workers.migration.cookie import (
+    Cookie,
     CookieGraphics,
     CookieLockstate,
     CookieStatistics,
@@ -37,13 +39,14 @@ from workers.migration.cookie import (
 )
 from workers.migration.guards import check_abort, end_outgoing_job, refuse_v2_with_lease_state
 from workers.migration.params import MigrationFlags as F
-from workers.migration.params import MigrationParams
+from workers.migration.params import MigrationParams, parse_qemu_uri
 from workers.migration.progress import (
     DowntimeSchedule,
     ProgressTracker,
     TransferWatch,
     downtime_steps,
 )
+from workers.migration.storage_plan import check_dest_answer, disks_to_copy
 from workers.migration.tunnel import TunnelSender
 
 log = logging.getLogger(__name__)
@@ -92,8 +95,10 @@ async def begin3(agent: HostAgent, st: MigrationState) -> MigrationState:
         chosen = agent.parse(p.xmlin)
         check_abi_stability(current, chosen)
     spice = any(g.type == "spice" for g in current.graphics)
-    cookie = make_cookie(current.name, current.uuid, agent.host, agent.uuid,
-                         mandatory=("graphics",) if spice else ())
+    nbd = await storage.begin_nbd(dom, p, agent.host) if p.storage_copy else None
+    mandatory = [*(["graphics"] if spice else []), *(["nbd"] if nbd else [])]
+    cookie = make_cookie(current.name, current.uuid, agent.host, agent.uuid, nbd=nbd,
+                         mandatory=mandatory)
     was_running = dom.state == DomainState.RUNNING and not p.has(F.PAUSED)
     await failpoints.hit("begin3.end")
     return replace(st, xml=format_domain_xml(chosen, migratable=True), cookie=cookie.to_xml(),
@@ -119,7 +124,7 @@ async def perform3(agent: HostAgent, st: MigrationState) -> MigrationState:
     check_abort(agent, dom, dom.uuid, p.job_id)
     dest_cookie = parse(st.cookie or "", expect_uuid=dom.uuid)
     if not p.has(F.OFFLINE):
-        st = await _migrate(agent, dom, st, dest_cookie.graphics)
+        st = await _migrate(agent, dom, st, dest_cookie)
     return _perform_done(agent, dom, st)
 
 
@@ -133,6 +138,8 @@ async def resume_perform(agent: HostAgent, dom: DomainObj,
         return dom.job.state
     info = await dom.require_monitor("resume perform").execute("query-migrate")
     if info.get("status") != "completed":
+        if st.params.storage_copy:
+            await storage.cancel_leftovers(dom)
         await qemu_migrate.cancel(dom)
         raise MigrationError(f"perform3 was interrupted (worker restart or redelivery); "
                              f"QEMU's migration was {info.get('status', 'none')}: cancelled")
@@ -168,12 +175,13 @@ def _perform_done(agent: HostAgent, dom: DomainObj, st: MigrationState) -> Migra
 
 
 async def _migrate(agent: HostAgent, dom: DomainObj, st: MigrationState,
-                   graphics: CookieGraphics | None) -> MigrationState:
-    """Run QEMU's migration to st.uri; on success the source is paused:migration."""
+                   dest_cookie: Cookie | None) -> MigrationState:
+    """Run QEMU's migration to st.uri (the disks first, with a storage copy); on success
+    the source is paused:migration."""
     p = st.params
     mon = dom.require_monitor("migrate")
-    if graphics is not None:
-        await _relocate_spice(agent, dom, graphics)
+    if dest_cookie is not None and dest_cookie.graphics is not None:
+        await _relocate_spice(agent, dom, dest_cookie.graphics)
     if not p.has(F.LIVE) and dom.state == DomainState.RUNNING:
         await pause_cpus(agent, dom, PausedReason.MIGRATION)
         st = replace(st, source_paused_by_us=True)
@@ -188,16 +196,23 @@ async def _migrate(agent: HostAgent, dom: DomainObj, st: MigrationState,
     try:
         check_abort(agent, dom, dom.uuid, p.job_id)
         uri = await _data_uri(agent, dom, mon, st)
+        copy = await _copy_disks(agent, dom, st, dest_cookie, conv)
+        if copy is not None:
+            copy.ram_started = True
         dom.migration_status = None  # from here on, QEMU's events for this migration
         await mon.execute("migrate", {"uri": uri})
         info = await qemu_migrate.wait(dom, mon, started_ms=started_ms,
-                                       on_progress=conv.progress, on_tick=conv.tick)
+                                       on_progress=conv.progress, on_tick=conv.tick,
+                                       at_switchover=copy.complete if copy else None)
     except FerryError:
+        if dom.storage_out is not None:
+            await dom.storage_out.abort()  # first: a stalled dest would hang the cancel
         if dom.active or dom.tunnel is not None:
             await qemu_migrate.cancel(dom)
         raise
     finally:
         dom.expected_pause = None
+        dom.storage_out = None
         await _end_tunnel(agent, dom)
     await failpoints.hit("perform3.after_migrate")
     # QEMU stopped the CPUs for the switch-over: say so, do not wait for STOP.
@@ -205,8 +220,54 @@ async def _migrate(agent: HostAgent, dom: DomainObj, st: MigrationState,
     st = replace(st, source_paused_by_us=True)
     stats = qemu_migrate.progress_of(info, started_ms)
     stats.pop("status", None)
+    if copy is not None:
+        stats.update(copy.progress())
     agent.release_leases(dom)
     return replace(st, statistics=stats)
+
+
+async def _copy_disks(agent: HostAgent, dom: DomainObj, st: MigrationState,
+                      dest_cookie: Cookie | None,
+                      conv: Convergence) -> storage.StorageCopy | None:
+    """With a storage copy: mirror every disk to the dest's NBD exports and wait until
+    all are in sync (the RAM goes after)."""
+    p = st.params
+    if not p.storage_copy:
+        return None
+    disks = disks_to_copy(dom.current, p.migrate_disks)
+    port = check_dest_answer(disks, dest_cookie.nbd if dest_cookie else None)
+    if not disks:
+        return None
+    job = dom.job
+    assert job is not None and dom.monitor is not None
+    copy = storage.StorageCopy(dom, dom.monitor, disks, inc=p.storage_inc,
+                               stall_s=agent.settings.migration_stall_timeout_s)
+    dom.storage_out = copy
+    host = await _nbd_host(agent, st)
+    bandwidth = job.bandwidth_mib_s if job.bandwidth_mib_s is not None else p.bandwidth_mib_s
+    await copy.start(host, port, storage.mib_to_speed(bandwidth))
+    await failpoints.hit("perform3.mirroring")
+
+    def turn(figures: dict[str, int]) -> None:
+        if dom.job is not None and dom.job.abort:
+            raise MigrationError("operation aborted: migration job canceled by client")
+        conv.record({"status": "copying-disks", **figures})
+
+    await copy.wait_ready(turn)
+    log.info("domain %s: disks in sync (%s), migrating the RAM", dom.name, copy.progress())
+    return copy
+
+
+async def _nbd_host(agent: HostAgent, st: MigrationState) -> str:
+    """Where the dest's NBD server listens: the host of the QEMU migration URI, as
+    libvirt; for a unix: URI (same-machine tests), the dest's migration address."""
+    scheme, host, _ = parse_qemu_uri(st.uri or "")
+    if scheme == "tcp":
+        return host
+    record = get_host(agent.redis, st.params.dest)
+    if record is None or not record.get("address"):
+        raise MigrationError(f"dest host '{st.params.dest}' has no migration address for NBD")
+    return str(record["address"])
 
 
 async def _data_uri(agent: HostAgent, dom: DomainObj, mon: Any, st: MigrationState) -> str:
@@ -254,6 +315,12 @@ class Convergence:
     def progress(self, stats: dict[str, Any]) -> None:
         self.watch.update(int(stats.get("memory_processed") or 0), time.monotonic())
         self.status = str(stats.get("status") or "")
+        if stats and self.dom.storage_out is not None:  # the mirrors run beside the RAM
+            stats = {**stats, **self.dom.storage_out.progress()}
+        self.record(stats)
+
+    def record(self, stats: dict[str, Any]) -> None:
+        """The figures to the job (in memory, the job record, Celery's PROGRESS)."""
         job = self.dom.job
         if job is None or not stats:
             return
@@ -272,6 +339,8 @@ class Convergence:
             raise MigrationError(f"the migration stream sent nothing for "
                                  f"{self.watch.limit_s:.0f}s (network to the dest cut?): "
                                  "cancelled")
+        if self.dom.storage_out is not None:
+            self.dom.storage_out.check()  # a mirror that fails or stalls mid-RAM
         if p.has(F.ABORT_ON_ERROR) and dom.reason == PausedReason.IOERROR:
             raise MigrationError("migration aborted: the guest hit an I/O error")
         if p.timeout_s and elapsed > p.timeout_s and not self.timed_out and \
@@ -341,6 +410,8 @@ async def _resume_source(agent: HostAgent, dom: DomainObj, st: MigrationState) -
         log.error("domain %s: the dest may have started it; it stays paused here",
                   dom.name)
         return
+    if st.params.storage_copy:  # libvirt's Confirm cancels the copy once more
+        await storage.cancel_leftovers(dom)
     status = await dom.monitor.execute("query-status")
     if not st.was_running:
         return
