@@ -1,46 +1,28 @@
-"""Storage copy (--copy-storage-all / --copy-storage-inc) on real workers and QEMU.
-
-Both hosts run on this machine, so each guest's disk has one path on the source
-and another on the dest (the dest's definition comes in with --xml, whose disk
-source path may differ: the ABI check allows it).
-"""
+"""Storage copy (--copy-storage-all / --copy-storage-inc) on real workers and QEMU: the
+disks move with the guest, no write it makes during the copy is lost.  (Faults and bad
+input: test_storage_faults.py.)"""
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import threading
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from scripts.testbed.guestimage import build_image, read_disk_log
+from scripts.testbed.guestimage import read_disk_log
 from tasks.client import Client
 from tests.conftest import Guest, qemu_pids_of, wait_info
-
-LOG_SECTORS = 4096  # the guest's disk log ring: 2 MiB from 1 MiB on
-
-
-def dest_xml(guest: Guest, dest_disk: Path) -> str:
-    return guest.xml.replace(f"file='{guest.disk}'", f"file='{dest_disk}'")
-
-
-def qemu_img(*args: str) -> str:
-    return subprocess.run(["qemu-img", *args], check=True, capture_output=True,
-                          text=True).stdout
-
-
-def same_images(a: Path, b: Path) -> bool:
-    done = subprocess.run(["qemu-img", "compare", "-U", str(a), str(b)],
-                          capture_output=True, text=True)
-    return done.returncode == 0
-
-
-def boot(client: Client, guest: Guest, host: str = "alpha") -> None:
-    client.call(host, "define", xml=guest.xml)
-    client.call(host, "start", domain=guest.name)
+from tests.e2e.storagekit import (
+    LOG_SECTORS,
+    JobWatch,
+    boot,
+    dest_xml,
+    image_info,
+    make_log_image,
+    qemu_img,
+    same_images,
+)
 
 
 def test_copy_storage_all_moves_a_guest_to_a_dest_without_its_disk(
@@ -66,53 +48,11 @@ def test_copy_storage_all_moves_a_guest_to_a_dest_without_its_disk(
 
 @pytest.fixture(scope="module")
 def log_image(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A 64 MiB qcow2 (128 KiB clusters) whose guest logs every counter to its disk
-    every 20 ms, with 24 MiB of random data at 8 MiB so a copy takes a moment."""
-    root = tmp_path_factory.mktemp("storage-img")
-    raw = build_image(root / "log.raw", log_sectors=LOG_SECTORS, size=64 << 20,
-                      counter_interval_ms=20)
-    with open(raw, "r+b") as f:
-        f.seek(8 << 20)
-        f.write(os.urandom(24 << 20))
-    out = root / "log.qcow2"
-    qemu_img("convert", "-f", "raw", "-O", "qcow2", "-o", "cluster_size=131072", str(raw),
-             str(out))
-    return out
+    return make_log_image(tmp_path_factory.mktemp("storage-img"))
 
 
 def logging_guest(make_guest: Callable[..., Guest], image: Path) -> Guest:
     return make_guest(image=image, disk_format="qcow2")
-
-
-def image_info(path: Path) -> dict[str, object]:
-    return dict(json.loads(qemu_img("info", "-U", "--output=json", str(path))))
-
-
-class JobWatch:
-    """domjobinfo of a running migration, sampled until it ends (no sleeps as sync: the
-    samples are only looked at afterwards)."""
-
-    def __init__(self, client: Client, host: str, name: str) -> None:
-        self.samples: list[dict[str, object]] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, args=(client, host, name),
-                                        daemon=True)
-        self._thread.start()
-
-    def _run(self, client: Client, host: str, name: str) -> None:
-        while not self._stop.is_set():
-            try:
-                info = client.call(host, "domjobinfo", domain=name, timeout=10)
-            except Exception:
-                info = {}
-            if info.get("type") == "unbounded":
-                self.samples.append(info)
-            self._stop.wait(0.1)
-
-    def stop(self) -> list[dict[str, object]]:
-        self._stop.set()
-        self._thread.join(timeout=15)
-        return self.samples
 
 
 def test_no_guest_write_is_lost_while_its_qcow2_disk_is_copied_and_the_ram_follows(
@@ -171,3 +111,44 @@ def test_a_paused_guests_disk_arrives_identical_and_it_stays_paused(
     assert same_images(guest.disk, dest_disk)
     # Sparse stays sparse: the dest holds about what the source holds, not 64 MiB.
     assert image_info(dest_disk)["actual-size"] < 40 << 20  # type: ignore[operator]
+
+
+@pytest.fixture(scope="module")
+def layered(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """(base.raw, top.qcow2 naming 'base.raw' as its backing file): the guest boots from
+    the base and logs into the top."""
+    root = tmp_path_factory.mktemp("storage-layers")
+    base_qcow2 = make_log_image(root)
+    base = root / "base.raw"
+    qemu_img("convert", "-f", "qcow2", "-O", "raw", str(base_qcow2), str(base))
+    top = root / "top.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", "-o", "cluster_size=65536", "-b", "base.raw",
+             "-F", "raw", str(top))
+    return base, top
+
+
+def test_copy_storage_inc_copies_only_the_top_image_over_the_dests_own_backing_file(
+        client: Client, make_guest: Callable[..., Guest], tmp_path: Path,
+        layered: tuple[Path, Path]) -> None:
+    base, top = layered
+    shutil.copyfile(base, tmp_path / "base.raw")  # the source's backing file
+    dest_dir = tmp_path / "dest"
+    dest_dir.mkdir()
+    shutil.copyfile(base, dest_dir / "base.raw")  # the dest has the chain below the top
+    guest = make_guest(image=top, disk_format="qcow2")
+    boot(client, guest)
+    guest.wait_counter_above(5, timeout=60)
+    dest_disk = dest_dir / "top.qcow2"
+    summary = client.migrate(guest.name, "alpha", "beta", live=True, copy_storage_inc=True,
+                             xmlin=dest_xml(guest, dest_disk)).wait(timeout=120)
+    assert summary["result"] == "completed" and "non_shared_inc" in summary["flags"]
+    info = image_info(dest_disk)
+    assert (info["backing-filename"], info["cluster-size"]) == ("base.raw", 65536)
+    assert info["full-backing-filename"] == str(dest_dir / "base.raw")
+    # Only the top layer travelled: the log, not the 24 MiB of random data in the base.
+    assert summary["statistics"]["disk_total"] < 8 << 20
+    guest.wait_counter_above(guest.counters()[-1] + 5, timeout=30)
+    client.call("beta", "suspend", domain=guest.name)
+    printed = guest.counters()[-1]
+    log = read_disk_log(dest_disk, "qcow2", LOG_SECTORS)
+    assert log.corrupt == () and log.missing(printed) == []

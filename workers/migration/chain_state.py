@@ -46,7 +46,6 @@ class MigrationState:
     phases: tuple[PhaseRecord, ...] = ()
     statistics: dict[str, Any] = field(default_factory=dict)
     result: dict[str, Any] | None = None
-    created_images: tuple[str, ...] = ()  # the dest's Prepare made them: a failure removes them
 
     @property
     def failed(self) -> bool:
@@ -80,7 +79,6 @@ class MigrationState:
         except (TypeError, ValueError) as exc:
             raise InvalidInputError(f"migration state: bad phase record: {exc}") from None
         data["cleanup_errors"] = tuple(data.get("cleanup_errors", ()))
-        data["created_images"] = tuple(data.get("created_images", ()))
         known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
         return cls(**known)
 
@@ -89,7 +87,7 @@ _STATE_TYPES: dict[str, tuple[type, ...]] = {
     "xml": (str, type(None)), "cookie": (str, type(None)), "uri": (str, type(None)),
     "source_paused_by_us": (bool,), "was_running": (bool,), "outcome_unknown": (bool,),
     "error": (dict, type(None)), "cleanup_errors": (list, tuple), "phases": (list, tuple),
-    "statistics": (dict,), "result": (dict, type(None)), "created_images": (list, tuple),
+    "statistics": (dict,), "result": (dict, type(None)),
 }
 
 
@@ -105,8 +103,6 @@ def _check_shape(data: Any) -> None:
     for key in ("phases", "cleanup_errors"):
         if not all(isinstance(p, dict) for p in data.get(key, ())):
             raise InvalidInputError(f"migration state '{key}' must be JSON objects")
-    if not all(isinstance(p, str) for p in data.get("created_images", ())):
-        raise InvalidInputError("migration state 'created_images' must be paths")
 
 
 def rebuild_error(info: dict[str, Any]) -> FerryError:

@@ -118,8 +118,7 @@ async def prepare(agent: HostAgent, st: MigrationState, *, v3: bool) -> Migratio
                          graphics=_graphics_cookie(dom.current, agent.settings.migration_address),
                          nbd=storage.cookie() if storage else None,
                          mandatory=("nbd",) if storage else ())
-    st = replace(st, cookie=cookie.to_xml() if v3 else None, uri=uri,
-                 created_images=tuple(storage.created) if storage else ())
+    st = replace(st, cookie=cookie.to_xml() if v3 else None, uri=uri)
     dom.job.state = st
     if dom.active:
         agent.save_status(dom)
@@ -181,7 +180,9 @@ async def _discard(agent: HostAgent, dom: DomainObj) -> None:
     if dom.active:
         await agent.kill(dom, ShutoffReason.FAILED)
     agent.release_ports(dom)
-    storage_dest.discard_images(dom)
+    if dom.job is not None:
+        storage_dest.discard_images(agent, dom.job.id)
+    dom.storage_in = None
     dom.job = None
     if not dom.persistent and not dom.active and agent.domains.get(dom.name) is dom:
         agent.domains.pop(dom.name)
@@ -212,7 +213,9 @@ async def finish(agent: HostAgent, st: MigrationState, *, v3: bool) -> Migration
     phase = Phase.FINISH3 if v3 else Phase.FINISH2
     if dom is None:
         if st.failed:
-            return st  # Prepare never got as far as creating anything here
+            # Prepare never got as far as a QEMU here, or it exited: images it made go
+            storage_dest.discard_images(agent, p.job_id)
+            return st
         raise MigrationError(f"no incoming migration {p.job_id} of '{p.domain}' on this host: "
                              f"its incoming QEMU exited or was discarded{_known_cause(agent, st)}")
     assert dom.job is not None
@@ -269,7 +272,9 @@ def complete_incoming(agent: HostAgent, dom: DomainObj, st: MigrationState) -> M
     """The dest's part of the job is over, the guest is here: Finish's answer."""
     info = dom.info(agent.host)
     _complete(agent, dom, st)
-    dom.storage_in = None  # the images are the guest's disks now
+    if dom.storage_in is not None or st.params.storage_copy:
+        storage_dest.keep_images(agent, st.params.job_id)  # they are the guest's disks now
+    dom.storage_in = None
     dom.job = None
     agent.release_ports(dom)
     if dom.active:

@@ -22,7 +22,6 @@ from workers.domain_states import DomainState, PausedReason, RunningReason, Shut
 from workers.domain_xml import format_domain_xml
 from workers.domobj import DomainObj
 from workers.errors import FerryError, MigrationError, OperationInvalidError
-from workers.heartbeat import get_host
 from workers.hostcaps import require_postcopy
 from workers.job_types import JobOperation, Phase
 from workers.jobs import ActiveJob
@@ -39,14 +38,13 @@ from workers.migration.cookie import (
 )
 from workers.migration.guards import check_abort, end_outgoing_job, refuse_v2_with_lease_state
 from workers.migration.params import MigrationFlags as F
-from workers.migration.params import MigrationParams, parse_qemu_uri
+from workers.migration.params import MigrationParams
 from workers.migration.progress import (
     DowntimeSchedule,
     ProgressTracker,
     TransferWatch,
     downtime_steps,
 )
-from workers.migration.storage_plan import check_dest_answer, disks_to_copy
 from workers.migration.tunnel import TunnelSender
 
 log = logging.getLogger(__name__)
@@ -196,14 +194,15 @@ async def _migrate(agent: HostAgent, dom: DomainObj, st: MigrationState,
     try:
         check_abort(agent, dom, dom.uuid, p.job_id)
         uri = await _data_uri(agent, dom, mon, st)
-        copy = await _copy_disks(agent, dom, st, dest_cookie, conv)
+        copy = await storage.copy_disks(agent, dom, st, dest_cookie, conv.record)
         if copy is not None:
             copy.ram_started = True
         dom.migration_status = None  # from here on, QEMU's events for this migration
         await mon.execute("migrate", {"uri": uri})
         info = await qemu_migrate.wait(dom, mon, started_ms=started_ms,
                                        on_progress=conv.progress, on_tick=conv.tick,
-                                       at_switchover=copy.complete if copy else None)
+                                       at_switchover=storage.at_switchover(dom, copy)
+                                       if copy else None)
     except FerryError:
         if dom.storage_out is not None:
             await dom.storage_out.abort()  # first: a stalled dest would hang the cancel
@@ -224,50 +223,6 @@ async def _migrate(agent: HostAgent, dom: DomainObj, st: MigrationState,
         stats.update(copy.progress())
     agent.release_leases(dom)
     return replace(st, statistics=stats)
-
-
-async def _copy_disks(agent: HostAgent, dom: DomainObj, st: MigrationState,
-                      dest_cookie: Cookie | None,
-                      conv: Convergence) -> storage.StorageCopy | None:
-    """With a storage copy: mirror every disk to the dest's NBD exports and wait until
-    all are in sync (the RAM goes after)."""
-    p = st.params
-    if not p.storage_copy:
-        return None
-    disks = disks_to_copy(dom.current, p.migrate_disks)
-    port = check_dest_answer(disks, dest_cookie.nbd if dest_cookie else None)
-    if not disks:
-        return None
-    job = dom.job
-    assert job is not None and dom.monitor is not None
-    copy = storage.StorageCopy(dom, dom.monitor, disks, inc=p.storage_inc,
-                               stall_s=agent.settings.migration_stall_timeout_s)
-    dom.storage_out = copy
-    host = await _nbd_host(agent, st)
-    bandwidth = job.bandwidth_mib_s if job.bandwidth_mib_s is not None else p.bandwidth_mib_s
-    await copy.start(host, port, storage.mib_to_speed(bandwidth))
-    await failpoints.hit("perform3.mirroring")
-
-    def turn(figures: dict[str, int]) -> None:
-        if dom.job is not None and dom.job.abort:
-            raise MigrationError("operation aborted: migration job canceled by client")
-        conv.record({"status": "copying-disks", **figures})
-
-    await copy.wait_ready(turn)
-    log.info("domain %s: disks in sync (%s), migrating the RAM", dom.name, copy.progress())
-    return copy
-
-
-async def _nbd_host(agent: HostAgent, st: MigrationState) -> str:
-    """Where the dest's NBD server listens: the host of the QEMU migration URI, as
-    libvirt; for a unix: URI (same-machine tests), the dest's migration address."""
-    scheme, host, _ = parse_qemu_uri(st.uri or "")
-    if scheme == "tcp":
-        return host
-    record = get_host(agent.redis, st.params.dest)
-    if record is None or not record.get("address"):
-        raise MigrationError(f"dest host '{st.params.dest}' has no migration address for NBD")
-    return str(record["address"])
 
 
 async def _data_uri(agent: HostAgent, dom: DomainObj, mon: Any, st: MigrationState) -> str:

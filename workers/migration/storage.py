@@ -22,19 +22,24 @@ import contextlib
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
+from workers import failpoints
+from workers.agent import HostAgent
 from workers.domain import Disk
 from workers.domobj import DomainObj
 from workers.errors import FerryError, MigrationError, QemuError
-from workers.migration.cookie import CookieNbd
-from workers.migration.params import MigrationParams
+from workers.heartbeat import get_host
+from workers.migration.chain_state import MigrationState
+from workers.migration.cookie import Cookie, CookieNbd
+from workers.migration.params import MigrationParams, parse_qemu_uri
 from workers.migration.qemu_migrate import nap
 from workers.migration.storage_plan import (
     MirrorState,
     RateMeter,
     block_entry,
+    check_dest_answer,
     disks_to_copy,
     failure,
     figures,
@@ -279,3 +284,62 @@ async def _del_when_free(mon: Monitor, node: str) -> None:
             if time.monotonic() > deadline:
                 raise
             await asyncio.sleep(POLL_S)
+
+
+async def copy_disks(agent: HostAgent, dom: DomainObj, st: MigrationState,
+                     dest_cookie: Cookie | None,
+                     record: Callable[[dict[str, Any]], None]) -> StorageCopy | None:
+    """With a storage copy: mirror every disk to the dest's NBD exports and wait until
+    all are in sync (the RAM goes after)."""
+    p = st.params
+    if not p.storage_copy:
+        return None
+    disks = disks_to_copy(dom.current, p.migrate_disks)
+    port = check_dest_answer(disks, dest_cookie.nbd if dest_cookie else None)
+    if not disks:
+        return None
+    job = dom.job
+    assert job is not None and dom.monitor is not None
+    copy = StorageCopy(dom, dom.monitor, disks, inc=p.storage_inc,
+                       stall_s=agent.settings.migration_stall_timeout_s)
+    dom.storage_out = copy
+    host = await _nbd_host(agent, st)
+    bandwidth = job.bandwidth_mib_s if job.bandwidth_mib_s is not None else p.bandwidth_mib_s
+    await copy.start(host, port, mib_to_speed(bandwidth))
+    await failpoints.hit("perform3.mirroring")
+
+    def turn(figures: dict[str, int]) -> None:
+        _check_aborted(dom)
+        record({"status": "copying-disks", **figures})
+
+    await copy.wait_ready(turn)
+    log.info("domain %s: disks in sync (%s), migrating the RAM", dom.name, copy.progress())
+    return copy
+
+
+def at_switchover(dom: DomainObj, copy: StorageCopy) -> Callable[[], Awaitable[None]]:
+    """At pre-switchover (the guest stopped): the mirrors complete; an abort that came
+    meanwhile (QEMU then cancels the migration itself) ends the job here."""
+    async def run() -> None:
+        await failpoints.hit("perform3.switchover")
+        _check_aborted(dom)
+        await copy.complete()
+        _check_aborted(dom)
+    return run
+
+
+def _check_aborted(dom: DomainObj) -> None:
+    if dom.job is not None and dom.job.abort:
+        raise MigrationError("operation aborted: migration job canceled by client")
+
+
+async def _nbd_host(agent: HostAgent, st: MigrationState) -> str:
+    """Where the dest's NBD server listens: the host of the QEMU migration URI, as
+    libvirt; for a unix: URI (same-machine tests), the dest's migration address."""
+    scheme, host, _ = parse_qemu_uri(st.uri or "")
+    if scheme == "tcp":
+        return host
+    dest = get_host(agent.redis, st.params.dest)
+    if dest is None or not dest.get("address"):
+        raise MigrationError(f"dest host '{st.params.dest}' has no migration address for NBD")
+    return str(dest["address"])

@@ -2,21 +2,29 @@
 
 Prepare creates the missing images (storage_plan.py says how) before QEMU
 starts, then starts QEMU's NBD server on this host's migration address with
-a port of its range and exports every copied disk writable, as libvirt's
+a port of its range and exports each copied disk writable, as libvirt's
 qemuMigrationDstStartNBDServer does.  Finish stops the server before the
 CPUs start.  A failed migration removes the images Prepare created; an image
 that was there before is never removed.
+
+Which images a Prepare created is kept in a ledger on this host's disk
+(`<state dir>/storage/<hash of the job id>.json`), never taken from a task
+message: it survives a worker restart and the incoming QEMU's death, so Finish
+(cancelled) and the sweeper can remove them whatever happened in between.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import logging
 import os
 import subprocess
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from workers.agent import HostAgent
@@ -33,6 +41,7 @@ from workers.migration.storage_plan import (
     needs_backing,
 )
 from workers.monitor import Monitor
+from workers.store import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -112,6 +121,58 @@ def _check_room(agent: HostAgent, missing: Sequence[DestDisk]) -> None:
                                  f"copy needs {gib(want)}, {gib(free)} free")
 
 
+class Ledger:
+    """The images each incoming job created on this host, one small JSON file per job."""
+
+    def __init__(self, state_dir: Path) -> None:
+        self.dir = state_dir / "storage"
+
+    def _path(self, job_id: str) -> Path:
+        return self.dir / f"{hashlib.sha256(job_id.encode()).hexdigest()[:32]}.json"
+
+    def add(self, job_id: str, domain: str, image: str) -> None:
+        self.dir.mkdir(mode=0o700, exist_ok=True)
+        entry = self.get(job_id) or {"job": job_id, "domain": domain, "since": time.time(),
+                                     "images": []}
+        entry["images"] = [*entry["images"], image]
+        atomic_write(self._path(job_id), json.dumps(entry).encode())
+
+    def get(self, job_id: str) -> dict[str, Any] | None:
+        try:
+            entry = json.loads(self._path(job_id).read_text())
+        except (OSError, ValueError):
+            return None
+        return dict(entry) if isinstance(entry, dict) and entry.get("job") == job_id else None
+
+    def entries(self) -> list[dict[str, Any]]:
+        out = []
+        for path in sorted(self.dir.glob("*.json")) if self.dir.is_dir() else []:
+            try:
+                entry = json.loads(path.read_text())
+            except (OSError, ValueError):
+                continue
+            if isinstance(entry, dict) and isinstance(entry.get("job"), str):
+                out.append(entry)
+        return out
+
+    def discard(self, job_id: str) -> list[str]:
+        """The migration failed: remove the images the job created; which they were."""
+        entry = self.get(job_id)
+        if entry is None:
+            return []
+        images = [str(i) for i in entry.get("images", [])]
+        remove_created(images)
+        self.forget(job_id)
+        return images
+
+    def forget(self, job_id: str) -> None:
+        """The migration completed: its images are the guest's disks now."""
+        try:
+            self._path(job_id).unlink()
+        except FileNotFoundError:
+            return
+
+
 async def prepare_images(agent: HostAgent, d: DomainDef, nbd: CookieNbd | None,
                          p: MigrationParams) -> IncomingStorage:
     """Check the disks the source sends and create the missing images (nothing is
@@ -134,20 +195,23 @@ async def prepare_images(agent: HostAgent, d: DomainDef, nbd: CookieNbd | None,
         missing.append(dd)
     _check_room(agent, missing)
     storage = IncomingStorage(disks)
+    ledger = Ledger(agent.store.root)
     try:
         for dd in missing:
-            await _create(agent, dd, storage)
+            await _create(agent, dd, storage, ledger, p.job_id, d.name)
     except BaseException:
-        remove_created(storage.created)
+        ledger.discard(p.job_id)
         raise
     return storage
 
 
-async def _create(agent: HostAgent, dd: DestDisk, storage: IncomingStorage) -> None:
+async def _create(agent: HostAgent, dd: DestDisk, storage: IncomingStorage, ledger: Ledger,
+                  job_id: str, domain: str) -> None:
     argv = create_argv(dd)
     rc, _, err = await _qemu_img(*argv)
-    if os.path.exists(dd.path):
-        storage.created.append(dd.path)  # even half-made: it goes if anything fails
+    if os.path.exists(dd.path):  # even half-made: it goes if anything fails
+        storage.created.append(dd.path)
+        ledger.add(job_id, domain, dd.path)
     if rc != 0:
         raise MigrationError(f"cannot create image {dd.path} of disk {dd.disk.target} on "
                              f"host {agent.host}: {_first_line(err)}")
@@ -167,20 +231,33 @@ def remove_created(paths: Sequence[str]) -> None:
             log.error("could not remove image %s: %s", path, exc)
 
 
-def created_images(dom: DomainObj) -> list[str]:
-    """The images this host's Prepare created, from its own records only (never from a
-    message: a forged state must not make it delete files): in memory, or in the job
-    state its status file kept across a worker restart."""
-    if dom.storage_in is not None:
-        return list(dom.storage_in.created)
-    own = dom.job.state if dom.job is not None else None
-    return list(own.created_images) if own is not None else []
+def discard_images(agent: HostAgent, job_id: str) -> None:
+    """An incoming job failed (its QEMU is gone): the images made for it go."""
+    Ledger(agent.store.root).discard(job_id)
 
 
-def discard_images(dom: DomainObj) -> None:
-    """An incoming guest is discarded (its QEMU is gone): the images made for it go."""
-    remove_created(created_images(dom))
-    dom.storage_in = None
+def keep_images(agent: HostAgent, job_id: str) -> None:
+    """An incoming job completed: its images are the guest's disks."""
+    Ledger(agent.store.root).forget(job_id)
+
+
+def sweep_images(agent: HostAgent, ended: Callable[[str], bool],
+                 running: Callable[[str], bool]) -> list[str]:
+    """Ledger entries of jobs that ended without Finish getting to them (a worker
+    restart, a chain that broke): removed, unless their guest runs here (it arrived:
+    the images are its disks).  What was done, one line each."""
+    ledger = Ledger(agent.store.root)
+    done = []
+    for entry in ledger.entries():
+        job = str(entry["job"])
+        if not ended(job):
+            continue
+        if running(str(entry.get("domain", ""))):
+            ledger.forget(job)
+            continue
+        if images := ledger.discard(job):
+            done.append(f"removed image(s) {', '.join(images)} of incoming job {job}")
+    return done
 
 
 async def _node_names(mon: Monitor) -> dict[str, str]:
