@@ -98,9 +98,10 @@ class StorageCopy:
 
     # -- events and figures --------------------------------------------------------------
     def on_event(self, event: str, data: dict[str, Any]) -> None:
+        first_error = event == "BLOCK_JOB_ERROR" and failure(self.mirrors) is None
         m = update_from_event(self.mirrors, event, data)
-        if m is not None:
-            log.info("domain %s: %s %s", self.dom.name, event, data)
+        if m is not None and (event != "BLOCK_JOB_ERROR" or first_error):
+            log.info("domain %s: %s %s", self.dom.name, event, data)  # QEMU repeats errors
 
     async def poll(self) -> None:
         """Fold query-block-jobs in; note whether the copy moves."""
