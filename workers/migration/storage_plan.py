@@ -248,7 +248,9 @@ def failure(mirrors: Iterable[MirrorState]) -> str | None:
     """The first mirror failure as an operator line, or None."""
     for m in mirrors:
         if m.error is not None:
-            return f"the copy of disk {m.target} to the dest failed: {m.error}"
+            hint = " (the connection to the dest's NBD server broke?)" \
+                if m.error == "Input/output error" else ""
+            return f"the copy of disk {m.target} to the dest failed: {m.error}{hint}"
         if m.cancelled:
             return f"the copy of disk {m.target} was cancelled"
     return None
