@@ -128,13 +128,33 @@ class MigrationJob:
         return self._signal("postcopy")
 
 
-def migrate(client: Connection, domain: str, source: str, dest: str,
-            **options: Any) -> MigrationJob:
-    p = params_from_options(domain, source, dest, **options)
+def _check_hosts(client: Connection, source: str, dest: str) -> None:
     src, dst = client.host(source), client.host(dest)
     if src["uuid"] == dst["uuid"]:
         raise InvalidInputError("attempt to migrate guest to the same host "
                                 f"({source} and {dest} share uuid {src['uuid']})")
+
+
+def dry_run(client: Connection, domain: str, source: str, dest: str,
+            **options: Any) -> dict[str, Any]:
+    """Begin's and Prepare's checks without starting anything (`--dry-run`): what a
+    storage copy would copy, where, and how much; the first failing check raises."""
+    p = params_from_options(domain, source, dest, **options)
+    _check_hosts(client, source, dest)
+    begin = client.call(source, "dryrun_begin", params=p.to_json())
+    prep = client.call(dest, "dryrun_prepare", params=p.to_json(), xml=begin["xml"],
+                       disks=begin["disks"])
+    sources = begin.get("sources") or {}
+    disks = [{**row, "source_path": sources.get(row["target"])} for row in prep["disks"]]
+    return {"domain": domain, "source": source, "dest": dest, "flags": p.flag_names(),
+            "result": "ok", "nbd": prep["nbd"], "disks": disks,
+            "copy_bytes": prep["copy_bytes"]}
+
+
+def migrate(client: Connection, domain: str, source: str, dest: str,
+            **options: Any) -> MigrationJob:
+    p = params_from_options(domain, source, dest, **options)
+    _check_hosts(client, source, dest)
     xml = None
     if p.protocol == 2 and not p.has(F.PEER2PEER):  # v2 has no Begin: the caller fetches
         # the XML, as libvirt's client does

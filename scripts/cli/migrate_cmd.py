@@ -35,6 +35,8 @@ def add_parsers(sub: Any) -> None:
                    help="copy only these disk targets (the others must be shared)")
     p.add_argument("--disks-port", type=int, help="the dest's NBD port (default: from "
                    "its migration port range)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="run Begin's and Prepare's checks only: what would be copied")
     p = domain_cmd(sub, "domjobinfo", cmd_domjobinfo, "job information")
     p.add_argument("domain")
     p.add_argument("--completed", action="store_true")
@@ -69,6 +71,10 @@ def _options(a: argparse.Namespace) -> dict[str, Any]:
 def cmd_migrate(a: argparse.Namespace) -> int:
     api = client()
     source = host_of(a)
+    if a.dry_run:
+        report = api.migrate_dry_run(a.domain, source, a.dest, **_options(a))
+        print(formats.as_json(report) if a.json else formats.dry_run(report))
+        return 0
     job = api.migrate(a.domain, source, a.dest, **_options(a))
     if a.no_wait:
         out = {"job_id": job.id, "domain": a.domain, "source": source, "dest": a.dest,

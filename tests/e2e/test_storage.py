@@ -4,6 +4,7 @@ input: test_storage_faults.py.)"""
 
 from __future__ import annotations
 
+import json
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -12,7 +13,7 @@ import pytest
 
 from scripts.testbed.guestimage import read_disk_log
 from tasks.client import Client
-from tests.conftest import Guest, qemu_pids_of, wait_info
+from tests.conftest import CliResult, Guest, qemu_pids_of, wait_info
 from tests.e2e.storagekit import (
     LOG_SECTORS,
     JobWatch,
@@ -44,6 +45,15 @@ def test_copy_storage_all_moves_a_guest_to_a_dest_without_its_disk(
     client.call("beta", "suspend", domain=guest.name)
     assert same_images(guest.disk, dest_disk)
     assert len(qemu_pids_of(guest.uuid)) == 1
+    # And back, to a third path: the leases of each host's own copy only need to be free.
+    client.call("beta", "resume", domain=guest.name)
+    back = tmp_path / "back.img"
+    xml_back = guest.xml.replace(f"file='{guest.disk}'", f"file='{back}'")
+    assert client.migrate(guest.name, "beta", "alpha", live=True, copy_storage_all=True,
+                          xmlin=xml_back).wait(timeout=120)["result"] == "completed"
+    assert wait_info(client, "alpha", guest.name, lambda i: i["state"] == "running")
+    locks = client.call("alpha", "domlocks", domain=guest.name)
+    assert f"disk:{back}" in locks["leases"] and locks["held_here"] is True
 
 
 @pytest.fixture(scope="module")
@@ -94,6 +104,7 @@ def test_no_guest_write_is_lost_while_its_qcow2_disk_is_copied_and_the_ram_follo
         "begin3", "prepare", "perform3", "finish3", "confirm3"]
     stats = summary["statistics"]
     assert stats["disk_total"] >= 24 << 20 and stats["disk_processed"] == stats["disk_total"]
+    assert 0 < stats["disk_copy_ms"] < stats["time_elapsed"] and stats["disk_bps"] > 0
 
 
 def test_a_paused_guests_disk_arrives_identical_and_it_stays_paused(
@@ -152,3 +163,37 @@ def test_copy_storage_inc_copies_only_the_top_image_over_the_dests_own_backing_f
     printed = guest.counters()[-1]
     log = read_disk_log(dest_disk, "qcow2", LOG_SECTORS)
     assert log.corrupt == () and log.missing(printed) == []
+
+
+def test_dry_run_says_what_would_be_copied_and_starts_nothing(
+        ferry: Callable[..., CliResult], client: Client, make_guest: Callable[..., Guest],
+        tmp_path: Path, log_image: Path) -> None:
+    guest = logging_guest(make_guest, log_image)
+    boot(client, guest)
+    dest_disk = tmp_path / "dest" / "disk.qcow2"
+    dest_disk.parent.mkdir()
+    xml = tmp_path / "dest.xml"
+    xml.write_text(dest_xml(guest, dest_disk))
+    args = ("migrate", "-H", "alpha", guest.name, "beta", "--live", "--copy-storage-all",
+            "--xml", str(xml), "--dry-run")
+    res = ferry(*args, "--json")
+    assert res.rc == 0, res.err
+    report = json.loads(res.out)
+    [disk] = report["disks"]
+    assert (disk["target"], disk["image"], disk["path"], disk["source_path"]) == (
+        "hda", "create", str(dest_disk), str(guest.disk))
+    assert disk["copy_bytes"] >= 24 << 20 and disk["capacity"] == 64 << 20
+    assert report["copy_bytes"] == disk["copy_bytes"] and report["nbd"].startswith("127.0.0.1:")
+    human = ferry(*args)
+    assert human.rc == 0 and "hda" in human.out and "create" in human.out
+    # Nothing started or made anywhere.
+    assert not dest_disk.exists() and len(qemu_pids_of(guest.uuid)) == 1
+    assert client.call("alpha", "domjobinfo", domain=guest.name)["type"] == "none"
+    assert all(d["name"] != guest.name for d in client.call("beta", "list", all=True))
+    # An existing image would be used; a missing backing file for inc is the real error.
+    shutil.copyfile(guest.disk, dest_disk)
+    again = json.loads(ferry(*args, "--json").out)
+    assert again["disks"][0]["image"] == "use existing"
+    bad = ferry("migrate", "-H", "alpha", guest.name, "beta", "--live", "--copy-storage-all",
+                "--migrate-disks", "vdq", "--dry-run")
+    assert bad.rc == 1 and "disk target vdq not found" in bad.err

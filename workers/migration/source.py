@@ -49,6 +49,8 @@ from workers.migration.tunnel import TunnelSender
 
 log = logging.getLogger(__name__)
 
+OWN_STATISTICS = ("disk_copy_ms",)  # ferry's figures beside libvirt's (not in the cookie)
+
 
 def _job_dom(agent: HostAgent, p: MigrationParams, phase: Phase) -> DomainObj:
     """The domain of this job, with the job's phase moved to `phase`."""
@@ -220,7 +222,7 @@ async def _migrate(agent: HostAgent, dom: DomainObj, st: MigrationState,
     stats = qemu_migrate.progress_of(info, started_ms)
     stats.pop("status", None)
     if copy is not None:
-        stats.update(copy.progress())
+        stats.update(copy.statistics())
     agent.release_leases(dom)
     return replace(st, statistics=stats)
 
@@ -349,11 +351,15 @@ async def confirm3(agent: HostAgent, st: MigrationState) -> MigrationState:
 
 def _with_own_statistics(st: MigrationState, dom: DomainObj) -> MigrationState:
     """The statistics Perform recorded here, when Finish's answer lacks them (a restarted
-    dest answers for a Finish that had started the CPUs from what Prepare saved)."""
-    if st.statistics or dom.job is None or dom.job.state is None:
+    dest answers for a Finish that had started the CPUs from what Prepare saved), and
+    the ones of ferry's own that the cookie does not carry (disk_copy_ms)."""
+    if dom.job is None or dom.job.state is None or not dom.job.state.statistics:
         return st
     own = dom.job.state.statistics
-    return replace(st, statistics=dict(own)) if own else st
+    if not st.statistics:
+        return replace(st, statistics=dict(own))
+    extra = {k: v for k, v in own.items() if k in OWN_STATISTICS and k not in st.statistics}
+    return replace(st, statistics={**st.statistics, **extra}) if extra else st
 
 
 async def _resume_source(agent: HostAgent, dom: DomainObj, st: MigrationState) -> None:

@@ -23,11 +23,15 @@ import logging
 import os
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import asdict
 from typing import Any
 
 from workers import failpoints
+from workers.abi import check_abi_stability
 from workers.agent import HostAgent
 from workers.domain import Disk
+from workers.domain_states import DomainState
+from workers.domain_xml import format_domain_xml
 from workers.domobj import DomainObj
 from workers.errors import FerryError, MigrationError, QemuError
 from workers.heartbeat import get_host
@@ -71,6 +75,23 @@ async def begin_nbd(dom: DomainObj, p: MigrationParams, host: str) -> CookieNbd:
                               for d in disks))
 
 
+async def dry_run(agent: HostAgent, p: MigrationParams) -> dict[str, Any]:
+    """Begin's checks without a job: the guest can move, the definition the dest would
+    get (`--xml` checked for ABI stability), and the disks a storage copy would send."""
+    dom = agent.lookup(p.domain)
+    dom.require_active("migrate")
+    dom.require_state("migrate", DomainState.RUNNING, DomainState.PAUSED)
+    dom.require_no_job("migrate")
+    chosen = dom.current
+    if p.xmlin:
+        chosen = agent.parse(p.xmlin)
+        check_abi_stability(dom.current, chosen)
+    nbd = await begin_nbd(dom, p, agent.host) if p.storage_copy else CookieNbd()
+    return {"host": agent.host, "xml": format_domain_xml(chosen, migratable=True),
+            "disks": [asdict(d) for d in nbd.disks],
+            "sources": {d.target: d.source for d in dom.current.disks}}
+
+
 def mib_to_speed(mib: int | None) -> int:
     """A bandwidth in MiB/s as a block job speed (bytes/s; 0 is unlimited, as for QEMU)."""
     return (mib or 0) << 20
@@ -91,9 +112,10 @@ class StorageCopy:
         self.meter = RateMeter()
         self.bps = 0
         self.best = -1
-        self.since = time.monotonic()
+        self.since = self.started_at = time.monotonic()
         self.closed = asyncio.Event()
         self.ram_started = False  # the disks are in sync, QEMU's migrate runs
+        self.copy_ms: int | None = None  # from the first mirror's start to all in sync
         self._poller: asyncio.Task[None] | None = None
 
     # -- events and figures --------------------------------------------------------------
@@ -116,6 +138,15 @@ class StorageCopy:
     def progress(self) -> dict[str, int]:
         return {**figures(self.mirrors), "disk_bps": self.bps}
 
+    def statistics(self) -> dict[str, int]:
+        """The final figures: libvirt's disk_*, and ferry's disk_copy_ms (the bulk copy,
+        mirrors started to all in sync)."""
+        out = self.progress()
+        if self.copy_ms:
+            out["disk_copy_ms"] = self.copy_ms
+            out["disk_bps"] = out["disk_processed"] * 1000 // self.copy_ms  # the average
+        return out
+
     def check(self) -> None:
         """Raise if a mirror failed or the copy has not moved for the stall timeout."""
         if (why := failure(self.mirrors)) is not None:
@@ -128,6 +159,7 @@ class StorageCopy:
     async def start(self, host: str, port: int, speed: int) -> None:
         """An nbd node and a mirror per disk (libvirt's names: migration-<target>-storage,
         job drive-<alias>, export drive-<alias>)."""
+        self.started_at = time.monotonic()
         for m in self.mirrors:
             node: dict[str, Any] = {
                 "driver": "nbd", "node-name": m.node, "export": m.job,
@@ -164,6 +196,7 @@ class StorageCopy:
             self.check()
             on_turn(self.progress())
             if all(m.ready for m in self.mirrors):
+                self.copy_ms = int((time.monotonic() - self.started_at) * 1000)
                 return
             await nap(self.dom)
 

@@ -31,6 +31,7 @@ from workers.agent import HostAgent
 from workers.domain import DomainDef
 from workers.domobj import DomainObj
 from workers.errors import FerryError, InvalidInputError, MigrationError, QemuError
+from workers.lifecycle import inactive_domain_for
 from workers.migration.cookie import CookieNbd, CookieNbdDisk
 from workers.migration.params import MigrationParams
 from workers.migration.storage_plan import (
@@ -41,6 +42,7 @@ from workers.migration.storage_plan import (
     needs_backing,
 )
 from workers.monitor import Monitor
+from workers.ports import bindable
 from workers.store import atomic_write
 
 log = logging.getLogger(__name__)
@@ -173,10 +175,10 @@ class Ledger:
             return
 
 
-async def prepare_images(agent: HostAgent, d: DomainDef, nbd: CookieNbd | None,
-                         p: MigrationParams) -> IncomingStorage:
-    """Check the disks the source sends and create the missing images (nothing is
-    created unless every check passes)."""
+async def check_images(agent: HostAgent, d: DomainDef, nbd: CookieNbd | None,
+                       p: MigrationParams) -> tuple[list[DestDisk], list[DestDisk]]:
+    """Prepare's checks (a dry run's too): every disk the source sends, and those to
+    create; the first problem is an error."""
     if nbd is None:
         raise MigrationError("storage copy asked for, but the source's cookie has no NBD "
                              "section")
@@ -194,6 +196,14 @@ async def prepare_images(agent: HostAgent, d: DomainDef, nbd: CookieNbd | None,
                                     "copies only the top image)")
         missing.append(dd)
     _check_room(agent, missing)
+    return disks, missing
+
+
+async def prepare_images(agent: HostAgent, d: DomainDef, nbd: CookieNbd | None,
+                         p: MigrationParams) -> IncomingStorage:
+    """Check the disks the source sends and create the missing images (nothing is
+    created unless every check passes)."""
+    disks, missing = await check_images(agent, d, nbd, p)
     storage = IncomingStorage(disks)
     ledger = Ledger(agent.store.root)
     try:
@@ -203,6 +213,31 @@ async def prepare_images(agent: HostAgent, d: DomainDef, nbd: CookieNbd | None,
         ledger.discard(p.job_id)
         raise
     return storage
+
+
+async def dry_run(agent: HostAgent, d: DomainDef, nbd: CookieNbd,
+                  p: MigrationParams) -> dict[str, Any]:
+    """What Prepare would do with these disks, every check made, nothing created or
+    started: per disk the image used or created, and the NBD port it would take."""
+    inactive_domain_for(agent, d, "migrate in")  # no other guest of its name or uuid here
+    disks, missing = await check_images(agent, d, nbd, p)
+    address = agent.settings.migration_address
+    if p.disks_port is not None:
+        if not bindable(address, p.disks_port):
+            raise MigrationError(f"the NBD port {p.disks_port} on {address} is in use on "
+                                 f"host {agent.host}")
+        port: int | str = p.disks_port
+    else:
+        free = agent.migration_ports.peek(address)
+        if free is None:
+            raise MigrationError(f"no free migration port on {address} on host {agent.host}")
+        port = f"one of {agent.migration_ports.low}-{agent.migration_ports.high}"
+    rows = [{"target": dd.disk.target, "path": dd.path, "format": dd.disk.format,
+             "capacity": dd.wanted.capacity, "copy_bytes": dd.wanted.allocation,
+             "image": "create" if dd in missing else "use existing",
+             "backing": needs_backing(dd) if p.storage_inc else None} for dd in disks]
+    return {"host": agent.host, "nbd": f"{address}:{port}" if disks else None,
+            "disks": rows, "copy_bytes": sum(dd.wanted.allocation or 0 for dd in disks)}
 
 
 async def _create(agent: HostAgent, dd: DestDisk, storage: IncomingStorage, ledger: Ledger,
