@@ -142,6 +142,19 @@ def test_a_cookie_naming_a_disk_the_guest_lacks_is_refused_by_prepare(
     assert len(qemu_pids_of(guest.uuid)) == 1 and not dest_disk.exists()
 
 
+def test_a_dest_image_that_is_the_sources_own_open_file_is_refused(
+        client: Client, guest: Guest) -> None:
+    """Both hosts on one machine without --xml: the dest would mirror the disk onto
+    itself; the file's lock says another process holds it."""
+    with pytest.raises(FerryError, match=r"is in use by another process on host beta"):
+        client.migrate(guest.name, "alpha", "beta", live=True,
+                       copy_storage_all=True).wait(timeout=60)
+    info = client.call("alpha", "dominfo", domain=guest.name)
+    assert info["state"] == "running" and guest.disk.exists()
+    assert qemu_pids_of(guest.uuid) == [info["pid"]]
+    assert no_copy_left_in(client, "alpha", guest.name)
+
+
 def test_a_taken_nbd_port_is_a_clear_error_and_nothing_is_left(
         client: Client, guest: Guest, tmp_path: Path, stack: Stack) -> None:
     with socket.socket() as taken:
