@@ -197,3 +197,23 @@ def test_dry_run_says_what_would_be_copied_and_starts_nothing(
     bad = ferry("migrate", "-H", "alpha", guest.name, "beta", "--live", "--copy-storage-all",
                 "--migrate-disks", "vdq", "--dry-run")
     assert bad.rc == 1 and "disk target vdq not found" in bad.err
+
+
+def test_peer_to_peer_copies_the_disks_too(
+        client: Client, make_guest: Callable[..., Guest], tmp_path: Path,
+        log_image: Path) -> None:
+    guest = logging_guest(make_guest, log_image)
+    boot(client, guest)
+    guest.wait_counter_above(5, timeout=60)
+    dest_disk = tmp_path / "p2p.qcow2"
+    summary = client.migrate(guest.name, "alpha", "beta", live=True, p2p=True,
+                             copy_storage_all=True,
+                             xmlin=dest_xml(guest, dest_disk)).wait(timeout=120)
+    assert summary["result"] == "completed" and "peer2peer" in summary["flags"]
+    assert [p["phase"] for p in summary["phases"]] == [
+        "begin3", "prepare", "perform3", "finish3", "confirm3"]
+    wait_info(client, "beta", guest.name, lambda i: i["state"] == "running")
+    guest.wait_counter_above(guest.counters()[-1] + 3, timeout=30)
+    client.call("beta", "suspend", domain=guest.name)
+    log = read_disk_log(dest_disk, "qcow2", LOG_SECTORS)
+    assert log.corrupt == () and log.missing(guest.counters()[-1]) == []
