@@ -23,11 +23,13 @@ from tests.conftest import Guest, qemu_pids_of
 LOG_SECTORS = 4096  # the guest's disk log ring: 2 MiB from 1 MiB on
 
 
-def make_log_image(root: Path, random_mib: int = 24, size_mib: int = 64) -> Path:
+def make_log_image(root: Path, random_mib: int = 24, size_mib: int = 64,
+                   ram_random_mib: int = 0) -> Path:
     """A qcow2 (128 KiB clusters) whose guest logs every counter to its disk every
-    20 ms, with `random_mib` MiB of random data at 8 MiB so a copy takes a moment."""
+    20 ms, with `random_mib` MiB of random data at 8 MiB so a copy takes a moment (and
+    `ram_random_mib` MiB of random RAM, so its RAM takes a moment too)."""
     raw = build_image(root / "log.raw", log_sectors=LOG_SECTORS, size=size_mib << 20,
-                      counter_interval_ms=20)
+                      counter_interval_ms=20, random_mib=ram_random_mib, rate_mib_s=0)
     with open(raw, "r+b") as f:
         f.seek(8 << 20)
         f.write(os.urandom(random_mib << 20))

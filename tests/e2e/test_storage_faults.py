@@ -20,6 +20,7 @@ from scripts.testbed.stack import Stack, wait_for
 from tasks.client import Client
 from tests.conftest import CliResult, Guest, qemu_pids_of, wait_info
 from tests.e2e.storagekit import (
+    JobWatch,
     boot,
     dest_xml,
     listening,
@@ -327,3 +328,88 @@ def test_abort_at_the_switch_over_cancels_the_mirrors_and_the_source_runs_on(
     wait_info(client, src, g.name, lambda i: i["state"] == "running")
     assert no_copy_left_in(client, src, g.name)
     source_untouched(client, g, dest_disk, src=src)
+
+
+@pytest.fixture(scope="module")
+def small_image(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 16 MiB qcow2 with 1 MiB of random data (quick to copy) whose guest fills
+    128 MiB of its RAM with random bytes (slow to move)."""
+    return make_log_image(tmp_path_factory.mktemp("storage-small"), random_mib=1,
+                          size_mib=16, ram_random_mib=128)
+
+
+def test_abort_while_prepare_holds_removes_the_image_the_dest_made(
+        client: Client, guest: Guest, tmp_path: Path, stalling_host: tuple[str, Path]
+        ) -> None:
+    dst, fp = stalling_host  # here the dest, with its failpoints armed by files
+    (fp / "prepare3.end").write_text("pause")
+    dest_disk = tmp_path / "d.qcow2"
+    job = client.migrate(guest.name, "alpha", dst, live=True, copy_storage_all=True,
+                         xmlin=dest_xml(guest, dest_disk))
+    wait_for((fp / "prepare3.end.hit").exists, 60, "Prepare to hold")
+    assert dest_disk.exists()  # made by Prepare, before its end
+    reply = job.abort()
+    assert reply.get("deferred") is True
+    (fp / "prepare3.end").unlink()
+    with pytest.raises(FerryError, match="abort"):
+        job.wait(timeout=60)
+    source_untouched(client, guest, dest_disk, dst=dst)
+
+
+def test_abort_while_the_ram_moves_after_the_disks_cancels_both(
+        client: Client, make_guest: Callable[..., Guest], small_image: Path, tmp_path: Path,
+        stack: Stack) -> None:
+    g = make_guest(image=small_image, disk_format="qcow2", memory_mib=256,
+                   domain_type="qemu")  # TCG fills its RAM fast
+    boot(client, g)
+    g.wait_counter_above(3, timeout=60)
+    wait_for(lambda: "ferry-guest filled" in g.serial.read_text(errors="replace"), 60,
+             "the guest to fill its RAM")
+    dest_disk = tmp_path / "d.qcow2"
+    # 20 MiB/s: the mirror outruns the guest's log writes (two 128 KiB clusters dirtied
+    # every 20 ms) and the RAM takes ~10 s after it
+    job = client.migrate(g.name, "alpha", "beta", live=True, copy_storage_all=True,
+                         bandwidth_mib_s=20, xmlin=dest_xml(g, dest_disk))
+
+    def ram_moving() -> bool:
+        info = job.info()
+        disk = info.get("disk_total") or 0
+        return bool(disk) and (info.get("data_processed") or 0) > disk + (1 << 20)
+
+    wait_for(ram_moving, 90, "the RAM to move after the disks")
+    [mirror] = qmp(client, "alpha", g.name, "query-block-jobs")
+    assert mirror["ready"] is True  # the disks are in sync while the RAM moves
+    job.abort()
+    with pytest.raises(FerryError, match=r"abort|cancel"):
+        job.wait(timeout=60)
+    source_untouched(client, g, dest_disk)
+    no_port_left(stack)
+
+
+@pytest.fixture(scope="module")
+def tiny_image(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_log_image(tmp_path_factory.mktemp("storage-tiny"), random_mib=1, size_mib=16)
+
+
+def test_timeout_pauses_a_guest_whose_writes_outrun_the_disk_copy_and_it_completes(
+        client: Client, make_guest: Callable[..., Guest], tiny_image: Path,
+        tmp_path: Path) -> None:
+    """At 2 MiB/s the mirror never catches up with the guest's log writes (two 128 KiB
+    clusters dirtied every 20 ms): --timeout pauses it, as virsh's does, the copy
+    converges, and the guest runs on on the dest."""
+    g = make_guest(image=tiny_image, disk_format="qcow2")
+    boot(client, g)
+    g.wait_counter_above(3, timeout=60)
+    dest_disk = tmp_path / "d.qcow2"
+    watch = JobWatch(client, "alpha", g.name)
+    try:
+        summary = client.migrate(g.name, "alpha", "beta", live=True, copy_storage_all=True,
+                                 bandwidth_mib_s=2, timeout_s=5,
+                                 xmlin=dest_xml(g, dest_disk)).wait(timeout=120)
+    finally:
+        samples = watch.stop()
+    assert summary["result"] == "completed"
+    assert any((s.get("disk_remaining") or 0) > 0 for s in samples)
+    wait_info(client, "beta", g.name, lambda i: i["state"] == "running")
+    g.wait_counter_above(g.counters()[-1] + 3, timeout=30)
+    log_complete(client, "beta", g, dest_disk)

@@ -196,7 +196,7 @@ async def _migrate(agent: HostAgent, dom: DomainObj, st: MigrationState,
     try:
         check_abort(agent, dom, dom.uuid, p.job_id)
         uri = await _data_uri(agent, dom, mon, st)
-        copy = await storage.copy_disks(agent, dom, st, dest_cookie, conv.record)
+        copy = await storage.copy_disks(agent, dom, st, dest_cookie, conv.record, conv.tick)
         if copy is not None:
             copy.ram_started = True
         dom.migration_status = None  # from here on, QEMU's events for this migration

@@ -148,7 +148,9 @@ class StorageCopy:
         return out
 
     def check(self) -> None:
-        """Raise if a mirror failed or the copy has not moved for the stall timeout."""
+        """Raise if a mirror failed or the copy has not moved for the stall timeout; an
+        abort first (cancelling the migration ends the dest, and so the mirrors)."""
+        _check_aborted(self.dom)
         if (why := failure(self.mirrors)) is not None:
             raise MigrationError(why)
         if self.stall_s and time.monotonic() - self.since >= self.stall_s:
@@ -321,10 +323,11 @@ async def _del_when_free(mon: Monitor, node: str) -> None:
 
 
 async def copy_disks(agent: HostAgent, dom: DomainObj, st: MigrationState,
-                     dest_cookie: Cookie | None,
-                     record: Callable[[dict[str, Any]], None]) -> StorageCopy | None:
+                     dest_cookie: Cookie | None, record: Callable[[dict[str, Any]], None],
+                     tick: Callable[[float], None]) -> StorageCopy | None:
     """With a storage copy: mirror every disk to the dest's NBD exports and wait until
-    all are in sync (the RAM goes after)."""
+    all are in sync (the RAM goes after).  `record` gets the figures, `tick` the time
+    since the start each turn (--timeout pauses a guest whose writes outrun the copy)."""
     p = st.params
     if not p.storage_copy:
         return None
@@ -345,6 +348,7 @@ async def copy_disks(agent: HostAgent, dom: DomainObj, st: MigrationState,
     def turn(figures: dict[str, int]) -> None:
         _check_aborted(dom)
         record({"status": "copying-disks", **figures})
+        tick(time.monotonic() - copy.started_at)
 
     await copy.wait_ready(turn)
     log.info("domain %s: disks in sync (%s), migrating the RAM", dom.name, copy.progress())
