@@ -14,7 +14,7 @@ from config.settings import Settings
 
 app = Celery("ferry", set_as_current=True)
 
-TASK_MODULES = ["tasks.domain", "tasks.migration", "tasks.p2p", "tasks.images"]
+TASK_MODULES = ["tasks.domain", "tasks.migration", "tasks.p2p", "tasks.images", "tasks.storage"]
 
 
 def queue_for(host: str) -> str:

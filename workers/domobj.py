@@ -40,6 +40,11 @@ class DomainObj:
     migration_status: str | None = None
     wakeup: asyncio.Event = field(default_factory=asyncio.Event)
     tunnel: Any = None
+    # Storage copy: the source's mirrors (workers.migration.storage.StorageCopy, which
+    # gets the BLOCK_JOB_* events) and the dest's images and NBD server
+    # (workers.migration.storage_dest.IncomingStorage).
+    storage_out: Any = None
+    storage_in: Any = None
     # Leases: held while the CPUs may run; released on pause with this lockstate.
     leases_held: bool = False
     lockstate: str | None = None  # the tunnel pump (workers.migration.tunnel) of a tunnelled job

@@ -277,6 +277,7 @@ def jobinfo_view(record: dict[str, Any] | None, host: str, *, completed: bool = 
     view: dict[str, Any] = {
         "type": "none", "operation": None, "phase": None, "time_elapsed_ms": None,
         "data_total": None, "data_processed": None, "data_remaining": None,
+        "disk_total": None, "disk_processed": None, "disk_remaining": None, "disk_bps": None,
         "memory_bps": None, "memory_dirty_rate": None, "memory_iteration": None,
         "downtime_ms": None, "setup_time_ms": None, "error": None, "id": None,
         "queue": None, "queue_position": None,
@@ -302,12 +303,23 @@ def jobinfo_view(record: dict[str, Any] | None, host: str, *, completed: bool = 
                     time_elapsed_ms=int(elapsed), id=record.get("id"),
                     error=(record.get("error") or {}).get("message"))
     view.update(
-        data_total=stats.get("memory_total"), data_processed=stats.get("memory_processed"),
-        data_remaining=stats.get("memory_remaining"), memory_bps=stats.get("memory_bps"),
+        data_total=_data(stats, "total"), data_processed=_data(stats, "processed"),
+        data_remaining=_data(stats, "remaining"), disk_total=stats.get("disk_total"),
+        disk_processed=stats.get("disk_processed"),
+        disk_remaining=stats.get("disk_remaining"), disk_bps=stats.get("disk_bps"),
+        memory_bps=stats.get("memory_bps"),
         memory_dirty_rate=stats.get("memory_dirty_rate"),
         memory_iteration=stats.get("memory_iteration"), downtime_ms=stats.get("downtime"),
         setup_time_ms=stats.get("setup_time"))
     return view
+
+
+def _data(stats: dict[str, Any], what: str) -> int | None:
+    """libvirt's data_*: memory plus disks (a storage copy's mirrors)."""
+    mem, disk = stats.get(f"memory_{what}"), stats.get(f"disk_{what}")
+    if mem is None and disk is None:
+        return None
+    return int(mem or 0) + int(disk or 0)
 
 
 def _queued_view(view: dict[str, Any], record: dict[str, Any] | None,

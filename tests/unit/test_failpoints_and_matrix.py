@@ -50,7 +50,7 @@ def test_an_unknown_action_is_refused() -> None:
 
 def test_the_matrix_has_every_cell_but_the_dest_qemu_before_it_exists() -> None:
     all_cases = cases()
-    direct = [c for c in all_cases if c.mode != Mode.TUNNELLED]
+    direct = [c for c in all_cases if c.mode in (Mode.MANAGED, Mode.P2P)]
     assert len(direct) == 2 * (len(Fault) * len(At) - 1)
     assert not [c for c in all_cases if (c.fault, c.at) == (Fault.DST_QEMU, At.BEGIN)]
     assert len({c.id for c in all_cases}) == len(all_cases)
@@ -73,3 +73,10 @@ def test_tunnelled_runs_the_data_path_faults_while_copying_all_ending_on_the_sou
         (Fault.SRC_WORKER, At.COPYING), (Fault.DST_WORKER, At.COPYING),
         (Fault.REDIS, At.COPYING)}
     assert {c.expected for c in tunnelled} == {Outcome.S}
+
+
+def test_storage_copy_runs_every_fault_while_the_disks_are_mirrored() -> None:
+    storage = [c for c in cases() if c.mode == Mode.STORAGE]
+    assert {c.fault for c in storage} == set(Fault)
+    assert {c.at for c in storage} == {At.COPYING}
+    assert {c.id for c in storage} >= {"storage-abort-copying", "storage-dst_qemu-copying"}

@@ -26,7 +26,7 @@ from workers.hostcaps import require_postcopy
 from workers.job_types import JobOperation, Phase
 from workers.jobs import ActiveJob
 from workers.lifecycle import inactive_domain_for, launch, run_cpus
-from workers.migration import qemu_migrate, tunnel
+from workers.migration import qemu_migrate, storage_dest, tunnel
 from workers.migration.chain_state import MigrationState
 from workers.migration.cookie import Cookie, CookieGraphics, make_cookie, parse
 from workers.migration.guards import check_abort, refuse_v2_with_lease_state
@@ -85,8 +85,9 @@ async def prepare(agent: HostAgent, st: MigrationState, *, v3: bool) -> Migratio
             again.job.state is not None and again.active:
         return again.job.state  # redelivered: the same answer
     await failpoints.hit("prepare3.start")
+    cookie_in = None
     if v3:
-        parse(st.cookie or "", local_hostuuid=agent.uuid)
+        cookie_in = parse(st.cookie or "", local_hostuuid=agent.uuid)
     else:
         refuse_v2_with_lease_state(agent)  # refuses same host, bad features
     if st.xml is None:
@@ -104,13 +105,19 @@ async def prepare(agent: HostAgent, st: MigrationState, *, v3: bool) -> Migratio
     try:
         agent.jobs.set_phase(d.uuid, p.job_id, Phase.PREPARE)  # may need a replica
         uri = None
+        if p.storage_copy:
+            dom.storage_in = await storage_dest.prepare_images(
+                agent, d, cookie_in.nbd if cookie_in else None, p)
         if not p.has(F.OFFLINE):
             uri = await _start_incoming(agent, dom, d, p)
     except BaseException:
         await _discard(agent, dom)
         raise
+    storage = dom.storage_in
     cookie = make_cookie(d.name, d.uuid, agent.host, agent.uuid,
-                         graphics=_graphics_cookie(dom.current, agent.settings.migration_address))
+                         graphics=_graphics_cookie(dom.current, agent.settings.migration_address),
+                         nbd=storage.cookie() if storage else None,
+                         mandatory=("nbd",) if storage else ())
     st = replace(st, cookie=cookie.to_xml() if v3 else None, uri=uri)
     dom.job.state = st
     if dom.active:
@@ -128,6 +135,8 @@ async def _start_incoming(agent: HostAgent, dom: DomainObj, d: DomainDef,
     agent.set_state(dom, DomainState.PAUSED, PausedReason.MIGRATION)
     mon = dom.require_monitor("migrate in")
     await qemu_migrate.setup(mon, p, outgoing=False)
+    if dom.storage_in is not None:
+        await storage_dest.start_nbd(agent, dom, mon, dom.storage_in, p)
     if tunnelled:
         tunnel.reset(agent.redis, p.job_id)
         sock = await qemu_migrate.pass_socket(mon, qemu_migrate.TUNNEL_FD)
@@ -165,11 +174,15 @@ async def _end_tunnel(dom: DomainObj, close: bool) -> None:
 
 
 async def _discard(agent: HostAgent, dom: DomainObj) -> None:
-    """Undo Prepare: the incoming QEMU goes, an object we made goes, the job ends."""
+    """Undo Prepare: the incoming QEMU goes, images it created go, an object we made
+    goes, the job ends."""
     await _end_tunnel(dom, close=True)
     if dom.active:
         await agent.kill(dom, ShutoffReason.FAILED)
     agent.release_ports(dom)
+    if dom.job is not None:
+        storage_dest.discard_images(agent, dom.job.id)
+    dom.storage_in = None
     dom.job = None
     if not dom.persistent and not dom.active and agent.domains.get(dom.name) is dom:
         agent.domains.pop(dom.name)
@@ -203,7 +216,9 @@ async def finish(agent: HostAgent, st: MigrationState, *, v3: bool) -> Migration
     phase = Phase.FINISH3 if v3 else Phase.FINISH2
     if dom is None:
         if st.failed:
-            return st  # Prepare never got as far as creating anything here
+            # Prepare never got as far as a QEMU here, or it exited: images it made go
+            storage_dest.discard_images(agent, p.job_id)
+            return st
         raise MigrationError(f"no incoming migration {p.job_id} of '{p.domain}' on this host: "
                              f"its incoming QEMU exited or was discarded{_known_cause(agent, st)}")
     assert dom.job is not None
@@ -265,6 +280,9 @@ def complete_incoming(agent: HostAgent, dom: DomainObj, st: MigrationState) -> M
     """The dest's part of the job is over, the guest is here: Finish's answer."""
     info = dom.info(agent.host)
     _complete(agent, dom, st)
+    if dom.storage_in is not None or st.params.storage_copy:
+        storage_dest.keep_images(agent, st.params.job_id)  # they are the guest's disks now
+    dom.storage_in = None
     dom.job = None
     agent.release_ports(dom)
     if dom.active:
@@ -280,6 +298,8 @@ async def _finish_ok(agent: HostAgent, dom: DomainObj, st: MigrationState,
     cookie = parse(st.cookie, expect_uuid=dom.uuid) if v3 and st.cookie else None
     if cookie is not None and cookie.statistics is not None:
         st = replace(st, statistics=cookie.statistics.as_dict())
+    if p.storage_copy:
+        await storage_dest.stop_nbd(dom)  # before the CPUs start, as libvirt
     if not p.has(F.OFFLINE):
         await _wait_incoming(agent, dom)
         await _end_tunnel(dom, close=False)
