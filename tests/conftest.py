@@ -20,6 +20,7 @@ import pytest
 
 from config.settings import load
 from scripts.testbed.fleet import Fleet, netns_available
+from scripts.testbed.guestimage import Tick, broken_continuity, serial_ticks
 from scripts.testbed.guestxml import guest_xml
 from scripts.testbed.stack import Stack, pid_alive, wait_for
 from tasks.client import Client
@@ -142,10 +143,12 @@ class Guest:
     serial: Path
 
     def counters(self) -> list[int]:
-        from scripts.testbed.guestimage import serial_counters
+        return [t.count for t in self.ticks()]
 
+    def ticks(self) -> list[Tick]:
+        """The counter lines of the serial log so far: (boot id, count) each."""
         try:
-            return serial_counters(self.serial.read_text(errors="replace"))
+            return serial_ticks(self.serial.read_text(errors="replace"))
         except FileNotFoundError:
             return []
 
@@ -156,13 +159,39 @@ class Guest:
 
         return int(wait_for(above, timeout, f"{self.name}'s serial counter to pass {value}"))
 
+    def wait_tick(self, timeout: float = 20) -> Tick:
+        """The last counter line, once there is one."""
+        tick = wait_for(lambda: (self.ticks() or [None])[-1], timeout,
+                        f"{self.name} to print a counter line")
+        assert isinstance(tick, Tick)
+        return tick
+
+    def wait_kept_running(self, since: Tick | None = None, more: int = 2,
+                          timeout: float = 20) -> Tick:
+        """The guest runs now and never stopped being the guest that printed `since` (the
+        log's first line when None): `more` lines past those already printed, and from
+        `since` on one boot id and a count going up by one (a reboot, a second copy or a
+        lost stretch fails).  Returns the last line."""
+        floor = self.wait_tick(timeout).count + more
+
+        def counted_on() -> Tick | None:
+            ticks = self.ticks()
+            why = broken_continuity(ticks, since)
+            assert why is None, f"{self.name} did not keep running: {why}"
+            return ticks[-1] if ticks[-1].count >= floor else None
+
+        tick = wait_for(counted_on, timeout, f"{self.name} to count on to {floor}")
+        assert isinstance(tick, Tick)
+        return tick
+
 
 @pytest.fixture
 def make_guest(tmp_path: Path, base_image: Path, client: Client,
                stack: Stack) -> Iterator[Callable[..., Guest]]:
     """A fresh guest definition (own disk copy and serial log); not yet defined.
 
-    Whatever the test left of its guests on any host is destroyed and undefined after it.
+    Whatever the test left of its guests on any live host is destroyed and undefined after
+    it; a clean-up that fails fails the test.
     """
     made: list[Guest] = []
 
@@ -179,10 +208,25 @@ def make_guest(tmp_path: Path, base_image: Path, client: Client,
 
     yield make
     for guest in made:
-        for host in list(stack.workers):
-            for task in ("destroy", "undefine"):
-                with contextlib.suppress(Exception):
-                    client.call(host, task, domain=guest.name, timeout=30)
+        for host in live_hosts(stack):
+            remove_guest(client, host, guest.name)
+
+
+def live_hosts(stack: Stack) -> list[str]:
+    """The stack's hosts whose worker process runs."""
+    return [name for name, w in stack.workers.items()
+            if w.proc is not None and w.proc.poll() is None]
+
+
+def remove_guest(client: Client, host: str, name: str) -> None:
+    """Destroy and undefine domain `name` on `host` where it is; any failure raises."""
+    for dom in client.call(host, "list", all=True, timeout=30):
+        if dom["name"] != name:
+            continue
+        if dom["state"] != "shutoff":
+            client.call(host, "destroy", domain=name, timeout=30)
+        if dom["persistent"]:
+            client.call(host, "undefine", domain=name, timeout=30)
 
 
 def kvm_available() -> bool:
@@ -254,8 +298,9 @@ def nolock_hosts(stack: Stack) -> Iterator[tuple[str, str]]:
 
 
 @pytest.fixture
-def faulty_host(stack: Stack) -> Iterator[Callable[[str], str]]:
-    """Start host 'gamma' with failpoints armed; it is removed (with its guests) after."""
+def faulty_host(stack: Stack, client: Client) -> Iterator[Callable[[str], str]]:
+    """Start host 'gamma' with failpoints armed; it is removed after, its guests first
+    destroyed and undefined through it (so no lease or state file outlives them)."""
     started: list[str] = []
 
     def start(failpoints: str, **env: str) -> str:
@@ -265,6 +310,9 @@ def faulty_host(stack: Stack) -> Iterator[Callable[[str], str]]:
 
     yield start
     for name in started:
+        if name in live_hosts(stack):
+            for dom in client.call(name, "list", all=True, timeout=30):
+                remove_guest(client, name, dom["name"])
         stack.remove_worker(name)
 
 
