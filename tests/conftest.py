@@ -63,7 +63,7 @@ def _xdist_worker() -> int | None:
     return int(name[2:]) if name.startswith("gw") and name[2:].isdigit() else None
 
 
-def _port_base() -> int:
+def port_base() -> int:
     """First migration port of this run's stacks; FERRY_TEST_PORT_BASE moves it so that two
     checkouts can run their suites side by side on one machine."""
     return int(os.environ.get("FERRY_TEST_PORT_BASE", "30000"))
@@ -78,7 +78,7 @@ def stack() -> Iterator[Stack]:
     if worker is not None:
         # Each xdist worker's stack gets its own migration ports, below the kernel's
         # ephemeral range (32768-60999) that the other worker's redis-servers draw from.
-        first = _port_base() + 64 * worker
+        first = port_base() + 64 * worker
         st.extra_env["FERRY_MIGRATION_PORTS"] = f"{first}-{first + 63}"
     try:
         st.start_redis()
@@ -223,7 +223,7 @@ def remove_guest(client: Client, host: str, name: str) -> None:
     for dom in client.call(host, "list", all=True, timeout=30):
         if dom["name"] != name:
             continue
-        if dom["state"] != "shutoff":
+        if dom["pid"] is not None:  # a QEMU runs it (shutoff and crashed have none)
             client.call(host, "destroy", domain=name, timeout=30)
         if dom["persistent"]:
             client.call(host, "undefine", domain=name, timeout=30)
