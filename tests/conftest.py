@@ -13,7 +13,7 @@ import sys
 import tempfile
 import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -29,7 +29,7 @@ HOSTS = ("alpha", "beta")
 
 # `make test` runs the suite on two pytest-xdist workers. Modules whose tests share one
 # module-wide fixture, or a machine-wide resource (network namespaces and their subnets,
-# the fault matrix's fixed port range), run whole on one worker, one group at a time; every
+# the fault matrix's port range), run whole on one worker, one group at a time; every
 # other test is a unit of its own. (xdist 3.8's `--dist loadgroup` did not keep marked tests
 # together under pytest 9 here, so the grouping is done by the scheduler below.)
 SERIAL_GROUPS = {
@@ -336,6 +336,7 @@ class FleetRun:
     client: Client
     image: Path
     work: Path
+    booted: list[Guest] = field(default_factory=list)
 
     def guest(self, memory_mib: int = 32, domain_type: str = "qemu") -> Guest:
         name = f"g-{uuid.uuid4().hex[:8]}"
@@ -349,8 +350,17 @@ class FleetRun:
 
     def boot(self, host: str, guest: Guest) -> Guest:
         self.client.call(host, "define", xml=guest.xml)
+        self.booted.append(guest)
         self.client.call(host, "start", domain=guest.name)
         return guest
+
+    def remove_guests(self) -> None:
+        """Destroy and undefine every guest booted so far, on whichever hosts it is now."""
+        assert self.fleet.stack is not None
+        for guest in self.booted:
+            for host in live_hosts(self.fleet.stack):
+                remove_guest(self.client, host, guest.name)
+        self.booted.clear()
 
     def running_on(self, guest: Guest) -> list[str]:
         """Hosts where this guest's QEMU runs its CPUs now (from each host's dominfo)."""

@@ -30,6 +30,12 @@ def fleet(base_image: Path) -> Iterator[FleetRun]:
         yield run
 
 
+@pytest.fixture(autouse=True)
+def guests_removed(fleet: FleetRun) -> Iterator[None]:
+    yield
+    fleet.remove_guests()
+
+
 def test_every_host_announces_its_own_namespace_address(fleet: FleetRun) -> None:
     hosts = {h["name"]: h for h in fleet.client.hosts()}
     for name, host in fleet.fleet.hosts.items():

@@ -31,6 +31,12 @@ def fleet(base_image: Path) -> Iterator[FleetRun]:
         yield run
 
 
+@pytest.fixture(autouse=True)
+def guests_removed(fleet: FleetRun) -> Iterator[None]:
+    yield
+    fleet.remove_guests()
+
+
 class InFlight(threading.Thread):
     """Samples which guests have a QEMU on both p1 and p2 (between Prepare and Confirm)."""
 

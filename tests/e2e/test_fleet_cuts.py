@@ -48,6 +48,7 @@ def links_back_up(fleet: FleetRun) -> Iterator[None]:
         return True
 
     wait_for(alive, 60, "c2 to be back (heartbeat and queue)")
+    fleet.remove_guests()
 
 
 def _qemus_in(fleet: FleetRun, host: str, g: Guest) -> list[int]:
