@@ -300,7 +300,9 @@ def nolock_hosts(stack: Stack) -> Iterator[tuple[str, str]]:
 @pytest.fixture
 def faulty_host(stack: Stack, client: Client) -> Iterator[Callable[[str], str]]:
     """Start host 'gamma' with failpoints armed; it is removed after, its guests first
-    destroyed and undefined through it (so no lease or state file outlives them)."""
+    destroyed and undefined through it (so no lease or state file outlives them).  A
+    test that stopped it for good sees it come back first, failpoints disarmed, as a
+    restarted host does: what the stop left is then ferry's to clean up."""
     started: list[str] = []
 
     def start(failpoints: str, **env: str) -> str:
@@ -310,9 +312,13 @@ def faulty_host(stack: Stack, client: Client) -> Iterator[Callable[[str], str]]:
 
     yield start
     for name in started:
-        if name in live_hosts(stack):
-            for dom in client.call(name, "list", all=True, timeout=30):
-                remove_guest(client, name, dom["name"])
+        if name not in stack.workers:  # the test removed it itself
+            continue
+        if name not in live_hosts(stack):
+            env = {k: v for k, v in stack.workers[name].env.items() if k != "FERRY_FAILPOINTS"}
+            stack.start_worker(name, env=env)
+        for dom in client.call(name, "list", all=True, timeout=30):
+            remove_guest(client, name, dom["name"])
         stack.remove_worker(name)
 
 

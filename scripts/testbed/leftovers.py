@@ -64,6 +64,8 @@ def snapshot(stacks: Sequence[Stack]) -> Snapshot:
         things[f"proc:{p.pid}:{p.start}"] = f"process {p.pid}: {' '.join(p.args)[:240]}"
     running = {p.args[i + 1] for p in procs for i, a in enumerate(p.args[:-1]) if a == "-uuid"}
     for st in stacks:
+        if not _live_workers(st) and (st.redis_proc is None or st.redis_proc.poll() is not None):
+            continue  # a stopped stack: only its processes (above) can still matter
         things.update(_ports(st, [p.pid for p in procs]))
         things.update(_keys(st, running))
         things.update(_files(st))
