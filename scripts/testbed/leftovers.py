@@ -6,8 +6,8 @@ and monitor socket in a host's state dir, and every child of a stack's workers,
 such as a compressor; the workers and redis-server themselves excepted), the
 listening TCP sockets in the stacks' migration port ranges (as each host's
 network namespace sees them), the stacks' Redis keys that only a running job
-may hold (job records, admission lines, waiting and tunnel keys, and leases of
-guests no QEMU runs), and the files in the hosts' state dirs that a domain
+may hold (job records, admission lines, waiting-migration and tunnel keys, and
+leases of guests no QEMU runs), and the files in the hosts' state dirs that a domain
 leaves while it exists (status files, pid files, monitor sockets, persistent
 definitions; QEMU logs are kept on purpose).
 
@@ -34,7 +34,9 @@ from scripts.testbed.stack import Stack, Worker
 
 # Keys a job holds only while it runs (workers/jobs.py, workers/slots.py,
 # workers/migration/tunnel.py); leases (workers/locks.py) are judged by their guest.
-JOB_KEYS = ("ferry:job:", "ferry:queued:", "ferry:queuedabort:", "ferry:tunnel:")
+# Markers of an ended job (ferry:jobended:, ferry:queuedabort:) and completed records
+# (ferry:jobdone:) outlive it on purpose, with a TTL: a late phase must still find them.
+JOB_KEYS = ("ferry:job:", "ferry:queued:", "ferry:tunnel:")
 SLOTS = "ferry:slots:"
 LEASE = "ferry:lease:"
 STATE_FILES = ("run", "qemu")  # under a host's state dir: status/pid/socket, definitions
