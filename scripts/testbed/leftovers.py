@@ -20,8 +20,11 @@ phase), and returns what is still there.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
+import socket
+import struct
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -111,23 +114,37 @@ def _all_processes() -> Iterable[_Proc]:
     for entry in os.scandir("/proc"):
         if not entry.name.isdigit():
             continue
-        try:
-            with open(f"/proc/{entry.name}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-            with open(f"/proc/{entry.name}/cmdline", "rb") as f:
-                raw = f.read()
+        try:  # raw reads: this runs twice per test over every process of the machine
+            stat = _read(f"/proc/{entry.name}/stat")
+            raw = _read(f"/proc/{entry.name}/cmdline")
+            fields = stat.rsplit(b")", 1)[1].split()
         except (OSError, IndexError):  # gone meanwhile
             continue
-        if fields[0] == "Z":  # a zombie runs nothing
+        if fields[0] == b"Z":  # a zombie runs nothing
             continue
         args = [a.decode(errors="replace") for a in raw.split(b"\0") if a]
-        yield _Proc(int(entry.name), int(fields[1]), fields[19], args)
+        yield _Proc(int(entry.name), int(fields[1]), fields[19].decode(), args)
+
+
+def _read(path: str) -> bytes:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        chunks = []
+        while chunk := os.read(fd, 65536):
+            chunks.append(chunk)
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
 
 
 def _port_range(st: Stack, w: Worker) -> tuple[int, int]:
-    spec = {**st.extra_env, **w.env}.get("FERRY_MIGRATION_PORTS")
-    env = {} if spec is None else {"FERRY_MIGRATION_PORTS": spec}
-    return load(env).migration_ports
+    return _parsed_range({**st.extra_env, **w.env}.get("FERRY_MIGRATION_PORTS"))
+
+
+@functools.lru_cache(maxsize=64)
+def _parsed_range(spec: str | None) -> tuple[int, int]:
+    """FERRY_MIGRATION_PORTS as the worker reads it (its default when unset)."""
+    return load({} if spec is None else {"FERRY_MIGRATION_PORTS": spec}).migration_ports
 
 
 def _netns(pid: int) -> int | None:
@@ -143,25 +160,26 @@ def _ports(st: Stack, stack_pids: list[int]) -> dict[str, str]:
     ranges = {_port_range(st, w) for w in st.workers.values()}
     if not ranges:
         return {}
+    own = _netns(os.getpid())
     spaces: dict[int, int] = {}  # namespace inode -> a pid inside it
     for pid in [w.proc.pid for w in _live_workers(st) if w.proc is not None] + stack_pids:
         ns = _netns(pid)
         if ns is not None:
             spaces.setdefault(ns, pid)
-    if not spaces:
-        ns = _netns(os.getpid())
-        if ns is not None:
-            spaces[ns] = os.getpid()
+    if not spaces and own is not None:
+        spaces[own] = os.getpid()
     found = {}
     for ns, pid in spaces.items():
-        for port in _listening(pid):
+        for port in _listening_here() if ns == own else _listening_in(pid):
             if any(lo <= port <= hi for lo, hi in ranges):
                 found[f"port:{ns}:{port}"] = (f"port {port} listening (network namespace "
                                               f"{ns}; the stack's migration ports)")
     return found
 
 
-def _listening(pid: int) -> set[int]:
+def _listening_in(pid: int) -> set[int]:
+    """Listening TCP ports in the network namespace of `pid`, from its /proc tables (a
+    namespace of its own holds few sockets; the machine's table can hold thousands)."""
     ports = set()
     for table in ("tcp", "tcp6"):
         with contextlib.suppress(OSError), open(f"/proc/{pid}/net/{table}") as f:
@@ -172,11 +190,54 @@ def _listening(pid: int) -> set[int]:
     return ports
 
 
+_SOCK_DIAG_BY_FAMILY, _NLMSG_ERROR, _NLMSG_DONE = 20, 2, 3
+_DUMP_REQUEST = 0x301  # NLM_F_REQUEST | NLM_F_DUMP
+_TCP_LISTEN = 10
+
+
+def _listening_here() -> set[int]:
+    """Listening TCP ports in this process's network namespace, asked of the kernel
+    (sock_diag: only LISTEN sockets come back, however many others there are)."""
+    ports = set()
+    for family in (socket.AF_INET, socket.AF_INET6):
+        # inet_diag_req_v2: family, protocol, ext, pad, states; then a zeroed sockid.
+        req = struct.pack("=BBBBI", family, socket.IPPROTO_TCP, 0, 0, 1 << _TCP_LISTEN)
+        req += bytes(48)
+        msg = struct.pack("=IHHII", 16 + len(req), _SOCK_DIAG_BY_FAMILY, _DUMP_REQUEST, 1,
+                          0) + req
+        with socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, 4) as nl:  # SOCK_DIAG
+            nl.sendto(msg, (0, 0))
+            while True:
+                data = nl.recv(1 << 16)
+                at, done = 0, False
+                while at + 16 <= len(data):
+                    length, kind = struct.unpack_from("=IH", data, at)
+                    if kind in (_NLMSG_DONE, _NLMSG_ERROR):
+                        done = True
+                        break
+                    # inet_diag_msg: family, state, timer, retrans, then sport (big-endian)
+                    ports.add(struct.unpack_from(">H", data, at + 16 + 4)[0])
+                    at += (length + 3) & ~3
+                if done or not data:
+                    break
+    return ports
+
+
+_CLIENTS: dict[tuple[int, str], redis.Redis] = {}  # (stack, broker URL) -> a client
+
+
+def _client(st: Stack) -> redis.Redis:
+    key = (id(st), st.broker_url)
+    if key not in _CLIENTS:
+        _CLIENTS[key] = st.redis_client(socket_timeout=5)
+    return _CLIENTS[key]
+
+
 def _keys(st: Stack, running: set[str]) -> dict[str, str]:
     if st.redis_proc is None or st.redis_proc.poll() is not None:
         return {}
     found = {}
-    client = st.redis_client(socket_timeout=5)
+    client = _client(st)
     try:
         for raw in client.scan_iter(match="ferry:*", count=1000):
             key = raw.decode() if isinstance(raw, bytes) else str(raw)
@@ -192,8 +253,6 @@ def _keys(st: Stack, running: set[str]) -> dict[str, str]:
                 found.update(_orphan_lease(client, key, where, running))
     except redis.RedisError as exc:  # a test restarting redis: judged on the next look
         found[f"redis:{st.root}:unreadable"] = f"Redis of {st.root} unreadable: {exc}"
-    finally:
-        client.close()
     return found
 
 
