@@ -3,7 +3,8 @@ SHELL := /bin/bash
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-DEBS := qemu-system-x86 qemu-utils redis-server zstd xz-utils bzip2 lzop binutils
+DEBS := qemu-system-x86 qemu-utils redis-server zstd xz-utils bzip2 lzop binutils \
+	linux-image-amd64 busybox-static
 STAMP := $(VENV)/.ferry-installed
 TEST_JOBS ?= 2
 
@@ -11,7 +12,7 @@ TEST_JOBS ?= 2
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml scripts/devtools/setup.sh
+$(STAMP): pyproject.toml Makefile scripts/devtools/setup.sh
 	bash scripts/devtools/setup.sh "$(PY)" "$(VENV)" $(DEBS)
 	touch $(STAMP)
 

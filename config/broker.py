@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import ssl
+from collections.abc import Callable
 from typing import Any
 
 import redis
@@ -65,15 +66,17 @@ class RetryingRedis(redis.Redis):
     retry_s: float = 0.0
 
     def execute_command(self, *args: Any, **options: Any) -> Any:
+        # redis-py leaves execute_command unannotated
+        plain: Callable[..., Any] = super().execute_command
         if self.retry_s <= 0:
-            return super().execute_command(*args, **options)
+            return plain(*args, **options)
         for attempt in Retrying(
                 stop=stop_after_delay(self.retry_s),
                 wait=wait_random_exponential(multiplier=0.05, max=1.0),
                 retry=retry_if_exception_type((redis.ConnectionError, redis.TimeoutError)),
                 before_sleep=before_sleep_log(log, logging.WARNING), reraise=True):
             with attempt:
-                return super().execute_command(*args, **options)
+                return plain(*args, **options)
         raise AssertionError("unreachable")  # pragma: no cover (reraise=True)
 
 

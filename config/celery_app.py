@@ -6,16 +6,12 @@ settings are known, so importing ferry never reads the environment.
 
 from __future__ import annotations
 
-import logging
-from typing import Any
-
 from celery import Celery
 
 from config import broker
+from config.errors import InvalidInputError
 from config.settings import Settings
-from workers.errors import InvalidInputError
 
-log = logging.getLogger(__name__)
 app = Celery("ferry", set_as_current=True)
 
 TASK_MODULES = ["tasks.domain", "tasks.migration", "tasks.p2p", "tasks.images"]
@@ -98,71 +94,19 @@ def _sign_messages(settings: Settings, target: Celery) -> None:
 
 
 def survive_broker_restarts(settings: Settings) -> None:
-    """Keep a worker alive when the broker restarts (called by `ferry worker` only).
+    """Keep a worker alive when the broker restarts (called by `ferry worker` only):
+    kombu's and Celery's methods replaced in config/kombu_patches.py, on the releases
+    they were written for."""
+    # start-up: kombu's redis transport and Celery's consumer are the worker's alone
+    from config import kombu_patches
 
-    Two kombu 5.7 holes make a Celery worker exit when Redis goes away and
-    comes back: (1) closing the lost connection restores unacknowledged messages
-    through a transport already detached; (2) a task that finishes after the
-    reconnection acknowledges its message on the lost channel.  Both raise an
-    AttributeError that ends the worker.  ferry never wants (1) on a lost
-    connection anyway: a late-acked phase still running here would be put back
-    in its queue and delivered again while it runs; its message stays in Redis
-    (as after a killed worker) and is acknowledged when the phase ends.  For (2)
-    the acknowledgement is made with a client of our own, so the message is not
-    delivered again hours later.  A graceful shutdown still restores as before.
-    """
-    from celery.worker.consumer.consumer import Consumer
-    from kombu.transport import redis as kombu_redis
-
-    plain_lost = Consumer.on_connection_error_after_connected
-
-    def on_connection_lost(self: Any, exc: Exception) -> None:
-        transport = getattr(self.connection, "transport", None)
-        for chan in list(getattr(transport, "channels", None) or ()):
-            chan.do_restore = False
-        plain_lost(self, exc)
-
-    channel = kombu_redis.Channel
-    plain_ack = channel.basic_ack
-
-    def basic_ack(self: Any, delivery_tag: str, multiple: bool = False) -> None:
-        if self.connection is not None and self.connection.client is not None:
-            plain_ack(self, delivery_tag, multiple)
-            return
-        log.warning("acknowledging message %s of a connection lost meanwhile", delivery_tag)
-        with broker.connect(settings, socket_timeout=5) as client:
-            client.pipeline().zrem(self.unacked_index_key, delivery_tag) \
-                .hdel(self.unacked_key, delivery_tag).execute()
-
-    # methods of Celery's and kombu's classes, replaced in the worker process only
-    setattr(Consumer, "on_connection_error_after_connected", on_connection_lost)  # noqa: B010
-    setattr(channel, "basic_ack", basic_ack)  # noqa: B010
+    kombu_patches.survive_broker_restarts(settings)
 
 
 def reuse_publish_clients() -> None:
-    """One redis-py client per kombu channel for its publishes (called by `ferry worker`).
+    """One redis-py client per kombu channel for its publishes (called by `ferry worker`
+    only; config/kombu_patches.py)."""
+    # start-up: kombu's redis transport and Celery's consumer are the worker's alone
+    from config import kombu_patches
 
-    kombu 5.x builds a new `redis.Redis` over the channel's pool for every publish,
-    acknowledgement and event flush (`Channel.conn_or_acquire`), ~0.16 ms of CPU each
-    here, a dozen times per task.  A client is a thin, thread-safe handle on the
-    pool, so the channel keeps one and builds a new one only when its pool is replaced
-    (after a reconnection)."""
-    from collections.abc import Iterator
-    from contextlib import contextmanager
-
-    from kombu.transport import redis as kombu_redis
-
-    @contextmanager
-    def conn_or_acquire(self: Any, client: Any = None) -> Iterator[Any]:
-        if client:
-            yield client
-            return
-        pool = self.pool
-        cached = self.__dict__.get("_ferry_client")
-        if cached is None or cached.connection_pool is not pool:
-            cached = self._create_client()
-            self.__dict__["_ferry_client"] = cached
-        yield cached
-
-    setattr(kombu_redis.Channel, "conn_or_acquire", conn_or_acquire)  # noqa: B010
-
+    kombu_patches.reuse_publish_clients()

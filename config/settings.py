@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from workers.errors import InvalidInputError
+from config.errors import InvalidInputError
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,7 @@
 """Task arguments come from anywhere (`send_task` by name, JSON): each task checks them
 against its own annotations before it runs, so a missing field, an unknown one or a
-wrong type is one clear InvalidInputError and nothing happens on the host."""
+wrong type is one clear InvalidInputError and nothing happens on the host.  `task`
+registers a function as the ferry task `ferry.<name>` with its arguments checked."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import typing
 from collections.abc import Callable
 from typing import Any, TypeVar
 
+from config.celery_app import app
 from workers.errors import InvalidInputError
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -60,3 +62,11 @@ def checked(fn: F) -> F:
         return fn(*args, **kwargs)
 
     return typing.cast(F, wrapper)
+
+
+def task(name: str, **options: Any) -> Callable[[Callable[..., Any]], Any]:
+    """`app.task(name="ferry.<name>", **options)` of `fn` with its arguments checked."""
+    def register(fn: Callable[..., Any]) -> Any:
+        return app.task(name=f"ferry.{name}", **options)(checked(fn))
+
+    return register

@@ -5,17 +5,21 @@ Each task reads its arguments, runs one agent coroutine and returns JSON.
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable, Coroutine
+from typing import Any, Concatenate, ParamSpec, TypeVar
 
-from config.celery_app import app
-from tasks.checked import checked
+from tasks.checked import task
 from workers import lifecycle
-from workers.agent import get_agent
+from workers.agent import HostAgent, get_agent
 from workers.errors import FerryError
 from workers.heartbeat import list_hosts
 
+P = ParamSpec("P")
+T = TypeVar("T")
 
-def _run(fn: Any, *args: Any, **kwargs: Any) -> Any:
+
+def _run(fn: Callable[Concatenate[HostAgent, P], Coroutine[Any, Any, T]], *args: P.args,
+         **kwargs: P.kwargs) -> T:
     """Run one lifecycle coroutine on this host's agent; errors name the host."""
     agent = get_agent()
     try:
@@ -24,85 +28,71 @@ def _run(fn: Any, *args: Any, **kwargs: Any) -> Any:
         raise exc.at(host=agent.host) from None
 
 
-@app.task(name="ferry.define")
-@checked
+@task("define")
 def define(xml: str) -> dict[str, Any]:
     return _run(lifecycle.define, xml)
 
 
-@app.task(name="ferry.undefine")
-@checked
+@task("undefine")
 def undefine(domain: str) -> dict[str, Any]:
     return _run(lifecycle.undefine, domain)
 
 
-@app.task(name="ferry.start")
-@checked
+@task("start")
 def start(domain: str, paused: bool = False) -> dict[str, Any]:
     return _run(lifecycle.start, domain, paused)
 
 
-@app.task(name="ferry.destroy")
-@checked
+@task("destroy")
 def destroy(domain: str) -> dict[str, Any]:
     return _run(lifecycle.destroy, domain)
 
 
-@app.task(name="ferry.suspend")
-@checked
+@task("suspend")
 def suspend(domain: str) -> dict[str, Any]:
     return _run(lifecycle.suspend, domain)
 
 
-@app.task(name="ferry.resume")
-@checked
+@task("resume")
 def resume(domain: str) -> dict[str, Any]:
     return _run(lifecycle.resume, domain)
 
 
-@app.task(name="ferry.dominfo")
-@checked
+@task("dominfo")
 def dominfo(domain: str) -> dict[str, Any]:
     return _run(lifecycle.dominfo, domain)
 
 
-@app.task(name="ferry.list")
-@checked
+@task("list")
 def list_domains(all: bool = False) -> list[dict[str, Any]]:
     return _run(lifecycle.list_domains, all)
 
 
-@app.task(name="ferry.dumpxml")
-@checked
+@task("dumpxml")
 def dumpxml(domain: str, inactive: bool = False, migratable: bool = False) -> str:
     return _run(lifecycle.dumpxml, domain, inactive, migratable)
 
 
-@app.task(name="ferry.domblkstat")
-@checked
+@task("domblkstat")
 def domblkstat(domain: str, device: str | None = None) -> dict[str, Any]:
     return _run(lifecycle.domblkstat, domain, device)
 
 
-@app.task(name="ferry.domblkinfo")
-@checked
+@task("domblkinfo")
 def domblkinfo(domain: str, device: str) -> dict[str, Any]:
     return _run(lifecycle.domblkinfo, domain, device)
 
 
-@app.task(name="ferry.qemu_monitor_command")
-@checked
+@task("qemu_monitor_command")
 def qemu_monitor_command(domain: str, command: str, hmp: bool = False) -> Any:
     return _run(lifecycle.monitor_command, domain, command, hmp)
 
 
-@app.task(name="ferry.domlocks")
-@checked
+@task("domlocks")
 def domlocks(domain: str) -> dict[str, Any]:
     return _run(lifecycle.domlocks, domain)
 
 
-@app.task(name="ferry.hosts")
-@checked
+@task("hosts")
 def hosts() -> list[dict[str, Any]]:
     return list_hosts(get_agent().redis)

@@ -1,6 +1,6 @@
 """Celery tasks for save, restore and dump on one host (queue host.<name>).
 
-Each reads its arguments, runs one agent coroutine (workers/saverestore.py)
+Each reads its arguments, runs one agent coroutine (workers/image_jobs.py)
 and returns JSON.  The job id is the task id, so the job record and the
 task's PROGRESS state (QEMU's figures, for Flower) belong together.
 """
@@ -8,24 +8,26 @@ task's PROGRESS state (QEMU's figures, for Flower) belong together.
 from __future__ import annotations
 
 from collections.abc import Callable, Coroutine
-from typing import Any
+from typing import Any, TypeVar
 
-from config.celery_app import app
-from tasks.checked import checked
-from workers import errors, saverestore
+from tasks.checked import task
+from workers import errors, image_jobs
 from workers.agent import HostAgent, get_agent
 from workers.errors import FerryError
+
+T = TypeVar("T")
 
 
 def _portable(exc: FerryError) -> FerryError:
     """The same error as a class of workers.errors, which every client can rebuild."""
     for cls in type(exc).__mro__:
-        if cls.__module__ == errors.__name__:
+        known = getattr(errors, cls.__name__, None) is cls
+        if known and issubclass(cls, FerryError):
             return cls(exc.message, exc.phase, exc.host, exc.cause)
     return FerryError(exc.message, exc.phase, exc.host, exc.cause)
 
 
-def _run(task: Any, make: Callable[[HostAgent, str], Coroutine[Any, Any, Any]]) -> Any:
+def _run(task: Any, make: Callable[[HostAgent, str], Coroutine[Any, Any, T]]) -> T:
     """Run the coroutine `make(agent, job_id)`; report the job's progress while it runs."""
     agent = get_agent()
     job_id = str(task.request.id or "") or None
@@ -42,27 +44,24 @@ def _run(task: Any, make: Callable[[HostAgent, str], Coroutine[Any, Any, Any]]) 
         raise _portable(exc.at(host=agent.host)) from None
 
 
-@app.task(name="ferry.save", bind=True)
-@checked
+@task("save", bind=True)
 def save(self: Any, domain: str, path: str, compression: str = "raw", running: bool = False,
          paused: bool = False, bypass_cache: bool = False) -> dict[str, Any]:
-    return _run(self, lambda agent, job_id: saverestore.save(
+    return _run(self, lambda agent, job_id: image_jobs.save(
         agent, domain, path, compression=compression, running=running, paused=paused,
         bypass_cache=bypass_cache, job_id=job_id or None))
 
 
-@app.task(name="ferry.restore", bind=True)
-@checked
+@task("restore", bind=True)
 def restore(self: Any, path: str, xml: str | None = None, running: bool = False,
             paused: bool = False) -> dict[str, Any]:
-    return _run(self, lambda agent, job_id: saverestore.restore(
+    return _run(self, lambda agent, job_id: image_jobs.restore(
         agent, path, xml=xml, running=running, paused=paused, job_id=job_id or None))
 
 
-@app.task(name="ferry.dump", bind=True)
-@checked
+@task("dump", bind=True)
 def dump(self: Any, domain: str, path: str, memory_only: bool = False, format: str = "elf",
          live: bool = False) -> dict[str, Any]:
-    return _run(self, lambda agent, job_id: saverestore.dump(
+    return _run(self, lambda agent, job_id: image_jobs.dump(
         agent, domain, path, memory_only=memory_only, format=format, live=live,
         job_id=job_id or None))

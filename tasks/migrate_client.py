@@ -8,20 +8,20 @@ without importing ferry.  Task ids are `<job id>.<phase>`.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from celery import chain
 from celery.exceptions import TimeoutError as CeleryTimeout
 from celery.result import AsyncResult
 
+from config import celery_app
 from config.celery_app import queue_for
 from tasks import results
+from tasks.connection import Connection
+from tasks.phase_tasks import PhaseTask
 from workers.errors import FerryError, HostUnavailableError, InvalidInputError
 from workers.migration.params import MigrationFlags as F
 from workers.migration.params import MigrationParams
-
-if TYPE_CHECKING:
-    from tasks.client import Client
 
 OPTION_FLAGS = {
     "live": F.LIVE, "p2p": F.PEER2PEER, "tunnelled": F.TUNNELLED,
@@ -49,28 +49,28 @@ def params_from_options(domain: str, source: str, dest: str, **options: Any) -> 
 def build_chain(p: MigrationParams, xml: str | None = None, app: Any = None) -> Any:
     """The managed chain; for peer-to-peer, the one task on the source queue."""
     src, dst = queue_for(p.source), queue_for(p.dest)
+    app = celery_app.app if app is None else app
 
-    if app is None:
-        from config.celery_app import app
-
-    def sig(name: str, queue: str, *args: Any) -> Any:
-        return app.signature(f"ferry.{name}", args=args, queue=queue,
-                             task_id=f"{p.job_id}.{name}", immutable=False)
+    def sig(name: PhaseTask, queue: str, *args: Any) -> Any:
+        return app.signature(name.task_name, args=args, queue=queue,
+                             task_id=name.task_id(p.job_id), immutable=False)
 
     if p.has(F.PEER2PEER):
-        return sig("migrate_p2p", src, p.to_json())
+        return sig(PhaseTask.MIGRATE_P2P, src, p.to_json())
     if p.protocol == 3:
-        return chain(sig("begin3", src, p.to_json()), sig("prepare3", dst),
-                     sig("perform3", src), sig("finish3", dst), sig("confirm3", src))
+        return chain(sig(PhaseTask.BEGIN3, src, p.to_json()), sig(PhaseTask.PREPARE3, dst),
+                     sig(PhaseTask.PERFORM3, src), sig(PhaseTask.FINISH3, dst),
+                     sig(PhaseTask.CONFIRM3, src))
     state = {"params": p.to_json(), "xml": xml}
-    return chain(sig("prepare2", dst, state), sig("perform2", src), sig("finish2", dst))
+    return chain(sig(PhaseTask.PREPARE2, dst, state), sig(PhaseTask.PERFORM2, src),
+                 sig(PhaseTask.FINISH2, dst))
 
 
 @dataclass
 class MigrationJob:
     """A handle on a running migration."""
 
-    client: Client
+    client: Connection
     params: MigrationParams
     result: AsyncResult
 
@@ -120,7 +120,7 @@ class MigrationJob:
         return self._signal("postcopy")
 
 
-def migrate(client: Client, domain: str, source: str, dest: str,
+def migrate(client: Connection, domain: str, source: str, dest: str,
             **options: Any) -> MigrationJob:
     p = params_from_options(domain, source, dest, **options)
     src, dst = client.host(source), client.host(dest)

@@ -37,83 +37,89 @@ from celery import chain
 
 from config.celery_app import app, queue_for
 from tasks import results
+from tasks.p2p import finish_unanswered
+from tasks.phase_tasks import ON_SOURCE, V3_CHAIN, PhaseTask
 from workers.agent import HostAgent
+from workers.domain_states import DomainState
 from workers.domobj import DomainObj
 from workers.errors import FerryError, HostUnavailableError, MigrationError
+from workers.job_types import JobOperation, Phase
+from workers.migration.chain_state import MigrationState
 from workers.migration.dest import complete_incoming
 from workers.migration.params import MigrationFlags
 from workers.migration.source import resume_perform
-from workers.migration.state import MigrationState, Phase
-from workers.states import DomainState
 
 log = logging.getLogger(__name__)
 
-# The chain's phases in order (v3), and those that run on the source.
-_PHASES = ["begin3", "prepare3", "perform3", "finish3", "confirm3"]
-_ON_SOURCE = ("begin3", "perform3", "confirm3")
-_TAIL = ["finish3", "confirm3"]
+_TAIL = [PhaseTask.FINISH3, PhaseTask.CONFIRM3]
+_CONFIRM = [PhaseTask.CONFIRM3]
 
 
-def _record_phase(agent: HostAgent, dom: DomainObj) -> str | None:
+def _record_phase(agent: HostAgent, dom: DomainObj) -> Phase | None:
+    """Where the job record says the chain has got to (None: no record of this job)."""
     record = agent.jobs.get(dom.uuid)
     if record is None or dom.job is None or record.get("id") != dom.job.id:
         return None
-    return str(record.get("phase") or "")
+    try:
+        return Phase(record.get("phase") or Phase.NONE)
+    except ValueError:
+        return Phase.NONE
 
 
 async def _interrupted(agent: HostAgent,
-                       dom: DomainObj) -> tuple[MigrationState, list[str]] | None:
+                       dom: DomainObj) -> tuple[MigrationState, list[PhaseTask]] | None:
     """How to continue an interrupted outgoing migration: its state and the phases
-    left to send (just ["confirm3"]: once Finish has answered), or None."""
+    left to send (just confirm3: once Finish has answered), or None."""
     job = dom.job
-    if job is None or job.operation != "outgoing_migration" or job.state is None:
+    if job is None or job.operation != JobOperation.OUTGOING_MIGRATION or job.state is None:
         return None
-    st = MigrationState.from_json(job.state)
+    st = job.state
     p2p = st.params.has(MigrationFlags.PEER2PEER)
     phase = _record_phase(agent, dom)
     if phase is None:
         return None
-    if job.phase == Phase.BEGIN3.value and (phase == "begin3" or p2p):
+    if job.phase == Phase.BEGIN3 and (phase == Phase.BEGIN3 or p2p):
         err = MigrationError(f"the source worker restarted during {phase}", phase, agent.host)
         return st.with_error(err), _TAIL
-    if job.phase == Phase.BEGIN3.value and phase == Phase.PREPARE.value:
+    if job.phase == Phase.BEGIN3 and phase == Phase.PREPARE:
         job.cancelled = ("the source worker restarted while the dest prepared: the "
                          "migration is cancelled before Perform")
         agent.save_status(dom)
         log.warning("job %s of %s: %s", job.id, dom.name, job.cancelled)
         return None  # the chain goes on by itself and fails at Perform
-    if job.phase == Phase.PERFORM3.value:
+    if job.phase == Phase.PERFORM3:
         try:
             return await resume_perform(agent, dom, st), _TAIL
         except FerryError as exc:
-            return st.with_error(exc.at(phase="perform3", host=agent.host)), _TAIL
-    if job.phase == Phase.PERFORM3_DONE.value and (p2p or phase.startswith("confirm3")):
-        return st, ["confirm3"]
+            return st.with_error(exc.at(phase=Phase.PERFORM3, host=agent.host)), _TAIL
+    confirming = phase in (Phase.CONFIRM3, Phase.CONFIRM3_CANCELLED)
+    if job.phase == Phase.PERFORM3_DONE and (p2p or confirming):
+        return st, _CONFIRM
     return None  # the chain was not waiting on this worker
 
 
 async def _incoming_interrupted(agent: HostAgent,
-                                dom: DomainObj) -> tuple[MigrationState, list[str]] | None:
+                                dom: DomainObj) -> tuple[MigrationState, list[PhaseTask]] | None:
     """A Prepare or Finish whose answer died with this (dest) worker."""
     job = dom.job
-    if job is None or job.operation != "incoming_migration" or job.state is None:
+    if job is None or job.operation != JobOperation.INCOMING_MIGRATION or job.state is None:
         return None
     phase = _record_phase(agent, dom)
-    if phase not in (Phase.PREPARE.value, Phase.FINISH3.value):
+    if phase not in (Phase.PREPARE, Phase.FINISH3):
         return None
     if dom.state == DomainState.RUNNING:
-        if phase != Phase.FINISH3.value:
+        if phase != Phase.FINISH3:
             return None
         # Finish had started the CPUs: the guest runs here; answer for Finish.
-        st = complete_incoming(agent, dom, MigrationState.from_json(job.state))
-        app.backend.mark_as_done(f"{st.params.job_id}.finish3", st.to_json())
-        return st, [] if st.params.has(MigrationFlags.PEER2PEER) else ["confirm3"]
+        st = complete_incoming(agent, dom, job.state)
+        app.backend.mark_as_done(PhaseTask.FINISH3.task_id(st.params.job_id), st.to_json())
+        return st, [] if st.params.has(MigrationFlags.PEER2PEER) else _CONFIRM
     err = MigrationError(f"the dest worker restarted during {phase}", phase, agent.host)
-    st = MigrationState.from_json(job.state).with_error(err)
-    start = "prepare3" if phase == Phase.PREPARE.value else "finish3"
+    st = job.state.with_error(err)
+    start = PhaseTask.PREPARE3 if phase == Phase.PREPARE else PhaseTask.FINISH3
     if st.params.has(MigrationFlags.PEER2PEER):
         return st, [start]  # the source's task waits for this answer and runs the rest
-    return st, _PHASES[_PHASES.index(start):]
+    return st, list(V3_CHAIN[V3_CHAIN.index(start):])
 
 
 def resume_interrupted(agent: HostAgent) -> list[str]:
@@ -129,7 +135,7 @@ def resume_interrupted(agent: HostAgent) -> list[str]:
         if found is None:
             continue
         st, rest = found
-        if rest == ["confirm3"]:
+        if rest == _CONFIRM:
             threading.Thread(target=_confirm_after_finish, args=(agent, st), daemon=True,
                              name=f"ferry-resume-{st.params.job_id}").start()
         elif rest:
@@ -141,16 +147,16 @@ def resume_interrupted(agent: HostAgent) -> list[str]:
     return resumed
 
 
-def _sig(st: MigrationState, name: str, *args: Any) -> Any:
+def _sig(st: MigrationState, name: PhaseTask, *args: Any) -> Any:
     p = st.params
-    queue = queue_for(p.source if name in _ON_SOURCE else p.dest)
-    task_id = f"{p.job_id}.{name}"
-    if name == "confirm3" and p.has(MigrationFlags.PEER2PEER):
-        task_id = f"{p.job_id}.migrate_p2p"  # the id the p2p caller waits on
-    return app.signature(f"ferry.{name}", args=args, queue=queue, task_id=task_id)
+    queue = queue_for(p.source if name in ON_SOURCE else p.dest)
+    task_id = name.task_id(p.job_id)
+    if name == PhaseTask.CONFIRM3 and p.has(MigrationFlags.PEER2PEER):
+        task_id = PhaseTask.MIGRATE_P2P.task_id(p.job_id)  # the id the p2p caller waits on
+    return app.signature(name.task_name, args=args, queue=queue, task_id=task_id)
 
 
-def _send_rest(st: MigrationState, rest: list[str]) -> None:
+def _send_rest(st: MigrationState, rest: list[PhaseTask]) -> None:
     """Phases `rest` as a chain, the first given the state."""
     sigs = [_sig(st, rest[0], st.to_json())] + [_sig(st, name) for name in rest[1:]]
     flow: Any = chain(*sigs) if len(sigs) > 1 else sigs[0]
@@ -162,14 +168,12 @@ def _confirm_after_finish(agent: HostAgent, st: MigrationState) -> None:
     p = st.params
     wait = agent.settings.p2p_timeout_s + agent.settings.incoming_timeout_s
     try:
-        result = results.wait(app.AsyncResult(f"{p.job_id}.finish3"), wait, propagate=True,
-                              disable_sync_subtasks=False)
+        result = results.wait(app.AsyncResult(PhaseTask.FINISH3.task_id(p.job_id)), wait,
+                              propagate=True, disable_sync_subtasks=False)
         st = MigrationState.from_json(result)
     except Exception as exc:
-        from tasks.p2p import _finish_unanswered
-
         err = exc if isinstance(exc, FerryError) else HostUnavailableError(
             f"dest host '{p.dest}' did not answer finish3 after the source restarted",
-            phase="finish3", host=p.dest, cause=str(exc))
-        st = _finish_unanswered(agent, st, err)
-    _sig(st, "confirm3", st.to_json()).apply_async()
+            phase=Phase.FINISH3, host=p.dest, cause=str(exc))
+        st = finish_unanswered(agent, st, err)
+    _sig(st, PhaseTask.CONFIRM3, st.to_json()).apply_async()

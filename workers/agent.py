@@ -3,7 +3,9 @@
 One asyncio loop thread owns every monitor, pidfd and DomainObj; Celery
 task threads hand it coroutines with `call()`.  So state changes never race,
 QMP events update state whenever they arrive, and a process exit is seen
-the moment it happens, with or without a task running.
+the moment it happens, with or without a task running.  The services that
+run beside it on its loop (the job-signal listener, the sweeper) are wired
+by workers/host.py.
 """
 
 from __future__ import annotations
@@ -22,20 +24,29 @@ from typing import Any, TypeVar
 
 from config import broker
 from config.settings import Settings
-from workers import locks, sweeper
-from workers.domain import DomainDef, parse_domain_xml
+from workers import locks
+from workers.domain import DomainDef
+from workers.domain_states import (
+    DomainState,
+    PausedReason,
+    Reason,
+    RunningReason,
+    ShutoffReason,
+    parse_reason,
+)
+from workers.domain_xml import parse_domain_xml
 from workers.domobj import DomainObj
 from workers.errors import HostUnavailableError, NotFoundError, QemuError
 from workers.heartbeat import Heartbeat
+from workers.job_types import JobOperation
 from workers.jobs import ActiveJob, JobStore
+from workers.jobsignals.listener import SignalListener
 from workers.migration import tunnel
 from workers.migration.params import MigrationFlags
 from workers.monitor import Monitor
 from workers.paths import AllowedDirs
 from workers.ports import PortAllocator
 from workers.process import QemuProcess, attach
-from workers.signals import SignalListener
-from workers.states import DomainState, PausedReason, Reason, RunningReason, ShutoffReason
 from workers.store import StateStore
 
 log = logging.getLogger(__name__)
@@ -45,7 +56,7 @@ DESTROY_GRACE_S = 10.0
 
 
 class HostAgent:
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, signals: SignalListener) -> None:
         self.settings = settings
         self.host = settings.host
         self.store = StateStore(settings.state_dir)
@@ -60,7 +71,7 @@ class HostAgent:
         self.redis = broker.connect(settings, retry=True, socket_timeout=5)
         self.jobs = JobStore(self.redis, self.host)
         self.locks = locks.make(settings.lock_manager, self.redis, settings.lease_ttl_ms)
-        self.signals = SignalListener(self)
+        self.signals = signals  # the phases watch and unwatch their jobs' channels on it
         self.heartbeat = Heartbeat(
             self.redis,
             name=self.host,
@@ -74,10 +85,16 @@ class HostAgent:
 
     # -- threads -----------------------------------------------------------------------------
     def start(self) -> None:
+        """The loop thread runs, and the guests that outlived the last worker are back."""
         self._thread.start()
         self.call(self._recover(), timeout=120)
-        self.call(self.signals.start(), timeout=30)
-        self.loop.call_soon_threadsafe(lambda: self.loop.create_task(sweeper.run_forever(self)))
+
+    def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        """Run `coro` on the agent loop as a task of its own (from any thread)."""
+        self.loop.call_soon_threadsafe(lambda: self.loop.create_task(coro))
+
+    def announce(self) -> None:
+        """The heartbeat starts: clients now route work to this host."""
         self.heartbeat.start()
         log.info(
             "host %s (%s) ready: %d domains, kvm=%s",
@@ -87,11 +104,12 @@ class HostAgent:
             self.kvm,
         )
 
+    def withdraw(self) -> None:
+        """The heartbeat stops and the host record goes: clients stop routing work here."""
+        self.heartbeat.stop()
+
     def stop(self) -> None:
         """Stop watching; never touches a guest (they outlive the worker)."""
-        self.heartbeat.stop()
-        with contextlib.suppress(Exception):
-            self.call(self.signals.stop(), timeout=5)
         with contextlib.suppress(Exception):
             self.call(self._detach_all(), timeout=15)
         self.loop.call_soon_threadsafe(self.loop.stop)
@@ -306,7 +324,8 @@ class HostAgent:
                         f"{job.operation.replace('_', ' ')} gone", job.phase, self.host)
         self.jobs.set_error(uuid, job.id, err.to_dict())
         log.warning("job %s: %s", job.id, err)
-        if job.operation == "incoming_migration" and job.flags & MigrationFlags.TUNNELLED:
+        tunnelled = job.flags & MigrationFlags.TUNNELLED
+        if job.operation == JobOperation.INCOMING_MIGRATION and tunnelled:
             tunnel.mark_closed(self.redis, job.id)  # its receiver died with the old worker
 
     def _restore_extra(self, dom: DomainObj, extra: dict[str, str]) -> None:
@@ -318,8 +337,6 @@ class HostAgent:
             dom.leases_held, dom.lockstate = bool(leases["held"]), leases["lockstate"]
 
     async def _reconnect(self, name: str, xml: str, pid: int, state: str, reason: str) -> None:
-        from workers.states import parse_reason
-
         live = self.parse(xml, stored=True, live=True)
         dom = self.domains.get(name) or DomainObj(definition=None, live=live)
         proc = attach(pid, live.uuid)

@@ -1,4 +1,6 @@
-"""The domain model: a documented subset of libvirt's domain XML, parsed safely.
+"""The domain model: a documented subset of libvirt's domain XML, validated on construction.
+
+The model knows no XML: workers/domain_xml.py reads and writes it.
 
 Why a subset: both ends of a migration must start identical QEMU device
 trees, so ferry accepts only what it turns into a deterministic command line
@@ -26,11 +28,12 @@ Decisions (libvirt's behaviour unless noted):
   from the console when missing).  At most one ``<video>``, none added by
   default; a missing ``<memballoon>`` means virtio.
 - Runtime values (pty paths, autoport-assigned ports) are read only by
-  ``parse_domain_xml(live=True)`` and written only by ``to_xml(live=True)``
-  (with aliases), so ``parse(to_xml(d)) == d`` for a definition and
-  ``parse(to_xml(d, live=True), live=True) == d`` for a running guest.
-  ``migratable=True`` gives the inactive XML (ferry adds no implicit devices
-  for it to strip); ``secure=False`` drops graphics passwords.
+  ``parse_domain_xml(live=True)`` and written only by
+  ``format_domain_xml(live=True)`` (with aliases), so
+  ``parse_domain_xml(format_domain_xml(d)) == d`` for a definition and the same
+  with ``live=True`` on both sides for a running guest.  ``migratable=True``
+  gives the inactive XML (ferry adds no implicit devices for it to strip);
+  ``secure=False`` drops graphics passwords.
 """
 
 from __future__ import annotations
@@ -43,40 +46,35 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from lxml import etree
-
 from workers.errors import InvalidInputError, UnsupportedError
 
-QEMU_NS = "http://libvirt.org/schemas/domain/qemu/1.0"
-MAX_XML_BYTES = 1024 * 1024
-DEFAULT_MAX_MEMORY_KIB = 16 * 1024**3  # 16 TiB
 DEFAULT_EMULATOR = "/usr/bin/qemu-system-x86_64"
 
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}")
 _IDENT_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")  # machine and CPU model names
 _TARGET_RE = {"virtio": re.compile(r"vd[a-z]{1,2}"), "ide": re.compile(r"hd[a-d]")}
-_FEATURES = ("acpi", "apic", "pae")
+FEATURES = ("acpi", "apic", "pae")
 _ACTIONS = ("destroy", "restart", "preserve", "rename-restart")
 _CACHES = (None, "default", "none", "writethrough", "writeback", "directsync", "unsafe")
 _TIMERS = ("platform", "pit", "rtc", "hpet", "tsc", "kvmclock", "hypervclock")
 Enums = tuple[str, Any, Sequence[Any]]
 
 
-def _check(ok: bool, message: str, exc: type[InvalidInputError] = InvalidInputError) -> None:
+def check(ok: bool, message: str, exc: type[InvalidInputError] = InvalidInputError) -> None:
     if not ok:
         raise exc(message)
 
 
-def _enums(where: str, *checks: Enums) -> None:
+def check_enums(where: str, *checks: Enums) -> None:
     """Each (xml name, value, allowed values) must hold; None in `allowed` makes it optional."""
     for what, value, allowed in checks:
         shown = ", ".join(str(a) for a in allowed if a is not None)
-        _check(value in allowed, f"{where}{what} {value!r} is not one of {shown}")
+        check(value in allowed, f"{where}{what} {value!r} is not one of {shown}")
 
 
 def _abspath(path: str | None, what: str) -> None:
     ok = path is not None and path.startswith("/") and not re.search(r"[\x00-\x1f]", path)
-    _check(ok, f"{what} {path!r} must be an absolute path without control characters")
+    check(ok, f"{what} {path!r} must be an absolute path without control characters")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -97,14 +95,14 @@ class Disk:
 
     def __post_init__(self) -> None:
         where = f"disk {self.target!r} "
-        _enums(where, ("device", self.device, ("disk", "cdrom")))
+        check_enums(where, ("device", self.device, ("disk", "cdrom")))
         bad_bus = f"{where}bus {self.bus!r} is not supported (virtio or ide)"
-        _check(self.bus in ("virtio", "ide"), bad_bus, UnsupportedError)
+        check(self.bus in ("virtio", "ide"), bad_bus, UnsupportedError)
         fits = bool(_TARGET_RE[self.bus].fullmatch(self.target))
-        _check(
+        check(
             fits, f"disk target dev {self.target!r} does not fit bus {self.bus!r} (vdX, hda-hdd)"
         )
-        _enums(
+        check_enums(
             where,
             ("driver type", self.format, ("raw", "qcow2")),
             ("driver cache", self.cache, _CACHES),
@@ -112,13 +110,13 @@ class Disk:
             ("driver detect_zeroes", self.detect_zeroes, (None, "off", "on", "unmap")),
         )
         if self.device == "cdrom":
-            _check(self.bus == "ide", f"{where}cdrom needs bus 'ide'", UnsupportedError)
+            check(self.bus == "ide", f"{where}cdrom needs bus 'ide'", UnsupportedError)
             object.__setattr__(self, "readonly", True)
         if self.source is not None or self.device == "disk":
             _abspath(self.source, f"{where}source file")
         rw_qcow2 = self.shareable and self.format == "qcow2" and not self.readonly
-        _check(not rw_qcow2, f"{where}shareable and writable must be raw", UnsupportedError)
-        _check((self.boot_order or 1) >= 1, f"{where}boot order {self.boot_order} is not >= 1")
+        check(not rw_qcow2, f"{where}shareable and writable must be raw", UnsupportedError)
+        check((self.boot_order or 1) >= 1, f"{where}boot order {self.boot_order} is not >= 1")
 
     @property
     def index(self) -> int:
@@ -156,12 +154,12 @@ class Serial:
     append: bool | None = None  # file
 
     def __post_init__(self) -> None:
-        _enums("serial ", ("type", self.type, ("pty", "file", "unix")))
-        _check(0 <= self.port <= 3, f"serial target port {self.port} is not in 0-3")
+        check_enums("serial ", ("type", self.type, ("pty", "file", "unix")))
+        check(0 <= self.port <= 3, f"serial target port {self.port} is not in 0-3")
         if self.type != "pty" or self.path is not None:
             _abspath(self.path, f"serial {self.type} source path")
         modes = ("bind", "connect") if self.type == "unix" else (None,)
-        _enums("serial ", ("source mode", self.mode, modes))
+        check_enums("serial ", ("source mode", self.mode, modes))
 
     @property
     def alias(self) -> str:
@@ -192,12 +190,12 @@ class Graphics:
     passwd: str | None = field(default=None, repr=False)  # never in logs
 
     def __post_init__(self) -> None:
-        _enums("graphics ", ("type", self.type, ("vnc", "spice")))
+        check_enums("graphics ", ("type", self.type, ("vnc", "spice")))
         low = 5900 if self.type == "vnc" else 1
         for what, port in (("port", self.port), ("tlsPort", self.tls_port)):
-            _check(port is None or low <= port <= 65535, f"graphics {what} {port} is out of range")
-        _check(self.tls_port is None or self.type == "spice", "graphics tlsPort is for spice only")
-        _check(self.autoport or self.port is not None, "graphics needs a port or autoport='yes'")
+            check(port is None or low <= port <= 65535, f"graphics {what} {port} is out of range")
+        check(self.tls_port is None or self.type == "spice", "graphics tlsPort is for spice only")
+        check(self.autoport or self.port is not None, "graphics needs a port or autoport='yes'")
         try:
             _ = self.listen is None or ipaddress.ip_address(self.listen)
         except ValueError:
@@ -215,7 +213,7 @@ class Timer:
 
     def __post_init__(self) -> None:
         policies = (None, "delay", "catchup", "merge", "discard")
-        _enums(
+        check_enums(
             "clock timer ", ("name", self.name, _TIMERS), ("tickpolicy", self.tickpolicy, policies)
         )
 
@@ -257,7 +255,7 @@ class DomainDef:
     def __post_init__(self) -> None:
         fix = object.__setattr__
         ok_name = bool(_NAME_RE.fullmatch(self.name)) and ".." not in self.name
-        _check(ok_name, f"domain <name> {self.name!r} is invalid (1-64 of A-Za-z0-9_.+-, no '..')")
+        check(ok_name, f"domain <name> {self.name!r} is invalid (1-64 of A-Za-z0-9_.+-, no '..')")
         try:
             fix(self, "uuid", str(uuidlib.UUID(self.uuid)))
         except (ValueError, TypeError, AttributeError):
@@ -268,26 +266,26 @@ class DomainDef:
             ("os type", self.os_type, ("hvm",)),
             ("clock offset", self.clock_offset, ("utc", "localtime")),
         ):
-            _check(value in allowed, f"{what} {value!r} is not supported", UnsupportedError)
-        _check(self.memory_kib > 0, f"<memory> {self.memory_kib} KiB must be greater than 0")
+            check(value in allowed, f"{what} {value!r} is not supported", UnsupportedError)
+        check(self.memory_kib > 0, f"<memory> {self.memory_kib} KiB must be greater than 0")
         fix(self, "current_memory_kib", self.current_memory_kib or self.memory_kib)
         cur = self.current_memory_kib or 0
-        _check(0 < cur <= self.memory_kib, f"<currentMemory> {cur} KiB is not in 1..<memory>")
-        _check(1 <= self.vcpus <= 255, f"<vcpu> {self.vcpus} is not in 1-255")
+        check(0 < cur <= self.memory_kib, f"<currentMemory> {cur} KiB is not in 1..<memory>")
+        check(1 <= self.vcpus <= 255, f"<vcpu> {self.vcpus} is not in 1-255")
         fix(self, "vcpus_current", None if self.vcpus_current == self.vcpus else self.vcpus_current)
         now = self.vcpus_current
-        _check(
+        check(
             now is None or 1 <= now <= self.vcpus, f"<vcpu> current {now} not in 1..{self.vcpus}"
         )
-        _check("\n" not in (self.title or ""), "domain <title> must be one line")
-        _check(bool(_IDENT_RE.fullmatch(self.machine)), f"os machine {self.machine!r} is invalid")
-        _enums("", *(("feature", f, _FEATURES) for f in self.features))
-        fix(self, "features", tuple(f for f in _FEATURES if f in self.features))
+        check("\n" not in (self.title or ""), "domain <title> must be one line")
+        check(bool(_IDENT_RE.fullmatch(self.machine)), f"os machine {self.machine!r} is invalid")
+        check_enums("", *(("feature", f, FEATURES) for f in self.features))
+        fix(self, "features", tuple(f for f in FEATURES if f in self.features))
         model_ok = (self.cpu_mode == "custom") == bool(self.cpu_model) and bool(
             _IDENT_RE.fullmatch(self.cpu_model or "x")
         )
-        _check(model_ok, f"cpu model {self.cpu_model!r} is invalid for mode {self.cpu_mode!r}")
-        _enums(
+        check(model_ok, f"cpu model {self.cpu_model!r} is invalid for mode {self.cpu_mode!r}")
+        check_enums(
             "",
             *(("os boot dev", dev, ("hd", "cdrom", "network", "fd")) for dev in self.boot_devices),
             ("cpu mode", self.cpu_mode, (None, "host-passthrough", "host-model", "custom")),
@@ -302,7 +300,7 @@ class DomainDef:
         )
         base = os.path.basename(self.emulator)
         _abspath(self.emulator, "<emulator>")
-        _check(
+        check(
             base.startswith("qemu-system-") or base == "qemu-kvm",
             f"<emulator> {self.emulator!r} is not a qemu-system-* or qemu-kvm binary",
         )
@@ -318,15 +316,15 @@ class DomainDef:
         )
         for what, keys in keyed:
             dup = sorted({str(k) for k in keys if keys.count(k) > 1})
-            _check(not dup, f"duplicate {what} {', '.join(dup)}")
-        _check(not (boots and self.boot_devices), "<boot order> cannot mix with <os><boot dev>")
+            check(not dup, f"duplicate {what} {', '.join(dup)}")
+        check(not (boots and self.boot_devices), "<boot order> cannot mix with <os><boot dev>")
         for con in self.consoles:
             only = f"console target {con.target_type!r} port {con.port} is not supported (serial 0)"
-            _check((con.target_type, con.port) == ("serial", 0), only, UnsupportedError)
-            _check(any(s.port == 0 for s in self.serials), "the serial console needs serial 0")
-        _check(len(self.consoles) <= 1, "only one <console> is supported", UnsupportedError)
-        _check(len(self.videos) <= 1, "only one <video> is supported", UnsupportedError)
-        _check(all("\x00" not in a for a in self.qemu_args), "qemu:arg value contains NUL")
+            check((con.target_type, con.port) == ("serial", 0), only, UnsupportedError)
+            check(any(s.port == 0 for s in self.serials), "the serial console needs serial 0")
+        check(len(self.consoles) <= 1, "only one <console> is supported", UnsupportedError)
+        check(len(self.videos) <= 1, "only one <video> is supported", UnsupportedError)
+        check(all("\x00" not in a for a in self.qemu_args), "qemu:arg value contains NUL")
 
     def inactive(self) -> DomainDef:
         """This definition without runtime values (pty paths, autoport-assigned ports)."""
@@ -335,19 +333,6 @@ class DomainDef:
             serials=tuple(replace(s, path=None) if s.type == "pty" else s for s in self.serials),
             graphics=tuple(replace(g, port=None) if g.autoport else g for g in self.graphics),
         )
-
-    def to_element(
-        self, *, live: bool = False, migratable: bool = False, secure: bool = True
-    ) -> Any:
-        """The lxml <domain> element; see the module docstring for the flags."""
-        from workers.domain_xml import format_element
-
-        live = live and not migratable
-        return format_element(self if live else self.inactive(), live, secure)
-
-    def to_xml(self, *, live: bool = False, migratable: bool = False, secure: bool = True) -> str:
-        elem = self.to_element(live=live, migratable=migratable, secure=secure)
-        return str(etree.tostring(elem, pretty_print=True, encoding="unicode"))
 
 
 def writable_disks(d: DomainDef) -> tuple[Disk, ...]:
@@ -377,20 +362,3 @@ def with_pty_paths(d: DomainDef, paths: Mapping[str, str]) -> DomainDef:
 def serial_log_paths(d: DomainDef) -> tuple[str, ...]:
     """Files the guest's serial output goes to (the agent tails them)."""
     return tuple(s.path for s in d.serials if s.type == "file" and s.path)
-
-
-# ---------------------------------------------------------------- parsing
-
-
-def parse_domain_xml(
-    text: str | bytes,
-    *,
-    allow_qemu_commandline: bool = False,
-    max_memory_kib: int = DEFAULT_MAX_MEMORY_KIB,
-    live: bool = False,
-) -> DomainDef:
-    """Parse domain XML into a validated DomainDef (workers/domain_xml.py does the work)."""
-    from workers.domain_xml import parse
-
-    return parse(text, allow_qemu_commandline=allow_qemu_commandline,
-                 max_memory_kib=max_memory_kib, live=live)

@@ -1,4 +1,4 @@
-"""Reading and writing domain XML for the model in workers/domain.py.
+"""The domain XML codec: libvirt's domain XML to the model in workers/domain.py and back.
 
 Parsing refuses anything outside the subset by name; see the docstring of
 workers/domain.py for what the subset is and which runtime values `live` keeps.
@@ -13,22 +13,22 @@ from typing import Any
 from lxml import etree
 
 from workers.domain import (
-    _FEATURES,
     DEFAULT_EMULATOR,
-    DEFAULT_MAX_MEMORY_KIB,
-    MAX_XML_BYTES,
-    QEMU_NS,
+    FEATURES,
     Console,
     Disk,
     DomainDef,
     Graphics,
     Serial,
     Timer,
-    _check,
-    _enums,
+    check,
+    check_enums,
 )
 from workers.errors import InvalidInputError, UnsupportedError
 
+QEMU_NS = "http://libvirt.org/schemas/domain/qemu/1.0"
+MAX_XML_BYTES = 1024 * 1024
+DEFAULT_MAX_MEMORY_KIB = 16 * 1024**3  # 16 TiB
 Kids = dict[str, list[Any]]
 # Elements with element children; every other known element must be a leaf.
 _CONTAINERS = {"os", "features", "cpu", "clock", "devices", "disk", "serial", "console"}
@@ -48,12 +48,12 @@ def _kids(parent: Any, known: str, ignored: str = "", multi: str = "") -> Kids:
         tag = _tag(child)
         if tag in ignored.split():
             continue
-        _check(
+        check(
             tag in known.split() + multi.split(),
             f"unsupported element <{tag}> in <{_tag(parent)}>",
             UnsupportedError,
         )
-        _check(tag not in out or tag in multi.split(), f"duplicate <{tag}> in <{_tag(parent)}>")
+        check(tag not in out or tag in multi.split(), f"duplicate <{tag}> in <{_tag(parent)}>")
         if tag not in _CONTAINERS and len(child):
             _kids(child, "")
         out.setdefault(tag, []).append(child)
@@ -72,12 +72,12 @@ def _text(kids: Kids, tag: str) -> str | None:
 def _int(text: str | None, what: str) -> int | None:
     if text is None:
         return None
-    _check(bool(re.fullmatch(r"\s*-?[0-9]{1,9}\s*", text)), f"{what} {text!r} is not an integer")
+    check(bool(re.fullmatch(r"\s*-?[0-9]{1,9}\s*", text)), f"{what} {text!r} is not an integer")
     return int(text)
 
 
 def _yes(text: str | None, what: str) -> bool | None:
-    _enums("", (what, text, (None, "yes", "no", "on", "off")))
+    check_enums("", (what, text, (None, "yes", "no", "on", "off")))
     return None if text is None else text in ("yes", "on")
 
 
@@ -85,16 +85,16 @@ def _kib(elem: Any, max_kib: int) -> int:
     """libvirt's virScaleInteger: b, bytes, k, KiB (1024), KB (1000) ... E; KiB by default."""
     what, text, unit = elem.tag, (elem.text or "").strip(), elem.get("unit", "KiB")
     m = re.fullmatch(r"(b|bytes)|([kmgtpe])(ib|b)?", unit.lower())
-    _check(m is not None, f"<{what}> unit {unit!r} is unknown")
+    check(m is not None, f"<{what}> unit {unit!r} is unknown")
     assert m is not None
     scale = 1 if m[1] else (1000 if m[3] == "b" else 1024) ** ("kmgtpe".index(m[2]) + 1)
-    _check(bool(re.fullmatch(r"[0-9]{1,24}", text)), f"<{what}> {text!r} is not a size")
+    check(bool(re.fullmatch(r"[0-9]{1,24}", text)), f"<{what}> {text!r} is not a size")
     kib = -(-int(text) * scale // 1024)
-    _check(kib <= max_kib, f"<{what}> {kib} KiB exceeds the limit of {max_kib} KiB")
+    check(kib <= max_kib, f"<{what}> {kib} KiB exceeds the limit of {max_kib} KiB")
     return kib
 
 
-def parse(
+def parse_domain_xml(
     text: str | bytes,
     *,
     allow_qemu_commandline: bool = False,
@@ -103,12 +103,12 @@ def parse(
 ) -> DomainDef:
     """Parse domain XML into a validated DomainDef; `live` keeps runtime values (status files)."""
     data = text.encode("utf-8") if isinstance(text, str) else bytes(text)
-    _check(len(data) <= MAX_XML_BYTES, f"domain XML is larger than {MAX_XML_BYTES} bytes")
+    check(len(data) <= MAX_XML_BYTES, f"domain XML is larger than {MAX_XML_BYTES} bytes")
     try:
         decoded = data.decode("utf-8")
     except UnicodeDecodeError:
         raise InvalidInputError("domain XML is not UTF-8") from None
-    _check("\x00" not in decoded, "domain XML contains a NUL character")
+    check("\x00" not in decoded, "domain XML contains a NUL character")
     if "<!DOCTYPE" in decoded or "<!ENTITY" in decoded:
         raise InvalidInputError("entity declarations are not allowed (domain XML has a DOCTYPE)")
     parser = etree.XMLParser(
@@ -119,16 +119,16 @@ def parse(
         root = etree.fromstring(data, parser)
     except etree.XMLSyntaxError as exc:
         raise InvalidInputError(f"malformed domain XML: {exc}".replace("\n", " ")) from None
-    _check(_tag(root) == "domain", f"the root element must be <domain>, not <{_tag(root)}>")
+    check(_tag(root) == "domain", f"the root element must be <domain>, not <{_tag(root)}>")
     k = _kids(
         root,
         "name uuid title description memory currentMemory vcpu os features cpu clock "
         "on_poweroff on_reboot on_crash devices qemu:commandline",
         ignored="metadata resource seclabel",
     )
-    _check(root.get("type") is not None, "domain type attribute is missing")
-    _check(bool(_text(k, "name")), "domain <name> is missing")
-    _check("memory" in k, "domain <memory> is missing")
+    check(root.get("type") is not None, "domain type attribute is missing")
+    check(bool(_text(k, "name")), "domain <name> is missing")
+    check("memory" in k, "domain <memory> is missing")
     vcpu, os_ = _first(k, "vcpu"), _kids(_first(k, "os"), "type", "bootmenu", multi="boot")
     ostype, cpu = _first(os_, "type"), _kids(_first(k, "cpu"), "model")
     dev = _kids(
@@ -162,7 +162,7 @@ def parse(
     if not f["boot_devices"] and not any(d.boot_order for d in f["disks"]):
         f["boot_devices"] = ("hd",)
     if "features" in k:
-        f["features"] = tuple(_kids(k["features"][0], " ".join(_FEATURES), "vmport"))
+        f["features"] = tuple(_kids(k["features"][0], " ".join(FEATURES), "vmport"))
     for action in ("on_poweroff", "on_reboot", "on_crash"):
         if action in k:
             f[action] = _text(k, action)
@@ -182,7 +182,7 @@ def parse(
     )
     f["serials"], f["consoles"] = _serials(dev, live)
     if "qemu:commandline" in k:
-        _check(
+        check(
             allow_qemu_commandline,
             "<qemu:commandline> is not allowed on this host (FERRY_ALLOW_QEMU_COMMANDLINE)",
             UnsupportedError,
@@ -196,9 +196,9 @@ def _disk(e: Any) -> Disk:
     k = _kids(e, "driver source target readonly shareable boot", "address alias backingStore")
     kind, drv, tgt = e.get("type", "file"), _first(k, "driver"), _first(k, "target")
     _kids(tgt, "")
-    _check(kind == "file", f"disk type {kind!r} is not supported (only 'file')", UnsupportedError)
-    _enums("disk ", ("driver name", drv.get("name", "qemu"), ("qemu",)))
-    _check(bool(tgt.get("dev")), "disk <target dev> is missing")
+    check(kind == "file", f"disk type {kind!r} is not supported (only 'file')", UnsupportedError)
+    check_enums("disk ", ("driver name", drv.get("name", "qemu"), ("qemu",)))
+    check(bool(tgt.get("dev")), "disk <target dev> is missing")
     bus = {"vd": "virtio", "hd": "ide", "sd": "scsi"}.get(tgt.get("dev")[:2], "virtio")
     return Disk(
         target=tgt.get("dev"),
@@ -231,9 +231,9 @@ def _serials(dev: Kids, live: bool) -> tuple[tuple[Serial, ...], tuple[Console, 
     serials: list[Serial] = []
     for e in dev.get("serial", ()):
         tgt = _first(_kids(e, "source target", "alias address"), "target")
-        _enums("serial target ", ("type", tgt.get("type", "isa-serial"), ("isa-serial",)))
+        check_enums("serial target ", ("type", tgt.get("type", "isa-serial"), ("isa-serial",)))
         for model in _kids(tgt, "model").get("model", ()):
-            _enums("serial target ", ("model name", model.get("name"), ("isa-serial",)))
+            check_enums("serial target ", ("model name", model.get("name"), ("isa-serial",)))
         port = _int(tgt.get("port"), "serial target port")
         if port is None:  # libvirt: the lowest free port
             port = min(set(range(4)) - {s.port for s in serials}, default=4)
@@ -254,7 +254,7 @@ def _graphics(e: Any, live: bool) -> Graphics:
     listen = e.get("listen")
     for item in _kids(e, "", "image", multi="listen").get("listen", ()):
         kind = item.get("type", "address")
-        _check(
+        check(
             kind == "address", f"graphics listen type {kind!r} is not supported", UnsupportedError
         )
         listen = item.get("address") or listen
@@ -272,7 +272,7 @@ def _graphics(e: Any, live: bool) -> Graphics:
 
 def _video(e: Any) -> str:
     k = _kids(e, "model", "address alias")
-    _check("model" in k, "video <model> is missing")
+    check("model" in k, "video <model> is missing")
     return str(k["model"][0].get("type"))
 
 
@@ -294,7 +294,15 @@ def _onoff(flag: bool | None, yes: str = "on", no: str = "off") -> str | None:
     return None if flag is None else yes if flag else no
 
 
-def format_element(d: DomainDef, live: bool, secure: bool) -> Any:
+def format_domain_xml(d: DomainDef, *, live: bool = False, migratable: bool = False,
+                      secure: bool = True) -> str:
+    """The domain XML of `d`; see workers/domain.py's docstring for the flags."""
+    live = live and not migratable
+    elem = _element(d if live else d.inactive(), live, secure)
+    return str(etree.tostring(elem, pretty_print=True, encoding="unicode"))
+
+
+def _element(d: DomainDef, live: bool, secure: bool) -> Any:
     root = etree.Element(
         "domain", {"type": d.type}, nsmap={"qemu": QEMU_NS} if d.qemu_args else None
     )

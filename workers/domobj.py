@@ -8,11 +8,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from workers.domain import DomainDef
+from workers.domain_states import DomainState, PausedReason, Reason, RunningReason, ShutoffReason
+from workers.domain_xml import format_domain_xml
 from workers.errors import OperationInvalidError
 from workers.jobs import ActiveJob
 from workers.monitor import Monitor
 from workers.process import QemuProcess
-from workers.states import DomainState, PausedReason, Reason, RunningReason, ShutoffReason
 
 
 @dataclass
@@ -51,7 +52,7 @@ class DomainObj:
     def live_status_xml(self) -> str:
         assert self.live is not None
         if self.live_xml is None or self.live_xml[0] is not self.live:
-            self.live_xml = (self.live, self.live.to_xml(live=True))
+            self.live_xml = (self.live, format_domain_xml(self.live, live=True))
         return self.live_xml[1]
 
     @property

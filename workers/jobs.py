@@ -23,7 +23,8 @@ from typing import Any
 import redis
 
 from workers.errors import OperationInvalidError
-from workers.migration.state import Phase
+from workers.job_types import JobOperation, Phase
+from workers.migration.chain_state import MigrationState
 
 log = logging.getLogger(__name__)
 
@@ -60,8 +61,8 @@ class ActiveJob:
     """
 
     id: str
-    operation: str  # outgoing_migration | incoming_migration | save | restore | dump
-    phase: str
+    operation: JobOperation
+    phase: Phase
     started: float
     source: str = ""
     dest: str = ""
@@ -72,7 +73,7 @@ class ActiveJob:
     max_downtime_ms: int | None = None  # set by setmaxdowntime: the schedule stops
     # The migration state this host last returned (or was given): what a redelivered
     # phase answers again, and what a restarted worker resumes the chain from.
-    state: dict[str, Any] | None = None
+    state: MigrationState | None = None
     # Why the job may not go on (a restarted source worker found it past Begin, the chain
     # with the dest): the next phase here fails with this text.
     cancelled: str = ""
@@ -81,12 +82,19 @@ class ActiveJob:
              "cancelled")
 
     def to_status(self) -> str:
-        return json.dumps({k: getattr(self, k) for k in self._KEPT})
+        data = {k: getattr(self, k) for k in self._KEPT}
+        data["state"] = None if self.state is None else self.state.to_json()
+        return json.dumps(data)
 
     @classmethod
     def from_status(cls, text: str) -> ActiveJob:
         data = json.loads(text)
-        return cls(**{k: data[k] for k in cls._KEPT if k in data})
+        kept = {k: data[k] for k in cls._KEPT if k in data}
+        kept["operation"] = JobOperation(kept["operation"])
+        kept["phase"] = Phase(kept["phase"])
+        if kept.get("state") is not None:
+            kept["state"] = MigrationState.from_json(kept["state"])
+        return cls(**kept)
 
 
 class JobStore:
@@ -108,7 +116,7 @@ class JobStore:
     return false
     """
 
-    def start(self, uuid: str, *, job_id: str, kind: str, phase: str, source: str,
+    def start(self, uuid: str, *, job_id: str, kind: str, phase: Phase, source: str,
               dest: str | None, flags: int) -> None:
         """Create the record; a record of another job for this domain is a clear error."""
         fields = {"kind": kind, "phase": phase, "source": source, "dest": dest or "",
@@ -146,7 +154,7 @@ class JobStore:
                                     args=[job_id, field, value, "1" if only_empty else "0"])
         return None if old is None else _text(old)
 
-    def set_phase(self, uuid: str, job_id: str, phase: str) -> None:
+    def set_phase(self, uuid: str, job_id: str, phase: Phase) -> None:
         old = self._set_mine(uuid, job_id, "phase", phase)
         if old is not None:
             log.info("job %s: phase %s -> %s on %s", job_id, old or "none", phase, self.host)
@@ -236,8 +244,8 @@ class JobStore:
 
 def active_record(job: ActiveJob) -> dict[str, Any]:
     """An in-memory job as a record for jobinfo_view (what the job owner answers)."""
-    return {"id": job.id, "kind": "migration" if job.operation.endswith("migration")
-            else job.operation, "phase": job.phase, "source": job.source, "dest": job.dest,
+    return {"id": job.id, "kind": job.operation.kind, "phase": job.phase,
+            "source": job.source, "dest": job.dest,
             "started": job.started, "progress": job.progress, "error": None}
 
 
@@ -268,8 +276,7 @@ def jobinfo_view(record: dict[str, Any] | None, host: str, *, completed: bool = 
         kind = record.get("kind")
         operation = kind
         if kind == "migration":
-            operation = "outgoing_migration" if host == record.get("source") else \
-                "incoming_migration"
+            operation = _direction(host, record.get("source"))
         elapsed = ((now or time.time()) - float(record.get("started") or 0)) * 1000
         view.update(type="unbounded", operation=operation, phase=record.get("phase"),
                     time_elapsed_ms=int(elapsed), id=record.get("id"),
@@ -286,10 +293,14 @@ def jobinfo_view(record: dict[str, Any] | None, host: str, *, completed: bool = 
 def _queued_view(view: dict[str, Any], record: dict[str, Any] | None,
                  queued: dict[str, Any], host: str, now: float) -> dict[str, Any]:
     started = float((record or {}).get("started") or queued.get("since") or now)
-    operation = "outgoing_migration" if host == queued.get("source") else \
-        "incoming_migration"
-    view.update(type="unbounded", operation=operation, phase=Phase.QUEUED.value,
-                id=queued.get("id"),
+    view.update(type="unbounded", operation=_direction(host, queued.get("source")),
+                phase=Phase.QUEUED, id=queued.get("id"),
                 time_elapsed_ms=int((now - started) * 1000), queue=queued.get("line"),
                 queue_position=queued.get("place"))
     return view
+
+
+def _direction(host: str, source: object) -> JobOperation:
+    """Which end of a migration `host` is, by the source the record names."""
+    return JobOperation.OUTGOING_MIGRATION if host == source else \
+        JobOperation.INCOMING_MIGRATION

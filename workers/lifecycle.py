@@ -12,17 +12,17 @@ import json
 import os
 import subprocess
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from workers.agent import HostAgent
 from workers.domain import DomainDef, with_graphics_ports
+from workers.domain_states import DomainState, PausedReason, RunningReason, ShutoffReason
+from workers.domain_xml import format_domain_xml
 from workers.domobj import DomainObj
 from workers.errors import InvalidInputError, NotFoundError, OperationInvalidError, QemuError
+from workers.job_types import JobOperation
 from workers.process import listening_socket, log_tail, spawn
 from workers.qemu_argv import build_qemu_argv, qemu_has_spice
-from workers.states import DomainState, PausedReason, RunningReason, ShutoffReason
-
-if TYPE_CHECKING:
-    from workers.agent import HostAgent
 
 
 async def define(agent: HostAgent, xml: str) -> dict[str, Any]:
@@ -32,7 +32,7 @@ async def define(agent: HostAgent, xml: str) -> dict[str, Any]:
             raise InvalidInputError(f"domain '{new.name}' already exists with uuid {dom.uuid}")
         if dom.uuid == new.uuid and dom.name != new.name:
             raise InvalidInputError(f"domain with uuid {new.uuid} already exists as '{dom.name}'")
-    agent.store.save_definition(new.name, new.to_xml())
+    agent.store.save_definition(new.name, format_domain_xml(new))
     existing = agent.domains.get(new.name)
     if existing is not None:
         existing.require_no_job("redefine")
@@ -40,6 +40,24 @@ async def define(agent: HostAgent, xml: str) -> dict[str, Any]:
         return existing.info(agent.host)
     dom = agent.domains[new.name] = DomainObj(definition=new)
     return dom.info(agent.host)
+
+
+def inactive_domain_for(agent: HostAgent, d: DomainDef, op: str) -> DomainObj | None:
+    """The domain a guest arriving here (migrated in, restored) starts in: None when this
+    host has none of its name, else that one, which must have `d`'s uuid, be inactive and
+    in no job.  A uuid held here by another name is refused."""
+    for other in agent.domains.values():
+        if other.uuid == d.uuid and other.name != d.name:
+            raise InvalidInputError(f"domain with uuid {d.uuid} already exists as "
+                                    f"'{other.name}'")
+    dom = agent.domains.get(d.name)
+    if dom is None:
+        return None
+    if dom.uuid != d.uuid:
+        raise InvalidInputError(f"domain '{d.name}' already exists with uuid {dom.uuid}")
+    dom.require_inactive(op)
+    dom.require_no_job(op)
+    return dom
 
 
 async def undefine(agent: HostAgent, name: str) -> dict[str, Any]:
@@ -160,7 +178,7 @@ async def suspend(agent: HostAgent, name: str) -> dict[str, Any]:
     dom = agent.lookup(name)
     async with dom.lock:
         dom.require_state("suspend", DomainState.RUNNING)
-        if dom.job is not None and dom.job.operation == "outgoing_migration":
+        if dom.job is not None and dom.job.operation == JobOperation.OUTGOING_MIGRATION:
             # libvirt: pausing during migration lets it converge; the guest
             # still ends running on the dest.
             await pause_cpus(agent, dom, PausedReason.MIGRATION)
@@ -193,8 +211,9 @@ async def dumpxml(
 ) -> str:
     dom = agent.lookup(name)
     if inactive and dom.definition is not None:
-        return dom.definition.to_xml(migratable=migratable)
-    return dom.current.to_xml(live=dom.active and not migratable, migratable=migratable)
+        return format_domain_xml(dom.definition, migratable=migratable)
+    return format_domain_xml(dom.current, live=dom.active and not migratable,
+                             migratable=migratable)
 
 
 def _disk(dom: DomainObj, device: str) -> Any:

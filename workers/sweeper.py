@@ -25,17 +25,16 @@ import contextlib
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from workers.jobs import job_key
-from workers.migration.state import Phase
+from workers.agent import HostAgent
+from workers.domain_states import DomainState, PausedReason, ShutoffReason
+from workers.domobj import DomainObj
+from workers.errors import MigrationError
+from workers.job_types import JobOperation, Phase
+from workers.jobs import ActiveJob, job_key
+from workers.migration.guards import end_outgoing_job
 from workers.slots import Line, Slots
-from workers.states import DomainState, PausedReason, ShutoffReason
-
-if TYPE_CHECKING:
-    from workers.agent import HostAgent
-    from workers.domobj import DomainObj
-    from workers.jobs import ActiveJob
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +89,7 @@ def _records_without_job(agent: HostAgent,
 
 
 # An outgoing job in these phases waits for another host; no phase of it runs here.
-_WAITING = (Phase.BEGIN3.value, Phase.PERFORM3_DONE.value)
+_WAITING = (Phase.BEGIN3, Phase.PERFORM3_DONE)
 
 
 def _jobs_without_record(agent: HostAgent,
@@ -99,7 +98,7 @@ def _jobs_without_record(agent: HostAgent,
     now, found, grace = time.time(), {}, agent.settings.sweep_grace_s
     for name, dom in agent.domains.items():
         job = dom.job
-        if job is None or job.operation != "outgoing_migration" or job.state is None or \
+        if job is None or job.operation != JobOperation.OUTGOING_MIGRATION or job.state is None or \
                 job.phase not in _WAITING or now - job.started <= grace:
             continue  # (an offline migration keeps no state to end it from)
         record = records.get(dom.uuid)
@@ -111,15 +110,11 @@ def _jobs_without_record(agent: HostAgent,
 def _end_lost_job(agent: HostAgent, dom: DomainObj) -> None:
     """End the source's part: a guest the migration paused stays paused (the dest may
     run it; the pass below reports it), any other is left as it is."""
-    from workers.errors import MigrationError
-    from workers.migration.source import end_job
-    from workers.migration.state import MigrationState
-
     job = dom.job
     assert job is not None and job.state is not None
     err = MigrationError("the job's record and phases are gone from the broker (it lost "
                          "its data?): the sweeper ended the job", job.phase, agent.host)
-    end_job(agent, dom, dom.uuid, MigrationState.from_json(job.state).with_error(err))
+    end_outgoing_job(agent, dom, dom.uuid, job.state.with_error(err))
     if dom.active:
         agent.save_status(dom)
 
@@ -157,8 +152,8 @@ async def sweep(agent: HostAgent, orphans: Orphans | None = None) -> list[str]:
 def _waiting_incoming(dom: DomainObj, job: ActiveJob) -> bool:
     """An incoming guest Prepare made and no Finish has begun on (a Finish in progress
     decides itself: it may have won the fence and be starting the CPUs)."""
-    return job.operation == "incoming_migration" and dom.active and dom.job is job and \
-        job.phase == Phase.PREPARE.value
+    return job.operation == JobOperation.INCOMING_MIGRATION and dom.active and \
+        dom.job is job and job.phase == Phase.PREPARE
 
 
 def _gone(agent: HostAgent, uuid: str, job_id: str, age_s: float) -> bool:

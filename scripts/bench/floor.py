@@ -35,7 +35,8 @@ from typing import Any
 from qemu.qmp import EventListener, QMPClient
 
 from scripts.testbed.stack import free_port, stop_pid
-from workers.domain import DomainDef, parse_domain_xml
+from workers.domain import DomainDef
+from workers.domain_xml import parse_domain_xml
 from workers.migration.params import UNLIMITED_BANDWIDTH_BYTES
 from workers.process import listening_socket
 from workers.qemu_argv import build_qemu_argv, qemu_has_spice

@@ -46,8 +46,8 @@ from scripts.testbed.guestimage import build_image
 from scripts.testbed.guestxml import guest_xml
 from scripts.testbed.stack import Stack, stop_pid
 from tasks.client import Client
-from workers.domain import parse_domain_xml
-from workers.images import COMPRESSORS, compress_argv, decompress_argv
+from workers.domain_xml import parse_domain_xml
+from workers.image_format import COMPRESSORS, compress_argv, decompress_argv
 from workers.migration.params import UNLIMITED_BANDWIDTH_BYTES
 from workers.process import listening_socket
 from workers.qemu_argv import build_qemu_argv

@@ -24,8 +24,8 @@ from scripts.bench.report import machine
 from scripts.testbed.guestimage import build_image
 from scripts.testbed.guestxml import guest_xml
 from scripts.testbed.stack import Stack, wait_for
-from tasks import signals
 from tasks.client import Client
+from workers.jobsignals import sender
 
 OUT = Path(__file__).resolve().parent / "SIGNALS.md"
 
@@ -59,11 +59,11 @@ def run(args: argparse.Namespace, root: Path) -> dict[str, list[float]]:
         for i in range(args.signals):
             for op, sargs in (("jobinfo", {}), ("setspeed", {"bandwidth": 1 + i % 2})):
                 t0 = time.perf_counter()
-                signals.send_signal(client.redis, uuid, op, sargs)
+                sender.send_signal(client.redis, uuid, op, sargs)
                 results[op].append((time.perf_counter() - t0) * 1000)
         for _ in range(args.aborts):
             t0 = time.perf_counter()
-            reply = signals.send_signal(client.redis, uuid, "abort")
+            reply = sender.send_signal(client.redis, uuid, "abort")
             results["abort"].append((time.perf_counter() - t0) * 1000)
             assert reply["status"] == "cancelled", reply
             with contextlib.suppress(Exception):  # it fails: it was aborted

@@ -16,7 +16,7 @@ from typing import Any
 
 from scripts.cli.common import client, domain_cmd, emit, host_of
 from workers.errors import FerryError, InvalidInputError
-from workers.images import COMPRESSORS, DUMP_FORMATS, read_header
+from workers.image_format import COMPRESSORS, DUMP_FORMATS, read_header
 
 IMAGE_TIMEOUT_S = 6 * 3600.0  # a large guest through xz takes a while
 
@@ -83,7 +83,7 @@ def cmd_dump(a: argparse.Namespace) -> int:
 def _saved_name(path: str) -> str | None:
     """The guest's name from the image header, when this machine can read the file."""
     # Imported here: the XML codec loads lxml, which only this command needs.
-    from workers.domain import parse_domain_xml
+    from workers.domain_xml import parse_domain_xml
 
     try:
         with open(path, "rb") as f:

@@ -15,7 +15,8 @@ from config.celery_app import configure, queue_for, reuse_publish_clients, survi
 from config.settings import Settings, load
 from tasks.recovery import resume_interrupted
 from workers import failpoints
-from workers.agent import HostAgent, set_agent
+from workers.agent import set_agent
+from workers.host import Host
 
 log = logging.getLogger("ferry.worker")
 
@@ -41,10 +42,10 @@ def run_worker(args: argparse.Namespace) -> int:
     survive_broker_restarts(settings)
     reuse_publish_clients()
     failpoints.configure(settings.failpoints, settings.failpoint_dir)
-    agent = HostAgent(settings)
-    agent.start()
-    set_agent(agent)
-    resume_interrupted(agent)
+    host = Host(settings)
+    host.start()
+    set_agent(host.agent)
+    resume_interrupted(host.agent)
     try:
         app.worker_main([
             "worker", "--pool=threads", f"--concurrency={settings.worker_concurrency}",
@@ -54,6 +55,6 @@ def run_worker(args: argparse.Namespace) -> int:
         ])
     finally:
         set_agent(None)
-        agent.stop()
+        host.stop()
         log.info("host %s stopped; its guests keep running", settings.host)
     return 0

@@ -14,10 +14,10 @@ import redis
 
 from scripts.testbed.stack import Stack, wait_for
 from tasks.client import Client
-from tasks.signals import send_signal
 from tests.conftest import Guest, qemu_pids_of
 from workers.errors import FerryError
-from workers.signals import job_channel
+from workers.jobsignals.protocol import job_channel
+from workers.jobsignals.sender import send_signal
 
 PARAMS = {"domain": "g-hostile", "source": "alpha", "dest": "beta", "job_id": "j-hostile"}
 

@@ -16,7 +16,7 @@ import redis
 from scripts.testbed.stack import Stack, wait_for
 from tasks.client import Client
 from tests.conftest import Guest, wait_info
-from workers.domain import parse_domain_xml
+from workers.domain_xml import parse_domain_xml
 from workers.errors import FerryError
 from workers.locks import RedisLocks, resources
 

@@ -16,7 +16,8 @@ from typing import Any
 
 import pytest
 
-from workers.domain import parse_domain_xml, with_graphics_ports
+from workers.domain import with_graphics_ports
+from workers.domain_xml import parse_domain_xml
 from workers.qemu_argv import build_qemu_argv, qemu_has_spice
 
 pytestmark = [

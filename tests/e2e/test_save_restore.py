@@ -24,7 +24,7 @@ from scripts.testbed.stack import wait_for
 from tasks.client import Client
 from tests.conftest import CliResult, Guest, pmemsave, qemu_pids_of, wait_info
 from workers.errors import FerryError
-from workers.images import COMPRESSORS, ImageHeader, encode_header, read_header
+from workers.image_format import COMPRESSORS, ImageHeader, encode_header, read_header
 
 MIB = 1024 * 1024
 FIXED_XML_BYTE = 70  # a byte of the domain XML in the header (it starts at 64)

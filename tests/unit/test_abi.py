@@ -7,7 +7,8 @@ import re
 import pytest
 
 from workers.abi import abi_diff, check_abi_stability
-from workers.domain import DomainDef, parse_domain_xml
+from workers.domain import DomainDef
+from workers.domain_xml import parse_domain_xml
 from workers.errors import InvalidInputError
 
 BASE = """<domain type='kvm'>

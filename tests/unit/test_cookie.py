@@ -7,7 +7,9 @@ from dataclasses import replace
 import pytest
 from lxml import etree
 
-from tasks.cookie import (
+import tasks.cookie
+from workers.errors import InvalidInputError, MigrationError, UnsupportedError
+from workers.migration.cookie import (
     MAX_COOKIE_BYTES,
     Cookie,
     CookieGraphics,
@@ -15,9 +17,8 @@ from tasks.cookie import (
     CookieStatistics,
     make_cookie,
     parse,
-    statistics_from_query_migrate,
 )
-from workers.errors import InvalidInputError, MigrationError, UnsupportedError
+from workers.migration.qemu_migrate import statistics_from_query_migrate
 
 GUEST_UUID = "dcf47dbd-46d1-4d5b-b442-262a806a333a"
 OTHER_UUID = "0b9d6f44-7d57-4b2c-9a43-5d1f8c1c2e11"
@@ -587,3 +588,10 @@ def test_a_query_migrate_reply_without_status_or_ram_totals_is_an_error() -> Non
         statistics_from_query_migrate(
             {"status": "active", "ram": {"transferred": 1, "total": 2}},
             started_ms=0, stopped_ms=1)
+
+
+def test_services_still_find_the_codec_under_tasks_cookie() -> None:
+    assert tasks.cookie.parse is parse and tasks.cookie.Cookie is Cookie
+    assert tasks.cookie.statistics_from_query_migrate is statistics_from_query_migrate
+    cookie = tasks.cookie.make_cookie("g", GUEST_UUID, "alpha", SOURCE_HOST_UUID)
+    assert tasks.cookie.parse(cookie.to_xml()) == cookie

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from tasks.migrate_client import build_chain, params_from_options
 from workers.errors import InvalidInputError, OperationInvalidError, QemuError, UnsupportedError
-from workers.jobs import jobinfo_view
+from workers.job_types import JobOperation, Phase
+from workers.jobs import ActiveJob, jobinfo_view
+from workers.migration.chain_state import MigrationState, rebuild_error
 from workers.migration.params import MigrationFlags, MigrationParams, parse_qemu_uri
-from workers.migration.state import MigrationState, Phase, rebuild_error
 
 
 def test_flags_have_libvirts_bit_values() -> None:
@@ -163,11 +166,25 @@ def test_a_well_formed_state_still_round_trips() -> None:
 
 def test_a_cancelled_job_stays_cancelled_through_the_status_file() -> None:
     """A source worker restarted twice before Perform still fails Perform."""
-    from workers.jobs import ActiveJob
-
-    job = ActiveJob("j1", "outgoing_migration", "begin3", 1.0, source="a", dest="b",
+    job = ActiveJob("j1", JobOperation.OUTGOING_MIGRATION, Phase.BEGIN3, 1.0, source="a", dest="b",
                     cancelled="the source worker restarted while the dest prepared")
     again = ActiveJob.from_status(job.to_status())
     assert again.cancelled == job.cancelled
     assert ActiveJob.from_status(
-        ActiveJob("j2", "outgoing_migration", "begin3", 1.0).to_status()).cancelled == ""
+        ActiveJob("j2", JobOperation.OUTGOING_MIGRATION, Phase.BEGIN3,
+                  1.0).to_status()).cancelled == ""
+
+
+def test_a_job_and_its_migration_state_survive_the_status_file_as_the_same_strings() -> None:
+    st = MigrationState(MigrationParams(**GOOD_PARAMS), cookie="<qemu-migration/>")
+    st = st.with_phase(Phase.BEGIN3, "a", 0.0, True)
+    job = ActiveJob("J", JobOperation.OUTGOING_MIGRATION, Phase.PERFORM3_DONE, 1.0, state=st)
+    text = job.to_status()
+    raw = json.loads(text)
+    assert (raw["operation"], raw["phase"]) == ("outgoing_migration", "perform3_done")
+    assert raw["state"]["phases"][0]["phase"] == "begin3"
+    again = ActiveJob.from_status(text)
+    assert again.operation is JobOperation.OUTGOING_MIGRATION
+    assert again.phase is Phase.PERFORM3_DONE
+    assert again.state == st and again.state is not None
+    assert again.state.phases[0].phase is Phase.BEGIN3

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 
 from scripts.testbed.guestxml import guest_xml
-from workers.domain import parse_domain_xml
+from workers.domain_xml import parse_domain_xml
 from workers.errors import InvalidInputError
-from workers.imageio import TempImage, open_image, target_path
+from workers.image_stream import TempImage, open_image, target_path
 from workers.paths import AllowedDirs, PathNotAllowedError, domain_paths
 
 

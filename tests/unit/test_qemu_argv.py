@@ -7,7 +7,8 @@ import itertools
 
 import pytest
 
-from workers.domain import DomainDef, Graphics, parse_domain_xml, with_graphics_ports
+from workers.domain import DomainDef, Graphics, with_graphics_ports
+from workers.domain_xml import format_domain_xml, parse_domain_xml
 from workers.errors import InvalidInputError, UnsupportedError
 from workers.qemu_argv import build_qemu_argv, qemu_escape, qemu_has_spice
 
@@ -97,7 +98,7 @@ def test_the_argv_for_a_typical_guest_is_exactly_this() -> None:
 
 def test_both_ends_of_a_migration_build_the_same_argv_from_the_migratable_xml() -> None:
     source = typical()
-    dest = with_graphics_ports(parse_domain_xml(source.to_xml(migratable=True)), [5907])
+    dest = with_graphics_ports(parse_domain_xml(format_domain_xml(source, migratable=True)), [5907])
     assert argv_of(dest, incoming="defer") == [*argv_of(source), "-incoming", "defer"]
 
 

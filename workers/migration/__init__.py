@@ -1,1 +1,12 @@
-"""Migration: parameters, phases and the QEMU-level data move."""
+"""Migration: the phases' logic on each host and the QEMU-level data move.
+
+params.py        what the caller asked for (flags, URIs), checked
+chain_state.py   what travels down a chain from phase to phase
+cookie.py        libvirt's <qemu-migration> cookie codec
+source.py        Begin, Perform, Confirm (and v2's Perform) on the source
+dest.py          Prepare and Finish on the destination
+guards.py        rules both ends share (abort at a boundary, v2 and leases, end a job)
+qemu_migrate.py  QEMU's side: capabilities, migrate, the wait loop, statistics
+progress.py      progress figures, the downtime schedule, stall watch
+tunnel.py        a tunnelled stream through the broker
+"""

@@ -15,38 +15,30 @@ import time
 from dataclasses import replace
 from typing import Any, Literal
 
-from tasks.cookie import Cookie, CookieGraphics, make_cookie, parse
 from workers import failpoints
 from workers.agent import HostAgent
 from workers.domain import DomainDef
+from workers.domain_states import DomainState, PausedReason, RunningReason, ShutoffReason
+from workers.domain_xml import format_domain_xml
 from workers.domobj import DomainObj
 from workers.errors import FerryError, InvalidInputError, MigrationError, QemuError
 from workers.hostcaps import require_postcopy
+from workers.job_types import JobOperation, Phase
 from workers.jobs import ActiveJob
-from workers.lifecycle import launch, run_cpus
+from workers.lifecycle import inactive_domain_for, launch, run_cpus
 from workers.migration import qemu_migrate, tunnel
+from workers.migration.chain_state import MigrationState
+from workers.migration.cookie import Cookie, CookieGraphics, make_cookie, parse
+from workers.migration.guards import check_abort, refuse_v2_with_lease_state
 from workers.migration.params import MigrationFlags as F
 from workers.migration.params import MigrationParams, format_qemu_uri, parse_qemu_uri
-from workers.migration.state import MigrationState, Phase
-from workers.states import DomainState, PausedReason, RunningReason, ShutoffReason
 
 log = logging.getLogger(__name__)
 
 
 def _incoming_dom(agent: HostAgent, d: DomainDef) -> DomainObj:
     """The object the incoming guest lives in: new, or an inactive definition of it here."""
-    for other in agent.domains.values():
-        if other.uuid == d.uuid and other.name != d.name:
-            raise InvalidInputError(f"domain with uuid {d.uuid} already exists as "
-                                    f"'{other.name}'")
-    dom = agent.domains.get(d.name)
-    if dom is None:
-        return DomainObj(definition=None)
-    if dom.uuid != d.uuid:
-        raise InvalidInputError(f"domain '{d.name}' already exists with uuid {dom.uuid}")
-    dom.require_inactive("migrate in")
-    dom.require_no_job("migrate in")
-    return dom
+    return inactive_domain_for(agent, d, "migrate in") or DomainObj(definition=None)
 
 
 def _check_listen_address(agent: HostAgent, scheme: str, host: str) -> None:
@@ -91,29 +83,25 @@ async def prepare(agent: HostAgent, st: MigrationState, *, v3: bool) -> Migratio
     again = agent.domains.get(p.domain)
     if again is not None and again.job is not None and again.job.id == p.job_id and \
             again.job.state is not None and again.active:
-        return MigrationState.from_json(again.job.state)  # redelivered: the same answer
+        return again.job.state  # redelivered: the same answer
     await failpoints.hit("prepare3.start")
     if v3:
         parse(st.cookie or "", local_hostuuid=agent.uuid)
     else:
-        from workers.migration.source import refuse_v2_with_lease_state
-
         refuse_v2_with_lease_state(agent)  # refuses same host, bad features
     if st.xml is None:
         raise MigrationError("no domain definition reached Prepare")
     d = agent.parse(st.xml)
     if p.has(F.POSTCOPY):
         require_postcopy()
-    from workers.migration.source import check_abort
-
     check_abort(agent, None, d.uuid, p.job_id)
     dom = _incoming_dom(agent, d)
     agent.domains[d.name] = dom
     if dom.definition is None:
         dom.live = d  # a transient object needs a definition to be named by
-    dom.job = ActiveJob(p.job_id, "incoming_migration", Phase.PREPARE.value, time.time(),
+    dom.job = ActiveJob(p.job_id, JobOperation.INCOMING_MIGRATION, Phase.PREPARE, time.time(),
                         source=p.source, dest=p.dest, flags=p.flags)
-    agent.jobs.set_phase(d.uuid, p.job_id, Phase.PREPARE.value)
+    agent.jobs.set_phase(d.uuid, p.job_id, Phase.PREPARE)
     try:
         uri = None
         if not p.has(F.OFFLINE):
@@ -124,7 +112,7 @@ async def prepare(agent: HostAgent, st: MigrationState, *, v3: bool) -> Migratio
     cookie = make_cookie(d.name, d.uuid, agent.host, agent.uuid,
                          graphics=_graphics_cookie(dom.current, agent.settings.migration_address))
     st = replace(st, cookie=cookie.to_xml() if v3 else None, uri=uri)
-    dom.job.state = st.to_json()
+    dom.job.state = st
     if dom.active:
         agent.save_status(dom)
     await failpoints.hit("prepare3.end")
@@ -216,9 +204,9 @@ async def finish(agent: HostAgent, st: MigrationState, *, v3: bool) -> Migration
         raise MigrationError(f"no incoming migration {p.job_id} of '{p.domain}' on this host: "
                              f"its incoming QEMU exited or was discarded{_known_cause(agent, st)}")
     assert dom.job is not None
-    dom.job.phase = phase.value
+    dom.job.phase = phase
     uuid = dom.uuid
-    agent.jobs.set_phase(uuid, p.job_id, phase.value)
+    agent.jobs.set_phase(uuid, p.job_id, phase)
     try:
         return await _finish(agent, dom, st, v3)
     finally:
@@ -248,7 +236,7 @@ async def _finish(agent: HostAgent, dom: DomainObj, st: MigrationState,
         await _discard(agent, dom)
         err = MigrationError(f"the incoming QEMU exited ({dom.reason.value}) after its CPUs "
                              "started: the source stays paused, the guest may have run here",
-                             "finish3", agent.host)
+                             Phase.FINISH3, agent.host)
         return replace(st, outcome_unknown=True).with_error(err)
     return complete_incoming(agent, dom, st)
 
@@ -291,7 +279,7 @@ async def _finish_ok(agent: HostAgent, dom: DomainObj, st: MigrationState,
         xml = (cookie.persistent if cookie and cookie.persistent else None) or st.xml
         assert xml is not None
         definition = agent.parse(xml)
-        agent.store.save_definition(definition.name, definition.to_xml())
+        agent.store.save_definition(definition.name, format_domain_xml(definition))
         dom.definition = definition
     if p.has(F.OFFLINE):
         return st
@@ -345,7 +333,7 @@ async def _wait_incoming(agent: HostAgent, dom: DomainObj) -> None:
 def _complete(agent: HostAgent, dom: DomainObj, st: MigrationState) -> None:
     p = st.params
     job = dom.job
-    info = {"id": p.job_id, "operation": "incoming_migration", "source": p.source,
+    info = {"id": p.job_id, "operation": JobOperation.INCOMING_MIGRATION, "source": p.source,
             "dest": p.dest, "type": "completed", "statistics": st.statistics,
             "time_elapsed_ms": int((time.time() - job.started) * 1000) if job else 0,
             "error": None}

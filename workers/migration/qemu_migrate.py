@@ -12,13 +12,13 @@ import contextlib
 import logging
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
-from tasks.cookie import statistics_from_query_migrate
 from workers.domobj import DomainObj
 from workers.errors import MigrationError, QemuError
 from workers.migration import tunnel
+from workers.migration.cookie import CookieStatistics, quoted
 from workers.migration.params import UNLIMITED_BANDWIDTH_BYTES, MigrationFlags, MigrationParams
 from workers.monitor import Monitor
 
@@ -56,6 +56,66 @@ async def setup(mon: Monitor, params: MigrationParams, *, outgoing: bool,
         if downtime_ms:
             mparams["downtime-limit"] = downtime_ms
         await mon.execute("migrate-set-parameters", mparams)
+
+
+#: query-migrate statuses in which libvirt reads the ram/disk/xbzrle figures
+_FIGURES_STATUSES = frozenset({
+    "active", "postcopy-active", "postcopy-paused", "postcopy-recover-setup", "postcopy-recover",
+    "completed", "cancelling", "pre-switchover", "device"})
+#: query-migrate part -> (field prefix, required keys, optional keys), as libvirt maps them
+_QUERY_PARTS: dict[str, tuple[str, dict[str, str], dict[str, str]]] = {
+    "ram": ("memory_", {"transferred": "processed", "remaining": "remaining", "total": "total"},
+            {"duplicate": "constant", "normal": "normal", "normal-bytes": "normal_bytes",
+             "dirty-pages-rate": "dirty_rate", "page-size": "page_size",
+             "dirty-sync-count": "iteration", "postcopy-requests": "postcopy_requests"}),
+    "disk": ("disk_", {"transferred": "processed", "remaining": "remaining", "total": "total"},
+             {}),
+    "xbzrle-cache": ("compression_", {"cache-size": "cache", "bytes": "bytes", "pages": "pages",
+                                      "cache-miss": "cache_misses", "overflow": "overflow"}, {}),
+}
+
+
+def _qnum(obj: Mapping[str, Any], key: str) -> int | None:
+    value = obj.get(key)
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+        raise MigrationError(f"query-migrate reply: {key!r} is {quoted(value)}, not an integer")
+    return value
+
+
+def statistics_from_query_migrate(
+    info: Mapping[str, Any], *, started_ms: int, stopped_ms: int, sent_ms: int | None = None
+) -> CookieStatistics:
+    """Map QEMU's ``query-migrate`` reply (or its ``return``) to libvirt's statistics.
+
+    As libvirt's qemuMonitorJSONGetMigrationStatsReply: downtime is
+    ``downtime`` once completed, ``expected-downtime`` before; ram, disk and
+    xbzrle figures only in an active or completed status; bps = mbps * 10^6/8.
+    time_elapsed = stopped - started (libvirt's clock); sent defaults to stopped.
+    """
+    ret: Mapping[str, Any] = info["return"] if "status" not in info and "return" in info else info
+    if not isinstance(status := ret.get("status"), str):
+        raise MigrationError("query-migrate reply has no status")
+    v: dict[str, int | None] = {
+        "started": started_ms, "stopped": stopped_ms,
+        "sent": stopped_ms if sent_ms is None else sent_ms,
+        "time_elapsed": max(0, stopped_ms - started_ms),
+        "downtime": _qnum(ret, "downtime" if status == "completed" else "expected-downtime"),
+        "setup_time": _qnum(ret, "setup-time"),
+        "auto_converge_throttle": _qnum(ret, "cpu-throttle-percentage"),
+    }
+    for key, (prefix, required, optional) in _QUERY_PARTS.items():
+        if status not in _FIGURES_STATUSES or not isinstance(part := ret.get(key), Mapping):
+            continue
+        for qkey, suffix in (required | optional).items():
+            v[prefix + suffix] = _qnum(part, qkey)
+            if v[prefix + suffix] is None and qkey in required:
+                raise MigrationError(f"query-migrate reply: migration is {status} but "
+                                     f"{key} {qkey!r} is missing")
+        mbps = part.get("mbps")
+        if key != "xbzrle-cache" and isinstance(mbps, int | float) and not isinstance(mbps, bool) \
+                and 0 < mbps < 1e15:
+            v[prefix + "bps"] = int(mbps * (1000 * 1000 // 8))  # QEMU's mbps: 10^6 bits/s
+    return CookieStatistics(**{k: x for k, x in v.items() if x is not None})
 
 
 def progress_of(info: dict[str, Any], started_ms: int) -> dict[str, Any]:

@@ -15,16 +15,27 @@ from typing import Any
 
 import redis
 
-from tasks.cookie import CookieLockstate, CookieStatistics, make_cookie, parse
 from workers import failpoints
 from workers.abi import check_abi_stability
 from workers.agent import HostAgent
+from workers.domain_states import DomainState, PausedReason, RunningReason, ShutoffReason
+from workers.domain_xml import format_domain_xml
 from workers.domobj import DomainObj
-from workers.errors import FerryError, MigrationError, OperationInvalidError, UnsupportedError
+from workers.errors import FerryError, MigrationError, OperationInvalidError
 from workers.hostcaps import require_postcopy
+from workers.job_types import JobOperation, Phase
 from workers.jobs import ActiveJob
 from workers.lifecycle import pause_cpus, run_cpus
 from workers.migration import qemu_migrate
+from workers.migration.chain_state import MigrationState
+from workers.migration.cookie import (
+    CookieGraphics,
+    CookieLockstate,
+    CookieStatistics,
+    make_cookie,
+    parse,
+)
+from workers.migration.guards import check_abort, end_outgoing_job, refuse_v2_with_lease_state
 from workers.migration.params import MigrationFlags as F
 from workers.migration.params import MigrationParams
 from workers.migration.progress import (
@@ -33,9 +44,7 @@ from workers.migration.progress import (
     TransferWatch,
     downtime_steps,
 )
-from workers.migration.state import MigrationState, Phase
 from workers.migration.tunnel import TunnelSender
-from workers.states import DomainState, PausedReason, RunningReason, ShutoffReason
 
 log = logging.getLogger(__name__)
 
@@ -45,33 +54,20 @@ def _job_dom(agent: HostAgent, p: MigrationParams, phase: Phase) -> DomainObj:
     dom = agent.lookup(p.domain)
     if dom.job is None or dom.job.id != p.job_id:
         raise OperationInvalidError(f"domain '{p.domain}' is not in migration job {p.job_id}")
-    dom.job.phase = phase.value
-    agent.jobs.set_phase(dom.uuid, p.job_id, phase.value)
+    dom.job.phase = phase
+    agent.jobs.set_phase(dom.uuid, p.job_id, phase)
     return dom
 
 
 def _start_job(agent: HostAgent, dom: DomainObj, p: MigrationParams, phase: Phase) -> None:
-    agent.jobs.start(dom.uuid, job_id=p.job_id, kind="migration", phase=phase.value,
+    agent.jobs.start(dom.uuid, job_id=p.job_id, kind=JobOperation.OUTGOING_MIGRATION.kind,
+                     phase=phase,
                      source=p.source, dest=p.dest, flags=p.flags)
-    dom.job = ActiveJob(p.job_id, "outgoing_migration", phase.value, time.time(),
+    dom.job = ActiveJob(p.job_id, JobOperation.OUTGOING_MIGRATION, phase, time.time(),
                         source=p.source, dest=p.dest, flags=p.flags)
     if dom.active:  # a restarted worker finds the job (and what Begin was given)
-        dom.job.state = MigrationState(params=p).to_json()
+        dom.job.state = MigrationState(params=p)
         agent.save_status(dom)
-
-
-def refuse_v2_with_lease_state(agent: HostAgent) -> None:
-    if agent.locks.keeps_state:
-        raise UnsupportedError("lock manager requires migration protocol v3")
-
-
-def check_abort(agent: HostAgent, dom: DomainObj | None, uuid: str, job_id: str) -> None:
-    """At a phase boundary: an abort recorded earlier ends the job here."""
-    job = dom.job if dom is not None else None
-    if job is not None and job.cancelled:
-        raise MigrationError(job.cancelled)
-    if (job is not None and job.abort) or agent.jobs.abort_requested(uuid, job_id):
-        raise MigrationError("operation aborted: migration job canceled by client")
 
 
 async def begin3(agent: HostAgent, st: MigrationState) -> MigrationState:
@@ -100,7 +96,7 @@ async def begin3(agent: HostAgent, st: MigrationState) -> MigrationState:
                          mandatory=("graphics",) if spice else ())
     was_running = dom.state == DomainState.RUNNING and not p.has(F.PAUSED)
     await failpoints.hit("begin3.end")
-    return replace(st, xml=chosen.to_xml(migratable=True), cookie=cookie.to_xml(),
+    return replace(st, xml=format_domain_xml(chosen, migratable=True), cookie=cookie.to_xml(),
                    was_running=was_running)
 
 
@@ -110,14 +106,14 @@ async def perform3(agent: HostAgent, st: MigrationState) -> MigrationState:
         return st  # Begin or Prepare failed: Confirm undoes what was started
     dom = agent.lookup(p.domain)
     if dom.job is not None and dom.job.id == p.job_id and dom.job.phase in (
-            Phase.PERFORM3.value, Phase.PERFORM3_DONE.value):
+            Phase.PERFORM3, Phase.PERFORM3_DONE):
         return await resume_perform(agent, dom, st)  # redelivered, or after a restart
     dom = _job_dom(agent, p, Phase.PERFORM3)
     assert dom.job is not None
     if not dom.active and not p.has(F.OFFLINE):
         raise MigrationError(f"the QEMU of '{dom.name}' exited ({dom.reason.value}) before "
                              "Perform: the guest is lost, nothing to migrate")
-    dom.job.state = st.to_json()  # what a restarted worker resumes Perform from
+    dom.job.state = st  # what a restarted worker resumes Perform from
     if dom.active:
         agent.save_status(dom)
     check_abort(agent, dom, dom.uuid, p.job_id)
@@ -133,8 +129,8 @@ async def resume_perform(agent: HostAgent, dom: DomainObj,
     never a second `migrate`.  QEMU says how it ended: completed → the switch-over
     happened, finish the phase; anything else → cancel it, the phase failed."""
     assert dom.job is not None
-    if dom.job.phase == Phase.PERFORM3_DONE.value and dom.job.state:
-        return MigrationState.from_json(dom.job.state)
+    if dom.job.phase == Phase.PERFORM3_DONE and dom.job.state is not None:
+        return dom.job.state
     info = await dom.require_monitor("resume perform").execute("query-migrate")
     if info.get("status") != "completed":
         await qemu_migrate.cancel(dom)
@@ -153,7 +149,7 @@ def _perform_done(agent: HostAgent, dom: DomainObj, st: MigrationState) -> Migra
     persistent = None
     if p.has(F.PERSIST_DEST):
         persistent = st.xml if p.xmlin or dom.definition is None else \
-            dom.definition.to_xml(migratable=True)
+            format_domain_xml(dom.definition, migratable=True)
     stats = CookieStatistics.from_dict(st.statistics) if st.statistics else None
     # Leases were released at the switch-over (or at an earlier pause): their state
     # goes to Finish, which takes them with it before starting the CPUs.
@@ -165,14 +161,14 @@ def _perform_done(agent: HostAgent, dom: DomainObj, st: MigrationState) -> Migra
     st = replace(st, cookie=out.to_xml())
     _job_dom(agent, p, Phase.PERFORM3_DONE)
     assert dom.job is not None
-    dom.job.state = st.to_json()
+    dom.job.state = st
     if dom.active:
         agent.save_status(dom)
     return st
 
 
 async def _migrate(agent: HostAgent, dom: DomainObj, st: MigrationState,
-                   graphics: object) -> MigrationState:
+                   graphics: CookieGraphics | None) -> MigrationState:
     """Run QEMU's migration to st.uri; on success the source is paused:migration."""
     p = st.params
     mon = dom.require_monitor("migrate")
@@ -292,10 +288,7 @@ class Convergence:
                     "migrate-set-parameters", {"downtime-limit": downtime}))
 
 
-async def _relocate_spice(agent: HostAgent, dom: DomainObj, graphics: object) -> None:
-    from tasks.cookie import CookieGraphics
-
-    assert isinstance(graphics, CookieGraphics)
+async def _relocate_spice(agent: HostAgent, dom: DomainObj, graphics: CookieGraphics) -> None:
     if graphics.type != "spice" or dom.monitor is None:
         return
     args: dict[str, object] = {"protocol": "spice", "hostname": graphics.listen,
@@ -326,17 +319,17 @@ async def confirm3(agent: HostAgent, st: MigrationState) -> MigrationState:
         else:
             await _finish_source(agent, dom, p)
     finally:
-        end_job(agent, dom, uuid, st)
+        end_outgoing_job(agent, dom, uuid, st)
     return st
 
 
 def _with_own_statistics(st: MigrationState, dom: DomainObj) -> MigrationState:
     """The statistics Perform recorded here, when Finish's answer lacks them (a restarted
     dest answers for a Finish that had started the CPUs from what Prepare saved)."""
-    if st.statistics or dom.job is None or not dom.job.state:
+    if st.statistics or dom.job is None or dom.job.state is None:
         return st
-    own = dom.job.state.get("statistics")
-    return replace(st, statistics=dict(own)) if isinstance(own, dict) and own else st
+    own = dom.job.state.statistics
+    return replace(st, statistics=dict(own)) if own else st
 
 
 async def _resume_source(agent: HostAgent, dom: DomainObj, st: MigrationState) -> None:
@@ -369,23 +362,6 @@ async def _finish_source(agent: HostAgent, dom: DomainObj, p: MigrationParams) -
         dom.definition = None
 
 
-def end_job(agent: HostAgent, dom: DomainObj, uuid: str, st: MigrationState,
-             end_record: bool = True) -> None:
-    """The source's part of a job is over; v2 leaves the record to Finish2."""
-    p = st.params
-    job, dom.job = dom.job, None
-    agent.loop.create_task(agent.signals.unwatch(uuid))
-    elapsed = int((time.time() - job.started) * 1000) if job else 0
-    info = {"id": p.job_id, "operation": "outgoing_migration", "source": p.source,
-            "dest": p.dest, "type": "failed" if st.failed else "completed",
-            "time_elapsed_ms": elapsed, "statistics": st.statistics, "error": st.error}
-    agent.jobs.complete(uuid, agent.host, info)
-    if st.error:
-        agent.jobs.set_error(uuid, p.job_id, st.error)
-    if end_record:
-        agent.jobs.end(uuid, p.job_id)
-
-
 async def perform2(agent: HostAgent, st: MigrationState) -> MigrationState:
     """v2: migrate, then at once kill the source on success or resume it on failure."""
     p = st.params
@@ -404,13 +380,13 @@ async def perform2(agent: HostAgent, st: MigrationState) -> MigrationState:
     try:
         st = await _migrate(agent, dom, st, None)
     except FerryError as exc:
-        st = st.with_error(exc.at(phase=Phase.PERFORM2.value, host=agent.host))
+        st = st.with_error(exc.at(phase=Phase.PERFORM2, host=agent.host))
         try:
             await _resume_source(agent, dom, st)
         except FerryError as resume_exc:
-            st = st.with_error(resume_exc.at(phase=Phase.PERFORM2.value, host=agent.host))
-        end_job(agent, dom, uuid, st, end_record=False)
+            st = st.with_error(resume_exc.at(phase=Phase.PERFORM2, host=agent.host))
+        end_outgoing_job(agent, dom, uuid, st, end_record=False)
         return st
     await _finish_source(agent, dom, p)
-    end_job(agent, dom, uuid, st, end_record=False)
+    end_outgoing_job(agent, dom, uuid, st, end_record=False)
     return st

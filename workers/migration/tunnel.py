@@ -137,7 +137,9 @@ class _Conn:
         self.pending = 0  # replies not read yet
 
     def send(self, *commands: list[bytes | memoryview]) -> None:
-        self.conn.send_packed_command([p for c in commands for p in c], check_health=False)
+        packed = [p for c in commands for p in c]
+        # redis-py leaves Connection.send_packed_command unannotated
+        self.conn.send_packed_command(packed, check_health=False)  # type: ignore[no-untyped-call]
         self.pending += len(commands)
 
     def read(self) -> object:
@@ -153,7 +155,7 @@ class _Conn:
     def __exit__(self, kind: object, exc: object, tb: object) -> None:
         """Back to the pool; with a reply unread (cut short), disconnected first."""
         if exc is not None or self.pending:
-            self.conn.disconnect()
+            self.conn.disconnect()  # type: ignore[no-untyped-call]  # unannotated in redis-py
         self.pool.release(self.conn)
 
 

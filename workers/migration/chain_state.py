@@ -1,4 +1,5 @@
-"""What travels down a migration chain: parameters, cookie, URI, and the first error.
+"""A migration job's state, what travels down its chain: parameters, cookie, URI, and the
+first error.  (A domain's run state is workers/domain_states.py.)
 
 Each phase task takes the state the previous phase returned and returns the
 next one, so a failed phase never stops the chain: the phases after it run
@@ -7,39 +8,28 @@ in their cancelled form, and the last one raises the FIRST error.
 
 from __future__ import annotations
 
-import enum
 import time
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from workers import errors
 from workers.errors import FerryError, InvalidInputError, MigrationError
+from workers.job_types import Phase
 from workers.migration.params import MigrationParams
-
-
-class Phase(enum.StrEnum):
-    """libvirt's migration phases (qemuMigrationJobPhase)."""
-
-    NONE = "none"
-    BEGIN3 = "begin3"
-    PERFORM2 = "perform2"
-    PERFORM3 = "perform3"
-    PERFORM3_DONE = "perform3_done"
-    CONFIRM3_CANCELLED = "confirm3_cancelled"
-    CONFIRM3 = "confirm3"
-    PREPARE = "prepare"
-    FINISH2 = "finish2"
-    FINISH3 = "finish3"
-    QUEUED = "queued"  # ferry's own: waiting for a slot (workers/slots.py), before Begin
 
 
 @dataclass(frozen=True)
 class PhaseRecord:
-    phase: str
+    phase: Phase
     host: str
     elapsed_ms: float
     ok: bool
     cancelled: bool = False
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> PhaseRecord:
+        rec = cls(**data)  # TypeError: a field missing or unknown
+        return replace(rec, phase=Phase(rec.phase))  # ValueError: no such phase
 
 
 @dataclass(frozen=True)
@@ -69,7 +59,7 @@ class MigrationState:
 
     def with_phase(self, phase: Phase, host: str, started: float, ok: bool,
                    cancelled: bool = False) -> MigrationState:
-        rec = PhaseRecord(phase.value, host, round((time.monotonic() - started) * 1000, 1), ok,
+        rec = PhaseRecord(phase, host, round((time.monotonic() - started) * 1000, 1), ok,
                           cancelled)
         return replace(self, phases=(*self.phases, rec))
 
@@ -85,8 +75,8 @@ class MigrationState:
         data = dict(data)
         data["params"] = MigrationParams.from_json(data["params"])
         try:
-            data["phases"] = tuple(PhaseRecord(**p) for p in data.get("phases", ()))
-        except TypeError as exc:
+            data["phases"] = tuple(PhaseRecord.from_json(p) for p in data.get("phases", ()))
+        except (TypeError, ValueError) as exc:
             raise InvalidInputError(f"migration state: bad phase record: {exc}") from None
         data["cleanup_errors"] = tuple(data.get("cleanup_errors", ()))
         known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}

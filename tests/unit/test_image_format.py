@@ -1,4 +1,4 @@
-"""The save image header and the compressor tables (workers/images.py)."""
+"""The save image header and the compressor tables (workers/image_format.py)."""
 
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from workers import images
+from workers import image_format
 from workers.errors import InvalidInputError
-from workers.images import (
+from workers.image_format import (
     ALIGN,
     COMPRESSORS,
     FIXED_SIZE,
@@ -120,8 +120,8 @@ def test_a_truncated_stream_is_caught_before_qemu_starts() -> None:
 def test_xml_that_is_not_utf8_is_corruption() -> None:
     h = _complete()
     xml = b"<domain>\xff</domain>"
-    fixed = bytearray(images._FIXED.pack(images.MAGIC, 1, 1, b"zstd", len(xml),
-                                         images.align_up(FIXED_SIZE + len(xml)), len(STREAM),
+    fixed = bytearray(image_format._FIXED.pack(image_format.MAGIC, 1, 1, b"zstd", len(xml),
+                                         image_format.align_up(FIXED_SIZE + len(xml)), len(STREAM),
                                          0, bytes(12)))
     crc = zlib.crc32(xml, zlib.crc32(bytes(fixed)))
     struct.pack_into("<I", fixed, 48, crc)
@@ -132,29 +132,29 @@ def test_xml_that_is_not_utf8_is_corruption() -> None:
 
 def test_an_xml_larger_than_the_limit_is_refused_when_writing() -> None:
     with pytest.raises(InvalidInputError, match="larger than"):
-        encode_header(_complete(xml="x" * (images.MAX_XML_BYTES + 1)))
+        encode_header(_complete(xml="x" * (image_format.MAX_XML_BYTES + 1)))
 
 
 def test_compressor_tables_are_argument_lists_for_known_programs() -> None:
-    assert COMPRESSORS["raw"].compress is None and images.compress_argv("raw") is None
-    assert images.decompress_argv("raw") is None
+    assert COMPRESSORS["raw"].compress is None and image_format.compress_argv("raw") is None
+    assert image_format.decompress_argv("raw") is None
     for name, comp in COMPRESSORS.items():
         if name == "raw":
             continue
         assert comp.program == name
-        compress, decompress = images.compress_argv(name), images.decompress_argv(name)
+        compress, decompress = image_format.compress_argv(name), image_format.decompress_argv(name)
         assert compress is not None and decompress is not None
         assert compress[0] == decompress[0] == name and "-c" in compress
         assert "-dc" in decompress
         assert not any(set(arg) & set("|;&$<>`' ") for arg in compress + decompress)
-    assert images.compress_argv("gzip", ["-x"]) == ["gzip", "-c", "-x"]
+    assert image_format.compress_argv("gzip", ["-x"]) == ["gzip", "-c", "-x"]
     with pytest.raises(InvalidInputError, match="unknown compression 'lz4'"):
-        images.compress_argv("lz4")
+        image_format.compress_argv("lz4")
 
 
 @pytest.mark.parametrize("name", [n for n in COMPRESSORS if n != "raw"])
 def test_each_compressor_round_trips_through_its_argv(name: str) -> None:
-    compress, decompress = images.compress_argv(name), images.decompress_argv(name)
+    compress, decompress = image_format.compress_argv(name), image_format.decompress_argv(name)
     assert compress is not None and decompress is not None
     if shutil.which(compress[0]) is None:
         pytest.skip(f"{compress[0]} is not installed")
@@ -171,7 +171,7 @@ def test_bypass_cache_writer_appends_at_an_aligned_offset(tmp_path: Path) -> Non
         f.write(encode_header(_complete()))
         f.flush()
         data = os.urandom(3 * 1024 * 1024 + 123)  # a final partial block
-        res = subprocess.run(images.bypass_cache_argv(), input=data, stdout=f,
+        res = subprocess.run(image_format.bypass_cache_argv(), input=data, stdout=f,
                              stderr=subprocess.PIPE)
     if res.returncode != 0 and b"Invalid argument" in res.stderr:
         pytest.skip("this file system has no O_DIRECT")
@@ -185,18 +185,20 @@ def test_bypass_cache_writer_appends_at_an_aligned_offset(tmp_path: Path) -> Non
 ])
 def test_restore_starts_as_asked_else_as_saved(running: bool, paused: bool, was_running: bool,
                                                 starts: bool) -> None:
-    assert images.starts_running(_complete(was_running=was_running), running, paused) is starts
+    header = _complete(was_running=was_running)
+    assert image_format.starts_running(header, running, paused) is starts
 
 
 def test_running_and_paused_together_are_refused() -> None:
     with pytest.raises(InvalidInputError, match="mutually exclusive"):
-        images.check_run_flags(True, True)
+        image_format.check_run_flags(True, True)
 
 
 def test_dump_requests() -> None:
-    assert images.dump_request(False, "elf") == {"paging": True, "format": "elf", "detach": True}
-    assert images.dump_request(True, "kdump-zlib")["paging"] is False
+    assert image_format.dump_request(False, "elf") == {"paging": True, "format": "elf",
+                                                       "detach": True}
+    assert image_format.dump_request(True, "kdump-zlib")["paging"] is False
     with pytest.raises(InvalidInputError, match="needs --memory-only"):
-        images.dump_request(False, "kdump-lzo")
+        image_format.dump_request(False, "kdump-lzo")
     with pytest.raises(InvalidInputError, match="unknown dump format 'vmcore'"):
-        images.dump_request(True, "vmcore")
+        image_format.dump_request(True, "vmcore")

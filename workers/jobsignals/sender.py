@@ -1,4 +1,4 @@
-"""Sending job signals: publish on the domain's channel, wait for the owner's reply.
+"""The client's end of job signals: publish on the domain's channel, wait for the owner's reply.
 
 No subscriber (PUBLISH returns 0) and no reply in time are clear errors at
 once, never a hang.  An abort nobody can act on now is recorded in the job
@@ -16,10 +16,7 @@ import redis
 
 from workers.errors import FerryError, HostUnavailableError, OperationInvalidError
 from workers.jobs import JobStore
-from workers.signals import job_channel
-
-OPS = ("abort", "setspeed", "getspeed", "setmaxdowntime", "suspend", "postcopy", "jobinfo",
-       "blkstat", "blkinfo")
+from workers.jobsignals.protocol import job_channel, reply_channel
 
 
 class NoJobOwnerError(OperationInvalidError):
@@ -28,9 +25,10 @@ class NoJobOwnerError(OperationInvalidError):
 
 def send_signal(client: redis.Redis, uuid: str, op: str, args: dict[str, Any] | None = None,
                 timeout_s: float = 5.0) -> Any:
-    reply_to = f"ferry.reply.{uuidlib.uuid4()}"
+    reply_to = reply_channel()
     sig_id = str(uuidlib.uuid4())
-    pubsub = client.pubsub(ignore_subscribe_messages=True)
+    # redis-py leaves Redis.pubsub unannotated
+    pubsub = client.pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call]
     try:
         pubsub.subscribe(reply_to)
         sig = {"id": sig_id, "op": op, "args": args or {}, "reply_to": reply_to}

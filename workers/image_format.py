@@ -1,5 +1,6 @@
-"""Save images: the header format and the compressor tables.  Pure: no I/O beyond a file
-object handed in, so every rule has a unit test.
+"""The save image file format: the header and the compressor tables (the jobs that write
+and read images are workers/image_jobs.py).  Pure: no I/O beyond a file object handed
+in, so every rule has a unit test.
 
 An image is a fixed header, the domain XML, zero padding, then QEMU's migration
 stream as the compressor wrote it.  All integers are little-endian::

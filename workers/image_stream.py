@@ -1,4 +1,5 @@
-"""Image files and helper processes for save, restore and dump (workers/saverestore.py).
+"""The way an image's stream goes between QEMU and its file, for save, restore and dump
+(the jobs are workers/image_jobs.py, the file format workers/image_format.py):
 
 - TempImage: the temp file (mode 0600, in the target's directory) an image
   or dump is written to, fsynced and renamed over the target once complete;
@@ -24,7 +25,7 @@ from typing import Any, TypeVar
 
 from workers.domain import DomainDef
 from workers.errors import InvalidInputError, UnsupportedError
-from workers.images import CompressorError, ImageIOError
+from workers.image_format import CompressorError, ImageIOError
 from workers.paths import AllowedDirs
 
 log = logging.getLogger(__name__)

@@ -1,21 +1,21 @@
-"""Save, restore and dump on the agent loop: a guest's state to a file and back.
+"""The image jobs on the agent loop: save, restore and dump, a guest's state to a file and back.
 
 Save pauses the guest and hands QEMU, over SCM_RIGHTS (`getfd`, then
 `migrate fd:NAME`), the write end of a pipe read by a compressor ferry spawns
 itself (an argument list, never a shell), which writes behind the image header
-(workers/images.py) into a temp file in the target's directory: fsync, rename,
-and the guest is shutoff:saved.  Restore checks the header, starts QEMU with
+(workers/image_format.py) into a temp file in the target's directory: fsync,
+rename, and the guest is shutoff:saved.  Restore checks the header, starts QEMU with
 `-incoming defer` and hands it the read end of a decompressor's pipe
 (`migrate-incoming fd:NAME`).  Raw images need no helper: QEMU gets the file.
 Dump hands QEMU the temp file for `dump-guest-memory`.  Temp files and
-helper processes live in workers/imageio.py.
+helper processes live in workers/image_stream.py.
 
 Leases: the save's pause releases them, restore takes them before QEMU starts
 (and gives them back when the guest stays paused), as `start` does.
 
 Each is a job: the record shows progress (domjobinfo), and domjobabort stops
 it: QEMU's migration is cancelled (save; "save" is one of the signal
-listener's PERFORM_PHASES), the load is stopped (restore), or the finished
+handlers' PERFORM_PHASES), the load is stopped (restore), or the finished
 dump is thrown away (QEMU cannot cancel a dump).  On any failure the temp
 file goes, a saved guest runs again (`running:save_canceled` when ferry paused
 it) and a restored one is not left behind.
@@ -32,11 +32,14 @@ import time
 import uuid as uuidlib
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from workers import failpoints, images
+from workers import failpoints, image_format
 from workers.abi import check_abi_stability
+from workers.agent import HostAgent
 from workers.domain import DomainDef
+from workers.domain_states import DomainState, PausedReason, RunningReason, ShutoffReason
+from workers.domain_xml import format_domain_xml
 from workers.domobj import DomainObj
 from workers.errors import (
     FerryError,
@@ -45,7 +48,8 @@ from workers.errors import (
     QemuError,
     UnsupportedError,
 )
-from workers.imageio import (
+from workers.image_format import CompressorError, ImageError, ImageHeader, ImageIOError
+from workers.image_stream import (
     Helper,
     TempImage,
     explain,
@@ -55,17 +59,13 @@ from workers.imageio import (
     require_programs,
     target_path,
 )
-from workers.images import CompressorError, ImageError, ImageHeader, ImageIOError
+from workers.job_types import JobOperation, Phase
 from workers.jobs import ActiveJob
-from workers.lifecycle import launch, pause_cpus, run_cpus
+from workers.lifecycle import inactive_domain_for, launch, pause_cpus, run_cpus
 from workers.migration import qemu_migrate
 from workers.migration.progress import ProgressTracker
 from workers.monitor import Monitor
 from workers.process import log_tail
-from workers.states import DomainState, PausedReason, RunningReason, ShutoffReason
-
-if TYPE_CHECKING:
-    from workers.agent import HostAgent
 
 log = logging.getLogger(__name__)
 
@@ -74,12 +74,13 @@ LOAD_QUERY_TIMEOUT_S = 600.0  # QEMU answers no QMP while it loads a raw image f
 
 
 # -- jobs ----------------------------------------------------------------------------------
-def _start_job(agent: HostAgent, dom: DomainObj, operation: str, job_id: str | None,
+def _start_job(agent: HostAgent, dom: DomainObj, operation: JobOperation, job_id: str | None,
                flags: int) -> ActiveJob:
     job_id = job_id or str(uuidlib.uuid4())
-    agent.jobs.start(dom.uuid, job_id=job_id, kind=operation, phase=operation,
+    phase = Phase(operation.value)  # an image job has one phase, named as its operation
+    agent.jobs.start(dom.uuid, job_id=job_id, kind=operation.kind, phase=phase,
                      source=agent.host, dest=None, flags=flags)
-    dom.job = ActiveJob(job_id, operation, operation, time.time(), source=agent.host,
+    dom.job = ActiveJob(job_id, operation, phase, time.time(), source=agent.host,
                         flags=flags)
     return dom.job
 
@@ -134,25 +135,25 @@ async def save(agent: HostAgent, name: str, path: str, *, compression: str = "ra
                running: bool = False, paused: bool = False, bypass_cache: bool = False,
                job_id: str | None = None) -> dict[str, Any]:
     """Save `name` to `path`: afterwards it is shutoff:saved and the image complete."""
-    images.check_run_flags(running, paused)
-    comp = images.compressor(compression)
-    stages = [images.compress_argv(comp.name, failpoints.extra_argv("save.compressor"))]
+    image_format.check_run_flags(running, paused)
+    comp = image_format.compressor(compression)
+    stages = [image_format.compress_argv(comp.name, failpoints.extra_argv("save.compressor"))]
     if bypass_cache:
-        stages.append(images.bypass_cache_argv())
+        stages.append(image_format.bypass_cache_argv())
     real = [s for s in stages if s]
     require_programs(real)
     target = target_path(path, agent.allowed)
     dom = agent.lookup(name)
     not_a_disk(dom.current, target)
-    flags = sum(int(flag) for flag, on in ((images.SaveFlags.BYPASS_CACHE, bypass_cache),
-                                           (images.SaveFlags.RUNNING, running),
-                                           (images.SaveFlags.PAUSED, paused)) if on)
+    flags = sum(int(flag) for flag, on in ((image_format.SaveFlags.BYPASS_CACHE, bypass_cache),
+                                           (image_format.SaveFlags.RUNNING, running),
+                                           (image_format.SaveFlags.PAUSED, paused)) if on)
     async with dom.lock:
         _lock_dom(dom, "save")
-        job = _start_job(agent, dom, "save", job_id, flags)
+        job = _start_job(agent, dom, JobOperation.SAVE, job_id, flags)
     uuid = dom.uuid
     was_running = dom.state == DomainState.RUNNING
-    header = ImageHeader(dom.current.to_xml(migratable=True), comp.name,
+    header = ImageHeader(format_domain_xml(dom.current, migratable=True), comp.name,
                          running or (was_running and not paused))
     run = _SaveRun(agent, dom, job, target, header, real)
     try:
@@ -193,7 +194,7 @@ class _SaveRun:
     async def run(self) -> dict[str, Any]:
         agent, dom = self.agent, self.dom
         self.image = TempImage(self.target, self.agent.allowed)
-        self.image.write(images.encode_header(self.header), 0)
+        self.image.write(image_format.encode_header(self.header), 0)
         writer = self.image.writer_fd(self.header.data_offset)
         try:
             qemu_fd, self.helpers = await pipeline(self.stages, writer, writing=True)
@@ -227,7 +228,7 @@ class _SaveRun:
         if data_len <= 0:
             raise ImageIOError(f"nothing was written to {self.image.tmp}")
         self.header = replace(self.header, data_len=data_len)
-        self.image.write(images.encode_header(self.header), 0)
+        self.image.write(image_format.encode_header(self.header), 0)
         await self.image.commit()
         self.size = self.header.data_offset + data_len
         stats = qemu_migrate.progress_of(info, started_ms)
@@ -294,16 +295,16 @@ async def restore(agent: HostAgent, path: str, *, xml: str | None = None,
                   running: bool = False, paused: bool = False,
                   job_id: str | None = None) -> dict[str, Any]:
     """Start the guest saved in `path`: running:restored, or paused:user as asked or saved."""
-    images.check_run_flags(running, paused)
+    image_format.check_run_flags(running, paused)
     fd = open_image(path, agent.allowed)
     try:
         header = _read_header(fd)
         definition = _restore_definition(agent, header, xml)
-        argv = images.decompress_argv(header.compression)
+        argv = image_format.decompress_argv(header.compression)
         stages = [argv] if argv else []
         require_programs(stages)
         return await _restore(agent, fd, header, definition, stages,
-                              images.starts_running(header, running, paused), job_id)
+                              image_format.starts_running(header, running, paused), job_id)
     finally:
         os.close(fd)
 
@@ -311,7 +312,7 @@ async def restore(agent: HostAgent, path: str, *, xml: str | None = None,
 def _read_header(fd: int) -> ImageHeader:
     size = os.fstat(fd).st_size
     with io.FileIO(fd, "rb", closefd=False) as f:
-        header = images.read_header(f, size)
+        header = image_format.read_header(f, size)
     if size > header.data_offset + header.data_len:
         raise ImageError(f"image is corrupted: {size - header.data_offset - header.data_len} "
                          "bytes after the end its header gives")
@@ -334,18 +335,8 @@ def _restore_definition(agent: HostAgent, header: ImageHeader, xml: str | None) 
 
 def _restore_dom(agent: HostAgent, d: DomainDef) -> tuple[DomainObj, bool]:
     """The object the restored guest lives in (an inactive definition of it, or new)."""
-    for other in agent.domains.values():
-        if other.uuid == d.uuid and other.name != d.name:
-            raise InvalidInputError(f"domain with uuid {d.uuid} already exists as "
-                                    f"'{other.name}'")
-    dom = agent.domains.get(d.name)
-    if dom is None:
-        return DomainObj(definition=None, live=d), True
-    if dom.uuid != d.uuid:
-        raise InvalidInputError(f"domain '{d.name}' already exists with uuid {dom.uuid}")
-    dom.require_inactive("restore")
-    dom.require_no_job("restore")
-    return dom, False
+    dom = inactive_domain_for(agent, d, "restore")
+    return (DomainObj(definition=None, live=d), True) if dom is None else (dom, False)
 
 
 async def _restore(agent: HostAgent, fd: int, header: ImageHeader, definition: DomainDef,
@@ -354,7 +345,7 @@ async def _restore(agent: HostAgent, fd: int, header: ImageHeader, definition: D
     async with dom.lock:
         dom.require_inactive("restore")
         agent.domains[definition.name] = dom
-        job = _start_job(agent, dom, "restore", job_id, 0)
+        job = _start_job(agent, dom, JobOperation.RESTORE, job_id, 0)
     uuid = dom.uuid
     run = _RestoreRun(agent, dom, job, fd, header, stages)
     try:
@@ -462,15 +453,15 @@ async def dump(agent: HostAgent, name: str, path: str, *, memory_only: bool = Fa
                format: str = "elf", live: bool = False,
                job_id: str | None = None) -> dict[str, Any]:
     """Guest memory to `path` with dump-guest-memory; the guest runs on afterwards."""
-    request = images.dump_request(memory_only, format)
+    request = image_format.dump_request(memory_only, format)
     target = target_path(path, agent.allowed)
     dom = agent.lookup(name)
     not_a_disk(dom.current, target)
-    flags = (int(images.DumpFlags.LIVE) if live else 0) | \
-        (int(images.DumpFlags.MEMORY_ONLY) if memory_only else 0)
+    flags = (int(image_format.DumpFlags.LIVE) if live else 0) | \
+        (int(image_format.DumpFlags.MEMORY_ONLY) if memory_only else 0)
     async with dom.lock:
         _lock_dom(dom, "dump")
-        job = _start_job(agent, dom, "dump", job_id, flags)
+        job = _start_job(agent, dom, JobOperation.DUMP, job_id, flags)
     uuid = dom.uuid
     run = _DumpRun(agent, dom, job, target, request, live)
     try:

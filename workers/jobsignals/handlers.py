@@ -1,123 +1,42 @@
-"""Job signals: the job owner listens on `ferry.job.<domain uuid>` and replies.
+"""What each job signal does, on the host that owns the job (the listener calls `dispatch`).
 
-Runs on the agent loop with an asyncio Redis connection, so handlers use the
-QMP monitor directly, while Perform's wait loop goes on.  The source host
-subscribes for the whole job (Begin to Confirm): an abort before Perform is
-recorded and honoured at the next phase boundary, one during Perform
-cancels QEMU's migration at once.
+Every handler runs on the agent loop and returns the JSON the sender gets;
+a FerryError is the sender's error line.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import json
 import logging
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-import redis
-
-from config import broker
 from workers import lifecycle
+from workers.agent import HostAgent
+from workers.domain_states import DomainState, PausedReason
 from workers.domobj import DomainObj
-from workers.errors import FerryError, InvalidInputError, OperationInvalidError
+from workers.errors import InvalidInputError, OperationInvalidError
+from workers.job_types import Phase
 from workers.jobs import active_record, jobinfo_view
 from workers.migration import qemu_migrate
 from workers.migration.params import MAX_BANDWIDTH_MIB_S, MAX_DOWNTIME_MS, MigrationFlags
-from workers.states import DomainState, PausedReason
-
-if TYPE_CHECKING:
-    from workers.agent import HostAgent
 
 log = logging.getLogger(__name__)
 
-PERFORM_PHASES = ("perform3", "perform2", "save")  # save: a migration to a file
+PERFORM_PHASES = (Phase.PERFORM3, Phase.PERFORM2, Phase.SAVE)  # save: a migration to a file
 ABORT_SETTLE_S = 5.0
 
 
-def job_channel(uuid: str) -> str:
-    return f"ferry.job.{uuid}"
-
-
-class SignalListener:
-    def __init__(self, agent: HostAgent) -> None:
-        self.agent = agent
-        self.redis = broker.connect_async(agent.settings)
-        self.pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
-        self._task: asyncio.Task[None] | None = None
-
-    async def start(self) -> None:
-        # A permanent subscription keeps the reader alive between jobs.
-        await self.pubsub.subscribe(f"ferry.host.{self.agent.host}")
-        self._task = asyncio.get_running_loop().create_task(self._run())
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(BaseException):
-                await self._task
-        with contextlib.suppress(Exception):
-            await self.pubsub.aclose()
-            await self.redis.aclose()
-
-    async def watch(self, uuid: str) -> None:
-        await self.pubsub.subscribe(job_channel(uuid))
-
-    async def unwatch(self, uuid: str) -> None:
-        with contextlib.suppress(redis.RedisError):
-            await self.pubsub.unsubscribe(job_channel(uuid))
-
-    async def _run(self) -> None:
-        while True:
-            try:
-                msg = await self.pubsub.get_message(timeout=1.0)
-            except (redis.RedisError, OSError) as exc:
-                log.warning("job signal listener: %s; reconnecting", exc)
-                await asyncio.sleep(1.0)
-                await self._resubscribe()
-                continue
-            if msg is not None and msg.get("type") == "message":
-                asyncio.get_running_loop().create_task(self._handle(msg))
-
-    async def _resubscribe(self) -> None:
-        """After the broker came back: listen again on every channel we had."""
-        channels = [c.decode() if isinstance(c, bytes) else c for c in self.pubsub.channels]
-        with contextlib.suppress(redis.RedisError, OSError):
-            await self.pubsub.reset()
-            self.pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
-            await self.pubsub.subscribe(*channels or [f"ferry.host.{self.agent.host}"])
-
-    async def _handle(self, msg: dict[str, Any]) -> None:
-        channel = msg["channel"].decode()
-        try:
-            sig = json.loads(msg["data"])
-            reply_to, sig_id = str(sig["reply_to"]), sig.get("id")
-        except (ValueError, KeyError, TypeError):
-            log.warning("ignoring malformed job signal on %s", channel)
-            return
-        try:
-            args = sig.get("args") or {}
-            if not isinstance(args, dict):
-                raise InvalidInputError("job signal args must be a JSON object")
-            result = await self.dispatch(channel.rsplit(".", 1)[1], str(sig.get("op")), args)
-            reply: dict[str, Any] = {"id": sig_id, "ok": True, "result": result}
-        except FerryError as exc:
-            reply = {"id": sig_id, "ok": False, "error": str(exc.at(host=self.agent.host))}
-        except Exception as exc:  # the caller gets an answer, never silence
-            log.exception("job signal %s failed", sig.get("op"))
-            reply = {"id": sig_id, "ok": False, "error": f"{type(exc).__name__}: {exc}"}
-        await self.redis.publish(reply_to, json.dumps(reply))
-
-    async def dispatch(self, uuid: str, op: str, args: dict[str, Any]) -> Any:
-        handler = HANDLERS.get(op)
-        if handler is None:
-            raise InvalidInputError(f"unknown job signal '{op}' (one of {', '.join(HANDLERS)})")
-        dom = self.agent.lookup(uuid)
-        if dom.job is None:
-            raise OperationInvalidError(f"domain '{dom.name}' has no job on this host")
-        log.info("job %s: signal %s %s", dom.job.id, op, args)
-        return await handler(self.agent, dom, args)
+async def dispatch(agent: HostAgent, uuid: str, op: str, args: dict[str, Any]) -> Any:
+    """Run signal `op` for the job of domain `uuid` on this host; its result."""
+    handler = HANDLERS.get(op)
+    if handler is None:
+        raise InvalidInputError(f"unknown job signal '{op}' (one of {', '.join(HANDLERS)})")
+    dom = agent.lookup(uuid)
+    if dom.job is None:
+        raise OperationInvalidError(f"domain '{dom.name}' has no job on this host")
+    log.info("job %s: signal %s %s", dom.job.id, op, args)
+    return await handler(agent, dom, args)
 
 
 def _int_arg(args: dict[str, Any], key: str, low: int, high: int) -> int:
@@ -135,7 +54,7 @@ def _performing(dom: DomainObj) -> bool:
 
 
 TOO_LATE = "too late to abort: the switch-over happened, the migration goes on to the dest"
-SWITCHED_PHASES = ("perform3_done", "confirm3")
+SWITCHED_PHASES = (Phase.PERFORM3_DONE, Phase.CONFIRM3)
 
 
 async def _abort(agent: HostAgent, dom: DomainObj, args: dict[str, Any]) -> Any:
@@ -226,7 +145,7 @@ async def _blkinfo(agent: HostAgent, dom: DomainObj, args: dict[str, Any]) -> An
     return await lifecycle.domblkinfo(agent, dom.name, str(args.get("device") or ""))
 
 
-Handler = Callable[["HostAgent", DomainObj, dict[str, Any]], Awaitable[Any]]
+Handler = Callable[[HostAgent, DomainObj, dict[str, Any]], Awaitable[Any]]
 HANDLERS: dict[str, Handler] = {
     "abort": _abort, "setspeed": _setspeed, "getspeed": _getspeed,
     "setmaxdowntime": _setmaxdowntime, "suspend": _suspend, "postcopy": _postcopy,

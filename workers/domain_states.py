@@ -1,4 +1,5 @@
-"""Domain states and reasons, named as libvirt names them."""
+"""A domain's run state and its reason (running:booted, paused:migration, ...), named as
+libvirt names them.  (A migration job's state is workers/migration/chain_state.py.)"""
 
 from __future__ import annotations
 
