@@ -22,7 +22,7 @@ job's task ids, so the caller waiting on the job gets its result:
 - dest in Prepare or Finish whose answer was lost with the worker, CPUs not
   started: the job fails from that phase on (the incoming QEMU goes, the
   source resumes); CPUs started: the guest runs here, Finish's answer is
-  given and Confirm follows.
+  given (and its incoming line given back) and Confirm follows.
 
 A phase redelivered later finds the job ended and runs nothing.
 """
@@ -37,6 +37,7 @@ from celery import chain
 
 from config.celery_app import app, queue_for
 from tasks import results
+from tasks.migration import INCOMING, give_back
 from tasks.p2p import finish_unanswered
 from tasks.phase_tasks import ON_SOURCE, V3_CHAIN, PhaseTask
 from workers.agent import HostAgent
@@ -110,8 +111,10 @@ async def _incoming_interrupted(agent: HostAgent,
     if dom.state == DomainState.RUNNING:
         if phase != Phase.FINISH3:
             return None
-        # Finish had started the CPUs: the guest runs here; answer for Finish.
+        # Finish had started the CPUs: the guest runs here; answer for Finish, and give
+        # back the incoming line the Finish task would have (it died with the worker).
         st = complete_incoming(agent, dom, job.state)
+        give_back(INCOMING, st.params)
         app.backend.mark_as_done(PhaseTask.FINISH3.task_id(st.params.job_id), st.to_json())
         return st, [] if st.params.has(MigrationFlags.PEER2PEER) else _CONFIRM
     err = MigrationError(f"the dest worker restarted during {phase}", phase, agent.host)

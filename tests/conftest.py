@@ -13,13 +13,14 @@ import sys
 import tempfile
 import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 
 from config.settings import load
 from scripts.testbed.fleet import Fleet, netns_available
+from scripts.testbed.guestimage import Tick, broken_continuity, serial_ticks
 from scripts.testbed.guestxml import guest_xml
 from scripts.testbed.stack import Stack, pid_alive, wait_for
 from tasks.client import Client
@@ -28,7 +29,7 @@ HOSTS = ("alpha", "beta")
 
 # `make test` runs the suite on two pytest-xdist workers. Modules whose tests share one
 # module-wide fixture, or a machine-wide resource (network namespaces and their subnets,
-# the fault matrix's fixed port range), run whole on one worker, one group at a time; every
+# the fault matrix's port range), run whole on one worker, one group at a time; every
 # other test is a unit of its own. (xdist 3.8's `--dist loadgroup` did not keep marked tests
 # together under pytest 9 here, so the grouping is done by the scheduler below.)
 SERIAL_GROUPS = {
@@ -63,7 +64,7 @@ def _xdist_worker() -> int | None:
     return int(name[2:]) if name.startswith("gw") and name[2:].isdigit() else None
 
 
-def _port_base() -> int:
+def port_base() -> int:
     """First migration port of this run's stacks; FERRY_TEST_PORT_BASE moves it so that two
     checkouts can run their suites side by side on one machine."""
     return int(os.environ.get("FERRY_TEST_PORT_BASE", "30000"))
@@ -78,7 +79,7 @@ def stack() -> Iterator[Stack]:
     if worker is not None:
         # Each xdist worker's stack gets its own migration ports, below the kernel's
         # ephemeral range (32768-60999) that the other worker's redis-servers draw from.
-        first = _port_base() + 64 * worker
+        first = port_base() + 64 * worker
         st.extra_env["FERRY_MIGRATION_PORTS"] = f"{first}-{first + 63}"
     try:
         st.start_redis()
@@ -143,10 +144,12 @@ class Guest:
     serial: Path
 
     def counters(self) -> list[int]:
-        from scripts.testbed.guestimage import serial_counters
+        return [t.count for t in self.ticks()]
 
+    def ticks(self) -> list[Tick]:
+        """The counter lines of the serial log so far: (boot id, count) each."""
         try:
-            return serial_counters(self.serial.read_text(errors="replace"))
+            return serial_ticks(self.serial.read_text(errors="replace"))
         except FileNotFoundError:
             return []
 
@@ -157,13 +160,39 @@ class Guest:
 
         return int(wait_for(above, timeout, f"{self.name}'s serial counter to pass {value}"))
 
+    def wait_tick(self, timeout: float = 20) -> Tick:
+        """The last counter line, once there is one."""
+        tick = wait_for(lambda: (self.ticks() or [None])[-1], timeout,
+                        f"{self.name} to print a counter line")
+        assert isinstance(tick, Tick)
+        return tick
+
+    def wait_kept_running(self, since: Tick | None = None, more: int = 2,
+                          timeout: float = 20) -> Tick:
+        """The guest runs now and never stopped being the guest that printed `since` (the
+        log's first line when None): `more` lines past those already printed, and from
+        `since` on one boot id and a count going up by one (a reboot, a second copy or a
+        lost stretch fails).  Returns the last line."""
+        floor = self.wait_tick(timeout).count + more
+
+        def counted_on() -> Tick | None:
+            ticks = self.ticks()
+            why = broken_continuity(ticks, since)
+            assert why is None, f"{self.name} did not keep running: {why}"
+            return ticks[-1] if ticks[-1].count >= floor else None
+
+        tick = wait_for(counted_on, timeout, f"{self.name} to count on to {floor}")
+        assert isinstance(tick, Tick)
+        return tick
+
 
 @pytest.fixture
 def make_guest(tmp_path: Path, base_image: Path, client: Client,
                stack: Stack) -> Iterator[Callable[..., Guest]]:
     """A fresh guest definition (own disk copy and serial log); not yet defined.
 
-    Whatever the test left of its guests on any host is destroyed and undefined after it.
+    Whatever the test left of its guests on any live host is destroyed and undefined after
+    it; a clean-up that fails fails the test.
     """
     made: list[Guest] = []
 
@@ -180,10 +209,25 @@ def make_guest(tmp_path: Path, base_image: Path, client: Client,
 
     yield make
     for guest in made:
-        for host in list(stack.workers):
-            for task in ("destroy", "undefine"):
-                with contextlib.suppress(Exception):
-                    client.call(host, task, domain=guest.name, timeout=30)
+        for host in live_hosts(stack):
+            remove_guest(client, host, guest.name)
+
+
+def live_hosts(stack: Stack) -> list[str]:
+    """The stack's hosts whose worker process runs."""
+    return [name for name, w in stack.workers.items()
+            if w.proc is not None and w.proc.poll() is None]
+
+
+def remove_guest(client: Client, host: str, name: str) -> None:
+    """Destroy and undefine domain `name` on `host` where it is; any failure raises."""
+    for dom in client.call(host, "list", all=True, timeout=30):
+        if dom["name"] != name:
+            continue
+        if dom["pid"] is not None:  # a QEMU runs it (shutoff and crashed have none)
+            client.call(host, "destroy", domain=name, timeout=30)
+        if dom["persistent"]:
+            client.call(host, "undefine", domain=name, timeout=30)
 
 
 def kvm_available() -> bool:
@@ -255,8 +299,11 @@ def nolock_hosts(stack: Stack) -> Iterator[tuple[str, str]]:
 
 
 @pytest.fixture
-def faulty_host(stack: Stack) -> Iterator[Callable[[str], str]]:
-    """Start host 'gamma' with failpoints armed; it is removed (with its guests) after."""
+def faulty_host(stack: Stack, client: Client) -> Iterator[Callable[[str], str]]:
+    """Start host 'gamma' with failpoints armed; it is removed after, its guests first
+    destroyed and undefined through it (so no lease or state file outlives them).  A
+    test that stopped it for good sees it come back first, failpoints disarmed, as a
+    restarted host does: what the stop left is then ferry's to clean up."""
     started: list[str] = []
 
     def start(failpoints: str, **env: str) -> str:
@@ -266,6 +313,13 @@ def faulty_host(stack: Stack) -> Iterator[Callable[[str], str]]:
 
     yield start
     for name in started:
+        if name not in stack.workers:  # the test removed it itself
+            continue
+        if name not in live_hosts(stack):
+            env = {k: v for k, v in stack.workers[name].env.items() if k != "FERRY_FAILPOINTS"}
+            stack.start_worker(name, env=env)
+        for dom in client.call(name, "list", all=True, timeout=30):
+            remove_guest(client, name, dom["name"])
         stack.remove_worker(name)
 
 
@@ -289,6 +343,7 @@ class FleetRun:
     client: Client
     image: Path
     work: Path
+    booted: list[Guest] = field(default_factory=list)
 
     def guest(self, memory_mib: int = 32, domain_type: str = "qemu") -> Guest:
         name = f"g-{uuid.uuid4().hex[:8]}"
@@ -302,8 +357,17 @@ class FleetRun:
 
     def boot(self, host: str, guest: Guest) -> Guest:
         self.client.call(host, "define", xml=guest.xml)
+        self.booted.append(guest)
         self.client.call(host, "start", domain=guest.name)
         return guest
+
+    def remove_guests(self) -> None:
+        """Destroy and undefine every guest booted so far, on whichever hosts it is now."""
+        assert self.fleet.stack is not None
+        for guest in self.booted:
+            for host in live_hosts(self.fleet.stack):
+                remove_guest(self.client, host, guest.name)
+        self.booted.clear()
 
     def running_on(self, guest: Guest) -> list[str]:
         """Hosts where this guest's QEMU runs its CPUs now (from each host's dominfo)."""

@@ -263,9 +263,7 @@ class HostAgent:
             self.loop.create_task(dom.monitor.close())
         proc.close()
         dom.proc, dom.monitor = None, None
-        self.store.delete_status(dom.name)
-        with contextlib.suppress(FileNotFoundError):
-            self.store.qmp_socket(dom.current.uuid).unlink()
+        self.store.forget_runtime(dom.name, dom.current.uuid)
         self.release_ports(dom)
         try:
             self.release_leases(dom)
@@ -345,7 +343,7 @@ class HostAgent:
         proc = attach(pid, live.uuid)
         if proc is None:
             log.warning("domain %s: QEMU pid %d is gone", name, pid)
-            self.store.delete_status(name)
+            self.store.forget_runtime(name, live.uuid)
             dom.live = None if dom.persistent else live
             dom.state, dom.reason = DomainState.SHUTOFF, ShutoffReason.FAILED
             if not dom.persistent:

@@ -6,6 +6,9 @@
     ferry:queued:<domain uuid>           JSON: a migration waiting for a slot (workers/
                                          slots.py): id, line, place, since; short TTL,
                                          refreshed by every retry of the waiting task
+    ferry:jobended:<job id>              the job has ended (its late phases run nothing)
+    ferry:tunnel:<job id>:*              a tunnelled job's stream (workers/migration/
+                                         tunnel.py): deleted when the job ends
 
 Each field is written on its own (HSET), so the phase task and the progress
 loop never overwrite each other's fields.  `set_phase` is the one place a
@@ -58,6 +61,21 @@ def queued_key(uuid: str) -> str:
 
 def queued_abort_key(job_id: str) -> str:
     return f"ferry:queuedabort:{job_id}"
+
+
+def ended_key(job_id: str) -> str:
+    return f"ferry:jobended:{job_id}"
+
+
+def tunnel_keys(job_id: str) -> tuple[str, str, str]:
+    """A tunnelled job's stream: data, acknowledgements, the closed flag."""
+    base = f"ferry:tunnel:{job_id}"
+    return f"{base}:data", f"{base}:ack", f"{base}:closed"
+
+
+def tunnel_error_key(job_id: str) -> str:
+    """Why a tunnelled job's stream broke (kept for the later phases to quote)."""
+    return f"ferry:tunnel:{job_id}:error"
 
 
 @dataclass
@@ -248,16 +266,20 @@ class JobStore:
 
     def ended(self, job_id: str) -> bool:
         """Whether this job ended (a stale redelivery of one of its phases must not run)."""
-        return bool(self.redis.exists(f"ferry:jobended:{job_id}"))
+        return bool(self.redis.exists(ended_key(job_id)))
 
+    # The job's stream goes with it, whichever end of the tunnel ended it; a pump still
+    # running then deletes what it writes after (workers/migration/tunnel.py).
     _END = """
     redis.call('SET', KEYS[2], '1', 'EX', ARGV[2])
+    redis.call('DEL', KEYS[3], KEYS[4], KEYS[5], KEYS[6])
     if redis.call('HGET', KEYS[1], 'id') ~= ARGV[1] then return 0 end
     return redis.call('DEL', KEYS[1])
     """
 
     def end(self, uuid: str, job_id: str) -> None:
-        if self._end_script(keys=[job_key(uuid), f"ferry:jobended:{job_id}"],
+        if self._end_script(keys=[job_key(uuid), ended_key(job_id), *tunnel_keys(job_id),
+                                  tunnel_error_key(job_id)],
                             args=[job_id, DONE_TTL_S]):
             log.info("job %s: ended on %s", job_id, self.host)
 

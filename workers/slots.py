@@ -87,6 +87,15 @@ class Slots:
                                                 args=[job_id])
 
 
+def give_back_all(client: redis.Redis, job_id: str, source: str, dest: str) -> None:
+    """Take an ended job out of every line it may hold: the pair's, the source's
+    outgoing, the dest's incoming (a job ended by neither its Confirm nor its Finish,
+    e.g. by the sweeper, whose phases would have given them back)."""
+    for host, line in ((pair_name(source, dest), Line.PAIR), (source, Line.OUT),
+                       (dest, Line.IN)):
+        Slots(client, host).give_back(line.value, job_id)
+
+
 def waiting_place(ids: list[str], job_id: str, limit: int) -> int:
     """0 if `job_id` is among the first `limit` of the line, else its place among the
     waiting (1-based); a job not in the line (pruned meanwhile) waits at the end."""

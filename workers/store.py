@@ -127,6 +127,13 @@ class StateStore:
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
 
+    def forget_runtime(self, name: str, uuid: str) -> None:
+        """A guest's QEMU is gone: its status, pid file and monitor socket go too (QEMU
+        leaves its socket behind when it dies)."""
+        self.delete_status(name)
+        with contextlib.suppress(FileNotFoundError):
+            self.qmp_socket(uuid).unlink()
+
     def load_statuses(self) -> list[StatusRecord]:
         records = []
         for path in sorted(self.run.glob("*.xml")):

@@ -13,8 +13,9 @@
   phases, should they come, run nothing;
 - the other way round, a guest here in an outgoing job that waits for another
   host (after Begin, or after Perform) while the job's record is gone (a
-  broker that lost its data): the job is ended by the same rule; a guest the
-  migration paused stays paused and is reported as below;
+  broker that lost its data): the job is ended by the same rule, and its
+  places in the admission lines (pair, out, and the dest's in) are given back;
+  a guest the migration paused stays paused and is reported as below;
 - leases need no sweeping: nobody renews a dead owner's, so they expire.
 """
 
@@ -35,7 +36,7 @@ from workers.job_types import JobOperation, Phase
 from workers.jobs import ActiveJob, job_key
 from workers.migration import storage_dest
 from workers.migration.guards import end_outgoing_job
-from workers.slots import Line, Slots
+from workers.slots import Line, Slots, give_back_all
 
 log = logging.getLogger(__name__)
 
@@ -116,6 +117,8 @@ def _end_lost_job(agent: HostAgent, dom: DomainObj) -> None:
     err = MigrationError("the job's record and phases are gone from the broker (it lost "
                          "its data?): the sweeper ended the job", job.phase, agent.host)
     end_outgoing_job(agent, dom, dom.uuid, job.state.with_error(err))
+    p = job.state.params  # no Confirm or Finish will give the job's lines back
+    give_back_all(agent.redis, job.id, p.source, p.dest)
     if dom.active:
         agent.save_status(dom)
 

@@ -9,10 +9,10 @@ pages), at `rate_mib_s` MiB/s and writes a counter line to COM1 every
 `counter_interval_ms`.  Both regions are clamped to the RAM the guest has (E820)
 and to 3 GiB.  Serial output, CRLF-terminated::
 
-    ferry-guest ready ram_mib=<R> dirty_mib=<D> rate=<X|max>
+    ferry-guest ready ram_mib=<R> dirty_mib=<D> rate=<X|max> boot=<B>
     ferry-guest filled                 (only if random_mib > 0)
-    ferry-guest 1
-    ferry-guest 2 ...
+    ferry-guest 1 boot=<B>
+    ferry-guest 2 boot=<B> ...
 
 R is the top of the usable RAM below 3 GiB in MiB; D is the dirty region after
 clamping.  With `log_sectors` > 0 the guest also writes every counter to its disk
@@ -26,6 +26,13 @@ ticks (64 Hz) instead of spinning.  The assembled blob is cached per process;
 parameters are patched into its parameter block, so one assembly serves every
 parameter set.  Under a KVM that emulates non-paged guest code (PVM does) the
 guest runs at ~1 MIPS: boot takes seconds and large random fills take minutes.
+
+B is the boot identifier: 16 hex digits taken once per boot, the TSC at start
+(in cycles: it differs from boot to boot) xor RDRAND where the CPU has it and announces
+no hypervisor (a KVM that emulates the guest's code, as PVM does, cannot emulate
+RDRAND).  It lives in guest RAM: a migrated or restored guest prints the same B
+and its count goes on by one; a rebooted guest, in the same append-mode log,
+prints a new B and counts from 1 again.  `broken_continuity` tells the two apart.
 """
 
 from __future__ import annotations
@@ -64,7 +71,15 @@ PARAMS_VERSION = 1
 # PIT ticks per dirtied page as 32.32 fixed point (integer part, fraction).
 _PARAMS = struct.Struct("<8s8I")
 
-_COUNTER_RE = re.compile(r"^ferry-guest (\d+)\r?\n", re.MULTILINE)
+_TICK_RE = re.compile(r"^ferry-guest (\d+) boot=([0-9a-f]{16})\r?\n", re.MULTILINE)
+
+
+@dataclass(frozen=True)
+class Tick:
+    """One counter line: the boot it belongs to and its count."""
+
+    boot: str
+    count: int
 
 DISK_MAGIC = b"FERRYDSK"
 DISK_PARAMS_VERSION = 1
@@ -304,12 +319,43 @@ def build_image(
     return out
 
 
-def serial_counters(text: str) -> list[int]:
-    """Counter values from the guest's serial output, in order.
+def serial_ticks(text: str) -> list[Tick]:
+    """Counter lines from the guest's serial output, in order.
 
     Only complete lines count: a trailing "ferry-guest 12" may still become 123.
     """
-    return [int(m.group(1)) for m in _COUNTER_RE.finditer(text)]
+    return [Tick(m.group(2), int(m.group(1))) for m in _TICK_RE.finditer(text)]
+
+
+def serial_counters(text: str) -> list[int]:
+    """Counter values from the guest's serial output, in order (boot ids dropped)."""
+    return [t.count for t in serial_ticks(text)]
+
+
+def broken_continuity(ticks: Sequence[Tick], since: Tick | None = None) -> str | None:
+    """Why `ticks` do not show one guest running on from `since`, or None if they do.
+
+    From `since` (a tick seen earlier; the first tick when None) on, every tick must
+    carry `since`'s boot id and count one above the tick before it: a reboot shows
+    as a new boot id, a second copy of the guest or a lost stretch as a count out of
+    step.  `since` must be among `ticks`.
+    """
+    if not ticks:
+        return "no counter line at all"
+    start = ticks[0] if since is None else since
+    try:
+        at = list(ticks).index(start)
+    except ValueError:
+        return f"tick {start.count} of boot {start.boot} is not in the log"
+    prev = start
+    for tick in ticks[at + 1 :]:
+        if tick.boot != start.boot:
+            return (f"boot id changed from {start.boot} to {tick.boot} after count "
+                    f"{prev.count}: the guest was restarted")
+        if tick.count != prev.count + 1:
+            return f"count {tick.count} followed {prev.count}: not one guest counting on"
+        prev = tick
+    return None
 
 
 def _rate_arg(text: str) -> int | None:

@@ -83,6 +83,16 @@ class Worker:
     uuid: str
     state_dir: Path
     proc: subprocess.Popen[bytes] | None = None
+    env: dict[str, str] = field(default_factory=dict)  # its own, on top of the stack's
+
+
+_STARTED: list[Stack] = []
+
+
+def started_stacks() -> list[Stack]:
+    """Every stack of this process that has started its redis-server, running or stopped
+    since (the test bed's leftover check, scripts/testbed/leftovers.py, looks at all)."""
+    return list(_STARTED)
 
 
 @dataclass
@@ -113,6 +123,8 @@ class Stack:
         """redis-server on `bind`; with `tls`, on a TLS port only (rediss://);
         `persistent` keeps its data (append-only file) across restart_redis(), as a
         production broker would."""
+        if not any(st is self for st in _STARTED):
+            _STARTED.append(self)
         port = port or free_port()
         rdir = self.root / "redis"
         rdir.mkdir(parents=True, exist_ok=True)
@@ -178,6 +190,7 @@ class Stack:
         w = self.workers.get(name) or Worker(name, uuid or str(uuidlib.uuid4()),
                                              self.root / name)
         w.state_dir.mkdir(parents=True, exist_ok=True)
+        w.env = dict(env or {})
         ferry = Path(sys.executable).with_name("ferry")
         w.proc = subprocess.Popen(
             [*prefix, str(ferry), "worker", "--host", name, "--uuid", w.uuid,

@@ -31,7 +31,7 @@ def test_a_service_without_ferry_migrates_a_guest_by_task_names(
     guest = make_guest(domain_type="qemu")
     client.call("alpha", "define", xml=guest.xml)
     client.call("alpha", "start", domain=guest.name)
-    count = guest.wait_counter_above(0)
+    first = guest.wait_tick()
 
     rc, out, imported = _run_example(stack, guest.name, "alpha", "beta", "--bandwidth", "500")
 
@@ -45,7 +45,7 @@ def test_a_service_without_ferry_migrates_a_guest_by_task_names(
     info = client.call("beta", "dominfo", domain=guest.name)
     assert (info["state"], info["reason"]) == ("running", "migrated")
     assert client.call("alpha", "dominfo", domain=guest.name)["state"] == "shutoff"
-    guest.wait_counter_above(count + 3)
+    guest.wait_kept_running(first, more=3)
 
 
 def test_the_example_prints_the_first_error_as_json_when_the_migration_fails(

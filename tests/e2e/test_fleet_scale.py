@@ -43,3 +43,4 @@ def test_every_guest_moves_to_another_host_at_once_and_back_never_running_twice(
             assert g.wait_counter_above(last) > last
             seen = g.counters()
             assert seen == sorted(seen) and len(seen) == len(set(seen))
+            g.wait_kept_running(more=1)  # and never restarted: one boot all through

@@ -11,7 +11,12 @@ from pathlib import Path
 
 import pytest
 
-from scripts.testbed.guestimage import build_image, serial_counters
+from scripts.testbed.guestimage import (
+    broken_continuity,
+    build_image,
+    serial_counters,
+    serial_ticks,
+)
 
 pytestmark = [
     pytest.mark.e2e,
@@ -60,10 +65,15 @@ def test_guest_boots_prints_banner_and_counts(tmp_path: Path) -> None:
         why = f"serial: {text[-400:]!r}; qemu: {(tmp_path / 'qemu.log').read_text()[-400:]!r}"
         assert proc.poll() is None, f"QEMU exited with {proc.returncode}; {why}"
         assert len(counters) >= 3, f"fewer than 3 counters in {DEADLINE_S}s; {why}"
-        banner = re.match(r"ferry-guest ready ram_mib=(\d+) dirty_mib=16 rate=8\r\n", text)
+        banner = re.match(
+            r"ferry-guest ready ram_mib=(\d+) dirty_mib=16 rate=8 boot=([0-9a-f]{16})\r\n", text
+        )
         assert banner is not None, why
         assert 60 <= int(banner.group(1)) < 64, why  # 64 MiB less what the BIOS reserves
         assert counters == list(range(1, len(counters) + 1)), why
+        ticks = serial_ticks(text)
+        assert {t.boot for t in ticks} == {banner.group(2)}, why
+        assert broken_continuity(ticks) is None, why
     finally:
         if proc.poll() is None:
             os.kill(proc.pid, 9)

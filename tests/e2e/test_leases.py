@@ -88,7 +88,7 @@ def test_a_lease_stolen_between_perform_and_finish_makes_finish_refuse_and_the_s
     guest = make_guest()
     client.call("alpha", "define", xml=guest.xml)
     client.call("alpha", "start", domain=guest.name)
-    guest.wait_counter_above(0)
+    guest.wait_tick()
     job = client.migrate(guest.name, "alpha", dest, live=True)
     wait_for(lambda: job.info()["phase"] == "finish3", 60, "Finish to start", interval=0.02)
 
@@ -102,7 +102,7 @@ def test_a_lease_stolen_between_perform_and_finish_makes_finish_refuse_and_the_s
     assert "phase finish3" in str(err.value) and "lease domain:" in str(err.value)
     info = wait_info(client, "alpha", guest.name, lambda i: i["state"] == "running")
     assert info["reason"] == "migration_canceled"
-    guest.wait_counter_above(guest.counters()[-1] + 2)
+    guest.wait_kept_running()
     r = redis.Redis.from_url(stack.broker_url)
     assert set(_holders(r, guest).values()) == {"alpha"}
 

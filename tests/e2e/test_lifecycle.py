@@ -8,6 +8,9 @@ import signal
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
+
+from scripts.testbed.guestimage import Tick
 from scripts.testbed.stack import Stack, wait_for
 from tasks.client import Client
 from tests.conftest import CliResult, Guest, pid_alive
@@ -79,7 +82,35 @@ def test_serial_counter_keeps_increasing_while_the_guest_runs(
     client.call("alpha", "suspend", domain=guest.name)
     frozen = guest.counters()[-1]
     client.call("alpha", "resume", domain=guest.name)
-    assert guest.wait_counter_above(frozen + 3) > frozen
+    assert guest.wait_kept_running(more=3).count > frozen
+
+
+def test_a_rebooted_guest_fools_the_counter_but_not_the_continuity_check(
+        ferry: Callable[..., CliResult], client: Client,
+        make_guest: Callable[..., Guest]) -> None:
+    guest = make_guest(domain_type="qemu")
+    client.call("alpha", "define", xml=guest.xml)
+    client.call("alpha", "start", domain=guest.name)
+    before = guest.wait_kept_running()
+
+    _ok(ferry("qemu-monitor-command", "-H", "alpha", guest.name,
+              '{"execute": "system_reset"}'))
+
+    # The guest boots again into the same append-mode log: a new boot id, counting from 1.
+    def new_boot() -> list[Tick]:
+        return [t for t in guest.ticks() if t.boot != before.boot]
+
+    ticks = wait_for(new_boot, 20, "the rebooted guest to count")
+    assert isinstance(ticks, list) and ticks[0].count == 1
+    assert guest.serial.read_text().count("ferry-guest ready") == 2
+    # A check of the counter alone is fooled once the new boot counts past the old count...
+    assert guest.wait_counter_above(before.count) > before.count
+    # ...the boot id is not: the same check every "kept running" test makes.
+    with pytest.raises(AssertionError, match=f"boot id changed from {before.boot} to "
+                                             f"{ticks[0].boot} .*the guest was restarted"):
+        guest.wait_kept_running()
+    with pytest.raises(AssertionError, match="boot id changed"):
+        guest.wait_kept_running(before)
 
 
 def test_worker_killed_and_restarted_finds_its_guest_running_with_the_same_pid(
@@ -90,13 +121,13 @@ def test_worker_killed_and_restarted_finds_its_guest_running_with_the_same_pid(
 
     stack.kill_worker("alpha", signal.SIGKILL)
     assert pid_alive(pid), "the guest must outlive its worker"
-    before = guest.wait_counter_above(0)
+    before = guest.wait_tick()
     w = stack.start_worker("alpha")
 
     info = client.call("alpha", "dominfo", domain=guest.name)
     assert (info["state"], info["reason"], info["pid"]) == ("running", "booted", pid)
     assert w.proc is not None and w.proc.pid != pid
-    assert guest.wait_counter_above(before + 3) > before
+    assert guest.wait_kept_running(more=3).count > before.count
     # The restarted worker owns the monitor again: a command reaches QEMU.
     reply = client.call("alpha", "qemu_monitor_command", domain=guest.name,
                         command='{"execute": "query-status"}')

@@ -22,15 +22,14 @@ def _running_on_source(client: Client, guest: Guest, dest: str) -> None:
     assert info["pid"] in qemu_pids_of(guest.uuid)
     assert qemu_pids_of(guest.uuid) == [info["pid"]], "exactly one QEMU of the guest"
     assert all(d["name"] != guest.name for d in client.call(dest, "list", all=True))
-    last = guest.counters()[-1] if guest.counters() else 0
-    guest.wait_counter_above(last + 2)
+    guest.wait_kept_running()  # the boot it started with: never restarted, never two
 
 
 def _started(client: Client, make_guest: Callable[..., Guest], **kw: object) -> Guest:
     guest = make_guest(**kw)
     client.call("alpha", "define", xml=guest.xml)
     client.call("alpha", "start", domain=guest.name)
-    guest.wait_counter_above(0)
+    guest.wait_tick()
     return guest
 
 

@@ -31,7 +31,7 @@ def _started(client: Client, make_guest: Callable[..., Guest], host: str = "alph
     guest = make_guest(**kw)
     client.call(host, "define", xml=guest.xml)
     client.call(host, "start", domain=guest.name)
-    guest.wait_counter_above(0)
+    guest.wait_tick()
     return guest
 
 
@@ -47,7 +47,7 @@ def test_p2p_moves_a_dirtying_guest_and_memory_stays_identical(
     assert summary["result"] == "completed" and "peer2peer" in summary["flags"]
     info = client.call(b, "dominfo", domain=guest.name)
     assert (info["state"], info["reason"]) == ("running", "migrated")
-    guest.wait_counter_above(guest.counters()[-1] + 3)
+    guest.wait_kept_running(more=3)  # the boot it started with, counting on by one
 
     client.call(b, "suspend", domain=guest.name)
     size = 128 << 20
@@ -112,6 +112,7 @@ def test_abort_in_the_middle_of_a_tunnelled_transfer_closes_everything_quickly(
              "both tunnel ends to close")
     assert time.monotonic() - t0 < 5
     assert qemu_pids_of(guest.uuid) == [info["pid"]]
+    guest.wait_kept_running()
     r = redis.Redis.from_url(stack.broker_url)
     wait_for(lambda: not r.exists(f"ferry:tunnel:{job.id}:data"), 5, "the stream to go")
 
@@ -126,6 +127,8 @@ def test_two_p2p_migrations_in_opposite_directions_both_complete(
     assert jb.wait(timeout=60)["result"] == "completed"
     assert client.call("beta", "dominfo", domain=a.name)["state"] == "running"
     assert client.call("alpha", "dominfo", domain=b.name)["state"] == "running"
+    a.wait_kept_running()
+    b.wait_kept_running()
 
 
 def test_dest_worker_stopped_during_p2p_gives_a_clear_error_and_the_source_runs(
@@ -147,4 +150,4 @@ def test_dest_worker_stopped_during_p2p_gives_a_clear_error_and_the_source_runs(
     assert time.monotonic() - t0 < 30
     info = wait_info(client, "alpha", guest.name, lambda i: i["state"] == "running")
     assert info["reason"] == "migration_canceled"
-    guest.wait_counter_above(guest.counters()[-1] + 2)
+    guest.wait_kept_running()

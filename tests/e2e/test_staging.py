@@ -57,7 +57,7 @@ def test_evacuate_moves_every_guest_off_the_host_and_reports_each(
         client: Client, make_guest: Callable[..., Guest],
         run: Callable[..., tuple[int, Any]]) -> None:
     guests = _boot(client, make_guest, "alpha", 3)
-    count = guests[0].wait_counter_above(0)
+    guests[0].wait_tick()
 
     rc, rep = run(evacuate.main, "alpha", "--to", "beta", "--parallel", "2")
 
@@ -69,7 +69,8 @@ def test_evacuate_moves_every_guest_off_the_host_and_reports_each(
         assert m["seconds"] > 0 and m["downtime_ms"] is not None and m["job_id"]
     assert _active(client, "alpha") == set()
     assert {g.name for g in guests} <= _active(client, "beta")
-    guests[0].wait_counter_above(count + 3)
+    for g in guests:  # each the boot it started with, counting on by one
+        g.wait_kept_running(more=3)
 
 
 def test_evacuate_reports_a_guest_that_could_not_move_and_still_moves_the_others(
@@ -114,13 +115,15 @@ def test_rolling_maintenance_empties_each_host_in_turn_and_runs_the_hook_between
     # Beta was emptied last, so every guest ends on alpha.
     assert {g.name for g in [*on_alpha, *on_beta]} <= _active(client, "alpha")
     assert _active(client, "beta") == set()
+    for g in [*on_alpha, *on_beta]:
+        g.wait_kept_running()
 
 
 def test_soak_moves_the_guest_back_and_forth_and_reports_latency_percentiles(
         client: Client, make_guest: Callable[..., Guest],
         run: Callable[..., tuple[int, Any]]) -> None:
     (guest,) = _boot(client, make_guest, "alpha", 1)
-    count = guest.wait_counter_above(0)
+    first = guest.wait_tick()
 
     rc, rep = run(soak.main, guest.name, "alpha", "beta", "--count", "4")
 
@@ -131,7 +134,7 @@ def test_soak_moves_the_guest_back_and_forth_and_reports_latency_percentiles(
     assert 0 < lat["p50"] <= lat["p90"] <= lat["p99"] <= lat["max"]
     assert rep["downtime_ms"]["max"] is not None and rep["failure"] is None
     assert guest.name in _active(client, "alpha")
-    guest.wait_counter_above(count + 3)
+    guest.wait_kept_running(first, more=3)
 
 
 def test_soak_stops_at_the_first_failed_migration_and_reports_it(

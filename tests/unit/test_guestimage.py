@@ -14,10 +14,13 @@ from scripts.testbed.guestimage import (
     MAGIC,
     GuestBuildError,
     GuestParams,
+    Tick,
+    broken_continuity,
     build_image,
     main,
     patch_params,
     serial_counters,
+    serial_ticks,
 )
 
 HAVE_BINUTILS = all(shutil.which(t) for t in ("as", "ld", "objcopy"))
@@ -118,22 +121,64 @@ def test_patch_params_rejects_a_malformed_blob(blob: bytes, message: str) -> Non
 # -- serial output ------------------------------------------------------------------------
 
 
+B1, B2 = "00c0ffee12345678", "9abcdef001234567"
+
+
 def test_serial_counters_reads_counter_lines_only() -> None:
     text = (
-        "ferry-guest ready ram_mib=255 dirty_mib=64 rate=max\r\n"
+        f"ferry-guest ready ram_mib=255 dirty_mib=64 rate=max boot={B1}\r\n"
         "ferry-guest filled\r\n"
-        "ferry-guest 1\r\nferry-guest 2\r\n"
-        "noise ferry-guest 99\r\n"
-        "ferry-guest 3\nferry-guest 4x\r\n"
-        "ferry-guest 5\r\n"
+        f"ferry-guest 1 boot={B1}\r\nferry-guest 2 boot={B1}\r\n"
+        f"noise ferry-guest 99 boot={B1}\r\n"
+        f"ferry-guest 3 boot={B1}\nferry-guest 4x boot={B1}\r\n"
+        f"ferry-guest 6 boot={B1[:-1]}\r\nferry-guest 7\r\n"
+        f"ferry-guest 5 boot={B2}\r\n"
     )
     assert serial_counters(text) == [1, 2, 3, 5]
+    assert serial_ticks(text) == [Tick(B1, 1), Tick(B1, 2), Tick(B1, 3), Tick(B2, 5)]
 
 
 def test_serial_counters_ignores_an_unfinished_last_line() -> None:
-    assert serial_counters("ferry-guest 11\r\nferry-guest 1") == [11]
-    assert serial_counters("ferry-guest 11\r\nferry-guest 12\r") == [11]
+    assert serial_counters(f"ferry-guest 11 boot={B1}\r\nferry-guest 1") == [11]
+    assert serial_counters(f"ferry-guest 11 boot={B1}\r\nferry-guest 12 boot={B1}\r") == [11]
+    assert serial_counters(f"ferry-guest 11 boot={B1}\r\nferry-guest 12 boot={B1[:8]}") \
+        == [11]
     assert serial_counters("") == []
+
+
+def test_continuity_holds_for_one_boot_counting_on_by_one() -> None:
+    ticks = [Tick(B1, n) for n in range(1, 9)]
+    assert broken_continuity(ticks) is None
+    assert broken_continuity(ticks, since=Tick(B1, 5)) is None
+    assert broken_continuity(ticks[:1]) is None
+
+
+def test_a_reboot_breaks_continuity_even_where_the_counter_grows() -> None:
+    # A rebooted guest in the shared append-mode log: a new boot id; the counter alone
+    # (here made to grow on, as a counter-only check would accept) says nothing.
+    ticks = [Tick(B1, 1), Tick(B1, 2), Tick(B2, 3), Tick(B2, 4)]
+    why = broken_continuity(ticks, since=Tick(B1, 2))
+    assert why is not None and f"boot id changed from {B1} to {B2} after count 2" in why
+    restarted = [Tick(B1, 7), Tick(B1, 8), Tick(B2, 1), Tick(B2, 2)]
+    assert "restarted" in (broken_continuity(restarted) or "")
+
+
+@pytest.mark.parametrize(
+    ("counts", "message"),
+    [
+        ([1, 2, 3, 2, 3], "count 2 followed 3"),  # two copies ran, or the source resumed
+        ([1, 2, 4], "count 4 followed 2"),  # a stretch lost
+        ([1, 2, 2], "count 2 followed 2"),
+    ],
+)
+def test_a_counter_out_of_step_breaks_continuity(counts: list[int], message: str) -> None:
+    assert message in (broken_continuity([Tick(B1, n) for n in counts]) or "")
+
+
+def test_continuity_needs_ticks_and_a_since_among_them() -> None:
+    assert broken_continuity([]) == "no counter line at all"
+    why = broken_continuity([Tick(B1, 1)], since=Tick(B2, 1))
+    assert why == f"tick 1 of boot {B2} is not in the log"
 
 
 # -- the real build (needs binutils, ~50 ms) ----------------------------------------------

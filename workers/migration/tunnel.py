@@ -11,9 +11,14 @@ whatever the guest size (backpressure both ways: a slow dest stops the
 sender, a full socket stops QEMU).  scripts/bench/tunnel_micro.py measures
 the tunnel alone.
 
-Keys (all deleted at the end):  ferry:tunnel:<job>:data  chunks, b"" = end
-                                ferry:tunnel:<job>:ack   one length per popped batch
-                                ferry:tunnel:<job>:closed  set by either side
+Keys:  ferry:tunnel:<job>:data    chunks, b"" = end
+       ferry:tunnel:<job>:ack     one length per popped batch
+       ferry:tunnel:<job>:closed  set by either side (or for a receiver that died)
+The receiver deletes them when it has done; the job's end deletes them in any
+case (workers/jobs.py), so a failed or aborted job leaves none.  After the end
+nothing re-creates them: the closed flag is set only while the job has not
+ended, a pump stops once it has, and a pump that ends after the job deletes
+what its last writes made.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ import redis
 
 from config import broker
 from config.settings import Settings
+from workers.jobs import ended_key, tunnel_error_key, tunnel_keys
 
 log = logging.getLogger(__name__)
 
@@ -55,9 +61,30 @@ def stream_pair() -> tuple[socket.socket, socket.socket]:
     return pair
 
 
-def _keys(job_id: str) -> tuple[str, str, str]:
-    base = f"ferry:tunnel:{job_id}"
-    return f"{base}:data", f"{base}:ack", f"{base}:closed"
+# Flag the stream closed, unless the job has ended (its end deleted the stream).
+_SET_CLOSED = """
+if redis.call('EXISTS', KEYS[2]) == 1 then return 0 end
+redis.call('SET', KEYS[1], '1', 'EX', ARGV[1])
+return 1
+"""
+# A pump's last act: if the job ended while it ran, what it wrote since goes.
+_FORGET_IF_ENDED = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+return redis.call('DEL', KEYS[2], KEYS[3], KEYS[4])
+"""
+# A broken stream's closed flag and error, unless the job has ended meanwhile.
+_KEEP_ERROR = """
+if redis.call('EXISTS', KEYS[3]) == 1 then return 0 end
+redis.call('SET', KEYS[1], '1', 'EX', ARGV[1])
+redis.call('SET', KEYS[2], ARGV[2], 'EX', ARGV[1])
+return 1
+"""
+CLOSED_TTL_S = 300  # a closed flag whose job never ends (every host down) expires
+
+
+def _set_closed(client: redis.Redis, job_id: str) -> None:
+    client.register_script(_SET_CLOSED)(keys=[tunnel_keys(job_id)[2], ended_key(job_id)],
+                                        args=[CLOSED_TTL_S])
 
 
 class _Pump(threading.Thread):
@@ -69,13 +96,16 @@ class _Pump(threading.Thread):
         self.lost_note = broker.lost_connection_note(settings)
         self.job_id = job_id
         self.sock = sock
-        self.data_key, self.ack_key, self.closed_key = _keys(job_id)
+        self.data_key, self.ack_key, self.closed_key = tunnel_keys(job_id)
+        self.ended_key = ended_key(job_id)
         self.stop_event = threading.Event()
         self.error: str | None = None
         self.bytes = 0
 
     def closed(self) -> bool:
-        return self.stop_event.is_set() or bool(self.redis.exists(self.closed_key))
+        """Stopped here, flagged closed by the other side, or the job has ended."""
+        return self.stop_event.is_set() or \
+            bool(self.redis.exists(self.closed_key, self.ended_key))
 
     def close(self) -> None:
         """Close our end first (QEMU's writes or reads then fail at once), then flag it."""
@@ -83,7 +113,7 @@ class _Pump(threading.Thread):
         with contextlib.suppress(OSError):
             self.sock.shutdown(socket.SHUT_RDWR)
         with contextlib.suppress(redis.RedisError):
-            self.redis.set(self.closed_key, "1", ex=300)
+            _set_closed(self.redis, self.job_id)
 
     def finish(self, timeout: float) -> None:
         self.join(timeout)
@@ -97,9 +127,10 @@ class _Pump(threading.Thread):
         self.redis.close()
 
     def cleanup(self) -> None:
-        """The sender leaves its data for the receiver; keys expire in any case."""
+        """The sender leaves its data for the receiver; the job's end deletes the keys
+        (they expire should it never come)."""
         for key in (self.data_key, self.ack_key, self.closed_key):
-            self.redis.expire(key, 300)
+            self.redis.expire(key, CLOSED_TTL_S)
 
     def pump(self) -> None:
         raise NotImplementedError
@@ -117,16 +148,22 @@ class _Pump(threading.Thread):
                 self.close()
                 if isinstance(exc, redis.ConnectionError):
                     self.keep_error()
+        finally:
+            with contextlib.suppress(redis.RedisError):
+                self.redis.register_script(_FORGET_IF_ENDED)(
+                    keys=[self.ended_key, self.data_key, self.ack_key, self.closed_key])
 
     def keep_error(self) -> None:
         """Tell the other side, and the later phases, why the stream broke, once the
         broker answers again (after a failover: the new master), within the worker's
-        retry bound; this thread is ending anyway."""
+        retry bound; this thread is ending anyway.  A job that ended meanwhile is left
+        alone (its end deleted the stream)."""
         assert self.error is not None
         with contextlib.suppress(redis.RedisError), \
                 broker.connect(self.settings, retry=True, socket_timeout=5) as client:
-            client.set(self.closed_key, "1", ex=300)  # each command retried on its own
-            client.set(error_key(self.job_id), self.error, ex=300)
+            client.register_script(_KEEP_ERROR)(  # retried as one command
+                keys=[self.closed_key, error_key(self.job_id), self.ended_key],
+                args=[CLOSED_TTL_S, self.error])
 
 
 def _pack(*args: bytes | memoryview) -> list[bytes | memoryview]:
@@ -316,7 +353,7 @@ def _name_native_thread(name: bytes) -> None:
 
 
 def error_key(job_id: str) -> str:
-    return f"ferry:tunnel:{job_id}:error"
+    return tunnel_error_key(job_id)
 
 
 def broken(client: redis.Redis, job_id: str) -> str | None:
@@ -329,10 +366,11 @@ def broken(client: redis.Redis, job_id: str) -> str | None:
 
 def mark_closed(client: redis.Redis, job_id: str) -> None:
     """Flag the tunnel closed for the other side: its end here died with this host's
-    worker, so a sender waiting for acknowledgements stops now, not after its join."""
-    client.set(_keys(job_id)[2], "1", ex=300)
+    worker, so a sender waiting for acknowledgements stops now, not after its join
+    (a job that has ended meanwhile is left alone: its end deleted the stream)."""
+    _set_closed(client, job_id)
 
 
 def reset(client: redis.Redis, job_id: str) -> None:
     """Forget any leftovers of an earlier attempt of this job."""
-    client.delete(*_keys(job_id), error_key(job_id))
+    client.delete(*tunnel_keys(job_id), error_key(job_id))

@@ -23,6 +23,11 @@
 # 1.193182 MHz, read with the latch command, wraparounds counted in a 64-bit
 # tick count).  When there is nothing to do the CPU halts until the next RTC
 # periodic interrupt (64 Hz), so an idle guest does not spin a host CPU.
+#
+# Boot identifier: 64 bits taken once per boot (the TSC at start, xor two RDRAND
+# words on bare metal where CPUID offers RDRAND), printed with the banner and every counter line.
+# It lives in RAM, so a migrated or restored guest keeps it and a rebooted one
+# (the image loaded afresh) gets a new one.
 
         .set    COM1, 0x3f8
         .set    IDT_BASE, 0x1000
@@ -221,6 +226,7 @@ pm32:
         out     %al, $0xa1
         call    serial_init
         call    setup_idt
+        call    make_boot_id
         call    layout
         call    banner
         call    fill_random
@@ -229,6 +235,29 @@ pm32:
         mov     $ATA_CTL, %dx
         out     %al, %dx
         jmp     main_loop
+
+make_boot_id:                           # boot_hi:boot_lo, new on every boot
+        rdtsc
+        mov     %eax, boot_lo
+        mov     %edx, boot_hi
+        mov     $1, %eax                # RDRAND only on a CPU without a hypervisor:
+        cpuid                           # a KVM that emulates this non-paged code (PVM)
+        bt      $31, %ecx               # cannot emulate RDRAND ("KVM internal error")
+        jc      9f                      # CPUID.1:ECX.hypervisor
+        bt      $30, %ecx               # CPUID.1:ECX.RDRAND
+        jnc     9f
+        call    rdrand32
+        xor     %eax, boot_lo
+        call    rdrand32
+        xor     %eax, boot_hi
+9:      ret
+rdrand32:                               # %eax = a random word (0 if RDRAND keeps failing)
+        mov     $10, %ecx
+1:      rdrand  %eax
+        jc      2f
+        loop    1b
+        xor     %eax, %eax
+2:      ret
 
 serial_init:                            # 115200 8N1, FIFO, no interrupts
         mov     $COM1+1, %dx
@@ -403,7 +432,8 @@ banner:
         jmp     2f
 1:      mov     $msg_max, %esi
         call    puts
-2:      mov     $msg_crlf, %esi
+2:      call    put_boot
+        mov     $msg_crlf, %esi
         jmp     puts
 
 fill_random:                            # xorshift32 over [2 MiB, random_end)
@@ -491,7 +521,7 @@ idle:                                   # sleep until the next RTC tick (< 16 ms
         cli
         jmp     loop_top
 
-maybe_line:                             # "ferry-guest <N>\r\n" every interval
+maybe_line:                             # "ferry-guest <N> boot=<id>\r\n" every interval
         mov     now_lo, %eax
         mov     now_hi, %edx
         sub     line_lo, %eax
@@ -502,6 +532,7 @@ maybe_line:                             # "ferry-guest <N>\r\n" every interval
         call    puts
         mov     counter, %eax
         call    putdec
+        call    put_boot
         mov     $msg_crlf, %esi
         call    puts
         incl    counter
@@ -692,6 +723,34 @@ putdec:                                 # %eax in decimal
         pop     %ebx
         ret
 
+put_boot:                               # " boot=" and the boot id in 16 hex digits
+        push    %eax
+        mov     $msg_boot, %esi
+        call    puts
+        mov     boot_hi, %eax
+        call    puthex
+        mov     boot_lo, %eax
+        call    puthex
+        pop     %eax
+        ret
+puthex:                                 # %eax as 8 lowercase hex digits
+        push    %ecx
+        push    %edx
+        mov     %eax, %edx
+        mov     $8, %ecx
+1:      rol     $4, %edx
+        mov     %dl, %al
+        and     $0x0f, %al
+        add     $'0', %al
+        cmp     $'9', %al
+        jbe     2f
+        add     $'a'-'9'-1, %al
+2:      call    putc
+        loop    1b
+        pop     %edx
+        pop     %ecx
+        ret
+
 irq_handler:                            # ack the RTC, EOI both PICs
         # IF is set only around the hlt in `idle`, so this always interrupts that
         # hlt: drop the frame and go round the loop instead of iret.  (KVM's
@@ -733,6 +792,7 @@ msg_max:    .asciz "max"
 msg_crlf:   .asciz "\r\n"
 msg_filled: .asciz "ferry-guest filled\r\n"
 msg_prefix: .asciz "ferry-guest "
+msg_boot:   .asciz " boot="
 msg_fault:  .asciz "ferry-guest fault vector="
 msg_disk_error: .asciz "ferry-guest disk-error\r\n"
 log_magic:  .ascii "FERRYLOG"
@@ -747,6 +807,8 @@ random_end: .long 0
 dirty_ptr:  .long REGION_START
 seq:        .long 1
 counter:    .long 1
+boot_lo:    .long 0
+boot_hi:    .long 0
 pit_last:   .long 0
 now_lo:     .long 0
 now_hi:     .long 0
