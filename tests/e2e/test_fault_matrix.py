@@ -81,6 +81,10 @@ ERRORS_AT: dict[tuple[Fault, At, Mode | None], str] = {
         r"the worker of fdst restarted and found the QEMU of its incoming migration gone",
     (Fault.REDIS, At.COPYING, Mode.TUNNELLED): r"the tunnel through the broker broke",
     (Fault.DST_QEMU, At.COPYING, Mode.STORAGE): r"copy of disk .* to the dest failed",
+    (Fault.SRC_WORKER, At.COPYING, Mode.STORAGE):  # the disks were copying, the RAM not yet
+        r"perform3 was interrupted \(worker restart or redelivery\); QEMU's migration was "
+        r"none: cancelled",
+    (Fault.SRC_QEMU, At.COPYING, Mode.STORAGE): r"QEMU of '{name}' exited while copying disks",
 }
 # After the switch-over a failed job may leave the guest on the dest (libvirt: the
 # source cannot be resumed once the dest may have run it); its error must say so.
