@@ -179,14 +179,8 @@ def test_switching_to_postcopy_completes_a_migration_that_does_not_converge(
         busy_image: Path) -> None:
     from workers.hostcaps import userfaultfd_available
 
-    if not userfaultfd_available():
-        guest = make_guest()
-        client.call("alpha", "define", xml=guest.xml)
-        client.call("alpha", "start", domain=guest.name)
-        with pytest.raises(FerryError, match="userfaultfd"):
-            client.migrate(guest.name, "alpha", "beta", live=True, postcopy=True).wait(30)
-        assert client.call("alpha", "domjobinfo", domain=guest.name)["type"] == "none"
-        return
+    if not userfaultfd_available():  # fail, never pass without having tried post-copy
+        pytest.fail("post-copy cannot be tested: this kernel refuses userfaultfd here")
     guest, job = _busy_migration(client, make_guest, busy_image, bandwidth_mib_s=4,
                                  postcopy=True)
     res = ferry("migrate-postcopy", "-H", "alpha", guest.name)

@@ -59,7 +59,7 @@ SWITCHED_PHASES = (Phase.PERFORM3_DONE, Phase.CONFIRM3)
 
 async def _abort(agent: HostAgent, dom: DomainObj, args: dict[str, Any]) -> Any:
     assert dom.job is not None
-    if dom.job.phase in SWITCHED_PHASES:
+    if dom.job.phase in SWITCHED_PHASES or str(dom.migration_status).startswith("postcopy"):
         raise OperationInvalidError(TOO_LATE)
     dom.job.abort = True
     agent.jobs.request_abort(dom.uuid)

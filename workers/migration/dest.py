@@ -273,7 +273,7 @@ async def _finish_ok(agent: HostAgent, dom: DomainObj, st: MigrationState,
     if cookie is not None and cookie.statistics is not None:
         st = replace(st, statistics=cookie.statistics.as_dict())
     if not p.has(F.OFFLINE):
-        await _wait_incoming(agent, dom)
+        await _wait_incoming(agent, dom, postcopy=p.has(F.POSTCOPY))
         await _end_tunnel(dom, close=False)
     if p.has(F.PERSIST_DEST):
         xml = (cookie.persistent if cookie and cookie.persistent else None) or st.xml
@@ -289,6 +289,8 @@ async def _finish_ok(agent: HostAgent, dom: DomainObj, st: MigrationState,
         await run_cpus(agent, dom, RunningReason.MIGRATED)  # takes the leases first
     else:
         agent.set_state(dom, DomainState.PAUSED, PausedReason.USER)
+    if p.has(F.POSTCOPY):
+        await _wait_incoming(agent, dom)  # the guest runs here while its last pages come
     await failpoints.hit("finish3.after_cont")
     return st
 
@@ -303,7 +305,8 @@ def _lockstate(agent: HostAgent, cookie: Cookie | None) -> str | None:
     return cookie.lockstate.leases or None
 
 
-async def _wait_incoming(agent: HostAgent, dom: DomainObj) -> None:
+async def _wait_incoming(agent: HostAgent, dom: DomainObj, postcopy: bool = False) -> None:
+    """Until the incoming migration completed, or (`postcopy`) switched into post-copy."""
     if not dom.active:
         raise MigrationError(f"the incoming QEMU exited ({dom.reason.value}) before the "
                              "migration completed")
@@ -320,7 +323,7 @@ async def _wait_incoming(agent: HostAgent, dom: DomainObj) -> None:
                 raise MigrationError("the incoming QEMU exited before the migration "
                                      "completed") from None
             raise
-        if status == "completed":
+        if status == "completed" or (postcopy and status == "postcopy-active"):
             return
         if status in ("failed", "cancelled"):
             raise MigrationError(f"incoming migration {status}")
