@@ -16,7 +16,7 @@ from workers.agent import HostAgent
 from workers.domain_states import DomainState, PausedReason
 from workers.domobj import DomainObj
 from workers.errors import InvalidInputError, OperationInvalidError
-from workers.job_types import Phase
+from workers.job_types import TOO_LATE, Phase
 from workers.jobs import active_record, jobinfo_view
 from workers.migration import qemu_migrate
 from workers.migration.params import MAX_BANDWIDTH_MIB_S, MAX_DOWNTIME_MS, MigrationFlags
@@ -53,7 +53,6 @@ def _performing(dom: DomainObj) -> bool:
     return dom.job is not None and dom.job.phase in PERFORM_PHASES and dom.monitor is not None
 
 
-TOO_LATE = "too late to abort: the switch-over happened, the migration goes on to the dest"
 SWITCHED_PHASES = (Phase.PERFORM3_DONE, Phase.CONFIRM3)
 
 

@@ -9,6 +9,7 @@ incoming QEMU.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import socket
 import time
@@ -101,7 +102,11 @@ async def prepare(agent: HostAgent, st: MigrationState, *, v3: bool) -> Migratio
         dom.live = d  # a transient object needs a definition to be named by
     dom.job = ActiveJob(p.job_id, JobOperation.INCOMING_MIGRATION, Phase.PREPARE, time.time(),
                         source=p.source, dest=p.dest, flags=p.flags)
-    agent.jobs.set_phase(d.uuid, p.job_id, Phase.PREPARE)
+    if v3:
+        agent.jobs.set_phase(d.uuid, p.job_id, Phase.PREPARE)
+    else:  # v2 has no Begin: the job's record starts here, so an abort has a place to go
+        agent.jobs.start(d.uuid, job_id=p.job_id, kind=JobOperation.INCOMING_MIGRATION.kind,
+                         phase=Phase.PREPARE, source=p.source, dest=p.dest, flags=p.flags)
     try:
         uri = None
         if not p.has(F.OFFLINE):
@@ -200,6 +205,9 @@ async def finish(agent: HostAgent, st: MigrationState, *, v3: bool) -> Migration
     phase = Phase.FINISH3 if v3 else Phase.FINISH2
     if dom is None:
         if st.failed:
+            if not v3:  # v2's record started in Prepare; no Confirm will end it
+                with contextlib.suppress(FerryError):
+                    agent.jobs.end(agent.parse(st.xml or "").uuid, p.job_id)
             return st  # Prepare never got as far as creating anything here
         raise MigrationError(f"no incoming migration {p.job_id} of '{p.domain}' on this host: "
                              f"its incoming QEMU exited or was discarded{_known_cause(agent, st)}")
@@ -208,10 +216,20 @@ async def finish(agent: HostAgent, st: MigrationState, *, v3: bool) -> Migration
     uuid = dom.uuid
     agent.jobs.set_phase(uuid, p.job_id, phase)
     try:
-        return await _finish(agent, dom, st, v3)
+        st = await _finish(agent, dom, st, v3)
+    except FerryError as exc:
+        if v3 or st.failed:
+            raise
+        raise MigrationError(f"{exc.message}{V2_LOST}", cause=exc.cause) from exc
     finally:
         if not v3:  # v2 has no Confirm: the job ends here
             agent.jobs.end(uuid, p.job_id)
+    return st
+
+
+#: v2 Perform killed the source once QEMU completed: a Finish failure loses the guest
+V2_LOST = ("; the guest is lost: protocol v2 has no Confirm, the source's QEMU was stopped "
+           "after Perform")
 
 
 async def _finish(agent: HostAgent, dom: DomainObj, st: MigrationState,
@@ -234,9 +252,10 @@ async def _finish(agent: HostAgent, dom: DomainObj, st: MigrationState,
     if not p.has(F.OFFLINE) and not await _still_alive(dom):
         # It may have run here and written to its disks: the source must not resume.
         await _discard(agent, dom)
-        err = MigrationError(f"the incoming QEMU exited ({dom.reason.value}) after its CPUs "
-                             "started: the source stays paused, the guest may have run here",
-                             Phase.FINISH3, agent.host)
+        what = f"the incoming QEMU exited ({dom.reason.value}) after its CPUs started"
+        err = MigrationError(f"{what}: the source stays paused, the guest may have run here",
+                             Phase.FINISH3, agent.host) if v3 else \
+            MigrationError(f"{what}{V2_LOST}", Phase.FINISH2, agent.host)
         return replace(st, outcome_unknown=True).with_error(err)
     return complete_incoming(agent, dom, st)
 
