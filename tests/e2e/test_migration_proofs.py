@@ -364,3 +364,32 @@ def test_a_restarted_worker_keeps_a_migrated_guest_running_as_migrated(
     assert (info["state"], info["reason"], info["pid"]) == ("running", "migrated", pid)
     assert _qmp(client, "beta", guest.name, "query-status")["running"] is True
     guest.wait_counter_above(guest.counters()[-1] + 2)
+
+
+def test_the_reported_statistics_are_qemus_own_figures(
+        client: Client, make_guest: Callable[..., Guest], faulty_host: Callable[..., str],
+        tmp_path: Path) -> None:
+    """Confirm held (a failpoint): the source QEMU, paused and not yet killed, still
+    answers query-migrate; the job's statistics must be its figures."""
+    armed = tmp_path / "failpoints"
+    armed.mkdir()
+    src = faulty_host("", FERRY_FAILPOINT_DIR=str(armed))
+    guest = _started(client, make_guest, src)
+    (armed / "confirm3.start").write_text("pause")
+    job = client.migrate(guest.name, src, "beta", live=True)
+    try:
+        wait_for((armed / "confirm3.start.hit").exists, 60, "Confirm to be reached")
+        qemu = _qmp(client, src, guest.name, "query-migrate")
+    finally:
+        (armed / "confirm3.start").unlink()
+    stats = job.wait(timeout=60)["statistics"]
+
+    assert qemu["status"] == "completed"
+    assert stats["downtime"] == qemu["downtime"]
+    assert stats["setup_time"] == qemu["setup-time"]
+    assert stats["memory_processed"] == qemu["ram"]["transferred"]
+    assert stats["memory_total"] == qemu["ram"]["total"]
+    assert stats["memory_iteration"] == qemu["ram"]["dirty-sync-count"]
+    dst = client.call("beta", "domjobinfo", domain=guest.name, completed=True)
+    assert (dst["downtime_ms"], dst["data_processed"]) == \
+        (qemu["downtime"], qemu["ram"]["transferred"])

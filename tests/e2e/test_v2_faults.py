@@ -10,13 +10,11 @@ outcome is judged from outside ferry: which QEMU processes of the guest exist
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import os
 import re
 import shutil
 import signal
-import struct
 import uuid as uuidlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -29,6 +27,7 @@ from scripts.testbed.guestxml import guest_xml
 from scripts.testbed.stack import Stack, pid_alive, wait_for
 from tasks.client import Client
 from tests.conftest import qemu_pids_of
+from tests.e2e.diskfaults import disk_locked
 from tests.e2e.faultcases import (
     DEST,
     V2_ERRORS,
@@ -41,8 +40,6 @@ from tests.e2e.faultcases import (
 from workers.errors import FerryError
 
 SRC, DST = "v2src", "v2dst"
-F_OFD_SETLK = 37  # linux/fcntl.h: open file description locks, QEMU's kind
-QEMU_WRITE_UNSHARED = 201  # file-posix.c: RAW_LOCK_SHARED_BASE + BLK_PERM_WRITE's bit
 
 
 @dataclass
@@ -69,18 +66,6 @@ def v2(stack: Stack, client: Client, tmp_path_factory: pytest.TempPathFactory,
         for host in (SRC, DST):
             if host in stack.workers:
                 stack.remove_worker(host)
-
-
-@contextlib.contextmanager
-def disk_locked(path: Path) -> Iterator[None]:
-    """Hold the lock byte that tells QEMU another process will not share writing."""
-    fd = os.open(path, os.O_RDWR)
-    try:
-        flock = struct.pack("hhqqi4x", fcntl.F_RDLCK, os.SEEK_SET, QEMU_WRITE_UNSHARED, 1, 0)
-        fcntl.fcntl(fd, F_OFD_SETLK, flock)
-        yield
-    finally:
-        os.close(fd)  # closing the description drops its locks
 
 
 @dataclass
