@@ -380,9 +380,16 @@ def test_the_reported_statistics_are_qemus_own_figures(
     try:
         wait_for((armed / "confirm3.start.hit").exists, 60, "Confirm to be reached")
         qemu = _qmp(client, src, guest.name, "query-migrate")
+        # Between the switch-over and Confirm: paused here (QEMU says so), running there.
+        held = client.call(src, "dominfo", domain=guest.name)
+        src_running = _qmp(client, src, guest.name, "query-status")["running"]
+        dst_running = _qmp(client, "beta", guest.name, "query-status")["running"]
     finally:
         (armed / "confirm3.start").unlink()
     stats = job.wait(timeout=60)["statistics"]
+
+    assert (held["state"], held["reason"], src_running, dst_running) == \
+        ("paused", "migration", False, True)
 
     assert qemu["status"] == "completed"
     assert stats["downtime"] == qemu["downtime"]
