@@ -192,6 +192,8 @@ def test_the_suspend_signal_pauses_the_guest_on_the_source_and_the_migration_fin
     wait_for(lambda: (job.info().get("memory_iteration") or 0) >= 2, 60,
              "a second pass over memory: the guest dirties faster than the copy")
     assert job.info()["phase"] == "perform3", "it was not meant to converge by itself"
+    # without --auto-converge QEMU never throttles (the control for the auto-converge test)
+    assert not _qmp(client, "alpha", guest.name, "query-migrate").get("cpu-throttle-percentage")
 
     reply = job.suspend()
 
