@@ -306,7 +306,8 @@ def main(argv: list[str] | None = None) -> int:
     summary = f"{len(outcomes) - survived} of {len(outcomes)} mutants killed ({stamp})\n"
     print("\n" + text + "\n" + summary)
     if args.docs and not args.only:
-        write_docs(f"Last run {stamp}: {summary}\n{text}")
+        write_docs(f"Last run {stamp}: {len(outcomes) - survived} of {len(outcomes)} mutants "
+                   f"killed.\n\n{text}")
     return 1 if survived else 0
 
 
