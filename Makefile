@@ -8,7 +8,7 @@ DEBS := qemu-system-x86 qemu-utils redis-server redis-sentinel zstd xz-utils bzi
 STAMP := $(VENV)/.ferry-installed
 TEST_JOBS ?= 2
 
-.PHONY: setup demo test lint bench faults clean
+.PHONY: setup demo test lint bench faults mutants clean
 
 setup: $(STAMP)
 
@@ -31,6 +31,10 @@ faults: setup
 
 bench: setup
 	$(BIN)/python -m scripts.bench
+
+# Deliberate bugs the tests must catch (scripts/devtools/mutants.py); not part of `make test`.
+mutants: setup
+	$(BIN)/python -m scripts.devtools.mutants $(MUTANTS_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -42,11 +42,12 @@ import ipaddress
 import os
 import re
 import uuid as uuidlib
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from workers.errors import InvalidInputError, UnsupportedError
+from workers.errors import InvalidInputError, UnsupportedError, one_line
 
 DEFAULT_EMULATOR = "/usr/bin/qemu-system-x86_64"
 
@@ -62,7 +63,7 @@ Enums = tuple[str, Any, Sequence[Any]]
 
 def check(ok: bool, message: str, exc: type[InvalidInputError] = InvalidInputError) -> None:
     if not ok:
-        raise exc(message)
+        raise exc(one_line(message))
 
 
 def check_enums(where: str, *checks: Enums) -> None:
@@ -200,7 +201,7 @@ class Graphics:
             _ = self.listen is None or ipaddress.ip_address(self.listen)
         except ValueError:
             msg = f"graphics listen address {self.listen!r} is not an IP address"
-            raise UnsupportedError(msg) from None
+            raise UnsupportedError(one_line(msg)) from None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -259,7 +260,8 @@ class DomainDef:
         try:
             fix(self, "uuid", str(uuidlib.UUID(self.uuid)))
         except (ValueError, TypeError, AttributeError):
-            raise InvalidInputError(f"domain <uuid> {self.uuid!r} is not a valid UUID") from None
+            bad = one_line(f"domain <uuid> {self.uuid!r} is not a valid UUID")
+            raise InvalidInputError(bad) from None
         for what, value, allowed in (
             ("domain type", self.type, ("kvm", "qemu")),
             ("os arch", self.arch, ("x86_64",)),
@@ -314,8 +316,8 @@ class DomainDef:
             ("disk boot order", boots),
             ("graphics type", [g.type for g in self.graphics]),
         )
-        for what, keys in keyed:
-            dup = sorted({str(k) for k in keys if keys.count(k) > 1})
+        for what, keys in keyed:  # Counter: 18,000 disks fit in 1 MiB, keys.count() is quadratic
+            dup = sorted({str(k) for k, n in Counter(keys).items() if n > 1})
             check(not dup, f"duplicate {what} {', '.join(dup)}")
         check(not (boots and self.boot_devices), "<boot order> cannot mix with <os><boot dev>")
         for con in self.consoles:

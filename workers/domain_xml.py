@@ -24,7 +24,7 @@ from workers.domain import (
     check,
     check_enums,
 )
-from workers.errors import InvalidInputError, UnsupportedError
+from workers.errors import InvalidInputError, UnsupportedError, one_line
 
 QEMU_NS = "http://libvirt.org/schemas/domain/qemu/1.0"
 MAX_XML_BYTES = 1024 * 1024
@@ -118,7 +118,7 @@ def parse_domain_xml(
     try:
         root = etree.fromstring(data, parser)
     except etree.XMLSyntaxError as exc:
-        raise InvalidInputError(f"malformed domain XML: {exc}".replace("\n", " ")) from None
+        raise InvalidInputError(one_line(f"malformed domain XML: {exc}")) from None
     check(_tag(root) == "domain", f"the root element must be <domain>, not <{_tag(root)}>")
     k = _kids(
         root,

@@ -20,12 +20,27 @@ FerryError and InvalidInputError are defined in config/errors.py, because
 
 from __future__ import annotations
 
+import re
+
 from config.errors import FerryError, InvalidInputError
 
 __all__ = [
     "FerryError", "HostUnavailableError", "InvalidInputError", "MigrationError", "NotFoundError",
-    "OperationInvalidError", "QemuError", "UnsupportedError",
+    "OperationInvalidError", "QemuError", "UnsupportedError", "one_line",
 ]
+_LONG_WORD = re.compile(r"\S{129,}")
+MAX_MESSAGE = 600
+
+
+def one_line(text: str) -> str:
+    """A message about untrusted input, for the operator: one line, bounded.
+
+    Words over 128 characters are cut and the whole at MAX_MESSAGE: input
+    quoted back (a 5,000-digit name, a tag libxml2 echoes) would otherwise
+    flood the line.
+    """
+    text = _LONG_WORD.sub(lambda m: m[0][:128] + "...", " ".join(text.split()))
+    return text if len(text) <= MAX_MESSAGE else text[: MAX_MESSAGE - 4] + " ..."
 
 
 class UnsupportedError(InvalidInputError):

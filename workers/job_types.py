@@ -43,3 +43,8 @@ class Phase(enum.StrEnum):
     SAVE = "save"
     RESTORE = "restore"
     DUMP = "dump"
+
+
+#: a job record in these phases is past the switch-over: an abort is too late
+SWITCHED_OVER = frozenset({Phase.PERFORM3_DONE, Phase.FINISH2, Phase.FINISH3, Phase.CONFIRM3})
+TOO_LATE = "too late to abort: the switch-over happened, the migration goes on to the dest"

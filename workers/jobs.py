@@ -29,7 +29,7 @@ import redis
 
 from config.replication import guarded_write
 from workers.errors import OperationInvalidError
-from workers.job_types import JobOperation, Phase
+from workers.job_types import SWITCHED_OVER, TOO_LATE, JobOperation, Phase
 from workers.migration.chain_state import MigrationState
 
 log = logging.getLogger(__name__)
@@ -197,8 +197,13 @@ class JobStore:
 
     def request_abort(self, uuid: str) -> bool:
         """Mark the job aborted in its record (honoured at the next phase boundary), or
-        a migration still waiting in line before its first phase (it leaves the line)."""
-        if self.redis.exists(job_key(uuid)):
+        a migration still waiting in line before its first phase (it leaves the line).
+        A record past the switch-over (v2's Finish: nobody owns the job) is refused: no
+        later phase would honour the mark, and the guest goes on to the dest."""
+        job_id, phase = self.redis.hmget(job_key(uuid), ["id", "phase"])
+        if job_id is not None:
+            if phase is not None and _text(phase) in SWITCHED_OVER:
+                raise OperationInvalidError(TOO_LATE)
             self.redis.hset(job_key(uuid), "abort", "1")
             return True
         waiting = self.queued(uuid)

@@ -208,3 +208,72 @@ def markdown(results: list[Result]) -> str:
     if any(r.mode == Mode.STORAGE.value for r in results):
         lines.append(f"- {STORAGE_NOTE}.")
     return "\n".join(lines) + "\n"
+
+
+# --- protocol v2 -------------------------------------------------------------------------
+# prepare2 -> perform2 -> finish2 (managed; p2p where marked), on hosts whose lock manager
+# keeps no state.  Run by tests/e2e/test_v2_faults.py: the matrix above has no protocol
+# axis.  v2 has no Confirm: Perform kills the source as soon as QEMU completed, so a
+# fault in Finish loses the guest, as in libvirt, and the error must say so.  Every fault
+# is a real one (QEMU refusing an option, a QEMU killed, a disk image whose lock another
+# process holds, an operator's abort); failpoints only hold a phase still.
+
+
+class V2Fault(enum.Enum):
+    DST_START = "dest QEMU fails to start"
+    DST_QEMU = "kill dest QEMU"
+    SRC_QEMU = "kill source QEMU"
+    DST_DISK_LOCKED = "dest disk locked by another process (cont fails)"
+    ABORT = "abort"
+
+
+V2_POINTS: dict[At, tuple[str, str] | None] = {
+    At.PREPARE: (DEST, "prepare3.end"),
+    At.COPYING: None,
+    At.FINISH: (DEST, "finish3.start"),
+}
+
+V2_EXPECTED: dict[tuple[V2Fault, At], Outcome] = {
+    (V2Fault.DST_START, At.PREPARE): S,
+    (V2Fault.DST_QEMU, At.PREPARE): S,
+    (V2Fault.ABORT, At.PREPARE): S,
+    (V2Fault.DST_QEMU, At.COPYING): S,
+    (V2Fault.SRC_QEMU, At.COPYING): LOST,
+    (V2Fault.ABORT, At.COPYING): S,
+    (V2Fault.DST_QEMU, At.FINISH): LOST,
+    (V2Fault.DST_DISK_LOCKED, At.FINISH): LOST,
+    (V2Fault.ABORT, At.FINISH): D,
+}
+
+#: what the job's error must say, by fault (None: the job completes)
+V2_ERRORS: dict[V2Fault, str | None] = {
+    V2Fault.DST_START: r"prepare.*QEMU failed to start.*ferry-failpoint-bad-option",
+    V2Fault.DST_QEMU: r"perform2|finish2",
+    V2Fault.SRC_QEMU: r"perform2.*QEMU of .* exited",
+    V2Fault.DST_DISK_LOCKED: r"finish2.*lock",
+    V2Fault.ABORT: r"perform2.*abort",
+}
+
+
+@dataclass(frozen=True)
+class V2Case:
+    fault: V2Fault
+    at: At
+    expected: Outcome
+    p2p: bool = False
+
+    @property
+    def id(self) -> str:
+        mode = "p2p" if self.p2p else "managed"
+        return f"v2-{mode}-{self.fault.name.lower()}-{self.at.name.lower()}"
+
+    @property
+    def point(self) -> tuple[str, str] | None:
+        return V2_POINTS[self.at]
+
+
+def v2_cases() -> list[V2Case]:
+    """Every v2 row managed; the Perform abort and the Finish kill also peer-to-peer."""
+    out = [V2Case(fault, at, expected) for (fault, at), expected in V2_EXPECTED.items()]
+    return out + [V2Case(f, a, V2_EXPECTED[(f, a)], p2p=True)
+                  for f, a in ((V2Fault.ABORT, At.COPYING), (V2Fault.DST_QEMU, At.FINISH))]

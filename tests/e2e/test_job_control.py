@@ -115,7 +115,12 @@ def test_perform_reports_progress_to_the_result_backend(
     wait_for(lambda: perform.state == "PROGRESS", 10, "a PROGRESS state")
     meta = perform.info
     assert meta["memory_total"] > 0 and 0 <= meta["percent"] <= 100
-    assert "eta_s" in meta and "stalled" in meta
+    # the derived figures follow from QEMU's: never behind the copy, time left at this rate
+    assert meta["percent"] >= 100 * (1 - meta["memory_remaining"] / meta["memory_total"]) - 0.1
+    if meta["memory_bps"]:
+        assert meta["eta_s"] == pytest.approx(meta["memory_remaining"] / meta["memory_bps"],
+                                              abs=0.01)
+    assert isinstance(meta["stalled"], bool)
     job.abort()
     with pytest.raises(FerryError):
         job.wait(timeout=30)
@@ -178,14 +183,8 @@ def test_switching_to_postcopy_completes_a_migration_that_does_not_converge(
         busy_image: Path) -> None:
     from workers.hostcaps import userfaultfd_available
 
-    if not userfaultfd_available():
-        guest = make_guest()
-        client.call("alpha", "define", xml=guest.xml)
-        client.call("alpha", "start", domain=guest.name)
-        with pytest.raises(FerryError, match="userfaultfd"):
-            client.migrate(guest.name, "alpha", "beta", live=True, postcopy=True).wait(30)
-        assert client.call("alpha", "domjobinfo", domain=guest.name)["type"] == "none"
-        return
+    if not userfaultfd_available():  # fail, never pass without having tried post-copy
+        pytest.fail("post-copy cannot be tested: this kernel refuses userfaultfd here")
     guest, job = _busy_migration(client, make_guest, busy_image, bandwidth_mib_s=4,
                                  postcopy=True)
     res = ferry("migrate-postcopy", "-H", "alpha", guest.name)

@@ -54,7 +54,10 @@ def test_live_migration_there_and_back_keeps_the_guest_counting(
         assert _phases(back) == [("prepare", a), ("perform2", b), ("finish2", a)]
     stats = there["statistics"]
     assert isinstance(stats, dict) and stats["memory_total"] >= 128 * 1024 * 1024 * 0.9
-    assert stats["downtime"] >= 0
+    # QEMU's downtime, a pause inside the migration (that it is QEMU's own figure:
+    # test_migration_proofs.py)
+    assert isinstance(stats["downtime"], int)
+    assert stats["downtime"] <= stats["time_elapsed"]
 
 
 def test_completed_statistics_reach_the_dest_through_the_cookie(

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 
@@ -12,6 +14,7 @@ from scripts.testbed.guestimage import build_image
 from scripts.testbed.stack import wait_for
 from tasks.client import Client
 from tests.conftest import Guest, port_free, qemu_pids_of, wait_info
+from tests.e2e.diskfaults import disk_locked
 from workers.errors import FerryError
 
 
@@ -50,18 +53,22 @@ def test_dest_qemu_failing_to_start_in_prepare_leaves_the_guest_on_the_source(
 
 
 def test_cpus_failing_to_start_in_finish_kill_the_dest_and_resume_the_source(
-        client: Client, make_guest: Callable[..., Guest],
-        faulty_host: Callable[[str], str]) -> None:
-    dest = faulty_host("finish3.before_cont=raise")
+        client: Client, make_guest: Callable[..., Guest], tmp_path: Path) -> None:
+    """A real failure of QEMU's `cont`: the dest's copy of the disk is locked by another
+    process, so QEMU cannot take it for writing when its CPUs start."""
     guest = _started(client, make_guest)
-    job = client.migrate(guest.name, "alpha", dest, live=True)
+    moved = tmp_path / "dest-copy.img"
+    shutil.copyfile(guest.disk, moved)
+    xmlin = guest.xml.replace(str(guest.disk), str(moved))
+    with disk_locked(moved):
+        job = client.migrate(guest.name, "alpha", "beta", live=True, xmlin=xmlin)
+        with pytest.raises(FerryError) as err:
+            job.wait(timeout=60)
 
-    with pytest.raises(FerryError) as err:
-        job.wait(timeout=60)
-
-    # The Finish error survives Confirm's clean-up.
-    assert "phase finish3" in str(err.value) and "finish3.before_cont" in str(err.value)
-    _running_on_source(client, guest, dest)
+    # The Finish error (QEMU's own words) survives Confirm's clean-up.
+    assert "phase finish3" in str(err.value) and "cont" in str(err.value)
+    assert '"write" lock' in str(err.value), "the error carries QEMU's reason"
+    _running_on_source(client, guest, "beta")
     assert client.call("alpha", "dominfo", domain=guest.name)["reason"] == "migration_canceled"
     done = client.call("alpha", "domjobinfo", domain=guest.name, completed=True)
     assert done["type"] == "failed" and "finish3" in done["error"]

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from config.settings import load
 from scripts.testbed.stack import Stack
 from tasks.client import Client
 from tasks.migrate_client import build_chain, params_from_options
@@ -99,14 +100,39 @@ def test_exec_migration_uri_is_refused_before_anything_starts(
     assert client.call("alpha", "domjobinfo", domain=guest.name)["type"] == "none"
 
 
+def _tcp_ports(pid: int) -> set[tuple[int, int]]:
+    """(local port, remote port) of every IPv4 TCP socket process `pid` holds."""
+    inodes = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        with contextlib.suppress(OSError):
+            link = os.readlink(fd)
+            if link.startswith("socket:["):
+                inodes.add(link[8:-1])
+    ports = set()
+    for line in Path(f"/proc/{pid}/net/tcp").read_text().splitlines()[1:]:
+        cols = line.split()
+        if cols[9] in inodes:
+            ports.add((int(cols[1].rsplit(":", 1)[1], 16), int(cols[2].rsplit(":", 1)[1], 16)))
+    return ports
+
+
 def test_explicit_tcp_migration_uri_is_where_the_data_goes(
         client: Client, make_guest: Callable[..., Guest]) -> None:
-    from scripts.testbed.stack import free_port
+    from scripts.testbed.stack import free_port, wait_for
 
     guest = _defined(client, make_guest)
+    src_pid = client.call("alpha", "dominfo", domain=guest.name)["pid"]
     port = free_port()
-    job = client.migrate(guest.name, "alpha", "beta", live=True,
+    job = client.migrate(guest.name, "alpha", "beta", live=True, bandwidth_mib_s=1,
                          migrate_uri=f"tcp://127.0.0.1:{port}")
+    wait_for(lambda: (job.info().get("data_processed") or 0) > 0, 30, "the copy to run")
+    (dst_pid,) = [p for p in qemu_pids_of(guest.uuid) if p != src_pid]
+
+    # The stream itself: the dest QEMU holds the connection on that port, the source's
+    # QEMU its other end.
+    assert any(local == port for local, _ in _tcp_ports(dst_pid)), _tcp_ports(dst_pid)
+    assert any(remote == port for _, remote in _tcp_ports(src_pid)), _tcp_ports(src_pid)
+    job.set_speed(0)
     job.wait(timeout=60)
     prepare = client.app.AsyncResult(f"{job.id}.prepare3").get(timeout=5)
     assert prepare["uri"] == f"tcp:127.0.0.1:{port}"
@@ -143,22 +169,33 @@ def test_migrate_json_reports_a_failure_with_its_error(
     assert res.err.strip().startswith("error: ") and len(res.err.strip().splitlines()) == 1
 
 
-def test_a_service_can_enqueue_the_chain_by_task_names_without_ferry(
+def test_a_service_process_that_never_imports_ferry_migrates_by_task_names(
         stack: Stack, client: Client, make_guest: Callable[..., Guest]) -> None:
-    from celery import Celery, chain
+    """In a process of its own, so that "without ferry" is checked, not assumed."""
+    import subprocess
+    import sys
 
     guest = _defined(client, make_guest)
-    other = Celery("service", broker=stack.broker_url, backend=stack.broker_url)
-    other.conf.update(task_serializer="json", result_serializer="json",
-                      accept_content=["json"])
-    params = {"domain": guest.name, "source": "alpha", "dest": "beta", "flags": 1,
-              "job_id": "svc-job-1"}
-    sigs = [other.signature("ferry.begin3", args=(params,), queue="host.alpha"),
-            other.signature("ferry.prepare3", queue="host.beta"),
-            other.signature("ferry.perform3", queue="host.alpha"),
-            other.signature("ferry.finish3", queue="host.beta"),
-            other.signature("ferry.confirm3", queue="host.alpha")]
-    result = chain(*sigs).apply_async().get(timeout=60)
-    assert result["result"] == "completed" and result["job_id"] == "svc-job-1"
+    service = f"""
+import json, sys
+from celery import Celery, chain
+app = Celery("service", broker={stack.broker_url!r}, backend={stack.broker_url!r})
+app.conf.update(task_serializer="json", result_serializer="json", accept_content=["json"])
+params = {{"domain": {guest.name!r}, "source": "alpha", "dest": "beta", "flags": 1,
+          "job_id": "svc-job-2"}}
+names = [("begin3", "alpha"), ("prepare3", "beta"), ("perform3", "alpha"),
+         ("finish3", "beta"), ("confirm3", "alpha")]
+sigs = [app.signature("ferry." + n, args=(params,) if i == 0 else (), queue="host." + h)
+        for i, (n, h) in enumerate(names)]
+result = chain(*sigs).apply_async().get(timeout=60)
+ferry = sorted(m for m in sys.modules if m.split(".")[0] in ("config", "workers", "tasks",
+                                                            "scripts"))
+print(json.dumps({{"result": result["result"], "ferry_modules": ferry}}))
+"""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FERRY_")}
+    proc = subprocess.run([sys.executable, "-c", service], capture_output=True, text=True,
+                          timeout=120, env=env, cwd="/")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out == {"result": "completed", "ferry_modules": []}
     assert client.call("beta", "dominfo", domain=guest.name)["state"] == "running"
-    assert load({}).broker_url  # ferry's settings were not needed by the service

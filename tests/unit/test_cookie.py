@@ -521,6 +521,37 @@ def test_a_malformed_statistics_value_is_refused() -> None:
         parse(negative)
 
 
+@pytest.mark.parametrize("where", ["statistics", "graphics port", "graphics tlsPort"])
+def test_a_number_of_5000_digits_is_refused_as_out_of_range_not_a_python_error(
+        where: str) -> None:
+    huge = "9" * 5000
+    xml = without_unsupported_features(FULL_IN)
+    xml = {"statistics": xml.replace("<sent>986</sent>", f"<sent>{huge}</sent>"),
+           "graphics port": xml.replace("port='123'", f"port='{huge}'"),
+           "graphics tlsPort": xml.replace("tlsPort='321'", f"tlsPort='{huge}'")}[where]
+    with pytest.raises(InvalidInputError, match="is not an integer in") as err:
+        parse(xml)
+    assert "\n" not in str(err.value) and len(str(err.value)) < 300
+
+
+def test_leading_zeros_do_not_count_against_a_numbers_size() -> None:
+    xml = without_unsupported_features(FULL_IN).replace("<sent>986</sent>",
+                                                        f"<sent>{'0' * 5000}986</sent>")
+    statistics = parse(xml).statistics
+    assert statistics is not None and statistics.sent == 986
+
+
+def test_the_size_limit_applies_to_the_bytes_received_not_to_a_reindented_domain() -> None:
+    deep = "<metadata>" + "<a>" * 200 + "</a>" * 200 + "</metadata>"
+    domain = DOMAIN.replace("</domain>", deep + "</domain>")
+    xml = BASIC_OUT.replace("</qemu-migration>", domain + "</qemu-migration>")
+    assert len(xml.encode()) < 2500
+    c = parse(xml)
+    assert c.persistent is not None and len(c.persistent.encode()) <= len(xml.encode())
+    assert canonical(etree.fromstring(c.persistent)) == canonical(etree.fromstring(domain))
+    assert parse(c.to_xml()) == c  # written back without the indentation that would not fit
+
+
 def test_a_graphics_type_other_than_spice_or_vnc_is_refused() -> None:
     xml = without_unsupported_features(MODERN_DOM_OUT_SOURCE).replace("'spice'", "'rdp'")
     with pytest.raises(UnsupportedError, match="graphics type 'rdp'"):

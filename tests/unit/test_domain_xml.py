@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import time
 
 import pytest
 
@@ -630,3 +631,31 @@ def test_an_unknown_lifecycle_action_is_refused_naming_it(element: str) -> None:
     xml = with_devices("", head=f"<{element}>explode</{element}>")
     with pytest.raises(InvalidInputError, match=f"<{element}> 'explode'"):
         parse_domain_xml(xml)
+
+
+def test_a_definition_of_18000_disks_is_refused_as_duplicates_in_linear_time() -> None:
+    """Under the 1 MiB cap, so the duplicate check itself must not be quadratic."""
+    disks = "<disk><source file='/a'/><target dev='vda'/></disk>" * 18000
+    xml = with_devices(disks)
+    assert len(xml) < 1024 * 1024
+    started = time.process_time()
+    with pytest.raises(InvalidInputError, match="duplicate disk target dev vda"):
+        parse_domain_xml(xml)
+    # CPU seconds, not wall time, so a loaded machine does not fail it: the quadratic check
+    # took 4-7 s here, the linear one about 0.3 s.
+    assert time.process_time() - started < 2.0
+
+
+@pytest.mark.parametrize(
+    "xml",
+    [
+        MINIMAL.replace("tiny", "9" * 5000),
+        MINIMAL.replace("<name>tiny</name>", f"<uuid>{'9' * 5000}</uuid><name>t</name>"),
+        with_devices(f"<graphics type='vnc' listen='{'9' * 5000}'/>"),
+        f"<domain><{'q' * 5000}></domain>",
+    ],
+)
+def test_hostile_values_are_quoted_back_in_one_bounded_line(xml: str) -> None:
+    with pytest.raises(InvalidInputError) as err:
+        parse_domain_xml(xml)
+    assert "\n" not in str(err.value) and len(str(err.value)) <= 600

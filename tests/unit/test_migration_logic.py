@@ -67,6 +67,8 @@ def test_options_become_flags_and_unknown_options_are_refused() -> None:
     ({"bandwidth_mib_s": 1 << 30}, "bandwidth"),
     ({"max_downtime_ms": 10**10}, "max downtime"),
     ({"flags": 32768}, "must be live"),
+    ({"flags": 32768 | 4 | 2 | 1}, "post-copy cannot be tunnelled"),
+    ({"flags": 32768 | 1, "protocol": 2}, "post-copy needs migration protocol v3"),
 ])
 def test_inconsistent_parameters_are_refused_before_anything_starts(
         kwargs: dict[str, object], needle: str) -> None:

@@ -16,7 +16,7 @@ from workers.agent import HostAgent
 from workers.domain_states import DomainState, PausedReason
 from workers.domobj import DomainObj
 from workers.errors import InvalidInputError, OperationInvalidError
-from workers.job_types import Phase
+from workers.job_types import TOO_LATE, Phase
 from workers.jobs import active_record, jobinfo_view
 from workers.migration import qemu_migrate, storage
 from workers.migration.params import MAX_BANDWIDTH_MIB_S, MAX_DOWNTIME_MS, MigrationFlags
@@ -53,13 +53,12 @@ def _performing(dom: DomainObj) -> bool:
     return dom.job is not None and dom.job.phase in PERFORM_PHASES and dom.monitor is not None
 
 
-TOO_LATE = "too late to abort: the switch-over happened, the migration goes on to the dest"
 SWITCHED_PHASES = (Phase.PERFORM3_DONE, Phase.CONFIRM3)
 
 
 async def _abort(agent: HostAgent, dom: DomainObj, args: dict[str, Any]) -> Any:
     assert dom.job is not None
-    if dom.job.phase in SWITCHED_PHASES:
+    if dom.job.phase in SWITCHED_PHASES or str(dom.migration_status).startswith("postcopy"):
         raise OperationInvalidError(TOO_LATE)
     dom.job.abort = True
     agent.jobs.request_abort(dom.uuid)

@@ -20,7 +20,9 @@ Decisions:
   ignores: ``format``, ``clusterSize``, ``backingFile``, ``backingFormat`` and
   ``allocation`` (bytes the copy needs), what the dest needs to create the image.
 - ``persistent`` is stored canonically (whitespace between elements dropped,
-  re-indented), so ``parse(c.to_xml()) == c`` for every valid Cookie.
+  not re-indented: the limit is on the bytes received), so
+  ``parse(c.to_xml()) == c`` for every valid Cookie.  `to_xml` indents the
+  domain like libvirt unless that alone would break the limit.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from typing import Any, Literal
 
 from lxml import etree
 
-from workers.errors import InvalidInputError, MigrationError, UnsupportedError
+from workers.errors import InvalidInputError, MigrationError, UnsupportedError, one_line
 
 MAX_COOKIE_BYTES = 16384
 #: libvirt's qemuMigrationCookieFlag names, in libvirt's (and the ``<feature>`` lines') order
@@ -49,6 +51,7 @@ _NOT_XML_CHAR = re.compile(r"[^\t\n\r\x20-\uD7FF\uE000-\uFFFD\U00010000-\U0010FF
 _DECLARATION = re.compile(r"<!\s*(DOCTYPE|ENTITY)", re.IGNORECASE)
 _INT_RE = re.compile(r"[+-]?[0-9]+")
 _U64 = (0, 2**64 - 1)
+_MAX_DIGITS = len(str(2**64))  # longer than any value in range once leading zeros are gone
 #: statistics that are not unsigned 64-bit (libvirt: long long delta, int throttle)
 _STAT_RANGES = {"delta": (-(2**63), 2**63 - 1), "auto_converge_throttle": (-(2**31), 2**31 - 1)}
 
@@ -86,7 +89,11 @@ def _parse_int(text: str | None, what: str, lo: int, hi: int) -> int:
     text = (text or "").strip()
     if not _INT_RE.fullmatch(text):
         raise InvalidInputError(f"migration cookie {what} {quoted(text)} is not an integer")
-    return _check_int(int(text), what, lo, hi)
+    sign, digits = ("-" if text[0] == "-" else ""), text.lstrip("+-").lstrip("0") or "0"
+    if len(digits) > _MAX_DIGITS:  # before int(): Python refuses over 4300 digits itself
+        raise InvalidInputError(f"migration cookie {what} {quoted(text)} is not an integer "
+                                f"in {lo}..{hi}")
+    return _check_int(int(sign + digits), what, lo, hi)
 
 
 def _check_features(names: Iterable[str]) -> tuple[str, ...]:
@@ -120,7 +127,7 @@ def _load(xml: str | bytes, what: str, root_tag: str) -> etree._Element:
     try:
         root = etree.fromstring(data, parser)
     except etree.XMLSyntaxError as exc:
-        raise InvalidInputError(f"malformed {what}: {exc}".replace("\n", " ")) from None
+        raise InvalidInputError(one_line(f"malformed {what}: {exc}")) from None
     if root.getroottree().docinfo.internalDTD is not None:  # belt and braces
         raise InvalidInputError(f"{what} has a DOCTYPE or entity declaration, which is refused")
     if root.tag != root_tag:
@@ -130,7 +137,13 @@ def _load(xml: str | bytes, what: str, root_tag: str) -> etree._Element:
 
 
 def _canonical_domain(el: etree._Element) -> str:
-    """The ``<domain>`` element as stable text: no whitespace-only text between elements."""
+    """The ``<domain>`` element as stable text: no whitespace-only text between elements.
+
+    Not re-indented: indentation grows with depth squared, so a small cookie
+    with deeply nested ``<metadata>`` would come out many times its size and be
+    refused for bytes it never had.  The canonical text is never longer than
+    what was received.
+    """
     el = copy.deepcopy(el)
     el.tail = None
     for node in el.iter():
@@ -138,7 +151,6 @@ def _canonical_domain(el: etree._Element) -> str:
             node.text = None
         if node is not el and node.tail is not None and not node.tail.strip():
             node.tail = None
-    etree.indent(el, space="  ")
     return etree.tostring(el, encoding="unicode")
 
 
@@ -325,7 +337,7 @@ class Cookie:
                    "statistics": self.statistics}
         return [name for name, value in present.items() if value is not None]
 
-    def _format(self) -> str:
+    def _format(self, indent_domain: bool = True) -> str:
         root = etree.Element("qemu-migration")
         for tag in ("name", "uuid", "hostname", "hostuuid"):
             etree.SubElement(root, tag).text = getattr(self, tag)
@@ -342,7 +354,7 @@ class Cookie:
             if lock.leases:
                 etree.SubElement(el, "leases").text = lock.leases
         if self.persistent is not None:
-            root.append(_domain(self.persistent))
+            root.append(_domain(self.persistent) if indent_domain else etree.Element("domain"))
         if self.nbd is not None:
             _format_nbd(root, self.nbd)
         if self.statistics is not None:
@@ -350,11 +362,19 @@ class Cookie:
             for tag, value in self.statistics.as_dict().items():
                 etree.SubElement(el, tag).text = str(value)
         etree.indent(root, space="  ")
+        if self.persistent is not None and not indent_domain:
+            placeholder = root.find("domain")
+            assert placeholder is not None
+            compact = _domain(self.persistent)
+            compact.tail = placeholder.tail
+            root.replace(placeholder, compact)
         return etree.tostring(root, encoding="unicode") + "\n"
 
     def to_xml(self) -> str:
         """libvirt's cookie XML; a MigrationError if it exceeds MAX_COOKIE_BYTES."""
         size = len((text := self._format()).encode("utf-8"))
+        if size > MAX_COOKIE_BYTES and self.persistent is not None:
+            size = len((text := self._format(indent_domain=False)).encode("utf-8"))
         if size > MAX_COOKIE_BYTES:
             dom = len(self.persistent.encode("utf-8")) if self.persistent else 0
             raise MigrationError(f"migration cookie for guest {quoted(self.name)} would be {size} "

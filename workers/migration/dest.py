@@ -9,6 +9,7 @@ incoming QEMU.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import socket
 import time
@@ -102,6 +103,9 @@ async def prepare(agent: HostAgent, st: MigrationState, *, v3: bool) -> Migratio
         dom.live = d  # a transient object needs a definition to be named by
     dom.job = ActiveJob(p.job_id, JobOperation.INCOMING_MIGRATION, Phase.PREPARE, time.time(),
                         source=p.source, dest=p.dest, flags=p.flags)
+    if not v3:  # v2 has no Begin: the job's record starts here, so an abort has a place to go
+        agent.jobs.start(d.uuid, job_id=p.job_id, kind=JobOperation.INCOMING_MIGRATION.kind,
+                         phase=Phase.PREPARE, source=p.source, dest=p.dest, flags=p.flags)
     try:
         agent.jobs.set_phase(d.uuid, p.job_id, Phase.PREPARE)  # may need a replica
         uri = None
@@ -218,6 +222,9 @@ async def finish(agent: HostAgent, st: MigrationState, *, v3: bool) -> Migration
         if st.failed:
             # Prepare never got as far as a QEMU here, or it exited: images it made go
             storage_dest.discard_images(agent, p.job_id)
+            if not v3:  # v2's record started in Prepare; no Confirm will end it
+                with contextlib.suppress(FerryError):
+                    agent.jobs.end(agent.parse(st.xml or "").uuid, p.job_id)
             return st
         raise MigrationError(f"no incoming migration {p.job_id} of '{p.domain}' on this host: "
                              f"its incoming QEMU exited or was discarded{_known_cause(agent, st)}")
@@ -226,10 +233,20 @@ async def finish(agent: HostAgent, st: MigrationState, *, v3: bool) -> Migration
     uuid = dom.uuid
     agent.jobs.set_phase(uuid, p.job_id, phase)
     try:
-        return await _finish(agent, dom, st, v3)
+        st = await _finish(agent, dom, st, v3)
+    except FerryError as exc:
+        if v3 or st.failed:
+            raise
+        raise MigrationError(f"{exc.message}{V2_LOST}", cause=exc.cause) from exc
     finally:
         if not v3:  # v2 has no Confirm: the job ends here
             agent.jobs.end(uuid, p.job_id)
+    return st
+
+
+#: v2 Perform killed the source once QEMU completed: a Finish failure loses the guest
+V2_LOST = ("; the guest is lost: protocol v2 has no Confirm, the source's QEMU was stopped "
+           "after Perform")
 
 
 async def _finish(agent: HostAgent, dom: DomainObj, st: MigrationState,
@@ -257,9 +274,10 @@ async def _finish(agent: HostAgent, dom: DomainObj, st: MigrationState,
     if not p.has(F.OFFLINE) and not await _still_alive(dom):
         # It may have run here and written to its disks: the source must not resume.
         await _discard(agent, dom)
-        err = MigrationError(f"the incoming QEMU exited ({dom.reason.value}) after its CPUs "
-                             "started: the source stays paused, the guest may have run here",
-                             Phase.FINISH3, agent.host)
+        what = f"the incoming QEMU exited ({dom.reason.value}) after its CPUs started"
+        err = MigrationError(f"{what}: the source stays paused, the guest may have run here",
+                             Phase.FINISH3, agent.host) if v3 else \
+            MigrationError(f"{what}{V2_LOST}", Phase.FINISH2, agent.host)
         return replace(st, outcome_unknown=True).with_error(err)
     return complete_incoming(agent, dom, st)
 
@@ -301,7 +319,7 @@ async def _finish_ok(agent: HostAgent, dom: DomainObj, st: MigrationState,
     if p.storage_copy:
         await storage_dest.stop_nbd(dom)  # before the CPUs start, as libvirt
     if not p.has(F.OFFLINE):
-        await _wait_incoming(agent, dom)
+        await _wait_incoming(agent, dom, postcopy=p.has(F.POSTCOPY))
         await _end_tunnel(dom, close=False)
     if p.has(F.PERSIST_DEST):
         xml = (cookie.persistent if cookie and cookie.persistent else None) or st.xml
@@ -317,6 +335,8 @@ async def _finish_ok(agent: HostAgent, dom: DomainObj, st: MigrationState,
         await run_cpus(agent, dom, RunningReason.MIGRATED)  # takes the leases first
     else:
         agent.set_state(dom, DomainState.PAUSED, PausedReason.USER)
+    if p.has(F.POSTCOPY):
+        await _wait_incoming(agent, dom)  # the guest runs here while its last pages come
     await failpoints.hit("finish3.after_cont")
     return st
 
@@ -331,7 +351,8 @@ def _lockstate(agent: HostAgent, cookie: Cookie | None) -> str | None:
     return cookie.lockstate.leases or None
 
 
-async def _wait_incoming(agent: HostAgent, dom: DomainObj) -> None:
+async def _wait_incoming(agent: HostAgent, dom: DomainObj, postcopy: bool = False) -> None:
+    """Until the incoming migration completed, or (`postcopy`) switched into post-copy."""
     if not dom.active:
         raise MigrationError(f"the incoming QEMU exited ({dom.reason.value}) before the "
                              "migration completed")
@@ -348,7 +369,7 @@ async def _wait_incoming(agent: HostAgent, dom: DomainObj) -> None:
                 raise MigrationError("the incoming QEMU exited before the migration "
                                      "completed") from None
             raise
-        if status == "completed":
+        if status == "completed" or (postcopy and status == "postcopy-active"):
             return
         if status in ("failed", "cancelled"):
             raise MigrationError(f"incoming migration {status}")

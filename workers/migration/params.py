@@ -125,6 +125,13 @@ class MigrationParams:
             raise InvalidInputError("a tunnelled migration has no migration URI")
         if f & MigrationFlags.POSTCOPY and not f & MigrationFlags.LIVE:
             raise InvalidInputError("post-copy migration must be live")
+        if f & MigrationFlags.POSTCOPY and f & MigrationFlags.TUNNELLED:
+            raise UnsupportedError("post-copy cannot be tunnelled: the dest asks the source "
+                                   "for pages on the stream's return path, which the tunnel "
+                                   "does not carry")
+        if f & MigrationFlags.POSTCOPY and self.protocol == 2:
+            raise UnsupportedError("post-copy needs migration protocol v3: the source may go "
+                                   "only once the dest has every page (Confirm)")
         if self.protocol == 2 and f & (MigrationFlags.OFFLINE | MigrationFlags.CHANGE_PROTECTION):
             raise InvalidInputError("offline migration and change protection need protocol v3")
         if self.source == self.dest:

@@ -137,11 +137,15 @@ def progress_of(info: dict[str, Any], started_ms: int) -> dict[str, Any]:
 async def wait(dom: DomainObj, mon: Monitor, *, started_ms: int,
                on_progress: Callable[[dict[str, Any]], None],
                on_tick: Callable[[float], None] | None = None,
-               at_switchover: Callable[[], Awaitable[None]] | None = None) -> dict[str, Any]:
+               at_switchover: Callable[[], Awaitable[None]] | None = None,
+               until_postcopy: bool = False) -> dict[str, Any]:
     """Wait for the migration on `mon` to end; the final query-migrate reply on success.
 
     With pause-before-switchover on, QEMU stops at `pre-switchover` (the guest paused)
     until `at_switchover` has run; then the migration continues.
+    `until_postcopy`: a switch into post-copy ends the wait too (libvirt's
+    QEMU_MIGRATION_COMPLETED_POSTCOPY): the dest must run the guest while the
+    rest of its memory comes, so Perform hands over to Finish there.
     """
     t0 = time.monotonic()
     switched = False
@@ -157,7 +161,7 @@ async def wait(dom: DomainObj, mon: Monitor, *, started_ms: int,
             raise
         status = info.get("status", "none")
         on_progress(progress_of(info, started_ms))
-        if status == "completed":
+        if status == "completed" or (until_postcopy and status == "postcopy-active"):
             return dict(info)
         if status in ("failed", "cancelled") and dom.job is not None and dom.job.abort:
             # An abort closes a tunnel before it cancels: QEMU may see the broken pipe
@@ -178,6 +182,20 @@ async def wait(dom: DomainObj, mon: Monitor, *, started_ms: int,
         if on_tick is not None:
             on_tick(time.monotonic() - t0)
         await nap(dom)
+
+
+async def wait_postcopy_end(dom: DomainObj, timeout_s: float) -> dict[str, Any] | None:
+    """After a switch into post-copy: QEMU's last query-migrate reply once every page has
+    gone (the source's QEMU must live until then), None if it did not end in time."""
+    mon = dom.monitor
+    deadline = time.monotonic() + timeout_s
+    while mon is not None and dom.active and time.monotonic() < deadline:
+        dom.wakeup.clear()
+        info = await mon.execute("query-migrate")
+        if not str(info.get("status", "")).startswith("postcopy"):
+            return dict(info)
+        await nap(dom)
+    return None
 
 
 async def nap(dom: DomainObj) -> None:

@@ -137,13 +137,15 @@ async def resume_perform(agent: HostAgent, dom: DomainObj,
     if dom.job.phase == Phase.PERFORM3_DONE and dom.job.state is not None:
         return dom.job.state
     info = await dom.require_monitor("resume perform").execute("query-migrate")
-    if info.get("status") != "completed":
+    status = str(info.get("status", "none"))
+    if status != "completed" and not status.startswith("postcopy"):
         if st.params.storage_copy:
             await storage.cancel_leftovers(dom)
         await qemu_migrate.cancel(dom)
         raise MigrationError(f"perform3 was interrupted (worker restart or redelivery); "
-                             f"QEMU's migration was {info.get('status', 'none')}: cancelled")
-    agent.set_state(dom, DomainState.PAUSED, PausedReason.MIGRATION)
+                             f"QEMU's migration was {status}: cancelled")
+    agent.set_state(dom, DomainState.PAUSED, PausedReason.POSTCOPY
+                    if status.startswith("postcopy") else PausedReason.MIGRATION)
     stats = qemu_migrate.progress_of(info, int(dom.job.started * 1000))
     stats.pop("status", None)
     agent.release_leases(dom)
@@ -204,7 +206,8 @@ async def _migrate(agent: HostAgent, dom: DomainObj, st: MigrationState,
         info = await qemu_migrate.wait(dom, mon, started_ms=started_ms,
                                        on_progress=conv.progress, on_tick=conv.tick,
                                        at_switchover=storage.at_switchover(dom, copy)
-                                       if copy else None)
+                                       if copy else None,
+                                       until_postcopy=p.has(F.POSTCOPY))
     except FerryError:
         if dom.storage_out is not None:
             await dom.storage_out.abort()  # first: a stalled dest would hang the cancel
@@ -216,8 +219,11 @@ async def _migrate(agent: HostAgent, dom: DomainObj, st: MigrationState,
         dom.storage_out = None
         await _end_tunnel(agent, dom)
     await failpoints.hit("perform3.after_migrate")
-    # QEMU stopped the CPUs for the switch-over: say so, do not wait for STOP.
-    agent.set_state(dom, DomainState.PAUSED, PausedReason.MIGRATION)
+    # QEMU stopped the CPUs for the switch-over: say so, do not wait for STOP.  In
+    # post-copy the dest is about to run the guest while pages still leave from here.
+    postcopy = info.get("status") == "postcopy-active"
+    agent.set_state(dom, DomainState.PAUSED,
+                    PausedReason.POSTCOPY if postcopy else PausedReason.MIGRATION)
     st = replace(st, source_paused_by_us=True)
     stats = qemu_migrate.progress_of(info, started_ms)
     stats.pop("status", None)
@@ -343,10 +349,26 @@ async def confirm3(agent: HostAgent, st: MigrationState) -> MigrationState:
         if st.failed:
             await _resume_source(agent, dom, st)
         else:
+            st = await _postcopy_done(agent, dom, st)
             await _finish_source(agent, dom, p)
     finally:
         end_outgoing_job(agent, dom, uuid, st)
     return st
+
+
+async def _postcopy_done(agent: HostAgent, dom: DomainObj, st: MigrationState) -> MigrationState:
+    """A post-copy migration: QEMU here sends pages until the dest has them all; only
+    then may it go.  Its last figures (pages the dest asked for) are the job's."""
+    if dom.reason != PausedReason.POSTCOPY or not dom.active:
+        return st
+    info = await qemu_migrate.wait_postcopy_end(dom, agent.settings.incoming_timeout_s)
+    if info is None or info.get("status") != "completed":
+        raise MigrationError(f"post-copy did not complete on the source "
+                             f"({(info or {}).get('status', 'no answer')}); the guest runs "
+                             f"on the dest, whose memory may be incomplete")
+    stats = qemu_migrate.progress_of(info, int((st.statistics or {}).get("started") or 0))
+    stats.pop("status", None)
+    return replace(st, statistics=stats)
 
 
 def _with_own_statistics(st: MigrationState, dom: DomainObj) -> MigrationState:
@@ -367,7 +389,8 @@ async def _resume_source(agent: HostAgent, dom: DomainObj, st: MigrationState) -
     qemuMigrationSrcRestoreDomainState: only a guest that was paused is resumed)."""
     if not dom.active or dom.monitor is None:
         return
-    if st.outcome_unknown:
+    if st.outcome_unknown or dom.reason == PausedReason.POSTCOPY:
+        # After a switch into post-copy the dest has run the guest: never both.
         log.error("domain %s: the dest may have started it; it stays paused here",
                   dom.name)
         return
