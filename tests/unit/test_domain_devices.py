@@ -296,8 +296,8 @@ def test_the_abi_check_refuses_guest_visible_cpu_and_device_changes() -> None:
         "target domain cpu topology 2s1d1c1t does not match source 1s1d2c1t"]
     assert abi(d, suspend_to_mem=True) == [
         "target domain pm suspend-to-mem yes does not match source no"]
-    ctrls = tuple(c for c in d.controllers if c.type != "usb") + (
-        Controller(type="usb", model="ich9-ehci1"),)
+    ctrls = (*(c for c in d.controllers if c.type != "usb"),
+             Controller(type="usb", model="ich9-ehci1"))
     assert abi(d, controllers=ctrls)[0].startswith("target controller[0] type pci")
     assert abi(d, channels=(dataclasses.replace(d.channels[0], port=2),)) == [
         "target channel[0] target port 2 does not match source 1"]
