@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from workers import netdev
+from workers import cpucheck, netdev
 from workers.agent import HostAgent
 from workers.domain import DomainDef, with_channel_paths, with_graphics_ports, with_tap_names
 from workers.domain_states import DomainState, PausedReason, RunningReason, ShutoffReason
@@ -92,6 +92,17 @@ def _with_ports(agent: HostAgent, dom: DomainObj, d: DomainDef) -> DomainDef:
     return with_graphics_ports(d, ports) if ports else d
 
 
+async def check_cpu(agent: HostAgent, d: DomainDef) -> None:
+    """Refuse a guest CPU this host cannot give it (workers/cpucheck.py)."""
+    if not cpucheck.needs_check(d):
+        return
+    accel = "kvm" if agent.kvm and d.type == "kvm" else "tcg"
+    models = (d.cpu_model,) if d.cpu_model else ()
+    caps = await asyncio.get_running_loop().run_in_executor(
+        None, cpucheck.probe, d.emulator, accel, models)
+    cpucheck.check_cpu(d, caps, agent.settings.cpu_hide_features, agent.host)
+
+
 async def launch(agent: HostAgent, dom: DomainObj, definition: DomainDef,
                  incoming: str | None = None, extra_argv: Sequence[str] = ()) -> None:
     """Start QEMU for `definition` with CPUs stopped and connect its monitor.
@@ -100,6 +111,7 @@ async def launch(agent: HostAgent, dom: DomainObj, definition: DomainDef,
     is shutoff:failed and the error carries the end of QEMU's log.
     """
     definition = with_nvram_path(definition, nvram_dir(agent))
+    await check_cpu(agent, definition)
     ensure_nvram(definition, incoming=incoming is not None, host=agent.host)
     others = [o.current for o in agent.domains.values() if o.active and o is not dom]
     netdev.check_macs(definition, others, agent.host)

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from workers.abi import abi_diff
+from workers.cpucheck import CpuCaps, cpu_problems
 from workers.devices import Controller, CpuFeature, Interface, PciAddress, Topology
 from workers.domain import DomainDef, with_channel_paths, with_graphics_ports, with_tap_names
 from workers.domain_xml import format_domain_xml, parse_domain_xml
@@ -302,3 +303,46 @@ def test_the_abi_check_refuses_guest_visible_cpu_and_device_changes() -> None:
     assert abi(d, channels=(dataclasses.replace(d.channels[0], port=2),)) == [
         "target channel[0] target port 2 does not match source 1"]
     assert abi(d, watchdogs=())[0] == "target domain watchdog count 0 does not match source 1"
+
+
+# ---------------------------------------------------------------- can this host run the CPU
+
+
+def caps() -> CpuCaps:
+    return CpuCaps("tcg", {"Nehalem": frozenset(), "Skylake-Client": frozenset({"hle", "rtm"})},
+                   frozenset({"sse4-2", "avx2", "vmx"}),
+                   {"Nehalem": frozenset({"sse4.2", "popcnt"})})
+
+
+def cpu(model: str, *features: str) -> DomainDef:
+    feats = "".join(f"<feature policy='{p}' name='{n}'/>" for p, n in
+                    (f.split(":") for f in features))
+    return parse_domain_xml(with_devices("", head=f"<cpu mode='custom'><model>{model}</model>"
+                                         f"{feats}</cpu>"))
+
+
+def test_a_model_this_host_can_run_is_accepted() -> None:
+    assert cpu_problems(cpu("Nehalem", "require:avx2", "disable:vmx"), caps()) == []
+
+
+def test_a_model_lacking_features_here_is_refused_naming_them() -> None:
+    assert cpu_problems(cpu("Skylake-Client"), caps()) == [
+        "cpu model 'Skylake-Client' needs hle, rtm, which this host lacks"]
+
+
+def test_a_hidden_feature_makes_the_models_made_of_it_unrunnable() -> None:
+    assert cpu_problems(cpu("Nehalem"), caps(), ["sse4_2"]) == [
+        "cpu model 'Nehalem' needs sse4_2, which this host lacks (or hides: "
+        "FERRY_CPU_HIDE_FEATURES)"]
+
+
+def test_required_features_must_be_here_and_forbidden_ones_must_not() -> None:
+    assert cpu_problems(cpu("Nehalem", "require:avx512f", "forbid:vmx"), caps()) == [
+        "cpu features avx512f are required but this host lacks them",
+        "cpu features vmx are forbidden but this host has them"]
+    assert cpu_problems(cpu("Nehalem", "require:avx2"), caps(), ["avx2"]) == [
+        "cpu features avx2 are required but this host lacks them"]
+
+
+def test_an_unknown_model_is_refused() -> None:
+    assert cpu_problems(cpu("Pentium9"), caps()) == ["cpu model 'Pentium9' is unknown to this QEMU"]
