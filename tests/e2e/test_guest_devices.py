@@ -230,7 +230,7 @@ def test_a_missing_nvram_template_refuses_the_start_and_writes_nothing(
     nvram = tmp_path / "nv.fd"
     guest.xml = uefi_xml(guest, nvram, template=tmp_path / "no-such-VARS.fd")
     client.call("alpha", "define", xml=guest.xml)
-    with pytest.raises(FerryError, match="NVRAM template .*no-such-VARS.fd .* does not exist"):
+    with pytest.raises(FerryError, match=r"NVRAM template .*no-such-VARS\.fd .* does not exist"):
         client.call("alpha", "start", domain=guest.name)
     assert not nvram.exists() and list(tmp_path.glob(".nv.fd*")) == []
     assert qemu_pids_of(guest.uuid) == []
@@ -250,7 +250,7 @@ def test_an_nvram_the_dest_cannot_see_is_refused_in_prepare_and_the_source_runs_
     assert "/alpha/" in str(nvram)  # filled in at define: FERRY_NVRAM_DIR's default
     nvram.unlink()
     job = client.migrate(guest.name, "alpha", "beta", live=True)
-    with pytest.raises(FerryError, match="NVRAM .* does not exist here: it must be on storage"):
+    with pytest.raises(FerryError, match=r"NVRAM .* does not exist here: it must be on storage"):
         job.wait(timeout=60)
     info = client.call("alpha", "dominfo", domain=guest.name)
     assert info["state"] == "running"
