@@ -286,30 +286,16 @@ async def _finish_ok(agent: HostAgent, dom: DomainObj, st: MigrationState,
     await failpoints.hit("finish3.before_cont")
     dom.lockstate = _lockstate(agent, cookie)
     if st.was_running and not p.has(F.PAUSED):
+        # No announce-self here: QEMU announces every NIC when the incoming stream
+        # completes (RARP; a virtio-net guest is asked to send its own gratuitous ARP
+        # as soon as its CPUs run).  A second announce-self right after `cont` froze
+        # the Linux test guest in about 1 migration of 5 under TCG (its virtio-net
+        # driver spins on the control queue for the first one's acknowledgement).
         await run_cpus(agent, dom, RunningReason.MIGRATED)  # takes the leases first
-        await announce(dom)
     else:
         agent.set_state(dom, DomainState.PAUSED, PausedReason.USER)
     await failpoints.hit("finish3.after_cont")
     return st
-
-
-# QEMU's defaults (5 rounds, 50 ms then +100 ms each): RARP from every NIC's MAC, or the
-# guest's own gratuitous ARP where its virtio-net driver offers to announce itself.
-ANNOUNCE = {"initial": 50, "max": 550, "rounds": 5, "step": 100}
-
-
-async def announce(dom: DomainObj) -> None:
-    """The guest's NICs announce themselves once its CPUs run here, so switches learn its
-    new port.  QEMU also announces when the incoming stream completes, but the CPUs are
-    still stopped then: a guest that answers the announcement itself (virtio-net) can
-    only do it now."""
-    if not dom.current.interfaces or dom.monitor is None:
-        return
-    try:
-        await dom.monitor.execute("announce-self", ANNOUNCE)
-    except FerryError as exc:  # the guest runs; switches learn from its next frame
-        log.warning("domain %s: announce-self failed: %s", dom.name, exc)
 
 
 def _lockstate(agent: HostAgent, cookie: Cookie | None) -> str | None:
