@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import shutil
 import socket
 import subprocess
@@ -288,3 +289,23 @@ def test_a_cpu_model_the_dest_cannot_run_is_refused_in_prepare_naming_the_featur
         assert qemu_pids_of(guest.uuid) == [pid]
     guest.wait_counter_above(guest.counters()[-1] + 2)
     wait_info(client, "alpha", guest.name, lambda i: i["state"] == "running")
+
+
+@pytest.mark.skipif(not os.access("/dev/kvm", os.R_OK | os.W_OK), reason="no KVM")
+def test_host_passthrough_to_a_host_with_another_cpu_needs_unsafe(
+        client: Client, make_guest: Callable[..., Guest], baseline_host: str) -> None:
+    guest = make_guest(domain_type="kvm")
+    guest.xml = guest.xml.replace("<clock", "<cpu mode='host-passthrough'/><clock")
+    start(client, guest)
+    guest.wait_counter_above(0, timeout=60)
+    pid = client.call("alpha", "dominfo", domain=guest.name)["pid"]
+    job = client.migrate(guest.name, "alpha", baseline_host, live=True)
+    with pytest.raises(FerryError, match=r"cpu mode 'host-passthrough': this host's CPU .* "
+                       r"differs from the source's .* \(--unsafe to migrate anyway\)"):
+        job.wait(timeout=60)
+    assert client.call("alpha", "dominfo", domain=guest.name)["pid"] == pid
+    summary = client.migrate(guest.name, "alpha", baseline_host, live=True,
+                             unsafe=True).wait(timeout=90)
+    assert summary["result"] == "completed" and "unsafe" in summary["flags"]
+    assert client.call(baseline_host, "dominfo", domain=guest.name)["state"] == "running"
+    client.call(baseline_host, "destroy", domain=guest.name)

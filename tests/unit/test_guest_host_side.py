@@ -9,8 +9,9 @@ import pytest
 from workers import netdev
 from workers.domain import DomainDef
 from workers.domain_xml import parse_domain_xml
-from workers.errors import InvalidInputError
+from workers.errors import InvalidInputError, UnsupportedError
 from workers.guestfiles import ensure_nvram, with_nvram_path
+from workers.hostcaps import check_same_cpu, cpu_signature
 
 
 def guest(devices: str = "", os_extra: str = "", name: str = "g") -> DomainDef:
@@ -114,3 +115,34 @@ def test_a_missing_template_or_an_incoming_guests_missing_nvram_is_refused(
     with pytest.raises(InvalidInputError, match="does not exist here: it must be on storage"):
         ensure_nvram(d, incoming=True, host="h1")
     assert list(tmp_path.iterdir()) == []
+
+
+CPUINFO = """processor\t: 0
+vendor_id\t: AuthenticAMD
+cpu family\t: 25
+model\t\t: 1
+stepping\t: 1
+flags\t\t: fpu sse4_2 avx2 svm
+
+processor\t: 1
+vendor_id\t: AuthenticAMD
+"""
+
+
+def test_a_hosts_cpu_signature_changes_with_the_features_it_hides() -> None:
+    sig = cpu_signature(cpuinfo=CPUINFO)
+    assert sig.startswith("AuthenticAMD 25/1/1 flags ")
+    assert cpu_signature(["sse4.2"], cpuinfo=CPUINFO) != sig
+    assert cpu_signature(["avx512f"], cpuinfo=CPUINFO) == sig
+
+
+def test_host_passthrough_moves_only_to_the_same_cpu_unless_unsafe() -> None:
+    d = parse_domain_xml("<domain type='kvm'><name>g</name><memory>65536</memory>"
+                         "<cpu mode='host-passthrough'/></domain>")
+    check_same_cpu(d, "A", "A", unsafe=False)
+    check_same_cpu(d, "A", "B", unsafe=True)
+    with pytest.raises(UnsupportedError, match=r"differs from the source's \(A\)"):
+        check_same_cpu(d, "A", "B", unsafe=False)
+    tcg = parse_domain_xml("<domain type='qemu'><name>g</name><memory>65536</memory>"
+                           "<cpu mode='host-passthrough'/></domain>")
+    check_same_cpu(tcg, "A", "B", unsafe=False)  # TCG's max CPU does not follow the host

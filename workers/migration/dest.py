@@ -22,7 +22,7 @@ from workers.domain_states import DomainState, PausedReason, RunningReason, Shut
 from workers.domain_xml import format_domain_xml
 from workers.domobj import DomainObj
 from workers.errors import FerryError, InvalidInputError, MigrationError, QemuError
-from workers.hostcaps import require_postcopy
+from workers.hostcaps import check_same_cpu, cpu_signature, require_postcopy
 from workers.job_types import JobOperation, Phase
 from workers.jobs import ActiveJob
 from workers.lifecycle import inactive_domain_for, launch, run_cpus
@@ -94,6 +94,8 @@ async def prepare(agent: HostAgent, st: MigrationState, *, v3: bool) -> Migratio
     d = agent.parse(st.xml)
     if p.has(F.POSTCOPY):
         require_postcopy()
+    check_same_cpu(d, st.source_cpu, cpu_signature(agent.settings.cpu_hide_features),
+                   p.has(F.UNSAFE))
     check_abort(agent, None, d.uuid, p.job_id)
     dom = _incoming_dom(agent, d)
     agent.domains[d.name] = dom

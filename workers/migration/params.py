@@ -23,6 +23,7 @@ class MigrationFlags(enum.IntFlag):
     UNDEFINE_SOURCE = 16
     PAUSED = 32
     CHANGE_PROTECTION = 256
+    UNSAFE = 512
     OFFLINE = 1024
     COMPRESSED = 2048
     ABORT_ON_ERROR = 4096
@@ -33,7 +34,8 @@ class MigrationFlags(enum.IntFlag):
 SUPPORTED_FLAGS = (MigrationFlags.LIVE | MigrationFlags.PEER2PEER | MigrationFlags.TUNNELLED
                    | MigrationFlags.PERSIST_DEST
                    | MigrationFlags.UNDEFINE_SOURCE | MigrationFlags.PAUSED
-                   | MigrationFlags.CHANGE_PROTECTION | MigrationFlags.OFFLINE
+                   | MigrationFlags.CHANGE_PROTECTION | MigrationFlags.UNSAFE
+                   | MigrationFlags.OFFLINE
                    | MigrationFlags.ABORT_ON_ERROR | MigrationFlags.AUTO_CONVERGE
                    | MigrationFlags.POSTCOPY)
 
