@@ -10,24 +10,25 @@ Safety: the text must be UTF-8 without NUL, at most 1 MiB; any ``<!DOCTYPE``
 or ``<!ENTITY`` (even in a comment) is refused before lxml sees it, because
 libxml2 expands entities in attribute values even with resolve_entities=False.
 
-Decisions (libvirt's behaviour unless noted):
+Decisions (libvirt's behaviour unless noted; the whole subset: docs/domain.md):
 
 - Accepted and ignored (real libvirt writes them; they change nothing ferry
-  starts): ``<metadata>``, ``<resource>``, ``<seclabel>``, ``<bootmenu>``, the
-  ``<vmport>`` feature, ``<address>``, ``<alias>`` (aliases are derived from the
-  XML, see `Disk.alias`), ``<backingStore>``, spice ``<image>``, memballoon
-  ``<stats>``, cpu ``<model>`` under host-* modes, and the ``<controller>`` and
-  ``<input>`` devices libvirt always adds (ferry uses the built-in IDE and PS/2).
-  Unknown attributes of known elements are ignored.
-- Refused by name (UnsupportedError): every other element, e.g. ``<interface>``,
-  cpu ``<topology>``/``<feature>``, disk buses sata and scsi (they need a
-  controller ferry does not add), ``<qemu:env>``.
-- Disks: vdX on virtio, hda-hdd on ide (i440fx).  A cdrom is read-only; a
-  shareable writable disk must be raw.  Serial ports 0-3 (isa-serial); the
-  only console is the serial console on port 0, mirroring serial 0 (created
-  from the console when missing).  At most one ``<video>``, none added by
-  default; a missing ``<memballoon>`` means virtio.
-- Runtime values (pty paths, autoport-assigned ports) are read only by
+  starts): ``<metadata>``, ``<resource>``, ``<seclabel>``, ``<bootmenu>``,
+  ``<smbios>``, the ``<vmport>`` feature, ``<alias>`` (aliases are derived from
+  the XML, see `Disk.alias`), ``<address>`` other than PCI, ``<backingStore>``,
+  spice ``<image>``, memballoon ``<stats>``.  Unknown attributes of known
+  elements are ignored.
+- Refused by name (UnsupportedError): every other element, e.g. ``<sound>``,
+  ``<hostdev>``, cpu ``<numa>``, disk bus scsi, ``<qemu:env>``.
+- Disks: vdX on virtio, hda-hdd on ide (pc), sda-sdf on sata (q35's AHCI).  A
+  cdrom is read-only; a shareable writable disk must be raw.  Serial ports 0-3
+  (isa-serial); the only console is the serial console on port 0, mirroring
+  serial 0 (created from the console when missing).  At most one ``<video>``,
+  none added by default; a missing ``<memballoon>`` means virtio.  USB inputs
+  and channels bring their controller (written into the definition, as libvirt
+  does).
+- Runtime values (pty paths, autoport-assigned ports, kernel-named vnetN taps,
+  host-picked channel sockets) are read only by
   ``parse_domain_xml(live=True)`` and written only by
   ``format_domain_xml(live=True)`` (with aliases), so
   ``parse_domain_xml(format_domain_xml(d)) == d`` for a definition and the same
