@@ -88,7 +88,8 @@ def run_dirty(client: Client, lan: GuestLan, work: Path, dirty: int, runs: int,
     name, mac, addr = f"lg-{uuid.uuid4().hex[:6]}", "52:54:00:be:00:01", lan.guest_ip(7)
     serial = work / f"{name}.serial"
     xml = domain_xml(name, guest, serial, mac=mac, bridge=GUEST_BRIDGE, memory_mib=memory_mib,
-                     cmdline=kernel_cmdline(f"{addr}/24", dirty_mib=dirty or None),
+                     cmdline=kernel_cmdline(f"{addr}/24", dirty_mib=dirty or None,
+                                            extra=["nokaslr"]),
                      domain_type="qemu")
     client.call(HOSTS[0], "define", xml=xml)
     client.call(HOSTS[0], "start", domain=name)
@@ -115,8 +116,10 @@ def run_dirty(client: Client, lan: GuestLan, work: Path, dirty: int, runs: int,
                 ok = _echo(sock, f"run {i}\n".encode())
             except OSError:
                 ok = False
-            ticks = parse_ticks(read_serial(serial))
-            print(f"last tick {ticks[-1] if ticks else None}", flush=True)
+            if not ok:  # what the frozen guest's vCPU is doing (nokaslr: System.map applies)
+                for cmd in ("info registers", "x/4i $pc", "info irq"):
+                    print(client.call(dst, "qemu_monitor_command", domain=name, hmp=True,
+                                      command=cmd), flush=True)
             samples.append(Sample(dirty, mode, float(stats.get("downtime") or 0),
                                   report.longest_loss, report.longest_gap_ms, total, ok))
             print(f"dirty {dirty} {mode} {src}->{dst}: QEMU downtime {stats.get('downtime')} "

@@ -148,7 +148,8 @@ def test_a_linux_guest_keeps_its_connection_and_network_across_live_migrations(
     name, mac, addr = f"lin-{uuid.uuid4().hex[:6]}", "52:54:00:17:aa:01", net.lan.guest_ip(1)
     serial = net.run.work / f"{name}.serial"
     xml = domain_xml(name, net.linux, serial, mac=mac, bridge=GUEST_BRIDGE,
-                     cmdline=kernel_cmdline(f"{addr}/24"), domain_type="qemu")
+                     cmdline=kernel_cmdline(f"{addr}/24", extra=["nokaslr"]),
+                     domain_type="qemu")
     client.call(A, "define", xml=xml)
     client.call(A, "start", domain=name)
     wait_for(lambda: parse_ready(read_serial(serial)), BOOT_DEADLINE_S, "the guest to boot")
@@ -174,7 +175,10 @@ def test_a_linux_guest_keeps_its_connection_and_network_across_live_migrations(
               f"{report.sent - report.received} lost, at most {report.longest_loss} in a row "
               f"(longest gap {report.longest_gap_ms:.0f} ms); QEMU downtime {downtime} ms; "
               f"echo {talk.ok} ok, {talk.bad} failed; announce frames {len(frames)}")
-        why = lan_state(net, name, dst) + " frames " + str(
+        why = lan_state(net, name, dst) + " regs " + str(
+            [client.call(dst, "qemu_monitor_command", domain=name, hmp=True, command=c)
+             for c in ("info registers", "x/4i $pc", "info irq")]
+            if talk.bad else "") + " frames " + str(
             [(hex(f.ethertype), round(f.at - switched, 2)) for f in frames]) + " ticks " + str(
             parse_ticks(read_serial(serial))[-3:])
         # The connection lived through it and answers on the dest.
