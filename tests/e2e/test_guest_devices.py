@@ -117,12 +117,30 @@ def test_a_guest_on_a_block_device_moves_and_keeps_writing_it(
     assert isinstance(blocks, list)
     assert [(b["inserted"]["file"], b["inserted"]["image"]["format"]) for b in blocks] == [
         (loop_device, "raw")]
-    summary = client.migrate(guest.name, "alpha", "beta", live=True).wait(timeout=90)
-    assert summary["result"] == "completed"
+    for opts, (src, dst) in (({}, ("alpha", "beta")), ({"p2p": True}, ("beta", "alpha"))):
+        summary = client.migrate(guest.name, src, dst, live=True, **opts).wait(timeout=90)
+        assert summary["result"] == "completed"
+        guest.wait_counter_above(guest.counters()[-1] + 2)
+        info = client.call(dst, "domblkinfo", domain=guest.name, device="hda")
+        assert info["path"] == loop_device
+        assert "<source dev=" in client.call(dst, "dumpxml", domain=guest.name)
+
+
+def test_a_server_guest_is_saved_and_restored_with_its_nic_and_channel(
+        client: Client, make_guest: Callable[..., Guest], tmp_path: Path) -> None:
+    mac = "52:54:00:17:00:02"
+    guest = make_guest(domain_type="qemu", extra_devices=SERVER_DEVICES.format(mac=mac))
+    start(client, guest)
+    guest.wait_counter_above(0)
+    image = tmp_path / "server.img.zst"
+    client.call("alpha", "save", domain=guest.name, path=str(image), compression="zstd")
+    assert qemu_pids_of(guest.uuid) == []
+    restored = client.call("alpha", "restore", path=str(image))
+    assert (restored["state"], restored["reason"]) == ("running", "restored")
     guest.wait_counter_above(guest.counters()[-1] + 2)
-    info = client.call("beta", "domblkinfo", domain=guest.name, device="hda")
-    assert info["path"] == loop_device
-    assert "<source dev=" in client.call("beta", "dumpxml", domain=guest.name)
+    nics = qmp(client, "alpha", guest.name, "query-rx-filter", name="net0")
+    assert isinstance(nics, list) and nics[0]["main-mac"] == mac
+    assert "org.qemu.guest_agent.0" in client.call("alpha", "dumpxml", domain=guest.name)
 
 
 def test_a_missing_block_device_fails_the_start_in_one_line_and_leaves_no_qemu(

@@ -276,6 +276,8 @@ def test_a_nic_on_a_named_network_lands_on_the_bridge_each_host_maps_it_to(
     assert len(taps(net, A)) == 1
     net.run.client.migrate(name, A, B, live=True).wait(timeout=90)
     assert taps(net, A) == [] and len(taps(net, B)) == 1
+    net.run.client.migrate(name, B, A, live=True, p2p=True).wait(timeout=90)
+    assert taps(net, B) == [] and len(taps(net, A)) == 1
 
 
 def test_a_bridge_missing_on_the_dest_is_refused_in_prepare_and_the_source_runs_on(
