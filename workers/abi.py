@@ -106,7 +106,7 @@ def abi_diff(src: DomainDef, dst: DomainDef) -> list[str]:
         ("channel", "channel[{i}]", src.channels, dst.channels, ("type", "name", "port")),
         ("input", "input[{i}]", src.inputs, dst.inputs, ("type", "bus")),
         ("controller", "controller[{i}]", src.controllers, dst.controllers,
-         ("type", "index", "model", "ports", "chassis", "port", "address")),
+         ("type", "index", "model", "ports", "vectors", "chassis", "port", "address")),
         ("video", "video[{i}]", src.videos, dst.videos,
          ("model", "vram", "ram", "vgamem", "heads", "address")),
         ("rng", "rng[{i}]", src.rngs, dst.rngs, ("model", "address")),

@@ -192,7 +192,8 @@ class Controller:
     type: str
     index: int = 0
     model: str | None = None
-    ports: int | None = None  # usb xhci: ports per speed
+    ports: int | None = None  # usb xhci: ports per speed; virtio-serial: max ports
+    vectors: int | None = None  # virtio-serial: MSI-X vectors
     chassis: int | None = None  # pcie-root-port
     port: int | None = None  # pcie-root-port
     address: PciAddress | None = None
@@ -203,12 +204,16 @@ class Controller:
                UnsupportedError)
         check(0 <= self.index <= 255, f"{where}index is not in 0-255")
         models: tuple[str | None, ...] = {
-            "usb": tuple(USB_MODELS), "pci": PCI_MODELS, "virtio-serial": (None,),
+            "usb": (None, *USB_MODELS), "pci": PCI_MODELS, "virtio-serial": (None,),
             "ide": (None, "piix3", "piix4"), "sata": (None,)}[self.type]
         one_of(where, "model", self.model, models, UnsupportedError)
-        check(self.ports is None or (self.model in ("qemu-xhci", "nec-xhci") and
-                                     1 <= self.ports <= 15),
-              f"{where}ports: 1-15, for the xhci models only")
+        xhci = self.model in ("qemu-xhci", "nec-xhci") and 1 <= (self.ports or 0) <= 15
+        serial = self.type == "virtio-serial" and 1 <= (self.ports or 0) <= 31
+        check(self.ports is None or xhci or serial,
+              f"{where}ports: 1-15 for the xhci models, 1-31 for virtio-serial")
+        check(self.vectors is None or (self.type == "virtio-serial" and
+                                       0 <= self.vectors <= 32),
+              f"{where}vectors: 0-32, for virtio-serial only")
         if self.type in ("ide", "sata", "usb", "virtio-serial"):
             check(self.index == 0, f"{where}: only index 0 is supported", UnsupportedError)
         root = self.model in ("pci-root", "pcie-root")

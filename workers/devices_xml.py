@@ -124,7 +124,20 @@ def parse_input(e: Any) -> Input:
     return Input(type=kind, bus=e.get("bus", "usb" if kind == "tablet" else "ps2"))
 
 
-def parse_controller(e: Any) -> Controller:
+def parse_controllers(elems: list[Any]) -> tuple[Controller, ...]:
+    """libvirt's rule for a controller without an index: the lowest one its type has free."""
+    given = [(e.get("type"), integer(e.get("index"), "controller index")) for e in elems]
+    taken = {(kind, i) for kind, i in given if i is not None}
+    out = []
+    for e, (kind, index) in zip(elems, given, strict=True):
+        if index is None:
+            index = next(i for i in range(256) if (kind, i) not in taken)
+            taken.add((kind, index))
+        out.append(parse_controller(e, index))
+    return tuple(out)
+
+
+def parse_controller(e: Any, index: int) -> Controller:
     k = kids(e, "model target address", "alias driver")
     kind = e.get("type")
     model = e.get("model")
@@ -134,9 +147,10 @@ def parse_controller(e: Any) -> Controller:
     tgt = first(k, "target")
     return Controller(
         type=kind,
-        index=integer(e.get("index", "0"), "controller index") or 0,
+        index=index,
         model=model,
         ports=integer(e.get("ports"), "controller ports"),
+        vectors=integer(e.get("vectors"), "controller vectors"),
         chassis=integer(tgt.get("chassis"), "controller target chassis", 0),
         port=integer(tgt.get("port"), "controller target port", 0),
         address=pci_address(k, f"controller {kind}"),
@@ -247,7 +261,8 @@ def put_cpu(root: Any, d: DomainDef) -> None:
 def put_devices(devices: Any, d: DomainDef, live: bool) -> None:
     """Everything of workers/devices.py, after the disks, in libvirt's order."""
     for c in d.controllers:
-        e = sub(devices, "controller", type=c.type, index=c.index, model=c.model, ports=c.ports)
+        e = sub(devices, "controller", type=c.type, index=c.index, model=c.model, ports=c.ports,
+                vectors=c.vectors)
         if c.model == "pcie-root-port":
             sub(e, "model", name=c.model)
             sub(e, "target", chassis=c.chassis, port=f"0x{c.port or 0:x}")

@@ -15,7 +15,7 @@ from lxml import etree
 from workers.devices_xml import (
     parse_audio,
     parse_channels,
-    parse_controller,
+    parse_controllers,
     parse_cpu,
     parse_firmware,
     parse_input,
@@ -144,7 +144,7 @@ def parse_domain_xml(
         "interfaces": tuple(parse_interface(e, live) for e in dev.get("interface", ())),
         "channels": parse_channels(dev.get("channel", []), live),
         "inputs": tuple(parse_input(e) for e in dev.get("input", ())),
-        "controllers": tuple(parse_controller(e) for e in dev.get("controller", ())),
+        "controllers": parse_controllers(dev.get("controller", [])),
         "rngs": tuple(parse_rng(e) for e in dev.get("rng", ())),
         "watchdogs": tuple(parse_watchdog(e) for e in dev.get("watchdog", ())),
         "audios": tuple(parse_audio(e) for e in dev.get("audio", ())),

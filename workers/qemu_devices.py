@@ -63,7 +63,10 @@ def _controller(d: DomainDef, c: Controller) -> list[str]:
         ports = f"p2={c.ports},p3={c.ports}" if c.ports else None
         return ["-device", opts(USB_MODELS[c.model or ""], "id=usb", ports, pci(d, c.address))]
     if c.type == "virtio-serial":
-        return ["-device", opts("virtio-serial-pci,id=virtio-serial0", pci(d, c.address))]
+        return ["-device", opts("virtio-serial-pci,id=virtio-serial0",
+                                f"max_ports={c.ports}" if c.ports else None,
+                                f"vectors={c.vectors}" if c.vectors is not None else None,
+                                pci(d, c.address))]
     return []
 
 

@@ -346,3 +346,18 @@ def test_required_features_must_be_here_and_forbidden_ones_must_not() -> None:
 
 def test_an_unknown_model_is_refused() -> None:
     assert cpu_problems(cpu("Pentium9"), caps()) == ["cpu model 'Pentium9' is unknown to this QEMU"]
+
+
+def test_controllers_without_an_index_get_the_lowest_free_one_of_their_type_like_libvirt() -> None:
+    d = parse_domain_xml(with_devices(
+        "<controller type='pci' model='pcie-root'/><controller type='pci' "
+        "model='pcie-root-port'/><controller type='pci' index='2' model='pcie-root-port'/>"
+        "<controller type='pci' model='pcie-root-port'/><controller type='usb'/>"
+        "<controller type='virtio-serial' ports='16' vectors='4'/>", machine="q35"))
+    assert [(c.type, c.index, c.model) for c in d.controllers] == [
+        ("pci", 0, "pcie-root"), ("pci", 1, "pcie-root-port"), ("pci", 2, "pcie-root-port"),
+        ("pci", 3, "pcie-root-port"), ("usb", 0, "qemu-xhci"), ("virtio-serial", 0, None)]
+    argv = build_qemu_argv(d, qmp_fd=3, pidfile="/p", kvm=False)
+    assert "virtio-serial-pci,id=virtio-serial0,max_ports=16,vectors=4" in argv
+    assert "qemu-xhci,id=usb" in argv
+    assert parse_domain_xml(format_domain_xml(d)) == d
