@@ -28,7 +28,7 @@ from workers.devices import (
 )
 from workers.domain import DomainDef, auto_channel_path, auto_tap_name
 from workers.errors import UnsupportedError
-from workers.xmlutil import first, integer, kids, onoff, sub, text, yes
+from workers.xmlutil import first, integer, kids, onoff, refuse_attrs, sub, text, yes
 
 
 def pci_address(found: dict[str, list[Any]], where: str, other: tuple[str, ...] = ()
@@ -161,6 +161,7 @@ def parse_video(e: Any) -> Video:
     k = kids(e, "model address", "alias")
     check("model" in k, "video <model> is missing")
     m = k["model"][0]
+    refuse_attrs(m, "video model", vram64=(), blob=("off",))
     check(m.get("primary", "yes") == "yes", "a secondary video is not supported",
           UnsupportedError)
     return Video(
@@ -220,6 +221,7 @@ def parse_cpu(e: Any) -> dict[str, Any]:
     k = kids(e, "model topology", multi="feature")
     check(e.get("match", "exact") in ("exact", "strict"), f"cpu match {e.get('match')!r} is "
           "not supported (exact)", UnsupportedError)
+    refuse_attrs(e, "cpu", migratable=("on",))
     model = text(k, "model") or None
     mode = e.get("mode", "custom" if model else None)
     feats = tuple(CpuFeature(name=f.get("name") or "", policy=f.get("policy", "require"))

@@ -43,7 +43,19 @@ from workers.domain import (
     check_enums,
 )
 from workers.errors import InvalidInputError, UnsupportedError
-from workers.xmlutil import QEMU_NS, Kids, first, integer, kids, onoff, sub, tag, text, yes
+from workers.xmlutil import (
+    QEMU_NS,
+    Kids,
+    first,
+    integer,
+    kids,
+    onoff,
+    refuse_attrs,
+    sub,
+    tag,
+    text,
+    yes,
+)
 
 MAX_XML_BYTES = 1024 * 1024
 DEFAULT_MAX_MEMORY_KIB = 16 * 1024**3  # 16 TiB
@@ -149,6 +161,8 @@ def parse_domain_xml(
         "watchdogs": tuple(parse_watchdog(e) for e in dev.get("watchdog", ())),
         "audios": tuple(parse_audio(e) for e in dev.get("audio", ())),
     }
+    refuse_attrs(_first(dev, "memballoon"), "memballoon", autodeflate=("off",),
+                 freePageReporting=("off",))
     balloon = _kids(_first(dev, "memballoon"), "address", "alias stats")
     f["memballoon_address"] = pci_address(balloon, "memballoon")
     if "currentMemory" in k:
@@ -197,6 +211,7 @@ def _disk(e: Any) -> Disk:
     check(kind in ("file", "block"), f"disk type {kind!r} is not supported (file or block)",
           UnsupportedError)
     check_enums("disk ", ("driver name", drv.get("name", "qemu"), ("qemu",)))
+    refuse_attrs(drv, "disk driver", queues=(), iothread=(), packed=(), ats=(), iommu=())
     check(bool(tgt.get("dev")), "disk <target dev> is missing")
     bus = {"vd": "virtio", "hd": "ide", "sd": "scsi"}.get(tgt.get("dev")[:2], "virtio")
     return Disk(

@@ -83,3 +83,12 @@ def sub(parent: Any, element: str, content: str | None = None, /, *, when: bool 
 
 def onoff(flag: bool | None, on: str = "on", off: str = "off") -> str | None:
     return None if flag is None else on if flag else off
+
+
+def refuse_attrs(elem: Any, where: str, **allowed: tuple[str, ...]) -> None:
+    """Guest-visible attributes ferry does not model: absent, or one of the values that
+    change nothing (e.g. memballoon autodeflate='off'); anything else is refused."""
+    for name, values in allowed.items():
+        value = elem.get(name)
+        check(value is None or value in values,
+              f"{where} {name}={value!r} is not supported", UnsupportedError)

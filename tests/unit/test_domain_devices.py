@@ -361,3 +361,18 @@ def test_controllers_without_an_index_get_the_lowest_free_one_of_their_type_like
     assert "virtio-serial-pci,id=virtio-serial0,max_ports=16,vectors=4" in argv
     assert "qemu-xhci,id=usb" in argv
     assert parse_domain_xml(format_domain_xml(d)) == d
+
+
+@pytest.mark.parametrize("xml, needle", [
+    (with_devices("<memballoon model='virtio' autodeflate='on'/>"), "autodeflate='on'"),
+    (with_devices("<disk type='file'><driver queues='4'/><source file='/a'/>"
+                  "<target dev='vda'/></disk>"), "disk driver queues='4'"),
+    (with_devices("<video><model type='qxl' vram64='65536'/></video>"), "vram64"),
+    (with_devices("", head="<cpu mode='host-passthrough' migratable='off'/>"),
+     "cpu migratable='off'"),
+])
+def test_guest_visible_attributes_ferry_does_not_model_are_refused_not_dropped(
+        xml: str, needle: str) -> None:
+    with pytest.raises(UnsupportedError, match=re.escape(needle)):
+        parse_domain_xml(xml)
+    assert parse_domain_xml(SERVER)  # while the values that change nothing pass
