@@ -17,7 +17,8 @@ Decisions (libvirt's behaviour unless noted; the whole subset: docs/domain.md):
   ``<smbios>``, the ``<vmport>`` feature, ``<alias>`` (aliases are derived from
   the XML, see `Disk.alias`), ``<address>`` other than PCI, ``<backingStore>``,
   spice ``<image>``, memballoon ``<stats>``.  Unknown attributes of known
-  elements are ignored.
+  elements are ignored, except guest-visible ones ferry does not model (see
+  docs/domain.md).
 - Refused by name (UnsupportedError): every other element, e.g. ``<sound>``,
   ``<hostdev>``, cpu ``<numa>``, disk bus scsi, ``<qemu:env>``.
 - Disks: vdX on virtio, hda-hdd on ide (pc), sda-sdf on sata (q35's AHCI).  A
