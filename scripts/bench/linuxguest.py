@@ -97,8 +97,8 @@ def run_dirty(client: Client, lan: GuestLan, work: Path, dirty: int, runs: int,
     ready = "dirtying" if dirty else "ready"
     wait_for(lambda: f"ferry-guest {ready}" in read_serial(serial), 300, "the guest")
     sock = _connect(addr, 60)
-    # Let the guest's network settle (QEMU 7.2 under TCG can freeze a virtio-net guest
-    # whose control queue is busy at the switch-over: docs/limits.md).
+    # Let the guest settle after boot (QEMU 7.2 under TCG sometimes freezes a guest
+    # migrated while busy: docs/limits.md).
     time.sleep(QUIET_S)
     samples: list[Sample] = []
     where = 0

@@ -166,9 +166,9 @@ def test_a_linux_guest_keeps_its_connection_and_network_across_live_migrations(
     sock = connect_echo(addr, 60)
     figures = []
     for p2p, (src, dst) in ((False, (A, B)), (True, (B, A))):
-        # A quiet network first: QEMU 7.2 under TCG can freeze a virtio-net guest whose
-        # control queue is busy at the switch-over (bring-up, the last move's
-        # announcements), with or without ferry (docs/limits.md).
+        # A settled guest first: QEMU 7.2 under TCG sometimes freezes a guest migrated
+        # while it is busy (just after bringing its NIC up, or under a writer), with
+        # or without ferry (docs/limits.md).
         settle(serial, QUIET_S)
         ticks_before = len(parse_ticks(read_serial(serial)))
         pinger = Pinger(addr, 0.01).start()

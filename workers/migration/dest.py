@@ -290,9 +290,7 @@ async def _finish_ok(agent: HostAgent, dom: DomainObj, st: MigrationState,
     if st.was_running and not p.has(F.PAUSED):
         # No announce-self here: QEMU announces every NIC when the incoming stream
         # completes (RARP; a virtio-net guest is asked to send its own gratuitous ARP
-        # as soon as its CPUs run).  Another round would only make the guest
-        # acknowledge more announcements on its control queue right after the
-        # switch-over, where QEMU 7.2 under TCG can freeze it (docs/limits.md).
+        # as soon as its CPUs run); another round would only repeat it.
         await run_cpus(agent, dom, RunningReason.MIGRATED)  # takes the leases first
     else:
         agent.set_state(dom, DomainState.PAUSED, PausedReason.USER)
