@@ -222,8 +222,10 @@ def test_a_uefi_guest_boots_from_its_own_nvram_and_moves_with_it(
     assert nvram.read_bytes()[:64] == OVMF_VARS.read_bytes()[:64]  # made from the template
     console = SerialConsole(a_sock)
     try:
-        # OVMF under TCG reaches its shell on the serial console in ~15 s here.
-        shell_says(console, "ferry-before", 180)
+        # OVMF under TCG reaches its shell on the serial console in ~15 s here (more under
+        # load); a key typed before that would open its setup menu instead.
+        wait_for(lambda: "Shell>" in console.text(), 300, "OVMF's shell on the serial port")
+        shell_says(console, "ferry-before", 60)
     finally:
         console.close()
     assert nvram.read_bytes() != OVMF_VARS.read_bytes()  # the firmware wrote its variables
