@@ -4,7 +4,7 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 DEBS := qemu-system-x86 qemu-utils redis-server redis-sentinel zstd xz-utils bzip2 lzop \
-	binutils linux-image-amd64 busybox-static
+	binutils linux-image-amd64 busybox-static ovmf iproute2
 STAMP := $(VENV)/.ferry-installed
 TEST_JOBS ?= 2
 

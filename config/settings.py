@@ -70,6 +70,24 @@ def _optional_path(text: str) -> Path | None:
     return path
 
 
+def _networks(text: str) -> dict[str, str]:
+    """NAME=BRIDGE pairs, ','-separated."""
+    out: dict[str, str] = {}
+    for part in (p.strip() for p in text.split(",")):
+        if not part:
+            continue
+        name, sep, bridge = part.partition("=")
+        if not sep or not name.strip() or not bridge.strip():
+            raise ValueError(f"not NAME=BRIDGE: {part!r}")
+        out[name.strip()] = bridge.strip()
+    return out
+
+
+def _names(text: str) -> tuple[str, ...]:
+    """names, ','-separated."""
+    return tuple(sorted({p.strip() for p in text.split(",") if p.strip()}))
+
+
 def _dirs(text: str) -> tuple[Path, ...]:
     """absolute directories, ':'-separated."""
     dirs = tuple(Path(part) for part in text.split(":") if part.strip())
@@ -127,6 +145,14 @@ SPECS: tuple[Spec, ...] = (
          "port range for VNC and SPICE autoport"),
     Spec("allowed_dirs", _dirs, tuple,
          "':'-separated directories disks, serial files and images must be in (empty: any)"),
+    Spec("networks", _networks, dict,
+         "libvirt network names this host maps to its bridges, e.g. default=br0,lab=br1"),
+    Spec("nvram_dir", _optional_path, lambda: None,
+         "where a UEFI guest's NVRAM goes when its <nvram> names no file (default: "
+         "<state-dir>/nvram; shared storage to migrate)"),
+    Spec("cpu_hide_features", _names, tuple,
+         "CPU features this host treats as missing: a guest CPU needing one is refused "
+         "here (a pool kept to a common baseline; tests)"),
     Spec("allow_qemu_commandline", _bool, lambda: False,
          "accept <qemu:commandline> passthrough in domain XML"),
     Spec("lock_manager", _lock_manager, lambda: "redis", "lease manager: redis or none"),
@@ -203,6 +229,9 @@ class Settings:
     migration_ports: tuple[int, int]
     graphics_ports: tuple[int, int]
     allowed_dirs: tuple[Path, ...]
+    networks: dict[str, str]
+    nvram_dir: Path | None
+    cpu_hide_features: tuple[str, ...]
     allow_qemu_commandline: bool
     lock_manager: str
     heartbeat_interval_ms: int

@@ -40,6 +40,7 @@ SERIAL_GROUPS = {
     "test_fleet_cuts.py": "fleet",
     "test_fleet_scale.py": "fleet",
     "test_storage_fleet.py": "fleet",
+    "test_guest_network.py": "guest_network",
 }
 
 

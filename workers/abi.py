@@ -9,26 +9,35 @@ anything only the host sees may differ.
 
 Must be equal: uuid, name (ferry renames no guest; libvirt allows another name
 only with a dname), domain type, vcpus (maximum and current), memory and
-currentMemory, os type, arch and machine, the acpi/apic/pae features, cpu mode and
-model, clock offset and timers, the memballoon model, the qemu:commandline args,
-and per device class the count and, pairwise in order:
+currentMemory, os type, arch and machine, the acpi/apic/pae features, cpu mode,
+model, features (name and policy) and topology, ACPI S3/S4 (``<pm>``), the
+firmware loader, clock offset and timers, the memballoon model and PCI address,
+the qemu:commandline args, and per device class the count and, pairwise in order:
 
-- disks: device (disk/cdrom), bus, target dev, readonly and shareable, and the
-  driver format (libvirt leaves format alone because a storage copy may convert
-  it; ferry copies no storage, so both ends open the same file and must read it
-  the same way);
+- disks: device (disk/cdrom), bus, target dev, readonly and shareable, serial, PCI
+  address, and the driver format (libvirt leaves format alone because a storage
+  copy may convert it; ferry copies no storage, so both ends open the same file
+  and must read it the same way);
+- interfaces: MAC, model and PCI address (not the type, bridge, network or tap);
+- channels: type, target name and virtio-serial port (not the socket path);
+- inputs: type and bus; controllers: type, index, model, ports, root port
+  chassis/port and PCI address;
+- videos: model, vram, ram, vgamem, heads and PCI address;
+- rng and watchdog: model and PCI address (not the rng source or rate, nor the
+  watchdog action);
 - serials: the target port (the target type is always isa-serial), not the
   source: pty, file or unix, path, append;
 - consoles: the target type and port;
-- graphics: the type, not the listen address, ports, autoport or password;
-- videos: the model.
+- graphics: the type, not the listen address, ports, autoport or password.
 
 May differ: title, description, on_poweroff/on_reboot/on_crash, the emulator,
-the boot order, disk source paths, cache, discard and detect_zeroes.
+the boot order, the direct-boot kernel, initrd and cmdline (read once at boot), the
+NVRAM path and template, disk source paths and type (file or block), cache, io,
+discard, detect_zeroes and error_policy, NIC bridges and taps, audio backends.
 
 Messages read ``target <what> <target value> does not match source <source
 value>``, naming a disk by its source target dev and other devices by index
-(``serial[0]``); the videos (at most one) are compared as a list of models.  When
+(``serial[0]``).  When
 a device count differs, the devices of that class are not compared pairwise.
 """
 
@@ -76,8 +85,13 @@ def abi_diff(src: DomainDef, dst: DomainDef) -> list[str]:
     cmp("domain machine", lambda d: d.machine)
     for name in sorted({*src.features, *dst.features}):
         add(f"domain feature {name}", *("on" if name in d.features else "off" for d in (src, dst)))
+    cmp("domain pm suspend-to-mem", lambda d: d.suspend_to_mem)
+    cmp("domain pm suspend-to-disk", lambda d: d.suspend_to_disk)
     cmp("domain cpu mode", lambda d: d.cpu_mode)
     cmp("domain cpu model", lambda d: d.cpu_model)
+    cmp("domain cpu features", lambda d: tuple(f"{f.policy}:{f.name}" for f in d.cpu_features))
+    cmp("domain cpu topology", lambda d: _topology(d))
+    cmp("domain os loader", lambda d: d.firmware.loader if d.firmware else None)
     cmp("domain clock offset", lambda d: d.clock_offset)
     cmp("domain clock timers", lambda d: tuple(_timer(t) for t in d.timers))
 
@@ -87,6 +101,16 @@ def abi_diff(src: DomainDef, dst: DomainDef) -> list[str]:
         ("serial", "serial[{i}]", src.serials, dst.serials, ("port",)),
         ("console", "console[{i}]", src.consoles, dst.consoles, ("target_type", "port")),
         ("graphics", "graphics[{i}]", src.graphics, dst.graphics, ("type",)),
+        ("interface", "interface[{i}]", src.interfaces, dst.interfaces,
+         ("mac", "model", "address")),
+        ("channel", "channel[{i}]", src.channels, dst.channels, ("type", "name", "port")),
+        ("input", "input[{i}]", src.inputs, dst.inputs, ("type", "bus")),
+        ("controller", "controller[{i}]", src.controllers, dst.controllers,
+         ("type", "index", "model", "ports", "vectors", "chassis", "port", "address")),
+        ("video", "video[{i}]", src.videos, dst.videos,
+         ("model", "vram", "ram", "vgamem", "heads", "address")),
+        ("rng", "rng[{i}]", src.rngs, dst.rngs, ("model", "address")),
+        ("watchdog", "watchdog[{i}]", src.watchdogs, dst.watchdogs, ("model", "address")),
     ]
     for kind, item, mine, theirs, fields in classes:
         if len(mine) != len(theirs):
@@ -96,14 +120,21 @@ def abi_diff(src: DomainDef, dst: DomainDef) -> list[str]:
             name = item.format(i=i, t=getattr(a, "target", ""))
             for f in fields:
                 add(f"{name} {_FIELD_NAMES.get(f, f)}", getattr(a, f), getattr(b, f))
-    cmp("domain video models", lambda d: d.videos)
     cmp("memballoon model", lambda d: d.memballoon)
+    cmp("memballoon address", lambda d: d.memballoon_address)
     cmp("domain qemu:commandline args", lambda d: repr(list(d.qemu_args)))
     return out
 
 
-_DISK_FIELDS = ("device", "bus", "target", "format", "readonly", "shareable")
-_FIELD_NAMES = {"target": "target dev", "port": "target port", "target_type": "target type"}
+_DISK_FIELDS = ("device", "bus", "target", "format", "readonly", "shareable", "serial",
+                "address")
+_FIELD_NAMES = {"target": "target dev", "port": "target port", "target_type": "target type",
+                "address": "pci address"}
+
+
+def _topology(d: DomainDef) -> str | None:
+    t = d.cpu_topology
+    return None if t is None else f"{t.sockets}s{t.dies}d{t.cores}c{t.threads}t"
 
 
 def _timer(t: Timer) -> str:
@@ -120,4 +151,4 @@ def _show(value: object) -> str:
         return "yes" if value else "no"
     if isinstance(value, tuple):
         return ",".join(_show(v) for v in value) or "none"
-    return str(value)
+    return str(value)  # a PciAddress shows as bus:slot.function

@@ -10,24 +10,26 @@ Safety: the text must be UTF-8 without NUL, at most 1 MiB; any ``<!DOCTYPE``
 or ``<!ENTITY`` (even in a comment) is refused before lxml sees it, because
 libxml2 expands entities in attribute values even with resolve_entities=False.
 
-Decisions (libvirt's behaviour unless noted):
+Decisions (libvirt's behaviour unless noted; the whole subset: docs/domain.md):
 
 - Accepted and ignored (real libvirt writes them; they change nothing ferry
-  starts): ``<metadata>``, ``<resource>``, ``<seclabel>``, ``<bootmenu>``, the
-  ``<vmport>`` feature, ``<address>``, ``<alias>`` (aliases are derived from the
-  XML, see `Disk.alias`), ``<backingStore>``, spice ``<image>``, memballoon
-  ``<stats>``, cpu ``<model>`` under host-* modes, and the ``<controller>`` and
-  ``<input>`` devices libvirt always adds (ferry uses the built-in IDE and PS/2).
-  Unknown attributes of known elements are ignored.
-- Refused by name (UnsupportedError): every other element, e.g. ``<interface>``,
-  cpu ``<topology>``/``<feature>``, disk buses sata and scsi (they need a
-  controller ferry does not add), ``<qemu:env>``.
-- Disks: vdX on virtio, hda-hdd on ide (i440fx).  A cdrom is read-only; a
-  shareable writable disk must be raw.  Serial ports 0-3 (isa-serial); the
-  only console is the serial console on port 0, mirroring serial 0 (created
-  from the console when missing).  At most one ``<video>``, none added by
-  default; a missing ``<memballoon>`` means virtio.
-- Runtime values (pty paths, autoport-assigned ports) are read only by
+  starts): ``<metadata>``, ``<resource>``, ``<seclabel>``, ``<bootmenu>``,
+  ``<smbios>``, the ``<vmport>`` feature, ``<alias>`` (aliases are derived from
+  the XML, see `Disk.alias`), ``<address>`` other than PCI, ``<backingStore>``,
+  spice ``<image>``, memballoon ``<stats>``.  Unknown attributes of known
+  elements are ignored, except guest-visible ones ferry does not model (see
+  docs/domain.md).
+- Refused by name (UnsupportedError): every other element, e.g. ``<sound>``,
+  ``<hostdev>``, cpu ``<numa>``, disk bus scsi, ``<qemu:env>``.
+- Disks: vdX on virtio, hda-hdd on ide (pc), sda-sdf on sata (q35's AHCI).  A
+  cdrom is read-only; a shareable writable disk must be raw.  Serial ports 0-3
+  (isa-serial); the only console is the serial console on port 0, mirroring
+  serial 0 (created from the console when missing).  At most one ``<video>``,
+  none added by default; a missing ``<memballoon>`` means virtio.  USB inputs
+  and channels bring their controller (written into the definition, as libvirt
+  does).
+- Runtime values (pty paths, autoport-assigned ports, kernel-named vnetN taps,
+  host-picked channel sockets) are read only by
   ``parse_domain_xml(live=True)`` and written only by
   ``format_domain_xml(live=True)`` (with aliases), so
   ``parse_domain_xml(format_domain_xml(d)) == d`` for a definition and the same
@@ -47,13 +49,29 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from workers.devices import (
+    Audio,
+    Channel,
+    Controller,
+    CpuFeature,
+    Firmware,
+    Input,
+    Interface,
+    PciAddress,
+    Rng,
+    Topology,
+    Video,
+    Watchdog,
+    machine_family,
+)
 from workers.errors import InvalidInputError, UnsupportedError, one_line
 
 DEFAULT_EMULATOR = "/usr/bin/qemu-system-x86_64"
 
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}")
 _IDENT_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")  # machine and CPU model names
-_TARGET_RE = {"virtio": re.compile(r"vd[a-z]{1,2}"), "ide": re.compile(r"hd[a-d]")}
+_TARGET_RE = {"virtio": re.compile(r"vd[a-z]{1,2}"), "ide": re.compile(r"hd[a-d]"),
+              "sata": re.compile(r"sd[a-f]")}
 FEATURES = ("acpi", "apic", "pae")
 _ACTIONS = ("destroy", "restart", "preserve", "rename-restart")
 _CACHES = (None, "default", "none", "writethrough", "writeback", "directsync", "unsafe")
@@ -80,41 +98,57 @@ def _abspath(path: str | None, what: str) -> None:
 
 @dataclass(frozen=True, kw_only=True)
 class Disk:
-    """A file-backed disk or cdrom; `alias` names it identically on both hosts."""
+    """A disk or cdrom on a file or a block device (`kind`); `alias` names it identically
+    on both hosts.  Host-side only: source, cache, io, discard, detect_zeroes,
+    error_policy."""
 
     target: str
     bus: str
     source: str | None
+    kind: str = "file"
     device: str = "disk"
     format: str = "raw"
     cache: str | None = None
+    io: str | None = None
     discard: str | None = None
     detect_zeroes: str | None = None
+    error_policy: str | None = None
     readonly: bool = False
     shareable: bool = False
+    serial: str | None = None
     boot_order: int | None = None
+    address: PciAddress | None = None
 
     def __post_init__(self) -> None:
         where = f"disk {self.target!r} "
         check_enums(where, ("device", self.device, ("disk", "cdrom")))
-        bad_bus = f"{where}bus {self.bus!r} is not supported (virtio or ide)"
-        check(self.bus in ("virtio", "ide"), bad_bus, UnsupportedError)
+        bad_bus = f"{where}bus {self.bus!r} is not supported (virtio, ide or sata)"
+        check(self.bus in ("virtio", "ide", "sata"), bad_bus, UnsupportedError)
         fits = bool(_TARGET_RE[self.bus].fullmatch(self.target))
-        check(
-            fits, f"disk target dev {self.target!r} does not fit bus {self.bus!r} (vdX, hda-hdd)"
-        )
+        check(fits, f"disk target dev {self.target!r} does not fit bus {self.bus!r} "
+              "(vdX, hda-hdd, sda-sdf)")
+        check(self.kind in ("file", "block"),
+              f"disk type {self.kind!r} is not supported (file or block)", UnsupportedError)
         check_enums(
             where,
             ("driver type", self.format, ("raw", "qcow2")),
             ("driver cache", self.cache, _CACHES),
+            ("driver io", self.io, (None, "native", "threads", "io_uring")),
             ("driver discard", self.discard, (None, "unmap", "ignore")),
             ("driver detect_zeroes", self.detect_zeroes, (None, "off", "on", "unmap")),
+            ("driver error_policy", self.error_policy, (None, "stop", "report", "ignore",
+                                                        "enospace")),
         )
+        check(self.serial is None or bool(re.fullmatch(r"[A-Za-z0-9_.+ -]{1,20}", self.serial)),
+              f"{where}serial {self.serial!r} is not 1-20 of A-Za-z0-9_.+- and space")
+        check(self.address is None or self.bus == "virtio",
+              f"{where}a pci address is for bus 'virtio' only")
         if self.device == "cdrom":
-            check(self.bus == "ide", f"{where}cdrom needs bus 'ide'", UnsupportedError)
+            check(self.bus in ("ide", "sata"), f"{where}cdrom needs bus 'ide' or 'sata'",
+                  UnsupportedError)
             object.__setattr__(self, "readonly", True)
         if self.source is not None or self.device == "disk":
-            _abspath(self.source, f"{where}source file")
+            _abspath(self.source, f"{where}source {'dev' if self.kind == 'block' else 'file'}")
         rw_qcow2 = self.shareable and self.format == "qcow2" and not self.readonly
         check(not rw_qcow2, f"{where}shareable and writable must be raw", UnsupportedError)
         check((self.boot_order or 1) >= 1, f"{where}boot order {self.boot_order} is not >= 1")
@@ -129,8 +163,10 @@ class Disk:
 
     @property
     def alias(self) -> str:
-        """libvirt's alias: virtio-disk0, ide0-1-0 (IDE bus 1, unit 0)."""
+        """libvirt's alias: virtio-disk0, ide0-1-0 (IDE bus 1, unit 0), sata0-0-2 (port 2)."""
         i = self.index
+        if self.bus == "sata":
+            return f"sata0-0-{i}"
         return f"virtio-disk{i}" if self.bus == "virtio" else f"ide0-{i // 2}-{i % 2}"
 
     @property
@@ -236,9 +272,17 @@ class DomainDef:
     machine: str = "pc"
     os_type: str = "hvm"
     boot_devices: tuple[str, ...] = ("hd",)
+    kernel: str | None = None  # direct kernel boot: <os><kernel>, <initrd>, <cmdline>
+    initrd: str | None = None
+    cmdline: str | None = None
+    firmware: Firmware | None = None
     features: tuple[str, ...] = ()
+    suspend_to_mem: bool | None = None  # <pm>: ACPI S3 and S4 (None: QEMU's default, on)
+    suspend_to_disk: bool | None = None
     cpu_mode: str | None = None
     cpu_model: str | None = None
+    cpu_features: tuple[CpuFeature, ...] = ()
+    cpu_topology: Topology | None = None
     clock_offset: str = "utc"
     timers: tuple[Timer, ...] = ()
     on_poweroff: str = "destroy"
@@ -249,8 +293,16 @@ class DomainDef:
     serials: tuple[Serial, ...] = ()
     consoles: tuple[Console, ...] = ()
     graphics: tuple[Graphics, ...] = ()
-    videos: tuple[str, ...] = ()
+    videos: tuple[Video, ...] = ()
     memballoon: str = "virtio"
+    memballoon_address: PciAddress | None = None
+    interfaces: tuple[Interface, ...] = ()
+    channels: tuple[Channel, ...] = ()
+    inputs: tuple[Input, ...] = ()
+    controllers: tuple[Controller, ...] = ()
+    rngs: tuple[Rng, ...] = ()
+    watchdogs: tuple[Watchdog, ...] = ()
+    audios: tuple[Audio, ...] = ()
     qemu_args: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
@@ -281,12 +333,15 @@ class DomainDef:
         )
         check("\n" not in (self.title or ""), "domain <title> must be one line")
         check(bool(_IDENT_RE.fullmatch(self.machine)), f"os machine {self.machine!r} is invalid")
+        machine_family(self.machine)
         check_enums("", *(("feature", f, FEATURES) for f in self.features))
         fix(self, "features", tuple(f for f in FEATURES if f in self.features))
         model_ok = (self.cpu_mode == "custom") == bool(self.cpu_model) and bool(
             _IDENT_RE.fullmatch(self.cpu_model or "x")
         )
         check(model_ok, f"cpu model {self.cpu_model!r} is invalid for mode {self.cpu_mode!r}")
+        self._check_boot()
+        self._check_cpu()
         check_enums(
             "",
             *(("os boot dev", dev, ("hd", "cdrom", "network", "fd")) for dev in self.boot_devices),
@@ -294,10 +349,6 @@ class DomainDef:
             ("<on_poweroff>", self.on_poweroff, _ACTIONS),
             ("<on_reboot>", self.on_reboot, _ACTIONS),
             ("<on_crash>", self.on_crash, (*_ACTIONS, "coredump-destroy", "coredump-restart")),
-            *(
-                ("video model type", v, ("vga", "cirrus", "qxl", "virtio", "none"))
-                for v in self.videos
-            ),
             ("memballoon model", self.memballoon, ("virtio", "none")),
         )
         base = os.path.basename(self.emulator)
@@ -308,13 +359,59 @@ class DomainDef:
         )
         self._check_devices()
 
+    def _check_boot(self) -> None:
+        for what in ("kernel", "initrd"):
+            if getattr(self, what) is not None:
+                _abspath(getattr(self, what), f"os {what}")
+        check(self.kernel is not None or (self.initrd is None and self.cmdline is None),
+              "os initrd and cmdline need an os kernel")
+        check(not re.search(r"[\x00-\x1f]", self.cmdline or ""),
+              "os cmdline contains control characters")
+
+    def _check_cpu(self) -> None:
+        names = [f.name for f in self.cpu_features]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        check(not dup, f"duplicate cpu feature {', '.join(dup)}")
+        check(not self.cpu_features or self.cpu_mode in ("custom", "host-model"),
+              f"cpu features need mode 'custom' or 'host-model', not {self.cpu_mode!r}",
+              UnsupportedError)
+        top = self.cpu_topology
+        check(top is None or top.vcpus == self.vcpus,
+              f"cpu topology gives {top.vcpus if top else 0} vcpus, <vcpu> is {self.vcpus}")
+
+    @property
+    def family(self) -> str:
+        """The machine family: 'pc' (i440fx) or 'q35'."""
+        return machine_family(self.machine)
+
+    def _fill_controllers(self) -> None:
+        """libvirt's implicit controllers, written into the definition: a USB controller of
+        the machine's default model for USB inputs, virtio-serial for channels."""
+        default_usb = "qemu-xhci" if self.family == "q35" else "piix3-uhci"
+        ctrls = [replace(c, model=default_usb) if c.type == "usb" and c.model is None else c
+                 for c in self.controllers]
+        if any(i.bus == "usb" for i in self.inputs) and not any(c.type == "usb" for c in ctrls):
+            ctrls.append(Controller(type="usb", model=default_usb))
+        if self.channels and not any(c.type == "virtio-serial" for c in ctrls):
+            ctrls.append(Controller(type="virtio-serial"))
+        object.__setattr__(self, "controllers", tuple(ctrls))
+
     def _check_devices(self) -> None:
+        self._fill_controllers()
         boots = [d.boot_order for d in self.disks if d.boot_order is not None]
+        boots += [n.boot_order for n in self.interfaces if n.boot_order is not None]
         keyed: tuple[tuple[str, list[Any]], ...] = (
             ("disk target dev", [d.target for d in self.disks]),
             ("serial target port", [s.port for s in self.serials]),
-            ("disk boot order", boots),
+            ("boot order", boots),
             ("graphics type", [g.type for g in self.graphics]),
+            ("interface mac address", [n.mac for n in self.interfaces]),
+            ("interface target dev", [n.target_dev for n in self.interfaces if n.target_dev]),
+            ("channel target name", [c.name for c in self.channels]),
+            ("channel port", [c.port for c in self.channels]),
+            ("controller", [f"{c.type} {c.index}" for c in self.controllers]),
+            ("pci address", [str(a) for a in self.pci_addresses()]),
+            ("audio id", [a.id for a in self.audios]),
         )
         for what, keys in keyed:  # Counter: 18,000 disks fit in 1 MiB, keys.count() is quadratic
             dup = sorted({str(k) for k, n in Counter(keys).items() if n > 1})
@@ -327,14 +424,67 @@ class DomainDef:
         check(len(self.consoles) <= 1, "only one <console> is supported", UnsupportedError)
         check(len(self.videos) <= 1, "only one <video> is supported", UnsupportedError)
         check(all("\x00" not in a for a in self.qemu_args), "qemu:arg value contains NUL")
+        check(len(self.rngs) <= 1, "only one <rng> is supported", UnsupportedError)
+        check(len(self.watchdogs) <= 1, "only one <watchdog> is supported", UnsupportedError)
+        self._check_buses()
+
+    def _check_buses(self) -> None:
+        q35 = self.family == "q35"
+        for disk in self.disks:
+            ok = disk.bus == "virtio" or (disk.bus == "sata") == q35
+            check(ok, f"disk {disk.target!r} bus {disk.bus!r} does not exist on machine "
+                  f"{self.machine!r} (pc has ide, q35 has sata)", UnsupportedError)
+        for c in self.controllers:
+            pc_only = c.type == "ide" or c.model == "pci-root"
+            q35_only = c.type == "sata" or c.model in ("pcie-root", "pcie-root-port")
+            check(not (pc_only and q35) and not (q35_only and not q35),
+                  f"controller {c.type} {c.model or ''} does not fit machine {self.machine!r}",
+                  UnsupportedError)
+        usb = [c for c in self.controllers if c.type == "usb" and c.model != "none"]
+        for i in self.inputs:
+            check(i.bus != "usb" or bool(usb), f"input {i.type} bus 'usb' needs a USB "
+                  "controller (this one's model is 'none')")
+        buses = {0} | {c.index for c in self.controllers if c.model == "pcie-root-port"}
+        for a in self.pci_addresses():
+            check(a.bus in buses, f"pci address {a} is on bus {a.bus}, which no "
+                  "pcie-root-port controller of that index makes")
+        check(not any(c.type == "spicevmc" for c in self.channels) or
+              any(g.type == "spice" for g in self.graphics),
+              "a spicevmc channel needs spice graphics")
+
+    def pci_addresses(self) -> list[PciAddress]:
+        """The explicit PCI addresses of every device, in the definition's order."""
+        found = [c.address for c in self.controllers] + [v.address for v in self.videos]
+        found += [d.address for d in self.disks] + [n.address for n in self.interfaces]
+        found += [r.address for r in self.rngs] + [w.address for w in self.watchdogs]
+        found.append(self.memballoon_address)
+        return [a for a in found if a is not None]
 
     def inactive(self) -> DomainDef:
-        """This definition without runtime values (pty paths, autoport-assigned ports)."""
+        """This definition without runtime values (pty paths, autoport-assigned ports,
+        kernel-named taps, host-picked channel sockets)."""
         return replace(
             self,
             serials=tuple(replace(s, path=None) if s.type == "pty" else s for s in self.serials),
             graphics=tuple(replace(g, port=None) if g.autoport else g for g in self.graphics),
+            interfaces=tuple(replace(n, target_dev=None) if auto_tap_name(n.target_dev) else n
+                             for n in self.interfaces),
+            channels=tuple(replace(c, path=None) if auto_channel_path(c.path) else c
+                           for c in self.channels),
         )
+
+
+AUTO_CHANNEL_DIR = "ferry-channel"  # sockets the host picked live in a directory of this name
+
+
+def auto_channel_path(path: str | None) -> bool:
+    """A channel socket the host picked (libvirt's rule for its channel directory)."""
+    return path is not None and f"/{AUTO_CHANNEL_DIR}/" in path
+
+
+def auto_tap_name(name: str | None) -> bool:
+    """libvirt's rule: vnet* (and macvtap*) tap names are the host's, not the user's."""
+    return name is not None and name.startswith(("vnet", "macvtap"))
 
 
 def writable_disks(d: DomainDef) -> tuple[Disk, ...]:
@@ -364,3 +514,17 @@ def with_pty_paths(d: DomainDef, paths: Mapping[str, str]) -> DomainDef:
 def serial_log_paths(d: DomainDef) -> tuple[str, ...]:
     """Files the guest's serial output goes to (the agent tails them)."""
     return tuple(s.path for s in d.serials if s.type == "file" and s.path)
+
+
+def with_channel_paths(d: DomainDef, run_dir: str) -> DomainDef:
+    """Give every unix channel without a path a socket in `run_dir`/ferry-channel."""
+    new = (replace(c, path=f"{run_dir}/{AUTO_CHANNEL_DIR}/{d.uuid}.{c.port}")
+           if c.type == "unix" and c.path is None else c for c in d.channels)
+    return replace(d, channels=tuple(new))
+
+
+def with_tap_names(d: DomainDef, names: Mapping[int, str]) -> DomainDef:
+    """Record the tap names the kernel gave, keyed by interface index."""
+    new = (replace(n, target_dev=names[i]) if i in names else n
+           for i, n in enumerate(d.interfaces))
+    return replace(d, interfaces=tuple(new))

@@ -12,6 +12,24 @@ from typing import Any
 
 from lxml import etree
 
+from workers.devices_xml import (
+    parse_audio,
+    parse_channels,
+    parse_controllers,
+    parse_cpu,
+    parse_firmware,
+    parse_input,
+    parse_interface,
+    parse_rng,
+    parse_video,
+    parse_watchdog,
+    pci_address,
+    put_address,
+    put_cpu,
+    put_devices,
+    put_late_devices,
+    put_os_boot,
+)
 from workers.domain import (
     DEFAULT_EMULATOR,
     FEATURES,
@@ -25,60 +43,31 @@ from workers.domain import (
     check_enums,
 )
 from workers.errors import InvalidInputError, UnsupportedError, one_line
+from workers.xmlutil import (
+    QEMU_NS,
+    Kids,
+    first,
+    integer,
+    kids,
+    onoff,
+    refuse_attrs,
+    sub,
+    tag,
+    text,
+    yes,
+)
 
-QEMU_NS = "http://libvirt.org/schemas/domain/qemu/1.0"
 MAX_XML_BYTES = 1024 * 1024
 DEFAULT_MAX_MEMORY_KIB = 16 * 1024**3  # 16 TiB
-Kids = dict[str, list[Any]]
-# Elements with element children; every other known element must be a leaf.
-_CONTAINERS = {"os", "features", "cpu", "clock", "devices", "disk", "serial", "console"}
-_CONTAINERS |= {"graphics", "video", "memballoon", "target", "qemu:commandline"}
+_tag, _kids, _first, _text = tag, kids, first, text
 
 
-def _tag(elem: Any) -> str:
-    q = etree.QName(elem)
-    prefix = "qemu:" if q.namespace == QEMU_NS else f"{elem.prefix}:" if elem.prefix else ""
-    return prefix + q.localname
+def _int(value: str | None, what: str) -> int | None:
+    return integer(value, what)
 
 
-def _kids(parent: Any, known: str, ignored: str = "", multi: str = "") -> Kids:
-    """Children of `parent` by tag; unknown tags are refused by name, `ignored` ones skipped."""
-    out: Kids = {}
-    for child in parent:
-        tag = _tag(child)
-        if tag in ignored.split():
-            continue
-        check(
-            tag in known.split() + multi.split(),
-            f"unsupported element <{tag}> in <{_tag(parent)}>",
-            UnsupportedError,
-        )
-        check(tag not in out or tag in multi.split(), f"duplicate <{tag}> in <{_tag(parent)}>")
-        if tag not in _CONTAINERS and len(child):
-            _kids(child, "")
-        out.setdefault(tag, []).append(child)
-    return out
-
-
-def _first(kids: Kids, tag: str) -> Any:
-    """The child `tag`, or an empty stand-in so attribute lookups give their defaults."""
-    return kids[tag][0] if tag in kids else etree.Element(tag)
-
-
-def _text(kids: Kids, tag: str) -> str | None:
-    return (kids[tag][0].text or "").strip() if tag in kids else None
-
-
-def _int(text: str | None, what: str) -> int | None:
-    if text is None:
-        return None
-    check(bool(re.fullmatch(r"\s*-?[0-9]{1,9}\s*", text)), f"{what} {text!r} is not an integer")
-    return int(text)
-
-
-def _yes(text: str | None, what: str) -> bool | None:
-    check_enums("", (what, text, (None, "yes", "no", "on", "off")))
-    return None if text is None else text in ("yes", "on")
+def _yes(value: str | None, what: str) -> bool | None:
+    return yes(value, what)
 
 
 def _kib(elem: Any, max_kib: int) -> int:
@@ -122,20 +111,25 @@ def parse_domain_xml(
     check(_tag(root) == "domain", f"the root element must be <domain>, not <{_tag(root)}>")
     k = _kids(
         root,
-        "name uuid title description memory currentMemory vcpu os features cpu clock "
+        "name uuid title description memory currentMemory vcpu os features cpu clock pm "
         "on_poweroff on_reboot on_crash devices qemu:commandline",
         ignored="metadata resource seclabel",
     )
     check(root.get("type") is not None, "domain type attribute is missing")
     check(bool(_text(k, "name")), "domain <name> is missing")
     check("memory" in k, "domain <memory> is missing")
-    vcpu, os_ = _first(k, "vcpu"), _kids(_first(k, "os"), "type", "bootmenu", multi="boot")
-    ostype, cpu = _first(os_, "type"), _kids(_first(k, "cpu"), "model")
+    os_elem = _first(k, "os")
+    check(os_elem.get("firmware") is None, "os firmware autoselection is not supported: "
+          "name the <loader> and <nvram>", UnsupportedError)
+    vcpu = _first(k, "vcpu")
+    os_ = _kids(os_elem, "type loader nvram kernel initrd cmdline", "bootmenu smbios",
+                multi="boot")
+    ostype = _first(os_, "type")
     dev = _kids(
         _first(k, "devices"),
         "emulator memballoon",
-        ignored="controller input",
-        multi="disk serial console graphics video",
+        multi="disk serial console graphics video interface channel input controller rng "
+        "watchdog audio",
     )
     f: dict[str, Any] = {
         "name": _text(k, "name"),
@@ -150,16 +144,31 @@ def parse_domain_xml(
         "arch": ostype.get("arch", "x86_64"),
         "machine": ostype.get("machine", "pc"),
         "boot_devices": tuple(b.get("dev") for b in os_.get("boot", ())),
+        "kernel": _text(os_, "kernel") or None,
+        "initrd": _text(os_, "initrd") or None,
+        "cmdline": os_["cmdline"][0].text or "" if "cmdline" in os_ else None,
+        "firmware": parse_firmware(os_),
         "emulator": _text(dev, "emulator") or DEFAULT_EMULATOR,
         "disks": tuple(_disk(e) for e in dev.get("disk", ())),
         "graphics": tuple(_graphics(e, live) for e in dev.get("graphics", ())),
-        "videos": tuple(_video(e) for e in dev.get("video", ())),
+        "videos": tuple(parse_video(e) for e in dev.get("video", ())),
         "memballoon": _first(dev, "memballoon").get("model", "virtio"),
+        "interfaces": tuple(parse_interface(e, live) for e in dev.get("interface", ())),
+        "channels": parse_channels(dev.get("channel", []), live),
+        "inputs": tuple(parse_input(e) for e in dev.get("input", ())),
+        "controllers": parse_controllers(dev.get("controller", [])),
+        "rngs": tuple(parse_rng(e) for e in dev.get("rng", ())),
+        "watchdogs": tuple(parse_watchdog(e) for e in dev.get("watchdog", ())),
+        "audios": tuple(parse_audio(e) for e in dev.get("audio", ())),
     }
-    _kids(_first(dev, "memballoon"), "", "address alias stats")
+    refuse_attrs(_first(dev, "memballoon"), "memballoon", autodeflate=("off",),
+                 freePageReporting=("off",))
+    balloon = _kids(_first(dev, "memballoon"), "address", "alias stats")
+    f["memballoon_address"] = pci_address(balloon, "memballoon")
     if "currentMemory" in k:
         f["current_memory_kib"] = _kib(k["currentMemory"][0], max_memory_kib)
-    if not f["boot_devices"] and not any(d.boot_order for d in f["disks"]):
+    per_device = any(x.boot_order for x in (*f["disks"], *f["interfaces"]))
+    if not f["boot_devices"] and not per_device and f["kernel"] is None:
         f["boot_devices"] = ("hd",)
     if "features" in k:
         f["features"] = tuple(_kids(k["features"][0], " ".join(FEATURES), "vmport"))
@@ -167,9 +176,11 @@ def parse_domain_xml(
         if action in k:
             f[action] = _text(k, action)
     if "cpu" in k:
-        model = _text(cpu, "model") or None
-        f["cpu_mode"] = _first(k, "cpu").get("mode", "custom" if model else None)
-        f["cpu_model"] = model if f["cpu_mode"] == "custom" else None
+        f.update(parse_cpu(k["cpu"][0]))
+    pm = _kids(_first(k, "pm"), "suspend-to-mem suspend-to-disk")
+    for what in ("mem", "disk"):
+        f[f"suspend_to_{what}"] = _yes(_first(pm, f"suspend-to-{what}").get("enabled"),
+                                       f"pm suspend-to-{what} enabled")
     clock = _first(k, "clock")
     f["clock_offset"] = clock.get("offset", "utc")
     f["timers"] = tuple(
@@ -193,25 +204,33 @@ def parse_domain_xml(
 
 
 def _disk(e: Any) -> Disk:
-    k = _kids(e, "driver source target readonly shareable boot", "address alias backingStore")
+    k = _kids(e, "driver source target readonly shareable boot serial address",
+              "alias backingStore")
     kind, drv, tgt = e.get("type", "file"), _first(k, "driver"), _first(k, "target")
     _kids(tgt, "")
-    check(kind == "file", f"disk type {kind!r} is not supported (only 'file')", UnsupportedError)
+    check(kind in ("file", "block"), f"disk type {kind!r} is not supported (file or block)",
+          UnsupportedError)
     check_enums("disk ", ("driver name", drv.get("name", "qemu"), ("qemu",)))
+    refuse_attrs(drv, "disk driver", queues=(), iothread=(), packed=(), ats=(), iommu=())
     check(bool(tgt.get("dev")), "disk <target dev> is missing")
     bus = {"vd": "virtio", "hd": "ide", "sd": "scsi"}.get(tgt.get("dev")[:2], "virtio")
     return Disk(
         target=tgt.get("dev"),
         bus=tgt.get("bus", bus),
-        source=_first(k, "source").get("file"),
+        source=_first(k, "source").get("dev" if kind == "block" else "file"),
+        kind=kind,
         device=e.get("device", "disk"),
         format=drv.get("type", "raw"),
         cache=drv.get("cache"),
+        io=drv.get("io"),
         discard=drv.get("discard"),
         detect_zeroes=drv.get("detect_zeroes"),
+        error_policy=drv.get("error_policy"),
         readonly="readonly" in k,
         shareable="shareable" in k,
+        serial=_text(k, "serial"),
         boot_order=_int(_first(k, "boot").get("order"), "disk boot order"),
+        address=pci_address(k, f"disk {tgt.get('dev')}", ("drive",)),
     )
 
 
@@ -270,28 +289,10 @@ def _graphics(e: Any, live: bool) -> Graphics:
     )
 
 
-def _video(e: Any) -> str:
-    k = _kids(e, "model", "address alias")
-    check("model" in k, "video <model> is missing")
-    return str(k["model"][0].get("type"))
-
-
 # ---------------------------------------------------------------- formatting
 
 
-def _sub(
-    parent: Any, tag: str, text: str | None = None, *, when: bool = True, **attrs: object
-) -> Any:
-    """Append <tag> with the attributes that are not None, if `when`."""
-    if not when:
-        return None
-    elem = etree.SubElement(parent, tag, {k: str(v) for k, v in attrs.items() if v is not None})
-    elem.text = text
-    return elem
-
-
-def _onoff(flag: bool | None, yes: str = "on", no: str = "off") -> str | None:
-    return None if flag is None else yes if flag else no
+_sub, _onoff = sub, onoff
 
 
 def format_domain_xml(d: DomainDef, *, live: bool = False, migratable: bool = False,
@@ -306,22 +307,28 @@ def _element(d: DomainDef, live: bool, secure: bool) -> Any:
     root = etree.Element(
         "domain", {"type": d.type}, nsmap={"qemu": QEMU_NS} if d.qemu_args else None
     )
-    for tag in ("name", "uuid", "title", "description"):
-        if getattr(d, tag) is not None:
-            _sub(root, tag, getattr(d, tag))
+    for what in ("name", "uuid", "title", "description"):
+        if getattr(d, what) is not None:
+            _sub(root, what, getattr(d, what))
     _sub(root, "memory", str(d.memory_kib), unit="KiB")
     _sub(root, "currentMemory", str(d.current_memory_kib), unit="KiB")
     _sub(root, "vcpu", str(d.vcpus), current=d.vcpus_current)
     os_ = _sub(root, "os")
     _sub(os_, "type", d.os_type, arch=d.arch, machine=d.machine)
+    put_os_boot(os_, d)
     for dev in d.boot_devices:
         _sub(os_, "boot", dev=dev)
     if d.features:
         feats = _sub(root, "features")
         for name in d.features:
             _sub(feats, name)
-    if d.cpu_mode:
-        _sub(_sub(root, "cpu", mode=d.cpu_mode), "model", d.cpu_model, when=bool(d.cpu_model))
+    put_cpu(root, d)
+    if d.suspend_to_mem is not None or d.suspend_to_disk is not None:
+        pm = _sub(root, "pm")
+        for what in ("mem", "disk"):
+            flag = getattr(d, f"suspend_to_{what}")
+            _sub(pm, f"suspend-to-{what}", enabled=_onoff(flag, "yes", "no"),
+                 when=flag is not None)
     clock = _sub(root, "clock", offset=d.clock_offset)
     for t in d.timers:
         _sub(
@@ -336,29 +343,27 @@ def _element(d: DomainDef, live: bool, secure: bool) -> Any:
     devices = _sub(root, "devices")
     _sub(devices, "emulator", d.emulator)
     for disk in d.disks:
-        e = _sub(devices, "disk", type="file", device=disk.device)
-        _sub(
-            e,
-            "driver",
-            name="qemu",
-            type=disk.format,
-            cache=disk.cache,
-            discard=disk.discard,
-            detect_zeroes=disk.detect_zeroes,
-        )
-        _sub(e, "source", file=disk.source, when=disk.source is not None)
+        e = _sub(devices, "disk", type=disk.kind, device=disk.device)
+        _sub(e, "driver", name="qemu", type=disk.format, cache=disk.cache, io=disk.io,
+             discard=disk.discard, detect_zeroes=disk.detect_zeroes,
+             error_policy=disk.error_policy)
+        if disk.source is not None:
+            _sub(e, "source").set("dev" if disk.kind == "block" else "file", disk.source)
         _sub(e, "target", dev=disk.target, bus=disk.bus)
         for flag in ("readonly", "shareable"):
             _sub(e, flag, when=getattr(disk, flag))
+        _sub(e, "serial", disk.serial, when=disk.serial is not None)
         _sub(e, "boot", order=disk.boot_order, when=disk.boot_order is not None)
         _sub(e, "alias", name=disk.alias, when=live)
+        put_address(e, disk.address)
+    put_devices(devices, d, live)
     mirrored = [s for c in d.consoles for s in d.serials if s.port == c.port]
-    for tag, s in [("serial", s) for s in d.serials] + [("console", s) for s in mirrored]:
-        tty = s.path if tag == "console" and s.type == "pty" else None
-        e = _sub(devices, tag, type=s.type, tty=tty)
+    for kind, s in [("serial", s) for s in d.serials] + [("console", s) for s in mirrored]:
+        tty = s.path if kind == "console" and s.type == "pty" else None
+        e = _sub(devices, kind, type=s.type, tty=tty)
         if s.path is not None:
             _sub(e, "source", mode=s.mode, path=s.path, append=_onoff(s.append))
-        _sub(e, "target", type="isa-serial" if tag == "serial" else "serial", port=s.port)
+        _sub(e, "target", type="isa-serial" if kind == "serial" else "serial", port=s.port)
         _sub(e, "alias", name=s.alias, when=live)
     for g in d.graphics:
         e = _sub(
@@ -372,12 +377,10 @@ def _element(d: DomainDef, live: bool, secure: bool) -> Any:
             passwd=g.passwd if secure else None,
         )
         _sub(e, "listen", type="address", address=g.listen, when=g.listen is not None)
-    for model in d.videos:
-        e = _sub(devices, "video")
-        _sub(e, "model", type=model)
-        _sub(e, "alias", name="video0", when=live and model != "none")
+    put_late_devices(devices, d, live)
     e = _sub(devices, "memballoon", model=d.memballoon)
     _sub(e, "alias", name="balloon0", when=live and d.memballoon != "none")
+    put_address(e, d.memballoon_address)
     if d.qemu_args:
         cmd = _sub(root, f"{{{QEMU_NS}}}commandline")
         for arg in d.qemu_args:

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import ctypes
+import hashlib
 import os
 import platform
+from collections.abc import Iterable
+from pathlib import Path
 
+from workers.domain import DomainDef
 from workers.errors import UnsupportedError
 
 _SYS_USERFAULTFD = {"x86_64": 323, "aarch64": 282}
@@ -28,3 +32,34 @@ def require_postcopy() -> None:
     if not userfaultfd_available():
         raise UnsupportedError("post-copy migration needs userfaultfd, which this host's "
                                "kernel does not allow")
+
+
+def cpu_signature(hidden: Iterable[str] = (), cpuinfo: str | None = None) -> str:
+    """This host's CPU as a host-passthrough guest sees it: vendor, family/model/stepping
+    and a digest of its flags (less the ones FERRY_CPU_HIDE_FEATURES hides)."""
+    text = Path("/proc/cpuinfo").read_text() if cpuinfo is None else cpuinfo
+    fields: dict[str, str] = {}
+    for line in text.split("\n\n")[0].splitlines():
+        key, _, value = line.partition(":")
+        fields.setdefault(key.strip(), value.strip())
+    hide = {h.replace("_", "-").replace(".", "-") for h in hidden}
+    flags = sorted(f for f in fields.get("flags", "").split()
+                   if f.replace("_", "-").replace(".", "-") not in hide)
+    digest = hashlib.sha256(" ".join(flags).encode()).hexdigest()[:12]
+    return (f"{fields.get('vendor_id', '?')} {fields.get('cpu family', '?')}/"
+            f"{fields.get('model', '?')}/{fields.get('stepping', '?')} flags {digest}")
+
+
+def sees_host_cpu(d: DomainDef) -> bool:
+    """Whether the guest sees the host's own CPU (host-* modes under KVM)."""
+    return d.cpu_mode in ("host-passthrough", "host-model") and d.type == "kvm"
+
+
+def check_same_cpu(d: DomainDef, source: str | None, here: str, unsafe: bool) -> None:
+    """libvirt's rule: a guest that sees its host's CPU moves only to an identical CPU,
+    unless the caller says --unsafe."""
+    if not sees_host_cpu(d) or source is None or source == here or unsafe:
+        return
+    raise UnsupportedError(f"cpu mode '{d.cpu_mode}': this host's CPU ({here}) differs from "
+                           f"the source's ({source}), so the guest would see its CPU change "
+                           "under it (--unsafe to migrate anyway)")

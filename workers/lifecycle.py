@@ -12,21 +12,30 @@ import json
 import os
 import subprocess
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
+from workers import cpucheck, netdev
 from workers.agent import HostAgent
-from workers.domain import DomainDef, with_graphics_ports
+from workers.domain import DomainDef, with_channel_paths, with_graphics_ports, with_tap_names
 from workers.domain_states import DomainState, PausedReason, RunningReason, ShutoffReason
 from workers.domain_xml import format_domain_xml
 from workers.domobj import DomainObj
 from workers.errors import InvalidInputError, NotFoundError, OperationInvalidError, QemuError
+from workers.guestfiles import channel_dir, ensure_nvram, with_nvram_path
 from workers.job_types import JobOperation
 from workers.process import listening_socket, log_tail, spawn
 from workers.qemu_argv import build_qemu_argv, qemu_has_spice
 
 
+def nvram_dir(agent: HostAgent) -> Path:
+    return agent.settings.nvram_dir or agent.settings.state_dir / "nvram"
+
+
 async def define(agent: HostAgent, xml: str) -> dict[str, Any]:
-    new = agent.parse(xml)
+    new = with_nvram_path(agent.parse(xml), nvram_dir(agent))
+    if new.firmware is not None and new.firmware.nvram is not None:
+        agent.allowed.check(new.firmware.nvram, "os nvram")
     for dom in agent.domains.values():
         if dom.name == new.name and dom.uuid != new.uuid:
             raise InvalidInputError(f"domain '{new.name}' already exists with uuid {dom.uuid}")
@@ -83,28 +92,53 @@ def _with_ports(agent: HostAgent, dom: DomainObj, d: DomainDef) -> DomainDef:
     return with_graphics_ports(d, ports) if ports else d
 
 
+async def check_cpu(agent: HostAgent, d: DomainDef) -> None:
+    """Refuse a guest CPU this host cannot give it (workers/cpucheck.py)."""
+    if not cpucheck.needs_check(d):
+        return
+    accel = "kvm" if agent.kvm and d.type == "kvm" else "tcg"
+    models = (d.cpu_model,) if d.cpu_model else ()
+    caps = await asyncio.get_running_loop().run_in_executor(
+        None, cpucheck.probe, d.emulator, accel, models)
+    cpucheck.check_cpu(d, caps, agent.settings.cpu_hide_features, agent.host)
+
+
 async def launch(agent: HostAgent, dom: DomainObj, definition: DomainDef,
                  incoming: str | None = None, extra_argv: Sequence[str] = ()) -> None:
     """Start QEMU for `definition` with CPUs stopped and connect its monitor.
 
-    On any failure QEMU is gone again, the domain is shutoff:failed and the
-    error carries the end of QEMU's log.
+    On any failure QEMU is gone again (and so are the taps made for it), the domain
+    is shutoff:failed and the error carries the end of QEMU's log.
     """
-    live = _with_ports(agent, dom, definition)
-    sock_path = agent.store.qmp_socket(live.uuid)
-    sock = listening_socket(sock_path)
+    definition = with_nvram_path(definition, nvram_dir(agent))
+    await check_cpu(agent, definition)
+    ensure_nvram(definition, incoming=incoming is not None, host=agent.host)
+    others = [o.current for o in agent.domains.values() if o.active and o is not dom]
+    netdev.check_macs(definition, others, agent.host)
+    live = with_channel_paths(_with_ports(agent, dom, definition), channel_dir(agent.store.run))
+    taps: list[netdev.Tap] = []
+    sock = None
     try:
+        taps = netdev.open_taps(live, agent.settings.networks, agent.host)
+        live = with_tap_names(live, {t.index: t.name for t in taps})
+        sock_path = agent.store.qmp_socket(live.uuid)
+        sock = listening_socket(sock_path)
+        fds = {t.index: (t.fd, t.vhostfd) for t in taps}
         argv = build_qemu_argv(
             live, qmp_fd=sock.fileno(), pidfile=str(agent.store.pidfile(live.name)),
             kvm=agent.kvm, incoming=incoming, spice=qemu_has_spice(live.emulator),
-            extra=extra_argv)
+            extra=extra_argv, taps=fds)
         log_path = agent.store.qemu_log(live.name)
-        proc = spawn(argv, pass_fds=[sock.fileno()], log_path=log_path, cwd=agent.store.run)
+        passed = [sock.fileno(), *(fd for pair in fds.values() for fd in pair if fd is not None)]
+        proc = spawn(argv, pass_fds=passed, log_path=log_path, cwd=agent.store.run)
     except BaseException:
         agent.release_ports(dom)
         raise
     finally:
-        sock.close()
+        for tap in taps:  # QEMU holds them now; a tap goes when QEMU does
+            tap.close()
+        if sock is not None:
+            sock.close()
     dom.live = live
     dom.exit_reason = ShutoffReason.FAILED  # until QEMU is up, an exit means start failed
     agent.watch(dom, proc)

@@ -1,7 +1,8 @@
 """Which host paths a request may make ferry (or QEMU) open: FERRY_ALLOWED_DIRS.
 
-A domain definition names files QEMU opens (disks) and writes (serial logs,
-unix sockets); save, restore and dump name image files ferry writes or reads.
+A domain definition names files QEMU opens (disks, block devices, kernel and
+initrd, firmware) and writes (serial logs, unix sockets, NVRAM); save, restore
+and dump name image files ferry writes or reads.
 Without a restriction any absolute path goes, as with libvirt's DAC driver
 without SELinux.  With one, every such path must resolve (symlinks followed,
 `..` gone) to somewhere inside one of the allowed directories, like Nova's
@@ -33,6 +34,18 @@ def domain_paths(d: DomainDef) -> Iterator[tuple[str, str]]:
     for serial in d.serials:
         if serial.type in ("file", "unix") and serial.path:
             yield f"serial {serial.port} {serial.type}", serial.path
+    for what in ("kernel", "initrd"):
+        if getattr(d, what):
+            yield f"os {what}", getattr(d, what)
+    fw = d.firmware
+    if fw is not None:
+        yield "os loader", fw.loader
+        for what, path in (("os nvram", fw.nvram), ("os nvram template", fw.template)):
+            if path:
+                yield what, path
+    for c in d.channels:
+        if c.path:
+            yield f"channel {c.name}", c.path
 
 
 def _inside(real: str, root: str) -> bool:

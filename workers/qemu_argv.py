@@ -40,12 +40,26 @@ from __future__ import annotations
 import functools
 import ipaddress
 import subprocess
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
-from workers.domain import Disk, DomainDef, Graphics, Serial
+from workers.domain import DomainDef, Graphics, Serial
 from workers.errors import InvalidInputError, UnsupportedError
+from workers.qemu_devices import (
+    TapFds,
+    controller_args,
+    cpu_option,
+    disk_args,
+    firmware_args,
+    interface_args,
+    kernel_args,
+    late_device_args,
+    pci,
+    rng_args,
+    smp_option,
+    video_args,
+    watchdog_args,
+)
 
-_VIDEO = {"vga": "VGA", "cirrus": "cirrus-vga", "qxl": "qxl-vga", "virtio": "virtio-vga"}
 _BOOT = {"hd": "c", "cdrom": "d", "network": "n", "fd": "a"}
 _INCOMING = ("tcp:", "unix:", "fd:")
 DEFAULT_LISTEN = "127.0.0.1"
@@ -69,8 +83,10 @@ def build_qemu_argv(
     incoming: str | None = None,
     extra: Sequence[str] = (),
     spice: bool = True,
+    taps: Mapping[int, TapFds] | None = None,
 ) -> list[str]:
-    """argv (argv[0] is the emulator) for `d`; `spice` says whether this QEMU has SPICE."""
+    """argv (argv[0] is the emulator) for `d`; `spice` says whether this QEMU has SPICE,
+    `taps` the open tap (and vhost-net) fds of the tap NICs, by interface index."""
     if qmp_fd < 0:
         raise ValueError(f"qmp_fd must be an open file descriptor, not {qmp_fd}")
     use_kvm = kvm and d.type == "kvm"
@@ -82,14 +98,10 @@ def build_qemu_argv(
         None if "acpi" in d.features else "acpi=off",
         "hpet=off" if hpet_off else None,
     )
-    smp = str(d.vcpus) if d.vcpus_current is None else f"{d.vcpus_current},maxcpus={d.vcpus}"
     argv = [d.emulator, "-name", f"guest={d.name},debug-threads=on", "-S"]
     argv += ["-uuid", d.uuid, "-machine", machine]
-    cpu = None
-    if d.cpu_mode in ("host-passthrough", "host-model"):
-        cpu = "host,arch-capabilities=off" if use_kvm else "max"
-    elif d.cpu_mode == "custom" and d.cpu_model:
-        cpu = d.cpu_model
+    argv += firmware_args(d)
+    cpu = cpu_option(d, use_kvm)
     # libvirt's <timer name='kvmclock' present='no'/>: no paravirtual clock page that
     # KVM rewrites in guest memory (e.g. on the dest of a migration).
     if any(t.name == "kvmclock" and t.present is False for t in d.timers):
@@ -97,7 +109,7 @@ def build_qemu_argv(
     if cpu:
         argv += ["-cpu", cpu]
     mem_kib = -(-d.memory_kib // 1024) * 1024  # QEMU wants whole MiB here; libvirt rounds up too
-    argv += ["-m", f"size={mem_kib}k", "-smp", smp]
+    argv += ["-m", f"size={mem_kib}k", "-smp", smp_option(d)]
     argv += ["-no-user-config", "-nodefaults", "-display", "none"]
     argv += ["-chardev", f"socket,id=charmonitor,fd={qmp_fd},server=on,wait=off"]
     argv += ["-mon", "chardev=charmonitor,id=monitor,mode=control", "-pidfile", pidfile]
@@ -106,15 +118,22 @@ def build_qemu_argv(
         argv.append("-no-reboot")
     if d.on_poweroff != "destroy":
         argv.append("-no-shutdown")
-    if any(disk.boot_order for disk in d.disks):
+    lpc = "ICH9-LPC" if d.family == "q35" else "PIIX4_PM"
+    for flag, state in ((d.suspend_to_mem, "s3"), (d.suspend_to_disk, "s4")):
+        if flag is not None:
+            argv += ["-global", f"{lpc}.disable_{state}={0 if flag else 1}"]
+    argv += kernel_args(d)
+    if any(x.boot_order for x in d.disks) or any(n.boot_order for n in d.interfaces):
         argv += ["-boot", "strict=on"]
     elif d.boot_devices:
         argv += ["-boot", "order=" + "".join(_BOOT[dev] for dev in d.boot_devices)]
-    for model in d.videos:
-        if model != "none":
-            argv += ["-device", f"{_VIDEO[model]},id=video0"]
+    argv += controller_args(d)
+    for video in d.videos:
+        argv += video_args(d, video)
     for disk in d.disks:
-        argv += _disk_args(disk)
+        argv += disk_args(d, disk)
+    for i, nic in enumerate(d.interfaces):
+        argv += interface_args(d, i, nic, taps or {})
     for serial in d.serials:
         argv += ["-chardev", _chardev(serial)]
         argv += [
@@ -123,42 +142,19 @@ def build_qemu_argv(
         ]
     for g in d.graphics:
         argv += _graphics_args(g, spice)
+    argv += late_device_args(d)
     if d.memballoon == "virtio":
-        argv += ["-device", "virtio-balloon-pci,id=balloon0"]
+        argv += ["-device", ",".join(filter(None, ("virtio-balloon-pci,id=balloon0",
+                                                   pci(d, d.memballoon_address))))]
+    for rng in d.rngs:
+        argv += rng_args(d, rng)
+    for dog in d.watchdogs:
+        argv += watchdog_args(d, dog)
     if incoming is not None:
         if incoming != "defer" and not incoming.startswith(_INCOMING):
             raise InvalidInputError(f"incoming URI {incoming!r} is not defer, tcp:, unix: or fd:")
         argv += ["-incoming", incoming]
     return argv + list(extra) + list(d.qemu_args)
-
-
-def _disk_args(disk: Disk) -> list[str]:
-    """A named -drive (drive-ALIAS, explicit format: no probing) and its -device ALIAS."""
-    zeroes = disk.detect_zeroes
-    if zeroes == "unmap" and disk.discard != "unmap":
-        zeroes = "on"  # QEMU refuses unmap without discard=unmap; libvirt downgrades too
-    drive = _opts(
-        f"file={qemu_escape(disk.source)}" if disk.source is not None else None,
-        f"format={disk.format}" if disk.source is not None else None,
-        f"if=none,id={disk.drive_id}",
-        "media=cdrom" if disk.device == "cdrom" else None,
-        "readonly=on" if disk.readonly else None,
-        f"cache={disk.cache}" if disk.cache not in (None, "default") else None,
-        f"discard={disk.discard}" if disk.discard else None,
-        f"detect-zeroes={zeroes}" if zeroes else None,
-    )
-    if disk.bus == "virtio":
-        model = "virtio-blk-pci"
-    else:
-        model = "ide-cd" if disk.device == "cdrom" else "ide-hd"
-        model += f",bus=ide.{disk.index // 2},unit={disk.index % 2}"
-    device = _opts(
-        model,
-        f"drive={disk.drive_id},id={disk.device_id}",
-        f"bootindex={disk.boot_order}" if disk.boot_order else None,
-        "share-rw=on" if disk.shareable else None,
-    )
-    return ["-drive", drive, "-device", device]
 
 
 def _chardev(s: Serial) -> str:

@@ -25,6 +25,9 @@ httpd on port 80 (its page names the boot), then writes to ttyS0, every 100 ms::
     ferry-guest ready <boot-id> ip=<address|dhcp>      (once)
     ferry-tick <boot-id> <counter> <uptime-seconds>    (10 a second)
 
+With `ferry.dirty=MiB` on the command line a writer keeps rewriting that much
+random data in the guest's RAM (a tmpfs file), for migrations under load.
+
 The boot id is the kernel's random per-boot UUID, so a rebooted guest cannot
 pass for one that kept running: continuity is the same boot id and a growing
 counter (`continuity_problem`).  Kernel messages are kept off the console once
@@ -438,10 +441,12 @@ done < /etc/ferry/modules
 
 ip=dhcp
 gw=
+dirty=
 for w in $(cat /proc/cmdline); do
     case "$w" in
         ferry.ip=*) ip="${w#ferry.ip=}" ;;
         ferry.gw=*) gw="${w#ferry.gw=}" ;;
+        ferry.dirty=*) dirty="${w#ferry.dirty=}" ;;
     esac
 done
 
@@ -468,6 +473,13 @@ nc -ll -p @ECHO_PORT@ -e cat </dev/null >/dev/null 2>&1 &
 httpd -p @HTTP_PORT@ -h /www
 
 say "ready $boot ip=$ip"
+if [ -n "$dirty" ]; then
+    # A writer rewriting $dirty MiB of random data in RAM (tmpfs) as fast as it can.
+    dd if=/dev/urandom of=/tmp/dirty-src bs=1M count="$dirty" 2>/dev/null
+    cp /tmp/dirty-src /tmp/dirty
+    say "dirtying $dirty MiB"
+    ( while :; do dd if=/tmp/dirty-src of=/tmp/dirty bs=1M conv=notrunc 2>/dev/null; done ) &
+fi
 n=0
 while :; do
     n=$((n + 1))
@@ -662,8 +674,10 @@ def _write_atomic(out: Path, data: bytes) -> None:
 # -- booting it ---------------------------------------------------------------------------
 
 
-def kernel_cmdline(ip: str | None = None, gw: str | None = None, extra: Sequence[str] = ()) -> str:
-    """The guest's command line: a static `ip` ("10.0.2.15/24") and `gw`, or DHCP.
+def kernel_cmdline(ip: str | None = None, gw: str | None = None, extra: Sequence[str] = (),
+                   dirty_mib: int | None = None) -> str:
+    """The guest's command line: a static `ip` ("10.0.2.15/24") and `gw`, or DHCP;
+    `dirty_mib` starts a writer that keeps rewriting that much of the guest's RAM.
 
     panic=-1 reboots at once on a panic (QEMU's -no-reboot then exits), so a broken
     guest ends instead of hanging.
@@ -677,6 +691,8 @@ def kernel_cmdline(ip: str | None = None, gw: str | None = None, extra: Sequence
         if not re.fullmatch(r"[0-9.]+", gw):
             raise ValueError(f"gw must be an IPv4 address, got {gw!r}")
         words.append(f"ferry.gw={gw}")
+    if dirty_mib is not None:
+        words.append(f"ferry.dirty={int(dirty_mib)}")
     return " ".join([*words, *extra])
 
 
@@ -769,9 +785,9 @@ def domain_xml(
 
     The NIC is on `bridge` (<interface type='bridge'>, then `cmdline` should give the
     address, or DHCP is used), else on user networking; `forwards` (host port on
-    127.0.0.1 -> guest port) is written as libvirt's <portForward> ranges.  ferry's
-    domain subset accepts <kernel>/<initrd>/<cmdline> and <interface> only once
-    issue 17 lands; until then tests boot the guest with `qemu_argv`.
+    127.0.0.1 -> guest port) is written as libvirt's <portForward> ranges (ferry maps
+    them to QEMU's hostfwd).  ferry runs this definition as it is (define, start,
+    migrate): tests/e2e/test_guest_network.py.
     """
     domain_type = domain_type or default_domain_type()
     if bridge is not None:

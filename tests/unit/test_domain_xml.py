@@ -8,6 +8,7 @@ import time
 
 import pytest
 
+from workers.devices import PciAddress, Video
 from workers.domain import (
     Disk,
     DomainDef,
@@ -208,6 +209,7 @@ def test_a_full_domain_parses_every_supported_field() -> None:
     assert (d.on_poweroff, d.on_reboot, d.on_crash) == ("preserve", "destroy", "coredump-restart")
     vda, hdb, hdc = d.disks
     assert vda == Disk(
+        address=PciAddress(bus=0, slot=4),
         target="vda",
         bus="virtio",
         source="/var/lib/ferry/images/web,1.qcow2",
@@ -233,7 +235,7 @@ def test_a_full_domain_parses_every_supported_field() -> None:
         "s3cret",
     )
     assert (spice.type, spice.port, spice.autoport, spice.listen) == ("spice", 5930, False, "::1")
-    assert d.videos == ("qxl",)
+    assert d.videos == (Video(model="qxl", vram=65536, ram=65536, heads=1),)
     assert d.memballoon == "virtio"
     assert d.qemu_args == ("-global", "isa-debugcon.iobase=0x402")
 
@@ -417,7 +419,7 @@ def test_a_root_other_than_domain_is_refused_naming_it() -> None:
 
 
 @pytest.mark.parametrize(
-    "device", ["interface", "sound", "channel", "rng", "hostdev", "watchdog", "filesystem"]
+    "device", ["sound", "hostdev", "filesystem", "smartcard", "tpm", "redirdev", "shmem"]
 )
 def test_an_unknown_device_is_refused_naming_it(device: str) -> None:
     with pytest.raises(UnsupportedError, match=f"unsupported element <{device}> in <devices>"):
@@ -428,9 +430,9 @@ def test_an_unknown_device_is_refused_naming_it(device: str) -> None:
     "head, element",
     [
         ("<iothreads>2</iothreads>", "<iothreads> in <domain>"),
-        ("<os><type>hvm</type><kernel>/boot/vmlinuz</kernel></os>", "<kernel> in <os>"),
+        ("<os><type>hvm</type><initarg>/init</initarg></os>", "<initarg> in <os>"),
         ("<features><hyperv/></features>", "<hyperv> in <features>"),
-        ("<cpu><topology sockets='1' cores='1' threads='1'/></cpu>", "<topology> in <cpu>"),
+        ("<cpu><numa><cell cpus='0' memory='1'/></numa></cpu>", "<numa> in <cpu>"),
     ],
 )
 def test_an_unknown_element_anywhere_is_refused_naming_it(head: str, element: str) -> None:
@@ -565,14 +567,15 @@ def disk(body: str, attrs: str = "") -> str:
     "disk, exc, needle",
     [
         (
-            "<disk type='block'><source dev='/dev/sda'/>" + VDA + "</disk>",
+            "<disk type='network'><source protocol='nbd'/>" + VDA + "</disk>",
             UnsupportedError,
-            "'block'",
+            "'network'",
         ),
         (disk("<source file='rel.img'/>" + VDA), InvalidInputError, "absolute"),
         (disk(VDA), InvalidInputError, "source file None"),
         (disk(SRC + "<target dev='sda' bus='scsi'/>"), UnsupportedError, "bus 'scsi'"),
-        (disk(SRC + "<target dev='sda' bus='sata'/>"), UnsupportedError, "bus 'sata'"),
+        (disk(SRC + "<target dev='sda' bus='sata'/>"), UnsupportedError, "bus 'sata' does not "
+         "exist on machine 'pc'"),
         (disk(SRC + "<target dev='hde' bus='ide'/>"), InvalidInputError, "'hde'"),
         (disk(SRC + "<target dev='hda' bus='virtio'/>"), InvalidInputError, "'hda'"),
         (disk("<driver type='vmdk'/>" + SRC + VDA), InvalidInputError, "'vmdk'"),
@@ -584,7 +587,7 @@ def disk(body: str, attrs: str = "") -> str:
         ),
         (disk(SRC + "<target dev='fda'/>", " device='floppy'"), InvalidInputError, "'floppy'"),
         (disk("<target dev='vda' bus='virtio'/>", " device='cdrom'"), UnsupportedError, "cdrom"),
-        (disk(SRC + VDA + "<serial>x</serial>"), UnsupportedError, "<serial> in <disk>"),
+        (disk(SRC + VDA + "<serial>x,y</serial>"), InvalidInputError, "serial 'x,y'"),
         (disk(SRC + "<target dev='vda'><x/></target>"), UnsupportedError, "<x> in <target>"),
         (disk(SRC + VDA) * 2, InvalidInputError, "duplicate disk target dev vda"),
     ],
@@ -610,7 +613,7 @@ def test_a_bad_disk_is_refused_naming_what_is_wrong(
         ("<graphics type='vnc' listen='example.com'/>", "example.com"),
         ("<graphics type='vnc'><listen type='network' network='x'/></graphics>", "network"),
         ("<graphics type='vnc'/><graphics type='vnc'/>", "duplicate graphics type vnc"),
-        ("<video><model type='bochs'/></video>", "video model type 'bochs'"),
+        ("<video><model type='vmvga'/></video>", "video model type 'vmvga'"),
         ("<video><model type='vga'/></video><video><model type='vga'/></video>", "one <video>"),
         ("<memballoon model='xen'/>", "memballoon model 'xen'"),
     ],

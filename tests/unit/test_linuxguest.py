@@ -42,6 +42,7 @@ from scripts.testbed.linuxguest import (
     render_init,
     write_newc,
 )
+from workers.domain_xml import parse_domain_xml
 
 BUSYBOX = shutil.which("busybox")
 needs_busybox = pytest.mark.skipif(BUSYBOX is None, reason="no busybox")
@@ -471,6 +472,19 @@ def test_kernel_cmdline() -> None:
         kernel_cmdline("10.0.2.15 rdinit=/bin/sh")
     with pytest.raises(ValueError, match="gw must be an IPv4 address"):
         kernel_cmdline("dhcp", "gw")
+    assert kernel_cmdline("10.0.2.15/24", dirty_mib=64).endswith("ferry.dirty=64")
+
+
+def test_the_domain_xml_of_the_linux_guest_is_one_ferry_runs_as_it_is() -> None:
+    xml = domain_xml("lin", GUEST, Path("/tmp/s.log"), bridge="br0", domain_type="qemu",
+                     cmdline=kernel_cmdline("10.0.2.15/24", dirty_mib=8))
+    d = parse_domain_xml(xml)
+    assert (d.kernel, d.initrd) == ("/cache/vmlinux.elf", "/cache/initrd.cpio.gz")
+    assert d.cmdline is not None and "ferry.dirty=8" in d.cmdline
+    assert [(n.type, n.source, n.model) for n in d.interfaces] == [("bridge", "br0", "virtio")]
+    user = parse_domain_xml(domain_xml("lin", GUEST, Path("/tmp/s.log"), forwards={4007: 7}))
+    assert [(f.address, f.start, f.to) for f in user.interfaces[0].port_forwards] == [
+        ("127.0.0.1", 4007, 7)]
 
 
 def test_qemu_argv_boots_directly_with_a_virtio_nic() -> None:

@@ -7,6 +7,7 @@ import itertools
 
 import pytest
 
+from workers.devices import Video
 from workers.domain import DomainDef, Graphics, with_graphics_ports
 from workers.domain_xml import format_domain_xml, parse_domain_xml
 from workers.errors import InvalidInputError, UnsupportedError
@@ -117,7 +118,7 @@ def test_a_qemu_type_domain_uses_tcg_even_where_kvm_works() -> None:
     "mode, model, cpu",
     [
         (None, None, []),
-        ("custom", "Nehalem", ["Nehalem"]),
+        ("custom", "Nehalem", ["Nehalem,enforce"]),
         ("host-model", None, ["host,arch-capabilities=off"]),
     ],
 )
@@ -247,12 +248,12 @@ def test_an_autoport_display_without_a_port_is_a_programming_error() -> None:
     "model, device", [("cirrus", "cirrus-vga"), ("qxl", "qxl-vga"), ("virtio", "virtio-vga")]
 )
 def test_video_models_map_to_their_qemu_devices(model: str, device: str) -> None:
-    argv = argv_of(dataclasses.replace(typical(), videos=(model,)))
+    argv = argv_of(dataclasses.replace(typical(), videos=(Video(model=model),)))
     assert f"{device},id=video0" in argv
 
 
 def test_no_video_and_no_balloon_add_no_devices() -> None:
-    d = dataclasses.replace(typical(), videos=("none",), memballoon="none")
+    d = dataclasses.replace(typical(), videos=(Video(model="none"),), memballoon="none")
     devices = values(argv_of(d), "-device")
     assert not any(x.startswith(("VGA", "virtio-balloon")) for x in devices)
 

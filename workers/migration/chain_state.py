@@ -41,6 +41,7 @@ class MigrationState:
     source_paused_by_us: bool = False  # confirm cancelled resumes only what we paused
     was_running: bool = True  # the run state to restore on the dest
     outcome_unknown: bool = False  # Finish may have started the dest: never resume here
+    source_cpu: str | None = None  # the source host's CPU, for a host-passthrough guest
     error: dict[str, Any] | None = None  # the first error; never overwritten
     cleanup_errors: tuple[dict[str, Any], ...] = ()
     phases: tuple[PhaseRecord, ...] = ()
@@ -86,6 +87,7 @@ class MigrationState:
 _STATE_TYPES: dict[str, tuple[type, ...]] = {
     "xml": (str, type(None)), "cookie": (str, type(None)), "uri": (str, type(None)),
     "source_paused_by_us": (bool,), "was_running": (bool,), "outcome_unknown": (bool,),
+    "source_cpu": (str, type(None)),
     "error": (dict, type(None)), "cleanup_errors": (list, tuple), "phases": (list, tuple),
     "statistics": (dict,), "result": (dict, type(None)),
 }

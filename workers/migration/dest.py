@@ -23,7 +23,7 @@ from workers.domain_states import DomainState, PausedReason, RunningReason, Shut
 from workers.domain_xml import format_domain_xml
 from workers.domobj import DomainObj
 from workers.errors import FerryError, InvalidInputError, MigrationError, QemuError
-from workers.hostcaps import require_postcopy
+from workers.hostcaps import check_same_cpu, cpu_signature, require_postcopy
 from workers.job_types import JobOperation, Phase
 from workers.jobs import ActiveJob
 from workers.lifecycle import inactive_domain_for, launch, run_cpus
@@ -96,6 +96,8 @@ async def prepare(agent: HostAgent, st: MigrationState, *, v3: bool) -> Migratio
     d = agent.parse(st.xml)
     if p.has(F.POSTCOPY):
         require_postcopy()
+    check_same_cpu(d, st.source_cpu, cpu_signature(agent.settings.cpu_hide_features),
+                   p.has(F.UNSAFE))
     check_abort(agent, None, d.uuid, p.job_id)
     dom = _incoming_dom(agent, d)
     agent.domains[d.name] = dom
@@ -332,6 +334,9 @@ async def _finish_ok(agent: HostAgent, dom: DomainObj, st: MigrationState,
     await failpoints.hit("finish3.before_cont")
     dom.lockstate = _lockstate(agent, cookie)
     if st.was_running and not p.has(F.PAUSED):
+        # No announce-self here: QEMU announces every NIC when the incoming stream
+        # completes (RARP; a virtio-net guest is asked to send its own gratuitous ARP
+        # as soon as its CPUs run); another round would only repeat it.
         await run_cpus(agent, dom, RunningReason.MIGRATED)  # takes the leases first
     else:
         agent.set_state(dom, DomainState.PAUSED, PausedReason.USER)

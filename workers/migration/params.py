@@ -25,6 +25,7 @@ class MigrationFlags(enum.IntFlag):
     NON_SHARED_DISK = 64
     NON_SHARED_INC = 128
     CHANGE_PROTECTION = 256
+    UNSAFE = 512
     OFFLINE = 1024
     COMPRESSED = 2048
     ABORT_ON_ERROR = 4096
@@ -36,7 +37,8 @@ SUPPORTED_FLAGS = (MigrationFlags.LIVE | MigrationFlags.PEER2PEER | MigrationFla
                    | MigrationFlags.PERSIST_DEST
                    | MigrationFlags.UNDEFINE_SOURCE | MigrationFlags.PAUSED
                    | MigrationFlags.NON_SHARED_DISK | MigrationFlags.NON_SHARED_INC
-                   | MigrationFlags.CHANGE_PROTECTION | MigrationFlags.OFFLINE
+                   | MigrationFlags.CHANGE_PROTECTION | MigrationFlags.UNSAFE
+                   | MigrationFlags.OFFLINE
                    | MigrationFlags.ABORT_ON_ERROR | MigrationFlags.AUTO_CONVERGE
                    | MigrationFlags.POSTCOPY)
 

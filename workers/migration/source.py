@@ -22,7 +22,7 @@ from workers.domain_states import DomainState, PausedReason, RunningReason, Shut
 from workers.domain_xml import format_domain_xml
 from workers.domobj import DomainObj
 from workers.errors import FerryError, MigrationError, OperationInvalidError
-from workers.hostcaps import require_postcopy
+from workers.hostcaps import cpu_signature, require_postcopy, sees_host_cpu
 from workers.job_types import JobOperation, Phase
 from workers.jobs import ActiveJob
 from workers.lifecycle import pause_cpus, run_cpus
@@ -101,8 +101,9 @@ async def begin3(agent: HostAgent, st: MigrationState) -> MigrationState:
                          mandatory=mandatory)
     was_running = dom.state == DomainState.RUNNING and not p.has(F.PAUSED)
     await failpoints.hit("begin3.end")
+    cpu = cpu_signature(agent.settings.cpu_hide_features) if sees_host_cpu(current) else None
     return replace(st, xml=format_domain_xml(chosen, migratable=True), cookie=cookie.to_xml(),
-                   was_running=was_running)
+                   was_running=was_running, source_cpu=cpu)
 
 
 async def perform3(agent: HostAgent, st: MigrationState) -> MigrationState:

@@ -1,0 +1,331 @@
+"""Server-guest devices on real workers and QEMU: defined, started, migrated, still working.
+
+The test guest here is the tiny counting guest (TCG), dressed as a server: a NIC on
+user networking, the guest agent channel, a tablet, an rng, a watchdog, audio none,
+explicit controllers; a block device (a loop device the test makes); a UEFI guest
+(OVMF) with its NVRAM; and the bad input around them: a CPU the dest cannot run,
+an NVRAM the dest cannot see, a missing NVRAM template, a missing block device.
+The NIC-on-a-bridge cases need namespaces: tests/e2e/test_guest_network.py.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from scripts.testbed.stack import Stack, wait_for
+from tasks.client import Client
+from tests.conftest import Guest, qemu_pids_of, wait_info
+from workers.errors import FerryError
+
+pytestmark = pytest.mark.e2e
+
+SERVER_DEVICES = """
+    <controller type='usb' index='0' model='piix3-uhci'/>
+    <controller type='virtio-serial' index='0'/>
+    <interface type='user'>
+      <mac address='{mac}'/>
+      <model type='virtio'/>
+    </interface>
+    <channel type='unix'>
+      <target type='virtio' name='org.qemu.guest_agent.0'/>
+    </channel>
+    <input type='tablet' bus='usb'/>
+    <input type='mouse' bus='ps2'/>
+    <input type='keyboard' bus='ps2'/>
+    <audio id='1' type='none'/>
+    <video><model type='vga' vram='16384' heads='1'/></video>
+    <watchdog model='i6300esb' action='reset'/>
+    <rng model='virtio'><backend model='random'>/dev/urandom</backend></rng>"""
+
+
+def qmp(client: Client, host: str, domain: str, command: str, /, **args: object) -> object:
+    return client.call(host, "qemu_monitor_command", domain=domain,
+                       command=json.dumps({"execute": command, "arguments": args}))
+
+
+def start(client: Client, guest: Guest, host: str = "alpha") -> None:
+    client.call(host, "define", xml=guest.xml)
+    client.call(host, "start", domain=guest.name)
+
+
+def test_a_server_guest_moves_with_its_nic_channel_and_devices_managed_and_p2p(
+        client: Client, make_guest: Callable[..., Guest]) -> None:
+    mac = "52:54:00:17:00:01"
+    guest = make_guest(domain_type="qemu", extra_devices=SERVER_DEVICES.format(mac=mac))
+    start(client, guest)
+    guest.wait_counter_above(0)
+    buses = qmp(client, "alpha", guest.name, "query-pci")
+    assert isinstance(buses, list)
+    ids = {d["qdev_id"] for b in buses for d in b["devices"]}
+    assert {"net0", "watchdog0", "rng0", "virtio-serial0", "usb", "video0"} <= ids
+    for opts, (src, dst) in (({}, ("alpha", "beta")), ({"p2p": True}, ("beta", "alpha"))):
+        summary = client.migrate(guest.name, src, dst, live=True, **opts).wait(timeout=90)
+        assert summary["result"] == "completed"
+        info = client.call(dst, "dominfo", domain=guest.name)
+        assert (info["state"], info["reason"]) == ("running", "migrated")
+        guest.wait_counter_above(guest.counters()[-1] + 2)
+        xml = client.call(dst, "dumpxml", domain=guest.name)
+        assert f"<mac address=\"{mac}\"/>" in xml and "org.qemu.guest_agent.0" in xml
+        sock = next(line.split('path="')[1].split('"')[0] for line in xml.splitlines()
+                    if "ferry-channel" in line)
+        assert Path(sock).is_socket() and f"/{dst}/" in sock  # the dest's own socket
+        nics = qmp(client, dst, guest.name, "query-rx-filter", name="net0")
+        assert isinstance(nics, list) and nics[0]["main-mac"] == mac
+        assert qemu_pids_of(guest.uuid) == [info["pid"]]
+
+
+@pytest.fixture
+def loop_device(tmp_path: Path, base_image: Path) -> Iterator[str]:
+    """A loop device over a copy of the test image; detached at the end."""
+    if shutil.which("losetup") is None:
+        pytest.skip("no losetup")
+    backing = tmp_path / "block.img"
+    shutil.copyfile(base_image, backing)
+    made = subprocess.run(["losetup", "--find", "--show", str(backing)], capture_output=True,
+                          text=True, check=False)
+    if made.returncode != 0:
+        pytest.skip(f"cannot make a loop device here: {made.stderr.strip()}")
+    dev = made.stdout.strip()
+    try:
+        yield dev
+    finally:
+        subprocess.run(["losetup", "-d", dev], capture_output=True, check=False)
+
+
+def test_a_guest_on_a_block_device_moves_and_keeps_writing_it(
+        client: Client, make_guest: Callable[..., Guest], loop_device: str) -> None:
+    guest = make_guest(domain_type="qemu")
+    xml = guest.xml.replace("<disk type='file' device='disk'>", "<disk type='block' "
+                            "device='disk'>").replace(f"<source file='{guest.disk}'/>",
+                                                      f"<source dev='{loop_device}'/>")
+    xml = xml.replace("<driver name='qemu' type='raw'/>", "<driver name='qemu' type='raw' "
+                      "cache='none' io='native' error_policy='stop'/><serial>BLOCK-1</serial>")
+    guest.xml = xml
+    start(client, guest)
+    guest.wait_counter_above(0)
+    blocks = qmp(client, "alpha", guest.name, "query-block")
+    assert isinstance(blocks, list)
+    assert [(b["inserted"]["file"], b["inserted"]["image"]["format"]) for b in blocks] == [
+        (loop_device, "raw")]
+    for opts, (src, dst) in (({}, ("alpha", "beta")), ({"p2p": True}, ("beta", "alpha"))):
+        summary = client.migrate(guest.name, src, dst, live=True, **opts).wait(timeout=90)
+        assert summary["result"] == "completed"
+        guest.wait_counter_above(guest.counters()[-1] + 2)
+        info = client.call(dst, "domblkinfo", domain=guest.name, device="hda")
+        assert info["path"] == loop_device
+        assert "<source dev=" in client.call(dst, "dumpxml", domain=guest.name)
+
+
+def test_a_server_guest_is_saved_and_restored_with_its_nic_and_channel(
+        client: Client, make_guest: Callable[..., Guest], tmp_path: Path) -> None:
+    mac = "52:54:00:17:00:02"
+    guest = make_guest(domain_type="qemu", extra_devices=SERVER_DEVICES.format(mac=mac))
+    start(client, guest)
+    guest.wait_counter_above(0)
+    image = tmp_path / "server.img.zst"
+    client.call("alpha", "save", domain=guest.name, path=str(image), compression="zstd")
+    assert qemu_pids_of(guest.uuid) == []
+    restored = client.call("alpha", "restore", path=str(image))
+    assert (restored["state"], restored["reason"]) == ("running", "restored")
+    guest.wait_counter_above(guest.counters()[-1] + 2)
+    nics = qmp(client, "alpha", guest.name, "query-rx-filter", name="net0")
+    assert isinstance(nics, list) and nics[0]["main-mac"] == mac
+    assert "org.qemu.guest_agent.0" in client.call("alpha", "dumpxml", domain=guest.name)
+
+
+def test_a_missing_block_device_fails_the_start_in_one_line_and_leaves_no_qemu(
+        client: Client, make_guest: Callable[..., Guest]) -> None:
+    guest = make_guest(domain_type="qemu")
+    guest.xml = guest.xml.replace("<disk type='file' device='disk'>", "<disk type='block' "
+                                  "device='disk'>").replace(f"<source file='{guest.disk}'/>",
+                                                            "<source dev='/dev/ferry-none'/>")
+    client.call("alpha", "define", xml=guest.xml)
+    with pytest.raises(FerryError, match="/dev/ferry-none") as err:
+        client.call("alpha", "start", domain=guest.name)
+    assert "\n" not in str(err.value)
+    assert client.call("alpha", "dominfo", domain=guest.name)["state"] == "shutoff"
+    assert qemu_pids_of(guest.uuid) == []
+
+
+OVMF_CODE = Path("/usr/share/OVMF/OVMF_CODE_4M.fd")
+OVMF_VARS = Path("/usr/share/OVMF/OVMF_VARS_4M.fd")
+
+
+def uefi_xml(guest: Guest, nvram: Path | None, template: Path = OVMF_VARS) -> str:
+    """The guest on q35 with OVMF; no bootable disk, so the firmware ends in its shell."""
+    nv = f"<nvram template='{template}'>{nvram}</nvram>" if nvram else \
+        f"<nvram template='{template}'/>"
+    xml = guest.xml.replace("machine='pc'", "machine='q35'").replace(
+        "<boot dev='hd'/>", f"<loader readonly='yes' type='pflash'>{OVMF_CODE}</loader>{nv}"
+        "<boot dev='hd'/>")
+    return xml.replace("bus='ide'", "bus='sata'").replace("dev='hda'", "dev='sda'")
+
+
+class SerialConsole:
+    """A client of a guest's serial port on a unix socket (QEMU listens): what it printed
+    since we connected, and a way to type."""
+
+    def __init__(self, path: Path) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.connect(str(path))
+        self.sock.settimeout(0.2)
+        self.seen = b""
+
+    def text(self) -> str:
+        with contextlib.suppress(TimeoutError, BlockingIOError):
+            while chunk := self.sock.recv(65536):
+                self.seen += chunk
+        return self.seen.decode(errors="replace")
+
+    def type(self, line: str) -> None:
+        self.sock.sendall(line.encode() + b"\r")
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def shell_says(console: SerialConsole, word: str, timeout: float) -> None:
+    """Type `echo word` until the shell has printed it back (it may still be booting)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        console.type(f"echo {word}")
+        try:
+            wait_for(lambda: console.text().count(word) >= 2, 5, f"the shell to echo {word}")
+            return
+        except TimeoutError:
+            continue
+    raise TimeoutError(f"the UEFI shell did not echo {word} in {timeout:.0f}s: "
+                       f"{console.text()[-300:]!r}")
+
+
+@pytest.mark.skipif(not OVMF_CODE.exists(), reason="no OVMF (Debian package ovmf)")
+def test_a_uefi_guest_boots_from_its_own_nvram_and_moves_with_it(
+        client: Client, make_guest: Callable[..., Guest], tmp_path: Path) -> None:
+    guest = make_guest(domain_type="qemu", memory_mib=128)
+    nvram = tmp_path / "nv" / f"{guest.name}_VARS.fd"
+    a_sock, b_sock = tmp_path / "a.sock", tmp_path / "b.sock"
+    serial = f"<serial type='file'>\n      <source path='{guest.serial}' append='on'/>"
+    assert serial in guest.xml
+    guest.xml = uefi_xml(guest, nvram).replace(
+        serial, f"<serial type='unix'>\n      <source mode='bind' path='{a_sock}'/>")
+    start(client, guest)
+    assert nvram.read_bytes()[:64] == OVMF_VARS.read_bytes()[:64]  # made from the template
+    console = SerialConsole(a_sock)
+    try:
+        # OVMF under TCG reaches its shell on the serial console in ~15 s here (more under
+        # load); a key typed before that would open its setup menu instead.
+        wait_for(lambda: "Shell>" in console.text(), 300, "OVMF's shell on the serial port")
+        shell_says(console, "ferry-before", 60)
+    finally:
+        console.close()
+    assert nvram.read_bytes() != OVMF_VARS.read_bytes()  # the firmware wrote its variables
+    xmlin = client.call("alpha", "dumpxml", domain=guest.name, migratable=True)
+    summary = client.migrate(guest.name, "alpha", "beta", live=True,
+                             xmlin=xmlin.replace(str(a_sock), str(b_sock))).wait(timeout=120)
+    assert summary["result"] == "completed"
+    blocks = qmp(client, "beta", guest.name, "query-block")
+    assert isinstance(blocks, list)
+    assert {b["device"]: b["inserted"]["file"] for b in blocks if "pflash" in b["device"]} == {
+        "pflash0": str(OVMF_CODE), "pflash1": str(nvram)}
+    console = SerialConsole(b_sock)  # the firmware runs on the dest: its shell answers there
+    try:
+        shell_says(console, "ferry-moved", 60)
+    finally:
+        console.close()
+
+
+@pytest.mark.skipif(not OVMF_CODE.exists(), reason="no OVMF (Debian package ovmf)")
+def test_a_missing_nvram_template_refuses_the_start_and_writes_nothing(
+        client: Client, make_guest: Callable[..., Guest], tmp_path: Path) -> None:
+    guest = make_guest(domain_type="qemu")
+    nvram = tmp_path / "nv.fd"
+    guest.xml = uefi_xml(guest, nvram, template=tmp_path / "no-such-VARS.fd")
+    client.call("alpha", "define", xml=guest.xml)
+    with pytest.raises(FerryError, match=r"NVRAM template .*no-such-VARS\.fd .* does not exist"):
+        client.call("alpha", "start", domain=guest.name)
+    assert not nvram.exists() and list(tmp_path.glob(".nv.fd*")) == []
+    assert qemu_pids_of(guest.uuid) == []
+
+
+@pytest.mark.skipif(not OVMF_CODE.exists(), reason="no OVMF (Debian package ovmf)")
+def test_an_nvram_the_dest_cannot_see_is_refused_in_prepare_and_the_source_runs_on(
+        client: Client, make_guest: Callable[..., Guest]) -> None:
+    """Both hosts here see one file system; the dest's view of an NVRAM that is not on
+    shared storage is made by removing the file once the source QEMU has it open."""
+    guest = make_guest(domain_type="qemu")
+    guest.xml = uefi_xml(guest, None)  # default: in alpha's own state dir
+    start(client, guest)
+    xml = client.call("alpha", "dumpxml", domain=guest.name, inactive=True)
+    nvram = Path(xml.split("<nvram")[1].split(">")[1].split("<")[0])
+    assert nvram.name == f"{guest.name}_VARS.fd" and nvram.parent.name == "nvram"
+    assert "/alpha/" in str(nvram)  # filled in at define: FERRY_NVRAM_DIR's default
+    nvram.unlink()
+    job = client.migrate(guest.name, "alpha", "beta", live=True)
+    with pytest.raises(FerryError, match=r"NVRAM .* does not exist here: it must be on storage"):
+        job.wait(timeout=60)
+    info = client.call("alpha", "dominfo", domain=guest.name)
+    assert info["state"] == "running"
+    assert qemu_pids_of(guest.uuid) == [info["pid"]]
+
+
+@pytest.fixture
+def baseline_host(stack: Stack) -> Iterator[str]:
+    """Host 'gamma', whose CPU hides sse4.2 (FERRY_CPU_HIDE_FEATURES): an older CPU."""
+    stack.start_worker("gamma", env={"FERRY_CPU_HIDE_FEATURES": "sse4.2"})
+    try:
+        yield "gamma"
+    finally:
+        stack.remove_worker("gamma")
+
+
+def test_a_cpu_model_the_dest_cannot_run_is_refused_in_prepare_naming_the_feature(
+        client: Client, make_guest: Callable[..., Guest], baseline_host: str) -> None:
+    guest = make_guest(domain_type="qemu")
+    guest.xml = guest.xml.replace("<clock", "<cpu mode='custom' match='exact'>"
+                                  "<model>Nehalem</model></cpu><clock")
+    start(client, guest)
+    guest.wait_counter_above(0)
+    pid = client.call("alpha", "dominfo", domain=guest.name)["pid"]
+    for p2p in (False, True):
+        job = client.migrate(guest.name, "alpha", baseline_host, live=True, p2p=p2p)
+        with pytest.raises(FerryError, match=r"cpu model 'Nehalem' needs sse4\.2, which this "
+                           "host lacks") as err:
+            job.wait(timeout=60)
+        assert "prepare" in str(err.value) and "\n" not in str(err.value)
+        info = client.call("alpha", "dominfo", domain=guest.name)
+        assert (info["state"], info["pid"]) == ("running", pid)
+        with contextlib.suppress(FerryError):
+            assert client.call(baseline_host, "dominfo", domain=guest.name) is None
+        assert qemu_pids_of(guest.uuid) == [pid]
+    guest.wait_counter_above(guest.counters()[-1] + 2)
+    wait_info(client, "alpha", guest.name, lambda i: i["state"] == "running")
+
+
+@pytest.mark.skipif(not os.access("/dev/kvm", os.R_OK | os.W_OK), reason="no KVM")
+def test_host_passthrough_to_a_host_with_another_cpu_needs_unsafe(
+        client: Client, make_guest: Callable[..., Guest], baseline_host: str) -> None:
+    guest = make_guest(domain_type="kvm")
+    guest.xml = guest.xml.replace("<clock", "<cpu mode='host-passthrough'/><clock")
+    start(client, guest)
+    guest.wait_counter_above(0, timeout=60)
+    pid = client.call("alpha", "dominfo", domain=guest.name)["pid"]
+    job = client.migrate(guest.name, "alpha", baseline_host, live=True)
+    with pytest.raises(FerryError, match=r"cpu mode 'host-passthrough': this host's CPU .* "
+                       r"differs from the source's .* \(--unsafe to migrate anyway\)"):
+        job.wait(timeout=60)
+    assert client.call("alpha", "dominfo", domain=guest.name)["pid"] == pid
+    summary = client.migrate(guest.name, "alpha", baseline_host, live=True,
+                             unsafe=True).wait(timeout=90)
+    assert summary["result"] == "completed" and "unsafe" in summary["flags"]
+    assert client.call(baseline_host, "dominfo", domain=guest.name)["state"] == "running"
+    client.call(baseline_host, "destroy", domain=guest.name)
