@@ -279,7 +279,20 @@ def _files(st: Stack) -> dict[str, str]:
                 continue
             for sub in STATE_FILES:
                 with contextlib.suppress(OSError):
-                    for entry in os.scandir(Path(host.path) / sub):
+                    for entry in _entries(Path(host.path) / sub):
                         if not entry.name.endswith(KEPT_SUFFIXES):
                             found[f"file:{entry.path}"] = f"state file {entry.path}"
     return found
+
+
+def _entries(path: Path) -> list[os.DirEntry[str]]:
+    """The files under `path`, one level of directories down: a directory the host keeps
+    for all its guests (channel sockets) is no leftover, what a guest left in it is."""
+    out: list[os.DirEntry[str]] = []
+    for entry in os.scandir(path):
+        if entry.is_dir(follow_symlinks=False):
+            with contextlib.suppress(OSError):
+                out.extend(os.scandir(entry.path))
+        else:
+            out.append(entry)
+    return out
