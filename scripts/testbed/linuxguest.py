@@ -34,8 +34,10 @@ counter (`continuity_problem`).  Kernel messages are kept off the console once
 /init runs, so they do not split tick lines.
 
 The initramfs (~1.1 MiB) is cached under the user's cache dir, keyed by the
-kernel release, the busybox version and a hash of this file (with the size and
-mtime of every input), and the unpacked kernel (~63 MiB) by the kernel file, so
+kernel release, the busybox version and a hash of the builder's source (this file
+and the modules split off it: cpio.py, the newc writer and reader; kernel.py, the
+kernel, its modules and unpacking; initramfs.py, busybox and /init), with the size
+and mtime of every input, and the unpacked kernel (~63 MiB) by the kernel file, so
 only the first build costs anything (~3 s, mostly unpacking the kernel); a
 cached build takes ~15 ms.
 
@@ -51,32 +53,78 @@ import contextlib
 import gzip
 import hashlib
 import itertools
-import lzma
 import os
 import re
 import shlex
-import shutil
-import stat
-import struct
-import subprocess
 import sys
 import tempfile
 import time
 import uuid as uuidlib
-import zlib
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from xml.sax.saxutils import escape
 
-BOOT_DIR = Path("/boot")
-MODULES_ROOT = Path("/lib/modules")
-BUSYBOX_PATHS = (Path("/usr/bin/busybox"), Path("/bin/busybox"))
+from scripts.testbed import cpio as _cpio
+from scripts.testbed import initramfs as _initramfs
+from scripts.testbed import kernel as _kernel
+from scripts.testbed.cpio import CPIO_TRAILER, CpioEntry, read_newc, write_newc
+from scripts.testbed.initramfs import (
+    BUSYBOX_PATHS,
+    ECHO_PORT,
+    HTTP_PORT,
+    INIT_SCRIPT,
+    TICK_INTERVAL_MS,
+    UDHCPC_SCRIPT,
+    busybox_applets,
+    busybox_version,
+    find_busybox,
+    initramfs_entries,
+    render_init,
+)
+from scripts.testbed.kernel import (
+    BOOT_DIR,
+    MODULES_ROOT,
+    PT_INTERP,
+    PT_NOTE,
+    XEN_ELFNOTE_PHYS32_ENTRY,
+    LinuxGuestError,
+    check_kernel_readable,
+    elf_segments,
+    extract_vmlinux,
+    find_kernel,
+    has_pvh_entry,
+    module_load_order,
+    module_name,
+    parse_modules_dep,
+    read_module,
+)
+
+# The public API, including what the split-off modules define (cpio.py, kernel.py,
+# initramfs.py): importers keep importing it all from here.
+__all__ = [
+    "BOOT_DIR", "BUSYBOX_PATHS", "CACHE_FORMAT", "CACHE_KEEP_DAYS", "CPIO_TRAILER",
+    "DEFAULT_MAC", "DEFAULT_MEMORY_MIB", "ECHO_PORT", "HTTP_PORT", "INIT_SCRIPT",
+    "MODULES_ROOT", "PT_INTERP", "PT_NOTE", "TICK_INTERVAL_MS", "UDHCPC_SCRIPT",
+    "USER_NET_GW", "USER_NET_IP", "WANTED_MODULES", "XEN_ELFNOTE_PHYS32_ENTRY",
+    "CpioEntry", "LinuxGuest", "LinuxGuestError", "Tick",
+    "build_guest", "busybox_applets", "busybox_version", "check_kernel_readable",
+    "continuity_problem", "default_cache_dir", "default_domain_type", "domain_xml",
+    "elf_segments", "extract_vmlinux", "find_busybox", "find_kernel", "has_pvh_entry",
+    "initramfs_entries", "kernel_cmdline", "kvm_usable", "main", "module_load_order",
+    "module_name", "parse_modules_dep", "parse_ready", "parse_ticks", "qemu_argv",
+    "read_module", "read_newc", "read_serial", "render_init", "user_net_cmdline",
+    "write_newc",
+]  # fmt: skip
+
+# Every module whose source goes into the initramfs or decides what does: the
+# cache key hashes them all, so changing any of them rebuilds.
+BUILDER_SOURCES = tuple(
+    Path(f) for f in (__file__, _cpio.__file__, _kernel.__file__, _initramfs.__file__)
+)
+
 # virtio_pci finds the device, virtio_net drives it; modules.dep brings the rest.
 WANTED_MODULES = ("virtio_pci", "virtio_net")
-ECHO_PORT = 7
-HTTP_PORT = 80
-TICK_INTERVAL_MS = 100
 # QEMU user networking's fixed addresses.
 USER_NET_IP = "10.0.2.15/24"
 USER_NET_GW = "10.0.2.2"
@@ -84,464 +132,10 @@ DEFAULT_MAC = "52:54:00:12:34:56"
 DEFAULT_MEMORY_MIB = 128
 CACHE_FORMAT = 1  # bump to orphan every cached initramfs
 
-_MODULE_SUFFIXES = (".ko.xz", ".ko.zst", ".ko.gz", ".ko")
 _UUID = r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}"
 _TICK_RE = re.compile(rf"^ferry-tick ({_UUID}) (\d+) (\d+\.\d+)\r*\n", re.MULTILINE)
 _READY_RE = re.compile(rf"^ferry-guest ready ({_UUID}) ip=(\S+)\r*\n", re.MULTILINE)
-_BUSYBOX_VERSION_RE = re.compile(r"BusyBox v(\S+)(?: \(([^)]*)\))?")
 _MAC_RE = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
-
-
-class LinuxGuestError(RuntimeError):
-    """A part of the guest is missing or unusable; the message is one line saying which."""
-
-
-# -- newc cpio ----------------------------------------------------------------------------
-
-CPIO_TRAILER = "TRAILER!!!"
-_NEWC_MAGIC = b"070701"
-_NEWC_HEADER = 110  # magic + 13 fields of 8 hex digits
-
-
-@dataclass(frozen=True)
-class CpioEntry:
-    """One archive member: `mode` carries the file type bits (stat.S_IFREG | 0o644 ...).
-
-    A symlink's `data` is its target; a device's numbers are `rdev` (major, minor).
-    """
-
-    name: str
-    mode: int
-    data: bytes = b""
-    rdev: tuple[int, int] = (0, 0)
-
-
-def _pad4(n: int) -> bytes:
-    return bytes(-n % 4)
-
-
-def write_newc(entries: Iterable[CpioEntry]) -> bytes:
-    """A newc ("070701") cpio archive of `entries`, as the kernel's initramfs unpacker reads it.
-
-    Deterministic (inode numbers count up, owner root, mtime 0).  Names are relative
-    paths; every parent directory must come earlier in the archive, because the
-    kernel's unpacker does not make missing directories.
-    """
-    out = bytearray()
-    seen: set[str] = set()
-    dirs: set[str] = set()
-    for ino, entry in enumerate(entries, start=1):
-        _check_entry(entry, seen, dirs)
-        seen.add(entry.name)
-        if stat.S_ISDIR(entry.mode):
-            dirs.add(entry.name)
-        nlink = 2 if stat.S_ISDIR(entry.mode) else 1
-        out += _newc_member(ino, entry.mode, nlink, entry.name, entry.data, entry.rdev)
-    out += _newc_member(0, 0, 1, CPIO_TRAILER, b"", (0, 0))
-    return bytes(out)
-
-
-def _check_entry(entry: CpioEntry, seen: set[str], dirs: set[str]) -> None:
-    name = entry.name
-    parts = name.split("/")
-    if not name or name.startswith("/") or "\0" in name or any(p in ("", ".", "..") for p in parts):
-        raise ValueError(f"cpio member name must be a clean relative path, got {name!r}")
-    if name == CPIO_TRAILER:
-        raise ValueError(f"cpio member may not be named {CPIO_TRAILER!r}")
-    if name in seen:
-        raise ValueError(f"cpio member {name!r} appears twice")
-    parent = name.rpartition("/")[0]
-    if parent and parent not in dirs:
-        raise ValueError(f"cpio member {name!r} comes before its directory {parent!r}")
-    kind = stat.S_IFMT(entry.mode)
-    if kind not in (stat.S_IFREG, stat.S_IFDIR, stat.S_IFLNK, stat.S_IFCHR, stat.S_IFBLK):
-        raise ValueError(f"cpio member {name!r} has unsupported file type {kind:#o}")
-    if kind in (stat.S_IFDIR, stat.S_IFCHR, stat.S_IFBLK) and entry.data:
-        raise ValueError(f"cpio member {name!r} is not a file but has data")
-    if kind == stat.S_IFLNK and not entry.data:
-        raise ValueError(f"cpio symlink {name!r} has no target")
-
-
-def _newc_member(
-    ino: int, mode: int, nlink: int, name: str, data: bytes, rdev: tuple[int, int]
-) -> bytes:
-    encoded = name.encode() + b"\0"
-    # ino, mode, uid, gid, nlink, mtime, filesize, devmajor, devminor, rdevmajor,
-    # rdevminor, namesize, check
-    fields = (ino, mode, 0, 0, nlink, 0, len(data), 0, 0, rdev[0], rdev[1], len(encoded), 0)
-    if any(not 0 <= f <= 0xFFFF_FFFF for f in fields):
-        raise ValueError(f"cpio member {name!r} does not fit newc's 32-bit fields")
-    header = _NEWC_MAGIC + b"".join(b"%08X" % f for f in fields)
-    return header + encoded + _pad4(_NEWC_HEADER + len(encoded)) + data + _pad4(len(data))
-
-
-def read_newc(archive: bytes) -> list[CpioEntry]:
-    """The members of a newc archive up to its trailer (the inverse of `write_newc`)."""
-    entries: list[CpioEntry] = []
-    at = 0
-    while True:
-        if archive[at : at + 6] != _NEWC_MAGIC:
-            raise ValueError(f"no newc header at offset {at}")
-        if len(archive) < at + _NEWC_HEADER:
-            raise ValueError(f"truncated header at offset {at}")
-        try:
-            fields = [int(archive[at + 6 + 8 * i : at + 14 + 8 * i], 16) for i in range(13)]
-        except ValueError:
-            raise ValueError(f"malformed newc header at offset {at}") from None
-        mode, size, rdev, namesize = fields[1], fields[6], (fields[9], fields[10]), fields[11]
-        name_at = at + _NEWC_HEADER
-        raw_name = archive[name_at : name_at + namesize]
-        if namesize == 0 or len(raw_name) != namesize or raw_name[-1:] != b"\0":
-            raise ValueError(f"truncated or unterminated name at offset {name_at}")
-        name = raw_name[:-1].decode()
-        data_at = name_at + namesize + (-(_NEWC_HEADER + namesize) % 4)
-        data = archive[data_at : data_at + size]
-        if len(data) != size:
-            raise ValueError(f"member {name!r} is truncated")
-        if name == CPIO_TRAILER:
-            return entries
-        entries.append(CpioEntry(name, mode, data, rdev))
-        at = data_at + size + (-size % 4)
-
-
-# -- kernel and modules -------------------------------------------------------------------
-
-
-def _version_key(release: str) -> list[tuple[int, str]]:
-    # "6.1.0-57-amd64" sorts by its numbers: 6.1.0-57 before 6.1.0-101.
-    return [(int(p), "") if p.isdigit() else (-1, p) for p in re.split(r"(\d+)", release) if p]
-
-
-def find_kernel(boot_dir: Path = BOOT_DIR, modules_root: Path = MODULES_ROOT) -> tuple[Path, str]:
-    """The newest /boot/vmlinuz-<release> that has /lib/modules/<release>, and its release."""
-    found = sorted(
-        (
-            (p.name.removeprefix("vmlinuz-"), p)
-            for p in boot_dir.glob("vmlinuz-*")
-            if (modules_root / p.name.removeprefix("vmlinuz-") / "modules.dep").is_file()
-        ),
-        key=lambda rp: _version_key(rp[0]),
-    )
-    if not found:
-        raise LinuxGuestError(
-            f"no kernel: no {boot_dir}/vmlinuz-* with {modules_root}/<release>/modules.dep "
-            "(install the Debian package linux-image-amd64)"
-        )
-    release, path = found[-1]
-    return path, release
-
-
-def check_kernel_readable(kernel: Path) -> None:
-    """Say in one line when the kernel file cannot be read (Ubuntu installs it mode 0600)."""
-    try:
-        with open(kernel, "rb") as f:
-            f.read(1)
-    except PermissionError:
-        raise LinuxGuestError(
-            f"kernel {kernel} is not readable by uid {os.getuid()}: "
-            f"run `sudo chmod 0644 {kernel}` (or build as root)"
-        ) from None
-    except OSError as exc:
-        raise LinuxGuestError(f"kernel {kernel} cannot be read: {exc.strerror}") from None
-
-
-def module_name(path: str) -> str:
-    """The module name of a modules.dep path: kernel/drivers/net/virtio_net.ko.xz -> virtio_net."""
-    base = path.rpartition("/")[2]
-    for suffix in _MODULE_SUFFIXES:
-        if base.endswith(suffix):
-            base = base[: -len(suffix)]
-            break
-    return base.replace("-", "_")
-
-
-def parse_modules_dep(text: str) -> dict[str, list[str]]:
-    """modules.dep as {module path: [paths it depends on]}."""
-    deps: dict[str, list[str]] = {}
-    for line in text.splitlines():
-        path, sep, rest = line.partition(":")
-        if sep and path.strip():
-            deps[path.strip()] = rest.split()
-    return deps
-
-
-def module_load_order(
-    deps: Mapping[str, Sequence[str]], wanted: Iterable[str], builtin: Iterable[str] = ()
-) -> list[str]:
-    """Paths of the modules to insmod, each after everything it depends on.
-
-    `builtin` holds names (or modules.builtin paths) of modules built into the kernel:
-    a wanted module built in needs nothing.
-    """
-    by_name = {module_name(p): p for p in deps}
-    built_in = {module_name(b) for b in builtin}
-    order: list[str] = []
-    done: set[str] = set()
-
-    def visit(path: str, chain: tuple[str, ...]) -> None:
-        if path in done:
-            return
-        if path in chain:
-            raise LinuxGuestError(f"modules.dep has a cycle through {module_name(path)}")
-        for dep in deps.get(path, ()):
-            visit(dep, (*chain, path))
-        done.add(path)
-        order.append(path)
-
-    for name in wanted:
-        key = name.replace("-", "_")
-        if key in built_in:
-            continue
-        if key not in by_name:
-            raise LinuxGuestError(
-                f"kernel has no module {name} (neither built in nor in modules.dep)"
-            )
-        visit(by_name[key], ())
-    return order
-
-
-PT_INTERP = 3
-PT_NOTE = 4
-XEN_ELFNOTE_PHYS32_ENTRY = 18  # the PVH entry point QEMU boots an ELF kernel through
-
-
-def elf_segments(elf: bytes) -> list[tuple[int, int, int]]:
-    """(type, file offset, file size) of each program header of a 64-bit little-endian ELF."""
-    if elf[:4] != b"\x7fELF" or elf[4:6] != b"\x02\x01":
-        raise LinuxGuestError("not a 64-bit little-endian ELF file")
-    try:
-        (phoff,) = struct.unpack_from("<Q", elf, 0x20)
-        phentsize, phnum = struct.unpack_from("<HH", elf, 0x36)
-        return [
-            (p_type, p_offset, p_filesz)
-            for p_type, _flags, p_offset, _vaddr, _paddr, p_filesz in (
-                struct.unpack_from("<IIQQQQ", elf, phoff + i * phentsize) for i in range(phnum)
-            )
-        ]
-    except struct.error:
-        raise LinuxGuestError("truncated ELF program headers") from None
-
-
-def has_pvh_entry(elf: bytes) -> bool:
-    """Whether an ELF kernel carries Xen's PVH entry note, which QEMU's -kernel boots."""
-    for p_type, offset, size in elf_segments(elf):
-        if p_type != PT_NOTE:
-            continue
-        at, end = offset, min(offset + size, len(elf))
-        while at + 12 <= end:
-            namesz, descsz, n_type = struct.unpack_from("<III", elf, at)
-            name = elf[at + 12 : at + 12 + namesz].rstrip(b"\0")
-            if name == b"Xen" and n_type == XEN_ELFNOTE_PHYS32_ENTRY:
-                return True
-            at += 12 + namesz + (-namesz % 4) + descsz + (-descsz % 4)
-    return False
-
-
-def extract_vmlinux(bzimage: bytes) -> bytes | None:
-    """The uncompressed ELF kernel inside a bzImage (xz or gzip payload), else None.
-
-    Booting it through its PVH entry skips the real-mode setup and the
-    decompressor, which take seconds under TCG.
-    """
-    if len(bzimage) < 0x250 or bzimage[0x202:0x206] != b"HdrS":
-        return None
-    (version,) = struct.unpack_from("<H", bzimage, 0x206)
-    if version < 0x208:  # payload_offset/length came with boot protocol 2.08
-        return None
-    setup_sects = bzimage[0x1F1] or 4
-    offset, length = struct.unpack_from("<II", bzimage, 0x248)
-    start = (setup_sects + 1) * 512 + offset
-    payload = bzimage[start : start + length]
-    try:
-        if payload.startswith(b"\xfd7zXZ\x00"):
-            elf = lzma.LZMADecompressor(format=lzma.FORMAT_XZ).decompress(payload)
-        elif payload.startswith(b"\x1f\x8b"):
-            # The kernel appends the size after the gzip member: a decompressobj stops there.
-            elf = zlib.decompressobj(wbits=31).decompress(payload)
-        else:
-            return None
-    except (lzma.LZMAError, zlib.error):
-        return None
-    return elf if elf.startswith(b"\x7fELF") else None
-
-
-def read_module(path: Path) -> bytes:
-    """A module file's ELF bytes, decompressed if the distribution ships it compressed."""
-    raw = path.read_bytes()
-    name = path.name
-    if name.endswith(".ko.xz"):
-        return lzma.decompress(raw)
-    if name.endswith(".ko.gz"):
-        return gzip.decompress(raw)
-    if name.endswith(".ko.zst"):
-        # Python 3.11 has no zstd; the zstd tool is one of ferry's Debian packages.
-        tool = shutil.which("zstd")
-        if tool is None:
-            raise LinuxGuestError(f"module {path} is zstd-compressed and no zstd tool is installed")
-        res = subprocess.run([tool, "-dcq", "--", str(path)], capture_output=True, check=False)
-        if res.returncode != 0:
-            why = res.stderr.decode(errors="replace").strip()
-            raise LinuxGuestError(f"zstd could not decompress {path}: {why}")
-        return res.stdout
-    return raw
-
-
-# -- busybox ------------------------------------------------------------------------------
-
-
-def find_busybox() -> Path:
-    """The busybox-static binary (a dynamic busybox cannot run alone in an initramfs)."""
-    for path in BUSYBOX_PATHS:
-        if path.is_file() and os.access(path, os.X_OK):
-            if any(p_type == PT_INTERP for p_type, _, _ in elf_segments(path.read_bytes())):
-                raise LinuxGuestError(
-                    f"{path} is dynamically linked: install the Debian package busybox-static"
-                )
-            return path
-    raise LinuxGuestError("no busybox: install the Debian package busybox-static")
-
-
-def _busybox_output(busybox: Path, *args: str) -> str:
-    res = subprocess.run([str(busybox), *args], capture_output=True, text=True, check=False)
-    if res.returncode != 0:
-        raise LinuxGuestError(f"{busybox} {' '.join(args)} failed: {res.stderr.strip()}")
-    return res.stdout
-
-
-def busybox_version(busybox: Path) -> str:
-    """E.g. "1.35.0 (Debian 1:1.35.0-4+deb12u1+b1)"."""
-    m = _BUSYBOX_VERSION_RE.search(_busybox_output(busybox))
-    if m is None:
-        raise LinuxGuestError(f"{busybox} does not say its version")
-    return m.group(1) + (f" ({m.group(2)})" if m.group(2) else "")
-
-
-def busybox_applets(busybox: Path) -> list[str]:
-    """Install paths of busybox's applets ("bin/sh", "usr/bin/nc", ...)."""
-    return [line.strip() for line in _busybox_output(busybox, "--list-full").splitlines()
-            if line.strip()]
-
-
-# -- the initramfs ------------------------------------------------------------------------
-
-INIT_SCRIPT = r"""#!/bin/sh
-# PID 1 of ferry's Linux test guest (written by scripts/testbed/linuxguest.py).
-export PATH=/sbin:/bin:/usr/sbin:/usr/bin
-mount -t proc proc /proc
-mount -t sysfs sysfs /sys
-mount -t devtmpfs devtmpfs /dev
-# Kernel messages stay off the console from here: they would split tick lines.
-dmesg -n 1
-exec 3>/dev/ttyS0
-say() { echo "ferry-guest $*" >&3; }
-
-while read -r m; do
-    insmod "/lib/modules/$m" || say "error insmod $m failed"
-done < /etc/ferry/modules
-
-ip=dhcp
-gw=
-dirty=
-for w in $(cat /proc/cmdline); do
-    case "$w" in
-        ferry.ip=*) ip="${w#ferry.ip=}" ;;
-        ferry.gw=*) gw="${w#ferry.gw=}" ;;
-        ferry.dirty=*) dirty="${w#ferry.dirty=}" ;;
-    esac
-done
-
-ip link set lo up
-n=0
-while [ ! -e /sys/class/net/eth0 ] && [ "$n" -lt 100 ]; do
-    usleep 50000
-    n=$((n + 1))
-done
-[ -e /sys/class/net/eth0 ] || say "error no eth0"
-ip link set eth0 up
-if [ "$ip" = dhcp ]; then
-    udhcpc -i eth0 -s /etc/ferry/udhcpc.script -t 10 -T 1 -b -q >/dev/null 2>&1
-else
-    ip addr add "$ip" dev eth0 || say "error bad ferry.ip=$ip"
-    [ -z "$gw" ] || ip route add default via "$gw" || say "error bad ferry.gw=$gw"
-fi
-
-read -r boot < /proc/sys/kernel/random/boot_id
-mkdir -p /www
-echo "ferry-guest $boot" > /www/index.html
-# -ll: keep listening, one cat per connection, so connections are independent.
-nc -ll -p @ECHO_PORT@ -e cat </dev/null >/dev/null 2>&1 &
-httpd -p @HTTP_PORT@ -h /www
-
-say "ready $boot ip=$ip"
-if [ -n "$dirty" ]; then
-    # A writer rewriting $dirty MiB of random data in RAM (tmpfs) as fast as it can.
-    dd if=/dev/urandom of=/tmp/dirty-src bs=1M count="$dirty" 2>/dev/null
-    cp /tmp/dirty-src /tmp/dirty
-    say "dirtying $dirty MiB"
-    ( while :; do dd if=/tmp/dirty-src of=/tmp/dirty bs=1M conv=notrunc 2>/dev/null; done ) &
-fi
-n=0
-while :; do
-    n=$((n + 1))
-    read -r up _ < /proc/uptime
-    echo "ferry-tick $boot $n $up" >&3
-    usleep @TICK_US@
-done
-"""
-
-UDHCPC_SCRIPT = r"""#!/bin/sh
-# udhcpc event hook: apply the lease to $interface.
-case "$1" in
-    deconfig)
-        ip addr flush dev "$interface"
-        ip link set "$interface" up
-        ;;
-    bound|renew)
-        ip addr flush dev "$interface"
-        ip addr add "$ip/$mask" dev "$interface"
-        for r in $router; do
-            ip route replace default via "$r" dev "$interface"
-            break
-        done
-        ;;
-esac
-exit 0
-"""
-
-
-def render_init() -> str:
-    return (
-        INIT_SCRIPT.replace("@ECHO_PORT@", str(ECHO_PORT))
-        .replace("@HTTP_PORT@", str(HTTP_PORT))
-        .replace("@TICK_US@", str(TICK_INTERVAL_MS * 1000))
-    )
-
-
-def initramfs_entries(busybox: bytes, applets: Sequence[str],
-                      modules: Sequence[tuple[str, bytes]]) -> list[CpioEntry]:
-    """Everything the guest's root holds; `modules` are (file name, ELF bytes) in load order."""
-    files: list[CpioEntry] = [
-        CpioEntry("dev/console", stat.S_IFCHR | 0o600, rdev=(5, 1)),
-        CpioEntry("bin/busybox", stat.S_IFREG | 0o755, busybox),
-        CpioEntry("init", stat.S_IFREG | 0o755, render_init().encode()),
-        CpioEntry("etc/ferry/udhcpc.script", stat.S_IFREG | 0o755, UDHCPC_SCRIPT.encode()),
-        CpioEntry("etc/ferry/modules", stat.S_IFREG | 0o644,
-                  "".join(f"{name}\n" for name, _ in modules).encode()),
-    ]
-    files += [CpioEntry(f"lib/modules/{name}", stat.S_IFREG | 0o644, elf) for name, elf in modules]
-    taken = {f.name for f in files}
-    files += [
-        CpioEntry(applet, stat.S_IFLNK | 0o777, b"/bin/busybox")
-        for applet in sorted(set(applets))
-        if applet not in taken
-    ]
-    dirs = {"proc", "sys", "tmp", "run", "root"}
-    for f in files:
-        parts = f.name.split("/")[:-1]
-        dirs.update("/".join(parts[: i + 1]) for i in range(len(parts)))
-    tree = [CpioEntry(d, stat.S_IFDIR | (0o1777 if d == "tmp" else 0o755))
-            for d in sorted(dirs, key=lambda d: (d.count("/"), d))]
-    return tree + files
 
 
 @dataclass(frozen=True)
@@ -569,6 +163,15 @@ def default_cache_dir() -> Path:
 def _stat_key(path: Path) -> str:
     st = path.stat()
     return f"{path}:{st.st_size}:{st.st_mtime_ns}"
+
+
+def _builder_hash() -> str:
+    """A hash of the builder's source: this file and the modules split off it."""
+    h = hashlib.sha256()
+    for path in BUILDER_SOURCES:
+        source = path.read_bytes()
+        h.update(f"{path.name} {len(source)}\n".encode() + source)
+    return h.hexdigest()
 
 
 def _key(*parts: str) -> str:
@@ -604,7 +207,7 @@ def build_guest(
     order = module_load_order(deps, WANTED_MODULES, builtin)
     bb = busybox or find_busybox()
     bb_version = busybox_version(bb)
-    builder = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()
+    builder = _builder_hash()
 
     if cache_dir is not None:
         cache = Path(cache_dir)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import gzip
 import lzma
 import shutil
@@ -14,7 +15,8 @@ from pathlib import Path
 import pytest
 from lxml import etree
 
-from scripts.testbed import linuxguest
+from scripts.testbed import initramfs, linuxguest
+from scripts.testbed import kernel as kernel_module
 from scripts.testbed.linuxguest import (
     CpioEntry,
     LinuxGuest,
@@ -311,7 +313,8 @@ def test_an_unreadable_kernel_is_said_in_one_line(
     def refuse(*_args: object, **_kwargs: object) -> None:
         raise PermissionError(13, "Permission denied")
 
-    monkeypatch.setattr(linuxguest, "open", refuse, raising=False)
+    # check_kernel_readable lives in kernel.py: open is looked up there.
+    monkeypatch.setattr(kernel_module, "open", refuse, raising=False)
     with pytest.raises(LinuxGuestError, match=r"is not readable by uid \d+: run `sudo chmod") as e:
         check_kernel_readable(kernel)
     for exc in (missing.value, e.value):
@@ -322,10 +325,10 @@ def test_a_dynamic_busybox_is_refused(tmp_path: Path, monkeypatch: pytest.Monkey
     dynamic = tmp_path / "busybox"
     dynamic.write_bytes(fake_elf(interp=b"/lib64/ld-linux-x86-64.so.2"))
     dynamic.chmod(0o755)
-    monkeypatch.setattr(linuxguest, "BUSYBOX_PATHS", (tmp_path / "none", dynamic))
+    monkeypatch.setattr(initramfs, "BUSYBOX_PATHS", (tmp_path / "none", dynamic))
     with pytest.raises(LinuxGuestError, match=r"dynamically linked: install .* busybox-static"):
         find_busybox()
-    monkeypatch.setattr(linuxguest, "BUSYBOX_PATHS", (tmp_path / "none",))
+    monkeypatch.setattr(initramfs, "BUSYBOX_PATHS", (tmp_path / "none",))
     with pytest.raises(LinuxGuestError, match="no busybox"):
         find_busybox()
 
@@ -404,6 +407,47 @@ def test_build_guest_builds_once_and_then_uses_the_cache(
     monkeypatch.setattr(linuxguest, "write_newc", no_rebuild)
     monkeypatch.setattr(linuxguest, "extract_vmlinux", no_rebuild)
     assert build_guest(cache, kernel=kernel, modules_root=mods) == guest
+
+
+def test_the_cache_key_covers_every_module_of_the_builder() -> None:
+    # linuxguest.py and the test-bed modules it imports, directly or through another.
+    root = Path(linuxguest.__file__).parent
+    todo, seen = ["linuxguest"], set()
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        for node in ast.walk(ast.parse((root / f"{name}.py").read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module == "scripts.testbed":
+                todo += [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith(
+                "scripts.testbed."
+            ):
+                todo.append(str(node.module).rpartition(".")[2])
+    assert seen == {"linuxguest", "cpio", "kernel", "initramfs"}
+    assert {p.resolve() for p in linuxguest.BUILDER_SOURCES} == {
+        (root / f"{name}.py").resolve() for name in seen
+    }
+
+
+@needs_busybox
+def test_a_change_to_any_builder_module_rebuilds_the_initramfs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    kernel, mods = fake_system(tmp_path)
+    copies = []
+    for source in linuxguest.BUILDER_SOURCES:
+        copy = tmp_path / "src" / source.name
+        copy.parent.mkdir(exist_ok=True)
+        copy.write_bytes(source.read_bytes())
+        copies.append(copy)
+    monkeypatch.setattr(linuxguest, "BUILDER_SOURCES", tuple(copies))
+    initrds = {build_guest(tmp_path / "cache", kernel=kernel, modules_root=mods).initrd}
+    for copy in copies:
+        copy.write_bytes(copy.read_bytes() + b"# changed\n")
+        initrds.add(build_guest(tmp_path / "cache", kernel=kernel, modules_root=mods).initrd)
+    assert len(initrds) == 1 + len(copies)
 
 
 @needs_busybox
