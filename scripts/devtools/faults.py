@@ -31,7 +31,8 @@ def run_matrix(select: str | None) -> tuple[list[Result], int, float]:
                 *(["-k", select] if select else [])]
         started = time.monotonic()
         rc = subprocess.call(argv, cwd=ROOT, env={**os.environ,
-                                                  "FERRY_FAULT_REPORT": str(report)})
+                                                  "FERRY_FAULT_REPORT": str(report),
+                                                  "FERRY_FAULTS_ALL": "1"})
         elapsed = time.monotonic() - started
         rows = [Result(**json.loads(line)) for line in report.read_text().splitlines()] \
             if report.exists() else []
