@@ -30,6 +30,12 @@ def fleet(tmp_path_factory: pytest.TempPathFactory, base_image: Path) -> Iterato
         yield run
 
 
+@pytest.fixture(autouse=True)
+def guests_removed(fleet: FleetRun) -> Iterator[None]:
+    yield
+    fleet.remove_guests()
+
+
 def local_guest(fleet: FleetRun, host: str) -> Guest:
     """A guest whose disk is at the fleet's disk path, a file on `host` only."""
     assert fleet.fleet.local_disks is not None
@@ -54,7 +60,7 @@ def test_a_guest_on_a_local_disk_moves_to_a_host_with_its_own_storage(
     assert summary["result"] == "completed"
     wait_info(fleet.client, B, g.name, lambda i: i["state"] == "running")
     assert theirs.exists() and mine.exists()  # the source keeps its image
-    g.wait_counter_above(g.counters()[-1] + 5, timeout=30)
+    g.wait_kept_running(more=5, timeout=30)
     log_complete(fleet.client, B, g, theirs)
 
 
