@@ -78,6 +78,13 @@ def _dirs(text: str) -> tuple[Path, ...]:
     return dirs
 
 
+def _migration_tls(text: str) -> str:
+    """optional or required."""
+    if text not in ("optional", "required"):
+        raise ValueError(f"must be 'optional' or 'required', not {text!r}")
+    return text
+
+
 def _lock_manager(text: str) -> str:
     """redis or none."""
     if text not in ("redis", "none"):
@@ -106,6 +113,13 @@ SPECS: tuple[Spec, ...] = (
          "address incoming migrations listen on and peers connect to"),
     Spec("migration_ports", _port_range, lambda: (49152, 49215),
          "port range for incoming migration streams"),
+    Spec("tls_dir", _optional_path, lambda: None,
+         "this host's migration TLS files (ca-cert.pem, server-*.pem, client-*.pem); "
+         "empty: <state dir>/pki"),
+    Spec("migration_tls", _migration_tls, lambda: "optional",
+         "optional or required: required refuses migrations in or out without --tls"),
+    Spec("migration_tls_priority", str, lambda: "",
+         "GnuTLS priority string of migration TLS (empty: QEMU's default, TLS 1.3 AES-256-GCM)"),
     Spec("graphics_ports", _port_range, lambda: (5900, 6099),
          "port range for VNC and SPICE autoport"),
     Spec("allowed_dirs", _dirs, tuple,
@@ -181,6 +195,9 @@ class Settings:
     state_dir: Path
     migration_address: str
     migration_ports: tuple[int, int]
+    tls_dir: Path | None
+    migration_tls: str
+    migration_tls_priority: str
     graphics_ports: tuple[int, int]
     allowed_dirs: tuple[Path, ...]
     allow_qemu_commandline: bool
@@ -214,6 +231,11 @@ class Settings:
 
     def replace(self, **changes: Any) -> Settings:
         return dataclasses.replace(self, **changes)
+
+    @property
+    def pki_dir(self) -> Path:
+        """Where this host's migration TLS files are: FERRY_TLS_DIR or <state dir>/pki."""
+        return self.tls_dir or self.state_dir / "pki"
 
 
 def load(env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:

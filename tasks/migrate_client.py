@@ -28,7 +28,7 @@ OPTION_FLAGS = {
     "persistent": F.PERSIST_DEST, "undefinesource": F.UNDEFINE_SOURCE, "suspend": F.PAUSED,
     "change_protection": F.CHANGE_PROTECTION, "offline": F.OFFLINE,
     "compressed": F.COMPRESSED, "abort_on_error": F.ABORT_ON_ERROR,
-    "auto_converge": F.AUTO_CONVERGE, "postcopy": F.POSTCOPY,
+    "auto_converge": F.AUTO_CONVERGE, "postcopy": F.POSTCOPY, "tls": F.TLS,
 }
 
 

@@ -224,13 +224,15 @@ def port_free(port: int, address: str = "127.0.0.1") -> bool:
     return True
 
 
-def pmemsave(client: Client, host: str, name: str, size: int, path: Path) -> str:
-    """Guest physical memory [0, size) to `path`; returns its sha256."""
+def pmemsave(client: Client, host: str, name: str, size: int, path: Path,
+             start: int = 0) -> str:
+    """Guest physical memory [start, size) to `path`; returns its sha256."""
     import hashlib
     import json as _json
 
+    size -= start
     client.call(host, "qemu_monitor_command", domain=name, timeout=120, command=_json.dumps(
-        {"execute": "pmemsave", "arguments": {"val": 0, "size": size,
+        {"execute": "pmemsave", "arguments": {"val": start, "size": size,
                                               "filename": str(path)}}))
     digest = hashlib.sha256()
     with open(path, "rb") as f:

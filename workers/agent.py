@@ -24,7 +24,7 @@ from typing import Any, TypeVar
 
 from config import broker
 from config.settings import Settings
-from workers import locks
+from workers import confine, locks
 from workers.domain import DomainDef
 from workers.domain_states import (
     DomainState,
@@ -45,6 +45,7 @@ from workers.migration import tunnel
 from workers.migration.params import MigrationFlags
 from workers.monitor import Monitor
 from workers.paths import AllowedDirs
+from workers.pki import TlsStatus
 from workers.ports import PortAllocator
 from workers.process import QemuProcess, attach
 from workers.store import StateStore
@@ -63,6 +64,7 @@ class HostAgent:
         self.allowed = AllowedDirs(settings.allowed_dirs)
         self.uuid = self.store.host_uuid(settings.host_uuid)
         self.kvm = os.access("/dev/kvm", os.R_OK | os.W_OK)
+        self.confinement: confine.Confinement | None = None  # QEMU's user, None: root
         self.domains: dict[str, DomainObj] = {}
         self.graphics_ports = PortAllocator("graphics", *settings.graphics_ports)
         self.migration_ports = PortAllocator("migration", *settings.migration_ports)
@@ -81,6 +83,7 @@ class HostAgent:
             ttl_ms=settings.heartbeat_ttl_ms,
             guests=self.active_names,
             on_beat=self.renew_leases,
+            tls=TlsStatus(settings.pki_dir, settings.migration_tls == "required").get,
         )
 
     # -- threads -----------------------------------------------------------------------------
@@ -259,7 +262,7 @@ class HostAgent:
         if dom.monitor is not None:
             self.loop.create_task(dom.monitor.close())
         proc.close()
-        dom.proc, dom.monitor = None, None
+        dom.proc, dom.monitor, dom.tls_creds = None, None, None
         self.store.delete_status(dom.name)
         with contextlib.suppress(FileNotFoundError):
             self.store.qmp_socket(dom.current.uuid).unlink()

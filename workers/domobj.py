@@ -40,6 +40,8 @@ class DomainObj:
     migration_status: str | None = None
     wakeup: asyncio.Event = field(default_factory=asyncio.Event)
     tunnel: Any = None
+    tls_creds: str | None = None  # the id of this migration's tls-creds-x509 object
+    log_offset: int = 0  # the size of the QEMU log when this QEMU started
     # Leases: held while the CPUs may run; released on pause with this lockstate.
     leases_held: bool = False
     lockstate: str | None = None  # the tunnel pump (workers.migration.tunnel) of a tunnelled job

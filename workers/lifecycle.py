@@ -99,6 +99,7 @@ async def launch(agent: HostAgent, dom: DomainObj, definition: DomainDef,
             kvm=agent.kvm, incoming=incoming, spice=qemu_has_spice(live.emulator),
             extra=extra_argv)
         log_path = agent.store.qemu_log(live.name)
+        dom.log_offset = log_path.stat().st_size if log_path.exists() else 0
         proc = spawn(argv, pass_fds=[sock.fileno()], log_path=log_path, cwd=agent.store.run)
     except BaseException:
         agent.release_ports(dom)

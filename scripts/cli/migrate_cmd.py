@@ -19,7 +19,7 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("dest", help="the destination host")
     for flag in ("live", "p2p", "tunnelled", "persistent", "undefinesource", "suspend",
                  "offline", "abort-on-error", "auto-converge", "postcopy",
-                 "change-protection", "no-wait"):
+                 "change-protection", "tls", "no-wait"):
         p.add_argument(f"--{flag}", action="store_true")
     p.add_argument("--xml", help="destination domain XML (checked for ABI stability)")
     p.add_argument("--migrateuri", help="QEMU migration URI, tcp:HOST[:PORT]")
@@ -45,7 +45,7 @@ def add_parsers(sub: Any) -> None:
 def _options(a: argparse.Namespace) -> dict[str, Any]:
     opts: dict[str, Any] = {name: getattr(a, name) for name in (
         "live", "p2p", "tunnelled", "persistent", "undefinesource", "suspend", "offline",
-        "abort_on_error", "auto_converge", "postcopy", "change_protection")}
+        "abort_on_error", "auto_converge", "postcopy", "change_protection", "tls")}
     opts.update(protocol=a.protocol, bandwidth_mib_s=a.bandwidth, timeout_s=a.timeout,
                 max_downtime_ms=a.max_downtime, migrate_uri=a.migrateuri)
     if a.xml:

@@ -9,4 +9,5 @@ guards.py        rules both ends share (abort at a boundary, v2 and leases, end 
 qemu_migrate.py  QEMU's side: capabilities, migrate, the wait loop, statistics
 progress.py      progress figures, the downtime schedule, stall watch
 tunnel.py        a tunnelled stream through the broker
+tls.py           native TLS: tls-creds objects, the host's policy, TLS failures in words
 """

@@ -26,12 +26,13 @@ from workers.hostcaps import require_postcopy
 from workers.job_types import JobOperation, Phase
 from workers.jobs import ActiveJob
 from workers.lifecycle import inactive_domain_for, launch, run_cpus
-from workers.migration import qemu_migrate, tunnel
+from workers.migration import qemu_migrate, tls, tunnel
 from workers.migration.chain_state import MigrationState
 from workers.migration.cookie import Cookie, CookieGraphics, make_cookie, parse
 from workers.migration.guards import check_abort, refuse_v2_with_lease_state
 from workers.migration.params import MigrationFlags as F
 from workers.migration.params import MigrationParams, format_qemu_uri, parse_qemu_uri
+from workers.pki import Role
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +54,12 @@ def _check_listen_address(agent: HostAgent, scheme: str, host: str) -> None:
         reason = getattr(exc, "strerror", None) or str(exc)
         raise InvalidInputError(f"migration URI host '{host}' is unknown on host "
                                 f"{agent.host}: {reason}") from None
+
+
+def _listen_host(agent: HostAgent, p: MigrationParams) -> str:
+    """The address the source will dial: a --migrateuri's host, or this host's own."""
+    return parse_qemu_uri(p.migrate_uri)[1] if p.migrate_uri else \
+        agent.settings.migration_address
 
 
 def _listen_uri(agent: HostAgent, dom: DomainObj, p: MigrationParams) -> str:
@@ -94,6 +101,7 @@ async def prepare(agent: HostAgent, st: MigrationState, *, v3: bool) -> Migratio
     d = agent.parse(st.xml)
     if p.has(F.POSTCOPY):
         require_postcopy()
+    tls.check_material(agent, p, Role.SERVER, _listen_host(agent, p))
     check_abort(agent, None, d.uuid, p.job_id)
     dom = _incoming_dom(agent, d)
     agent.domains[d.name] = dom
@@ -127,7 +135,10 @@ async def _start_incoming(agent: HostAgent, dom: DomainObj, d: DomainDef,
                  extra_argv=failpoints.extra_argv("prepare3.qemu_argv"))
     agent.set_state(dom, DomainState.PAUSED, PausedReason.MIGRATION)
     mon = dom.require_monitor("migrate in")
-    await qemu_migrate.setup(mon, p, outgoing=False)
+    creds = {}
+    if p.has(F.TLS):  # the dest names no host: it checks the source's client certificate
+        creds = {"tls-creds": await tls.add_creds(agent, dom, Role.SERVER), "tls-hostname": ""}
+    await qemu_migrate.setup(mon, p, outgoing=False, tls=creds)
     if tunnelled:
         tunnel.reset(agent.redis, p.job_id)
         sock = await qemu_migrate.pass_socket(mon, qemu_migrate.TUNNEL_FD)
@@ -218,6 +229,7 @@ async def _finish(agent: HostAgent, dom: DomainObj, st: MigrationState,
                   v3: bool) -> MigrationState:
     p = st.params
     if st.failed:
+        st = tls.dest_verdict(agent, dom, st)
         await _discard(agent, dom)
         return st
     # v3's fence against a source that gave up waiting (tasks/p2p.py); v2's source is
@@ -238,6 +250,7 @@ async def _finish(agent: HostAgent, dom: DomainObj, st: MigrationState,
                              "started: the source stays paused, the guest may have run here",
                              Phase.FINISH3, agent.host)
         return replace(st, outcome_unknown=True).with_error(err)
+    await tls.remove_creds(dom)
     return complete_incoming(agent, dom, st)
 
 

@@ -16,7 +16,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from workers.domobj import DomainObj
-from workers.errors import MigrationError, QemuError
+from workers.errors import FerryError, MigrationError, QemuError
 from workers.migration import tunnel
 from workers.migration.cookie import CookieStatistics, quoted
 from workers.migration.params import UNLIMITED_BANDWIDTH_BYTES, MigrationFlags, MigrationParams
@@ -38,10 +38,18 @@ def mib_to_bytes(mib: int) -> int:
 
 
 async def setup(mon: Monitor, params: MigrationParams, *, outgoing: bool,
-                bandwidth_mib_s: int | None = None, downtime_ms: int | None = None) -> None:
-    """Capabilities on both ends; bandwidth and downtime on the source."""
+                bandwidth_mib_s: int | None = None, downtime_ms: int | None = None,
+                tls: Mapping[str, str] | None = None) -> None:
+    """Capabilities on both ends; bandwidth and downtime on the source; `tls` (the
+    tls-creds and tls-hostname parameters) on both, set even when empty, so a QEMU
+    that once migrated with TLS never carries it into a plain migration."""
+    # TLS streams use QEMU's return path (libvirt always does): with TLS 1.3 the source's
+    # handshake is over before the dest checks its client certificate, so a source
+    # without one could call a small stream "completed" into socket buffers the dest
+    # never reads; the return path makes it wait for the dest's word.
     caps = [{"capability": "events", "state": True},
-            {"capability": "postcopy-ram", "state": params.has(MigrationFlags.POSTCOPY)}]
+            {"capability": "postcopy-ram", "state": params.has(MigrationFlags.POSTCOPY)},
+            {"capability": "return-path", "state": params.has(MigrationFlags.TLS)}]
     if outgoing:
         caps.append({"capability": "auto-converge",
                      "state": params.has(MigrationFlags.AUTO_CONVERGE)})
@@ -50,12 +58,13 @@ async def setup(mon: Monitor, params: MigrationParams, *, outgoing: bool,
         # source whose migration fails late can still resume on its disks.
         caps.append({"capability": "late-block-activate", "state": True})
     await mon.execute("migrate-set-capabilities", {"capabilities": caps})
+    mparams: dict[str, Any] = {"tls-creds": "", "tls-hostname": "", **(tls or {})}
     if outgoing:
         bw = params.bandwidth_mib_s if bandwidth_mib_s is None else bandwidth_mib_s
-        mparams: dict[str, Any] = {"max-bandwidth": mib_to_bytes(bw)}
+        mparams["max-bandwidth"] = mib_to_bytes(bw)
         if downtime_ms:
             mparams["downtime-limit"] = downtime_ms
-        await mon.execute("migrate-set-parameters", mparams)
+    await mon.execute("migrate-set-parameters", mparams)
 
 
 #: query-migrate statuses in which libvirt reads the ram/disk/xbzrle figures
@@ -132,8 +141,11 @@ def progress_of(info: dict[str, Any], started_ms: int) -> dict[str, Any]:
 
 async def wait(dom: DomainObj, mon: Monitor, *, started_ms: int,
                on_progress: Callable[[dict[str, Any]], None],
-               on_tick: Callable[[float], None] | None = None) -> dict[str, Any]:
-    """Wait for the migration on `mon` to end; the final query-migrate reply on success."""
+               on_tick: Callable[[float], None] | None = None,
+               on_failed: Callable[[str | None], FerryError | None] | None = None,
+               ) -> dict[str, Any]:
+    """Wait for the migration on `mon` to end; the final query-migrate reply on success.
+    `on_failed` may tell a failure (QEMU's error-desc, None when it gave none) better."""
     t0 = time.monotonic()
     while True:
         if not dom.active:
@@ -154,6 +166,9 @@ async def wait(dom: DomainObj, mon: Monitor, *, started_ms: int,
             # first and say "failed"; either way the operator's abort is the cause.
             raise MigrationError("operation aborted: migration job canceled by client")
         if status == "failed":
+            told = on_failed(info.get("error-desc")) if on_failed is not None else None
+            if told is not None:
+                raise told
             desc = info.get("error-desc", "unknown error")
             if dom.tunnel is not None and dom.tunnel.error:  # QEMU only saw its socket close
                 desc = f"{desc} (the tunnel through the broker broke: {dom.tunnel.error})"

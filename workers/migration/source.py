@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
@@ -26,7 +27,7 @@ from workers.hostcaps import require_postcopy
 from workers.job_types import JobOperation, Phase
 from workers.jobs import ActiveJob
 from workers.lifecycle import pause_cpus, run_cpus
-from workers.migration import qemu_migrate
+from workers.migration import qemu_migrate, tls
 from workers.migration.chain_state import MigrationState
 from workers.migration.cookie import (
     CookieGraphics,
@@ -45,6 +46,7 @@ from workers.migration.progress import (
     downtime_steps,
 )
 from workers.migration.tunnel import TunnelSender
+from workers.pki import CA_FILE, Role
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +86,7 @@ async def begin3(agent: HostAgent, st: MigrationState) -> MigrationState:
     dom.require_no_job("migrate")
     if p.has(F.POSTCOPY):
         require_postcopy()
+    tls.check_material(agent, p, Role.CLIENT)
     _start_job(agent, dom, p, Phase.BEGIN3)
     await agent.signals.watch(dom.uuid)
     current = dom.current
@@ -132,6 +135,8 @@ async def resume_perform(agent: HostAgent, dom: DomainObj,
     if dom.job.phase == Phase.PERFORM3_DONE and dom.job.state is not None:
         return dom.job.state
     info = await dom.require_monitor("resume perform").execute("query-migrate")
+    if info.get("status") not in qemu_migrate.ACTIVE:
+        await tls.remove_creds(dom, stale=True)
     if info.get("status") != "completed":
         await qemu_migrate.cancel(dom)
         raise MigrationError(f"perform3 was interrupted (worker restart or redelivery); "
@@ -180,18 +185,20 @@ async def _migrate(agent: HostAgent, dom: DomainObj, st: MigrationState,
     job = dom.job
     assert job is not None
     conv = Convergence(agent, dom, p)
-    await qemu_migrate.setup(mon, p, outgoing=True, bandwidth_mib_s=job.bandwidth_mib_s,
-                             downtime_ms=conv.initial_downtime())
-    await failpoints.hit("perform3.before_migrate")
     started_ms = int(time.time() * 1000)
     dom.expected_pause = PausedReason.MIGRATION
     try:
+        await qemu_migrate.setup(mon, p, outgoing=True, bandwidth_mib_s=job.bandwidth_mib_s,
+                                 downtime_ms=conv.initial_downtime(),
+                                 tls=await _tls_params(agent, dom, st))
+        await failpoints.hit("perform3.before_migrate")
         check_abort(agent, dom, dom.uuid, p.job_id)
         uri = await _data_uri(agent, dom, mon, st)
         dom.migration_status = None  # from here on, QEMU's events for this migration
         await mon.execute("migrate", {"uri": uri})
         info = await qemu_migrate.wait(dom, mon, started_ms=started_ms,
-                                       on_progress=conv.progress, on_tick=conv.tick)
+                                       on_progress=conv.progress, on_tick=conv.tick,
+                                       on_failed=_failure_teller(agent, st))
     except FerryError:
         if dom.active or dom.tunnel is not None:
             await qemu_migrate.cancel(dom)
@@ -199,6 +206,7 @@ async def _migrate(agent: HostAgent, dom: DomainObj, st: MigrationState,
     finally:
         dom.expected_pause = None
         await _end_tunnel(agent, dom)
+        await tls.remove_creds(dom)
     await failpoints.hit("perform3.after_migrate")
     # QEMU stopped the CPUs for the switch-over: say so, do not wait for STOP.
     agent.set_state(dom, DomainState.PAUSED, PausedReason.MIGRATION)
@@ -207,6 +215,25 @@ async def _migrate(agent: HostAgent, dom: DomainObj, st: MigrationState,
     stats.pop("status", None)
     agent.release_leases(dom)
     return replace(st, statistics=stats)
+
+
+async def _tls_params(agent: HostAgent, dom: DomainObj, st: MigrationState) -> dict[str, str]:
+    """A TLS stream: the client credentials and the name the dest's certificate must have."""
+    if not st.params.has(F.TLS):
+        return dict(tls.PLAIN)
+    assert st.uri is not None
+    hostname = tls.dial_host(st.uri)
+    return {"tls-creds": await tls.add_creds(agent, dom, Role.CLIENT), "tls-hostname": hostname}
+
+
+def _failure_teller(agent: HostAgent, st: MigrationState
+                    ) -> Callable[[str | None], FerryError | None] | None:
+    """How a failed stream is told: a TLS stream's handshake failures in ferry's words."""
+    if not st.params.has(F.TLS) or st.uri is None:
+        return None
+    uri = st.uri
+    ca_file = agent.settings.pki_dir / CA_FILE
+    return lambda desc: tls.stream_failure(st.params, uri, desc, ca_file)
 
 
 async def _data_uri(agent: HostAgent, dom: DomainObj, mon: Any, st: MigrationState) -> str:
@@ -373,6 +400,7 @@ async def perform2(agent: HostAgent, st: MigrationState) -> MigrationState:
     refuse_v2_with_lease_state(agent)
     if p.has(F.POSTCOPY):
         require_postcopy()
+    tls.check_material(agent, p, Role.CLIENT)
     _start_job(agent, dom, p, Phase.PERFORM2)
     uuid = dom.uuid
     await agent.signals.watch(uuid)

@@ -1,0 +1,284 @@
+"""Native TLS migration (--tls) on real workers and QEMU, with certificates made by
+`ferry tls-init`'s code in a temp dir: managed and p2p, v3 and v2, memory identical
+on both sides, and every bad certificate refused in one line naming the host."""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import json
+import re
+import shutil
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from cryptography.hazmat.primitives.serialization import Encoding
+
+from scripts.cli import tls_init
+from scripts.testbed.stack import Stack
+from tasks.client import Client
+from tests.conftest import CliResult, Guest, pmemsave, qemu_pids_of
+from workers.errors import FerryError
+
+MIB = 1 << 20
+A, B = "tlsa", "tlsb"  # hosts with their own TLS dirs (lock manager none: v2 works too)
+
+
+@dataclass
+class Pki:
+    root: Path
+    ca: tls_init.Ca
+
+    def dir(self, host: str) -> Path:
+        return self.root / host
+
+    def issue(self, host: str, addresses: tuple[str, ...] = ("127.0.0.1",),
+              ca: tls_init.Ca | None = None, **kw: Any) -> Path:
+        """(Re)make `host`'s TLS dir, by the shared CA unless `ca` says otherwise."""
+        shutil.rmtree(self.dir(host), ignore_errors=True)
+        return tls_init.issue_host(ca or self.ca, self.dir(host), host, list(addresses), **kw)
+
+    def reset(self) -> None:
+        for host in (A, B):
+            self.issue(host)
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    root = tmp_path_factory.mktemp("pki")
+    p = Pki(root, tls_init.make_ca(root / "ca"))
+    p.reset()
+    return p
+
+
+@pytest.fixture(scope="module")
+def tls_hosts(stack: Stack, pki: Pki) -> Iterator[tuple[str, str]]:
+    for name in (A, B):
+        stack.start_worker(name, env={"FERRY_TLS_DIR": str(pki.dir(name)),
+                                      "FERRY_LOCK_MANAGER": "none"})
+    yield A, B
+    for name in (A, B):
+        if name in stack.workers:
+            stack.remove_worker(name)
+
+
+@pytest.fixture
+def fresh_pki(pki: Pki) -> Iterator[Pki]:
+    """The TLS dirs as tls-init made them, before and after the test."""
+    pki.reset()
+    yield pki
+    pki.reset()
+
+
+def _boot(client: Client, make_guest: Callable[..., Guest], host: str, **kw: Any) -> Guest:
+    guest = make_guest(domain_type="qemu", **kw)
+    client.call(host, "define", xml=guest.xml)
+    client.call(host, "start", domain=guest.name)
+    guest.wait_counter_above(0)
+    return guest
+
+
+VARIANTS = [
+    pytest.param({"protocol": 3}, id="managed-v3"),
+    pytest.param({"protocol": 2}, id="managed-v2"),
+    pytest.param({"protocol": 3, "p2p": True}, id="p2p-v3"),
+    pytest.param({"protocol": 2, "p2p": True}, id="p2p-v2"),
+]
+
+
+@pytest.mark.parametrize("opts", VARIANTS)
+def test_a_tls_migration_moves_a_paused_guest_with_identical_memory(
+        opts: dict[str, Any], tls_hosts: tuple[str, str], fresh_pki: Pki, client: Client,
+        make_guest: Callable[..., Guest], tmp_path: Path) -> None:
+    a, b = tls_hosts
+    guest = _boot(client, make_guest, a, memory_mib=64)
+    client.call(a, "suspend", domain=guest.name)
+    size = 64 << 20
+    before = pmemsave(client, a, guest.name, size, tmp_path / "a.mem", start=MIB)
+
+    summary = client.migrate(guest.name, a, b, live=True, tls=True, **opts).wait(timeout=120)
+
+    assert summary["result"] == "completed" and "tls" in summary["flags"]
+    assert tls_objects(client, b, guest) == []  # the dest's creds went with the migration
+    info = client.call(b, "dominfo", domain=guest.name)
+    assert (info["state"], info["reason"]) == ("paused", "user")
+    assert pmemsave(client, b, guest.name, size, tmp_path / "b.mem", start=MIB) == before
+    assert qemu_pids_of(guest.uuid) == [info["pid"]]
+
+
+def test_a_running_guest_keeps_counting_across_a_tls_migration_and_a_plain_one_after(
+        tls_hosts: tuple[str, str], fresh_pki: Pki, client: Client,
+        make_guest: Callable[..., Guest]) -> None:
+    a, b = tls_hosts
+    guest = _boot(client, make_guest, a)
+    client.migrate(guest.name, a, b, live=True, tls=True).wait(timeout=120)
+    count = guest.wait_counter_above(guest.counters()[-1] + 3)
+    # The dest QEMU came in with TLS: its next (plain) migration must not look for it.
+    client.migrate(guest.name, b, a, live=True).wait(timeout=120)
+    guest.wait_counter_above(count + 3)
+
+
+def _refused(client: Client, guest: Guest, a: str, b: str, **opts: Any) -> FerryError:
+    with pytest.raises(FerryError) as err:
+        client.migrate(guest.name, a, b, live=True, tls=True, **opts).wait(timeout=120)
+    return err.value
+
+
+def _still_on_source(client: Client, guest: Guest, a: str, b: str) -> None:
+    info = client.call(a, "dominfo", domain=guest.name)
+    assert (info["state"], info["reason"]) in (("running", "booted"),
+                                               ("running", "migration_canceled"))
+    assert all(d["name"] != guest.name for d in client.call(b, "list", all=True))
+    assert qemu_pids_of(guest.uuid) == [info["pid"]]
+    count = guest.counters()[-1]
+    guest.wait_counter_above(count + 2)
+    # The source's QEMU keeps no TLS object and no TLS parameter of the failed attempt.
+    assert tls_objects(client, a, guest) == []
+    params = client.call(a, "qemu_monitor_command", domain=guest.name,
+                         command='{"execute": "query-migrate-parameters"}')
+    assert (params["tls-creds"], params["tls-hostname"]) == ("", "")
+
+
+def tls_objects(client: Client, host: str, guest: Guest) -> list[str]:
+    found = client.call(host, "qemu_monitor_command", domain=guest.name, command=json.dumps(
+        {"execute": "qom-list", "arguments": {"path": "/objects"}}))
+    return [o["name"] for o in found if "tls" in o["type"]]
+
+
+def _expired(pki: Pki, host: str) -> None:
+    pki.issue(host, days=1, not_before=datetime.datetime.now(datetime.UTC)
+              - datetime.timedelta(days=3))
+
+
+def _other_ca(pki: Pki, host: str) -> None:
+    other = tls_init.make_ca(pki.root / "other-ca", cn="another CA")
+    pki.issue(host, ca=other)
+
+
+def _client_from_other_ca(pki: Pki, host: str) -> None:
+    """The host trusts both CAs, but its certificates come from one the peer does not
+    trust: only the peer's handshake can refuse them."""
+    other = tls_init.make_ca(pki.root / "other-ca", cn="another CA")
+    directory = pki.issue(host, ca=other)
+    both = pki.ca.cert.public_bytes(Encoding.PEM) + other.cert.public_bytes(Encoding.PEM)
+    (directory / "ca-cert.pem").write_bytes(both)
+
+
+def _remove(name: str) -> Callable[[Pki, str], None]:
+    def spoil(pki: Pki, host: str) -> None:
+        (pki.dir(host) / name).unlink()
+    return spoil
+
+
+def _unreadable(pki: Pki, host: str) -> None:
+    path = pki.dir(host) / "server-key.pem"
+    path.unlink()
+    path.mkdir()  # even root cannot read a directory as a key
+
+
+# (what is done to which host, the phase that refuses, the words of the error)
+BAD = [
+    pytest.param(_remove("server-key.pem"), B, "prepare", r"host tlsb: TLS file .*server-key"
+                 r"\.pem is missing", id="dest-key-missing"),
+    pytest.param(_unreadable, B, "prepare", r"host tlsb: TLS file .*server-key\.pem is a "
+                 "directory", id="dest-key-unreadable"),
+    pytest.param(_remove("client-cert.pem"), A, "begin3", r"host tlsa: TLS file "
+                 r".*client-cert\.pem is missing", id="source-cert-missing"),
+    pytest.param(_expired, B, "prepare", r"host tlsb: TLS server certificate .* expired on",
+                 id="dest-expired"),
+    pytest.param(_expired, A, "begin3", r"host tlsa: TLS client certificate .* expired on",
+                 id="source-expired"),
+    pytest.param(lambda pki, host: pki.issue(host, ("127.0.0.2",)), B, "prepare",
+                 r"host tlsb: TLS server certificate .* does not name 127\.0\.0\.1",
+                 id="dest-name-mismatch"),
+    pytest.param(_other_ca, B, "perform3", r"host tlsa: the TLS certificate of dest host "
+                 r"tlsb is not signed by a CA this host trusts", id="dest-other-ca"),
+    pytest.param(_client_from_other_ca, A, "perform3", r"host tlsa: dest host tlsb refused "
+                 r"the client certificate of tlsa \(missing, or not signed by a CA tlsb "
+                 r"trusts\): Verify failed", id="source-other-ca"),
+]
+
+
+@pytest.mark.parametrize(("spoil", "host", "phase", "words"), BAD)
+def test_a_bad_certificate_fails_the_migration_in_one_line_and_the_guest_runs_on(
+        spoil: Callable[[Pki, str], None], host: str, phase: str, words: str,
+        tls_hosts: tuple[str, str], fresh_pki: Pki, client: Client,
+        make_guest: Callable[..., Guest]) -> None:
+    a, b = tls_hosts
+    guest = _boot(client, make_guest, a)
+    spoil(fresh_pki, host)
+
+    err = _refused(client, guest, a, b)
+
+    assert err.phase == phase, str(err)
+    assert "\n" not in str(err)
+    assert re.search(words, str(err)), str(err)
+    _still_on_source(client, guest, a, b)
+
+
+def test_a_refused_client_certificate_is_told_by_the_dest_in_p2p_too(
+        tls_hosts: tuple[str, str], fresh_pki: Pki, client: Client,
+        make_guest: Callable[..., Guest]) -> None:
+    a, b = tls_hosts
+    guest = _boot(client, make_guest, a)
+    _client_from_other_ca(fresh_pki, a)
+    err = _refused(client, guest, a, b, p2p=True)
+    assert err.phase == "perform3", str(err)
+    assert "dest host tlsb refused the client certificate of tlsa" in str(err)
+    _still_on_source(client, guest, a, b)
+
+
+def test_a_host_that_requires_tls_refuses_a_plain_migration_in_and_out(
+        stack: Stack, tls_hosts: tuple[str, str], fresh_pki: Pki, client: Client,
+        make_guest: Callable[..., Guest], ferry: Callable[..., CliResult]) -> None:
+    a, _ = tls_hosts
+    req = "tlsreq"
+    fresh_pki.issue(req, days=10)
+    stack.start_worker(req, env={"FERRY_TLS_DIR": str(fresh_pki.dir(req)),
+                                 "FERRY_LOCK_MANAGER": "none", "FERRY_MIGRATION_TLS": "required"})
+    try:
+        guest = _boot(client, make_guest, a)
+        with pytest.raises(FerryError) as err:
+            client.migrate(guest.name, a, req, live=True).wait(timeout=120)
+        assert err.value.phase == "prepare"
+        assert "host tlsreq requires TLS for every migration" in str(err.value)
+        _still_on_source(client, guest, a, req)
+
+        client.migrate(guest.name, a, req, live=True, tls=True).wait(timeout=120)
+        with pytest.raises(FerryError) as err:
+            client.migrate(guest.name, req, a, live=True, p2p=True).wait(timeout=120)
+        assert err.value.phase == "begin3" and "requires TLS" in str(err.value)
+        host = next(h for h in client.hosts() if h["name"] == req)
+        assert host["tls"] is True and host["tls_required"] is True
+        assert host["tls_expires"] and not host["tls_problems"]
+        out = ferry("hosts")
+        assert out.rc == 0
+        assert re.search(r"tlsreq .* required 20\d\d-", out.out)
+        assert re.search(r"warning: host tlsreq: migration TLS certificates expire in "
+                         r"(9|10) days", out.err)
+        assert "warning: host tlsa" not in out.err
+    finally:
+        with contextlib.suppress(Exception):
+            stack.remove_worker(req)
+
+
+def test_certificates_replaced_between_two_migrations_are_used_by_the_second(
+        tls_hosts: tuple[str, str], fresh_pki: Pki, client: Client,
+        make_guest: Callable[..., Guest]) -> None:
+    a, b = tls_hosts
+    guest = _boot(client, make_guest, a)
+    client.migrate(guest.name, a, b, live=True, tls=True).wait(timeout=120)
+    # Both hosts move to a new CA; the old one is no longer trusted anywhere.
+    new = tls_init.make_ca(fresh_pki.root / "new-ca", cn="new CA")
+    fresh_pki.issue(a, ca=new)
+    # beta still holds the old CA: its certificate is refused by alpha's new trust.
+    with pytest.raises(FerryError) as err:
+        client.migrate(guest.name, b, a, live=True, tls=True).wait(timeout=120)
+    assert "not signed by a CA this host trusts" in str(err.value) or \
+        "refused this host's client certificate" in str(err.value)
+    fresh_pki.issue(b, ca=new)
+    client.migrate(guest.name, b, a, live=True, tls=True).wait(timeout=120)
+    assert client.call(a, "dominfo", domain=guest.name)["state"] == "running"
