@@ -25,9 +25,11 @@ from typing import Any
 
 import pytest
 import redis
+from cryptography.hazmat.primitives.serialization import Encoding
 from lxml import etree
 
 from config.settings import load
+from scripts.cli import tls_init
 from scripts.testbed.guestxml import guest_xml
 from scripts.testbed.stack import Stack, wait_for
 from tasks.client import Client
@@ -45,6 +47,7 @@ ERROR_NAMES = {  # what the job's error must say for each fault
     Fault.DST_QEMU: r"incoming QEMU exited|connection refused|broken pipe",  # QEMU's words
     Fault.REDIS: r"broker|redis|connection",
     Fault.ABORT: r"abort|cancel",
+    Fault.TLS: r"TLS|certificate",
 }
 
 
@@ -61,6 +64,27 @@ class FaultStack:
                 "FERRY_P2P_TIMEOUT_S": "30", "FERRY_INCOMING_TIMEOUT_S": "30",
                 "FERRY_SWEEP_INTERVAL_S": "2",
                 "FERRY_LEASE_TTL_MS": "5000"}
+
+    def good_pki(self, host: str) -> None:
+        """The host's migration TLS files (<state dir>/pki), from the stack's CA."""
+        ca = tls_init.ca_in(self.stack.root / "ca")
+        directory = self.stack.root / host / "pki"
+        shutil.rmtree(directory, ignore_errors=True)
+        tls_init.issue_host(ca, directory, host, ["127.0.0.1"])
+
+    def spoil_pki(self, at: At) -> None:
+        """What the TLS row needs: at Prepare, the dest's server key gone; in Perform,
+        a source whose certificates come from a CA the dest does not trust (but which
+        trusts the dest's: only the dest's side of the handshake refuses)."""
+        if at == At.PREPARE:
+            (self.stack.root / DST / "pki" / "server-key.pem").unlink()
+            return
+        other = tls_init.ca_in(self.stack.root / "other-ca")
+        directory = self.stack.root / SRC / "pki"
+        shutil.rmtree(directory)
+        tls_init.issue_host(other, directory, SRC, ["127.0.0.1"])
+        ours = tls_init.ca_in(self.stack.root / "ca").cert.public_bytes(Encoding.PEM)
+        (directory / "ca-cert.pem").write_bytes(ours + other.cert.public_bytes(Encoding.PEM))
 
     def fp_dir(self, host: str) -> Path:
         return self.stack.root / host / "failpoints"
@@ -91,6 +115,7 @@ def fstack(base_image: Path) -> Iterator[FaultStack]:
         fs.disk_dir.mkdir()
         for host in (SRC, DST):
             fs.start_worker(host)
+            fs.good_pki(host)
         yield fs
     finally:
         st.stop(kill_guests=True)
@@ -224,16 +249,21 @@ def _run(fs: FaultStack, case: Case) -> tuple[Run, Outcome | str, float, Sampler
     if case.point is not None:
         side, point = case.point
         (fs.fp_dir(_host(side)) / point).write_text("pause")
+    tls = case.fault == Fault.TLS
+    if tls:
+        fs.spoil_pki(case.at)
     sampler = Sampler(fs, name)
     sampler.start()
     try:
-        speed = {"bandwidth_mib_s": 1} if case.at == At.COPYING else {}
+        speed = {"bandwidth_mib_s": 1} if case.at == At.COPYING and not tls else {}
         job = fs.client.migrate(name, SRC, DST, live=True, p2p=case.mode != Mode.MANAGED,
-                                tunnelled=case.mode == Mode.TUNNELLED, **speed)
+                                tunnelled=case.mode == Mode.TUNNELLED, tls=tls, **speed)
         run.job_id = job.id
-        _hold(fs, case, job)
         started = time.monotonic()
-        _inflict(fs, run, job)
+        if not tls:  # a TLS fault is in the certificates already
+            _hold(fs, case, job)
+            started = time.monotonic()
+            _inflict(fs, run, job)
         try:
             run.summary = job.wait(timeout=90)
         except FerryError as exc:
@@ -243,7 +273,10 @@ def _run(fs: FaultStack, case: Case) -> tuple[Run, Outcome | str, float, Sampler
                                               "the case to settle")
         except TimeoutError:
             outcome = f"unsettled {sampler.seen[-1] if sampler.seen else ''}"
-        return run, outcome, time.monotonic() - started, sampler
+        settle = time.monotonic() - started
+        # A refusal at Prepare ends within a few samples: let the sampler see the end.
+        wait_for(lambda: sampler.samples > 2, 5, "the sampler to sample the settled case")
+        return run, outcome, settle, sampler
     finally:
         sampler.stopped.set()
         sampler.join()
@@ -257,6 +290,9 @@ def _worker_pids(fs: FaultStack) -> dict[str, int]:
 
 
 def _cleanup(fs: FaultStack, run: Run) -> None:
+    if run.case.fault == Fault.TLS:
+        for host in (SRC, DST):
+            fs.good_pki(host)
     for host in (SRC, DST):
         if fs.stack.workers[host].proc is None or fs.stack.workers[host].proc.poll() is not None:  # type: ignore[union-attr]
             fs.start_worker(host)

@@ -241,7 +241,13 @@ def test_the_dests_log_names_what_it_refused() -> None:
     assert err.message == ("dest host beta refused the client certificate of alpha (missing, "
                            "or not signed by a CA beta trusts): Verify failed: No certificate "
                            "was found.")
-    assert tls.verdict("beta", "alpha", "nothing about TLS\n") is None
+    assert tls.verdict("beta", "alpha", "qemu-system-x86_64: terminating on signal 15\n") \
+        is None
+    other = tls.verdict("beta", "alpha", "qemu-system-x86_64: The certificate hasn't got a "
+                                         "known issuer\n")
+    assert other is not None and other.message.endswith(
+        "(missing, or not signed by a CA beta trusts): The certificate hasn't got a known "
+        "issuer")
 
 
 def test_tls_init_takes_name_equals_addresses() -> None:

@@ -164,8 +164,8 @@ def stream_failure(p: MigrationParams, uri: str, desc: str | None,
 
 
 _SOURCE_KNEW = "the TLS certificate of dest host"  # the source's own verdict on the dest
-_DEST_VERDICTS = re.compile(r"(Verify failed: .*|TLS handshake failed: .*|"
-                            r"Certificate does not match .*|No TLS credentials .*)")
+_DEST_VERDICTS = re.compile(r"^[^:\n]*qemu[^:\n]*: (.*(?:[Cc]ertificate|TLS|Verify).*)$",
+                            re.MULTILINE)
 
 
 def dest_verdict(agent: HostAgent, dom: DomainObj, st: MigrationState) -> MigrationState:
@@ -191,7 +191,7 @@ def verdict(dest: str, source: str, log_text: str) -> TlsError | None:
     if not seen:
         return None
     reason = seen[-1].strip()
-    if "Verify failed" in reason:
+    if "Verify failed" in reason or "certificate" in reason.lower():
         return TlsError(f"dest host {dest} refused the client certificate of {source} "
                         f"(missing, or not signed by a CA {dest} trusts): {reason}",
                         cause=reason)
