@@ -7,8 +7,13 @@ from __future__ import annotations
 import contextlib
 import datetime
 import json
+import random
 import re
 import shutil
+import signal
+import struct
+import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +23,8 @@ import pytest
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from scripts.cli import tls_init
-from scripts.testbed.stack import Stack
+from scripts.testbed.guestimage import build_image
+from scripts.testbed.stack import Stack, wait_for
 from tasks.client import Client
 from tests.conftest import CliResult, Guest, pmemsave, qemu_pids_of
 from workers.errors import FerryError
@@ -282,3 +288,82 @@ def test_certificates_replaced_between_two_migrations_are_used_by_the_second(
     fresh_pki.issue(b, ca=new)
     client.migrate(guest.name, b, a, live=True, tls=True).wait(timeout=120)
     assert client.call(a, "dominfo", domain=guest.name)["state"] == "running"
+
+
+RANDOM_AT = 2 << 20  # where the test guest's xorshift32 fill starts (guest.S fill_random)
+
+
+def guest_random_bytes(size: int) -> bytes:
+    """What the test guest's fill_random writes from 2 MiB: xorshift32 words from its
+    seed, little-endian."""
+    x, words = 0x2545F491, []
+    for _ in range(size // 4):
+        x ^= (x << 13) & 0xFFFFFFFF
+        x ^= x >> 17
+        x ^= (x << 5) & 0xFFFFFFFF
+        words.append(x)
+    return struct.pack(f"<{len(words)}I", *words)
+
+
+def patterns(count: int = 16) -> list[bytes]:
+    """`count` random 64-byte windows of the guest's random MiB, each inside one page
+    (a page travels whole in a plain stream)."""
+    data = guest_random_bytes(MIB)
+    out = []
+    for page in random.sample(range(MIB // 4096), count):
+        offset = page * 4096 + 4 * random.randrange((4096 - 64) // 4)
+        out.append(data[offset:offset + 64])
+    return out
+
+
+@contextlib.contextmanager
+def captured(stack: Stack, out: Path) -> Iterator[dict[str, Any]]:
+    """Loopback traffic on the hosts' migration ports while the block runs (in a capture
+    process of its own), drained and reassembled when it ends: {"flows": {name: bytes},
+    "stats": {...}}."""
+    low, high = stack.settings().migration_ports
+    proc = subprocess.Popen([sys.executable, "-m", "scripts.testbed.capture",
+                             "--ports", f"{low}-{high}", "--out", str(out)],
+                            stdin=subprocess.DEVNULL)
+    result: dict[str, Any] = {}
+    try:
+        wait_for(lambda: (out / "ready").exists() or proc.poll() is not None, 10,
+                 "the capture to start")
+        assert proc.poll() is None, "the capture process could not start"
+        yield result
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=120) == 0
+        result["stats"] = json.loads((out / "stats.json").read_text())
+        result["flows"] = {p.stem: p.read_bytes() for p in out.glob("*.bin")}
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_a_loopback_capture_of_a_tls_migration_holds_none_of_the_guests_random_bytes(
+        stack: Stack, tls_hosts: tuple[str, str], fresh_pki: Pki, client: Client,
+        make_guest: Callable[..., Guest], image_dir: Path, tmp_path: Path) -> None:
+    a, b = tls_hosts
+    image = build_image(image_dir / "random1.img", random_mib=1, rate_mib_s=0)
+    guest = _boot(client, make_guest, a, memory_mib=64, image=image)
+    wait_for(lambda: "filled" in guest.serial.read_text(errors="replace"), 60,
+             "the guest to fill its random MiB")
+    wanted = patterns()
+
+    with captured(stack, tmp_path / "plain") as plain:
+        client.migrate(guest.name, a, b, live=True).wait(timeout=120)
+    with captured(stack, tmp_path / "tls") as tls:
+        client.migrate(guest.name, b, a, live=True, tls=True).wait(timeout=120)
+
+    for cap in (plain, tls):
+        assert cap["stats"]["drops"] == 0 and cap["stats"]["truncated"] == 0
+    plain_bytes = b"".join(plain["flows"].values())
+    tls_bytes = b"".join(tls["flows"].values())
+    # The control: the capture sees the guest's bytes in a plain stream...
+    assert all(p in plain_bytes for p in wanted)
+    assert any(f.startswith(b"QEVM") for f in plain["flows"].values())
+    # ... and none of them in the TLS stream, which starts with a TLS handshake record.
+    assert len(tls_bytes) > MIB
+    assert not [p for p in wanted if p in tls_bytes]
+    assert all(f.startswith(b"\x16\x03") for f in tls["flows"].values() if len(f) > 4096)
