@@ -120,6 +120,12 @@ SPECS: tuple[Spec, ...] = (
          "optional or required: required refuses migrations in or out without --tls"),
     Spec("migration_tls_priority", str, lambda: "",
          "GnuTLS priority string of migration TLS (empty: QEMU's default, TLS 1.3 AES-256-GCM)"),
+    Spec("qemu_user", str, lambda: "ferry-qemu",
+         "user QEMU runs as (make setup creates ferry-qemu); empty or root: as the worker"),
+    Spec("qemu_group", str, lambda: "",
+         "group QEMU runs as (empty: the user's own); the group of /dev/kvm is added"),
+    Spec("qemu_sandbox", _bool, lambda: True,
+         "start QEMU with its seccomp sandbox (-sandbox on,spawn=deny,...)"),
     Spec("graphics_ports", _port_range, lambda: (5900, 6099),
          "port range for VNC and SPICE autoport"),
     Spec("allowed_dirs", _dirs, tuple,
@@ -198,6 +204,9 @@ class Settings:
     tls_dir: Path | None
     migration_tls: str
     migration_tls_priority: str
+    qemu_user: str
+    qemu_group: str
+    qemu_sandbox: bool
     graphics_ports: tuple[int, int]
     allowed_dirs: tuple[Path, ...]
     allow_qemu_commandline: bool

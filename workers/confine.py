@@ -11,7 +11,8 @@ spawn=deny,resourcecontrol=deny`.  What it must open that its user cannot:
   after (libvirt's DAC driver; an fdset would keep the source's image lock
   alive across a migration on shared storage), the original owner remembered
   in `trusted.ferry.*` xattrs with a reference count (dac.py);
-- TLS files: a private copy for the moment QEMU reads them (`private_copy`).
+- TLS files: a private copy for the moment QEMU reads them (`private_copy`), in
+  the system's temp dir (the state dir is root's alone).
 """
 
 from __future__ import annotations
@@ -21,13 +22,12 @@ import grp
 import os
 import pwd
 import shutil
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from workers.errors import InvalidInputError
-
-SANDBOX = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
 
 
 @dataclass(frozen=True)
@@ -68,13 +68,12 @@ def resolve(user: str, group: str) -> Confinement | None:
 
 
 @contextlib.contextmanager
-def private_copy(conf: Confinement, path: Path, source: Path,
-                 names: tuple[str, ...]) -> Iterator[Path]:
-    """`names` of `source` copied into `path` (0700, files 0400), owned by the QEMU user
-    alone, for as long as the block runs; the host's own directory is never chowned.
-    A missing file is left out: QEMU then says which one it missed."""
-    shutil.rmtree(path, ignore_errors=True)
-    path.mkdir(mode=0o700)
+def private_copy(conf: Confinement, source: Path, names: tuple[str, ...]) -> Iterator[Path]:
+    """`names` of `source` copied into a new directory of the system's temp dir (0700,
+    files 0400), owned by the QEMU user alone, for as long as the block runs; the host's
+    own directory is never chowned.  A missing file is left out: QEMU then says which
+    one it missed."""
+    path = Path(tempfile.mkdtemp(prefix="ferry-pki-"))
     try:
         os.chown(path, conf.uid, conf.gid)
         for name in names:
@@ -89,3 +88,4 @@ def private_copy(conf: Confinement, path: Path, source: Path,
         yield path
     finally:
         shutil.rmtree(path, ignore_errors=True)
+

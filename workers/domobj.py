@@ -7,6 +7,7 @@ import contextlib
 from dataclasses import dataclass, field
 from typing import Any
 
+from workers.dac import Claim
 from workers.domain import DomainDef
 from workers.domain_states import DomainState, PausedReason, Reason, RunningReason, ShutoffReason
 from workers.domain_xml import format_domain_xml
@@ -42,6 +43,7 @@ class DomainObj:
     tunnel: Any = None
     tls_creds: str | None = None  # the id of this migration's tls-creds-x509 object
     log_offset: int = 0  # the size of the QEMU log when this QEMU started
+    disk_claims: list[Claim] = field(default_factory=list)  # images its QEMU user holds
     # Leases: held while the CPUs may run; released on pause with this lockstate.
     leases_held: bool = False
     lockstate: str | None = None  # the tunnel pump (workers.migration.tunnel) of a tunnelled job

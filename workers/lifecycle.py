@@ -14,15 +14,26 @@ import subprocess
 from collections.abc import Sequence
 from typing import Any
 
+from workers import dac
 from workers.agent import HostAgent
+from workers.confine import Confinement
+from workers.dac import Claim
 from workers.domain import DomainDef, with_graphics_ports
 from workers.domain_states import DomainState, PausedReason, RunningReason, ShutoffReason
 from workers.domain_xml import format_domain_xml
 from workers.domobj import DomainObj
 from workers.errors import InvalidInputError, NotFoundError, OperationInvalidError, QemuError
 from workers.job_types import JobOperation
-from workers.process import listening_socket, log_tail, spawn
-from workers.qemu_argv import build_qemu_argv, qemu_has_spice
+from workers.process import (
+    QemuProcess,
+    close_handover,
+    listening_socket,
+    log_tail,
+    open_serials,
+    spawn,
+)
+from workers.qemu_argv import Handover, build_qemu_argv, qemu_has_spice
+from workers.store import atomic_write
 
 
 async def define(agent: HostAgent, xml: str) -> dict[str, Any]:
@@ -91,34 +102,76 @@ async def launch(agent: HostAgent, dom: DomainObj, definition: DomainDef,
     error carries the end of QEMU's log.
     """
     live = _with_ports(agent, dom, definition)
-    sock_path = agent.store.qmp_socket(live.uuid)
-    sock = listening_socket(sock_path)
+    dom.disk_claims = []
     try:
-        argv = build_qemu_argv(
-            live, qmp_fd=sock.fileno(), pidfile=str(agent.store.pidfile(live.name)),
-            kvm=agent.kvm, incoming=incoming, spice=qemu_has_spice(live.emulator),
-            extra=extra_argv)
-        log_path = agent.store.qemu_log(live.name)
-        dom.log_offset = log_path.stat().st_size if log_path.exists() else 0
-        proc = spawn(argv, pass_fds=[sock.fileno()], log_path=log_path, cwd=agent.store.run)
+        dom.disk_claims = claim_disks(agent.confinement, live)
+        proc = _spawn(agent, dom, live, incoming, extra_argv)
     except BaseException:
         agent.release_ports(dom)
+        release_disks(dom.disk_claims, restore=True)
+        dom.disk_claims = []
         raise
-    finally:
-        sock.close()
     dom.live = live
     dom.exit_reason = ShutoffReason.FAILED  # until QEMU is up, an exit means start failed
     agent.watch(dom, proc)
     agent.set_state(dom, DomainState.PAUSED, PausedReason.STARTING_UP)
     mon = agent.make_monitor(dom)
     try:
-        await mon.connect(str(sock_path), agent.settings.qemu_start_timeout_s)
+        await mon.connect(str(agent.store.qmp_socket(live.uuid)),
+                          agent.settings.qemu_start_timeout_s)
     except QemuError as exc:
         await agent.kill(dom, ShutoffReason.FAILED)
         raise QemuError(f"QEMU failed to start domain '{live.name}'", host=agent.host,
-                        cause=log_tail(log_path) or exc.cause) from exc
+                        cause=log_tail(agent.store.qemu_log(live.name)) or exc.cause) from exc
     dom.monitor = mon
     dom.exit_reason = None
+
+
+def _spawn(agent: HostAgent, dom: DomainObj, live: DomainDef, incoming: str | None,
+           extra_argv: Sequence[str]) -> QemuProcess:
+    """QEMU started (as its user, if confined) with its monitor socket and serial files
+    handed over as fds; the worker writes its pidfile (QEMU's own -pidfile would need a
+    directory a confined QEMU can write)."""
+    sock = listening_socket(agent.store.qmp_socket(live.uuid))
+    handover = Handover()
+    try:
+        handover = open_serials(live.serials)
+        argv = build_qemu_argv(
+            live, qmp_fd=sock.fileno(), kvm=agent.kvm, incoming=incoming,
+            spice=qemu_has_spice(live.emulator), extra=extra_argv,
+            sandbox=agent.settings.qemu_sandbox, handover=handover)
+        log_path = agent.store.qemu_log(live.name)
+        dom.log_offset = log_path.stat().st_size if log_path.exists() else 0
+        proc = spawn(argv, pass_fds=[sock.fileno(), *handover.fds()], log_path=log_path,
+                     cwd=agent.store.run, confinement=agent.confinement)
+    finally:
+        sock.close()
+        close_handover(handover)
+    atomic_write(agent.store.pidfile(live.name), f"{proc.pid}\n".encode(), 0o644,
+                 durable=False)
+    return proc
+
+
+def claim_disks(conf: Confinement | None, d: DomainDef) -> list[Claim]:
+    """A confined QEMU's disk images handed to its user (none for QEMU as root); a disk
+    its user could not reach is refused, and nothing is left changed."""
+    if conf is None:
+        return []
+    claims: list[Claim] = []
+    try:
+        for disk in d.disks:
+            if disk.source is not None:
+                dac.check_reachable(conf, disk.source, f"disk {disk.target}")
+                claims.append(dac.claim(conf, disk.source))
+    except BaseException:
+        release_disks(claims, restore=True)
+        raise
+    return claims
+
+
+def release_disks(claims: list[Claim], *, restore: bool) -> None:
+    for c in claims:
+        dac.release(c, restore=restore)
 
 
 async def run_cpus(agent: HostAgent, dom: DomainObj, reason: RunningReason) -> None:

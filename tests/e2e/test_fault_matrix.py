@@ -31,7 +31,7 @@ from lxml import etree
 from config.settings import load
 from scripts.cli import tls_init
 from scripts.testbed.guestxml import guest_xml
-from scripts.testbed.stack import Stack, wait_for
+from scripts.testbed.stack import Stack, searchable, wait_for
 from tasks.client import Client
 from tests.conftest import pid_alive, qemu_pids_of
 from tests.e2e.faultcases import SOURCE, At, Case, Fault, Mode, Outcome, Result, cases
@@ -113,6 +113,7 @@ def fstack(base_image: Path) -> Iterator[FaultStack]:
         fs = FaultStack(st, Client(load({"FERRY_BROKER_URL": st.broker_url})), root / "disks",
                         base_image)
         fs.disk_dir.mkdir()
+        searchable(fs.disk_dir)  # a confined QEMU reaches its image there
         for host in (SRC, DST):
             fs.start_worker(host)
             fs.good_pki(host)

@@ -100,7 +100,7 @@ async def prepare(agent: HostAgent, st: MigrationState, *, v3: bool) -> Migratio
         raise MigrationError("no domain definition reached Prepare")
     d = agent.parse(st.xml)
     if p.has(F.POSTCOPY):
-        require_postcopy()
+        require_postcopy(agent.confinement is not None)
     tls.check_material(agent, p, Role.SERVER, _listen_host(agent, p))
     check_abort(agent, None, d.uuid, p.job_id)
     dom = _incoming_dom(agent, d)

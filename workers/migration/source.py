@@ -85,7 +85,7 @@ async def begin3(agent: HostAgent, st: MigrationState) -> MigrationState:
         dom.require_state("migrate", DomainState.RUNNING, DomainState.PAUSED)
     dom.require_no_job("migrate")
     if p.has(F.POSTCOPY):
-        require_postcopy()
+        require_postcopy(agent.confinement is not None)
     tls.check_material(agent, p, Role.CLIENT)
     _start_job(agent, dom, p, Phase.BEGIN3)
     await agent.signals.watch(dom.uuid)
@@ -187,6 +187,9 @@ async def _migrate(agent: HostAgent, dom: DomainObj, st: MigrationState,
     conv = Convergence(agent, dom, p)
     started_ms = int(time.time() * 1000)
     dom.expected_pause = PausedReason.MIGRATION
+    # QEMU restarts the CPUs itself when a migration fails after it stopped them for the
+    # switch-over (e.g. the dest refused it over the return path): migration_canceled.
+    dom.expected_resume = RunningReason.MIGRATION_CANCELED
     try:
         await qemu_migrate.setup(mon, p, outgoing=True, bandwidth_mib_s=job.bandwidth_mib_s,
                                  downtime_ms=conv.initial_downtime(),
@@ -204,7 +207,7 @@ async def _migrate(agent: HostAgent, dom: DomainObj, st: MigrationState,
             await qemu_migrate.cancel(dom)
         raise
     finally:
-        dom.expected_pause = None
+        dom.expected_pause = dom.expected_resume = None
         await _end_tunnel(agent, dom)
         await tls.remove_creds(dom)
     await failpoints.hit("perform3.after_migrate")
@@ -399,7 +402,7 @@ async def perform2(agent: HostAgent, st: MigrationState) -> MigrationState:
     dom.require_no_job("migrate")
     refuse_v2_with_lease_state(agent)
     if p.has(F.POSTCOPY):
-        require_postcopy()
+        require_postcopy(agent.confinement is not None)
     tls.check_material(agent, p, Role.CLIENT)
     _start_job(agent, dom, p, Phase.PERFORM2)
     uuid = dom.uuid

@@ -70,15 +70,14 @@ def dial_host(uri: str) -> str:
 
 
 @contextlib.contextmanager
-def _readable_dir(agent: HostAgent, dom: DomainObj, role: Role) -> Iterator[Path]:
+def _readable_dir(agent: HostAgent, role: Role) -> Iterator[Path]:
     """The directory QEMU reads `role`'s files from: the host's own, or, for a confined
     QEMU, a copy only its user can read, gone again once QEMU has read it."""
     source = agent.settings.pki_dir
     if agent.confinement is None:
         yield source
         return
-    with confine.private_copy(agent.confinement, agent.store.run / f"{dom.uuid}.pki",
-                              source, role.files()) as copy:
+    with confine.private_copy(agent.confinement, source, role.files()) as copy:
         yield copy
 
 
@@ -98,7 +97,7 @@ async def add_creds(agent: HostAgent, dom: DomainObj, role: Role) -> str:
                             "endpoint": role.value, "verify-peer": True}
     if agent.settings.migration_tls_priority:
         args["priority"] = agent.settings.migration_tls_priority
-    with _readable_dir(agent, dom, role) as directory:
+    with _readable_dir(agent, role) as directory:
         try:
             await mon.execute("object-add", {**args, "dir": str(directory)})
         except QemuError as exc:
