@@ -75,6 +75,37 @@ def reassemble(segments: Iterable[Segment]) -> bytes:
     return bytes(out)
 
 
+CIPHER_SUITES = {0x1301: "TLS_AES_128_GCM_SHA256", 0x1302: "TLS_AES_256_GCM_SHA384",
+                 0x1303: "TLS_CHACHA20_POLY1305_SHA256",
+                 0xC02B: "TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256",
+                 0xC02C: "TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384",
+                 0xC02F: "TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256",
+                 0xC030: "TLS_ECDHE_RSA_WITH_AES_256_GCM_SHA384"}
+_VERSIONS = {0x0303: "TLS 1.2", 0x0304: "TLS 1.3"}
+
+
+def server_hello(stream: bytes) -> tuple[str, str] | None:
+    """(version, cipher suite) from the ServerHello a server's stream starts with (sent
+    in the clear, also in TLS 1.3); None if the stream does not start with one."""
+    if len(stream) < 9 or stream[0] != 0x16 or stream[5] != 0x02:
+        return None
+    body = stream[9:]  # record header (5) + handshake header (4)
+    pos = 2 + 32  # legacy_version, random
+    pos += 1 + body[pos]  # session id
+    suite = int.from_bytes(body[pos:pos + 2], "big")
+    pos += 2 + 1  # cipher suite, compression
+    version = int.from_bytes(body[:2], "big")
+    ext_end = pos + 2 + int.from_bytes(body[pos:pos + 2], "big")
+    pos += 2
+    while pos + 4 <= min(ext_end, len(body)):
+        kind, size = int.from_bytes(body[pos:pos + 2], "big"), \
+            int.from_bytes(body[pos + 2:pos + 4], "big")
+        if kind == 0x002B and size == 2:  # supported_versions: the real version
+            version = int.from_bytes(body[pos + 4:pos + 6], "big")
+        pos += 4 + size
+    return (_VERSIONS.get(version, hex(version)), CIPHER_SUITES.get(suite, hex(suite)))
+
+
 class Capture:
     def __init__(self, low: int, high: int) -> None:
         self.low, self.high = low, high

@@ -23,6 +23,7 @@ import pytest
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from scripts.cli import tls_init
+from scripts.testbed.capture import server_hello
 from scripts.testbed.guestimage import build_image
 from scripts.testbed.stack import Stack, wait_for
 from tasks.client import Client
@@ -367,3 +368,5 @@ def test_a_loopback_capture_of_a_tls_migration_holds_none_of_the_guests_random_b
     assert len(tls_bytes) > MIB
     assert not [p for p in wanted if p in tls_bytes]
     assert all(f.startswith(b"\x16\x03") for f in tls["flows"].values() if len(f) > 4096)
+    hellos = {server_hello(f) for f in tls["flows"].values()} - {None}
+    assert hellos == {("TLS 1.3", "TLS_AES_256_GCM_SHA384")}  # QEMU 7.2's default

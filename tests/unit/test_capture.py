@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import struct
 
-from scripts.testbed.capture import parse_frame, reassemble
+from scripts.testbed.capture import parse_frame, reassemble, server_hello
 
 
 def frame(sport: int, dport: int, seq: int, payload: bytes, proto: int = 6) -> bytes:
@@ -34,3 +34,20 @@ def test_segments_are_put_in_sequence_order_once_across_a_wrap() -> None:
             ((base + 3) % (1 << 32), b"def"), ((base + 4) % (1 << 32), b"efgh")]
     assert reassemble(segs) == b"abcdefghi"
     assert reassemble([]) == b""
+
+
+def hello(suite: int, version_ext: int | None) -> bytes:
+    ext = b"" if version_ext is None else struct.pack("!HHH", 0x002B, 2, version_ext)
+    ext = struct.pack("!HH", 0x0033, 4) + b"\0" * 4 + ext  # another extension before it
+    body = b"\x03\x03" + b"\x11" * 32 + b"\x20" + b"\x22" * 32 + struct.pack("!HB", suite, 0)
+    body += struct.pack("!H", len(ext)) + ext
+    hs = b"\x02" + len(body).to_bytes(3, "big") + body
+    return b"\x16\x03\x03" + struct.pack("!H", len(hs)) + hs + b"\x17\x03\x03"
+
+
+def test_the_server_hello_names_the_protocol_and_cipher_suite() -> None:
+    assert server_hello(hello(0x1302, 0x0304)) == ("TLS 1.3", "TLS_AES_256_GCM_SHA384")
+    assert server_hello(hello(0x1301, 0x0304)) == ("TLS 1.3", "TLS_AES_128_GCM_SHA256")
+    assert server_hello(hello(0xC02C, None)) == ("TLS 1.2",
+                                                 "TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384")
+    assert server_hello(b"QEVM\0\0\0\3") is None
