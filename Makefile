@@ -3,8 +3,8 @@ SHELL := /bin/bash
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-DEBS := qemu-system-x86 qemu-utils redis-server zstd xz-utils bzip2 lzop binutils \
-	linux-image-amd64 busybox-static
+DEBS := qemu-system-x86 qemu-utils redis-server redis-sentinel zstd xz-utils bzip2 lzop \
+	binutils linux-image-amd64 busybox-static
 STAMP := $(VENV)/.ferry-installed
 TEST_JOBS ?= 2
 

@@ -14,7 +14,7 @@ from config.settings import Settings
 
 app = Celery("ferry", set_as_current=True)
 
-TASK_MODULES = ["tasks.domain", "tasks.migration", "tasks.p2p", "tasks.images"]
+TASK_MODULES = ["tasks.domain", "tasks.migration", "tasks.p2p", "tasks.images", "tasks.storage"]
 
 
 def queue_for(host: str) -> str:
@@ -32,6 +32,8 @@ def configure(settings: Settings, target: Celery | None = None) -> Celery:
     """Point `target` (the workers' shared app by default) at the settings' broker."""
     target = app if target is None else target
     tls = broker.ssl_options(settings)
+    # sentinel://: the master's name and the sentinels' options, for both (config/broker.py)
+    sentinel = broker.celery_transport_options(settings)
     target.conf.update(
         broker_url=settings.broker_url,
         result_backend=settings.broker_url,
@@ -51,7 +53,8 @@ def configure(settings: Settings, target: Celery | None = None) -> Celery:
         task_acks_late=True,
         task_reject_on_worker_lost=True,
         worker_prefetch_multiplier=1,
-        broker_transport_options={"visibility_timeout": 6 * 3600},
+        broker_transport_options={"visibility_timeout": 6 * 3600, **sentinel},
+        result_backend_transport_options=dict(sentinel),
         broker_connection_retry_on_startup=True,
         # Nothing is routed to Celery's default queue by accident: every call
         # names its host queue; an unrouted task waits in a queue nobody reads.
@@ -67,6 +70,12 @@ def configure(settings: Settings, target: Celery | None = None) -> Celery:
         worker_redirect_stdouts=False,
         include=TASK_MODULES,
     )
+    if sentinel:
+        # A phase that ends while the sentinels promote a replica publishes the next
+        # one once there is a master again (Celery's default gives up after ~0.6 s).
+        target.conf.update(task_publish_retry_policy={
+            "max_retries": 2 * settings.broker_retry_s + 2, "interval_start": 0,
+            "interval_step": 0.5, "interval_max": 0.5})
     if settings.signing_key or settings.signing_cert or settings.signing_cert_store:
         _sign_messages(settings, target)
     return target

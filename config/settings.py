@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from config.errors import InvalidInputError
+from config.sentinel import check_broker_url
 
 
 @dataclass(frozen=True)
@@ -85,6 +86,13 @@ def _migration_tls(text: str) -> str:
     return text
 
 
+def _name(text: str) -> str:
+    """any non-empty name (blanks around it are dropped)."""
+    if not text.strip():
+        raise ValueError("must not be empty")
+    return text.strip()
+
+
 def _lock_manager(text: str) -> str:
     """redis or none."""
     if text not in ("redis", "none"):
@@ -93,10 +101,19 @@ def _lock_manager(text: str) -> str:
 
 
 SPECS: tuple[Spec, ...] = (
-    Spec("broker_url", str, lambda: "redis://127.0.0.1:6379/0",
-         "Redis URL of the Celery broker, result backend and job records"),
+    Spec("broker_url", check_broker_url, lambda: "redis://127.0.0.1:6379/0",
+         "Redis URL of the Celery broker, result backend and job records (redis://, "
+         "rediss://, or sentinel://HOST:PORT;sentinel://... for Redis Sentinel)"),
+    Spec("sentinel_master", _name, lambda: "ferry",
+         "name of the master the sentinels of a sentinel:// broker URL monitor"),
+    Spec("sentinel_password", str, lambda: "",
+         "password of the sentinels themselves (the URL's password is the master's)"),
+    Spec("replica_wait_ms", int, lambda: 1000,
+         "Sentinel broker: how long a lease, Finish claim or phase change waits for a "
+         "replica to acknowledge it before it counts as failed", 10, 60000),
     Spec("redis_ca", _optional_path, lambda: None,
-         "CA file that verifies a rediss:// broker (default: the system's CAs)"),
+         "CA file that verifies a rediss:// broker (default: the system's CAs); with a "
+         "sentinel:// URL it turns TLS on, to the sentinels and the master"),
     Spec("redis_cert", _optional_path, lambda: None,
          "client certificate for a rediss:// broker that asks for one"),
     Spec("redis_key", _optional_path, lambda: None, "private key of FERRY_REDIS_CERT"),
@@ -190,6 +207,9 @@ SPECS: tuple[Spec, ...] = (
 @dataclass(frozen=True)
 class Settings:
     broker_url: str
+    sentinel_master: str
+    sentinel_password: str
+    replica_wait_ms: int
     redis_ca: Path | None
     redis_cert: Path | None
     redis_key: Path | None

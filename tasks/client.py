@@ -21,6 +21,11 @@ class Client(Connection):
         """Start a managed migration; returns a MigrationJob at once (see migrate_client)."""
         return migrate_client.migrate(self, domain, source, dest, **options)
 
+    def migrate_dry_run(self, domain: str, source: str, dest: str,
+                        **options: Any) -> dict[str, Any]:
+        """Begin's and Prepare's checks, nothing started: what a storage copy would copy."""
+        return migrate_client.dry_run(self, domain, source, dest, **options)
+
 
 def migrate(domain: str, source: str, dest: str, **options: Any) -> MigrationJob:
     """What services call: `tasks.client.migrate("web1", "alpha", "beta", live=True)`."""

@@ -29,6 +29,7 @@ OPTION_FLAGS = {
     "change_protection": F.CHANGE_PROTECTION, "offline": F.OFFLINE,
     "compressed": F.COMPRESSED, "abort_on_error": F.ABORT_ON_ERROR,
     "auto_converge": F.AUTO_CONVERGE, "postcopy": F.POSTCOPY, "tls": F.TLS,
+    "copy_storage_all": F.NON_SHARED_DISK, "copy_storage_inc": F.NON_SHARED_INC,
 }
 
 
@@ -39,10 +40,17 @@ def params_from_options(domain: str, source: str, dest: str, **options: Any) -> 
         if options.pop(name, False):
             flags |= flag
     known = {"protocol", "xmlin", "migrate_uri", "bandwidth_mib_s", "max_downtime_ms",
-             "timeout_s", "job_id"}
+             "timeout_s", "job_id", "migrate_disks", "disks_port"}
     unknown = set(options) - known
     if unknown:
         raise InvalidInputError(f"unknown migration option(s): {', '.join(sorted(unknown))}")
+    disks = options.get("migrate_disks")
+    if isinstance(disks, str):  # "vda,vdb", as virsh takes it
+        options["migrate_disks"] = tuple(t.strip() for t in disks.split(",") if t.strip())
+    elif disks is None:
+        options.pop("migrate_disks", None)
+    elif isinstance(disks, list | tuple):
+        options["migrate_disks"] = tuple(disks)
     return MigrationParams(domain=domain, source=source, dest=dest, flags=int(flags), **options)
 
 
@@ -120,13 +128,33 @@ class MigrationJob:
         return self._signal("postcopy")
 
 
-def migrate(client: Connection, domain: str, source: str, dest: str,
-            **options: Any) -> MigrationJob:
-    p = params_from_options(domain, source, dest, **options)
+def _check_hosts(client: Connection, source: str, dest: str) -> None:
     src, dst = client.host(source), client.host(dest)
     if src["uuid"] == dst["uuid"]:
         raise InvalidInputError("attempt to migrate guest to the same host "
                                 f"({source} and {dest} share uuid {src['uuid']})")
+
+
+def dry_run(client: Connection, domain: str, source: str, dest: str,
+            **options: Any) -> dict[str, Any]:
+    """Begin's and Prepare's checks without starting anything (`--dry-run`): what a
+    storage copy would copy, where, and how much; the first failing check raises."""
+    p = params_from_options(domain, source, dest, **options)
+    _check_hosts(client, source, dest)
+    begin = client.call(source, "dryrun_begin", params=p.to_json())
+    prep = client.call(dest, "dryrun_prepare", params=p.to_json(), xml=begin["xml"],
+                       disks=begin["disks"])
+    sources = begin.get("sources") or {}
+    disks = [{**row, "source_path": sources.get(row["target"])} for row in prep["disks"]]
+    return {"domain": domain, "source": source, "dest": dest, "flags": p.flag_names(),
+            "result": "ok", "nbd": prep["nbd"], "disks": disks,
+            "copy_bytes": prep["copy_bytes"]}
+
+
+def migrate(client: Connection, domain: str, source: str, dest: str,
+            **options: Any) -> MigrationJob:
+    p = params_from_options(domain, source, dest, **options)
+    _check_hosts(client, source, dest)
     xml = None
     if p.protocol == 2 and not p.has(F.PEER2PEER):  # v2 has no Begin: the caller fetches
         # the XML, as libvirt's client does

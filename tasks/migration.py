@@ -68,7 +68,7 @@ def run_phase(fn: PhaseFn, phase: Phase, st: MigrationState,
 def _log_phase(st: MigrationState, phase: Phase, host: str) -> None:
     p, rec = st.params, st.phases[-1]
     cookie = st.cookie or ""
-    sections = [s for s in ("graphics", "lockstate", "domain", "statistics")
+    sections = [s for s in ("graphics", "lockstate", "domain", "nbd", "statistics")
                 if f"<{s}" in cookie]
     log.debug("migration job=%s domain=%s host=%s phase=%s flags=%s protocol=%d uri=%s "
               "cookie_bytes=%d cookie_sections=%s elapsed_ms=%.1f outcome=%s%s",

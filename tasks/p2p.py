@@ -18,6 +18,7 @@ from typing import Any
 from celery.exceptions import TimeoutError as CeleryTimeout
 
 from config.celery_app import app, queue_for
+from config.replication import ReplicaWaitError
 from tasks import results
 from tasks.checked import task
 from tasks.migration import (
@@ -73,7 +74,10 @@ def _remote(agent: HostAgent, name: PhaseTask, st: MigrationState,
 def finish_unanswered(agent: HostAgent, st: MigrationState, err: FerryError) -> MigrationState:
     p = st.params
     uuid = agent.call(_uuid(agent, p.domain))
-    winner = agent.jobs.claim_finish(uuid, p.job_id, "source")
+    try:
+        winner = agent.jobs.claim_finish(uuid, p.job_id, "source")
+    except ReplicaWaitError:  # a failover may lose our claim: the dest may yet win it
+        winner = "unknown"
     if winner in ("source", "none"):
         return st.with_error(err)  # the dest can no longer start the guest: resume here
     err = MigrationError(f"{err.message}; the dest may have started the guest, so it stays "

@@ -38,6 +38,7 @@ SERIAL_GROUPS = {
     "test_fleet_admission.py": "fleet",
     "test_fleet_cuts.py": "fleet",
     "test_fleet_scale.py": "fleet",
+    "test_storage_fleet.py": "fleet",
 }
 
 
@@ -376,14 +377,16 @@ class FleetRun:
 
 @contextlib.contextmanager
 def fleet_of(names: list[str], base_image: Path, env: dict[str, str] | None = None,
-             host_env: dict[str, dict[str, str]] | None = None) -> Iterator[FleetRun]:
+             host_env: dict[str, dict[str, str]] | None = None,
+             local_disks: bool = False) -> Iterator[FleetRun]:
     """A fleet of namespace hosts for one test module; skips where namespaces cannot be
     made.  Everything is torn down after, also on failure."""
     reason = netns_available()
     if reason is not None:
         pytest.skip(f"namespace test hosts need CAP_NET_ADMIN and iproute2: {reason}")
     root = searchable(Path(tempfile.mkdtemp(prefix="ferry-fl-", dir="/tmp")))
-    fleet = Fleet(root=root, extra_env=dict(env or {}))
+    fleet = Fleet(root=root, extra_env=dict(env or {}),
+                  local_disks=root / "disks" if local_disks else None)
     try:
         fleet.start(names, host_env)
         client = Client(load({"FERRY_BROKER_URL": fleet.broker_url}))

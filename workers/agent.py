@@ -245,6 +245,9 @@ class HostAgent:
             dom.guest_shutdown = bool(data.get("guest"))
         elif event == "BLOCK_IO_ERROR" and data.get("action") == "stop":
             dom.expected_pause = PausedReason.IOERROR
+        elif event.startswith("BLOCK_JOB_") and dom.storage_out is not None:
+            dom.storage_out.on_event(event, data)  # a storage copy's mirror
+            dom.wakeup.set()
 
     def watch(self, dom: DomainObj, proc: QemuProcess) -> None:
         dom.proc = proc

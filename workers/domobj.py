@@ -44,6 +44,11 @@ class DomainObj:
     tls_creds: str | None = None  # the id of this migration's tls-creds-x509 object
     log_offset: int = 0  # the size of the QEMU log when this QEMU started
     disk_claims: list[Claim] = field(default_factory=list)  # images its QEMU user holds
+    # Storage copy: the source's mirrors (workers.migration.storage.StorageCopy, which
+    # gets the BLOCK_JOB_* events) and the dest's images and NBD server
+    # (workers.migration.storage_dest.IncomingStorage).
+    storage_out: Any = None
+    storage_in: Any = None
     # Leases: held while the CPUs may run; released on pause with this lockstate.
     leases_held: bool = False
     lockstate: str | None = None  # the tunnel pump (workers.migration.tunnel) of a tunnelled job

@@ -9,7 +9,9 @@
 
 Each field is written on its own (HSET), so the phase task and the progress
 loop never overwrite each other's fields.  `set_phase` is the one place a
-job's phase changes, and it logs the change.
+job's phase changes, and it logs the change.  With a Sentinel broker, the phase
+changes that start a step which can still be undone (WAITED_PHASES) and the
+Finish claim wait for a replica (config/replication.py) and fail without one.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from typing import Any
 
 import redis
 
+from config.replication import guarded_write
 from workers.errors import OperationInvalidError
 from workers.job_types import JobOperation, Phase
 from workers.migration.chain_state import MigrationState
@@ -31,6 +34,10 @@ log = logging.getLogger(__name__)
 DONE_TTL_S = 30 * 24 * 3600
 QUEUED_TTL_S = 5  # a waiting task refreshes it every 250 ms; gone soon after the waiter
 QUEUED_ABORT_TTL_S = 3600  # an abort of a waiting migration outlives any wait in line
+# Phase changes a failover must not lose (Sentinel): the steps before the switch-over,
+# whose failure still leaves the guest running on the source.  The later ones are
+# fenced by the Finish claim and the leases, and must not fail a guest already moved.
+WAITED_PHASES = frozenset({Phase.PREPARE, Phase.PERFORM3, Phase.PERFORM2})
 
 
 def _text(value: bytes | str) -> str:
@@ -147,15 +154,23 @@ class JobStore:
     """
 
     def _set_mine(self, uuid: str, job_id: str, field: str, value: str,
-                  only_empty: bool = False) -> str | None:
+                  only_empty: bool = False, waited: bool = False) -> str | None:
         """Set `field` if the record is this job's (and, only_empty, if the field is
-        empty); the old value, or None when the record is another job's or gone."""
-        old = self._set_mine_script(keys=[job_key(uuid)],
-                                    args=[job_id, field, value, "1" if only_empty else "0"])
+        empty); the old value, or None when the record is another job's or gone.
+        `waited`: a write a failover must not lose (ReplicaWaitError without a replica)."""
+        keys = [job_key(uuid)]
+        args = [job_id, field, value, "1" if only_empty else "0"]
+        if waited:
+            [old] = guarded_write(
+                self.redis, lambda pipe: self._set_mine_script(keys=keys, args=args,
+                                                               client=pipe),
+                f"job {job_id}'s change to phase {value}")
+        else:
+            old = self._set_mine_script(keys=keys, args=args)
         return None if old is None else _text(old)
 
     def set_phase(self, uuid: str, job_id: str, phase: Phase) -> None:
-        old = self._set_mine(uuid, job_id, "phase", phase)
+        old = self._set_mine(uuid, job_id, "phase", phase, waited=phase in WAITED_PHASES)
         if old is not None:
             log.info("job %s: phase %s -> %s on %s", job_id, old or "none", phase, self.host)
 
@@ -193,8 +208,13 @@ class JobStore:
 
     def claim_finish(self, uuid: str, job_id: str, who: str) -> str:
         """Fence for Finish: the first of 'dest' (about to start the CPUs) and 'source'
-        (gave up waiting) wins; 'none' when the job is gone.  Atomic in Redis."""
-        winner = self._claim_script(keys=[job_key(uuid)], args=[job_id, who])
+        (gave up waiting) wins; 'none' when the job is gone.  Atomic in Redis; with a
+        Sentinel broker, ReplicaWaitError when no replica has the claim (then neither
+        side may act on it)."""
+        [winner] = guarded_write(
+            self.redis, lambda pipe: self._claim_script(keys=[job_key(uuid)],
+                                                        args=[job_id, who], client=pipe),
+            f"the Finish claim of job {job_id} by the {who}")
         return _text(winner)
 
     def set_error(self, uuid: str, job_id: str, error: dict[str, Any]) -> None:
@@ -257,6 +277,7 @@ def jobinfo_view(record: dict[str, Any] | None, host: str, *, completed: bool = 
     view: dict[str, Any] = {
         "type": "none", "operation": None, "phase": None, "time_elapsed_ms": None,
         "data_total": None, "data_processed": None, "data_remaining": None,
+        "disk_total": None, "disk_processed": None, "disk_remaining": None, "disk_bps": None,
         "memory_bps": None, "memory_dirty_rate": None, "memory_iteration": None,
         "downtime_ms": None, "setup_time_ms": None, "error": None, "id": None,
         "queue": None, "queue_position": None,
@@ -282,12 +303,23 @@ def jobinfo_view(record: dict[str, Any] | None, host: str, *, completed: bool = 
                     time_elapsed_ms=int(elapsed), id=record.get("id"),
                     error=(record.get("error") or {}).get("message"))
     view.update(
-        data_total=stats.get("memory_total"), data_processed=stats.get("memory_processed"),
-        data_remaining=stats.get("memory_remaining"), memory_bps=stats.get("memory_bps"),
+        data_total=_data(stats, "total"), data_processed=_data(stats, "processed"),
+        data_remaining=_data(stats, "remaining"), disk_total=stats.get("disk_total"),
+        disk_processed=stats.get("disk_processed"),
+        disk_remaining=stats.get("disk_remaining"), disk_bps=stats.get("disk_bps"),
+        memory_bps=stats.get("memory_bps"),
         memory_dirty_rate=stats.get("memory_dirty_rate"),
         memory_iteration=stats.get("memory_iteration"), downtime_ms=stats.get("downtime"),
         setup_time_ms=stats.get("setup_time"))
     return view
+
+
+def _data(stats: dict[str, Any], what: str) -> int | None:
+    """libvirt's data_*: memory plus disks (a storage copy's mirrors)."""
+    mem, disk = stats.get(f"memory_{what}"), stats.get(f"disk_{what}")
+    if mem is None and disk is None:
+        return None
+    return int(mem or 0) + int(disk or 0)
 
 
 def _queued_view(view: dict[str, Any], record: dict[str, Any] | None,

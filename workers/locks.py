@@ -8,12 +8,20 @@ non-shareable disk.  In Redis:
 
 Acquire takes every lease or none (one Lua script).  Release hands back an
 opaque lockstate (the generations after release); acquiring with a lockstate
-is refused if anybody acquired the lease since.  A host renews its leases
+is refused if anybody acquired one of its leases since (a lease it does not
+name, such as the dest's own copy of a disk, only has to be free).  A host renews its leases
 with its heartbeat; a dead host's leases expire after the TTL, never before.
+
+With a Sentinel broker an acquire waits for a replica to have it
+(config/replication.py): a lease a failover could drop is given back and the
+acquire fails.  A release does not wait: a lost release leaves the lease with
+the host that released it, which refuses the dest (the source resumes), never
+lets two hosts in.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -21,6 +29,7 @@ from collections.abc import Iterable
 
 import redis
 
+from config.replication import ReplicaWaitError, guarded_write
 from workers.domain import DomainDef, writable_disks
 from workers.errors import OperationInvalidError
 
@@ -38,7 +47,7 @@ for i = 1, n do
       return {'held', i, cur}
     end
   end
-  if ARGV[3] == '1' then
+  if ARGV[3] == '1' and ARGV[4 + i] ~= '*' then
     local gen = redis.call('GET', KEYS[n + i]) or '0'
     if gen ~= ARGV[4 + i] then return {'changed', i, gen} end
   end
@@ -118,14 +127,29 @@ class RedisLocks:
 
     def acquire(self, d: DomainDef, host: str, pid: int, state: str | None = None,
                 check_state: bool = True) -> None:
-        """Take every lease of `d` or none; with `state`, only if nobody took one since."""
+        """Take every lease of `d` or none; with `state`, only if nobody took one since.
+
+        A lease the state does not name (a disk the dest has at another path: a storage
+        copy) was never handed over: it only has to be free.
+        """
         res = resources(d)
         gens = parse_state(state) if state else {}
         check = bool(state) and check_state
         owner = json.dumps({"host": host, "domain": d.name, "uuid": d.uuid, "pid": pid})
         argv = [owner, self.ttl_ms, "1" if check else "0", len(res),
-                *(gens.get(r, "0") for r in res)]
-        status, index, detail = self._acquire(keys=self._keys(res), args=argv)
+                *(gens.get(r, "*") for r in res)]
+        keys = self._keys(res)
+        try:
+            [(status, index, detail)] = guarded_write(
+                self.redis, lambda pipe: self._acquire(keys=keys, args=argv, client=pipe),
+                f"the leases of {d.name} taken on {host}")
+        except ReplicaWaitError as exc:
+            (status, index, detail), = exc.replies
+            if (status.decode() if isinstance(status, bytes) else status) == "ok":
+                log.warning("leases of %s: no replica has them, giving them back", d.name)
+                with contextlib.suppress(redis.RedisError):
+                    self._release(keys=keys, args=[host, d.uuid, len(res)])
+                raise
         status = status.decode() if isinstance(status, bytes) else status
         if status == "ok":
             log.info("leases of %s acquired on %s: %s", d.name, host, ", ".join(res))

@@ -68,13 +68,18 @@ class Monitor:
             ) from exc
 
     async def execute(
-        self, cmd: str, args: dict[str, Any] | None = None, timeout: float = 30.0
+        self, cmd: str, args: dict[str, Any] | None = None, timeout: float = 30.0,
+        oob: bool = False,
     ) -> Any:
-        """Run one QMP command; a QEMU error becomes a QemuError naming the command."""
+        """Run one QMP command; a QEMU error becomes a QemuError naming the command.
+
+        `oob` sends it out of band (exec-oob): QEMU answers it at once, even while an
+        in-band command hangs (e.g. `yank` while a drain waits on a stalled peer).
+        """
         started = time.monotonic()
-        log.debug("qmp %s -> %s %s", self.name, cmd, args or {})
+        log.debug("qmp %s -> %s%s %s", self.name, cmd, " (oob)" if oob else "", args or {})
         try:
-            reply = await asyncio.wait_for(self._client.execute(cmd, args), timeout)
+            reply = await asyncio.wait_for(self._client.execute(cmd, args, oob=oob), timeout)
         except ExecuteError as exc:
             log.debug("qmp %s <- %s error %s", self.name, cmd, exc.error_class)
             raise QemuError(f"QEMU refused {cmd}: {exc}", cause=exc.error_class) from exc

@@ -8,7 +8,7 @@ import threading
 from workers.errors import QemuError
 
 
-def _bindable(address: str, port: int) -> bool:
+def bindable(address: str, port: int) -> bool:
     family = socket.AF_INET6 if ":" in address else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as s:
         try:
@@ -29,10 +29,16 @@ class PortAllocator:
     def acquire(self, address: str) -> int:
         with self._lock:
             for port in range(self.low, self.high + 1):
-                if port not in self._used and _bindable(address, port):
+                if port not in self._used and bindable(address, port):
                     self._used.add(port)
                     return port
         raise QemuError(f"no free {self.what} port in {self.low}-{self.high} on {address}")
+
+    def peek(self, address: str) -> int | None:
+        """A port `acquire` would hand out now, without taking it (a dry run)."""
+        with self._lock:
+            return next((port for port in range(self.low, self.high + 1)
+                         if port not in self._used and bindable(address, port)), None)
 
     def reserve(self, port: int) -> None:
         """Mark a port in use by a guest found running after a restart."""

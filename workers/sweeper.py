@@ -33,6 +33,7 @@ from workers.domobj import DomainObj
 from workers.errors import MigrationError
 from workers.job_types import JobOperation, Phase
 from workers.jobs import ActiveJob, job_key
+from workers.migration import storage_dest
 from workers.migration.guards import end_outgoing_job
 from workers.slots import Line, Slots
 
@@ -136,6 +137,7 @@ async def sweep(agent: HostAgent, orphans: Orphans | None = None) -> list[str]:
                 if not _waiting_incoming(dom, job):
                     continue  # Finish began meanwhile: it decides
                 await agent.kill(dom, ShutoffReason.FAILED)
+            storage_dest.discard_images(agent, job.id)
             dom.job = None
             agent.release_ports(dom)
             Slots(agent.redis, agent.host).give_back(Line.IN.value, job.id)
@@ -144,9 +146,15 @@ async def sweep(agent: HostAgent, orphans: Orphans | None = None) -> list[str]:
                 dom.reason == PausedReason.MIGRATION:
             done.append(f"{dom.name} stays paused: a migration paused it and ended; check "
                         "where it runs before resuming it")
+    done += storage_dest.sweep_images(agent, agent.jobs.ended, lambda name: _runs(agent, name))
     for line in done:
         log.warning("sweeper: %s", line)
     return done
+
+
+def _runs(agent: HostAgent, name: str) -> bool:
+    dom = agent.domains.get(name)
+    return dom is not None and dom.active
 
 
 def _waiting_incoming(dom: DomainObj, job: ActiveJob) -> bool:

@@ -29,6 +29,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+from scripts.bench import storage as storage_bench
 from scripts.bench.floor import FloorGuest, FloorSample
 from scripts.bench.migration import (
     FerryGuest,
@@ -68,11 +69,14 @@ def _sizes(text: str) -> list[int]:
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m scripts.bench", description=__doc__)
-    p.add_argument("--case", choices=("floor", "transports", "scale"), default="floor",
+    p.add_argument("--case", choices=("floor", "transports", "scale", "storage"),
+                   default="floor",
                    help="floor: managed v3 against the floor per size (default, RESULTS.md); "
                         "transports: managed, p2p, p2p tunnelled and the floor on one 1 GiB "
                         "guest, rotated rounds (TRANSPORTS.md; --sizes and --order unused); "
-                        "scale: N guests at once on 4 namespace hosts (SCALE.md, --counts)")
+                        "scale: N guests at once on 4 namespace hosts (SCALE.md, --counts); "
+                        "storage: --copy-storage-all of a 2 GiB disk against qemu-img "
+                        "convert into an NBD export (STORAGE.md, --runs, --warmup)")
     p.add_argument("--counts", default="1,2,4,8,16",
                    help="scale: numbers of guests moved at once (default 1,2,4,8,16)")
     p.add_argument("--runs", type=int, default=None,
@@ -263,6 +267,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return rewrite_report(args.report)
     if args.case == "scale":
         return main_scale(args)
+    if args.case == "storage":
+        return storage_bench.main(["--runs", str(args.runs), "--warmup",
+                                   str(min(args.warmup, 1)), "--out", str(args.out)])
     if args.case == "floor":
         check_memory(args.sizes)
     # short: socket paths; searchable: a confined QEMU reaches the images in it

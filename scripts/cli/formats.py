@@ -93,7 +93,8 @@ def jobinfo(info: dict[str, Any]) -> str:
     if info["type"] != "none":
         rows += [(k.replace("_", " ").capitalize(), info[k]) for k in (
             "operation", "phase", "time_elapsed_ms", "data_total", "data_processed",
-            "data_remaining", "memory_bps", "memory_dirty_rate", "memory_iteration",
+            "data_remaining", "disk_total", "disk_processed", "disk_remaining", "disk_bps",
+            "memory_bps", "memory_dirty_rate", "memory_iteration",
             "downtime_ms", "setup_time_ms", "queue", "queue_position", "error")
             if info.get(k) is not None]
     return "\n".join(f"{k + ':':<20}{v}" for k, v in rows)
@@ -109,6 +110,23 @@ def migration_summary(s: dict[str, Any]) -> str:
         mib = st.get("memory_processed", 0) / 1048576
         lines.append(f"  transferred {mib:.1f} MiB, downtime {st.get('downtime')} ms, "
                      f"{st.get('memory_bps', 0) / 1048576:.0f} MiB/s")
+        if st.get("disk_total"):
+            lines.append(f"  disks: copied {st.get('disk_processed', 0) / 1048576:.1f} MiB "
+                         f"in {st.get('disk_copy_ms', 0)} ms")
+    return "\n".join(lines)
+
+
+def dry_run(r: dict[str, Any]) -> str:
+    """`migrate --dry-run`: what would be copied, to where, and how much."""
+    lines = [f"Dry run: {r['domain']} {r['source']} -> {r['dest']}: every check passed"]
+    for d in r["disks"]:
+        lines.append(f"  {d['target']:<5} {d['format']:<6} {d['source_path']} -> {d['path']} "
+                     f"({d['image']}, {(d['copy_bytes'] or 0) / 1048576:.1f} MiB to copy, "
+                     f"{d['capacity'] / 1048576:.0f} MiB virtual)")
+    if r["disks"]:
+        lines.append(f"  {r['copy_bytes'] / 1048576:.1f} MiB in all, NBD on {r['nbd']}")
+    else:
+        lines.append("  no disk to copy")
     return "\n".join(lines)
 
 

@@ -124,6 +124,9 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_)
         p.add_argument("--hosts", default="alpha,beta")
         p.add_argument("--flower", action="store_true")
+        if name == "up":
+            p.add_argument("--sentinel", action="store_true",
+                           help="a Redis master, replica and three sentinels, not one Redis")
         p.set_defaults(handler=handler)
 
     domain_cmd(sub, "hosts", cmd_hosts, "list hosts and whether they are alive")

@@ -27,6 +27,16 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("--timeout", type=int, help="pause the guest after S seconds to converge")
     p.add_argument("--max-downtime", type=int, help="ms")
     p.add_argument("--protocol", type=int, choices=(2, 3), default=3)
+    p.add_argument("--copy-storage-all", action="store_true",
+                   help="copy the guest's disks to the dest (NBD)")
+    p.add_argument("--copy-storage-inc", action="store_true",
+                   help="copy only the top image of each disk (the backing chain is there)")
+    p.add_argument("--migrate-disks", metavar="T,T",
+                   help="copy only these disk targets (the others must be shared)")
+    p.add_argument("--disks-port", type=int, help="the dest's NBD port (default: from "
+                   "its migration port range)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="run Begin's and Prepare's checks only: what would be copied")
     p = domain_cmd(sub, "domjobinfo", cmd_domjobinfo, "job information")
     p.add_argument("domain")
     p.add_argument("--completed", action="store_true")
@@ -45,9 +55,11 @@ def add_parsers(sub: Any) -> None:
 def _options(a: argparse.Namespace) -> dict[str, Any]:
     opts: dict[str, Any] = {name: getattr(a, name) for name in (
         "live", "p2p", "tunnelled", "persistent", "undefinesource", "suspend", "offline",
-        "abort_on_error", "auto_converge", "postcopy", "change_protection", "tls")}
+        "abort_on_error", "auto_converge", "postcopy", "change_protection", "tls",
+        "copy_storage_all", "copy_storage_inc")}
     opts.update(protocol=a.protocol, bandwidth_mib_s=a.bandwidth, timeout_s=a.timeout,
-                max_downtime_ms=a.max_downtime, migrate_uri=a.migrateuri)
+                max_downtime_ms=a.max_downtime, migrate_uri=a.migrateuri,
+                migrate_disks=a.migrate_disks, disks_port=a.disks_port)
     if a.xml:
         try:
             opts["xmlin"] = Path(a.xml).read_text()
@@ -59,6 +71,10 @@ def _options(a: argparse.Namespace) -> dict[str, Any]:
 def cmd_migrate(a: argparse.Namespace) -> int:
     api = client()
     source = host_of(a)
+    if a.dry_run:
+        report = api.migrate_dry_run(a.domain, source, a.dest, **_options(a))
+        print(formats.as_json(report) if a.json else formats.dry_run(report))
+        return 0
     job = api.migrate(a.domain, source, a.dest, **_options(a))
     if a.no_wait:
         out = {"job_id": job.id, "domain": a.domain, "source": source, "dest": a.dest,
@@ -94,9 +110,10 @@ def _follow(job: Any) -> dict[str, Any]:
             except FerryError:
                 info = {}
             total, processed = info.get("data_total"), info.get("data_processed")
-            if total:
+            if total:  # memory and disks (a storage copy's), as libvirt counts data
+                what = "disks" if info.get("disk_remaining") else info.get("phase") or ""
                 bar.update(task, total=total, completed=processed or 0,
-                           description=f"{job.params.domain} {info.get('phase') or ''}")
+                           description=f"{job.params.domain} {what}")
             time.sleep(0.25)
     return dict(job.wait())
 

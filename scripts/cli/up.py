@@ -2,13 +2,16 @@
 
 With no FERRY_BROKER_URL it runs its own redis-server on 127.0.0.1:6379
 (ferry's default broker URL), so `ferry` in another terminal needs no
-settings.  Guests outlive the hosts, as with any worker stop.
+settings.  With --sentinel it runs a Redis master, a replica and three
+sentinels on free loopback ports instead (scripts/testbed/sentinel.py).
+Guests outlive the hosts, as with any worker stop.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import signal
 import socket
 import subprocess
@@ -31,7 +34,12 @@ def start_stack(args: argparse.Namespace, root: Path, log_level: str = "INFO",
     """Redis (unless FERRY_BROKER_URL is set) on `redis_port` (default: 6379 if free) and hosts."""
     stack = Stack(root=root, log_level=log_level)
     url = os.environ.get("FERRY_BROKER_URL")
-    if url:
+    if getattr(args, "sentinel", False):
+        stack.start_sentinel()
+        assert stack.sentinel is not None
+        print(f"redis master, replica and 3 sentinels (master name "
+              f"'{stack.sentinel.master_name}') in {stack.sentinel.root}")
+    elif url:
         stack.broker_url = url
     else:
         port = redis_port or (DEFAULT_PORT if _port_free(DEFAULT_PORT) else free_port())
@@ -72,7 +80,7 @@ def run_up(args: argparse.Namespace) -> int:
     if flower:
         print("flower on http://127.0.0.1:5555")
     if stack.broker_url != load({}).broker_url:
-        print(f"in another terminal: export FERRY_BROKER_URL={stack.broker_url}")
+        print(f"in another terminal: export FERRY_BROKER_URL={shlex.quote(stack.broker_url)}")
     print("ready; Ctrl-C stops the hosts (guests keep running)")
     stopped = threading.Event()
     # Both set explicitly: a shell starts background jobs with SIGINT ignored.

@@ -8,6 +8,11 @@ runs inside the namespace (`ip netns exec`), so the QEMU processes it starts
 live there too.  Two links per host let a test cut the migration path while
 the broker stays reachable (`cut(host, data=True)`), or both.
 
+With `local_disks` (a path), each host also gets a mount namespace in which that
+path holds the host's own directory (`host_disks(name)` from outside): a guest's
+disk at one path is a different file on each host, as local disks on separate
+machines are (scripts/testbed/mountns.py).
+
 Nothing is routed off the machine: the namespaces have no default route and
 the subnets exist only on the two bridges.  Names carry a random suffix so
 several fleets can run at once; `stop()` removes every process (by pid),
@@ -20,6 +25,7 @@ import contextlib
 import ipaddress
 import secrets
 import subprocess
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -85,6 +91,7 @@ class Fleet:
     subnet: int = 0
     hosts: dict[str, FleetHost] = field(default_factory=dict)
     stack: Stack | None = None
+    local_disks: Path | None = None  # a path each host sees its own files at
     _links: list[str] = field(default_factory=list)
     _netns: list[str] = field(default_factory=list)
 
@@ -156,12 +163,23 @@ class Fleet:
         """(Re)start host `name`'s worker inside its namespace."""
         assert self.stack is not None
         host = self.hosts[name]
+        prefix: tuple[str, ...] = ("ip", "netns", "exec", host.netns)
+        if self.local_disks is not None:
+            self.local_disks.mkdir(parents=True, exist_ok=True)
+            own = self.host_disks(name)
+            own.mkdir(parents=True, exist_ok=True)
+            prefix += (sys.executable, "-m", "scripts.testbed.mountns", "--bind",
+                       f"{own}:{self.local_disks}", "--")
         host.worker = self.stack.start_worker(
-            name, wait=False, prefix=("ip", "netns", "exec", host.netns),
+            name, wait=False, prefix=prefix,
             env={"FERRY_MIGRATION_ADDRESS": host.address, **(env or {})})
         if wait:
             self.wait_alive(name)
         return host.worker
+
+    def host_disks(self, name: str) -> Path:
+        """Where host `name`'s own files behind `local_disks` are, seen from outside."""
+        return self.root / "hosts" / name / "disks"
 
     def wait_alive(self, name: str) -> None:
         """Up when its heartbeat names the pid we started (so `ip netns exec` exec'd)."""

@@ -15,7 +15,12 @@ and to 3 GiB.  Serial output, CRLF-terminated::
     ferry-guest 2 ...
 
 R is the top of the usable RAM below 3 GiB in MiB; D is the dirty region after
-clamping.  Dirtying writes a running count to the first word of each page in
+clamping.  With `log_sectors` > 0 the guest also writes every counter to its disk
+before it prints it (IDE primary master, so the disk must be `hda` on bus ide): a
+record at LBA 2049 + N mod log_sectors and a head sector at LBA 2048 naming the
+latest N, each with a checksum, so `read_disk_log` can prove that every counter the
+guest printed is on a disk (none lost by a storage copy) and that none is corrupt.
+Dirtying writes a running count to the first word of each page in
 turn; time comes from polling the PIT, and an idle guest halts between RTC
 ticks (64 Hz) instead of spinning.  The assembled blob is cached per process;
 parameters are patched into its parameter block, so one assembly serves every
@@ -60,6 +65,14 @@ PARAMS_VERSION = 1
 _PARAMS = struct.Struct("<8s8I")
 
 _COUNTER_RE = re.compile(r"^ferry-guest (\d+)\r?\n", re.MULTILINE)
+
+DISK_MAGIC = b"FERRYDSK"
+DISK_PARAMS_VERSION = 1
+_DISK_PARAMS = struct.Struct("<8sII")  # magic, version, log_sectors
+LOG_LBA = 2048  # the head sector; records from LOG_LBA + 1
+LOG_MAGIC, HEAD_MAGIC = b"FERRYLOG", b"FERRYHED"
+MAX_LOG_SECTORS = 1 << 20
+_GOLDEN = 0x9E3779B1
 
 
 class GuestBuildError(RuntimeError):
@@ -134,6 +147,82 @@ def patch_params(blob: bytes, params: GuestParams) -> bytes:
     return blob[:at] + params.encode() + blob[at + _PARAMS.size :]
 
 
+def patch_disk_params(blob: bytes, log_sectors: int) -> bytes:
+    """Return `blob` with its disk parameter block set to `log_sectors`."""
+    _check_int("log_sectors", log_sectors, 0, MAX_LOG_SECTORS)
+    at = blob.find(DISK_MAGIC)
+    if at < 0 or blob.find(DISK_MAGIC, at + 1) >= 0:
+        raise GuestBuildError("guest blob must contain exactly one disk parameter block")
+    block = _DISK_PARAMS.pack(DISK_MAGIC, DISK_PARAMS_VERSION, log_sectors)
+    return blob[:at] + block + blob[at + _DISK_PARAMS.size:]
+
+
+def log_record(counter: int, magic: bytes = LOG_MAGIC) -> bytes:
+    """The sector the guest writes for `counter` (its make_record, in Python)."""
+    words = [*struct.unpack("<2I", magic), counter, counter ^ 0xFFFF_FFFF]
+    base = (counter * _GOLDEN) & 0xFFFF_FFFF
+    words += [(base + i) & 0xFFFF_FFFF for i in range(4, 127)]
+    check = 0
+    for w in words:
+        check ^= w
+    return struct.pack("<128I", *words, check)
+
+
+def parse_record(sector: bytes) -> tuple[bytes, int] | None:
+    """(magic, counter) of an intact record or head sector; None for anything else."""
+    if len(sector) != SECTOR or sector[:8] not in (LOG_MAGIC, HEAD_MAGIC):
+        return None
+    counter = struct.unpack_from("<I", sector, 8)[0]
+    return (sector[:8], counter) if sector == log_record(counter, sector[:8]) else None
+
+
+@dataclass(frozen=True)
+class DiskLog:
+    """What a guest's disk log holds: the head's counter, each slot's counter, and the
+    slots that hold something that is not an intact record (torn or corrupt)."""
+
+    log_sectors: int
+    head: int | None
+    slots: dict[int, int]
+    corrupt: tuple[int, ...]
+
+    @property
+    def latest(self) -> int:
+        return max(self.slots.values(), default=0)
+
+    def missing(self, upto: int) -> list[int]:
+        """Counters <= `upto` (within the ring's reach) whose record is not on the disk."""
+        first = max(1, upto - self.log_sectors + 1)
+        return [c for c in range(first, upto + 1)
+                if self.slots.get(c % self.log_sectors, -1) < c]
+
+
+def parse_disk_log(data: bytes, log_sectors: int) -> DiskLog:
+    """The log from the bytes of the disk from LBA LOG_LBA on."""
+    head = parse_record(data[:SECTOR])
+    slots: dict[int, int] = {}
+    corrupt = []
+    for slot in range(log_sectors):
+        sector = data[(slot + 1) * SECTOR:(slot + 2) * SECTOR]
+        rec = parse_record(sector)
+        if rec is not None and rec[0] == LOG_MAGIC and rec[1] % log_sectors == slot:
+            slots[slot] = rec[1]
+        elif sector.strip(b"\0"):
+            corrupt.append(slot)
+    return DiskLog(log_sectors, head[1] if head and head[0] == HEAD_MAGIC else None, slots,
+                   tuple(corrupt))
+
+
+def read_disk_log(image: Path, fmt: str, log_sectors: int) -> DiskLog:
+    """The log of an image file (raw or qcow2; read shared, even while a QEMU has it)."""
+    with tempfile.TemporaryDirectory(prefix="ferry-log-") as tmp:
+        out = Path(tmp) / "log.raw"
+        subprocess.run(["qemu-img", "dd", "-U", "-f", fmt, "-O", "raw", f"bs={SECTOR}",
+                        f"skip={LOG_LBA}", f"count={log_sectors + 1}", f"if={image}",
+                        f"of={out}"], check=True, capture_output=True)
+        return parse_disk_log(out.read_bytes(), log_sectors)
+
+
 def assemble() -> bytes:
     """The guest as a flat binary (MBR + stage 2), assembled once per source version."""
     digest = hashlib.sha256(SOURCE.read_bytes() + LINKER_SCRIPT.read_bytes()).hexdigest()
@@ -181,19 +270,29 @@ def build_image(
     rate_mib_s: int | None = None,
     random_mib: int = 0,
     counter_interval_ms: int = 100,
+    log_sectors: int = 0,
+    size: int = IMAGE_SIZE,
 ) -> Path:
-    """Write the guest image to `out` atomically and return `out`.
+    """Write the guest image (raw, `size` bytes, sparse beyond the guest) to `out`
+    atomically and return `out`.
 
-    `rate_mib_s=None` dirties as fast as the guest can, 0 not at all.  A reader
-    never sees a half-written image: it goes to a temp file that is renamed.
+    `rate_mib_s=None` dirties as fast as the guest can, 0 not at all; `log_sectors`
+    > 0 makes the guest log its counters to the disk (which must then hold them).
+    A reader never sees a half-written image: it goes to a temp file that is renamed.
     """
     params = GuestParams(dirty_mib, rate_mib_s, random_mib, counter_interval_ms)
     data = render_image(params)
+    if log_sectors:
+        data = patch_disk_params(data, log_sectors)
+    need = (LOG_LBA + 1 + log_sectors) * SECTOR if log_sectors else IMAGE_SIZE
+    if size < need or size % SECTOR:
+        raise ValueError(f"size must be a multiple of {SECTOR} and at least {need}")
     out = Path(out)
     fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
+            f.truncate(size)
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, 0o644)
@@ -241,6 +340,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--random-mib", type=int, default=0, help="MiB filled once with incompressible bytes"
     )
     parser.add_argument("--interval-ms", type=int, default=100, help="counter line period")
+    parser.add_argument("--log-sectors", type=int, default=0,
+                        help="log each counter to the disk in a ring of this many sectors")
+    parser.add_argument("--size-mib", type=int, default=0, help="image size (default: fit)")
     args = parser.parse_args(argv)
     try:
         path = build_image(
@@ -249,6 +351,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             rate_mib_s=args.rate,
             random_mib=args.random_mib,
             counter_interval_ms=args.interval_ms,
+            log_sectors=args.log_sectors,
+            size=args.size_mib << 20 if args.size_mib else
+            max(IMAGE_SIZE, -(-(LOG_LBA + 1 + args.log_sectors) * SECTOR // (1 << 20)) << 20),
         )
     except (ValueError, GuestBuildError, OSError) as exc:
         parser.error(str(exc))

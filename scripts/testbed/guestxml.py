@@ -13,7 +13,8 @@ from pathlib import Path
 
 def guest_xml(name: str, disk: Path, serial_log: Path, *, memory_mib: int = 64,
               vcpus: int = 1, uuid: str | None = None, disk_bus: str = "ide",
-              extra_devices: str = "", domain_type: str = "kvm") -> str:
+              extra_devices: str = "", domain_type: str = "kvm",
+              disk_format: str = "raw") -> str:
     target = "vda" if disk_bus == "virtio" else "hda"
     return f"""<domain type='{domain_type}'>
   <name>{name}</name>
@@ -35,7 +36,7 @@ def guest_xml(name: str, disk: Path, serial_log: Path, *, memory_mib: int = 64,
   <devices>
     <emulator>/usr/bin/qemu-system-x86_64</emulator>
     <disk type='file' device='disk'>
-      <driver name='qemu' type='raw'/>
+      <driver name='qemu' type='{disk_format}'/>
       <source file='{disk}'/>
       <target dev='{target}' bus='{disk_bus}'/>
     </disk>

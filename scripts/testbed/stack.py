@@ -24,6 +24,7 @@ import redis
 
 from config import broker
 from config.settings import Settings, load
+from scripts.testbed.sentinel import SentinelSet
 from workers import confine
 from workers.heartbeat import get_host
 
@@ -120,6 +121,16 @@ class Stack:
     redis_persistent: bool = False
     workers: dict[str, Worker] = field(default_factory=dict)
     extra_env: dict[str, str] = field(default_factory=dict)
+    sentinel: SentinelSet | None = None  # start_sentinel(): the broker is a Sentinel set
+
+    def start_sentinel(self, **options: Any) -> str:
+        """A master, one replica and three sentinels instead of one redis-server
+        (scripts/testbed/sentinel.py); the broker URL in Sentinel form."""
+        self.sentinel = SentinelSet(self.root / "sentinel", **options)
+        self.broker_url = self.sentinel.start()
+        self.extra_env.update({k: v for k, v in self.sentinel.env().items()
+                               if k != "FERRY_BROKER_URL"})
+        return self.broker_url
 
     def start_redis(self, port: int | None = None, password: str | None = None,
                     bind: str = "127.0.0.1", tls: RedisTls | None = None,
@@ -247,6 +258,8 @@ class Stack:
             for pid in self.guest_pids():
                 stop_pid(pid, timeout=5)
         self.stop_redis()
+        if self.sentinel is not None:
+            self.sentinel.stop()
 
 
 def _pidfile_pids(state_dir: Path) -> list[int]:

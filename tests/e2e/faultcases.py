@@ -10,7 +10,9 @@ fate is unknown, LOST = no copy is left running and the error says why.
 A phase is held at an exact point by a failpoint armed at run time
 (`pause`, see workers/failpoints.py), the fault is inflicted, then the phase
 is let go.  "Perform (copying)" needs no failpoint: the migration runs at
-1 MiB/s and the fault lands once QEMU has sent data.
+1 MiB/s and the fault lands once QEMU has sent data; in storage mode
+(--copy-storage-all, each host its own disk file) it lands while the disks are
+mirrored, before any RAM moves.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ class Mode(enum.Enum):
     MANAGED = "managed"
     P2P = "p2p"
     TUNNELLED = "p2p tunnelled"
+    STORAGE = "managed storage copy"
 
 
 class Outcome(enum.Enum):
@@ -152,6 +155,24 @@ TUNNELLED_EXPECTED: dict[tuple[Fault, At], Outcome] = {
 }
 
 
+# Storage copy: the faults that hit while the disks are mirrored to the dest's NBD
+# server.  Beyond one copy running: the disk of the host where the guest runs holds every
+# write it made, and a dest that lost the guest keeps no image it created.
+STORAGE_EXPECTED: dict[tuple[Fault, At], Outcome] = {
+    (Fault.SRC_WORKER, At.COPYING): S,
+    (Fault.DST_WORKER, At.COPYING): D,
+    (Fault.SRC_QEMU, At.COPYING): LOST,
+    (Fault.DST_QEMU, At.COPYING): S,
+    (Fault.REDIS, At.COPYING): D,
+    (Fault.ABORT, At.COPYING): S,
+}
+STORAGE_NOTE = (
+    "managed storage copy / Perform (copying): the fault lands while the disks are "
+    "mirrored; a restarted source worker cancels the mirrors and the migration (S); the "
+    "dest's worker is not on the data path: the mirrors and the NBD server live in the "
+    "QEMUs (D); a dest QEMU killed fails the mirror with an I/O error (S), and the image "
+    "the dest created goes")
+
 # TLS: a --tls migration whose certificates the dest refuses at Prepare (its own are
 # broken) or in the handshake at the start of Perform (the source's are not trusted).
 TLS_EXPECTED: dict[At, Outcome] = {At.PREPARE: S, At.COPYING: S}
@@ -168,7 +189,9 @@ def cases() -> list[Case]:
     out += [Case(Fault.TLS, at, mode, expected) for mode in (Mode.MANAGED, Mode.P2P)
             for at, expected in TLS_EXPECTED.items()]
     return out + [Case(fault, at, Mode.TUNNELLED, expected)
-                  for (fault, at), expected in TUNNELLED_EXPECTED.items()]
+                  for (fault, at), expected in TUNNELLED_EXPECTED.items()] + \
+        [Case(fault, at, Mode.STORAGE, expected)
+         for (fault, at), expected in STORAGE_EXPECTED.items()]
 
 
 @dataclass
@@ -198,4 +221,6 @@ def markdown(results: list[Result]) -> str:
     lines.append("")
     for (fault, at), note in NOTES.items():
         lines.append(f"- {fault.value} / {at.value}: {note}.")
+    if any(r.mode == Mode.STORAGE.value for r in results):
+        lines.append(f"- {STORAGE_NOTE}.")
     return "\n".join(lines) + "\n"

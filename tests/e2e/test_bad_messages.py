@@ -126,7 +126,7 @@ COOKIES: dict[str, tuple[Callable[[Guest], str], str]] = {
     "wrong root": (lambda g: f"<domain><name>{g.name}</name></domain>", "root element"),
     "duplicate uuid": (lambda g: _cookie(g, f"<uuid>{g.uuid}</uuid>"), "more than one <uuid>"),
     "bad uuid": (lambda g: _cookie(g).replace(g.uuid, "not-a-uuid"), "not a valid UUID"),
-    "mandatory unknown feature": (lambda g: _cookie(g, "<feature name='nbd'/>"), "'nbd'"),
+    "mandatory unknown feature": (lambda g: _cookie(g, "<feature name='cpu'/>"), "'cpu'"),
 }
 
 

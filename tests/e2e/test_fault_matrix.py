@@ -33,8 +33,9 @@ from scripts.cli import tls_init
 from scripts.testbed.guestxml import guest_xml
 from scripts.testbed.stack import Stack, searchable, wait_for
 from tasks.client import Client
-from tests.conftest import pid_alive, qemu_pids_of
+from tests.conftest import Guest, pid_alive, qemu_pids_of
 from tests.e2e.faultcases import SOURCE, At, Case, Fault, Mode, Outcome, Result, cases
+from tests.e2e.storagekit import dest_xml, log_complete, make_log_image, no_copy_left_in
 from workers.errors import FerryError
 
 SRC, DST = "fsrc", "fdst"
@@ -44,7 +45,8 @@ ERROR_NAMES = {  # what the job's error must say for each fault
     Fault.SRC_WORKER: r"restart|interrupted",
     Fault.DST_WORKER: r"restart|interrupted",
     Fault.SRC_QEMU: r"QEMU of .* exited",
-    Fault.DST_QEMU: r"incoming QEMU exited|connection refused|broken pipe",  # QEMU's words
+    Fault.DST_QEMU: r"incoming QEMU exited|connection refused|broken pipe|"  # QEMU's words
+                    r"copy of disk .* to the dest failed",  # a storage copy's mirror
     Fault.REDIS: r"broker|redis|connection",
     Fault.ABORT: r"abort|cancel",
     Fault.TLS: r"TLS|certificate",
@@ -57,6 +59,12 @@ class FaultStack:
     client: Client
     disk_dir: Path
     base_image: Path
+    log_image: Path | None = None  # storage rows: a guest logging to a qcow2 disk
+
+    def storage_image(self) -> Path:
+        if self.log_image is None:
+            self.log_image = make_log_image(self.disk_dir, random_mib=8, size_mib=32)
+        return self.log_image
 
     def worker_env(self, host: str) -> dict[str, str]:
         return {"FERRY_FAILPOINT_DIR": str(self.fp_dir(host)),
@@ -150,6 +158,7 @@ class Run:
     name: str
     uuid: str
     xml: str
+    dest_disk: Path | None = None  # storage rows: the dest's own disk file
     reply: Any = None
     error: str | None = None
     summary: dict[str, Any] = field(default_factory=dict)
@@ -161,12 +170,13 @@ def _host(side: str) -> str:
     return SRC if side == SOURCE else DST
 
 
-def _start_guest(fs: FaultStack) -> tuple[str, str, str]:
+def _start_guest(fs: FaultStack, storage: bool = False) -> tuple[str, str, str]:
     name, dom_uuid = f"f-{uuidlib.uuid4().hex[:8]}", str(uuidlib.uuid4())
     disk = fs.disk_dir / f"{name}.img"
-    shutil.copyfile(fs.base_image, disk)
+    shutil.copyfile(fs.storage_image() if storage else fs.base_image, disk)
     xml = guest_xml(name, disk, fs.disk_dir / f"{name}.serial", memory_mib=32,
-                    uuid=dom_uuid, domain_type="qemu")
+                    uuid=dom_uuid, domain_type="qemu",
+                    disk_format="qcow2" if storage else "raw")
     fs.client.call(SRC, "define", xml=xml)
     fs.client.call(SRC, "start", domain=name)
     return name, dom_uuid, xml
@@ -174,12 +184,19 @@ def _start_guest(fs: FaultStack) -> tuple[str, str, str]:
 
 def _hold(fs: FaultStack, case: Case, job: Any) -> None:
     """Wait (an event, never a sleep) until the case's phase is at its point."""
+    if case.point is None and case.mode == Mode.STORAGE:  # the disks are being mirrored
+        wait_for(lambda: _mirroring(job.info()), 60, "the disk copy to run")
+        return
     if case.point is None:  # copying: QEMU has sent data and goes on at 1 MiB/s
         wait_for(lambda: (job.info().get("data_processed") or 0) > 0, 60, "the copy to run")
         return
     side, point = case.point
     marker = fs.fp_dir(_host(side)) / f"{point}.hit"
     wait_for(marker.exists, 60, f"{point} to be reached")
+
+
+def _mirroring(info: dict[str, Any]) -> bool:
+    return bool(info.get("disk_processed")) and (info.get("disk_remaining") or 0) > 0
 
 
 def _release(fs: FaultStack, case: Case) -> None:
@@ -245,8 +262,14 @@ def _outcome(fs: FaultStack, run: Run) -> Outcome | None:
 
 
 def _run(fs: FaultStack, case: Case) -> tuple[Run, Outcome | str, float, Sampler]:
-    name, dom_uuid, xml = _start_guest(fs)
+    storage = case.mode == Mode.STORAGE
+    name, dom_uuid, xml = _start_guest(fs, storage)
     run = Run(case, name, dom_uuid, xml, worker_pids=_worker_pids(fs))
+    copy: dict[str, Any] = {}
+    if storage:
+        run.dest_disk = fs.disk_dir / "dst" / f"{name}.img"
+        run.dest_disk.parent.mkdir(exist_ok=True)
+        copy = {"copy_storage_all": True, "xmlin": dest_xml(_as_guest(fs, run), run.dest_disk)}
     if case.point is not None:
         side, point = case.point
         (fs.fp_dir(_host(side)) / point).write_text("pause")
@@ -257,8 +280,10 @@ def _run(fs: FaultStack, case: Case) -> tuple[Run, Outcome | str, float, Sampler
     sampler.start()
     try:
         speed = {"bandwidth_mib_s": 1} if case.at == At.COPYING and not tls else {}
-        job = fs.client.migrate(name, SRC, DST, live=True, p2p=case.mode != Mode.MANAGED,
-                                tunnelled=case.mode == Mode.TUNNELLED, tls=tls, **speed)
+        job = fs.client.migrate(name, SRC, DST, live=True,
+                                p2p=case.mode in (Mode.P2P, Mode.TUNNELLED),
+                                tunnelled=case.mode == Mode.TUNNELLED, tls=tls, **speed,
+                                **copy)
         run.job_id = job.id
         started = time.monotonic()
         if not tls:  # a TLS fault is in the certificates already
@@ -420,3 +445,25 @@ def _check(fs: FaultStack, run: Run, outcome: Outcome | str, sampler: Sampler) -
                  "the source's sweeper to report the guest the migration left paused")
     if case.fault == Fault.ABORT and case.at in (At.FINISH, At.STARTED, At.CONFIRM):
         assert "refused" in (run.reply or {}), f"a late abort was not refused: {run.reply}"
+    if case.mode == Mode.STORAGE:
+        _check_storage(fs, run, outcome, running)
+
+
+def _check_storage(fs: FaultStack, run: Run, outcome: Outcome | str,
+                   running: str | None) -> None:
+    """The disk of the host where the guest runs holds every write it made; a dest
+    without the guest keeps no image it created; no mirror is left in a source QEMU."""
+    assert run.dest_disk is not None
+    guest = _as_guest(fs, run)
+    if outcome == Outcome.D:
+        log_complete(fs.client, DST, guest, run.dest_disk)
+        return
+    assert not run.dest_disk.exists(), f"the dest kept the image it created: {run.dest_disk}"
+    if running == SRC:
+        assert no_copy_left_in(fs.client, SRC, run.name), "a mirror left in the source"
+        log_complete(fs.client, SRC, guest, fs.disk_dir / f"{run.name}.img")
+
+
+def _as_guest(fs: FaultStack, run: Run) -> Guest:
+    disk = fs.disk_dir / f"{run.name}.img"
+    return Guest(run.name, run.uuid, run.xml, disk, fs.disk_dir / f"{run.name}.serial")

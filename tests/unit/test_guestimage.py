@@ -197,3 +197,44 @@ def test_cli_rejects_bad_arguments(
     assert info.value.code == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "x.img").exists()
+
+
+# -- the disk log ---------------------------------------------------------------------------
+
+
+def test_a_log_record_carries_its_counter_its_complement_and_a_checksum() -> None:
+    rec = guestimage.log_record(7)
+    assert len(rec) == 512 and rec[:8] == b"FERRYLOG"
+    assert struct.unpack_from("<II", rec, 8) == (7, 0xFFFF_FFF8)
+    assert guestimage.parse_record(rec) == (b"FERRYLOG", 7)
+    torn = rec[:256] + guestimage.log_record(8)[256:]
+    assert guestimage.parse_record(torn) is None
+    assert guestimage.parse_record(bytes(512)) is None
+
+
+def test_the_disk_log_says_which_printed_counters_are_missing_and_which_slots_are_corrupt(
+        ) -> None:
+    n = 8
+    sectors = [guestimage.log_record(12, guestimage.HEAD_MAGIC)]
+    slots = {c % n: c for c in range(5, 13)}  # counters 5..12 in an 8-slot ring
+    slots[10 % n] = 2  # counter 10's write was lost: its slot still holds counter 2
+    for slot in range(n):
+        sectors.append(guestimage.log_record(slots[slot]))
+    sectors[1 + 3] = b"\xff" * 512  # slot 3 (counter 11) corrupt
+    log = guestimage.parse_disk_log(b"".join(sectors), n)
+    assert log.head == 12 and log.latest == 12
+    assert log.corrupt == (3,)
+    assert log.missing(12) == [10, 11]
+    assert log.missing(20) == list(range(13, 21))  # printed, never on the disk
+
+
+@needs_binutils
+def test_a_logging_image_is_sparse_beyond_the_guest_and_carries_its_ring_size(
+        tmp_path: Path) -> None:
+    out = build_image(tmp_path / "log.img", log_sectors=4096, size=4 << 20)
+    assert out.stat().st_size == 4 << 20
+    data = out.read_bytes()
+    at = data.find(guestimage.DISK_MAGIC)
+    assert struct.unpack_from("<II", data, at + 8) == (1, 4096)
+    with pytest.raises(ValueError, match="at least"):
+        build_image(tmp_path / "small.img", log_sectors=4096, size=1 << 20)

@@ -21,6 +21,7 @@ are ignored.  Pure Python: the files are parsed with ast, never imported.
 from __future__ import annotations
 
 import ast
+import gc
 import io
 import tokenize
 from collections import deque
@@ -150,6 +151,19 @@ class _Visitor(ast.NodeVisitor):
             self._add(stem if alias.name == "*" else f"{stem}.{alias.name}", stem, node)
 
 
+def parse_python(source: str, filename: str) -> ast.Module:
+    """ast.parse with the garbage collector held off: on CPython 3.11.7 a collection that
+    runs finalizers while the compiler builds the tree can raise "AST constructor
+    recursion depth mismatch" (seen under pytest-xdist; fixed in later 3.11 releases)."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        return ast.parse(source, filename)
+    finally:
+        if enabled:
+            gc.enable()
+
+
 def find_imports(root: Path) -> list[Import]:
     """Every import statement's modules, by every module of the tree; one record per
     module named per statement (`from a import b, c` of two attributes is one)."""
@@ -158,7 +172,7 @@ def find_imports(root: Path) -> list[Import]:
     for module, path in modules.items():
         source = path.read_text()
         visitor = _Visitor(module, path.name == "__init__.py")
-        visitor.visit(ast.parse(source, str(path)))
+        visitor.visit(parse_python(source, str(path)))
         comments = _comments(source)
         for name, written, line, last, in_function, type_only in visitor.found:
             target = _resolve(name, modules)

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.unit.test_import_graph import parse_python
+
 ROOT = Path(__file__).resolve().parents[2]
 PACKAGES = ("workers", "tasks", "scripts", "config")
 SHELL_CALLS = {"os.system", "os.popen", "subprocess.getoutput", "subprocess.getstatusoutput",
@@ -39,7 +41,7 @@ def _shell_argv(node: ast.expr) -> bool:
 def shell_uses(source: str, filename: str = "<src>") -> list[str]:
     """Every place in `source` that runs a shell, as 'file:line what'."""
     found = []
-    for node in ast.walk(ast.parse(source, filename)):
+    for node in ast.walk(parse_python(source, filename)):
         if isinstance(node, ast.Call):
             name = _name(node.func)
             if name in SHELL_CALLS:

@@ -18,7 +18,7 @@ from workers.domobj import DomainObj
 from workers.errors import InvalidInputError, OperationInvalidError
 from workers.job_types import Phase
 from workers.jobs import active_record, jobinfo_view
-from workers.migration import qemu_migrate
+from workers.migration import qemu_migrate, storage
 from workers.migration.params import MAX_BANDWIDTH_MIB_S, MAX_DOWNTIME_MS, MigrationFlags
 
 log = logging.getLogger(__name__)
@@ -63,6 +63,14 @@ async def _abort(agent: HostAgent, dom: DomainObj, args: dict[str, Any]) -> Any:
         raise OperationInvalidError(TOO_LATE)
     dom.job.abort = True
     agent.jobs.request_abort(dom.uuid)
+    copy = dom.storage_out
+    if _performing(dom) and copy is not None and not copy.ram_started:
+        # Still copying the disks: Perform's loop sees the abort at once and cancels
+        # the mirrors.
+        dom.wakeup.set()
+        closed = await copy.wait_closed(ABORT_SETTLE_S)
+        return {"aborted": True, "phase": dom.job.phase if dom.job else None,
+                "status": "cancelled" if closed else "cancelling"}
     if _performing(dom):
         await qemu_migrate.cancel(dom)
         status = await _settled(dom, ABORT_SETTLE_S)
@@ -93,6 +101,8 @@ async def _setspeed(agent: HostAgent, dom: DomainObj, args: dict[str, Any]) -> A
         assert dom.monitor is not None
         await dom.monitor.execute("migrate-set-parameters",
                                   {"max-bandwidth": qemu_migrate.mib_to_bytes(mib)})
+    if dom.storage_out is not None:  # the disk copy too, as libvirt
+        await dom.storage_out.set_speed(storage.mib_to_speed(mib))
     return {"bandwidth": mib}
 
 

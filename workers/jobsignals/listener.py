@@ -65,21 +65,32 @@ class SignalListener:
         while True:
             try:
                 msg = await self.pubsub.get_message(timeout=1.0)
-            except (redis.RedisError, OSError) as exc:
+            except (redis.RedisError, OSError, RuntimeError) as exc:
+                # RuntimeError: redis-py's word for a pubsub that never got a connection
                 log.warning("job signal listener: %s; reconnecting", exc)
-                await asyncio.sleep(1.0)
                 await self._resubscribe()
                 continue
             if msg is not None and msg.get("type") == "message":
                 asyncio.get_running_loop().create_task(self._handle(msg))
 
     async def _resubscribe(self) -> None:
-        """After the broker came back: listen again on every channel we had."""
+        """After the broker came back, or its master moved (Sentinel): listen again on
+        every channel we had, trying every second until a master answers (a failover
+        takes the sentinels' down-after time and more)."""
         channels = [c.decode() if isinstance(c, bytes) else c for c in self.pubsub.channels]
-        with contextlib.suppress(redis.RedisError, OSError):
-            await self.pubsub.reset()
+        channels = channels or [host_channel(self.host)]
+        while True:
+            await asyncio.sleep(1.0)
+            with contextlib.suppress(redis.RedisError, OSError):
+                await self.pubsub.reset()
             self.pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
-            await self.pubsub.subscribe(*channels or [host_channel(self.host)])
+            try:
+                await self.pubsub.subscribe(*channels)
+            except (redis.RedisError, OSError) as exc:
+                log.warning("job signal listener: not subscribed yet: %s", exc)
+                continue
+            log.info("job signal listener: listening again on %d channel(s)", len(channels))
+            return
 
     async def _handle(self, msg: dict[str, Any]) -> None:
         channel = msg["channel"].decode()

@@ -25,6 +25,15 @@ class NoJobOwnerError(OperationInvalidError):
 
 def send_signal(client: redis.Redis, uuid: str, op: str, args: dict[str, Any] | None = None,
                 timeout_s: float = 5.0) -> Any:
+    try:
+        return _send(client, uuid, op, args, timeout_s)
+    except redis.RedisError as exc:  # no master now (a failover), or no broker at all
+        raise HostUnavailableError(f"cannot send {op} for domain {uuid}: the broker does not "
+                                   f"answer ({exc})") from exc
+
+
+def _send(client: redis.Redis, uuid: str, op: str, args: dict[str, Any] | None,
+          timeout_s: float) -> Any:
     reply_to = reply_channel()
     sig_id = str(uuidlib.uuid4())
     # redis-py leaves Redis.pubsub unannotated

@@ -9,5 +9,8 @@ guards.py        rules both ends share (abort at a boundary, v2 and leases, end 
 qemu_migrate.py  QEMU's side: capabilities, migrate, the wait loop, statistics
 progress.py      progress figures, the downtime schedule, stall watch
 tunnel.py        a tunnelled stream through the broker
+storage_plan.py  storage copy policy: which disks, what the dest creates, mirror figures
+storage.py       storage copy on the source: Begin's disks, the mirrors, switch-over, abort
+storage_dest.py  storage copy on the dest: images (and their ledger), the NBD server
 tls.py           native TLS: tls-creds objects, the host's policy, TLS failures in words
 """

@@ -4,7 +4,7 @@ Decisions:
 
 - Understood: identity (name, uuid, hostname, hostuuid), ``<feature>``,
   ``<graphics>``, ``<lockstate>``, ``<domain>`` (kept as XML text, not
-  modelled) and ``<statistics>``.  Anything else (nbd, network, cpu,
+  modelled), ``<nbd>`` and ``<statistics>``.  Anything else (network, cpu,
   allowReboot, capabilities, blockDirtyBitmaps, unknown or namespaced
   elements, unknown statistics) is skipped, unless named by a ``<feature>``:
   an unsupported mandatory feature is an UnsupportedError naming it.
@@ -15,6 +15,10 @@ Decisions:
   from the receiving host itself, is MigrationError.
 - Statistics mirror libvirt's ``*_set`` flags: fields libvirt always writes
   are ints (0 when absent), fields it writes only when known may be None.
+- ``<nbd port='N'><disk target='vda' capacity='N'/></nbd>`` is libvirt's (the port
+  only when non-zero).  ferry adds attributes to ``<disk>`` that libvirt's parser
+  ignores: ``format``, ``clusterSize``, ``backingFile``, ``backingFormat`` and
+  ``allocation`` (bytes the copy needs), what the dest needs to create the image.
 - ``persistent`` is stored canonically (whitespace between elements dropped,
   re-indented), so ``parse(c.to_xml()) == c`` for every valid Cookie.
 """
@@ -38,7 +42,7 @@ LIBVIRT_FEATURES = (
     "graphics", "lockstate", "persistent", "network", "nbd", "statistics", "memory-hotplug",
     "cpu-hotplug", "cpu", "allowReboot", "capabilities", "block-dirty-bitmaps",
 )
-SUPPORTED_FEATURES = frozenset({"graphics", "lockstate", "persistent", "statistics"})
+SUPPORTED_FEATURES = frozenset({"graphics", "lockstate", "persistent", "nbd", "statistics"})
 
 _UUID_RE = re.compile(r"[0-9a-fA-F]{8}(-?[0-9a-fA-F]{4}){3}-?[0-9a-fA-F]{12}")
 _NOT_XML_CHAR = re.compile(r"[^\t\n\r\x20-\uD7FF\uE000-\uFFFD\U00010000-\U0010FFFF]")
@@ -179,6 +183,59 @@ class CookieLockstate:
         _check_text(self.leases, "lockstate leases", empty_ok=True)
 
 
+_DISK_FORMATS = ("raw", "qcow2")
+_NBD_ATTRS = (("format", "format"), ("cluster_size", "clusterSize"),
+              ("backing_file", "backingFile"), ("backing_format", "backingFormat"),
+              ("allocation", "allocation"))
+
+
+@dataclass(frozen=True)
+class CookieNbdDisk:
+    """One disk of ``<nbd>``: its target and virtual size (libvirt's), and what the dest
+    needs to create its image (ferry's; None: not sent)."""
+
+    target: str
+    capacity: int
+    format: str | None = None
+    cluster_size: int | None = None
+    backing_file: str | None = None  # as the source image names it (may be relative)
+    backing_format: str | None = None
+    allocation: int | None = None
+
+    def __post_init__(self) -> None:
+        _check_text(self.target, "nbd disk target")
+        _check_int(self.capacity, f"nbd disk {self.target} capacity", *_U64)
+        for fmt in (self.format, self.backing_format):
+            if fmt is not None and fmt not in _DISK_FORMATS:
+                raise InvalidInputError(f"migration cookie nbd disk {self.target} format "
+                                        f"{quoted(fmt)} is not raw or qcow2")
+        for name in ("cluster_size", "allocation"):
+            if (value := getattr(self, name)) is not None:
+                _check_int(value, f"nbd disk {self.target} {name}", *_U64)
+        if self.backing_file is not None:
+            _check_text(self.backing_file, f"nbd disk {self.target} backingFile")
+
+
+@dataclass(frozen=True)
+class CookieNbd:
+    """libvirt's ``<nbd>``: the dest's NBD port (0: none, as in Begin's and Perform's
+    cookies) and the disks copied."""
+
+    port: int = 0
+    disks: tuple[CookieNbdDisk, ...] = ()
+
+    def __post_init__(self) -> None:
+        _check_int(self.port, "nbd port", 0, 65535)
+        object.__setattr__(self, "disks", tuple(self.disks))
+        targets = [d.target for d in self.disks]
+        if len(set(targets)) != len(targets):
+            raise InvalidInputError(f"migration cookie nbd names a disk twice: "
+                                    f"{quoted(','.join(targets))}")
+
+    def disk(self, target: str) -> CookieNbdDisk | None:
+        return next((d for d in self.disks if d.target == target), None)
+
+
 @dataclass(frozen=True)
 class CookieStatistics:
     """A completed job's statistics; field names and order are libvirt's elements.
@@ -246,6 +303,7 @@ class Cookie:
     lockstate: CookieLockstate | None = None
     persistent: str | None = None  # the <domain> element as XML text
     statistics: CookieStatistics | None = None
+    nbd: CookieNbd | None = None
 
     def __post_init__(self) -> None:
         for what in ("name", "hostname"):
@@ -263,7 +321,8 @@ class Cookie:
     def sections(self) -> list[str]:
         """The optional sections this cookie holds, by libvirt's feature names."""
         present = {"graphics": self.graphics, "lockstate": self.lockstate,
-                   "persistent": self.persistent, "statistics": self.statistics}
+                   "persistent": self.persistent, "nbd": self.nbd,
+                   "statistics": self.statistics}
         return [name for name, value in present.items() if value is not None]
 
     def _format(self) -> str:
@@ -284,6 +343,8 @@ class Cookie:
                 etree.SubElement(el, "leases").text = lock.leases
         if self.persistent is not None:
             root.append(_domain(self.persistent))
+        if self.nbd is not None:
+            _format_nbd(root, self.nbd)
         if self.statistics is not None:
             el = etree.SubElement(root, "statistics")
             for tag, value in self.statistics.as_dict().items():
@@ -306,6 +367,17 @@ class Cookie:
         return {"name": self.name, "uuid": self.uuid, "hostname": self.hostname,
                 "hostuuid": self.hostuuid, "features": list(self.features),
                 "sections": self.sections(), "size_bytes": len(self._format().encode("utf-8"))}
+
+
+def _format_nbd(root: etree._Element, nbd: CookieNbd) -> None:
+    el = etree.SubElement(root, "nbd")
+    if nbd.port:
+        el.set("port", str(nbd.port))
+    for d in nbd.disks:
+        disk = etree.SubElement(el, "disk", target=d.target, capacity=str(d.capacity))
+        for name, attr in _NBD_ATTRS:
+            if (value := getattr(d, name)) is not None:
+                disk.set(attr, str(value))
 
 
 def _children(el: etree._Element) -> Kids:
@@ -348,6 +420,24 @@ def _lockstate(el: etree._Element) -> CookieLockstate:
     return CookieLockstate(el.get("driver", ""), _text_of(leases))
 
 
+def _nbd(el: etree._Element) -> CookieNbd:
+    port = _parse_int(el.get("port"), "nbd port", 0, 65535) if el.get("port") else 0
+    disks = []
+    for d in el.findall("disk"):
+        target = d.get("target", "")
+        extra: dict[str, Any] = {}
+        for name, attr in _NBD_ATTRS:
+            if (text := d.get(attr)) is None:
+                continue
+            numeric = name in ("cluster_size", "allocation")
+            extra[name] = _parse_int(text, f"nbd disk {target} {attr}", *_U64) if numeric \
+                else text
+        disks.append(CookieNbdDisk(target, _parse_int(d.get("capacity"),
+                                                      f"nbd disk {target} capacity", *_U64),
+                                   **extra))
+    return CookieNbd(port, tuple(disks))
+
+
 def _statistics(el: etree._Element) -> CookieStatistics:
     kids = _children(el)
     values: dict[str, int] = {}
@@ -384,19 +474,21 @@ def parse(xml: str | bytes, *, expect_uuid: str | None = None, expect_name: str 
     _check_features(features)
     graphics, lockstate = _one(kids, "graphics"), _one(kids, "lockstate")
     domain, statistics = _one(kids, "domain"), _one(kids, "statistics")
+    nbd = _one(kids, "nbd")
     return Cookie(
         name, guest, hostname, hostuuid, tuple(features),
         graphics=_graphics(graphics) if graphics is not None else None,
         lockstate=_lockstate(lockstate) if lockstate is not None else None,
         persistent=_canonical_domain(domain) if domain is not None else None,
         statistics=_statistics(statistics) if statistics is not None else None,
+        nbd=_nbd(nbd) if nbd is not None else None,
     )
 
 
 def make_cookie(name: str, uuid: str, hostname: str, hostuuid: str, *,
                 graphics: CookieGraphics | None = None, lockstate: CookieLockstate | None = None,
                 persistent_xml: str | None = None, statistics: CookieStatistics | None = None,
-                mandatory: Iterable[str] = ()) -> Cookie:
+                nbd: CookieNbd | None = None, mandatory: Iterable[str] = ()) -> Cookie:
     """A cookie with this host's identity and the given sections (no I/O).
 
     As libvirt does, a lockstate or a persistent definition is marked mandatory.
@@ -404,4 +496,4 @@ def make_cookie(name: str, uuid: str, hostname: str, hostuuid: str, *,
     features = [*mandatory, *(["lockstate"] if lockstate is not None else []),
                 *(["persistent"] if persistent_xml is not None else [])]
     return Cookie(name, uuid, hostname, hostuuid, tuple(features), graphics, lockstate,
-                  persistent_xml, statistics)
+                  persistent_xml, statistics, nbd)

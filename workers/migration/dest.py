@@ -26,7 +26,7 @@ from workers.hostcaps import require_postcopy
 from workers.job_types import JobOperation, Phase
 from workers.jobs import ActiveJob
 from workers.lifecycle import inactive_domain_for, launch, run_cpus
-from workers.migration import qemu_migrate, tls, tunnel
+from workers.migration import qemu_migrate, storage_dest, tls, tunnel
 from workers.migration.chain_state import MigrationState
 from workers.migration.cookie import Cookie, CookieGraphics, make_cookie, parse
 from workers.migration.guards import check_abort, refuse_v2_with_lease_state
@@ -92,8 +92,9 @@ async def prepare(agent: HostAgent, st: MigrationState, *, v3: bool) -> Migratio
             again.job.state is not None and again.active:
         return again.job.state  # redelivered: the same answer
     await failpoints.hit("prepare3.start")
+    cookie_in = None
     if v3:
-        parse(st.cookie or "", local_hostuuid=agent.uuid)
+        cookie_in = parse(st.cookie or "", local_hostuuid=agent.uuid)
     else:
         refuse_v2_with_lease_state(agent)  # refuses same host, bad features
     if st.xml is None:
@@ -109,16 +110,22 @@ async def prepare(agent: HostAgent, st: MigrationState, *, v3: bool) -> Migratio
         dom.live = d  # a transient object needs a definition to be named by
     dom.job = ActiveJob(p.job_id, JobOperation.INCOMING_MIGRATION, Phase.PREPARE, time.time(),
                         source=p.source, dest=p.dest, flags=p.flags)
-    agent.jobs.set_phase(d.uuid, p.job_id, Phase.PREPARE)
     try:
+        agent.jobs.set_phase(d.uuid, p.job_id, Phase.PREPARE)  # may need a replica
         uri = None
+        if p.storage_copy:
+            dom.storage_in = await storage_dest.prepare_images(
+                agent, d, cookie_in.nbd if cookie_in else None, p)
         if not p.has(F.OFFLINE):
             uri = await _start_incoming(agent, dom, d, p)
     except BaseException:
         await _discard(agent, dom)
         raise
+    storage = dom.storage_in
     cookie = make_cookie(d.name, d.uuid, agent.host, agent.uuid,
-                         graphics=_graphics_cookie(dom.current, agent.settings.migration_address))
+                         graphics=_graphics_cookie(dom.current, agent.settings.migration_address),
+                         nbd=storage.cookie() if storage else None,
+                         mandatory=("nbd",) if storage else ())
     st = replace(st, cookie=cookie.to_xml() if v3 else None, uri=uri)
     dom.job.state = st
     if dom.active:
@@ -139,6 +146,8 @@ async def _start_incoming(agent: HostAgent, dom: DomainObj, d: DomainDef,
     if p.has(F.TLS):  # the dest names no host: it checks the source's client certificate
         creds = {"tls-creds": await tls.add_creds(agent, dom, Role.SERVER), "tls-hostname": ""}
     await qemu_migrate.setup(mon, p, outgoing=False, tls=creds)
+    if dom.storage_in is not None:
+        await storage_dest.start_nbd(agent, dom, mon, dom.storage_in, p)
     if tunnelled:
         tunnel.reset(agent.redis, p.job_id)
         sock = await qemu_migrate.pass_socket(mon, qemu_migrate.TUNNEL_FD)
@@ -176,11 +185,15 @@ async def _end_tunnel(dom: DomainObj, close: bool) -> None:
 
 
 async def _discard(agent: HostAgent, dom: DomainObj) -> None:
-    """Undo Prepare: the incoming QEMU goes, an object we made goes, the job ends."""
+    """Undo Prepare: the incoming QEMU goes, images it created go, an object we made
+    goes, the job ends."""
     await _end_tunnel(dom, close=True)
     if dom.active:
         await agent.kill(dom, ShutoffReason.FAILED)
     agent.release_ports(dom)
+    if dom.job is not None:
+        storage_dest.discard_images(agent, dom.job.id)
+    dom.storage_in = None
     dom.job = None
     if not dom.persistent and not dom.active and agent.domains.get(dom.name) is dom:
         agent.domains.pop(dom.name)
@@ -194,8 +207,11 @@ def _known_cause(agent: HostAgent, st: MigrationState) -> str:
         return ""
     rec = agent.jobs.get(uuid)
     error = rec.get("error") if rec is not None and rec.get("id") == st.params.job_id else None
-    return f" ({error.get('message')})" if isinstance(error, dict) and error.get("message") \
-        else ""
+    if isinstance(error, dict) and error.get("message"):
+        return f" ({error.get('message')})"
+    stream = tunnel.broken(agent.redis, st.params.job_id) if st.params.has(F.TUNNELLED) \
+        else None
+    return f" (the tunnel broke: {stream})" if stream else ""
 
 
 def _job_dom(agent: HostAgent, p: MigrationParams) -> DomainObj | None:
@@ -211,7 +227,9 @@ async def finish(agent: HostAgent, st: MigrationState, *, v3: bool) -> Migration
     phase = Phase.FINISH3 if v3 else Phase.FINISH2
     if dom is None:
         if st.failed:
-            return st  # Prepare never got as far as creating anything here
+            # Prepare never got as far as a QEMU here, or it exited: images it made go
+            storage_dest.discard_images(agent, p.job_id)
+            return st
         raise MigrationError(f"no incoming migration {p.job_id} of '{p.domain}' on this host: "
                              f"its incoming QEMU exited or was discarded{_known_cause(agent, st)}")
     assert dom.job is not None
@@ -234,7 +252,12 @@ async def _finish(agent: HostAgent, dom: DomainObj, st: MigrationState,
         return st
     # v3's fence against a source that gave up waiting (tasks/p2p.py); v2's source is
     # already gone, so its Finish must go on whatever happens.
-    if v3 and agent.jobs.claim_finish(dom.uuid, p.job_id, "dest") != "dest":
+    try:
+        winner = agent.jobs.claim_finish(dom.uuid, p.job_id, "dest") if v3 else "dest"
+    except FerryError:  # no replica has the claim (Sentinel): the CPUs must not start
+        await _discard(agent, dom)
+        raise
+    if winner != "dest":
         await _discard(agent, dom)
         raise MigrationError("the source gave up waiting for Finish: the incoming guest was "
                              "discarded")
@@ -270,6 +293,9 @@ def complete_incoming(agent: HostAgent, dom: DomainObj, st: MigrationState) -> M
     """The dest's part of the job is over, the guest is here: Finish's answer."""
     info = dom.info(agent.host)
     _complete(agent, dom, st)
+    if dom.storage_in is not None or st.params.storage_copy:
+        storage_dest.keep_images(agent, st.params.job_id)  # they are the guest's disks now
+    dom.storage_in = None
     dom.job = None
     agent.release_ports(dom)
     if dom.active:
@@ -285,6 +311,8 @@ async def _finish_ok(agent: HostAgent, dom: DomainObj, st: MigrationState,
     cookie = parse(st.cookie, expect_uuid=dom.uuid) if v3 and st.cookie else None
     if cookie is not None and cookie.statistics is not None:
         st = replace(st, statistics=cookie.statistics.as_dict())
+    if p.storage_copy:
+        await storage_dest.stop_nbd(dom)  # before the CPUs start, as libvirt
     if not p.has(F.OFFLINE):
         await _wait_incoming(agent, dom)
         await _end_tunnel(dom, close=False)

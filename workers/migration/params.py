@@ -22,6 +22,8 @@ class MigrationFlags(enum.IntFlag):
     PERSIST_DEST = 8
     UNDEFINE_SOURCE = 16
     PAUSED = 32
+    NON_SHARED_DISK = 64
+    NON_SHARED_INC = 128
     CHANGE_PROTECTION = 256
     OFFLINE = 1024
     COMPRESSED = 2048
@@ -34,6 +36,7 @@ class MigrationFlags(enum.IntFlag):
 SUPPORTED_FLAGS = (MigrationFlags.LIVE | MigrationFlags.PEER2PEER | MigrationFlags.TUNNELLED
                    | MigrationFlags.PERSIST_DEST
                    | MigrationFlags.UNDEFINE_SOURCE | MigrationFlags.PAUSED
+                   | MigrationFlags.NON_SHARED_DISK | MigrationFlags.NON_SHARED_INC
                    | MigrationFlags.CHANGE_PROTECTION | MigrationFlags.OFFLINE
                    | MigrationFlags.ABORT_ON_ERROR | MigrationFlags.AUTO_CONVERGE
                    | MigrationFlags.POSTCOPY | MigrationFlags.TLS)
@@ -42,6 +45,7 @@ DEFAULT_BANDWIDTH_MIB_S = 0  # 0: as fast as the link goes (QEMU's own default c
 UNLIMITED_BANDWIDTH_BYTES = 1 << 40
 MAX_BANDWIDTH_MIB_S = UNLIMITED_BANDWIDTH_BYTES >> 20  # more would be less than "unlimited"
 MAX_DOWNTIME_MS = 2_000_000  # QEMU's largest downtime-limit
+STORAGE_FLAGS = MigrationFlags.NON_SHARED_DISK | MigrationFlags.NON_SHARED_INC
 
 
 def parse_qemu_uri(uri: str) -> tuple[str, str, int | None]:
@@ -95,8 +99,15 @@ class MigrationParams:
     bandwidth_mib_s: int = DEFAULT_BANDWIDTH_MIB_S
     max_downtime_ms: int | None = None
     timeout_s: int | None = None
+    # Storage copy (libvirt's migrate_disks and disks_port): the disks to copy (empty:
+    # every writable, non-shareable disk with a source) and the dest's NBD port (None:
+    # one of its migration range).
+    migrate_disks: tuple[str, ...] = ()
+    disks_port: int | None = None
 
     def __post_init__(self) -> None:
+        if isinstance(self.migrate_disks, list):  # from JSON
+            object.__setattr__(self, "migrate_disks", tuple(self.migrate_disks))
         self._check_types()
         f = MigrationFlags(self.flags)
         unsupported = f & ~SUPPORTED_FLAGS
@@ -134,6 +145,42 @@ class MigrationParams:
             raise InvalidInputError(f"max downtime must be in 1..{MAX_DOWNTIME_MS} ms")
         if self.timeout_s is not None and self.timeout_s <= 0:
             raise InvalidInputError("timeout must be > 0 s")
+        self._check_storage(f)
+
+    def _check_storage(self, f: MigrationFlags) -> None:
+        """libvirt's rules for non-shared storage, plus v2 (which has no cookie to carry
+        the dest's NBD port)."""
+        storage = f & STORAGE_FLAGS
+        if not storage:
+            if self.migrate_disks or self.disks_port is not None:
+                raise InvalidInputError("migrate_disks and disks_port need a storage copy "
+                                        "(--copy-storage-all or --copy-storage-inc)")
+            return
+        if storage == STORAGE_FLAGS:
+            raise InvalidInputError("--copy-storage-all and --copy-storage-inc are mutually "
+                                    "exclusive")
+        if f & MigrationFlags.TUNNELLED:
+            raise UnsupportedError("migration of non-shared storage is not supported with "
+                                   "tunnelled migration")
+        if f & MigrationFlags.OFFLINE:
+            raise InvalidInputError("offline migration cannot copy non-shared storage")
+        if self.protocol == 2:
+            raise UnsupportedError("storage copy needs migration protocol v3: v2 has no "
+                                   "cookie to carry the dest's NBD port")
+        if len(set(self.migrate_disks)) != len(self.migrate_disks):
+            raise InvalidInputError(f"migrate_disks names a disk twice: "
+                                    f"{','.join(self.migrate_disks)}")
+        if self.disks_port is not None and not 1 <= self.disks_port <= 65535:
+            raise InvalidInputError(f"disks_port {self.disks_port} is not in 1-65535")
+
+    @property
+    def storage_copy(self) -> bool:
+        return bool(self.fl & STORAGE_FLAGS)
+
+    @property
+    def storage_inc(self) -> bool:
+        """Only the top image is copied (the backing chain is on the dest already)."""
+        return self.has(MigrationFlags.NON_SHARED_INC)
 
     def _check_types(self) -> None:
         """Messages come from anywhere (send_task): wrong types are a clear error."""
@@ -144,7 +191,7 @@ class MigrationParams:
         for name in ("flags", "protocol", "bandwidth_mib_s"):
             if type(getattr(self, name)) is not int:
                 raise InvalidInputError(f"migration parameter '{name}' must be an integer")
-        for name in ("max_downtime_ms", "timeout_s"):
+        for name in ("max_downtime_ms", "timeout_s", "disks_port"):
             value = getattr(self, name)
             if value is not None and type(value) is not int:
                 raise InvalidInputError(f"migration parameter '{name}' must be an integer")
@@ -154,6 +201,10 @@ class MigrationParams:
                 raise InvalidInputError(f"migration parameter '{name}' must be a string")
         if self.flags < 0:
             raise InvalidInputError("migration flags must be >= 0")
+        if not isinstance(self.migrate_disks, tuple) or not all(
+                isinstance(t, str) and t for t in self.migrate_disks):
+            raise InvalidInputError("migration parameter 'migrate_disks' must be a list of "
+                                    "disk targets")
 
     @property
     def fl(self) -> MigrationFlags:

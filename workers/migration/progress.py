@@ -40,10 +40,11 @@ class ProgressTracker:
     history: list[tuple[float, int]] = field(default_factory=list)
 
     def update(self, stats: dict[str, Any], now: float) -> dict[str, Any]:
-        total = int(stats.get("memory_total") or 0)
-        remaining = int(stats.get("memory_remaining") or 0)
+        """Memory and disks (a storage copy) together, as libvirt's data_* figures."""
+        total = _both(stats, "total")
+        remaining = _both(stats, "remaining")
         processed = int(stats.get("memory_processed") or 0)
-        bps = int(stats.get("memory_bps") or 0)
+        bps = _both(stats, "bps")
         if total and stats.get("status") != "setup":
             percent = 100.0 * (1 - remaining / total) if remaining <= total else 0.0
             self.best_percent = max(self.best_percent, min(percent, 100.0))
@@ -57,6 +58,10 @@ class ProgressTracker:
             self.low_remaining, self.low_since = remaining, now
             return False
         return now - self.low_since >= STALL_WINDOW_S
+
+
+def _both(stats: dict[str, Any], what: str) -> int:
+    return int(stats.get(f"memory_{what}") or 0) + int(stats.get(f"disk_{what}") or 0)
 
 
 @dataclass

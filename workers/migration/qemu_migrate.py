@@ -12,7 +12,7 @@ import contextlib
 import logging
 import socket
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 from workers.domobj import DomainObj
@@ -53,6 +53,10 @@ async def setup(mon: Monitor, params: MigrationParams, *, outgoing: bool,
     if outgoing:
         caps.append({"capability": "auto-converge",
                      "state": params.has(MigrationFlags.AUTO_CONVERGE)})
+        # A storage copy completes its mirrors with the guest stopped, before QEMU's
+        # switch-over (storage.py says why 7.2 needs it); always set, since a QEMU keeps
+        # its capabilities from one migration to the next.
+        caps.append({"capability": "pause-before-switchover", "state": params.storage_copy})
     else:
         # As libvirt: the dest takes the disk locks only when its CPUs start, so a
         # source whose migration fails late can still resume on its disks.
@@ -143,10 +147,15 @@ async def wait(dom: DomainObj, mon: Monitor, *, started_ms: int,
                on_progress: Callable[[dict[str, Any]], None],
                on_tick: Callable[[float], None] | None = None,
                on_failed: Callable[[str | None], FerryError | None] | None = None,
-               ) -> dict[str, Any]:
+               at_switchover: Callable[[], Awaitable[None]] | None = None) -> dict[str, Any]:
     """Wait for the migration on `mon` to end; the final query-migrate reply on success.
-    `on_failed` may tell a failure (QEMU's error-desc, None when it gave none) better."""
+
+    `on_failed` may tell a failure (QEMU's error-desc, None when it gave none) better.
+    With pause-before-switchover on, QEMU stops at `pre-switchover` (the guest paused)
+    until `at_switchover` has run; then the migration continues.
+    """
     t0 = time.monotonic()
+    switched = False
     while True:
         if not dom.active:
             raise MigrationError(f"QEMU of '{dom.name}' exited during migration")
@@ -175,6 +184,11 @@ async def wait(dom: DomainObj, mon: Monitor, *, started_ms: int,
             raise MigrationError(f"migration failed: {desc}")
         if status == "cancelled":
             raise MigrationError("migration was cancelled")
+        if status == "pre-switchover" and at_switchover is not None and not switched:
+            switched = True
+            await at_switchover()
+            await mon.execute("migrate-continue", {"state": "pre-switchover"})
+            continue
         if on_tick is not None:
             on_tick(time.monotonic() - t0)
         await nap(dom)

@@ -27,9 +27,10 @@ from workers.hostcaps import require_postcopy
 from workers.job_types import JobOperation, Phase
 from workers.jobs import ActiveJob
 from workers.lifecycle import pause_cpus, run_cpus
-from workers.migration import qemu_migrate, tls
+from workers.migration import qemu_migrate, storage, tls
 from workers.migration.chain_state import MigrationState
 from workers.migration.cookie import (
+    Cookie,
     CookieGraphics,
     CookieLockstate,
     CookieStatistics,
@@ -49,6 +50,8 @@ from workers.migration.tunnel import TunnelSender
 from workers.pki import CA_FILE, Role
 
 log = logging.getLogger(__name__)
+
+OWN_STATISTICS = ("disk_copy_ms",)  # ferry's figures beside libvirt's (not in the cookie)
 
 
 def _job_dom(agent: HostAgent, p: MigrationParams, phase: Phase) -> DomainObj:
@@ -95,8 +98,10 @@ async def begin3(agent: HostAgent, st: MigrationState) -> MigrationState:
         chosen = agent.parse(p.xmlin)
         check_abi_stability(current, chosen)
     spice = any(g.type == "spice" for g in current.graphics)
-    cookie = make_cookie(current.name, current.uuid, agent.host, agent.uuid,
-                         mandatory=("graphics",) if spice else ())
+    nbd = await storage.begin_nbd(dom, p, agent.host) if p.storage_copy else None
+    mandatory = [*(["graphics"] if spice else []), *(["nbd"] if nbd else [])]
+    cookie = make_cookie(current.name, current.uuid, agent.host, agent.uuid, nbd=nbd,
+                         mandatory=mandatory)
     was_running = dom.state == DomainState.RUNNING and not p.has(F.PAUSED)
     await failpoints.hit("begin3.end")
     return replace(st, xml=format_domain_xml(chosen, migratable=True), cookie=cookie.to_xml(),
@@ -122,7 +127,7 @@ async def perform3(agent: HostAgent, st: MigrationState) -> MigrationState:
     check_abort(agent, dom, dom.uuid, p.job_id)
     dest_cookie = parse(st.cookie or "", expect_uuid=dom.uuid)
     if not p.has(F.OFFLINE):
-        st = await _migrate(agent, dom, st, dest_cookie.graphics)
+        st = await _migrate(agent, dom, st, dest_cookie)
     return _perform_done(agent, dom, st)
 
 
@@ -138,6 +143,8 @@ async def resume_perform(agent: HostAgent, dom: DomainObj,
     if info.get("status") not in qemu_migrate.ACTIVE:
         await tls.remove_creds(dom, stale=True)
     if info.get("status") != "completed":
+        if st.params.storage_copy:
+            await storage.cancel_leftovers(dom)
         await qemu_migrate.cancel(dom)
         raise MigrationError(f"perform3 was interrupted (worker restart or redelivery); "
                              f"QEMU's migration was {info.get('status', 'none')}: cancelled")
@@ -173,12 +180,13 @@ def _perform_done(agent: HostAgent, dom: DomainObj, st: MigrationState) -> Migra
 
 
 async def _migrate(agent: HostAgent, dom: DomainObj, st: MigrationState,
-                   graphics: CookieGraphics | None) -> MigrationState:
-    """Run QEMU's migration to st.uri; on success the source is paused:migration."""
+                   dest_cookie: Cookie | None) -> MigrationState:
+    """Run QEMU's migration to st.uri (the disks first, with a storage copy); on success
+    the source is paused:migration."""
     p = st.params
     mon = dom.require_monitor("migrate")
-    if graphics is not None:
-        await _relocate_spice(agent, dom, graphics)
+    if dest_cookie is not None and dest_cookie.graphics is not None:
+        await _relocate_spice(agent, dom, dest_cookie.graphics)
     if not p.has(F.LIVE) and dom.state == DomainState.RUNNING:
         await pause_cpus(agent, dom, PausedReason.MIGRATION)
         st = replace(st, source_paused_by_us=True)
@@ -197,17 +205,25 @@ async def _migrate(agent: HostAgent, dom: DomainObj, st: MigrationState,
         await failpoints.hit("perform3.before_migrate")
         check_abort(agent, dom, dom.uuid, p.job_id)
         uri = await _data_uri(agent, dom, mon, st)
+        copy = await storage.copy_disks(agent, dom, st, dest_cookie, conv.record, conv.tick)
+        if copy is not None:
+            copy.ram_started = True
         dom.migration_status = None  # from here on, QEMU's events for this migration
         await mon.execute("migrate", {"uri": uri})
         info = await qemu_migrate.wait(dom, mon, started_ms=started_ms,
                                        on_progress=conv.progress, on_tick=conv.tick,
-                                       on_failed=_failure_teller(agent, st))
+                                       on_failed=_failure_teller(agent, st),
+                                       at_switchover=storage.at_switchover(dom, copy)
+                                       if copy else None)
     except FerryError:
+        if dom.storage_out is not None:
+            await dom.storage_out.abort()  # first: a stalled dest would hang the cancel
         if dom.active or dom.tunnel is not None:
             await qemu_migrate.cancel(dom)
         raise
     finally:
         dom.expected_pause = dom.expected_resume = None
+        dom.storage_out = None
         await _end_tunnel(agent, dom)
         await tls.remove_creds(dom)
     await failpoints.hit("perform3.after_migrate")
@@ -216,6 +232,8 @@ async def _migrate(agent: HostAgent, dom: DomainObj, st: MigrationState,
     st = replace(st, source_paused_by_us=True)
     stats = qemu_migrate.progress_of(info, started_ms)
     stats.pop("status", None)
+    if copy is not None:
+        stats.update(copy.statistics())
     agent.release_leases(dom)
     return replace(st, statistics=stats)
 
@@ -284,6 +302,12 @@ class Convergence:
     def progress(self, stats: dict[str, Any]) -> None:
         self.watch.update(int(stats.get("memory_processed") or 0), time.monotonic())
         self.status = str(stats.get("status") or "")
+        if stats and self.dom.storage_out is not None:  # the mirrors run beside the RAM
+            stats = {**stats, **self.dom.storage_out.progress()}
+        self.record(stats)
+
+    def record(self, stats: dict[str, Any]) -> None:
+        """The figures to the job (in memory, the job record, Celery's PROGRESS)."""
         job = self.dom.job
         if job is None or not stats:
             return
@@ -302,6 +326,8 @@ class Convergence:
             raise MigrationError(f"the migration stream sent nothing for "
                                  f"{self.watch.limit_s:.0f}s (network to the dest cut?): "
                                  "cancelled")
+        if self.dom.storage_out is not None:
+            self.dom.storage_out.check()  # a mirror that fails or stalls mid-RAM
         if p.has(F.ABORT_ON_ERROR) and dom.reason == PausedReason.IOERROR:
             raise MigrationError("migration aborted: the guest hit an I/O error")
         if p.timeout_s and elapsed > p.timeout_s and not self.timed_out and \
@@ -355,11 +381,15 @@ async def confirm3(agent: HostAgent, st: MigrationState) -> MigrationState:
 
 def _with_own_statistics(st: MigrationState, dom: DomainObj) -> MigrationState:
     """The statistics Perform recorded here, when Finish's answer lacks them (a restarted
-    dest answers for a Finish that had started the CPUs from what Prepare saved)."""
-    if st.statistics or dom.job is None or dom.job.state is None:
+    dest answers for a Finish that had started the CPUs from what Prepare saved), and
+    the ones of ferry's own that the cookie does not carry (disk_copy_ms)."""
+    if dom.job is None or dom.job.state is None or not dom.job.state.statistics:
         return st
     own = dom.job.state.statistics
-    return replace(st, statistics=dict(own)) if own else st
+    if not st.statistics:
+        return replace(st, statistics=dict(own))
+    extra = {k: v for k, v in own.items() if k in OWN_STATISTICS and k not in st.statistics}
+    return replace(st, statistics={**st.statistics, **extra}) if extra else st
 
 
 async def _resume_source(agent: HostAgent, dom: DomainObj, st: MigrationState) -> None:
@@ -371,6 +401,8 @@ async def _resume_source(agent: HostAgent, dom: DomainObj, st: MigrationState) -
         log.error("domain %s: the dest may have started it; it stays paused here",
                   dom.name)
         return
+    if st.params.storage_copy:  # libvirt's Confirm cancels the copy once more
+        await storage.cancel_leftovers(dom)
     status = await dom.monitor.execute("query-status")
     if not st.was_running:
         return

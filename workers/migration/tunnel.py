@@ -65,6 +65,8 @@ class _Pump(threading.Thread):
                  sock: socket.socket) -> None:
         super().__init__(name=name, daemon=True)
         self.redis = broker.connect(settings, socket_timeout=10, socket_read_size=READ_SIZE)
+        self.settings = settings
+        self.lost_note = broker.lost_connection_note(settings)
         self.job_id = job_id
         self.sock = sock
         self.data_key, self.ack_key, self.closed_key = _keys(job_id)
@@ -109,8 +111,22 @@ class _Pump(threading.Thread):
         except (OSError, redis.RedisError, TimeoutError) as exc:
             if not self.stop_event.is_set():
                 self.error = f"{self.name}: {exc}"
+                if isinstance(exc, redis.ConnectionError):
+                    self.error += self.lost_note
                 log.warning("tunnel %s: %s", self.job_id, self.error)
                 self.close()
+                if isinstance(exc, redis.ConnectionError):
+                    self.keep_error()
+
+    def keep_error(self) -> None:
+        """Tell the other side, and the later phases, why the stream broke, once the
+        broker answers again (after a failover: the new master), within the worker's
+        retry bound; this thread is ending anyway."""
+        assert self.error is not None
+        with contextlib.suppress(redis.RedisError), \
+                broker.connect(self.settings, retry=True, socket_timeout=5) as client:
+            client.set(self.closed_key, "1", ex=300)  # each command retried on its own
+            client.set(error_key(self.job_id), self.error, ex=300)
 
 
 def _pack(*args: bytes | memoryview) -> list[bytes | memoryview]:
@@ -299,6 +315,18 @@ def _name_native_thread(name: bytes) -> None:
         libc.prctl(15, name, 0, 0, 0)  # PR_SET_NAME
 
 
+def error_key(job_id: str) -> str:
+    return f"ferry:tunnel:{job_id}:error"
+
+
+def broken(client: redis.Redis, job_id: str) -> str | None:
+    """Why a tunnel of this job broke on the broker's side (kept for 5 minutes)."""
+    raw = client.get(error_key(job_id))
+    if raw is None:
+        return None
+    return raw.decode(errors="replace") if isinstance(raw, bytes) else str(raw)
+
+
 def mark_closed(client: redis.Redis, job_id: str) -> None:
     """Flag the tunnel closed for the other side: its end here died with this host's
     worker, so a sender waiting for acknowledgements stops now, not after its join."""
@@ -307,4 +335,4 @@ def mark_closed(client: redis.Redis, job_id: str) -> None:
 
 def reset(client: redis.Redis, job_id: str) -> None:
     """Forget any leftovers of an earlier attempt of this job."""
-    client.delete(*_keys(job_id))
+    client.delete(*_keys(job_id), error_key(job_id))

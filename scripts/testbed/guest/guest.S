@@ -12,6 +12,13 @@
 #                    starting at 2 MiB, so dirtying overwrites random pages; both
 #                    clamped to the usable RAM from E820 and to 0xc0000000.
 #
+# With a disk log (log_sectors > 0 in the FERRYDSK block), every counter line is
+# first written to the disk (IDE primary master, ATA PIO, polled): a record sector
+# for counter N at LBA 2049 + N mod log_sectors and a head sector at LBA 2048,
+# both rewritten in place; the line goes to COM1 only once the device completed
+# both writes.  A record: "FERRYLOG" (head: "FERRYHED"), N, ~N, words 4..126 =
+# N * 0x9e3779b1 + i, word 127 = the xor of words 0..126.
+#
 # Time comes from polling PIT channel 0 (mode 2, period 65536 ticks of
 # 1.193182 MHz, read with the latch command, wraparounds counted in a 64-bit
 # tick count).  When there is nothing to do the CPU halts until the next RTC
@@ -23,6 +30,10 @@
         .set    RAM_CEILING, 0xc0000000
         .set    RATE_MAX, 0xffffffff
         .set    BATCH, 256              # pages dirtied between two timer polls
+        .set    ATA, 0x1f0              # IDE primary channel (hda)
+        .set    ATA_CTL, 0x3f6
+        .set    LOG_LBA, 2048           # head sector; records from LOG_LBA + 1
+        .set    SECBUF, 0x1400          # one sector, below the stack
 
         .text
         .code16
@@ -106,6 +117,10 @@ p_interval_ms:  .long 100
 p_interval_ticks: .long 119318          # PIT ticks between counter lines
 p_tpp_int:      .long 0                 # PIT ticks per dirtied page, 32.32 fixed
 p_tpp_frac:     .long 0
+diskparams:                             # second block, also patched by the builder
+        .ascii  "FERRYDSK"
+d_version:      .long 1
+d_log_sectors:  .long 0                 # 0: no disk log
 
 stage2:
         # Top of the usable RAM that contains 1 MiB, from E820.
@@ -210,6 +225,9 @@ pm32:
         call    banner
         call    fill_random
         call    setup_timers            # after the fill: a pending IRQ slows TCG
+        mov     $0x02, %al              # ATA: no interrupts (nIEN), we poll
+        mov     $ATA_CTL, %dx
+        out     %al, %dx
         jmp     main_loop
 
 serial_init:                            # 115200 8N1, FIFO, no interrupts
@@ -479,6 +497,7 @@ maybe_line:                             # "ferry-guest <N>\r\n" every interval
         sub     line_lo, %eax
         sbb     line_hi, %edx
         jc      9f
+        call    disk_log
         mov     $msg_prefix, %esi
         call    puts
         mov     counter, %eax
@@ -513,6 +532,122 @@ dirty_one:                              # one changing 32-bit write to the next 
         jb      1f
         mov     $REGION_START, %edi
 1:      mov     %edi, dirty_ptr
+        ret
+
+disk_log:                               # counter's record, then the head, on disk
+        cmpl    $0, d_log_sectors
+        je      9f
+        cmpb    $0, disk_broken
+        jne     9f
+        mov     counter, %eax
+        mov     $log_magic, %ebx
+        call    make_record
+        mov     counter, %eax
+        xor     %edx, %edx
+        divl    d_log_sectors
+        lea     LOG_LBA+1(%edx), %eax
+        call    ata_write
+        jc      8f
+        mov     counter, %eax
+        mov     $head_magic, %ebx
+        call    make_record
+        mov     $LOG_LBA, %eax
+        call    ata_write
+        jnc     9f
+8:      movb    $1, disk_broken         # report once, then stop logging
+        mov     $msg_disk_error, %esi
+        call    puts
+9:      ret
+
+make_record:                            # SECBUF = record of counter %eax, magic at %ebx
+        push    %ecx
+        push    %edx
+        push    %esi
+        push    %edi
+        mov     $SECBUF, %edi
+        mov     (%ebx), %edx
+        mov     %edx, (%edi)
+        mov     4(%ebx), %edx
+        mov     %edx, 4(%edi)
+        mov     %eax, 8(%edi)
+        mov     %eax, %edx
+        not     %edx
+        mov     %edx, 12(%edi)
+        imul    $0x9e3779b1, %eax, %edx
+        mov     $4, %ecx
+1:      lea     (%edx,%ecx), %esi
+        mov     %esi, (%edi,%ecx,4)
+        inc     %ecx
+        cmp     $127, %ecx
+        jb      1b
+        xor     %edx, %edx
+        xor     %ecx, %ecx
+2:      xor     (%edi,%ecx,4), %edx
+        inc     %ecx
+        cmp     $127, %ecx
+        jb      2b
+        mov     %edx, 508(%edi)
+        pop     %edi
+        pop     %esi
+        pop     %edx
+        pop     %ecx
+        ret
+
+ata_ready:                              # wait until BSY clears; status in %al
+        mov     $ATA+7, %dx
+1:      in      %dx, %al
+        test    $0x80, %al
+        jnz     1b
+        ret
+
+ata_write:                              # SECBUF to LBA %eax (LBA28); CF on error
+        push    %ebx
+        push    %ecx
+        push    %edx
+        push    %esi
+        mov     %eax, %ebx
+        call    ata_ready
+        mov     $ATA+6, %dx
+        mov     %ebx, %eax
+        shr     $24, %eax
+        and     $0x0f, %al
+        or      $0xe0, %al              # LBA, master
+        out     %al, %dx
+        mov     $ATA+2, %dx
+        mov     $1, %al                 # one sector
+        out     %al, %dx
+        inc     %dx
+        mov     %bl, %al
+        out     %al, %dx
+        inc     %dx
+        mov     %bh, %al
+        out     %al, %dx
+        inc     %dx
+        mov     %ebx, %eax
+        shr     $16, %eax
+        out     %al, %dx
+        mov     $ATA+7, %dx
+        mov     $0x30, %al              # WRITE SECTORS
+        out     %al, %dx
+        call    ata_ready
+        test    $0x01, %al              # ERR
+        jnz     8f
+        test    $0x08, %al              # DRQ: the device takes the data
+        jz      8f
+        mov     $SECBUF, %esi
+        mov     $256, %ecx
+        mov     $ATA, %dx
+        rep outsw
+        call    ata_ready               # BSY until the write completed
+        test    $0x21, %al              # ERR or DF
+        jnz     8f
+        clc
+        jmp     9f
+8:      stc
+9:      pop     %esi
+        pop     %edx
+        pop     %ecx
+        pop     %ebx
         ret
 
 putc:                                   # %al to COM1, polling LSR.THRE
@@ -599,6 +734,10 @@ msg_crlf:   .asciz "\r\n"
 msg_filled: .asciz "ferry-guest filled\r\n"
 msg_prefix: .asciz "ferry-guest "
 msg_fault:  .asciz "ferry-guest fault vector="
+msg_disk_error: .asciz "ferry-guest disk-error\r\n"
+log_magic:  .ascii "FERRYLOG"
+head_magic: .ascii "FERRYHED"
+disk_broken: .byte 0
 
         .balign 4
 mem_top:    .long 0

@@ -1,0 +1,361 @@
+"""Storage copy on the dest: the images, QEMU's NBD server and its exports.
+
+Prepare creates the missing images (storage_plan.py says how) before QEMU
+starts, then starts QEMU's NBD server on this host's migration address with
+a port of its range and exports each copied disk writable, as libvirt's
+qemuMigrationDstStartNBDServer does.  Finish stops the server before the
+CPUs start.  A failed migration removes the images Prepare created; an image
+that was there before is never removed.
+
+Which images a Prepare created is kept in a ledger on this host's disk
+(`<state dir>/storage/<hash of the job id>.json`), never taken from a task
+message: it survives a worker restart and the incoming QEMU's death, so Finish
+(cancelled) and the sweeper can remove them whatever happened in between.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import os
+import subprocess
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from workers.agent import HostAgent
+from workers.domain import DomainDef
+from workers.domobj import DomainObj
+from workers.errors import FerryError, InvalidInputError, MigrationError, QemuError
+from workers.lifecycle import inactive_domain_for
+from workers.migration.cookie import CookieNbd, CookieNbdDisk
+from workers.migration.params import MigrationParams
+from workers.migration.storage_plan import (
+    DestDisk,
+    create_argv,
+    dest_disks,
+    gib,
+    needs_backing,
+)
+from workers.monitor import Monitor
+from workers.ports import bindable
+from workers.store import atomic_write
+
+log = logging.getLogger(__name__)
+
+QEMU_IMG_TIMEOUT_S = 60
+PORT_TRIES = 5
+EXPORT_PREFIX = "ferry-nbd-"
+
+
+@dataclass
+class IncomingStorage:
+    """What Prepare set up for the disks of one incoming migration."""
+
+    disks: list[DestDisk]
+    created: list[str] = field(default_factory=list)  # removed if the migration fails
+    port: int = 0
+
+    def cookie(self) -> CookieNbd:
+        """Prepare's answer: the port and the dest's disks (libvirt's form)."""
+        return CookieNbd(self.port, tuple(CookieNbdDisk(dd.disk.target, dd.wanted.capacity)
+                                          for dd in self.disks))
+
+
+async def _qemu_img(*argv: str) -> tuple[int, str, str]:
+    proc = await asyncio.create_subprocess_exec(
+        *argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(), QEMU_IMG_TIMEOUT_S)
+    except TimeoutError:
+        proc.kill()
+        await proc.wait()
+        raise QemuError(f"{argv[0]} {argv[1]} did not finish in {QEMU_IMG_TIMEOUT_S}s") \
+            from None
+    return proc.returncode or 0, out.decode(errors="replace"), err.decode(errors="replace")
+
+
+def _first_line(text: str) -> str:
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    return "; ".join(lines[:2]) if lines else "no output"
+
+
+async def _check_existing(agent: HostAgent, dd: DestDisk) -> None:
+    """An image already here is used as it is: it must be free, of the format the
+    definition says and at least as large as the source's."""
+    rc, out, err = await _qemu_img("qemu-img", "info", "--output=json", "-f",
+                                   dd.disk.format, dd.path)
+    if rc != 0:
+        if "lock" in err:
+            raise MigrationError(f"image {dd.path} of disk {dd.disk.target} is in use by "
+                                 f"another process on host {agent.host} (a storage copy "
+                                 "needs the dest's own copy of the disk)")
+        raise InvalidInputError(f"image {dd.path} of disk {dd.disk.target} on host "
+                                f"{agent.host} cannot be read: {_first_line(err)}")
+    size = int(json.loads(out).get("virtual-size") or 0)
+    if size < dd.wanted.capacity:
+        raise InvalidInputError(f"image {dd.path} of disk {dd.disk.target} on host "
+                                f"{agent.host} is {size} bytes, smaller than the source's "
+                                f"{dd.wanted.capacity}")
+
+
+def _check_room(agent: HostAgent, missing: Sequence[DestDisk]) -> None:
+    """Enough free space for the images to create, per file system."""
+    needs: dict[int, tuple[int, int, list[DestDisk]]] = {}
+    for dd in missing:
+        folder = os.path.dirname(dd.path)
+        try:
+            st = os.statvfs(folder)
+            dev = os.stat(folder).st_dev
+        except OSError as exc:
+            raise InvalidInputError(f"directory {folder} of disk {dd.disk.target} is not "
+                                    f"usable on host {agent.host}: {exc.strerror}") from None
+        want, free, group = needs.get(dev, (0, st.f_bavail * st.f_frsize, []))
+        needs[dev] = (want + (dd.wanted.allocation or 0), free, [*group, dd])
+    for want, free, group in needs.values():
+        if want > free:
+            names = ", ".join(f"{dd.disk.target} ({dd.path})" for dd in group)
+            raise MigrationError(f"no room on host {agent.host} for disk(s) {names}: the "
+                                 f"copy needs {gib(want)}, {gib(free)} free")
+
+
+class Ledger:
+    """The images each incoming job created on this host, one small JSON file per job."""
+
+    def __init__(self, state_dir: Path) -> None:
+        self.dir = state_dir / "storage"
+
+    def _path(self, job_id: str) -> Path:
+        return self.dir / f"{hashlib.sha256(job_id.encode()).hexdigest()[:32]}.json"
+
+    def add(self, job_id: str, domain: str, image: str) -> None:
+        self.dir.mkdir(mode=0o700, exist_ok=True)
+        entry = self.get(job_id) or {"job": job_id, "domain": domain, "since": time.time(),
+                                     "images": []}
+        entry["images"] = [*entry["images"], image]
+        atomic_write(self._path(job_id), json.dumps(entry).encode())
+
+    def get(self, job_id: str) -> dict[str, Any] | None:
+        try:
+            entry = json.loads(self._path(job_id).read_text())
+        except (OSError, ValueError):
+            return None
+        return dict(entry) if isinstance(entry, dict) and entry.get("job") == job_id else None
+
+    def entries(self) -> list[dict[str, Any]]:
+        out = []
+        for path in sorted(self.dir.glob("*.json")) if self.dir.is_dir() else []:
+            try:
+                entry = json.loads(path.read_text())
+            except (OSError, ValueError):
+                continue
+            if isinstance(entry, dict) and isinstance(entry.get("job"), str):
+                out.append(entry)
+        return out
+
+    def discard(self, job_id: str) -> list[str]:
+        """The migration failed: remove the images the job created; which they were."""
+        entry = self.get(job_id)
+        if entry is None:
+            return []
+        images = [str(i) for i in entry.get("images", [])]
+        remove_created(images)
+        self.forget(job_id)
+        return images
+
+    def forget(self, job_id: str) -> None:
+        """The migration completed: its images are the guest's disks now."""
+        try:
+            self._path(job_id).unlink()
+        except FileNotFoundError:
+            return
+
+
+async def check_images(agent: HostAgent, d: DomainDef, nbd: CookieNbd | None,
+                       p: MigrationParams) -> tuple[list[DestDisk], list[DestDisk]]:
+    """Prepare's checks (a dry run's too): every disk the source sends, and those to
+    create; the first problem is an error."""
+    if nbd is None:
+        raise MigrationError("storage copy asked for, but the source's cookie has no NBD "
+                             "section")
+    disks = dest_disks(d, nbd)
+    missing = []
+    for dd in disks:
+        agent.allowed.check(dd.path, f"disk {dd.disk.target}")
+        if os.path.lexists(dd.path):
+            await _check_existing(agent, dd)
+            continue
+        backing = needs_backing(dd) if p.storage_inc else None
+        if backing is not None and not os.path.exists(backing):
+            raise InvalidInputError(f"backing file {backing} of disk {dd.disk.target} does "
+                                    f"not exist on host {agent.host} (--copy-storage-inc "
+                                    "copies only the top image)")
+        missing.append(dd)
+    _check_room(agent, missing)
+    return disks, missing
+
+
+async def prepare_images(agent: HostAgent, d: DomainDef, nbd: CookieNbd | None,
+                         p: MigrationParams) -> IncomingStorage:
+    """Check the disks the source sends and create the missing images (nothing is
+    created unless every check passes)."""
+    disks, missing = await check_images(agent, d, nbd, p)
+    storage = IncomingStorage(disks)
+    ledger = Ledger(agent.store.root)
+    try:
+        for dd in missing:
+            await _create(agent, dd, storage, ledger, p.job_id, d.name)
+    except BaseException:
+        ledger.discard(p.job_id)
+        raise
+    return storage
+
+
+async def dry_run(agent: HostAgent, d: DomainDef, nbd: CookieNbd,
+                  p: MigrationParams) -> dict[str, Any]:
+    """What Prepare would do with these disks, every check made, nothing created or
+    started: per disk the image used or created, and the NBD port it would take."""
+    inactive_domain_for(agent, d, "migrate in")  # no other guest of its name or uuid here
+    disks, missing = await check_images(agent, d, nbd, p)
+    address = agent.settings.migration_address
+    if p.disks_port is not None:
+        if not bindable(address, p.disks_port):
+            raise MigrationError(f"the NBD port {p.disks_port} on {address} is in use on "
+                                 f"host {agent.host}")
+        port: int | str = p.disks_port
+    else:
+        free = agent.migration_ports.peek(address)
+        if free is None:
+            raise MigrationError(f"no free migration port on {address} on host {agent.host}")
+        port = f"one of {agent.migration_ports.low}-{agent.migration_ports.high}"
+    rows = [{"target": dd.disk.target, "path": dd.path, "format": dd.disk.format,
+             "capacity": dd.wanted.capacity, "copy_bytes": dd.wanted.allocation,
+             "image": "create" if dd in missing else "use existing",
+             "backing": needs_backing(dd) if p.storage_inc else None} for dd in disks]
+    return {"host": agent.host, "nbd": f"{address}:{port}" if disks else None,
+            "disks": rows, "copy_bytes": sum(dd.wanted.allocation or 0 for dd in disks)}
+
+
+async def _create(agent: HostAgent, dd: DestDisk, storage: IncomingStorage, ledger: Ledger,
+                  job_id: str, domain: str) -> None:
+    argv = create_argv(dd)
+    rc, _, err = await _qemu_img(*argv)
+    if os.path.exists(dd.path):  # even half-made: it goes if anything fails
+        storage.created.append(dd.path)
+        ledger.add(job_id, domain, dd.path)
+    if rc != 0:
+        raise MigrationError(f"cannot create image {dd.path} of disk {dd.disk.target} on "
+                             f"host {agent.host}: {_first_line(err)}")
+    log.info("created %s for disk %s (%s, %d bytes)", dd.path, dd.disk.target,
+             dd.disk.format, dd.wanted.capacity)
+
+
+def remove_created(paths: Sequence[str]) -> None:
+    """Remove images a Prepare created (best effort, logged)."""
+    for path in paths:
+        try:
+            os.unlink(path)
+            log.info("removed image %s created for a migration that failed", path)
+        except FileNotFoundError:
+            continue
+        except OSError as exc:
+            log.error("could not remove image %s: %s", path, exc)
+
+
+def discard_images(agent: HostAgent, job_id: str) -> None:
+    """An incoming job failed (its QEMU is gone): the images made for it go."""
+    Ledger(agent.store.root).discard(job_id)
+
+
+def keep_images(agent: HostAgent, job_id: str) -> None:
+    """An incoming job completed: its images are the guest's disks."""
+    Ledger(agent.store.root).forget(job_id)
+
+
+def sweep_images(agent: HostAgent, ended: Callable[[str], bool],
+                 running: Callable[[str], bool]) -> list[str]:
+    """Ledger entries of jobs that ended without Finish getting to them (a worker
+    restart, a chain that broke): removed, unless their guest runs here (it arrived:
+    the images are its disks).  What was done, one line each."""
+    ledger = Ledger(agent.store.root)
+    done = []
+    for entry in ledger.entries():
+        job = str(entry["job"])
+        if not ended(job):
+            continue
+        if running(str(entry.get("domain", ""))):
+            ledger.forget(job)
+            continue
+        if images := ledger.discard(job):
+            done.append(f"removed image(s) {', '.join(images)} of incoming job {job}")
+    return done
+
+
+async def _node_names(mon: Monitor) -> dict[str, str]:
+    """-drive id -> the node name of its format layer (block-export-add takes no id)."""
+    out = {}
+    for entry in await mon.execute("query-block"):
+        inserted = entry.get("inserted") or {}
+        if entry.get("device") and inserted.get("node-name"):
+            out[str(entry["device"])] = str(inserted["node-name"])
+    return out
+
+
+async def start_nbd(agent: HostAgent, dom: DomainObj, mon: Monitor, storage: IncomingStorage,
+                    p: MigrationParams, tls_creds: str | None = None) -> int:
+    """The NBD server on the migration address and one writable export per disk; the
+    port (p.disks_port, or one of this host's range)."""
+    if not storage.disks:
+        return 0  # nothing to copy: no server (libvirt starts it with the first disk)
+    address = agent.settings.migration_address
+    storage.port = await _server_start(agent, dom, mon, address, p.disks_port, tls_creds)
+    nodes = await _node_names(mon)
+    for dd in storage.disks:
+        node = nodes.get(dd.disk.drive_id)
+        if node is None:
+            raise MigrationError(f"disk {dd.disk.target} has no block node in the incoming "
+                                 "QEMU")
+        await mon.execute("block-export-add", {
+            "type": "nbd", "id": EXPORT_PREFIX + dd.disk.target, "node-name": node,
+            "name": dd.export, "writable": True})
+    return storage.port
+
+
+async def _server_start(agent: HostAgent, dom: DomainObj, mon: Monitor, address: str,
+                        pinned: int | None, tls_creds: str | None) -> int:
+    for _ in range(PORT_TRIES):
+        port = pinned if pinned is not None else agent.migration_ports.acquire(address)
+        if pinned is None:
+            dom.ports.append(("migration", port))
+        args: dict[str, Any] = {"addr": {"type": "inet",
+                                         "data": {"host": address, "port": str(port)}}}
+        if tls_creds:
+            args["tls-creds"] = tls_creds
+        try:
+            await mon.execute("nbd-server-start", args)
+            log.info("NBD server of %s on %s:%d", dom.name, address, port)
+            return port
+        except QemuError as exc:
+            if "in use" not in str(exc):
+                raise
+            if pinned is not None:
+                raise MigrationError(f"the NBD port {port} on {address} is in use on host "
+                                     f"{agent.host}") from None
+            log.info("NBD port %d taken meanwhile, trying another", port)
+    raise MigrationError(f"no free NBD port on {address} after {PORT_TRIES} tries")
+
+
+async def stop_nbd(dom: DomainObj) -> None:
+    """Drop the NBD server (and its exports) before the CPUs start; a failure only logs,
+    as in libvirt (the server may be gone with a restarted worker's knowledge of it)."""
+    if dom.monitor is None:
+        return
+    try:
+        await dom.monitor.execute("nbd-server-stop", timeout=10)
+    except FerryError as exc:
+        if "not running" not in str(exc):
+            log.warning("domain %s: nbd-server-stop failed: %s", dom.name, exc)
