@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import json
+import os
 import random
 import re
 import shutil
@@ -28,6 +29,7 @@ from scripts.testbed.guestimage import build_image
 from scripts.testbed.stack import Stack, wait_for
 from tasks.client import Client
 from tests.conftest import CliResult, Guest, pmemsave, qemu_pids_of
+from tests.e2e.storagekit import dest_xml
 from workers.errors import FerryError
 
 MIB = 1 << 20
@@ -370,3 +372,64 @@ def test_a_loopback_capture_of_a_tls_migration_holds_none_of_the_guests_random_b
     assert all(f.startswith(b"\x16\x03") for f in tls["flows"].values() if len(f) > 4096)
     hellos = {server_hello(f) for f in tls["flows"].values()} - {None}
     assert hellos == {("TLS 1.3", "TLS_AES_256_GCM_SHA384")}  # QEMU 7.2's default
+
+
+def test_a_storage_copy_with_tls_sends_the_disk_encrypted_and_a_plain_one_in_the_clear(
+        stack: Stack, tls_hosts: tuple[str, str], fresh_pki: Pki, client: Client,
+        make_guest: Callable[..., Guest], tmp_path: Path) -> None:
+    a, b = tls_hosts
+    guest = make_guest(domain_type="qemu")
+    disk_bytes = os.urandom(MIB)
+    with guest.disk.open("ab") as f:  # a random MiB after the boot image: a disk pattern
+        f.write(disk_bytes)
+    wanted = [disk_bytes[o:o + 64] for o in random.sample(range(0, MIB - 64, 64), 16)]
+    client.call(a, "define", xml=guest.xml)
+    client.call(a, "start", domain=guest.name)
+    guest.wait_counter_above(0)
+    there, back = tmp_path / "there" / "disk.img", tmp_path / "back" / "disk.img"
+    for d in (there, back):
+        d.parent.mkdir()
+
+    with captured(stack, tmp_path / "plain") as plain:
+        client.migrate(guest.name, a, b, live=True, copy_storage_all=True,
+                       xmlin=dest_xml(guest, there)).wait(timeout=120)
+    moved = Guest(guest.name, guest.uuid, dest_xml(guest, there), there, guest.serial)
+    with captured(stack, tmp_path / "tls") as tls:
+        summary = client.migrate(guest.name, b, a, live=True, copy_storage_all=True, tls=True,
+                                 xmlin=dest_xml(moved, back)).wait(timeout=120)
+
+    assert summary["statistics"]["disk_total"] >= 2 * MIB
+    assert back.read_bytes()[-MIB:] == disk_bytes  # the disk arrived whole, through TLS
+    plain_bytes = b"".join(plain["flows"].values())
+    tls_bytes = b"".join(tls["flows"].values())
+    assert all(p in plain_bytes for p in wanted)  # the NBD stream in the clear
+    assert len(tls_bytes) > 2 * MIB and not [p for p in wanted if p in tls_bytes]
+    # The RAM stream starts with a TLS handshake; NBD upgrades to TLS after its greeting
+    # (NBD_OPT_STARTTLS), both plain and TLS captures saw an NBD server.
+    assert {server_hello(f) for f in tls["flows"].values()} - {None} == \
+        {("TLS 1.3", "TLS_AES_256_GCM_SHA384")}
+    assert any(f.startswith(b"NBDMAGIC") for f in tls["flows"].values())
+    assert any(f.startswith(b"NBDMAGIC") for f in plain["flows"].values())
+
+
+@pytest.mark.parametrize(("spoil", "host", "words"), [
+    (_client_from_other_ca, A, r"dest host tlsb refused the client certificate of tlsa "
+                               r"\(missing, or not signed by a CA tlsb trusts\): .*Verify "
+                               "failed"),
+    (_other_ca, B, r"the TLS certificate of dest host tlsb is not signed by a CA this host "
+                   "trusts"),
+], ids=["source-other-ca", "dest-other-ca"])
+def test_a_storage_copy_refused_in_the_nbd_handshake_is_told_and_the_guest_runs_on(
+        spoil: Callable[[Pki, str], None], host: str, words: str,
+        tls_hosts: tuple[str, str], fresh_pki: Pki, client: Client,
+        make_guest: Callable[..., Guest], tmp_path: Path) -> None:
+    a, b = tls_hosts
+    guest = _boot(client, make_guest, a)
+    spoil(fresh_pki, host)
+    dest = tmp_path / "dest" / "disk.img"
+    dest.parent.mkdir()
+    err = _refused(client, guest, a, b, copy_storage_all=True, xmlin=dest_xml(guest, dest))
+    assert err.phase == "perform3" and "\n" not in str(err), str(err)
+    assert re.search(rf"host tlsa: {words}", str(err)), str(err)
+    _still_on_source(client, guest, a, b)
+    assert not dest.exists()  # the image the dest created for the copy went

@@ -142,12 +142,13 @@ async def _start_incoming(agent: HostAgent, dom: DomainObj, d: DomainDef,
                  extra_argv=failpoints.extra_argv("prepare3.qemu_argv"))
     agent.set_state(dom, DomainState.PAUSED, PausedReason.MIGRATION)
     mon = dom.require_monitor("migrate in")
-    creds = {}
+    creds: dict[str, str] = {}
     if p.has(F.TLS):  # the dest names no host: it checks the source's client certificate
         creds = {"tls-creds": await tls.add_creds(agent, dom, Role.SERVER), "tls-hostname": ""}
     await qemu_migrate.setup(mon, p, outgoing=False, tls=creds)
     if dom.storage_in is not None:
-        await storage_dest.start_nbd(agent, dom, mon, dom.storage_in, p)
+        await storage_dest.start_nbd(agent, dom, mon, dom.storage_in, p,
+                                     tls_creds=creds.get("tls-creds"))
     if tunnelled:
         tunnel.reset(agent.redis, p.job_id)
         sock = await qemu_migrate.pass_socket(mon, qemu_migrate.TUNNEL_FD)

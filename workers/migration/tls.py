@@ -10,10 +10,10 @@ replaced on disk is used by the next migration; the object goes, and the
 migration parameters are reset, when the migration ends.
 
 The storage copy (NBD) uses the same object: `add_creds` is idempotent within
-a migration and returns the id to pass as `tls-creds` to nbd-server-start
-(dest) and to the nbd blockdev-add (source, with `tls-hostname` =
-`dial_host(uri)`).  `remove_creds` runs when the migration ends, after the
-NBD server and the mirror's node are gone.
+a migration and returns the id passed as `tls-creds` to nbd-server-start
+(dest, storage_dest.start_nbd) and to the nbd blockdev-add (source,
+storage.StorageCopy, with `tls-hostname` = the URI's host).  `remove_creds`
+runs when the migration ends, after the NBD server and the mirrors' nodes.
 """
 
 from __future__ import annotations
