@@ -28,8 +28,13 @@ OPTION_FLAGS = {
     "persistent": F.PERSIST_DEST, "undefinesource": F.UNDEFINE_SOURCE, "suspend": F.PAUSED,
     "change_protection": F.CHANGE_PROTECTION, "offline": F.OFFLINE,
     "compressed": F.COMPRESSED, "abort_on_error": F.ABORT_ON_ERROR,
-    "auto_converge": F.AUTO_CONVERGE, "postcopy": F.POSTCOPY,
+    "auto_converge": F.AUTO_CONVERGE, "postcopy": F.POSTCOPY, "parallel": F.PARALLEL,
 }
+#: options that are parameters of their own (MigrationParams fields), not flags
+OPTION_PARAMS = frozenset({
+    "protocol", "xmlin", "migrate_uri", "bandwidth_mib_s", "max_downtime_ms", "timeout_s",
+    "job_id", "parallel_connections", "comp_methods", "comp_xbzrle_cache", "comp_zstd_level",
+    "comp_zlib_level"})
 
 
 def params_from_options(domain: str, source: str, dest: str, **options: Any) -> MigrationParams:
@@ -38,9 +43,7 @@ def params_from_options(domain: str, source: str, dest: str, **options: Any) -> 
     for name, flag in OPTION_FLAGS.items():
         if options.pop(name, False):
             flags |= flag
-    known = {"protocol", "xmlin", "migrate_uri", "bandwidth_mib_s", "max_downtime_ms",
-             "timeout_s", "job_id"}
-    unknown = set(options) - known
+    unknown = set(options) - OPTION_PARAMS
     if unknown:
         raise InvalidInputError(f"unknown migration option(s): {', '.join(sorted(unknown))}")
     return MigrationParams(domain=domain, source=source, dest=dest, flags=int(flags), **options)

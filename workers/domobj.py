@@ -39,6 +39,8 @@ class DomainObj:
     job: ActiveJob | None = None
     migration_status: str | None = None
     wakeup: asyncio.Event = field(default_factory=asyncio.Event)
+    # QEMU's time (epoch s) of the last STOP and RESUME events: the guest's pause.
+    cpu_events: dict[str, float] = field(default_factory=dict)
     tunnel: Any = None
     # Leases: held while the CPUs may run; released on pause with this lockstate.
     leases_held: bool = False

@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,6 +39,12 @@ QUEUED_ABORT_TTL_S = 3600  # an abort of a waiting migration outlives any wait i
 # whose failure still leaves the guest running on the source.  The later ones are
 # fenced by the Finish claim and the leases, and must not fail a guest already moved.
 WAITED_PHASES = frozenset({Phase.PREPARE, Phase.PERFORM3, Phase.PERFORM2})
+
+
+#: Work done at the switch-over point, with the guest stopped on the source and QEMU waiting
+#: before it sends the last of the state (`pause-before-switchover`); an error cancels the
+#: migration and the source resumes.  E.g. a storage copy completes its disk mirrors here.
+SwitchoverHook = Callable[[], Awaitable[None]]
 
 
 def _text(value: bytes | str) -> str:
@@ -84,6 +91,9 @@ class ActiveJob:
     # Why the job may not go on (a restarted source worker found it past Begin, the chain
     # with the dest): the next phase here fails with this text.
     cancelled: str = ""
+    # Run in order at QEMU's pre-switchover point (qemu_migrate.switch_over); not kept in
+    # the status file: a restarted worker cancels a migration it finds there.
+    switchover_hooks: list[SwitchoverHook] = field(default_factory=list)
 
     _KEPT = ("id", "operation", "phase", "started", "source", "dest", "flags", "state",
              "cancelled")
@@ -262,6 +272,14 @@ class JobStore:
             log.info("job %s: ended on %s", job_id, self.host)
 
 
+#: domjobinfo's stream fields, named as in the statistics (workers/migration/stream_stats.py;
+#: compression_* are libvirt's xbzrle names)
+STREAM_FIELDS = ("parallel_connections", "compression_methods", "compression_cache",
+                 "compression_bytes", "compression_pages", "compression_cache_misses",
+                 "compression_cache_hits", "compression_overflow", "stream_bytes",
+                 "guest_pause_ms")
+
+
 def active_record(job: ActiveJob) -> dict[str, Any]:
     """An in-memory job as a record for jobinfo_view (what the job owner answers)."""
     return {"id": job.id, "kind": job.operation.kind, "phase": job.phase,
@@ -279,7 +297,7 @@ def jobinfo_view(record: dict[str, Any] | None, host: str, *, completed: bool = 
         "data_total": None, "data_processed": None, "data_remaining": None,
         "memory_bps": None, "memory_dirty_rate": None, "memory_iteration": None,
         "downtime_ms": None, "setup_time_ms": None, "error": None, "id": None,
-        "queue": None, "queue_position": None,
+        "queue": None, "queue_position": None, **dict.fromkeys(STREAM_FIELDS),
     }
     if queued is not None and not completed and (
             record is None or record.get("id") == queued.get("id")):
@@ -307,6 +325,7 @@ def jobinfo_view(record: dict[str, Any] | None, host: str, *, completed: bool = 
         memory_dirty_rate=stats.get("memory_dirty_rate"),
         memory_iteration=stats.get("memory_iteration"), downtime_ms=stats.get("downtime"),
         setup_time_ms=stats.get("setup_time"))
+    view.update({k: stats.get(k) for k in STREAM_FIELDS})
     return view
 
 
