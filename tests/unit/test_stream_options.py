@@ -137,3 +137,9 @@ def test_domjobinfo_shows_the_stream_fields_without_renaming_any() -> None:
     view = jobinfo_view(record, "a", completed=True)
     assert (view["data_total"], view["parallel_connections"], view["stream_bytes"],
             view["guest_pause_ms"]) == (4, 4, 99, 12.5)
+
+
+def test_a_save_to_a_file_turns_off_what_an_earlier_migration_left_on() -> None:
+    caps = stream_caps.file_capabilities()
+    assert caps.pop("events") is True and not any(caps.values())
+    assert {"multifd", "xbzrle", "return-path", "pause-before-switchover"} <= set(caps)

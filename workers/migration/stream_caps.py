@@ -48,6 +48,14 @@ def capabilities(p: MigrationParams, *, outgoing: bool, two_way: bool,
     return caps
 
 
+def file_capabilities() -> dict[str, bool]:
+    """A save to a file: one plain stream, whatever an earlier migration of this QEMU
+    left on (multifd cannot write to an fd, nothing answers a return path)."""
+    return {"events": True, "postcopy-ram": False, "auto-converge": False,
+            "multifd": False, "xbzrle": False, "return-path": False,
+            "pause-before-switchover": False}
+
+
 def parameters(p: MigrationParams) -> dict[str, Any]:
     """`migrate-set-parameters` of the stream's shape, the same on both ends."""
     multifd = [m for m in p.compression if m in ("zstd", "zlib")]
