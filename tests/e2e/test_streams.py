@@ -73,9 +73,9 @@ def test_parallel_tunnelled_gives_each_channel_its_stream_and_closes_them_all(
     assert stats["parallel_connections"] == 3
     assert stats["stream_bytes"] >= RANDOM_MIB << 20  # what went through the broker
     workers = [w.proc.pid for w in stack.workers.values() if w.proc is not None]
-    for name in ("ferry-tunnel", "ferry-tun-back"):
-        wait_for(lambda: sum(native_threads(pid, name) for pid in workers) == 0, 10,
-                 f"the {name} threads to end")
+    names = ("ferry-tunnel", "ferry-tun-back")
+    wait_for(lambda: sum(native_threads(pid, n) for pid in workers for n in names) == 0, 10,
+             "the tunnel's threads to end")
     r = redis.Redis.from_url(stack.broker_url)
     left = [k for k in r.scan_iter(f"ferry:tunnel:{summary['job_id']}:*")
             if r.ttl(k) == -1]
@@ -184,7 +184,7 @@ def test_a_failure_at_the_switch_over_point_cancels_and_the_source_runs_on(
     client.call(src, "define", xml=guest.xml)
     client.call(src, "start", domain=guest.name)
     guest.wait_counter_above(0)
-    with pytest.raises(FerryError, match="perform3.switchover"):
+    with pytest.raises(FerryError, match=r"perform3\.switchover"):
         client.migrate(guest.name, src, "alpha", live=True).wait(timeout=60)
     info = wait_info(client, src, guest.name, lambda i: i["state"] == "running")
     assert info["reason"] == "migration_canceled"
