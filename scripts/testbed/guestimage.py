@@ -4,10 +4,11 @@ Migration tests need a guest whose memory behaviour is known and whose liveness
 can be read from outside.  This guest (scripts/testbed/guest/guest.S) boots from the MBR
 under SeaBIOS (IDE, AHCI or virtio-blk), switches to flat 32-bit protected
 mode, optionally fills `random_mib` MiB at 2 MiB with incompressible bytes
-and `text_mib` MiB after them with compressible ones (each page 5/8 hex text and
-3/8 zeros, ~3:1 under zstd, as a server's text, logs and zero runs), then forever dirties `dirty_mib` MiB, also from 2 MiB (so it overwrites random
+and `text_mib` MiB after them with compressible ones (each page 5/8 hex text,
+3/8 zeros: ~3:1 under zstd, like a server's text, logs and zero runs), then
+forever dirties `dirty_mib` MiB, also from 2 MiB (so it overwrites random
 pages), at `rate_mib_s` MiB/s and writes a counter line to COM1 every
-`counter_interval_ms`.  Both regions are clamped to the RAM the guest has (E820)
+`counter_interval_ms`.  The regions are clamped to the RAM the guest has (E820)
 and to 3 GiB.  Serial output, CRLF-terminated::
 
     ferry-guest ready ram_mib=<R> dirty_mib=<D> rate=<X|max>
