@@ -8,7 +8,7 @@ DEBS := qemu-system-x86 qemu-utils redis-server redis-sentinel zstd xz-utils bzi
 STAMP := $(VENV)/.ferry-installed
 TEST_JOBS ?= 2
 
-.PHONY: setup demo test lint bench faults clean
+.PHONY: setup demo test lint bench bench-streams faults clean
 
 setup: $(STAMP)
 
@@ -31,6 +31,9 @@ faults: setup
 
 bench: setup
 	$(BIN)/python -m scripts.bench
+
+bench-streams: setup
+	$(BIN)/python -m scripts.bench.streams
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache

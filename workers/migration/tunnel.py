@@ -47,7 +47,8 @@ import redis
 
 from config import broker
 from config.settings import Settings
-from workers.migration.tunnel_wire import Part, RawConn, pack
+from workers.migration.tunnel_splice import Pipe
+from workers.migration.tunnel_wire import Part, RawConn, SpliceConn, pack
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +108,7 @@ class _Pump(threading.Thread):
     """One thread moving one direction of one channel, with its own Redis connection."""
 
     thread_name = THREAD_NAME
+    conn_class: type[RawConn] = RawConn
 
     def __init__(self, name: str, settings: Settings, job_id: str,
                  sock: socket.socket | None, channel: int = 0,
@@ -165,7 +167,7 @@ class _Pump(threading.Thread):
         _name_native_thread(self.thread_name)
         conn: RawConn | None = None
         try:
-            conn = RawConn(self.redis)
+            conn = self.conn_class(self.redis)
             self.pump(conn)
         except (OSError, redis.RedisError, TimeoutError) as exc:
             if conn is not None:
@@ -202,6 +204,8 @@ class _Pump(threading.Thread):
 class TunnelSender(_Pump):
     """QEMU's stream of one channel to its data list, within the window."""
 
+    conn_class = SpliceConn
+
     def __init__(self, settings: Settings, job_id: str, sock: socket.socket, *, window: int,
                  chunk: int, channel: int = 0,
                  on_error: Callable[[], None] | None = None) -> None:
@@ -213,6 +217,9 @@ class TunnelSender(_Pump):
         self.ended = threading.Event()  # QEMU closed its end and the end mark went out
 
     def pump(self, conn: RawConn) -> None:
+        if isinstance(conn, SpliceConn) and conn.use_splice():
+            self.pump_spliced(conn)
+            return
         buf = bytearray(self.batch)
         view = memoryview(buf)
         data_key = self.data_key.encode()
@@ -235,6 +242,34 @@ class TunnelSender(_Pump):
                 self.collect(conn, 0)
                 self.ended.set()
                 return
+
+    def pump_spliced(self, conn: SpliceConn) -> None:
+        """As pump, each chunk spliced from QEMU's socket to the broker's (one per RPUSH,
+        several pushes in flight, each taking the acknowledgements so far along)."""
+        assert self.sock is not None
+        pipe = Pipe(self.chunk)
+        key = self.data_key.encode()
+        head = b"*3\r\n$5\r\nRPUSH\r\n$%d\r\n%s\r\n" % (len(key), key)
+        tail = [b"\r\n", *pack(b"LPOP", self.ack_key.encode(), b"%d" % ACK_DRAIN)]
+        try:
+            while not self.stop_event.is_set():
+                self.wait_credit(conn)
+                room = min(pipe.size, self.window - self.inflight)
+                n, ended = pipe.fill(self.sock.fileno(), room)
+                if self.stop_event.is_set():
+                    return
+                if n:
+                    self.inflight += n
+                    self.bytes += n
+                    conn.send_spliced(head + b"$%d\r\n" % n, pipe, n, tail, 2)
+                if ended:
+                    conn.send(pack(b"RPUSH", key, b""))  # the end of the stream
+                    self.collect(conn, 0)
+                    self.ended.set()
+                    return
+                self.collect(conn, IN_FLIGHT * 2)
+        finally:
+            pipe.close()
 
     def read_some(self, view: memoryview) -> tuple[int, bool]:
         """What QEMU has written, up to len(view): waits for the first byte only (QEMU
@@ -286,6 +321,8 @@ class TunnelReceiver(_Pump):
     (parallel channels: QEMU takes them in the order the source accepted them).
     """
 
+    conn_class = SpliceConn
+
     def __init__(self, settings: Settings, job_id: str, sock: socket.socket | None,
                  channel: int = 0, connect: Callable[[int], socket.socket] | None = None,
                  on_error: Callable[[], None] | None = None, window: int = 4 << 20) -> None:
@@ -301,6 +338,9 @@ class TunnelReceiver(_Pump):
     def pump(self, conn: RawConn) -> None:
         """The next pop is sent before this batch goes to QEMU, so Redis hands over the
         next batch while QEMU reads this one."""
+        if isinstance(conn, SpliceConn) and conn.use_splice():
+            self.pump_spliced(conn)
+            return
         buf = bytearray(self.window)
         ack_key = self.ack_key.encode()
         pop = pack(b"BLMPOP", b"%g" % POLL_S, b"1", self.data_key.encode(), b"LEFT",
@@ -333,6 +373,66 @@ class TunnelReceiver(_Pump):
                 return
             if self.stop_event.is_set():
                 return
+
+    def pump_spliced(self, conn: SpliceConn) -> None:
+        """As pump, each element spliced from the broker's socket into QEMU's.  Each is
+        acknowledged when its header arrives (Redis no longer holds it), and the last one's
+        acknowledgement carries the next pop, so Redis hands over the next batch while
+        QEMU reads this one."""
+        pipe = Pipe()
+        ack_key = self.ack_key.encode()
+        pop = pack(b"BLMPOP", b"%g" % POLL_S, b"1", self.data_key.encode(), b"LEFT",
+                   b"COUNT", b"%d" % POP_COUNT)
+        try:
+            conn.send(pop)
+            while True:
+                count = conn.pop_header()
+                if count is None:
+                    if self.closed():
+                        raise OSError("tunnel closed by the other side")
+                    if self.stop_event.is_set():
+                        return
+                    conn.send(pop)
+                    continue
+                if self.move_batch(conn, pipe, count, ack_key, pop):
+                    return
+        finally:
+            pipe.close()
+
+    def move_batch(self, conn: SpliceConn, pipe: Pipe, count: int, ack_key: bytes,
+                   pop: list[Part]) -> bool:
+        """One popped batch into QEMU; True at the end of the stream."""
+        acks = 0
+        for i in range(count):
+            size = conn.bulk_size()
+            if size == 0:  # b"": the end of the stream, always the last one
+                conn.end_bulk()
+                break
+            last = i == count - 1
+            ack = pack(b"RPUSH", ack_key, b"%d" % size)
+            go_on = last and not self.stop_event.is_set()
+            conn.send(ack, pop) if go_on else conn.send(ack)
+            acks += 1
+            conn.move_bulk(size, self.socket(), pipe)
+            self.bytes += size
+        else:
+            for _ in range(acks):
+                conn.read()
+            return self.stop_event.is_set()
+        for _ in range(acks):
+            conn.read()
+        self.done.set()
+        if self.sock is not None:
+            with contextlib.suppress(OSError):
+                self.sock.shutdown(socket.SHUT_WR)
+        return True
+
+    def socket(self) -> socket.socket:
+        """QEMU's end of this channel, made on the first data (parallel channels)."""
+        if self.sock is None:
+            assert self.connect is not None
+            self.sock = self.connect(self.channel)
+        return self.sock
 
     def write(self, items: list[memoryview]) -> None:
         if self.sock is None and any(items):

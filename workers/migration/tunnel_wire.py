@@ -23,10 +23,14 @@ from typing import cast
 
 import redis
 
+from workers.migration import tunnel_splice
+from workers.migration.tunnel_splice import Pipe
+
 Part = bytes | bytearray | memoryview
 Reply = int | bytes | list["Reply"] | None
 
 HEAD_SIZE = 64 << 10  # the buffer for reply headers and small replies
+SMALL_READ = 512  # reads of a splicing connection: headers only, the data stays in the kernel
 _NULLS = (b"_", b"*-1", b"$-1")
 
 
@@ -85,6 +89,16 @@ class RawConn:
         self.head = bytearray(HEAD_SIZE)
         self.start = self.end = 0  # unread bytes of self.head
         self.pending = 0  # replies not read yet
+        self.read_size = HEAD_SIZE
+
+    def use_splice(self) -> bool:
+        """Move data with splice from now on, if the broker's socket allows it (a plain one:
+        QEMU's always is; tunnel_splice.py)."""
+        if not tunnel_splice.available(self.sock):
+            return False
+        tunnel_splice.make_blocking(self.sock)
+        self.read_size = SMALL_READ
+        return True
 
     def send(self, *commands: list[Part]) -> None:
         try:
@@ -109,8 +123,9 @@ class RawConn:
             self.start, self.end = 0, len(tail)
             if self.end == len(self.head):
                 raise redis.ConnectionError("reply line longer than the read buffer")
+        room = memoryview(self.head)[self.end:]
         try:
-            n = self.sock.recv_into(memoryview(self.head)[self.end:])
+            n = self.sock.recv_into(room, min(self.read_size, len(room)))
         except OSError as exc:
             raise redis.ConnectionError(f"reading from the broker: {exc}") from exc
         if n == 0:
@@ -206,3 +221,56 @@ class RawConn:
 
 def _unexpected(line: bytes) -> redis.ConnectionError:
     return redis.ConnectionError(f"unexpected reply to a pop: {line[:40]!r}")
+
+
+class SpliceConn(RawConn):
+    """A RawConn whose chunks go from socket to socket through a pipe, never through
+    the worker's memory: the sender writes the RESP framing around spliced bytes, the
+    receiver reads headers a few hundred bytes at a time and splices the rest."""
+
+    def send_spliced(self, head: bytes, pipe: Pipe, n: int, tail: Sequence[Part],
+                     commands: int) -> None:
+        """`head`, then the pipe's first `n` bytes, then `tail` (the rest of this command
+        and `commands - 1` more); one TCP stream of it, corked until the tail."""
+        try:
+            self.sock.sendall(head, socket.MSG_MORE)
+            pipe.drain(self.sock.fileno(), n, more=True)
+            send_all(self.sock, tail)
+        except OSError as exc:
+            raise redis.ConnectionError(f"writing to the broker: {exc}") from exc
+        self.pending += commands
+
+    def pop_header(self) -> int | None:
+        """The next reply, a BLMPOP's, read up to its number of elements (None: timeout)."""
+        line = self._line()
+        self.pending -= 1
+        if line in _NULLS:
+            return None
+        if line != b"*2":
+            self._value(line)  # an error reply raises
+            raise _unexpected(line)
+        self._value(self._line())  # the key
+        count = self._line()
+        if count[:1] != b"*":
+            raise _unexpected(count)
+        return int(count[1:])
+
+    def bulk_size(self) -> int:
+        head = self._line()
+        if head[:1] != b"$":
+            raise _unexpected(head)
+        return int(head[1:])
+
+    def move_bulk(self, size: int, dst: socket.socket, pipe: Pipe) -> None:
+        """The element's `size` bytes into `dst`: the few the header read took along,
+        then the rest spliced; then its CRLF."""
+        have = min(size, self.end - self.start)
+        if have:
+            dst.sendall(memoryview(self.head)[self.start:self.start + have])
+            self.start += have
+        pipe.move(self.sock.fileno(), dst.fileno(), size - have)
+        self._crlf()
+
+    def end_bulk(self) -> None:
+        """An empty element: only its CRLF."""
+        self._crlf()
