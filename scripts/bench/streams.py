@@ -22,6 +22,10 @@ round to round; each migration moves the guest to the other host.  Variants:
     cap xbzrle        --compressed (xbzrle), capped
     cap par2          --parallel, capped
     cap zstd par2     --parallel --comp-methods zstd, capped
+    floor             (random guest only) its twin moved by bare QEMUs over QMP, tcp
+                      (scripts/bench/floor.py), no ferry: QEMU's own pause
+    floor rp+pbs      the same with return-path and pause-before-switchover, as ferry
+                      sets them: what they cost QEMU's pause, paired with the floor
 
 Per sample: the caller's wall time around `.wait()`, QEMU's own time
 (statistics `time_elapsed`), memory processed, throughput (processed / QEMU
@@ -51,6 +55,7 @@ from typing import Any
 
 from config.settings import load
 from scripts.bench.cpu import CpuSampler
+from scripts.bench.floor import FloorGuest
 from scripts.bench.migration import foreign_qemu, wait_filled
 from scripts.bench.report import machine
 from scripts.bench.streams_report import markdown, summarize
@@ -82,7 +87,10 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "cap xbzrle": {"compressed": True},
     "cap par2": {"parallel": True},
     "cap zstd par2": {"parallel": True, "comp_methods": "zstd"},
+    "floor": {},
+    "floor rp+pbs": {},
 }
+FLOORS = frozenset({"floor", "floor rp+pbs"})
 HOSTS = ("p1", "p2")
 
 
@@ -184,6 +192,44 @@ class Guest:
                     self.bed.client.call(host, task, domain=self.name, timeout=30)
 
 
+class FloorTwin:
+    """The random guest's twin on bare QEMUs (scripts/bench/floor.py), on the same hosts."""
+
+    def __init__(self, bed: Bed, case_dir: Path) -> None:
+        self.bed, self.kind = bed, "random"
+        image = build_image(case_dir / "floor.img", dirty_mib=DIRTY_MIB,
+                            rate_mib_s=DIRTY_RATE, **GUESTS["random"])
+        self.serial = case_dir / "floor.serial"
+        xml = guest_xml("bench-streams-floor", image, self.serial, memory_mib=MEMORY_MIB,
+                        domain_type="qemu")
+        places = None
+        if bed.fleet is not None:
+            hosts = [bed.fleet.hosts[h] for h in HOSTS]
+            places = ((hosts[0].netns, hosts[0].address), (hosts[1].netns, hosts[1].address))
+        work = case_dir / "floor"
+        work.mkdir()
+        self.floor = FloorGuest(xml, work, places=places, kvm=False)
+        self.floor.start()
+
+    def migrate(self, variant: str) -> dict[str, Any]:
+        self.bed.cap(False)
+        self.floor.switchover = variant == "floor rp+pbs"
+        name = self.floor.definition.name
+        with CpuSampler(self.bed.cpu_pids(), name, str(self.bed.root.parent)) as sampler:
+            f = self.floor.migrate()
+        return {"variant": variant, "guest": self.kind, "direction": f.direction,
+                "wall_ms": f.wall_ms, "qemu_ms": f.total_time_ms,
+                "memory_processed": f.memory_processed,
+                "throughput_mib_s": f.memory_processed / MIB / (f.total_time_ms / 1000)
+                if f.memory_processed and f.total_time_ms else None,
+                "downtime_ms": f.downtime_ms, "guest_pause_ms": f.pause_ms,
+                "setup_time_ms": f.setup_time_ms, "iterations": f.dirty_sync_count,
+                "stream_bytes": None, "xbzrle_pages": None, "cpu_s": sampler.result()}
+
+    def remove(self) -> None:
+        self.floor.close()
+
+
 def _roles(cpu: dict[str, float], src: str, dst: str) -> dict[str, float]:
     """"worker p1[ tunnel]" -> "worker src[ tunnel]" by the sample's direction."""
     out = {}
@@ -198,12 +244,13 @@ def _roles(cpu: dict[str, float], src: str, dst: str) -> dict[str, float]:
 
 def schedule(variants: Sequence[str], guests: Sequence[str], runs: int,
              warmup: int) -> list[tuple[int, str, str]]:
-    """(round, guest, variant): each round every variant per guest, rotated by the round."""
+    """(round, guest, variant): each round every variant per guest, rotated by the round
+    (the floors with the random guest only)."""
     out = []
     for i in range(warmup + runs):
         k = i % len(variants)
         order = list(variants[k:]) + list(variants[:k])
-        out += [(i, g, v) for v in order for g in guests]
+        out += [(i, g, v) for v in order for g in guests if v not in FLOORS or g == "random"]
     return out
 
 
@@ -217,20 +264,28 @@ def run(args: argparse.Namespace, root: Path) -> dict[str, Any]:
                    "chunk_kib": load().tunnel_chunk_kib}}, "samples": []}
     bed = Bed(root / "bed", args.net)
     guests: dict[str, Guest] = {}
+    twin: FloorTwin | None = None
     try:
         case_dir = root / "guests"
         case_dir.mkdir()
         for kind in args.guests:
             guests[kind] = Guest(bed, kind, case_dir)
             guests[kind].start()
-        for g in guests.values():
-            wait_filled(g.serial, args.fill_timeout, f"the {g.kind} guest to fill")
+        if FLOORS & set(variants) and "random" in guests:
+            twin = FloorTwin(bed, case_dir)
+        serials = [(g.serial, g.kind) for g in guests.values()]
+        if twin is not None:
+            serials.append((twin.serial, "floor"))
+        for serial, kind in serials:
+            wait_filled(serial, args.fill_timeout, f"the {kind} guest to fill")
         _log(f"[streams] guests filled; {len(variants)} variants x {len(guests)} guests, "
              f"{args.runs} rounds + {args.warmup} warm-up")
         for i, kind, variant in schedule(variants, list(guests), args.runs, args.warmup):
             load_avg = os.getloadavg()[0]
             others = foreign_qemu(str(root))
-            rec = guests[kind].migrate(variant)
+            mover = twin if variant in FLOORS else guests[kind]
+            assert mover is not None
+            rec = mover.migrate(variant)
             rec.update(round=i, warmup=i < args.warmup, loadavg=load_avg, foreign_qemu=others)
             result["samples"].append(rec)
             _log(f"[streams] {'warm-up' if rec['warmup'] else f'round {i - args.warmup + 1}'}"
@@ -241,6 +296,8 @@ def run(args: argparse.Namespace, root: Path) -> dict[str, Any]:
     finally:
         for g in guests.values():
             g.remove()
+        if twin is not None:
+            twin.remove()
         bed.stop()
     result["machine"]["loadavg_end"] = list(os.getloadavg())
     result["summary"] = summarize(result)

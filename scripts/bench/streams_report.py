@@ -20,7 +20,11 @@ RATIOS: tuple[tuple[str, str, str, dict[str, float], str], ...] = (
     ("cap zstd par2", "cap direct", "wall_ms", {"random": 1.1, "text": 0.6}, "max"),
     ("cap par2", "cap direct", "wall_ms", {}, ""),
     ("cap zstd par2", "cap par2", "wall_ms", {}, ""),
+    ("floor rp+pbs", "floor", "guest_pause_ms", {}, ""),
+    ("direct", "floor", "guest_pause_ms", {}, ""),
+    ("tunnel", "floor", "guest_pause_ms", {}, ""),
 )
+_SUMMARY = {"guest_pause_ms": "pause_ms"}  # a sample's figure -> its summary's median
 ROLES = ("qemu src", "qemu dst", "worker src", "worker src tunnel", "worker dst",
          "worker dst tunnel", "redis")
 
@@ -78,7 +82,8 @@ def summarize(result: dict[str, Any]) -> dict[str, Any]:
         for num, den, figure, targets, kind in RATIOS:
             if num not in variants or den not in variants:
                 continue
-            a, b = per[g][num][figure], per[g][den][figure]
+            key = _SUMMARY.get(figure, figure)
+            a, b = per[g][num][key], per[g][den][key]
             paired = [rnd[num][figure] / rnd[den][figure] for rnd in by_round.values()
                       if num in rnd and den in rnd and rnd[num][figure] and rnd[den][figure]]
             value = a / b if a and b else None
@@ -146,7 +151,8 @@ def markdown(result: dict[str, Any]) -> str:
         sign = {"min": "≥ ", "max": "≤ "}.get(r["kind"], "")
         target = f"{sign}{r['target']:.2f}" if r["target"] is not None else ""
         met = {True: "yes", False: "**no**", None: ""}[r["met"]]
-        figure = {"wall_ms": "wall", "throughput_mib_s": "throughput"}[r["figure"]]
+        figure = {"wall_ms": "wall", "throughput_mib_s": "throughput",
+                  "guest_pause_ms": "pause"}[r["figure"]]
         out.append(f"| {r['guest']} | {r['ratio']} | {figure} | {_f(r['of_medians'], 2)} "
                    f"| {_f(r['paired'], 2)} | {target} | {met} |")
     out.append("")
