@@ -8,6 +8,8 @@ PVM KVM here runs the test guest slowly); the stream is QEMU's either way.
 from __future__ import annotations
 
 import json
+import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -80,6 +82,41 @@ def test_parallel_tunnelled_gives_each_channel_its_stream_and_closes_them_all(
     left = [k for k in r.scan_iter(f"ferry:tunnel:{summary['job_id']}:*")
             if r.ttl(k) == -1]
     assert left == []  # nothing of the stream stays without an expiry
+
+
+def test_a_parallel_tunnel_keeps_redis_memory_within_a_window_per_channel(
+        stack: Stack, client: Client, make_guest: Callable[..., Guest],
+        image_dir: Path) -> None:
+    image = build_image(image_dir / "random256.img", random_mib=256, rate_mib_s=0)
+    guest = make_guest(memory_mib=384, image=image, domain_type="qemu")
+    client.call("alpha", "define", xml=guest.xml)
+    client.call("alpha", "start", domain=guest.name)
+    wait_for(lambda: "filled" in guest.serial.read_text(errors="replace"), 90,
+             "the guest to fill 256 MiB")
+    r = redis.Redis.from_url(stack.broker_url)
+    baseline = int(r.info("memory")["used_memory"])
+    peak = [baseline]
+    stop = threading.Event()
+
+    def sample() -> None:
+        while not stop.is_set():
+            peak[0] = max(peak[0], int(r.info("memory")["used_memory"]))
+            time.sleep(0.02)
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    try:
+        summary = client.migrate(guest.name, "alpha", "beta", live=True, p2p=True,
+                                 tunnelled=True, parallel=True,
+                                 parallel_connections=2).wait(timeout=180)
+    finally:
+        stop.set()
+        sampler.join()
+    assert summary["statistics"]["stream_bytes"] > 250 << 20
+    channels = 3  # the main one and two multifd connections, a window of 4 MiB each
+    bound = channels * ((4 << 20) + (1 << 20))  # each window plus a chunk being pushed
+    margin = 4 << 20
+    assert peak[0] - baseline <= bound + margin, f"Redis grew by {peak[0] - baseline} bytes"
 
 
 def test_zstd_over_parallel_connections_moves_memory_intact(

@@ -143,24 +143,6 @@ def test_spliced_elements_go_socket_to_socket_with_their_framing() -> None:
         pipe.close()
 
 
-def test_the_sender_frames_a_spliced_chunk_as_one_rpush() -> None:
-    conn, broker = _pair(SpliceConn)
-    assert conn.use_splice()
-    src, src_peer = socket.socketpair()
-    pipe = Pipe()
-    try:
-        src_peer.sendall(b"hello")
-        n, ended = pipe.fill(src.fileno(), 1000)
-        assert (n, ended) == (5, False)
-        conn.send_spliced(b"*3\r\n$5\r\nRPUSH\r\n$1\r\nk\r\n$5\r\n", pipe, n, [b"\r\n"], 1)
-        framed = b"*3\r\n$5\r\nRPUSH\r\n$1\r\nk\r\n$5\r\nhello\r\n"
-        assert _read(broker, len(framed)) == framed
-        src_peer.close()
-        assert pipe.fill(src.fileno(), 1000) == (0, True)
-    finally:
-        pipe.close()
-
-
 def test_tunnel_sockets_have_short_names_whatever_the_job_id(tmp_path: Path) -> None:
     path = socket_path(tmp_path, "tun", "a/../" + "x" * 300)
     assert path.parent == tmp_path and len(path.name) == len("tun-") + 16 + len(".sock")

@@ -15,7 +15,8 @@ Redis holds at most a window per channel whatever the guest size
 (backpressure both ways: a slow dest stops the sender, a full socket stops
 QEMU).  The receiver pops up to a window at once, acknowledges it and asks
 for the next batch before it writes this one to QEMU.  Both speak RESP on the
-raw socket (tunnel_wire.py: one copy per byte in each direction).
+raw socket (tunnel_wire.py): the sender with one copy per byte, the receiver
+with none where it can splice (tunnel_splice.py).
 
 Channel 0 also carries QEMU's return path back, dest to source (the dest's
 "loaded" reply before the source counts the migration done; post-copy's page
@@ -202,9 +203,11 @@ class _Pump(threading.Thread):
 
 
 class TunnelSender(_Pump):
-    """QEMU's stream of one channel to its data list, within the window."""
+    """QEMU's stream of one channel to its data list, within the window.
 
-    conn_class = SpliceConn
+    It reads and writes the bytes itself (recv_into, one sendmsg per push): splicing them
+    into the broker's socket saved the sender 0.1 CPU s per GiB and cost Redis as much
+    again, reading them (scripts/bench/STREAMS.md)."""
 
     def __init__(self, settings: Settings, job_id: str, sock: socket.socket, *, window: int,
                  chunk: int, channel: int = 0,
@@ -217,9 +220,6 @@ class TunnelSender(_Pump):
         self.ended = threading.Event()  # QEMU closed its end and the end mark went out
 
     def pump(self, conn: RawConn) -> None:
-        if isinstance(conn, SpliceConn) and conn.use_splice():
-            self.pump_spliced(conn)
-            return
         buf = bytearray(self.batch)
         view = memoryview(buf)
         data_key = self.data_key.encode()
@@ -242,34 +242,6 @@ class TunnelSender(_Pump):
                 self.collect(conn, 0)
                 self.ended.set()
                 return
-
-    def pump_spliced(self, conn: SpliceConn) -> None:
-        """As pump, each chunk spliced from QEMU's socket to the broker's (one per RPUSH,
-        several pushes in flight, each taking the acknowledgements so far along)."""
-        assert self.sock is not None
-        pipe = Pipe(self.chunk)
-        key = self.data_key.encode()
-        head = b"*3\r\n$5\r\nRPUSH\r\n$%d\r\n%s\r\n" % (len(key), key)
-        tail = [b"\r\n", *pack(b"LPOP", self.ack_key.encode(), b"%d" % ACK_DRAIN)]
-        try:
-            while not self.stop_event.is_set():
-                self.wait_credit(conn)
-                room = min(pipe.size, self.window - self.inflight)
-                n, ended = pipe.fill(self.sock.fileno(), room)
-                if self.stop_event.is_set():
-                    return
-                if n:
-                    self.inflight += n
-                    self.bytes += n
-                    conn.send_spliced(head + b"$%d\r\n" % n, pipe, n, tail, 2)
-                if ended:
-                    conn.send(pack(b"RPUSH", key, b""))  # the end of the stream
-                    self.collect(conn, 0)
-                    self.ended.set()
-                    return
-                self.collect(conn, IN_FLIGHT * 2)
-        finally:
-            pipe.close()
 
     def read_some(self, view: memoryview) -> tuple[int, bool]:
         """What QEMU has written, up to len(view): waits for the first byte only (QEMU

@@ -1,12 +1,13 @@
 """Zero-copy moves for the tunnel: splice(2) through a pipe between QEMU's socket and the
 broker's, so the stream's bytes never enter the worker's memory.
 
-The kernel moves page references from one socket into a pipe and from the
-pipe into the other socket (a unix socket's paged data and a TCP socket's
-both splice without a copy); the pump only writes the RESP framing around
-each chunk.  That needs plain sockets on both sides: with TLS to the broker
-(rediss://) the pumps use the copying path of tunnel_wire.py.  Measured on
-the sender alone: 0.25-0.30 CPU s per GiB against 0.42-0.45 copying.
+The receiver reads each popped element's RESP header, then the kernel moves
+the element's pages from the broker's TCP socket into a pipe and from the
+pipe into QEMU's socket.  That needs a plain socket to the broker: with TLS
+(rediss://) the pumps use the copying path of tunnel_wire.py.  Measured
+without QEMU (scripts/bench/tunnel_micro.py): the receiver's CPU per GiB
+0.22-0.29 s against 0.45-0.60 copying.  The sender copies: splicing into the
+broker's socket saved it ~0.1 s per GiB and cost Redis as much again.
 """
 
 from __future__ import annotations
@@ -46,22 +47,6 @@ class Pipe:
         with contextlib.suppress(OSError):  # a smaller pipe-max-size: keep the default
             fcntl.fcntl(self.w, F_SETPIPE_SZ, size)
         self.size = fcntl.fcntl(self.w, F_GETPIPE_SZ)
-
-    def fill(self, src: int, room: int) -> tuple[int, bool]:
-        """What `src` has, up to `room` (at most the pipe's size), into the pipe: waits for
-        the first byte only (QEMU may be waiting for the other end); True once `src` ended."""
-        n = os.splice(src, self.w, room)
-        if n == 0:
-            return 0, True
-        while n < room:
-            try:
-                got = os.splice(src, self.w, room - n, flags=os.SPLICE_F_NONBLOCK)
-            except BlockingIOError:
-                break
-            if got == 0:
-                return n, True
-            n += got
-        return n, False
 
     def drain(self, dst: int, n: int, more: bool = False) -> None:
         """The first `n` bytes of the pipe into `dst` (SPLICE_F_MORE: more follows)."""

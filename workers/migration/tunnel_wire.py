@@ -224,21 +224,9 @@ def _unexpected(line: bytes) -> redis.ConnectionError:
 
 
 class SpliceConn(RawConn):
-    """A RawConn whose chunks go from socket to socket through a pipe, never through
-    the worker's memory: the sender writes the RESP framing around spliced bytes, the
-    receiver reads headers a few hundred bytes at a time and splices the rest."""
-
-    def send_spliced(self, head: bytes, pipe: Pipe, n: int, tail: Sequence[Part],
-                     commands: int) -> None:
-        """`head`, then the pipe's first `n` bytes, then `tail` (the rest of this command
-        and `commands - 1` more); one TCP stream of it, corked until the tail."""
-        try:
-            self.sock.sendall(head, socket.MSG_MORE)
-            pipe.drain(self.sock.fileno(), n, more=True)
-            send_all(self.sock, tail)
-        except OSError as exc:
-            raise redis.ConnectionError(f"writing to the broker: {exc}") from exc
-        self.pending += commands
+    """A RawConn whose popped elements go from the broker's socket to QEMU's through a
+    pipe, never through the worker's memory: headers are read a few hundred bytes at a
+    time, the rest is spliced."""
 
     def pop_header(self) -> int | None:
         """The next reply, a BLMPOP's, read up to its number of elements (None: timeout)."""
