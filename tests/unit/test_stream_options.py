@@ -143,3 +143,60 @@ def test_a_save_to_a_file_turns_off_what_an_earlier_migration_left_on() -> None:
     caps = stream_caps.file_capabilities()
     assert caps.pop("events") is True and not any(caps.values())
     assert {"multifd", "xbzrle", "return-path", "pause-before-switchover"} <= set(caps)
+
+
+class _Mon:
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, object]] = []
+
+    async def execute(self, cmd: str, args: object = None) -> dict[str, object]:
+        self.calls.append((cmd, args))
+        return {}
+
+
+def _job_dom(abort: bool = False) -> Any:
+    from workers.domobj import DomainObj
+    from workers.job_types import JobOperation, Phase
+    from workers.jobs import ActiveJob
+
+    dom = DomainObj(definition=None)
+    dom.job = ActiveJob("j", JobOperation.OUTGOING_MIGRATION, Phase.PERFORM3, 0.0, abort=abort)
+    return dom
+
+
+def test_the_switch_over_runs_the_hooks_in_order_then_lets_qemu_go_on() -> None:
+    import asyncio
+
+    from workers.migration.qemu_migrate import switch_over
+
+    dom, mon, seen = _job_dom(), _Mon(), []
+
+    def hook(name: str) -> Any:
+        async def run() -> None:
+            seen.append((name, list(mon.calls)))
+        return run
+
+    dom.job.switchover_hooks += [hook("mirrors"), hook("other")]
+    asyncio.run(switch_over(dom, mon))  # type: ignore[arg-type]
+    assert seen == [("mirrors", []), ("other", [])]
+    assert mon.calls == [("migrate-continue", {"state": "pre-switchover"})]
+
+
+def test_a_hook_that_fails_or_an_abort_at_the_switch_over_never_lets_qemu_go_on() -> None:
+    import asyncio
+
+    from workers.errors import MigrationError, QemuError
+    from workers.migration.qemu_migrate import switch_over
+
+    dom, mon = _job_dom(), _Mon()
+
+    async def broken() -> None:
+        raise QemuError("mirror failed")
+
+    dom.job.switchover_hooks.append(broken)
+    with pytest.raises(QemuError, match="mirror failed"):
+        asyncio.run(switch_over(dom, mon))  # type: ignore[arg-type]
+    dom, mon = _job_dom(abort=True), _Mon()
+    with pytest.raises(MigrationError, match="aborted"):
+        asyncio.run(switch_over(dom, mon))  # type: ignore[arg-type]
+    assert mon.calls == []
