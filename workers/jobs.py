@@ -177,11 +177,23 @@ class JobStore:
     def set_progress(self, uuid: str, job_id: str, progress: dict[str, Any]) -> None:
         self._set_mine(uuid, job_id, "progress", json.dumps(progress))
 
+    # The existence check and the mark in one step: a mark never lands on a record
+    # ended meanwhile (it would make a half record the next job inherits).
+    _MARK_ABORT = """
+    if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+    redis.call('HSET', KEYS[1], 'abort', '1')
+    return 1
+    """
+
+    def mark_aborted(self, uuid: str) -> bool:
+        """Mark the running job of domain `uuid` aborted in its record, if it has one."""
+        # EVAL, not a registered script: one round trip even the first time
+        return bool(self.redis.eval(self._MARK_ABORT, 1, job_key(uuid)))
+
     def request_abort(self, uuid: str) -> bool:
         """Mark the job aborted in its record (honoured at the next phase boundary), or
         a migration still waiting in line before its first phase (it leaves the line)."""
-        if self.redis.exists(job_key(uuid)):
-            self.redis.hset(job_key(uuid), "abort", "1")
+        if self.mark_aborted(uuid):
             return True
         waiting = self.queued(uuid)
         if waiting is None:
