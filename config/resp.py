@@ -17,8 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import socket
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 from urllib.parse import unquote, urlsplit
 
 from config.settings import Settings
@@ -35,8 +34,7 @@ class ReplyError(Exception):
     """An error reply of the server, worded as redis-py words it."""
 
 
-@dataclass(frozen=True)
-class Endpoint:
+class Endpoint(NamedTuple):  # not a dataclass: `dataclasses` costs an import
     """Where and how to connect: one Redis server of a redis:// or rediss:// URL."""
 
     host: str
@@ -163,13 +161,23 @@ class Connection:
 
     def call(self, *commands: bytes) -> list[Any]:
         """Send `commands` together; their replies, the first error reply raised."""
+        return self.finish(self.start(*commands))
+
+    def start(self, *commands: bytes) -> tuple[int, int]:
+        """Send `commands` (after the greeting, the first time) without waiting: what
+        `finish` needs to read their replies, meanwhile other connections can work."""
         prelude, self.prelude = self.prelude, []
         self.send(*prelude, *commands)
-        replies = [self.read() for _ in range(len(prelude) + len(commands))]
+        return len(prelude), len(commands)
+
+    def finish(self, sent: tuple[int, int]) -> list[Any]:
+        """The replies of what `start` sent, the first error reply raised."""
+        skipped, wanted = sent
+        replies = [self.read() for _ in range(skipped + wanted)]
         for reply in replies:
             if isinstance(reply, ReplyError):
                 raise reply
-        return replies[len(prelude):]
+        return replies[skipped:]
 
 
 def greeting(ep: Endpoint) -> list[bytes]:

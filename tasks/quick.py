@@ -15,27 +15,26 @@ Sentinel or unix:// broker URL or one with options, or FERRY_CLI_FAST_PATH off.
 
 from __future__ import annotations
 
+import _thread
 import contextlib
 import importlib
 import json
 import sys
-import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from config import resp
 from config.resp import Connection, pack
 from config.routing import queue_for
 from config.settings import Settings
 from tasks import envelope
-from tasks.migrate_plan import Step, chain_steps, params_from_options
 from workers.errors import FerryError, HostUnavailableError, InvalidInputError
-from workers.heartbeat import get_host, list_hosts
-from workers.jobsignals.protocol import OPS, job_channel
-from workers.migration.params import MigrationFlags as F
-from workers.migration.params import MigrationParams
+from workers.host_records import host_key, list_hosts
+
+if TYPE_CHECKING:
+    from tasks.migrate_plan import Step
+    from workers.migration.params import MigrationParams
 
 SLICE_S = 2.0  # as tasks/results.py: the longest a result stored during a reconnect goes unseen
 PARENT_CHECK_S = 1.0  # as Celery's drain interval: how often a chain's earlier tasks are read
@@ -70,7 +69,7 @@ class QuickClient:
         self.sender = envelope.origin()
         self.reply_to = envelope.new_id()  # Celery's per-thread oid: one per client here
         self._idle: list[Connection] = []
-        self._lock = threading.Lock()
+        self._lock = _thread.allocate_lock()  # `threading` costs an import
         self._clock = 0
 
     # -- connections ----------------------------------------------------------------------
@@ -98,13 +97,20 @@ class QuickClient:
     # -- what tasks/connection.py's Connection offers ------------------------------------
     def host(self, name: str) -> dict[str, Any]:
         """The live record of host `name`, or a clear error."""
+        return self._hosts(name)[0]
+
+    def _hosts(self, *names: str) -> list[dict[str, Any]]:
+        """The live records of `names`, read in one round trip; the first missing one is
+        the error."""
         try:
-            rec = get_host(_Reader(self), name)
+            raw = self._run(*(pack("GET", host_key(name)) for name in names))
         except (OSError, resp.ReplyError) as exc:
             raise self._broker_error(exc) from exc
-        if rec is None:
-            raise HostUnavailableError(f"host '{name}' is not alive (no heartbeat in Redis)")
-        return rec
+        for name, rec in zip(names, raw, strict=True):
+            if rec is None:
+                raise HostUnavailableError(f"host '{name}' is not alive (no heartbeat in "
+                                           "Redis)")
+        return [dict(json.loads(rec)) for rec in raw]
 
     def hosts(self) -> list[dict[str, Any]]:
         try:
@@ -117,10 +123,21 @@ class QuickClient:
 
     def call(self, host: str, task: str, timeout: float | None = None, **kwargs: Any) -> Any:
         """Run `ferry.<task>` on `host` and return its result (or raise its error)."""
-        self.host(host)
-        wait = timeout or self.settings.task_timeout_s
         task_id = envelope.new_id()
-        waiter = _Waiter(self, task_id)
+        try:
+            waiter = _Waiter(self, task_id)  # subscribing while the heartbeat is read
+        except (OSError, resp.ReplyError) as exc:
+            raise self._broker_error(exc) from exc
+        try:
+            self.host(host)
+            waiter.subscribed()
+        except (OSError, resp.ReplyError) as exc:
+            waiter.close()
+            raise self._broker_error(exc) from exc
+        except BaseException:
+            waiter.close()
+            raise
+        wait = timeout or self.settings.task_timeout_s
         try:
             try:
                 self._send(f"ferry.{task}", task_id, queue_for(host), (), kwargs)
@@ -138,6 +155,9 @@ class QuickClient:
 
     def signal(self, host: str, domain: str, op: str, **args: Any) -> Any:
         """Send job signal `op` for `domain` (known to `host`); the owner's answer."""
+        # start-up: what only the signal commands need
+        from workers.jobsignals.protocol import OPS
+
         if op not in OPS:
             raise InvalidInputError(f"unknown job signal '{op}' (one of {', '.join(OPS)})")
         uuid = self.uuid_of(host, domain)
@@ -153,8 +173,11 @@ class QuickClient:
 
     def migrate(self, domain: str, source: str, dest: str, **options: Any) -> QuickJob:
         """Start a managed migration, as tasks/migrate_client.migrate; a handle at once."""
+        from tasks.migrate_plan import chain_steps, params_from_options  # start-up: as below
+        from workers.migration.params import MigrationFlags as F  # start-up: migrate only
+
         p = params_from_options(domain, source, dest, **options)
-        src, dst = self.host(source), self.host(dest)
+        src, dst = self._hosts(source, dest)
         if src["uuid"] == dst["uuid"]:
             raise InvalidInputError("attempt to migrate guest to the same host "
                                     f"({source} and {dest} share uuid {src['uuid']})")
@@ -230,12 +253,22 @@ class _Waiter:
                  parents: list[str] | None = None) -> None:
         self.client, self.task_id, self.parents = client, task_id, parents or []
         self.sub: Connection | None = None
-        self._subscribe()
+        self._pending: tuple[int, int] | None = None
+        self._subscribe(confirm=False)
 
-    def _subscribe(self) -> None:
+    def _subscribe(self, confirm: bool = True) -> None:
+        """SUBSCRIBE on a new connection; `confirm`: wait for the server's word (else
+        `subscribed` does, before anything is sent whose result it announces)."""
         self.close()
         self.sub = self.client._open()
-        self.sub.call(pack("SUBSCRIBE", meta_key(self.task_id)))
+        self._pending = self.sub.start(pack("SUBSCRIBE", meta_key(self.task_id)))
+        if confirm:
+            self.subscribed()
+
+    def subscribed(self) -> None:
+        if self.sub is not None and self._pending is not None:
+            pending, self._pending = self._pending, None
+            self.sub.finish(pending)
 
     def close(self) -> None:
         if self.sub is not None:
@@ -258,6 +291,7 @@ class _Waiter:
         try:
             if self.sub is None:
                 self._subscribe()
+            self.subscribed()  # before the read: a result stored after it is announced
             metas = self.client.metas([self.task_id, *self.parents])
             _raise_failed_parent(metas[1:])
             if metas[0] is not None and metas[0]["status"] in READY:
@@ -287,14 +321,14 @@ def _raise_failed_parent(metas: list[dict[str, Any] | None]) -> None:
             raise_error(meta, None)
 
 
-@dataclass
 class QuickJob:
     """A handle on a running migration, as tasks/migrate_client.MigrationJob."""
 
-    client: QuickClient
-    params: MigrationParams
-    last: str  # the chain's last task id
-    parents: list[str] = field(default_factory=list)  # the earlier ones, nearest first
+    def __init__(self, client: QuickClient, params: MigrationParams, last: str,
+                 parents: list[str]) -> None:
+        self.client, self.params = client, params
+        self.last = last  # the chain's last task id
+        self.parents = parents  # the earlier ones, nearest first
 
     @property
     def id(self) -> str:
@@ -419,6 +453,8 @@ class _NoOwner(Exception):
 def _signal(client: QuickClient, uuid: str, op: str, args: dict[str, Any],
             timeout_s: float) -> Any:
     """Publish `op` on the domain's channel and wait for the owner's reply."""
+    from workers.jobsignals.protocol import job_channel  # start-up: as in signal()
+
     reply_to = f"ferry.reply.{envelope.new_id()}"  # protocol.reply_channel's form
     sig_id = envelope.new_id()
     sig = json.dumps({"id": sig_id, "op": op, "args": args or {}, "reply_to": reply_to})

@@ -13,27 +13,17 @@ import os
 import threading
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any
 
-if TYPE_CHECKING:  # the readers below also serve the `ferry` command's own client
-    import redis
+import redis
+
+from workers.host_records import HOSTS_SET, get_host, host_key, list_hosts
+
+__all__ = ["HOSTS_SET", "VERSION", "Heartbeat", "get_host", "host_key", "list_hosts"]
 
 log = logging.getLogger(__name__)
 
-HOSTS_SET = "ferry:hosts"
 VERSION = "0.1.0"
-
-
-class Reader(Protocol):
-    """What `list_hosts` and `get_host` ask of a client: redis-py's, or config/resp.py's."""
-
-    def get(self, name: str) -> Any: ...
-
-    def smembers(self, name: str) -> Any: ...
-
-
-def host_key(name: str) -> str:
-    return f"ferry:host:{name}"
 
 
 class Heartbeat:
@@ -87,48 +77,14 @@ class Heartbeat:
         self._stop.set()
         if self._thread.is_alive():
             self._thread.join(timeout=5)
-        import redis  # start-up: the `ferry` command reads host records without redis-py
-
         try:
             self._redis.delete(host_key(self._name))
         except redis.RedisError as exc:
             log.warning("could not remove the host record: %s", exc)
 
     def _run(self) -> None:
-        import redis  # start-up: the `ferry` command reads host records without redis-py
-
         while not self._stop.wait(self._interval):
             try:
                 self.beat()
             except redis.RedisError as exc:
                 log.warning("heartbeat failed (will retry in %.1fs): %s", self._interval, exc)
-
-
-def list_hosts(client: Reader) -> list[dict[str, Any]]:
-    """Every host ever seen, alive or not, from the heartbeat records."""
-    names = sorted(n.decode() if isinstance(n, bytes) else n for n in client.smembers(HOSTS_SET))
-    hosts: list[dict[str, Any]] = []
-    for name in names:
-        raw = client.get(host_key(name))
-        if raw is None:
-            hosts.append(
-                {"name": name, "uuid": None, "address": None, "alive": False, "guests": []}
-            )
-            continue
-        rec = json.loads(raw)
-        hosts.append(
-            {
-                "name": name,
-                "uuid": rec["uuid"],
-                "address": rec["address"],
-                "alive": True,
-                "guests": rec["guests"],
-                "version": rec["version"],
-            }
-        )
-    return hosts
-
-
-def get_host(client: Reader, name: str) -> dict[str, Any] | None:
-    raw = client.get(host_key(name))
-    return None if raw is None else dict(json.loads(raw))

@@ -7,6 +7,7 @@ imports none of them.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -57,9 +58,32 @@ def read_input(path: str) -> str:
         raise InvalidInputError(f"cannot read {path}: {exc.strerror}") from exc
 
 
+class Formatter(argparse.HelpFormatter):
+    """argparse's own, finding the terminal's width as shutil.get_terminal_size does
+    without importing shutil (argparse builds a formatter for every argument added)."""
+
+    def __init__(self, prog: str, indent_increment: int = 2, max_help_position: int = 24,
+                 width: int | None = None) -> None:
+        super().__init__(prog, indent_increment, max_help_position,
+                         _columns() - 2 if width is None else width)
+
+
+def _columns() -> int:
+    try:
+        columns = int(os.environ["COLUMNS"])
+    except (KeyError, ValueError):
+        columns = 0
+    if columns <= 0:
+        try:  # no stdout at all (None): AttributeError, as in shutil
+            columns = os.get_terminal_size(sys.__stdout__.fileno()).columns  # type: ignore[union-attr]
+        except (AttributeError, ValueError, OSError):
+            columns = 0
+    return columns or 80
+
+
 def domain_cmd(sub: Any, name: str, handler: Handler, help_: str) -> argparse.ArgumentParser:
     """A subcommand that acts on one host: `-H`, `--json`, and its handler."""
-    p: argparse.ArgumentParser = sub.add_parser(name, help=help_)
+    p: argparse.ArgumentParser = sub.add_parser(name, help=help_, formatter_class=Formatter)
     p.add_argument("-H", "--host", help="the host to act on (default: FERRY_HOST)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(handler=handler, quick_exit=True)
