@@ -107,7 +107,7 @@ class Connection:
         """Connected (and TLS shaken hands); the first `call` carries AUTH and SELECT
         (`greeting`) in the same round trip."""
         try:
-            sock = socket.create_connection((ep.host, ep.port), timeout)
+            sock = _connect(ep, timeout)
         except TimeoutError:
             raise TimeoutError("Timeout connecting to server") from None
         except OSError as exc:
@@ -135,9 +135,10 @@ class Connection:
         try:
             self.sock.sendall(b"".join(commands))
         except TimeoutError:
-            raise TimeoutError(f"Timeout writing to {self.where}") from None
+            raise TimeoutError("Timeout writing to socket") from None
         except OSError as exc:
-            raise ConnectionError(f"Error while writing to {self.where}: {exc}") from None
+            errno, text = ("UNKNOWN", exc.args[0]) if len(exc.args) == 1 else exc.args[:2]
+            raise ConnectionError(f"Error {errno} while writing to socket. {text}.") from None
 
     def read(self, timeout: float | None = CONNECT_TIMEOUT_S) -> Any:
         """The next reply; TimeoutError after `timeout` seconds without one."""
@@ -151,9 +152,9 @@ class Connection:
             try:
                 data = self.sock.recv(READ_SIZE)
             except TimeoutError:
-                raise TimeoutError(f"Timeout reading from {self.where}") from None
+                raise TimeoutError("Timeout reading from socket") from None
             except OSError as exc:
-                raise ConnectionError(f"Error while reading from {self.where}: {exc}") \
+                raise ConnectionError(f"Error while reading from {self.where} : {exc.args}") \
                     from None
             if not data:
                 raise ConnectionError("Connection closed by server.")
@@ -188,6 +189,24 @@ def greeting(ep: Endpoint) -> list[bytes]:
     if ep.db:
         out.append(pack("SELECT", ep.db))
     return out
+
+
+def _connect(ep: Endpoint, timeout: float) -> socket.socket:
+    """socket.create_connection, an ASCII host name passed as bytes: a str one makes
+    getaddrinfo load the idna codec (~1 ms of every command's start)."""
+    host: str | bytes = ep.host.encode() if ep.host.isascii() else ep.host
+    error: OSError | None = None
+    for family, kind, proto, _, address in socket.getaddrinfo(host, ep.port, 0,
+                                                               socket.SOCK_STREAM):
+        sock = socket.socket(family, kind, proto)
+        try:
+            sock.settimeout(timeout)
+            sock.connect(address)
+            return sock
+        except OSError as exc:
+            sock.close()
+            error = exc
+    raise error or OSError("getaddrinfo returns an empty list")
 
 
 def _connect_error(ep: Endpoint, exc: OSError) -> str:
