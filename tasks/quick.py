@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import _thread
 import contextlib
-import importlib
 import json
 import sys
 import time
@@ -429,9 +428,10 @@ def _lookup(module: str, name: str) -> Any:
     found: Any = sys.modules.get(module)
     if found is None and module.startswith(_FERRY_PACKAGES):
         try:
-            found = importlib.import_module(module)
+            __import__(module)  # not importlib's: one import less at every start
         except ImportError:
             return None
+        found = sys.modules[module]
     try:
         for part in name.split("."):
             found = getattr(found, part)
