@@ -186,8 +186,11 @@ class QuickClient:
             xml = self.call(source, "dumpxml", domain=domain, migratable=True)
         steps = chain_steps(p, xml)
         first, queue, args = steps[0]
-        self._send(first.task_name, first.task_id(p.job_id), queue, args, {},
-                   chain=later_steps(p, steps, self.reply_to))
+        try:
+            self._send(first.task_name, first.task_id(p.job_id), queue, args, {},
+                       chain=later_steps(p, steps, self.reply_to))
+        except (OSError, resp.ReplyError) as exc:
+            raise self._broker_error(exc) from exc
         ids = [task.task_id(p.job_id) for task, _, _ in steps]
         return QuickJob(self, p, ids[-1], ids[-2::-1])
 
