@@ -100,7 +100,7 @@ def aborts(client: Client, name: str, uuid: str, options: dict[str, Any], count:
 
 
 def run(args: argparse.Namespace, root: Path) -> dict[str, Any]:
-    stack = Stack(root=root)
+    stack = Stack(root=root, log_level=args.log_level)
     try:
         stack.start_redis()
         for host in ("alpha", "beta"):
@@ -153,12 +153,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--signals", type=int, default=200, help="jobinfo and setspeed each")
     p.add_argument("--aborts", type=int, default=200, help="per route (direct, tunnelled) "
                                                            "and setting (capped, uncapped)")
+    p.add_argument("--log-level", default="INFO",
+                   help="FERRY_LOG_LEVEL of the workers (DEBUG logs every QMP command)")
+    p.add_argument("--keep", action="store_true",
+                   help="keep the temporary root (worker logs, QEMU logs) afterwards")
     args = p.parse_args(argv)
     root = Path(tempfile.mkdtemp(prefix="ferry-bsig-", dir="/tmp"))
     try:
         results = run(args, root)
     finally:
-        shutil.rmtree(root, ignore_errors=True)
+        if args.keep:
+            print(f"kept {root}")
+        else:
+            shutil.rmtree(root, ignore_errors=True)
     text = markdown(results)
     OUT.write_text(text)
     print(text)

@@ -18,7 +18,7 @@ import redis
 
 from config import resp
 from config.settings import load
-from scripts.testbed.stack import free_port, stop_pid, wait_for
+from scripts.testbed.stack import free_port
 from tasks import quick
 from workers.errors import FerryError, NotFoundError
 
@@ -155,28 +155,10 @@ def test_kombus_typed_values_are_decoded_as_kombu_does() -> None:
 # -- the client against a real redis-server, a stand-in worker storing results -----------
 
 @pytest.fixture(scope="module")
-def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[redis.Redis]:
-    port = free_port()
-    workdir = tmp_path_factory.mktemp("redis")
-    proc = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1",
-                             "--save", "", "--appendonly", "no", "--dir", str(workdir),
-                             "--requirepass", "pw"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    client = redis.Redis(port=port, password="pw", db=2, socket_timeout=5)
-    try:
-        wait_for(lambda: _pings(client), 10, "redis-server to answer")
-        yield client
-    finally:
-        client.close()
-        stop_pid(proc.pid)
-        proc.wait()
-
-
-def _pings(client: redis.Redis) -> bool:
-    try:
-        return bool(client.ping())
-    except redis.ConnectionError:
-        return False
+def broker(redis_server: int) -> Iterator[redis.Redis]:
+    client = redis.Redis(port=redis_server, password="pw", db=2, socket_timeout=5)
+    yield client
+    client.close()
 
 
 class StandIn(threading.Thread):

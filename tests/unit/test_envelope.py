@@ -12,11 +12,9 @@ import base64
 import json
 import random
 import string
-import subprocess
 import threading
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -25,34 +23,17 @@ from celery.utils.saferepr import saferepr as celery_saferepr
 
 from config.celery_app import client_app
 from config.settings import load
-from scripts.testbed.stack import free_port, stop_pid, wait_for
+from scripts.testbed.stack import wait_for
 from tasks import envelope, quick
 from tasks.migrate_client import build_chain
 from tasks.migrate_plan import chain_steps, params_from_options
 
 
 @pytest.fixture(scope="module")
-def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[redis.Redis]:
-    port = free_port()
-    workdir: Path = tmp_path_factory.mktemp("redis")
-    proc = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1",
-                             "--save", "", "--appendonly", "no", "--dir", str(workdir)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    client = redis.Redis(port=port, socket_timeout=5)
-    try:
-        wait_for(lambda: _pings(client), 10, "redis-server to answer")
-        yield client
-    finally:
-        client.close()
-        stop_pid(proc.pid)
-        proc.wait()
-
-
-def _pings(client: redis.Redis) -> bool:
-    try:
-        return bool(client.ping())
-    except redis.ConnectionError:
-        return False
+def broker(redis_server: int) -> Iterator[redis.Redis]:
+    client = redis.Redis(port=redis_server, password="pw", db=0, socket_timeout=5)
+    yield client
+    client.close()
 
 
 class Published:
@@ -93,7 +74,7 @@ def _celery_sends(broker: redis.Redis, name: str, queue: str, kwargs: dict[str, 
 
 def _url(client: redis.Redis) -> str:
     port = client.connection_pool.connection_kwargs["port"]
-    return f"redis://127.0.0.1:{port}/0"
+    return f"redis://:pw@127.0.0.1:{port}/0"
 
 
 CALLS: list[tuple[str, dict[str, Any]]] = [

@@ -63,6 +63,7 @@ async def _abort(agent: HostAgent, dom: DomainObj, args: dict[str, Any]) -> Any:
     if dom.job.phase in SWITCHED_PHASES:
         raise OperationInvalidError(TOO_LATE)
     dom.job.abort = True
+    job_id = dom.job.id
     loop = asyncio.get_running_loop()
     if not _performing(dom):
         # the record is all a deferred abort has: written before the reply, its error
@@ -75,7 +76,7 @@ async def _abort(agent: HostAgent, dom: DomainObj, args: dict[str, Any]) -> Any:
     # waits for the flag).
     _in_background(_cancel(dom))
     await asyncio.sleep(0)  # the cancel goes out before the mark's thread takes the GIL
-    _in_background(_mark(agent, dom))
+    _in_background(_mark(agent, dom, job_id))
     status = await _settled(dom, ABORT_SETTLE_S)
     if status == "completed":
         raise OperationInvalidError(TOO_LATE)
@@ -95,12 +96,13 @@ async def _cancel(dom: DomainObj) -> None:
         log.exception("domain %s: cancelling the migration failed", dom.name)
 
 
-async def _mark(agent: HostAgent, dom: DomainObj) -> None:
+async def _mark(agent: HostAgent, dom: DomainObj, job_id: str) -> None:
     """The abort of a running migration stands without the record's mark (QEMU
-    cancels, Perform fails); a broker error there is a warning."""
+    cancels, Perform fails); a broker error there is a warning.  Job `job_id`'s record
+    alone: by now the next job may have started."""
     try:
         await asyncio.get_running_loop().run_in_executor(None, agent.jobs.mark_aborted,
-                                                         dom.uuid)
+                                                         dom.uuid, job_id)
     except Exception as exc:
         log.warning("domain %s: abort not marked in the job record: %s", dom.name, exc)
 
