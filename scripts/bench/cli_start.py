@@ -149,10 +149,10 @@ def run(rounds: int, root: Path) -> tuple[list[Run], list[tuple[float, float]]]:
 
 def _stats(values: list[float]) -> str:
     if not values:
-        return "- | -"
+        return "- | -"  # median | p90
     ordered = sorted(values)
     p90 = ordered[min(len(ordered) - 1, round(0.9 * (len(ordered) - 1)))]
-    return f"{statistics.median(values):.0f} | {p90:.0f}"
+    return f"{statistics.median(values):.0f} | {p90:.0f}"  # two columns: median | p90
 
 
 def markdown(runs: list[Run], helps: list[tuple[float, float]], load1: float) -> str:
@@ -161,9 +161,9 @@ def markdown(runs: list[Run], helps: list[tuple[float, float]], load1: float) ->
              f"`python -m scripts.bench.cli_start` on {time.strftime('%Y-%m-%d %H:%M')}: "
              f"{m.get('nproc')} CPUs ({m.get('cpu_model')}), load average {load1:.1f} at the "
              "start (the machine is shared).", "",
-             "| command | client | n | start → LPUSH ms (median \\| p90) | "
-             "whole command ms (median \\| p90) | CPU ms (median \\| p90) |",
-             "| --- | --- | ---: | ---: | ---: | ---: |"]
+             "| command | client | n | start → LPUSH ms | p90 | whole command ms | p90 | "
+             "CPU ms | p90 |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for command in ("list", "dominfo", "migrate"):
         for path in PATHS:
             sel = [r for r in runs if r.command == command and r.path == path and r.rc == 0]
@@ -171,8 +171,8 @@ def markdown(runs: list[Run], helps: list[tuple[float, float]], load1: float) ->
                          f"{_stats([r.to_lpush_ms for r in sel if r.to_lpush_ms is not None])} | "
                          f"{_stats([r.wall_ms for r in sel])} | "
                          f"{_stats([r.cpu_ms for r in sel])} |")
-    lines.append(f"| --help | own | {len(helps)} | - | {_stats([w for w, _ in helps])} | "
-                 f"{_stats([c for _, c in helps])} |")
+    lines.append(f"| --help | own client | {len(helps)} | - | - | "
+                 f"{_stats([w for w, _ in helps])} | {_stats([c for _, c in helps])} |")
     virsh = shutil.which("virsh")
     lines += ["", "virsh: " + ("installed, not measured here (needs a local libvirtd)" if virsh
                                else "not installed on this machine (no libvirt): no figure."),
