@@ -91,7 +91,9 @@ def test_over_mutual_tls_with_a_password_the_command_sends_without_celery_and_re
             assert ours[2].startswith("error: cannot reach the broker at "), ours[2]
             assert theirs[2].startswith("error: cannot reach the broker at "), theirs[2]
             assert not ours[3] & HEAVY
-            assert ours[2] == theirs[2]
+            # the same line up to the cause, whose words depend on when the server's
+            # TLS alert arrives (a write or a read fails), for redis-py as for ours
+            assert ours[2].split(" (")[0] == theirs[2].split(" (")[0]
 
         assert _ferry(env, "destroy", "-H", "q2", guest.name)[0] == 0
     finally:
