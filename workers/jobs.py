@@ -46,7 +46,7 @@ WAITED_PHASES = frozenset({Phase.PREPARE, Phase.PERFORM3, Phase.PERFORM2})
 
 #: Work done at the switch-over point, with the guest stopped on the source and QEMU waiting
 #: before it sends the last of the state (`pause-before-switchover`); an error cancels the
-#: migration and the source resumes.  E.g. a storage copy completes its disk mirrors here.
+#: migration and the source resumes (the storage copy's own step there is `at_switchover`).
 SwitchoverHook = Callable[[], Awaitable[None]]
 
 
