@@ -8,7 +8,7 @@ DEBS := qemu-system-x86 qemu-utils redis-server redis-sentinel zstd xz-utils bzi
 STAMP := $(VENV)/.ferry-installed
 TEST_JOBS ?= 2
 
-.PHONY: setup demo test lint bench faults mutants clean
+.PHONY: setup demo test lint bench bench-streams faults mutants clean
 
 setup: $(STAMP)
 
@@ -35,6 +35,8 @@ bench: setup
 # Deliberate bugs the tests must catch (scripts/devtools/mutants.py); not part of `make test`.
 mutants: setup
 	$(BIN)/python -m scripts.devtools.mutants $(MUTANTS_ARGS)
+bench-streams: setup
+	$(BIN)/python -m scripts.bench.streams
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache

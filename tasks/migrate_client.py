@@ -30,7 +30,13 @@ OPTION_FLAGS = {
     "compressed": F.COMPRESSED, "abort_on_error": F.ABORT_ON_ERROR,
     "auto_converge": F.AUTO_CONVERGE, "postcopy": F.POSTCOPY, "unsafe": F.UNSAFE,
     "copy_storage_all": F.NON_SHARED_DISK, "copy_storage_inc": F.NON_SHARED_INC,
+    "parallel": F.PARALLEL,
 }
+#: options that are parameters of their own (MigrationParams fields), not flags
+OPTION_PARAMS = frozenset({
+    "protocol", "xmlin", "migrate_uri", "bandwidth_mib_s", "max_downtime_ms", "timeout_s",
+    "job_id", "migrate_disks", "disks_port", "parallel_connections", "comp_methods",
+    "comp_xbzrle_cache", "comp_zstd_level", "comp_zlib_level"})
 
 
 def params_from_options(domain: str, source: str, dest: str, **options: Any) -> MigrationParams:
@@ -39,9 +45,7 @@ def params_from_options(domain: str, source: str, dest: str, **options: Any) -> 
     for name, flag in OPTION_FLAGS.items():
         if options.pop(name, False):
             flags |= flag
-    known = {"protocol", "xmlin", "migrate_uri", "bandwidth_mib_s", "max_downtime_ms",
-             "timeout_s", "job_id", "migrate_disks", "disks_port"}
-    unknown = set(options) - known
+    unknown = set(options) - OPTION_PARAMS
     if unknown:
         raise InvalidInputError(f"unknown migration option(s): {', '.join(sorted(unknown))}")
     disks = options.get("migrate_disks")

@@ -260,9 +260,13 @@ def wait_info(client: Client, host: str, name: str, pred: Callable[[dict[str, ob
 
 
 def port_free(port: int, address: str = "127.0.0.1") -> bool:
+    """Whether a listener may take `port` as QEMU's does (SO_REUSEADDR: connections of an
+    ended migration may linger in TIME_WAIT, as they do after the dest QEMU dies when
+    the return path lets the source close its end cleanly)."""
     import socket
 
     with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((address, port))
         except OSError:

@@ -223,10 +223,14 @@ class HostAgent:
 
     # -- QMP events and process exit --------------------------------------------------------
     def make_monitor(self, dom: DomainObj) -> Monitor:
-        return Monitor(dom.current.name, lambda ev, data: self._on_event(dom, ev, data))
+        return Monitor(dom.current.name,
+                       lambda ev, data, ts: self._on_event(dom, ev, data, ts))
 
-    def _on_event(self, dom: DomainObj, event: str, data: dict[str, Any]) -> None:
+    def _on_event(self, dom: DomainObj, event: str, data: dict[str, Any],
+                  ts: float = 0.0) -> None:
         log.debug("event %s: %s %s", dom.name, event, data)
+        if event in ("STOP", "RESUME"):
+            dom.cpu_events[event] = ts  # the guest's pause across a migration
         if event == "STOP" and dom.state == DomainState.RUNNING:
             reason = dom.expected_pause or PausedReason.UNKNOWN
             self.set_state(dom, DomainState.PAUSED, reason)

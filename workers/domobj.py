@@ -39,6 +39,8 @@ class DomainObj:
     job: ActiveJob | None = None
     migration_status: str | None = None
     wakeup: asyncio.Event = field(default_factory=asyncio.Event)
+    # QEMU's time (epoch s) of the last STOP and RESUME events: the guest's pause.
+    cpu_events: dict[str, float] = field(default_factory=dict)
     tunnel: Any = None
     # Storage copy: the source's mirrors (workers.migration.storage.StorageCopy, which
     # gets the BLOCK_JOB_* events) and the dest's images and NBD server

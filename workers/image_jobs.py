@@ -62,7 +62,7 @@ from workers.image_stream import (
 from workers.job_types import JobOperation, Phase
 from workers.jobs import ActiveJob
 from workers.lifecycle import inactive_domain_for, launch, pause_cpus, run_cpus
-from workers.migration import qemu_migrate
+from workers.migration import qemu_migrate, stream_caps
 from workers.migration.progress import ProgressTracker
 from workers.monitor import Monitor
 from workers.process import log_tail
@@ -272,8 +272,7 @@ class _SaveRun:
 
 
 async def _outgoing_setup(mon: Monitor, bandwidth_mib_s: int | None) -> None:
-    caps = [{"capability": name, "state": name == "events"}
-            for name in ("events", "postcopy-ram", "auto-converge")]
+    caps = stream_caps.as_qmp(stream_caps.file_capabilities())
     await mon.execute("migrate-set-capabilities", {"capabilities": caps})
     await mon.execute("migrate-set-parameters",
                       {"max-bandwidth": qemu_migrate.mib_to_bytes(bandwidth_mib_s or 0)})

@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -41,6 +42,12 @@ QUEUED_ABORT_TTL_S = 3600  # an abort of a waiting migration outlives any wait i
 # whose failure still leaves the guest running on the source.  The later ones are
 # fenced by the Finish claim and the leases, and must not fail a guest already moved.
 WAITED_PHASES = frozenset({Phase.PREPARE, Phase.PERFORM3, Phase.PERFORM2})
+
+
+#: Work done at the switch-over point, with the guest stopped on the source and QEMU waiting
+#: before it sends the last of the state (`pause-before-switchover`); an error cancels the
+#: migration and the source resumes (the storage copy's own step there is `at_switchover`).
+SwitchoverHook = Callable[[], Awaitable[None]]
 
 
 def _text(value: bytes | str) -> str:
@@ -73,6 +80,25 @@ def tunnel_keys(job_id: str) -> tuple[str, str, str]:
     return f"{base}:data", f"{base}:ack", f"{base}:closed"
 
 
+def tunnel_channel_keys(job_id: str, channel: int) -> tuple[str, str]:
+    """Data and acknowledgements of a tunnel's channel; channel 0 is the single stream's
+    (a parallel migration's main connection), channel i >= 1 a multifd connection's."""
+    if channel == 0:
+        return tunnel_keys(job_id)[:2]
+    base = f"ferry:tunnel:{job_id}:{channel}"
+    return f"{base}:data", f"{base}:ack"
+
+
+def tunnel_back_key(job_id: str) -> str:
+    """A tunnel's return path, dest to source."""
+    return f"ferry:tunnel:{job_id}:back"
+
+
+def tunnel_channels_key(job_id: str) -> str:
+    """How many channels a parallel tunnel has (so the job's end finds them all)."""
+    return f"ferry:tunnel:{job_id}:channels"
+
+
 def tunnel_error_key(job_id: str) -> str:
     """Why a tunnelled job's stream broke (kept for the later phases to quote)."""
     return f"ferry:tunnel:{job_id}:error"
@@ -102,6 +128,9 @@ class ActiveJob:
     # Why the job may not go on (a restarted source worker found it past Begin, the chain
     # with the dest): the next phase here fails with this text.
     cancelled: str = ""
+    # Run in order at QEMU's pre-switchover point (qemu_migrate.switch_over); not kept in
+    # the status file: a restarted worker cancels a migration it finds there.
+    switchover_hooks: list[SwitchoverHook] = field(default_factory=list)
 
     _KEPT = ("id", "operation", "phase", "started", "source", "dest", "flags", "state",
              "cancelled")
@@ -277,16 +306,30 @@ class JobStore:
     # running then deletes what it writes after (workers/migration/tunnel.py).
     _END = """
     redis.call('SET', KEYS[2], '1', 'EX', ARGV[2])
-    redis.call('DEL', KEYS[3], KEYS[4], KEYS[5], KEYS[6])
+    redis.call('DEL', KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7])
+    local channels = tonumber(redis.call('GET', KEYS[8]) or '1') or 1
+    for i = 1, math.min(channels, 256) - 1 do
+        redis.call('DEL', ARGV[3] .. ':' .. i .. ':data', ARGV[3] .. ':' .. i .. ':ack')
+    end
+    redis.call('DEL', KEYS[8])
     if redis.call('HGET', KEYS[1], 'id') ~= ARGV[1] then return 0 end
     return redis.call('DEL', KEYS[1])
     """
 
     def end(self, uuid: str, job_id: str) -> None:
         if self._end_script(keys=[job_key(uuid), ended_key(job_id), *tunnel_keys(job_id),
-                                  tunnel_error_key(job_id)],
-                            args=[job_id, DONE_TTL_S]):
+                                  tunnel_error_key(job_id), tunnel_back_key(job_id),
+                                  tunnel_channels_key(job_id)],
+                            args=[job_id, DONE_TTL_S, f"ferry:tunnel:{job_id}"]):
             log.info("job %s: ended on %s", job_id, self.host)
+
+
+#: domjobinfo's stream fields, named as in the statistics (workers/migration/stream_stats.py;
+#: compression_* are libvirt's xbzrle names)
+STREAM_FIELDS = ("parallel_connections", "compression_methods", "compression_cache",
+                 "compression_bytes", "compression_pages", "compression_cache_misses",
+                 "compression_cache_hits", "compression_overflow", "stream_bytes",
+                 "guest_pause_ms")
 
 
 def active_record(job: ActiveJob) -> dict[str, Any]:
@@ -307,7 +350,7 @@ def jobinfo_view(record: dict[str, Any] | None, host: str, *, completed: bool = 
         "disk_total": None, "disk_processed": None, "disk_remaining": None, "disk_bps": None,
         "memory_bps": None, "memory_dirty_rate": None, "memory_iteration": None,
         "downtime_ms": None, "setup_time_ms": None, "error": None, "id": None,
-        "queue": None, "queue_position": None,
+        "queue": None, "queue_position": None, **dict.fromkeys(STREAM_FIELDS),
     }
     if queued is not None and not completed and (
             record is None or record.get("id") == queued.get("id")):
@@ -338,6 +381,7 @@ def jobinfo_view(record: dict[str, Any] | None, host: str, *, completed: bool = 
         memory_dirty_rate=stats.get("memory_dirty_rate"),
         memory_iteration=stats.get("memory_iteration"), downtime_ms=stats.get("downtime"),
         setup_time_ms=stats.get("setup_time"))
+    view.update({k: stats.get(k) for k in STREAM_FIELDS})
     return view
 
 

@@ -21,7 +21,8 @@ from workers.errors import QemuError
 
 log = logging.getLogger(__name__)
 
-EventCallback = Callable[[str, dict[str, Any]], None]
+#: (event name, its data, QEMU's timestamp of it in epoch seconds)
+EventCallback = Callable[[str, dict[str, Any], float], None]
 
 
 class _Dispatch(EventListener):
@@ -33,7 +34,17 @@ class _Dispatch(EventListener):
 
     async def put(self, event: Message) -> None:
         data = event.get("data") or {}
-        self._callback(str(event["event"]), dict(data) if isinstance(data, dict) else {})
+        self._callback(str(event["event"]), dict(data) if isinstance(data, dict) else {},
+                       _timestamp(event.get("timestamp")))
+
+
+def _timestamp(ts: object) -> float:
+    """QEMU's event time (its clock, when the event happened, not when it was read)."""
+    if isinstance(ts, dict):
+        sec, usec = ts.get("seconds"), ts.get("microseconds")
+        if isinstance(sec, int) and isinstance(usec, int) and sec >= 0:
+            return sec + usec / 1e6
+    return time.time()
 
 
 class _QuietClient(QMPClient):

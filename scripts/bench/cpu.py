@@ -7,7 +7,7 @@ interval short).  Threads seen at the first look count from there, later ones
 from zero.  Labels: the fixed pids given (workers, redis, this process), a
 QEMU whose argv names `guest` (the migrating guest: its first process is
 "qemu src", a new one "qemu dst"), any other QEMU under `root` ("qemu idle");
-worker threads named ferry-tunnel count as "<worker> tunnel".
+worker threads named ferry-tun* count as "<worker> tunnel".
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from pathlib import Path
 from types import TracebackType
 
 TICK_S = 1 / os.sysconf("SC_CLK_TCK")
-TUNNEL_THREAD = "ferry-tunnel"
+TUNNEL_THREAD = "ferry-tun"  # ferry-tunnel (data), ferry-tun-back (return path)
 
 
 def _machine() -> tuple[int, int]:
@@ -85,8 +85,8 @@ class CpuSampler:
                 key = (pid, tid)
                 if key not in self.last:
                     self.first[key] = jiffies if not self.started else 0
-                    self.thread_label[key] = (f"{label} tunnel" if comm == TUNNEL_THREAD
-                                              else label)
+                    self.thread_label[key] = (f"{label} tunnel"
+                                              if comm.startswith(TUNNEL_THREAD) else label)
                 self.last[key] = jiffies
 
     def _run(self) -> None:

@@ -17,7 +17,11 @@ sample is what ferry's managed v3 chain does at its core, and nothing else:
     source: wait for its MIGRATION completed event, query-migrate (downtime), quit
 
 wall_ms is t1 - t0; quit_ms (to the source's exit) is kept beside it.  The
-next sample goes back: the dest becomes the source.
+next sample goes back: the dest becomes the source.  With `switchover=True` it
+also turns on what ferry does at the switch-over (return-path on both ends,
+pause-before-switchover on the source, `migrate-continue` at once), so the
+guest's pause (STOP on the source to RESUME on the dest, QEMU's timestamps)
+can be compared with and without them.
 """
 
 from __future__ import annotations
@@ -54,6 +58,7 @@ class FloorQemu:
     popen: subprocess.Popen[bytes]
     qmp: QMPClient
     migration: EventListener
+    cpu: EventListener
 
     async def execute(self, cmd: str, args: dict[str, Any] | None = None) -> Any:
         return await self.qmp.execute(cmd, args)
@@ -85,6 +90,7 @@ class FloorSample:
     mbps: float | None
     dirty_sync_count: int | None
     direction: str
+    pause_ms: float | None = None
 
 
 @dataclass
@@ -97,6 +103,7 @@ class FloorGuest:
     # Fleet hosts (scripts/testbed/fleet.py) of sides A and B: (network namespace, address);
     # None: both sides in this namespace, on 127.0.0.1.
     places: tuple[tuple[str, str], tuple[str, str]] | None = None
+    switchover: bool = False  # return-path and pause-before-switchover, as ferry sets them
     kvm: bool = field(default_factory=lambda: os.access("/dev/kvm", os.R_OK | os.W_OK))
     _loop: asyncio.AbstractEventLoop = field(default_factory=asyncio.new_event_loop)
     _procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
@@ -173,8 +180,10 @@ class FloorGuest:
         self._clients.append(qmp)
         listener = EventListener(names=("MIGRATION",))
         qmp.register_listener(listener)
+        cpu = EventListener(names=("STOP", "RESUME"))
+        qmp.register_listener(cpu)
         await asyncio.wait_for(qmp.connect(str(sock_path)), 30)
-        return FloorQemu(name, popen, qmp, listener)
+        return FloorQemu(name, popen, qmp, listener, cpu)
 
     async def _start(self) -> FloorQemu:
         q = await self._launch(None)
@@ -191,18 +200,23 @@ class FloorGuest:
         uri = f"tcp:{address}:{port}"
         t0 = time.perf_counter()
         dst = await self._launch("defer", other)
-        await dst.execute("migrate-set-capabilities", EVENTS_CAP)
-        await src.execute("migrate-set-capabilities", EVENTS_CAP)
+        await dst.execute("migrate-set-capabilities", _caps(self.switchover, outgoing=False))
+        await src.execute("migrate-set-capabilities", _caps(self.switchover, outgoing=True))
         params: dict[str, int] = {"max-bandwidth": UNLIMITED_BANDWIDTH_BYTES}
         if self.downtime_limit_ms:
             params["downtime-limit"] = self.downtime_limit_ms
         await src.execute("migrate-set-parameters", params)
         await dst.execute("migrate-incoming", {"uri": uri})
         src.migration.clear()  # its own incoming migration's events, from the last sample
+        src.cpu.clear()
         await src.execute("migrate", {"uri": uri})
+        if self.switchover:
+            await src.wait_migration("pre-switchover")
+            await src.execute("migrate-continue", {"state": "pre-switchover"})
         await dst.wait_migration("completed")
         await dst.execute("cont")
         t1 = time.perf_counter()
+        pause = _pause_ms(src.cpu, dst.cpu)
         await src.wait_migration("completed")
         info = await src.execute("query-migrate")
         await src.execute("quit")
@@ -219,4 +233,27 @@ class FloorGuest:
             downtime_ms=info.get("downtime"), total_time_ms=info.get("total-time"),
             setup_time_ms=info.get("setup-time"), memory_processed=ram.get("transferred"),
             mbps=ram.get("mbps"), dirty_sync_count=ram.get("dirty-sync-count"),
-            direction=direction)
+            direction=direction, pause_ms=pause)
+
+
+def _caps(switchover: bool, outgoing: bool) -> dict[str, Any]:
+    caps = [{"capability": "events", "state": True},
+            {"capability": "return-path", "state": switchover}]
+    if outgoing:
+        caps.append({"capability": "pause-before-switchover", "state": switchover})
+    return {"capabilities": caps}
+
+
+def _stamp(listener: EventListener, name: str) -> float | None:
+    """QEMU's time of the last `name` event the listener holds (epoch s); takes them all."""
+    last = None
+    for event in listener.clear():
+        ts = event.get("timestamp") or {}
+        if event.get("event") == name and isinstance(ts, dict):
+            last = ts.get("seconds", 0) + ts.get("microseconds", 0) / 1e6
+    return last
+
+
+def _pause_ms(src: EventListener, dst: EventListener) -> float | None:
+    stop, resume = _stamp(src, "STOP"), _stamp(dst, "RESUME")
+    return round((resume - stop) * 1000, 1) if stop and resume and resume >= stop else None

@@ -60,9 +60,13 @@ def jobinfo(info: dict[str, Any]) -> str:
             "operation", "phase", "time_elapsed_ms", "data_total", "data_processed",
             "data_remaining", "disk_total", "disk_processed", "disk_remaining", "disk_bps",
             "memory_bps", "memory_dirty_rate", "memory_iteration",
-            "downtime_ms", "setup_time_ms", "queue", "queue_position", "error")
+            "downtime_ms", "setup_time_ms", "guest_pause_ms", "parallel_connections",
+            "compression_methods", "compression_cache", "compression_bytes",
+            "compression_pages", "compression_cache_hits", "compression_cache_misses",
+            "compression_overflow", "stream_bytes", "queue", "queue_position", "error")
             if info.get(k) is not None]
-    return "\n".join(f"{k + ':':<20}{v}" for k, v in rows)
+    return "\n".join(f"{k + ':':<26}{','.join(v) if isinstance(v, list) else v}"
+                     for k, v in rows)
 
 
 def migration_summary(s: dict[str, Any]) -> str:
@@ -75,6 +79,8 @@ def migration_summary(s: dict[str, Any]) -> str:
         mib = st.get("memory_processed", 0) / 1048576
         lines.append(f"  transferred {mib:.1f} MiB, downtime {st.get('downtime')} ms, "
                      f"{st.get('memory_bps', 0) / 1048576:.0f} MiB/s")
+        if st.get("guest_pause_ms") is not None:
+            lines.append(f"  guest paused {st['guest_pause_ms']} ms (QEMU's STOP to RESUME)")
         if st.get("disk_total"):
             lines.append(f"  disks: copied {st.get('disk_processed', 0) / 1048576:.1f} MiB "
                          f"in {st.get('disk_copy_ms', 0)} ms")

@@ -37,6 +37,18 @@ def add_parsers(sub: Any) -> None:
                    "its migration port range)")
     p.add_argument("--dry-run", action="store_true",
                    help="run Begin's and Prepare's checks only: what would be copied")
+    p.add_argument("--parallel", action="store_true",
+                   help="several connections at once (QEMU multifd)")
+    p.add_argument("--parallel-connections", type=int, metavar="N",
+                   help="with --parallel: how many (1-255, default 2)")
+    p.add_argument("--compressed", action="store_true",
+                   help="compress the stream (default method: xbzrle)")
+    p.add_argument("--comp-methods", metavar="LIST",
+                   help="xbzrle, or one of zstd, zlib with --parallel")
+    p.add_argument("--comp-xbzrle-cache", type=int, metavar="BYTES",
+                   help="xbzrle cache size (a power of two)")
+    p.add_argument("--comp-zstd-level", type=int, metavar="N", help="0-20 (default 1)")
+    p.add_argument("--comp-zlib-level", type=int, metavar="N", help="0-9 (default 1)")
     p = domain_cmd(sub, "domjobinfo", cmd_domjobinfo, "job information")
     p.add_argument("domain")
     p.add_argument("--completed", action="store_true")
@@ -56,10 +68,13 @@ def _options(a: argparse.Namespace) -> dict[str, Any]:
     opts: dict[str, Any] = {name: getattr(a, name) for name in (
         "live", "p2p", "tunnelled", "persistent", "undefinesource", "suspend", "offline",
         "abort_on_error", "auto_converge", "postcopy", "change_protection",
-        "copy_storage_all", "copy_storage_inc", "unsafe")}
+        "copy_storage_all", "copy_storage_inc", "unsafe", "parallel", "compressed")}
     opts.update(protocol=a.protocol, bandwidth_mib_s=a.bandwidth, timeout_s=a.timeout,
                 max_downtime_ms=a.max_downtime, migrate_uri=a.migrateuri,
-                migrate_disks=a.migrate_disks, disks_port=a.disks_port)
+                migrate_disks=a.migrate_disks, disks_port=a.disks_port,
+                parallel_connections=a.parallel_connections, comp_methods=a.comp_methods,
+                comp_xbzrle_cache=a.comp_xbzrle_cache, comp_zstd_level=a.comp_zstd_level,
+                comp_zlib_level=a.comp_zlib_level)
     if a.xml:
         try:
             opts["xmlin"] = Path(a.xml).read_text()

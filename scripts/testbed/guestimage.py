@@ -3,14 +3,16 @@
 Migration tests need a guest whose memory behaviour is known and whose liveness
 can be read from outside.  This guest (scripts/testbed/guest/guest.S) boots from the MBR
 under SeaBIOS (IDE, AHCI or virtio-blk), switches to flat 32-bit protected
-mode, optionally fills `random_mib` MiB at 2 MiB with incompressible bytes,
-then forever dirties `dirty_mib` MiB, also from 2 MiB (so it overwrites random
+mode, optionally fills `random_mib` MiB at 2 MiB with incompressible bytes
+and `text_mib` MiB after them with compressible ones (each page 5/8 hex text,
+3/8 zeros: ~3:1 under zstd, like a server's text, logs and zero runs), then
+forever dirties `dirty_mib` MiB, also from 2 MiB (so it overwrites random
 pages), at `rate_mib_s` MiB/s and writes a counter line to COM1 every
-`counter_interval_ms`.  Both regions are clamped to the RAM the guest has (E820)
+`counter_interval_ms`.  The regions are clamped to the RAM the guest has (E820)
 and to 3 GiB.  Serial output, CRLF-terminated::
 
     ferry-guest ready ram_mib=<R> dirty_mib=<D> rate=<X|max> boot=<B>
-    ferry-guest filled                 (only if random_mib > 0)
+    ferry-guest filled                 (only if random_mib or text_mib > 0)
     ferry-guest 1 boot=<B>
     ferry-guest 2 boot=<B> ...
 
@@ -66,10 +68,10 @@ MAX_RATE_MIB_S = 1_000_000
 MAX_INTERVAL_MS = 60_000  # the interval must fit 32 bits of PIT ticks
 
 MAGIC = b"FERRYPRM"
-PARAMS_VERSION = 1
+PARAMS_VERSION = 2
 # magic, version, dirty_mib, rate, random_mib, interval_ms, interval_ticks,
-# PIT ticks per dirtied page as 32.32 fixed point (integer part, fraction).
-_PARAMS = struct.Struct("<8s8I")
+# PIT ticks per dirtied page as 32.32 fixed point (integer part, fraction), text_mib.
+_PARAMS = struct.Struct("<8s9I")
 
 _TICK_RE = re.compile(r"^ferry-guest (\d+) boot=([0-9a-f]{16})\r?\n", re.MULTILINE)
 
@@ -102,10 +104,13 @@ class GuestParams:
     rate_mib_s: int | None = None
     random_mib: int = 0
     counter_interval_ms: int = 100
+    text_mib: int = 0
 
     def __post_init__(self) -> None:
         _check_int("dirty_mib", self.dirty_mib, 0, MAX_REGION_MIB)
         _check_int("random_mib", self.random_mib, 0, MAX_REGION_MIB)
+        _check_int("text_mib", self.text_mib, 0, MAX_REGION_MIB - self.random_mib,
+                   "(with random_mib)")
         _check_int("counter_interval_ms", self.counter_interval_ms, 1, MAX_INTERVAL_MS)
         if self.rate_mib_s is not None:
             _check_int("rate_mib_s", self.rate_mib_s, 0, MAX_RATE_MIB_S, "or None for max")
@@ -137,6 +142,7 @@ class GuestParams:
             self.interval_ticks,
             tpp >> 32,
             tpp & 0xFFFF_FFFF,
+            self.text_mib,
         )
 
 
@@ -287,6 +293,7 @@ def build_image(
     counter_interval_ms: int = 100,
     log_sectors: int = 0,
     size: int = IMAGE_SIZE,
+    text_mib: int = 0,
 ) -> Path:
     """Write the guest image (raw, `size` bytes, sparse beyond the guest) to `out`
     atomically and return `out`.
@@ -295,7 +302,7 @@ def build_image(
     > 0 makes the guest log its counters to the disk (which must then hold them).
     A reader never sees a half-written image: it goes to a temp file that is renamed.
     """
-    params = GuestParams(dirty_mib, rate_mib_s, random_mib, counter_interval_ms)
+    params = GuestParams(dirty_mib, rate_mib_s, random_mib, counter_interval_ms, text_mib)
     data = render_image(params)
     if log_sectors:
         data = patch_disk_params(data, log_sectors)
@@ -385,6 +392,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--random-mib", type=int, default=0, help="MiB filled once with incompressible bytes"
     )
+    parser.add_argument(
+        "--text-mib", type=int, default=0, help="MiB filled once with text and zeros (~3:1)"
+    )
     parser.add_argument("--interval-ms", type=int, default=100, help="counter line period")
     parser.add_argument("--log-sectors", type=int, default=0,
                         help="log each counter to the disk in a ring of this many sectors")
@@ -400,6 +410,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             log_sectors=args.log_sectors,
             size=args.size_mib << 20 if args.size_mib else
             max(IMAGE_SIZE, -(-(LOG_LBA + 1 + args.log_sectors) * SECTOR // (1 << 20)) << 20),
+            text_mib=args.text_mib,
         )
     except (ValueError, GuestBuildError, OSError) as exc:
         parser.error(str(exc))

@@ -28,7 +28,7 @@ needs_binutils = pytest.mark.skipif(not HAVE_BINUTILS, reason="GNU as/ld/objcopy
 
 
 def decode(block: bytes) -> tuple[int, ...]:
-    fields = struct.unpack_from("<8s8I", block)
+    fields = struct.unpack_from("<8s9I", block)
     assert fields[0] == MAGIC
     return fields[1:]
 
@@ -42,6 +42,7 @@ def decode(block: bytes) -> tuple[int, ...]:
         ({"dirty_mib": -1}, "dirty_mib must be an integer in 0..3070, got -1"),
         ({"dirty_mib": 3071}, "dirty_mib must be an integer in 0..3070"),
         ({"random_mib": 4096}, "random_mib must be an integer in 0..3070"),
+        ({"random_mib": 3000, "text_mib": 100}, "text_mib must be an integer in 0..70"),
         ({"random_mib": 1.5}, "random_mib must be an integer"),
         ({"dirty_mib": True}, "dirty_mib must be an integer"),
         ({"rate_mib_s": -8}, "rate_mib_s must be an integer in 0..1000000 or None for max"),
@@ -73,9 +74,9 @@ def test_edges_of_the_ranges_are_accepted() -> None:
 
 
 def test_encode_lays_out_the_block_the_guest_reads() -> None:
-    fields = decode(GuestParams(dirty_mib=64, rate_mib_s=8, random_mib=512).encode())
-    version, dirty, rate, random, interval_ms, interval_ticks, tpp_int, tpp_frac = fields
-    assert (version, dirty, rate, random, interval_ms) == (1, 64, 8, 512, 100)
+    fields = decode(GuestParams(dirty_mib=64, rate_mib_s=8, random_mib=512, text_mib=7).encode())
+    version, dirty, rate, random, interval_ms, interval_ticks, tpp_int, tpp_frac, text = fields
+    assert (version, dirty, rate, random, interval_ms, text) == (2, 64, 8, 512, 100, 7)
     assert interval_ticks == 119_318  # 100 ms of the 1.193182 MHz PIT
     # 8 MiB/s = 2048 pages/s: one page every 582.6 PIT ticks, as 32.32 fixed point
     assert tpp_int == 582
@@ -84,9 +85,9 @@ def test_encode_lays_out_the_block_the_guest_reads() -> None:
 
 def test_rate_none_is_max_and_zero_is_off() -> None:
     assert decode(GuestParams(rate_mib_s=None).encode())[2] == 0xFFFF_FFFF
-    assert decode(GuestParams(rate_mib_s=None).encode())[6:] == (0, 0)
+    assert decode(GuestParams(rate_mib_s=None).encode())[6:8] == (0, 0)
     assert decode(GuestParams(rate_mib_s=0).encode())[2] == 0
-    assert decode(GuestParams(rate_mib_s=0).encode())[6:] == (0, 0)
+    assert decode(GuestParams(rate_mib_s=0).encode())[6:8] == (0, 0)
 
 
 def test_highest_rate_still_has_a_nonzero_page_period() -> None:
@@ -110,7 +111,7 @@ def test_patch_params_replaces_only_the_block() -> None:
         (b"no block here", "exactly one parameter block"),
         (GuestParams().encode() * 2, "exactly one parameter block"),
         (MAGIC + b"\x01\x00", "truncated"),
-        (MAGIC + struct.pack("<8I", 9, 0, 0, 0, 0, 0, 0, 0), "version 9, builder expects 1"),
+        (MAGIC + struct.pack("<9I", 9, 0, 0, 0, 0, 0, 0, 0, 0), "version 9, builder expects 2"),
     ],
 )
 def test_patch_params_rejects_a_malformed_blob(blob: bytes, message: str) -> None:

@@ -27,12 +27,13 @@ from workers.hostcaps import check_same_cpu, cpu_signature, require_postcopy
 from workers.job_types import JobOperation, Phase
 from workers.jobs import ActiveJob
 from workers.lifecycle import inactive_domain_for, launch, run_cpus
-from workers.migration import qemu_migrate, storage_dest, tunnel
+from workers.migration import qemu_migrate, storage_dest, stream_stats, tunnel
 from workers.migration.chain_state import MigrationState
 from workers.migration.cookie import Cookie, CookieGraphics, make_cookie, parse
 from workers.migration.guards import check_abort, refuse_v2_with_lease_state
 from workers.migration.params import MigrationFlags as F
 from workers.migration.params import MigrationParams, format_qemu_uri, parse_qemu_uri
+from workers.migration.tunnel_ends import DestEnds, socket_path
 
 log = logging.getLogger(__name__)
 
@@ -144,14 +145,26 @@ async def _start_incoming(agent: HostAgent, dom: DomainObj, d: DomainDef,
     if dom.storage_in is not None:
         await storage_dest.start_nbd(agent, dom, mon, dom.storage_in, p)
     if tunnelled:
-        tunnel.reset(agent.redis, p.job_id)
-        sock = await qemu_migrate.pass_socket(mon, qemu_migrate.TUNNEL_FD)
-        dom.tunnel = tunnel.TunnelReceiver(agent.settings, p.job_id, sock)
-        dom.tunnel.start()
-        await mon.execute("migrate-incoming", {"uri": f"fd:{qemu_migrate.TUNNEL_FD}"})
+        await _tunnel_in(agent, dom, p, mon)
     else:
         uri = await _listen(agent, dom, p, mon, uri)
     return uri
+
+
+async def _tunnel_in(agent: HostAgent, dom: DomainObj, p: MigrationParams, mon: Any) -> None:
+    """The dest's end of the tunnel: QEMU reads one socketpair, or listens on a unix
+    socket for the parallel channels the receivers connect (tunnel_ends.py)."""
+    channels = p.channels + 1 if p.channels else 1
+    tunnel.reset(agent.redis, p.job_id, channels)
+    if p.channels:
+        path = socket_path(agent.store.run, "in", p.job_id)
+        dom.tunnel = DestEnds(agent.settings, p.job_id, channels=channels, path=path)
+        await mon.execute("migrate-incoming", {"uri": f"unix:{path}"})
+    else:
+        sock = await qemu_migrate.pass_socket(mon, qemu_migrate.TUNNEL_FD)
+        dom.tunnel = DestEnds(agent.settings, p.job_id, channels=1, sock=sock)
+        await mon.execute("migrate-incoming", {"uri": f"fd:{qemu_migrate.TUNNEL_FD}"})
+    dom.tunnel.start()
 
 
 async def _listen(agent: HostAgent, dom: DomainObj, p: MigrationParams, mon: Any,
@@ -317,7 +330,9 @@ async def _finish_ok(agent: HostAgent, dom: DomainObj, st: MigrationState,
     await failpoints.hit("finish3.start")
     cookie = parse(st.cookie, expect_uuid=dom.uuid) if v3 and st.cookie else None
     if cookie is not None and cookie.statistics is not None:
-        st = replace(st, statistics=cookie.statistics.as_dict())
+        # ferry's own figures (channels, compression, the STOP time) travel beside the
+        # cookie's libvirt-named ones, in the chain's state
+        st = replace(st, statistics={**st.statistics, **cookie.statistics.as_dict()})
     if p.storage_copy:
         await storage_dest.stop_nbd(dom)  # before the CPUs start, as libvirt
     if not p.has(F.OFFLINE):
@@ -337,7 +352,13 @@ async def _finish_ok(agent: HostAgent, dom: DomainObj, st: MigrationState,
         # No announce-self here: QEMU announces every NIC when the incoming stream
         # completes (RARP; a virtio-net guest is asked to send its own gratuitous ARP
         # as soon as its CPUs run); another round would only repeat it.
+        before = time.time()
         await run_cpus(agent, dom, RunningReason.MIGRATED)  # takes the leases first
+        # QEMU sends RESUME before `cont`'s reply, so its time is known here
+        pause = stream_stats.guest_pause_ms(st.statistics, dom.cpu_events.get("RESUME"),
+                                            before)
+        if pause is not None:
+            st = replace(st, statistics={**st.statistics, "guest_pause_ms": pause})
     else:
         agent.set_state(dom, DomainState.PAUSED, PausedReason.USER)
     if p.has(F.POSTCOPY):

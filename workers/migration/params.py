@@ -31,6 +31,7 @@ class MigrationFlags(enum.IntFlag):
     ABORT_ON_ERROR = 4096
     AUTO_CONVERGE = 8192
     POSTCOPY = 32768
+    PARALLEL = 131072
 
 
 SUPPORTED_FLAGS = (MigrationFlags.LIVE | MigrationFlags.PEER2PEER | MigrationFlags.TUNNELLED
@@ -40,13 +41,23 @@ SUPPORTED_FLAGS = (MigrationFlags.LIVE | MigrationFlags.PEER2PEER | MigrationFla
                    | MigrationFlags.CHANGE_PROTECTION | MigrationFlags.UNSAFE
                    | MigrationFlags.OFFLINE
                    | MigrationFlags.ABORT_ON_ERROR | MigrationFlags.AUTO_CONVERGE
-                   | MigrationFlags.POSTCOPY)
+                   | MigrationFlags.POSTCOPY | MigrationFlags.PARALLEL
+                   | MigrationFlags.COMPRESSED)
 
 DEFAULT_BANDWIDTH_MIB_S = 0  # 0: as fast as the link goes (QEMU's own default caps at 128)
 UNLIMITED_BANDWIDTH_BYTES = 1 << 40
 MAX_BANDWIDTH_MIB_S = UNLIMITED_BANDWIDTH_BYTES >> 20  # more would be less than "unlimited"
 MAX_DOWNTIME_MS = 2_000_000  # QEMU's largest downtime-limit
 STORAGE_FLAGS = MigrationFlags.NON_SHARED_DISK | MigrationFlags.NON_SHARED_INC
+
+DEFAULT_PARALLEL_CONNECTIONS = 2  # libvirt's (and QEMU's multifd-channels default)
+MAX_PARALLEL_CONNECTIONS = 255  # QEMU's multifd-channels range is 1..255
+#: compression methods as virsh names them -> whether they need --parallel
+COMP_METHODS = {"xbzrle": False, "zstd": True, "zlib": True}
+#: methods libvirt knows that ferry refuses, and why
+COMP_REFUSED = {"mt": "QEMU deprecated the 'compress' capability (8.2) and removed it (9.1)"}
+COMP_LEVELS = {"zstd": (0, 20), "zlib": (0, 9)}  # QEMU's multifd-*-level ranges
+XBZRLE_MIN_CACHE = 4096  # one page; QEMU wants a power of two no smaller
 
 
 def parse_qemu_uri(uri: str) -> tuple[str, str, int | None]:
@@ -105,10 +116,19 @@ class MigrationParams:
     # one of its migration range).
     migrate_disks: tuple[str, ...] = ()
     disks_port: int | None = None
+    parallel_connections: int | None = None  # None: DEFAULT_PARALLEL_CONNECTIONS
+    comp_methods: tuple[str, ...] | None = None  # None: xbzrle if COMPRESSED, else none
+    comp_xbzrle_cache: int | None = None  # bytes
+    comp_zstd_level: int | None = None
+    comp_zlib_level: int | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.migrate_disks, list):  # from JSON
             object.__setattr__(self, "migrate_disks", tuple(self.migrate_disks))
+        if isinstance(self.comp_methods, list | str):  # from JSON, or "zstd,zlib"
+            methods = [m.strip() for m in self.comp_methods.split(",")] \
+                if isinstance(self.comp_methods, str) else self.comp_methods
+            object.__setattr__(self, "comp_methods", tuple(methods))
         self._check_types()
         f = MigrationFlags(self.flags)
         unsupported = f & ~SUPPORTED_FLAGS
@@ -147,6 +167,8 @@ class MigrationParams:
         if self.timeout_s is not None and self.timeout_s <= 0:
             raise InvalidInputError("timeout must be > 0 s")
         self._check_storage(f)
+        self._check_parallel()
+        self._check_compression()
 
     def _check_storage(self, f: MigrationFlags) -> None:
         """libvirt's rules for non-shared storage, plus v2 (which has no cookie to carry
@@ -183,6 +205,79 @@ class MigrationParams:
         """Only the top image is copied (the backing chain is on the dest already)."""
         return self.has(MigrationFlags.NON_SHARED_INC)
 
+    def _check_parallel(self) -> None:
+        n = self.parallel_connections
+        if n is not None and not self.has(MigrationFlags.PARALLEL):
+            raise InvalidInputError("Turn parallel migration on to tune it "
+                                    "(--parallel-connections needs --parallel)")
+        if n is not None and not 1 <= n <= MAX_PARALLEL_CONNECTIONS:
+            raise InvalidInputError(f"parallel connections must be in "
+                                    f"1..{MAX_PARALLEL_CONNECTIONS}, not {n}")
+        if self.has(MigrationFlags.PARALLEL) and self.has(MigrationFlags.POSTCOPY):
+            raise UnsupportedError("post-copy migration with parallel connections is not "
+                                   "supported")
+
+    def _check_compression(self) -> None:
+        """libvirt's rules (qemuMigrationParamsSetCompression), in libvirt's words."""
+        methods = self.comp_methods or ()
+        parallel = self.has(MigrationFlags.PARALLEL)
+        for i, m in enumerate(methods):
+            if m in COMP_REFUSED:
+                raise UnsupportedError(f"Compression method '{m}' is not supported: "
+                                       f"{COMP_REFUSED[m]}")
+            if m not in COMP_METHODS:
+                raise InvalidInputError(f"Unsupported compression method '{m}' (one of "
+                                        f"{', '.join(COMP_METHODS)})")
+            if m in methods[:i]:
+                raise InvalidInputError(f"Compression method '{m}' is specified twice")
+            if COMP_METHODS[m] and not parallel:
+                raise InvalidInputError(f"Compression method '{m}' is only supported with "
+                                        "parallel migration (--parallel)")
+            if not COMP_METHODS[m] and parallel:
+                raise InvalidInputError(f"Compression method '{m}' isn't supported with "
+                                        "parallel migration")
+        if sum(COMP_METHODS[m] for m in methods) > 1:
+            raise InvalidInputError("Only one compression method could be specified with "
+                                    "parallel compression")
+        if not methods and self.has(MigrationFlags.COMPRESSED) and parallel:
+            raise InvalidInputError("No compression algorithm selected for parallel "
+                                    "migration (--comp-methods zstd or zlib)")
+        self._check_tuning()
+
+    def _check_tuning(self) -> None:
+        used = self.compression
+        cache = self.comp_xbzrle_cache
+        if cache is not None:
+            if "xbzrle" not in used:
+                raise InvalidInputError("Turn xbzrle compression on to tune it "
+                                        "(--comp-xbzrle-cache)")
+            if not XBZRLE_MIN_CACHE <= cache <= UNLIMITED_BANDWIDTH_BYTES or cache & (cache - 1):
+                raise InvalidInputError(f"xbzrle cache must be a power of two from "
+                                        f"{XBZRLE_MIN_CACHE} bytes to 1 TiB, not {cache}")
+        for method, (low, high) in COMP_LEVELS.items():
+            level = getattr(self, f"comp_{method}_level")
+            if level is None:
+                continue
+            if method not in used:
+                raise InvalidInputError(f"Turn {method} compression on to tune it "
+                                        f"(--comp-{method}-level)")
+            if not low <= level <= high:
+                raise InvalidInputError(f"{method} level must be in {low}..{high}, not {level}")
+
+    @property
+    def compression(self) -> tuple[str, ...]:
+        """The methods in use: those named, or xbzrle for a bare --compressed (libvirt)."""
+        if self.comp_methods:
+            return self.comp_methods
+        return ("xbzrle",) if self.has(MigrationFlags.COMPRESSED) else ()
+
+    @property
+    def channels(self) -> int:
+        """QEMU multifd channels; 0 without --parallel."""
+        if not self.has(MigrationFlags.PARALLEL):
+            return 0
+        return self.parallel_connections or DEFAULT_PARALLEL_CONNECTIONS
+
     def _check_types(self) -> None:
         """Messages come from anywhere (send_task): wrong types are a clear error."""
         for name in ("domain", "source", "dest", "job_id"):
@@ -192,7 +287,8 @@ class MigrationParams:
         for name in ("flags", "protocol", "bandwidth_mib_s"):
             if type(getattr(self, name)) is not int:
                 raise InvalidInputError(f"migration parameter '{name}' must be an integer")
-        for name in ("max_downtime_ms", "timeout_s", "disks_port"):
+        for name in ("max_downtime_ms", "timeout_s", "disks_port", "parallel_connections",
+                     "comp_xbzrle_cache", "comp_zstd_level", "comp_zlib_level"):
             value = getattr(self, name)
             if value is not None and type(value) is not int:
                 raise InvalidInputError(f"migration parameter '{name}' must be an integer")
@@ -206,6 +302,11 @@ class MigrationParams:
                 isinstance(t, str) and t for t in self.migrate_disks):
             raise InvalidInputError("migration parameter 'migrate_disks' must be a list of "
                                     "disk targets")
+        methods = self.comp_methods
+        if methods is not None and not (isinstance(methods, tuple)
+                                        and all(isinstance(m, str) for m in methods)):
+            raise InvalidInputError("migration parameter 'comp_methods' must be a list of "
+                                    "strings")
 
     @property
     def fl(self) -> MigrationFlags:
@@ -215,7 +316,10 @@ class MigrationParams:
         return bool(self.fl & flag)
 
     def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+        data = asdict(self)
+        if self.comp_methods is not None:
+            data["comp_methods"] = list(self.comp_methods)
+        return data
 
     @classmethod
     def from_json(cls, data: Any) -> MigrationParams:

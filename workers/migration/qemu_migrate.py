@@ -15,11 +15,12 @@ import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
+from workers import failpoints
 from workers.domobj import DomainObj
 from workers.errors import MigrationError, QemuError
-from workers.migration import tunnel
+from workers.migration import stream_caps, tunnel
 from workers.migration.cookie import CookieStatistics, quoted
-from workers.migration.params import UNLIMITED_BANDWIDTH_BYTES, MigrationFlags, MigrationParams
+from workers.migration.params import UNLIMITED_BANDWIDTH_BYTES, MigrationParams
 from workers.monitor import Monitor
 
 log = logging.getLogger(__name__)
@@ -37,29 +38,19 @@ def mib_to_bytes(mib: int) -> int:
     return mib * 1024 * 1024 if mib else UNLIMITED
 
 
-async def setup(mon: Monitor, params: MigrationParams, *, outgoing: bool,
+async def setup(mon: Monitor, params: MigrationParams, *, outgoing: bool, two_way: bool = True,
                 bandwidth_mib_s: int | None = None, downtime_ms: int | None = None) -> None:
-    """Capabilities on both ends; bandwidth and downtime on the source."""
-    caps = [{"capability": "events", "state": True},
-            {"capability": "postcopy-ram", "state": params.has(MigrationFlags.POSTCOPY)}]
-    if outgoing:
-        caps.append({"capability": "auto-converge",
-                     "state": params.has(MigrationFlags.AUTO_CONVERGE)})
-        # A storage copy completes its mirrors with the guest stopped, before QEMU's
-        # switch-over (storage.py says why 7.2 needs it); always set, since a QEMU keeps
-        # its capabilities from one migration to the next.
-        caps.append({"capability": "pause-before-switchover", "state": params.storage_copy})
-    else:
-        # As libvirt: the dest takes the disk locks only when its CPUs start, so a
-        # source whose migration fails late can still resume on its disks.
-        caps.append({"capability": "late-block-activate", "state": True})
-    await mon.execute("migrate-set-capabilities", {"capabilities": caps})
+    """Capabilities and the stream's parameters on both ends (workers/migration/
+    stream_caps.py); bandwidth and downtime on the source."""
+    caps = stream_caps.capabilities(params, outgoing=outgoing, two_way=two_way)
+    await mon.execute("migrate-set-capabilities", {"capabilities": stream_caps.as_qmp(caps)})
+    mparams = stream_caps.parameters(params)
     if outgoing:
         bw = params.bandwidth_mib_s if bandwidth_mib_s is None else bandwidth_mib_s
-        mparams: dict[str, Any] = {"max-bandwidth": mib_to_bytes(bw)}
+        mparams["max-bandwidth"] = mib_to_bytes(bw)
         if downtime_ms:
             mparams["downtime-limit"] = downtime_ms
-        await mon.execute("migrate-set-parameters", mparams)
+    await mon.execute("migrate-set-parameters", mparams)
 
 
 #: query-migrate statuses in which libvirt reads the ram/disk/xbzrle figures
@@ -148,7 +139,7 @@ async def wait(dom: DomainObj, mon: Monitor, *, started_ms: int,
     rest of its memory comes, so Perform hands over to Finish there.
     """
     t0 = time.monotonic()
-    switched = False
+    continued = False
     while True:
         if not dom.active:
             raise MigrationError(f"QEMU of '{dom.name}' exited during migration")
@@ -174,10 +165,9 @@ async def wait(dom: DomainObj, mon: Monitor, *, started_ms: int,
             raise MigrationError(f"migration failed: {desc}")
         if status == "cancelled":
             raise MigrationError("migration was cancelled")
-        if status == "pre-switchover" and at_switchover is not None and not switched:
-            switched = True
-            await at_switchover()
-            await mon.execute("migrate-continue", {"state": "pre-switchover"})
+        if status == "pre-switchover" and not continued:
+            await switch_over(dom, mon, at_switchover)
+            continued = True
             continue
         if on_tick is not None:
             on_tick(time.monotonic() - t0)
@@ -196,6 +186,21 @@ async def wait_postcopy_end(dom: DomainObj, timeout_s: float) -> dict[str, Any] 
             return dict(info)
         await nap(dom)
     return None
+async def switch_over(dom: DomainObj, mon: Monitor,
+                      at_switchover: Callable[[], Awaitable[None]] | None = None) -> None:
+    """QEMU has stopped the guest and waits (pause-before-switchover): run `at_switchover`
+    (the storage copy's mirrors) and the job's switch-over hooks, then let it send the
+    rest.  Everything here adds to the guest's pause; an abort that came meanwhile
+    cancels instead (the source resumes)."""
+    job = dom.job
+    await failpoints.hit("perform3.switchover")
+    if at_switchover is not None:
+        await at_switchover()
+    for hook in job.switchover_hooks if job is not None else ():
+        await hook()
+    if job is not None and job.abort:
+        raise MigrationError("operation aborted: migration job canceled by client")
+    await mon.execute("migrate-continue", {"state": "pre-switchover"})
 
 
 async def nap(dom: DomainObj) -> None:

@@ -26,7 +26,7 @@ from workers.hostcaps import cpu_signature, require_postcopy, sees_host_cpu
 from workers.job_types import JobOperation, Phase
 from workers.jobs import ActiveJob
 from workers.lifecycle import pause_cpus, run_cpus
-from workers.migration import qemu_migrate, storage
+from workers.migration import qemu_migrate, storage, stream_stats
 from workers.migration.chain_state import MigrationState
 from workers.migration.cookie import (
     Cookie,
@@ -45,7 +45,7 @@ from workers.migration.progress import (
     TransferWatch,
     downtime_steps,
 )
-from workers.migration.tunnel import TunnelSender
+from workers.migration.tunnel_ends import SourceEnds, socket_path
 
 log = logging.getLogger(__name__)
 
@@ -183,6 +183,7 @@ async def _migrate(agent: HostAgent, dom: DomainObj, st: MigrationState,
     the source is paused:migration."""
     p = st.params
     mon = dom.require_monitor("migrate")
+    entered = time.time()  # a STOP from here on is this migration's (or --suspend's)
     if dest_cookie is not None and dest_cookie.graphics is not None:
         await _relocate_spice(agent, dom, dest_cookie.graphics)
     if not p.has(F.LIVE) and dom.state == DomainState.RUNNING:
@@ -218,7 +219,7 @@ async def _migrate(agent: HostAgent, dom: DomainObj, st: MigrationState,
     finally:
         dom.expected_pause = None
         dom.storage_out = None
-        await _end_tunnel(agent, dom)
+        tunnel_bytes = await _end_tunnel(agent, dom)
     await failpoints.hit("perform3.after_migrate")
     # QEMU stopped the CPUs for the switch-over: say so, do not wait for STOP.  In
     # post-copy the dest is about to run the guest while pages still leave from here.
@@ -230,28 +231,36 @@ async def _migrate(agent: HostAgent, dom: DomainObj, st: MigrationState,
     stats.pop("status", None)
     if copy is not None:
         stats.update(copy.statistics())
+    stats.update(stream_stats.figures(p, stats, tunnel_bytes))
+    if st.was_running:
+        stats.update(stream_stats.stop_mark(dom.cpu_events.get("STOP"), entered))
     agent.release_leases(dom)
     return replace(st, statistics=stats)
 
 
 async def _data_uri(agent: HostAgent, dom: DomainObj, mon: Any, st: MigrationState) -> str:
-    """Where QEMU sends its stream: Prepare's URI, or a tunnel through the broker."""
-    if not st.params.has(F.TUNNELLED):
+    """Where QEMU sends its stream: Prepare's URI, or a tunnel through the broker (one
+    socketpair, or a listener for QEMU's parallel connections: tunnel_ends.py)."""
+    p = st.params
+    if not p.has(F.TUNNELLED):
         assert st.uri is not None
         return st.uri
-    sock = await qemu_migrate.pass_socket(mon, qemu_migrate.TUNNEL_FD)
-    cfg = agent.settings
-    dom.tunnel = TunnelSender(cfg, st.params.job_id, sock,
-                              window=cfg.tunnel_window_mib << 20,
-                              chunk=cfg.tunnel_chunk_kib << 10)
-    dom.tunnel.start()
+    ends = SourceEnds(agent.settings, p.job_id, channels=p.channels + 1 if p.channels else 1)
+    dom.tunnel = ends  # from here on a cancel closes it
+    if p.channels:
+        return await asyncio.get_running_loop().run_in_executor(
+            None, ends.listen, socket_path(agent.store.run, "tun", p.job_id))
+    ends.attach(await qemu_migrate.pass_socket(mon, qemu_migrate.TUNNEL_FD))
     return f"fd:{qemu_migrate.TUNNEL_FD}"
 
 
-async def _end_tunnel(agent: HostAgent, dom: DomainObj) -> None:
+async def _end_tunnel(agent: HostAgent, dom: DomainObj) -> int | None:
+    """Close the tunnel's ends; the bytes it carried (None: no tunnel)."""
     tunnel, dom.tunnel = dom.tunnel, None
-    if tunnel is not None:
-        await asyncio.get_running_loop().run_in_executor(None, tunnel.finish, 10.0)
+    if tunnel is None:
+        return None
+    await asyncio.get_running_loop().run_in_executor(None, tunnel.finish, 10.0)
+    return int(tunnel.bytes)
 
 
 class Convergence:
@@ -288,6 +297,9 @@ class Convergence:
         job = self.dom.job
         if job is None or not stats:
             return
+        tunnel = self.dom.tunnel
+        stats.update(stream_stats.figures(self.p, stats,
+                                          None if tunnel is None else int(tunnel.bytes)))
         job.progress = self.tracker.update(stats, time.monotonic())
         self.stalled = bool(job.progress.get("stalled"))
         try:  # the broker being away must not harm the migration QEMU is running
@@ -401,7 +413,10 @@ async def _resume_source(agent: HostAgent, dom: DomainObj, st: MigrationState) -
     if not st.was_running:
         return
     if status.get("running"):
-        if dom.state != DomainState.RUNNING:  # QEMU resumed it itself after a late failure
+        # QEMU resumes the guest itself when the migration fails after it stopped it (the
+        # return path said the dest could not load the state): no `cont`, but the reason.
+        stopped = dom.job is not None and dom.cpu_events.get("STOP", 0.0) >= dom.job.started
+        if dom.state != DomainState.RUNNING or stopped:
             agent.set_state(dom, DomainState.RUNNING, RunningReason.MIGRATION_CANCELED)
     else:
         await run_cpus(agent, dom, RunningReason.MIGRATION_CANCELED)

@@ -8,9 +8,11 @@
 #   ...    -0x07bff  stack (real mode and protected mode)
 #   0x07c00-0x07dff  MBR: loads stage 2 with int 13h (LBA, else CHS)
 #   0x07e00-...      stage 2: parameter block, E820, A20, protected mode, main loop
-#   0x200000-        random region (random_mib), then dirty region (dirty_mib) also
-#                    starting at 2 MiB, so dirtying overwrites random pages; both
-#                    clamped to the usable RAM from E820 and to 0xc0000000.
+#   0x200000-        random region (random_mib), then text region (text_mib: each
+#                    page 5/8 hex text, 3/8 zero, about 3:1 under zstd), then dirty
+#                    region (dirty_mib) also starting at 2 MiB, so dirtying overwrites
+#                    random pages; all clamped to the usable RAM from E820 and to
+#                    0xc0000000.
 #
 # With a disk log (log_sectors > 0 in the FERRYDSK block), every counter line is
 # first written to the disk (IDE primary master, ATA PIO, polled): a record sector
@@ -39,6 +41,7 @@
         .set    ATA_CTL, 0x3f6
         .set    LOG_LBA, 2048           # head sector; records from LOG_LBA + 1
         .set    SECBUF, 0x1400          # one sector, below the stack
+        .set    TEXT_BYTES, 2560        # text at the start of each text page, then zeros
 
         .text
         .code16
@@ -114,7 +117,7 @@ msg_disk:
 # Parameter block: found by its magic and rewritten by scripts/testbed/guestimage.py.
 params:
         .ascii  "FERRYPRM"
-p_version:      .long 1
+p_version:      .long 2
 p_dirty_mib:    .long 0
 p_rate:         .long 0                 # MiB/s; 0 = none; 0xffffffff = max
 p_random_mib:   .long 0
@@ -122,6 +125,7 @@ p_interval_ms:  .long 100
 p_interval_ticks: .long 119318          # PIT ticks between counter lines
 p_tpp_int:      .long 0                 # PIT ticks per dirtied page, 32.32 fixed
 p_tpp_frac:     .long 0
+p_text_mib:     .long 0
 diskparams:                             # second block, also patched by the builder
         .ascii  "FERRYDSK"
 d_version:      .long 1
@@ -230,6 +234,8 @@ pm32:
         call    layout
         call    banner
         call    fill_random
+        call    fill_text
+        call    filled
         call    setup_timers            # after the fill: a pending IRQ slows TCG
         mov     $0x02, %al              # ATA: no interrupts (nIEN), we poll
         mov     $ATA_CTL, %dx
@@ -401,6 +407,12 @@ layout:                                 # clamp regions to [2 MiB, min(RAM top, 
         call    mib_clamp
         add     $REGION_START, %eax
         mov     %eax, random_end
+        sub     $REGION_START, %eax     # text goes in what the random region left
+        sub     %eax, %ebx
+        mov     p_text_mib, %eax
+        call    mib_clamp
+        add     random_end, %eax
+        mov     %eax, text_end
         ret
 mib_clamp:                              # %eax MiB -> bytes, at most %ebx
         cmp     $4095, %eax
@@ -456,7 +468,45 @@ fill_random:                            # xorshift32 over [2 MiB, random_end)
         stosl
         cmp     %ecx, %edi
         jb      1b
-2:      mov     $msg_filled, %esi
+2:
+9:      ret
+
+fill_text:                              # hex text over [random_end, text_end), per page
+        cmpl    $0, p_text_mib          # TEXT_BYTES of it and the rest left zero
+        je      9f
+        mov     random_end, %edi
+        mov     $0x9e3779b9, %ebp       # its own xorshift32 state
+1:      cmp     text_end, %edi
+        jae     9f
+        lea     TEXT_BYTES(%edi), %esi
+2:      mov     %ebp, %eax
+        shl     $13, %eax
+        xor     %eax, %ebp
+        mov     %ebp, %eax
+        shr     $17, %eax
+        xor     %eax, %ebp
+        mov     %ebp, %eax
+        shl     $5, %eax
+        xor     %eax, %ebp
+        mov     %ebp, %edx
+        mov     $8, %ecx                # eight hex digits per 32 random bits
+3:      mov     %edx, %eax
+        and     $15, %eax
+        movb    hexdigits(%eax), %al
+        stosb
+        shr     $4, %edx
+        loop    3b
+        cmp     %esi, %edi
+        jb      2b
+        add     $(4096 - TEXT_BYTES), %edi
+        jmp     1b
+9:      ret
+
+filled:                                 # "filled" once a fill region was asked for
+        mov     p_random_mib, %eax
+        or      p_text_mib, %eax
+        jz      9f
+        mov     $msg_filled, %esi
         call    puts
 9:      ret
 
@@ -791,6 +841,7 @@ msg_rate:   .asciz " rate="
 msg_max:    .asciz "max"
 msg_crlf:   .asciz "\r\n"
 msg_filled: .asciz "ferry-guest filled\r\n"
+hexdigits:  .ascii "0123456789abcdef"
 msg_prefix: .asciz "ferry-guest "
 msg_boot:   .asciz " boot="
 msg_fault:  .asciz "ferry-guest fault vector="
@@ -804,6 +855,7 @@ mem_top:    .long 0
 dirty_bytes: .long 0
 dirty_end:  .long 0
 random_end: .long 0
+text_end:   .long 0
 dirty_ptr:  .long REGION_START
 seq:        .long 1
 counter:    .long 1
