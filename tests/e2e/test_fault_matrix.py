@@ -67,8 +67,10 @@ ERRORS: dict[Fault, str] = {
 ERRORS_AT: dict[tuple[Fault, At, Mode | None], str] = {
     (Fault.DST_QEMU, At.PREPARE, None):
         r"migration failed: Failed to connect to '127\.0\.0\.1:\d+': Connection refused",
+    # with return-path the source's return thread may shut the socket first: EBADF
     (Fault.DST_QEMU, At.COPYING, None): r"migration failed: Unable to write to socket: "
-                                        r"(Broken pipe|Connection reset by peer)",
+                                        r"(Broken pipe|Connection reset by peer|"
+                                        r"Bad file descriptor)",
     (Fault.DST_QEMU, At.SWITCHED, None):
         r"no incoming migration \S+ of '{name}' on this host: its incoming QEMU exited or "
         r"was discarded",
