@@ -329,3 +329,36 @@ def test_host_passthrough_to_a_host_with_another_cpu_needs_unsafe(
     assert summary["result"] == "completed" and "unsafe" in summary["flags"]
     assert client.call(baseline_host, "dominfo", domain=guest.name)["state"] == "running"
     client.call(baseline_host, "destroy", domain=guest.name)
+
+
+def test_a_host_model_guest_runs_a_named_model_and_moves_to_any_host_that_can_run_it(
+        client: Client, make_guest: Callable[..., Guest], baseline_host: str) -> None:
+    """host-model expanded at start (TCG: QEMU's max as the closest named model plus
+    features); the dest that hides one of them refuses in Prepare, naming it; a dest
+    that has them takes the guest without --unsafe."""
+    guest = make_guest(domain_type="qemu")
+    guest.xml = guest.xml.replace("<clock", "<cpu mode='host-model'/><clock")
+    start(client, guest)
+    guest.wait_counter_above(0)
+    live = client.call("alpha", "dumpxml", domain=guest.name)
+    assert "<cpu mode=\"custom\">" in live and "<model>" in live
+    assert "<feature policy=\"require\" name=\"sse4.2\"/>" in live
+    model = live.split("<model>")[1].split("<")[0]
+    assert "<cpu mode=\"host-model\"/>" in client.call("alpha", "dumpxml", domain=guest.name,
+                                                        inactive=True)
+    pid = client.call("alpha", "dominfo", domain=guest.name)["pid"]
+    job = client.migrate(guest.name, "alpha", baseline_host, live=True)
+    with pytest.raises(FerryError, match=r"cpu features sse4\.2 are required but this host "
+                       "lacks them") as err:
+        job.wait(timeout=60)
+    assert "prepare" in str(err.value) and "\n" not in str(err.value)
+    assert client.call("alpha", "dominfo", domain=guest.name)["pid"] == pid
+    assert qemu_pids_of(guest.uuid) == [pid]
+    summary = client.migrate(guest.name, "alpha", "beta", live=True).wait(timeout=90)
+    assert summary["result"] == "completed" and "unsafe" not in summary["flags"]
+    info = client.call("beta", "dominfo", domain=guest.name)
+    assert (info["state"], info["reason"]) == ("running", "migrated")
+    assert f"<model>{model}</model>" in client.call("beta", "dumpxml", domain=guest.name)
+    cmdline = Path(f"/proc/{info['pid']}/cmdline").read_bytes().split(b"\0")
+    assert cmdline[cmdline.index(b"-cpu") + 1].startswith(f"{model},".encode())
+    guest.wait_counter_above(guest.counters()[-1] + 2)
