@@ -15,9 +15,9 @@ firmware loader, clock offset and timers, the memballoon model and PCI address,
 the qemu:commandline args, and per device class the count and, pairwise in order:
 
 - disks: device (disk/cdrom), bus, target dev, readonly and shareable, serial, PCI
-  address, and the driver format (libvirt leaves format alone because a storage
-  copy may convert it; ferry copies no storage, so both ends open the same file
-  and must read it the same way);
+  address, the SCSI drive address (controller, bus, target, unit), and the driver
+  format (libvirt leaves format alone because a storage copy may convert it; ferry
+  copies no storage, so both ends open the same file and must read it the same way);
 - interfaces: MAC, model and PCI address (not the type, bridge, network or tap);
 - channels: type, target name and virtio-serial port (not the socket path);
 - inputs: type and bus; controllers: type, index, model, ports, root port
@@ -127,9 +127,9 @@ def abi_diff(src: DomainDef, dst: DomainDef) -> list[str]:
 
 
 _DISK_FIELDS = ("device", "bus", "target", "format", "readonly", "shareable", "serial",
-                "address")
+                "address", "drive")
 _FIELD_NAMES = {"target": "target dev", "port": "target port", "target_type": "target type",
-                "address": "pci address"}
+                "address": "pci address", "drive": "drive address"}
 
 
 def _topology(d: DomainDef) -> str | None:

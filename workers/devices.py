@@ -80,6 +80,27 @@ class PciAddress:
 
 
 @dataclass(frozen=True, kw_only=True)
+class DriveAddress:
+    """``<address type='drive'>`` of a SCSI disk: virtio-scsi controller `controller`
+    (by index), its only bus 0, target (scsi-id) and unit (lun), all guest-visible."""
+
+    controller: int = 0
+    bus: int = 0
+    target: int = 0
+    unit: int = 0
+
+    def __post_init__(self) -> None:
+        ok = 0 <= self.controller <= 31 and 0 <= self.target <= 255 and 0 <= self.unit <= 16383
+        check(ok, f"drive address {self} is out of range (controller 0-31, target 0-255, "
+              "unit 0-16383)")
+        check(self.bus == 0, f"drive address {self}: virtio-scsi has bus 0 only",
+              UnsupportedError)
+
+    def __str__(self) -> str:
+        return f"{self.controller}:{self.bus}:{self.target}:{self.unit}"
+
+
+@dataclass(frozen=True, kw_only=True)
 class PortForward:
     """libvirt's ``<portForward>`` on a user-mode NIC: host `address`:`start` to guest `to`.
 
@@ -186,8 +207,8 @@ PCI_MODELS = ("pci-root", "pcie-root", "pcie-root-port")
 
 @dataclass(frozen=True, kw_only=True)
 class Controller:
-    """usb, pci (root and root ports), virtio-serial, and the built-in ide (pc) and
-    sata (q35) controllers, which add no device."""
+    """usb, pci (root and root ports), virtio-serial, virtio-scsi, and the built-in ide
+    (pc) and sata (q35) controllers, which add no device."""
 
     type: str
     index: int = 0
@@ -200,12 +221,16 @@ class Controller:
 
     def __post_init__(self) -> None:
         where = f"controller {self.type} {self.index} "
-        one_of("controller ", "type", self.type, ("usb", "pci", "virtio-serial", "ide", "sata"),
-               UnsupportedError)
+        one_of("controller ", "type", self.type, ("usb", "pci", "virtio-serial", "scsi", "ide",
+                                                  "sata"), UnsupportedError)
         check(0 <= self.index <= 255, f"{where}index is not in 0-255")
         models: tuple[str | None, ...] = {
             "usb": (None, *USB_MODELS), "pci": PCI_MODELS, "virtio-serial": (None,),
-            "ide": (None, "piix3", "piix4"), "sata": (None,)}[self.type]
+            "scsi": ("virtio-scsi",), "ide": (None, "piix3", "piix4"),
+            "sata": (None,)}[self.type]
+        if self.type == "scsi" and self.model is None:  # libvirt picks lsilogic: ferry has
+            object.__setattr__(self, "model", "virtio-scsi")  # virtio-scsi only, written out
+        check(self.type != "scsi" or self.index <= 31, f"{where}index is not in 0-31")
         one_of(where, "model", self.model, models, UnsupportedError)
         xhci = self.model in ("qemu-xhci", "nec-xhci") and 1 <= (self.ports or 0) <= 15
         serial = self.type == "virtio-serial" and 1 <= (self.ports or 0) <= 31
@@ -228,7 +253,8 @@ class Controller:
 
     @property
     def makes_device(self) -> bool:
-        return (self.type, self.model) in (("virtio-serial", None), ("pci", "pcie-root-port")) \
+        return (self.type, self.model) in (("virtio-serial", None), ("pci", "pcie-root-port"),
+                                           ("scsi", "virtio-scsi")) \
             or (self.type == "usb" and self.model != "none")
 
 

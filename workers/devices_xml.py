@@ -14,6 +14,7 @@ from workers.devices import (
     Channel,
     Controller,
     CpuFeature,
+    DriveAddress,
     Firmware,
     Input,
     Interface,
@@ -47,6 +48,21 @@ def pci_address(found: dict[str, list[Any]], where: str, other: tuple[str, ...] 
                       slot=integer(e.get("slot", "0"), f"{where} pci slot", 0) or 0,
                       function=integer(e.get("function", "0"), f"{where} pci function", 0) or 0,
                       multifunction=bool(yes(e.get("multifunction"), "pci multifunction")))
+
+
+def drive_address(found: dict[str, list[Any]], where: str) -> DriveAddress | None:
+    """The ``<address type='drive'>`` among `found` (None for another type or none)."""
+    if "address" not in found or found["address"][0].get("type") != "drive":
+        return None
+    e = found["address"][0]
+    return DriveAddress(**{what: integer(e.get(what, "0"), f"{where} drive {what}") or 0
+                           for what in ("controller", "bus", "target", "unit")})
+
+
+def put_drive_address(parent: Any, a: DriveAddress | None) -> None:
+    if a is not None:
+        sub(parent, "address", type="drive", controller=a.controller, bus=a.bus,
+            target=a.target, unit=a.unit)
 
 
 def put_address(parent: Any, a: PciAddress | None) -> None:
@@ -138,9 +154,13 @@ def parse_controllers(elems: list[Any]) -> tuple[Controller, ...]:
 
 
 def parse_controller(e: Any, index: int) -> Controller:
-    k = kids(e, "model target address", "alias driver")
+    k = kids(e, "model target address driver", "alias")
     kind = e.get("type")
     model = e.get("model")
+    if kind == "scsi":  # guest-visible tuning ferry does not model
+        refuse_attrs(first(k, "driver"), "controller scsi driver", queues=(), iothread=(),
+                     cmd_per_lun=(), max_sectors=(), ioeventfd=(), iommu=(), ats=(),
+                     packed=())
     if "model" in k:
         check(k["model"][0].get("name") in (None, model),
               f"controller {kind} model name differs from its model")

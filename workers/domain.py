@@ -20,8 +20,9 @@ Decisions (libvirt's behaviour unless noted; the whole subset: docs/domain.md):
   elements are ignored, except guest-visible ones ferry does not model (see
   docs/domain.md).
 - Refused by name (UnsupportedError): every other element, e.g. ``<sound>``,
-  ``<hostdev>``, cpu ``<numa>``, disk bus scsi, ``<qemu:env>``.
-- Disks: vdX on virtio, hda-hdd on ide (pc), sda-sdf on sata (q35's AHCI).  A
+  ``<hostdev>``, disk bus usb, ``<qemu:env>``.
+- Disks: vdX on virtio, sdX on scsi (virtio-scsi only), hda-hdd on ide (pc),
+  sda-sdf on sata (q35's AHCI).  A
   cdrom is read-only; a shareable writable disk must be raw.  Serial ports 0-3
   (isa-serial); the only console is the serial console on port 0, mirroring
   serial 0 (created from the console when missing).  At most one ``<video>``,
@@ -54,6 +55,7 @@ from workers.devices import (
     Channel,
     Controller,
     CpuFeature,
+    DriveAddress,
     Firmware,
     Input,
     Interface,
@@ -71,7 +73,7 @@ DEFAULT_EMULATOR = "/usr/bin/qemu-system-x86_64"
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}")
 _IDENT_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")  # machine and CPU model names
 _TARGET_RE = {"virtio": re.compile(r"vd[a-z]{1,2}"), "ide": re.compile(r"hd[a-d]"),
-              "sata": re.compile(r"sd[a-f]")}
+              "sata": re.compile(r"sd[a-f]"), "scsi": re.compile(r"sd[a-z]{1,2}")}
 FEATURES = ("acpi", "apic", "pae")
 _ACTIONS = ("destroy", "restart", "preserve", "rename-restart")
 _CACHES = (None, "default", "none", "writethrough", "writeback", "directsync", "unsafe")
@@ -118,15 +120,21 @@ class Disk:
     serial: str | None = None
     boot_order: int | None = None
     address: PciAddress | None = None
+    drive: DriveAddress | None = None  # scsi: controller, bus, target, unit
 
     def __post_init__(self) -> None:
         where = f"disk {self.target!r} "
         check_enums(where, ("device", self.device, ("disk", "cdrom")))
-        bad_bus = f"{where}bus {self.bus!r} is not supported (virtio, ide or sata)"
-        check(self.bus in ("virtio", "ide", "sata"), bad_bus, UnsupportedError)
+        bad_bus = f"{where}bus {self.bus!r} is not supported (virtio, scsi, ide or sata)"
+        check(self.bus in ("virtio", "scsi", "ide", "sata"), bad_bus, UnsupportedError)
         fits = bool(_TARGET_RE[self.bus].fullmatch(self.target))
         check(fits, f"disk target dev {self.target!r} does not fit bus {self.bus!r} "
-              "(vdX, hda-hdd, sda-sdf)")
+              "(vdX, sdX, hda-hdd, sda-sdf)")
+        if self.bus != "scsi":
+            object.__setattr__(self, "drive", None)  # ide and sata: the target dev says it
+        elif self.drive is None:  # libvirt's default: 7 units per controller
+            object.__setattr__(self, "drive", DriveAddress(controller=self.index // 7,
+                                                           unit=self.index % 7))
         check(self.kind in ("file", "block"),
               f"disk type {self.kind!r} is not supported (file or block)", UnsupportedError)
         check_enums(
@@ -144,8 +152,8 @@ class Disk:
         check(self.address is None or self.bus == "virtio",
               f"{where}a pci address is for bus 'virtio' only")
         if self.device == "cdrom":
-            check(self.bus in ("ide", "sata"), f"{where}cdrom needs bus 'ide' or 'sata'",
-                  UnsupportedError)
+            check(self.bus in ("ide", "sata", "scsi"), f"{where}cdrom needs bus 'ide', "
+                  "'sata' or 'scsi'", UnsupportedError)
             object.__setattr__(self, "readonly", True)
         if self.source is not None or self.device == "disk":
             _abspath(self.source, f"{where}source {'dev' if self.kind == 'block' else 'file'}")
@@ -163,8 +171,12 @@ class Disk:
 
     @property
     def alias(self) -> str:
-        """libvirt's alias: virtio-disk0, ide0-1-0 (IDE bus 1, unit 0), sata0-0-2 (port 2)."""
+        """libvirt's alias: virtio-disk0, ide0-1-0 (IDE bus 1, unit 0), sata0-0-2 (port 2),
+        scsi0-0-0-1 (controller, bus, target, unit)."""
         i = self.index
+        if self.drive is not None:
+            a = self.drive
+            return f"scsi{a.controller}-{a.bus}-{a.target}-{a.unit}"
         if self.bus == "sata":
             return f"sata0-0-{i}"
         return f"virtio-disk{i}" if self.bus == "virtio" else f"ide0-{i // 2}-{i % 2}"
@@ -394,6 +406,9 @@ class DomainDef:
             ctrls.append(Controller(type="usb", model=default_usb))
         if self.channels and not any(c.type == "virtio-serial" for c in ctrls):
             ctrls.append(Controller(type="virtio-serial"))
+        scsi = {c.index for c in ctrls if c.type == "scsi"}
+        for index in sorted({d.drive.controller for d in self.disks if d.drive} - scsi):
+            ctrls.append(Controller(type="scsi", index=index, model="virtio-scsi"))
         object.__setattr__(self, "controllers", tuple(ctrls))
 
     def _check_devices(self) -> None:
@@ -402,6 +417,7 @@ class DomainDef:
         boots += [n.boot_order for n in self.interfaces if n.boot_order is not None]
         keyed: tuple[tuple[str, list[Any]], ...] = (
             ("disk target dev", [d.target for d in self.disks]),
+            ("disk drive address", [str(d.drive) for d in self.disks if d.drive]),
             ("serial target port", [s.port for s in self.serials]),
             ("boot order", boots),
             ("graphics type", [g.type for g in self.graphics]),
@@ -431,7 +447,7 @@ class DomainDef:
     def _check_buses(self) -> None:
         q35 = self.family == "q35"
         for disk in self.disks:
-            ok = disk.bus == "virtio" or (disk.bus == "sata") == q35
+            ok = disk.bus in ("virtio", "scsi") or (disk.bus == "sata") == q35
             check(ok, f"disk {disk.target!r} bus {disk.bus!r} does not exist on machine "
                   f"{self.machine!r} (pc has ide, q35 has sata)", UnsupportedError)
         for c in self.controllers:

@@ -13,6 +13,7 @@ from typing import Any
 from lxml import etree
 
 from workers.devices_xml import (
+    drive_address,
     parse_audio,
     parse_channels,
     parse_controllers,
@@ -27,6 +28,7 @@ from workers.devices_xml import (
     put_address,
     put_cpu,
     put_devices,
+    put_drive_address,
     put_late_devices,
     put_os_boot,
 )
@@ -231,6 +233,7 @@ def _disk(e: Any) -> Disk:
         serial=_text(k, "serial"),
         boot_order=_int(_first(k, "boot").get("order"), "disk boot order"),
         address=pci_address(k, f"disk {tgt.get('dev')}", ("drive",)),
+        drive=drive_address(k, f"disk {tgt.get('dev')}"),
     )
 
 
@@ -356,6 +359,7 @@ def _element(d: DomainDef, live: bool, secure: bool) -> Any:
         _sub(e, "boot", order=disk.boot_order, when=disk.boot_order is not None)
         _sub(e, "alias", name=disk.alias, when=live)
         put_address(e, disk.address)
+        put_drive_address(e, disk.drive)
     put_devices(devices, d, live)
     mirrored = [s for c in d.consoles for s in d.serials if s.port == c.port]
     for kind, s in [("serial", s) for s in d.serials] + [("console", s) for s in mirrored]:

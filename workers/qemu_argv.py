@@ -23,10 +23,11 @@ Choices:
 - Passwords never reach argv (``ps`` shows it): VNC gets ``password=on`` and
   SPICE gets ticketing; the agent sets the password over QMP.
 - KVM is used only for ``type='kvm'`` and when `kvm` is true (then
-  ``accel=kvm:tcg``); host-passthrough becomes ``-cpu host`` under KVM and
-  ``-cpu max`` under TCG, and so does a host-model that arrives unexpanded (the
-  host expands host-model to a custom model before start: workers/cpumodel.py).  ``arch-capabilities=off`` goes with ``host``: on
-  these (nested, AMD) machines QEMU 7.2 aborts setting MSR 0x10a otherwise.
+  ``accel=kvm:tcg``); host-passthrough becomes ``-cpu host`` under KVM and ``-cpu
+  max`` under TCG, and so does a host-model that arrives unexpanded (the host
+  expands host-model to a custom model before start: workers/cpumodel.py).
+  ``arch-capabilities=off`` goes with ``host``: on these (nested, AMD) machines QEMU
+  7.2 aborts setting MSR 0x10a otherwise.
 - Timers: hpet present='no' gives ``hpet=off``, rtc tickpolicy='catchup' gives
   ``driftfix=slew``; the others keep QEMU's defaults (kvm-pit already delays
   lost ticks).

@@ -362,3 +362,34 @@ def test_a_host_model_guest_runs_a_named_model_and_moves_to_any_host_that_can_ru
     cmdline = Path(f"/proc/{info['pid']}/cmdline").read_bytes().split(b"\0")
     assert cmdline[cmdline.index(b"-cpu") + 1].startswith(f"{model},".encode())
     guest.wait_counter_above(guest.counters()[-1] + 2)
+
+
+def test_a_guest_on_virtio_scsi_moves_managed_p2p_and_with_its_disk_copied(
+        client: Client, make_guest: Callable[..., Guest], tmp_path: Path) -> None:
+    """The boot disk on virtio-scsi (SeaBIOS boots from it) and an empty scsi cdrom."""
+    cdrom = ("\n    <disk type='file' device='cdrom'><driver name='qemu' type='raw'/>"
+             "<target dev='sdb' bus='scsi'/><readonly/></disk>")
+    guest = make_guest(domain_type="qemu", disk_bus="scsi", extra_devices=cdrom)
+    start(client, guest)
+    guest.wait_counter_above(0)
+    moves = [({}, ("alpha", "beta")), ({"p2p": True}, ("beta", "alpha"))]
+    for opts, (src, dst) in moves:
+        summary = client.migrate(guest.name, src, dst, live=True, **opts).wait(timeout=90)
+        assert summary["result"] == "completed"
+        guest.wait_counter_above(guest.counters()[-1] + 2)
+        blocks = qmp(client, dst, guest.name, "query-block")
+        assert isinstance(blocks, list)
+        assert [(b["device"], b["qdev"]) for b in blocks] == [
+            ("drive-scsi0-0-0-0", "scsi0-0-0-0"), ("drive-scsi0-0-0-1", "scsi0-0-0-1")]
+        xml = client.call(dst, "dumpxml", domain=guest.name)
+        assert '<controller type="scsi" index="0" model="virtio-scsi"/>' in xml
+        assert '<address type="drive" controller="0" bus="0" target="0" unit="1"/>' in xml
+    copy = tmp_path / "copied" / guest.disk.name
+    copy.parent.mkdir()
+    summary = client.migrate(guest.name, "alpha", "beta", live=True, copy_storage_all=True,
+                             xmlin=guest.xml.replace(f"file='{guest.disk}'",
+                                                     f"file='{copy}'")).wait(timeout=120)
+    assert summary["result"] == "completed" and summary["statistics"]["disk_remaining"] == 0
+    guest.wait_counter_above(guest.counters()[-1] + 2)
+    blocks = qmp(client, "beta", guest.name, "query-block")
+    assert isinstance(blocks, list) and blocks[0]["inserted"]["file"] == str(copy)

@@ -225,8 +225,20 @@ def test_a_custom_cpu_is_enforced_with_its_features_and_topology() -> None:
      UnsupportedError, "channel type 'pty'"),
     (with_devices("<controller type='usb' model='none'/><input type='tablet' bus='usb'/>"),
      InvalidInputError, "needs a USB controller"),
-    (with_devices("<controller type='scsi' model='virtio-scsi'/>"), UnsupportedError,
-     "controller type 'scsi'"),
+    (with_devices("<controller type='scsi' model='lsilogic'/>"), UnsupportedError,
+     "controller scsi 0 model 'lsilogic' is not one of virtio-scsi"),
+    (with_devices("<controller type='scsi' model='virtio-scsi'><driver queues='4'/>"
+                  "</controller>"), UnsupportedError,
+     "controller scsi driver queues='4' is not supported"),
+    (with_devices("<disk type='file'><source file='/a'/><target dev='sda' bus='scsi'/>"
+                  "<address type='drive' controller='0' bus='1' target='0' unit='0'/></disk>"),
+     UnsupportedError, "drive address 0:1:0:0: virtio-scsi has bus 0 only"),
+    (with_devices("<disk type='file'><source file='/a'/><target dev='sda' bus='scsi'/></disk>"
+                  "<disk type='file'><source file='/b'/><target dev='sdb' bus='scsi'/>"
+                  "<address type='drive' controller='0' bus='0' target='0' unit='0'/></disk>"),
+     InvalidInputError, "duplicate disk drive address 0:0:0:0"),
+    (with_devices("<disk type='file'><source file='/a'/><target dev='sda' bus='usb'/></disk>"),
+     UnsupportedError, "bus 'usb' is not supported"),
     (with_devices("<controller type='pci' index='1' model='pcie-root-port'/>"),
      UnsupportedError, "does not fit machine 'pc'"),
     (with_devices("<rng model='virtio'><backend model='random'>/etc/passwd</backend></rng>"),
@@ -376,3 +388,62 @@ def test_guest_visible_attributes_ferry_does_not_model_are_refused_not_dropped(
     with pytest.raises(UnsupportedError, match=re.escape(needle)):
         parse_domain_xml(xml)
     assert parse_domain_xml(SERVER)  # while the values that change nothing pass
+
+
+# ---------------------------------------------------------------- virtio-scsi
+
+SCSI = """<controller type='scsi' index='0' model='virtio-scsi'>
+<address type='pci' domain='0x0000' bus='0x00' slot='0x05' function='0x0'/></controller>
+<disk type='file' device='disk'><driver name='qemu' type='qcow2' cache='none'/>
+<source file='/var/lib/libvirt/images/s.qcow2'/><target dev='sda' bus='scsi'/>
+<address type='drive' controller='0' bus='0' target='0' unit='2'/></disk>
+<disk type='file' device='cdrom'><driver name='qemu' type='raw'/><target dev='sdb' bus='scsi'/>
+<readonly/></disk>"""
+
+
+def disks_xml(d: DomainDef) -> list[str]:
+    text = format_domain_xml(d)
+    return ["".join(line.strip() for line in part.split("</disk>")[0].splitlines())
+            for part in text.split("<disk ")[1:]]
+
+
+def test_scsi_disks_and_a_scsi_cdrom_sit_on_virtio_scsi_at_their_drive_addresses() -> None:
+    d = parse_domain_xml(with_devices(SCSI))
+    assert disks_xml(d) == [
+        'type="file" device="disk"><driver name="qemu" type="qcow2" cache="none"/>'
+        '<source file="/var/lib/libvirt/images/s.qcow2"/><target dev="sda" bus="scsi"/>'
+        '<address type="drive" controller="0" bus="0" target="0" unit="2"/>',
+        'type="file" device="cdrom"><driver name="qemu" type="raw"/>'
+        '<target dev="sdb" bus="scsi"/><readonly/>'
+        '<address type="drive" controller="0" bus="0" target="0" unit="1"/>']
+    assert parse_domain_xml(format_domain_xml(d)) == d
+    argv = build_qemu_argv(d, qmp_fd=3, pidfile="/run/h/p", kvm=False)
+    devices = [argv[i + 1] for i, a in enumerate(argv) if a == "-device"]
+    assert devices[0] == "virtio-scsi-pci,id=scsi0,bus=pci.0,addr=0x5"
+    assert "scsi-hd,bus=scsi0.0,channel=0,scsi-id=0,lun=2,device_id=drive-scsi0-0-0-2," \
+           "drive=drive-scsi0-0-0-2,id=scsi0-0-0-2" in devices
+    assert "scsi-cd,bus=scsi0.0,channel=0,scsi-id=0,lun=1,drive=drive-scsi0-0-0-1," \
+           "id=scsi0-0-0-1" in devices
+    assert "file=/var/lib/libvirt/images/s.qcow2,format=qcow2,if=none," \
+           "id=drive-scsi0-0-0-2,cache=none" in argv
+
+
+def test_a_scsi_disk_without_a_controller_brings_a_virtio_scsi_one_as_libvirt_does() -> None:
+    d = parse_domain_xml(with_devices(
+        "<disk type='file'><source file='/a'/><target dev='sdj' bus='scsi'/></disk>"
+        "<controller type='scsi' index='0'/>", machine="q35"))
+    assert [(c.type, c.index, c.model) for c in d.controllers if c.type == "scsi"] == [
+        ("scsi", 0, "virtio-scsi"), ("scsi", 1, "virtio-scsi")]  # sdj: controller 1, unit 2
+    assert str(d.disks[0].drive) == "1:0:0:2" and d.disks[0].alias == "scsi1-0-0-2"
+    assert "<controller type=\"scsi\" index=\"1\" model=\"virtio-scsi\"/>" in format_domain_xml(d)
+
+
+def test_the_abi_check_refuses_a_scsi_disk_moved_to_another_unit_or_controller() -> None:
+    d = parse_domain_xml(with_devices(SCSI))
+    moved = parse_domain_xml(with_devices(SCSI.replace("unit='2'", "unit='3'")))
+    assert abi_diff(d, moved) == ["target disk sda drive address 0:0:0:3 does not match "
+                                  "source 0:0:0:2"]
+    on_virtio = parse_domain_xml(with_devices(SCSI.replace(
+        "<target dev='sda' bus='scsi'/>\n<address type='drive' controller='0' bus='0' "
+        "target='0' unit='2'/>", "<target dev='vda' bus='virtio'/>")))
+    assert abi_diff(d, on_virtio)[0] == "target disk sda bus virtio does not match source scsi"

@@ -573,7 +573,7 @@ def disk(body: str, attrs: str = "") -> str:
         ),
         (disk("<source file='rel.img'/>" + VDA), InvalidInputError, "absolute"),
         (disk(VDA), InvalidInputError, "source file None"),
-        (disk(SRC + "<target dev='sda' bus='scsi'/>"), UnsupportedError, "bus 'scsi'"),
+        (disk(SRC + "<target dev='sda' bus='usb'/>"), UnsupportedError, "bus 'usb'"),
         (disk(SRC + "<target dev='sda' bus='sata'/>"), UnsupportedError, "bus 'sata' does not "
          "exist on machine 'pc'"),
         (disk(SRC + "<target dev='hde' bus='ide'/>"), InvalidInputError, "'hde'"),
