@@ -7,12 +7,13 @@ guest runs (or was saved) with, the target the one QEMU would start from.  The
 target must give the guest the same machine: anything it can see must be equal,
 anything only the host sees may differ.
 
-Must be equal: uuid, name (ferry renames no guest; libvirt allows another name
-only with a dname), domain type, vcpus (maximum and current), memory and
-currentMemory, os type, arch and machine, the acpi/apic/pae features, cpu mode,
-model, features (name and policy) and topology, ACPI S3/S4 (``<pm>``), the
-firmware loader, clock offset and timers, the memballoon model and PCI address,
-the qemu:commandline args, and per device class the count and, pairwise in order:
+Must be equal: uuid, name (ferry renames no guest; libvirt allows another name only
+with a dname), domain type, vcpus (maximum and current), memory and currentMemory,
+os type, arch and machine, the acpi/apic/pae features, cpu mode, model, features
+(name and policy), topology and NUMA cells (cpus, memory, distances), ACPI S3/S4
+(``<pm>``), the firmware loader, clock offset and timers, the memballoon model and
+PCI address, the qemu:commandline args, and per device class the count and, pairwise
+in order:
 
 - disks: device (disk/cdrom), bus, target dev, readonly and shareable, serial, PCI
   address, the SCSI drive address (controller, bus, target, unit), and the driver
@@ -46,6 +47,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from workers.devices import NumaCell, format_cpuset
 from workers.domain import DomainDef, Timer
 from workers.errors import InvalidInputError
 
@@ -91,6 +93,7 @@ def abi_diff(src: DomainDef, dst: DomainDef) -> list[str]:
     cmp("domain cpu model", lambda d: d.cpu_model)
     cmp("domain cpu features", lambda d: tuple(f"{f.policy}:{f.name}" for f in d.cpu_features))
     cmp("domain cpu topology", lambda d: _topology(d))
+    cmp("domain cpu numa", lambda d: tuple(_cell(c) for c in d.numa))
     cmp("domain os loader", lambda d: d.firmware.loader if d.firmware else None)
     cmp("domain clock offset", lambda d: d.clock_offset)
     cmp("domain clock timers", lambda d: tuple(_timer(t) for t in d.timers))
@@ -135,6 +138,13 @@ _FIELD_NAMES = {"target": "target dev", "port": "target port", "target_type": "t
 def _topology(d: DomainDef) -> str | None:
     t = d.cpu_topology
     return None if t is None else f"{t.sockets}s{t.dies}d{t.cores}c{t.threads}t"
+
+
+def _cell(c: NumaCell) -> str:
+    """cell 0 as 0:cpus=0-1:mem=524288:dist=1/21 (the cpus with +)."""
+    dist = "/".join(f"{s}={v}" for s, v in c.distances)
+    return f"{c.id}:cpus={'+'.join(format_cpuset(c.cpus)) or '-'}:{c.memory_kib}KiB" + (
+        f":dist={dist}" if dist else "")
 
 
 def _timer(t: Timer) -> str:

@@ -393,3 +393,52 @@ class Topology:
     @property
     def vcpus(self) -> int:
         return self.sockets * self.dies * self.cores * self.threads
+
+
+def parse_cpuset(text: str, what: str) -> tuple[int, ...]:
+    """libvirt's cpuset syntax: ``0-3,^2,5`` (ranges, single CPUs, ^ excludes), sorted."""
+    on: set[int] = set()
+    off: set[int] = set()
+    for part in text.replace(" ", "").split(","):
+        m = re.fullmatch(r"(\^?)([0-9]{1,4})(?:-([0-9]{1,4}))?", part)
+        check(m is not None, f"{what} {text!r} is not a cpu list (e.g. 0-3,^2,5)")
+        assert m is not None
+        low, high = int(m[2]), int(m[3] or m[2])
+        check(low <= high, f"{what} {text!r}: range {part} goes down")
+        (off if m[1] else on).update(range(low, high + 1))
+    return tuple(sorted(on - off))
+
+
+def format_cpuset(cpus: tuple[int, ...]) -> list[str]:
+    """Ranges of consecutive CPUs: (0, 1, 2, 5) -> ['0-2', '5']."""
+    out: list[str] = []
+    for cpu in cpus:
+        if out and cpu == int(out[-1].split("-")[-1]) + 1:
+            out[-1] = f"{out[-1].split('-')[0]}-{cpu}"
+        else:
+            out.append(str(cpu))
+    return out
+
+
+@dataclass(frozen=True, kw_only=True)
+class NumaCell:
+    """A guest NUMA node (``<cpu><numa><cell>``): its vCPUs, its RAM (a
+    memory-backend-ram of its own) and its distances to other nodes, all guest-visible."""
+
+    id: int
+    cpus: tuple[int, ...] = ()  # none: a memory-only node
+    memory_kib: int
+    distances: tuple[tuple[int, int], ...] = ()  # (sibling id, value)
+
+    def __post_init__(self) -> None:
+        where = f"cpu numa cell {self.id} "
+        check(0 <= self.id <= 127, f"{where}id is not in 0-127")
+        check(self.memory_kib > 0 and self.memory_kib % 1024 == 0,
+              f"{where}memory {self.memory_kib} KiB is not a positive whole number of MiB")
+        siblings = [s for s, _ in self.distances]
+        check(len(set(siblings)) == len(siblings), f"{where}has a sibling twice in <distances>")
+        for sibling, value in self.distances:
+            local = sibling == self.id
+            check(value == 10 if local else 10 < value <= 255,
+                  f"{where}distance {value} to {sibling} is not "
+                  + ("10 (its own)" if local else "in 11-255"))

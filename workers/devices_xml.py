@@ -18,6 +18,7 @@ from workers.devices import (
     Firmware,
     Input,
     Interface,
+    NumaCell,
     PciAddress,
     PortForward,
     Rng,
@@ -25,6 +26,8 @@ from workers.devices import (
     Video,
     Watchdog,
     check,
+    format_cpuset,
+    parse_cpuset,
     random_mac,
 )
 from workers.domain import DomainDef, auto_channel_path, auto_tap_name
@@ -238,7 +241,7 @@ def parse_firmware(os_: dict[str, list[Any]]) -> Firmware | None:
 
 def parse_cpu(e: Any) -> dict[str, Any]:
     """The DomainDef fields of ``<cpu>``: mode, model, features, topology."""
-    k = kids(e, "model topology", multi="feature")
+    k = kids(e, "model topology numa", multi="feature")
     check(e.get("match", "exact") in ("exact", "strict"), f"cpu match {e.get('match')!r} is "
           "not supported (exact)", UnsupportedError)
     refuse_attrs(e, "cpu", migratable=("on",))
@@ -268,8 +271,36 @@ def put_os_boot(os_: Any, d: DomainDef) -> None:
         sub(os_, what, getattr(d, what), when=getattr(d, what) is not None)
 
 
+def parse_numa_cell(e: Any, memory_kib: int, position: int) -> NumaCell:
+    """One ``<cell>`` (its id defaults to its position); `memory_kib` is its memory,
+    read by the caller (units)."""
+    refuse_attrs(e, "cpu numa cell", memAccess=("default",), discard=("no",))
+    k = kids(e, "distances")
+    siblings = kids(first(k, "distances"), "", multi="sibling").get("sibling", ())
+    return NumaCell(
+        id=integer(e.get("id", str(position)), "cpu numa cell id") or 0,
+        cpus=parse_cpuset(e.get("cpus"), "cpu numa cell cpus") if e.get("cpus") else (),
+        memory_kib=memory_kib,
+        distances=tuple((integer(s.get("id"), "numa sibling id") or 0,
+                         integer(s.get("value"), "numa sibling value") or 0)
+                        for s in siblings))
+
+
+def put_numa(cpu: Any, d: DomainDef) -> None:
+    if not d.numa:
+        return
+    numa = sub(cpu, "numa")
+    for c in d.numa:
+        cell = sub(numa, "cell", id=c.id, cpus=",".join(format_cpuset(c.cpus)) or None,
+                   memory=c.memory_kib, unit="KiB")
+        if c.distances:
+            dist = sub(cell, "distances")
+            for sibling, value in c.distances:
+                sub(dist, "sibling", id=sibling, value=value)
+
+
 def put_cpu(root: Any, d: DomainDef) -> None:
-    if not (d.cpu_mode or d.cpu_topology):
+    if not (d.cpu_mode or d.cpu_topology or d.numa):
         return
     cpu = sub(root, "cpu", mode=d.cpu_mode)
     sub(cpu, "model", d.cpu_model, when=bool(d.cpu_model))
@@ -278,6 +309,7 @@ def put_cpu(root: Any, d: DomainDef) -> None:
         sub(cpu, "topology", sockets=t.sockets, dies=t.dies, cores=t.cores, threads=t.threads)
     for f in d.cpu_features:
         sub(cpu, "feature", policy=f.policy, name=f.name)
+    put_numa(cpu, d)
 
 
 def put_devices(devices: Any, d: DomainDef, live: bool) -> None:

@@ -59,6 +59,7 @@ from workers.devices import (
     Firmware,
     Input,
     Interface,
+    NumaCell,
     PciAddress,
     Rng,
     Topology,
@@ -295,6 +296,7 @@ class DomainDef:
     cpu_model: str | None = None
     cpu_features: tuple[CpuFeature, ...] = ()
     cpu_topology: Topology | None = None
+    numa: tuple[NumaCell, ...] = ()
     clock_offset: str = "utc"
     timers: tuple[Timer, ...] = ()
     on_poweroff: str = "destroy"
@@ -390,6 +392,32 @@ class DomainDef:
         top = self.cpu_topology
         check(top is None or top.vcpus == self.vcpus,
               f"cpu topology gives {top.vcpus if top else 0} vcpus, <vcpu> is {self.vcpus}")
+        if self.numa:
+            self._check_numa()
+
+    def _check_numa(self) -> None:
+        """QEMU's and libvirt's rules: cells 0..N-1 in order, every vCPU in exactly one,
+        memory the cells' sum, distances to cells that exist, both ways or one."""
+        ids = [c.id for c in self.numa]
+        check(ids == list(range(len(ids))), f"cpu numa cell ids {ids} are not 0..N-1 in order")
+        cpus = [cpu for c in self.numa for cpu in c.cpus]
+        dup = sorted({c for c in cpus if cpus.count(c) > 1})
+        check(not dup, f"cpu numa: vcpus {dup} are in more than one cell")
+        outside = sorted(set(cpus) - set(range(self.vcpus)))
+        check(not outside, f"cpu numa: vcpus {outside} are beyond <vcpu> {self.vcpus}")
+        missing = sorted(set(range(self.vcpus)) - set(cpus))
+        check(not missing, f"cpu numa: vcpus {missing} are in no cell")
+        total = sum(c.memory_kib for c in self.numa)
+        check(total == self.memory_kib, f"cpu numa cells add up to {total} KiB, <memory> is "
+              f"{self.memory_kib} KiB")
+        dist = {(c.id, s): v for c in self.numa for s, v in c.distances}
+        check(all(s in ids for _, s in dist), "cpu numa distances name a cell that does not "
+              "exist")
+        if dist:
+            lacking = [f"{a}-{b}" for a in ids for b in ids
+                       if a < b and (a, b) not in dist and (b, a) not in dist]
+            check(not lacking, f"cpu numa distances between cells {', '.join(lacking)} are "
+                  "missing (give every pair, one way at least)")
 
     @property
     def family(self) -> str:

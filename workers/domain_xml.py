@@ -21,6 +21,7 @@ from workers.devices_xml import (
     parse_firmware,
     parse_input,
     parse_interface,
+    parse_numa_cell,
     parse_rng,
     parse_video,
     parse_watchdog,
@@ -72,9 +73,12 @@ def _yes(value: str | None, what: str) -> bool | None:
     return yes(value, what)
 
 
-def _kib(elem: Any, max_kib: int) -> int:
-    """libvirt's virScaleInteger: b, bytes, k, KiB (1024), KB (1000) ... E; KiB by default."""
-    what, text, unit = elem.tag, (elem.text or "").strip(), elem.get("unit", "KiB")
+def _kib(elem: Any, max_kib: int, value: str | None = None) -> int:
+    """libvirt's virScaleInteger: b, bytes, k, KiB (1024), KB (1000) ... E; KiB by default.
+    The size is the element's text, or `value` (an attribute) when given."""
+    what, unit = elem.tag, elem.get("unit", "KiB")
+    text = (elem.text if value is None else value) or ""
+    text = text.strip()
     m = re.fullmatch(r"(b|bytes)|([kmgtpe])(ib|b)?", unit.lower())
     check(m is not None, f"<{what}> unit {unit!r} is unknown")
     assert m is not None
@@ -179,6 +183,7 @@ def parse_domain_xml(
             f[action] = _text(k, action)
     if "cpu" in k:
         f.update(parse_cpu(k["cpu"][0]))
+        f.update(_numa(k["cpu"][0], f, max_memory_kib))
     pm = _kids(_first(k, "pm"), "suspend-to-mem suspend-to-disk")
     for what in ("mem", "disk"):
         f[f"suspend_to_{what}"] = _yes(_first(pm, f"suspend-to-{what}").get("enabled"),
@@ -203,6 +208,21 @@ def parse_domain_xml(
         args = _kids(k["qemu:commandline"][0], "", multi="qemu:arg").get("qemu:arg", ())
         f["qemu_args"] = tuple(a.get("value", "") for a in args)
     return DomainDef(**f)
+
+
+def _numa(cpu: Any, f: dict[str, Any], max_kib: int) -> dict[str, Any]:
+    """The NUMA cells of ``<cpu>``; as libvirt, the guest's memory is then their sum
+    (and currentMemory at most that)."""
+    numa = cpu.find("numa")
+    if numa is None:
+        return {}
+    found = _kids(numa, "", multi="cell").get("cell", ())
+    cells = tuple(parse_numa_cell(c, _kib(c, max_kib, c.get("memory", "0")), i)
+                  for i, c in enumerate(found))
+    check(bool(cells), "cpu <numa> needs at least one <cell>")
+    total = sum(c.memory_kib for c in cells)
+    current = min(f.get("current_memory_kib") or total, total)
+    return {"numa": cells, "memory_kib": total, "current_memory_kib": current}
 
 
 def _disk(e: Any) -> Disk:

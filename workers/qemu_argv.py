@@ -55,6 +55,7 @@ from workers.qemu_devices import (
     interface_args,
     kernel_args,
     late_device_args,
+    numa_args,
     pci,
     rng_args,
     smp_option,
@@ -111,7 +112,7 @@ def build_qemu_argv(
     if cpu:
         argv += ["-cpu", cpu]
     mem_kib = -(-d.memory_kib // 1024) * 1024  # QEMU wants whole MiB here; libvirt rounds up too
-    argv += ["-m", f"size={mem_kib}k", "-smp", smp_option(d)]
+    argv += ["-m", f"size={mem_kib}k", "-smp", smp_option(d), *numa_args(d)]
     argv += ["-no-user-config", "-nodefaults", "-display", "none"]
     argv += ["-chardev", f"socket,id=charmonitor,fd={qmp_fd},server=on,wait=off"]
     argv += ["-mon", "chardev=charmonitor,id=monitor,mode=control", "-pidfile", pidfile]

@@ -21,6 +21,7 @@ from workers.devices import (
     Rng,
     Video,
     Watchdog,
+    format_cpuset,
 )
 from workers.domain import Disk, DomainDef
 
@@ -248,3 +249,17 @@ def smp_option(d: DomainDef) -> str:
     if t is not None:
         smp += f",sockets={t.sockets},dies={t.dies},cores={t.cores},threads={t.threads}"
     return smp
+
+
+def numa_args(d: DomainDef) -> list[str]:
+    """Guest NUMA as libvirt: a memory-backend-ram per cell (id ram-nodeN, its RAM block
+    in the migration stream), ``-numa node`` with its cpus, then the distances."""
+    out: list[str] = []
+    for c in d.numa:
+        cpus = [f"cpus={r}" for r in format_cpuset(c.cpus)]
+        out += ["-object", f"memory-backend-ram,id=ram-node{c.id},size={c.memory_kib * 1024}",
+                "-numa", opts(f"node,nodeid={c.id}", *cpus, f"memdev=ram-node{c.id}")]
+    for c in d.numa:
+        for sibling, value in c.distances:
+            out += ["-numa", f"dist,src={c.id},dst={sibling},val={value}"]
+    return out

@@ -393,3 +393,28 @@ def test_a_guest_on_virtio_scsi_moves_managed_p2p_and_with_its_disk_copied(
     guest.wait_counter_above(guest.counters()[-1] + 2)
     blocks = qmp(client, "beta", guest.name, "query-block")
     assert isinstance(blocks, list) and blocks[0]["inserted"]["file"] == str(copy)
+
+
+def test_a_guest_with_two_numa_nodes_moves_with_its_nodes_and_their_memory(
+        client: Client, make_guest: Callable[..., Guest]) -> None:
+    guest = make_guest(domain_type="qemu", vcpus=2)
+    guest.xml = guest.xml.replace("<clock", (
+        "<cpu><numa><cell id='0' cpus='0' memory='32' unit='MiB'/>"
+        "<cell id='1' cpus='1' memory='32' unit='MiB'><distances><sibling id='0' value='20'/>"
+        "</distances></cell></numa></cpu><clock"))
+    start(client, guest)
+    guest.wait_counter_above(0)
+    for opts, (src, dst) in (({}, ("alpha", "beta")), ({"p2p": True}, ("beta", "alpha"))):
+        summary = client.migrate(guest.name, src, dst, live=True, **opts).wait(timeout=90)
+        assert summary["result"] == "completed"
+        guest.wait_counter_above(guest.counters()[-1] + 2)
+        memdevs = qmp(client, dst, guest.name, "query-memdev")
+        assert isinstance(memdevs, list)
+        assert sorted((m["id"], m["size"]) for m in memdevs) == [
+            ("ram-node0", 32 << 20), ("ram-node1", 32 << 20)]
+        numa = qmp(client, dst, guest.name, "human-monitor-command", **{"command-line":
+                                                                          "info numa"})
+        assert isinstance(numa, str) and numa.startswith("2 nodes")
+        assert "node 0 cpus: 0" in numa and "node 1 cpus: 1" in numa
+        xml = client.call(dst, "dumpxml", domain=guest.name)
+        assert '<sibling id="0" value="20"/>' in xml

@@ -447,3 +447,82 @@ def test_the_abi_check_refuses_a_scsi_disk_moved_to_another_unit_or_controller()
         "<target dev='sda' bus='scsi'/>\n<address type='drive' controller='0' bus='0' "
         "target='0' unit='2'/>", "<target dev='vda' bus='virtio'/>")))
     assert abi_diff(d, on_virtio)[0] == "target disk sda bus virtio does not match source scsi"
+
+
+# ---------------------------------------------------------------- guest NUMA
+
+NUMA = ("<vcpu>3</vcpu><cpu><numa><cell id='0' cpus='0,2' memory='32' unit='MiB'>"
+        "<distances><sibling id='0' value='10'/><sibling id='1' value='21'/></distances></cell>"
+        "<cell id='1' cpus='1' memory='32768'/></numa></cpu>")
+
+
+def test_numa_cells_become_one_ram_backend_and_node_each_and_the_memory_is_their_sum(
+        ) -> None:
+    d = parse_domain_xml(with_devices("", head="<memory>1048576</memory>" + NUMA
+                                      ).replace("<memory>65536</memory>", "", 1))
+    text = format_domain_xml(d)
+    numa = "".join(line.strip() for line in
+                   text[text.index("<numa>"):text.index("</numa>") + 7].splitlines())
+    assert numa == (
+        '<numa><cell id="0" cpus="0,2" memory="32768" unit="KiB"><distances>'
+        '<sibling id="0" value="10"/><sibling id="1" value="21"/></distances></cell>'
+        '<cell id="1" cpus="1" memory="32768" unit="KiB"/></numa>')
+    assert (d.memory_kib, d.current_memory_kib) == (65536, 65536)  # libvirt: the cells' sum
+    assert parse_domain_xml(text) == d
+    argv = build_qemu_argv(d, qmp_fd=3, pidfile="/run/h/p", kvm=False)
+    start = argv.index("-object")
+    assert argv[argv.index("-m") + 1] == "size=65536k"
+    assert argv[start:start + 12] == [
+        "-object", "memory-backend-ram,id=ram-node0,size=33554432",
+        "-numa", "node,nodeid=0,cpus=0,cpus=2,memdev=ram-node0",
+        "-object", "memory-backend-ram,id=ram-node1,size=33554432",
+        "-numa", "node,nodeid=1,cpus=1,memdev=ram-node1",
+        "-numa", "dist,src=0,dst=0,val=10", "-numa", "dist,src=0,dst=1,val=21"]
+
+
+def test_the_abi_check_refuses_other_numa_cells() -> None:
+    d = parse_domain_xml(with_devices("", head=NUMA))
+    other = parse_domain_xml(with_devices("", head=NUMA.replace("cpus='0,2'", "cpus='0'")
+                                          .replace("cpus='1'", "cpus='1-2'")))
+    assert abi_diff(d, other) == [
+        "target domain cpu numa 0:cpus=0:32768KiB:dist=0=10/1=21,1:cpus=1-2:32768KiB does "
+        "not match source 0:cpus=0+2:32768KiB:dist=0=10/1=21,1:cpus=1:32768KiB"]
+
+
+@pytest.mark.parametrize("cpu, exc, needle", [
+    ("<vcpu>2</vcpu><cpu><numa><cell id='1' cpus='0-1' memory='64' unit='MiB'/></numa></cpu>",
+     InvalidInputError, "cpu numa cell ids [1] are not 0..N-1 in order"),
+    ("<vcpu>2</vcpu><cpu><numa><cell cpus='0-1' memory='32' unit='MiB'/>"
+     "<cell cpus='1' memory='32' unit='MiB'/></numa></cpu>", InvalidInputError,
+     "cpu numa: vcpus [1] are in more than one cell"),
+    ("<vcpu>2</vcpu><cpu><numa><cell cpus='0' memory='64' unit='MiB'/></numa></cpu>",
+     InvalidInputError, "cpu numa: vcpus [1] are in no cell"),
+    ("<vcpu>1</vcpu><cpu><numa><cell cpus='0-3' memory='64' unit='MiB'/></numa></cpu>",
+     InvalidInputError, "cpu numa: vcpus [1, 2, 3] are beyond <vcpu> 1"),
+    ("<cpu><numa><cell cpus='0' memory='1000'/></numa></cpu>", InvalidInputError,
+     "cpu numa cell 0 memory 1000 KiB is not a positive whole number of MiB"),
+    ("<cpu><numa><cell cpus='0' memory='64' unit='MiB' memAccess='shared'/></numa></cpu>",
+     UnsupportedError, "cpu numa cell memAccess='shared' is not supported"),
+    ("<cpu><numa><cell cpus='0' memory='64' unit='MiB' discard='yes'/></numa></cpu>",
+     UnsupportedError, "cpu numa cell discard='yes' is not supported"),
+    ("<cpu><numa><cell cpus='0' memory='64' unit='MiB'><cache level='3'/></cell></numa>"
+     "</cpu>", UnsupportedError, "unsupported element <cache> in <cell>"),
+    ("<cpu><numa><interconnects/></numa></cpu>", UnsupportedError,
+     "unsupported element <interconnects> in <numa>"),
+    ("<cpu><numa><cell cpus='x' memory='64' unit='MiB'/></numa></cpu>", InvalidInputError,
+     "cpu numa cell cpus 'x' is not a cpu list"),
+    ("<vcpu>2</vcpu><cpu><numa><cell cpus='0' memory='32' unit='MiB'><distances>"
+     "<sibling id='0' value='10'/></distances></cell><cell cpus='1' memory='32' unit='MiB'/>"
+     "<cell memory='32' unit='MiB'/></numa></cpu>", InvalidInputError,
+     "cpu numa distances between cells 0-1, 0-2, 1-2 are missing"),
+    ("<cpu><numa><cell cpus='0' memory='64' unit='MiB'><distances><sibling id='0' "
+     "value='20'/></distances></cell></numa></cpu>", InvalidInputError,
+     "cpu numa cell 0 distance 20 to 0 is not 10 (its own)"),
+    ("<cpu><numa><cell cpus='0' memory='64' unit='MiB'/></numa></cpu><numatune/>",
+     UnsupportedError, "unsupported element <numatune> in <domain>"),
+])
+def test_numa_that_is_not_supported_or_wrong_is_refused_naming_it(
+        cpu: str, exc: type[Exception], needle: str) -> None:
+    with pytest.raises(exc, match=re.escape(needle)) as info:
+        parse_domain_xml(with_devices("", head=cpu))
+    assert "\n" not in str(info.value)
