@@ -127,16 +127,18 @@ NIC_MODELS = {"virtio": "virtio-net-pci", "e1000": "e1000", "e1000e": "e1000e",
 @dataclass(frozen=True, kw_only=True)
 class Interface:
     """A NIC.  `source` is the bridge (type bridge), the network name (type network,
-    mapped to a bridge by the host's FERRY_NETWORKS) or None; `target_dev` the tap:
+    mapped to a bridge by the host's FERRY_NETWORKS), the macvtap's parent device
+    (type direct, `source_mode` bridge only) or None; `target_dev` the tap (or macvtap):
     the user's name, or on a running guest the name the kernel gave (vnetN; libvirt
     drops vnet* names from inactive XML, and so does ferry).  `managed=False` (type
     ethernet, ``<target managed='no'>``) uses a tap someone else made.  Host-side
-    only: source, target_dev, managed."""
+    only: source, source_mode, target_dev, managed."""
 
     type: str
     mac: str
     model: str = "virtio"
     source: str | None = None
+    source_mode: str | None = None  # direct: the macvtap mode
     target_dev: str | None = None
     managed: bool = True
     boot_order: int | None = None
@@ -145,16 +147,22 @@ class Interface:
 
     def __post_init__(self) -> None:
         where = f"interface {self.mac} "
-        one_of("interface ", "type", self.type, ("bridge", "network", "ethernet", "user"),
-               UnsupportedError)
+        one_of("interface ", "type", self.type, ("bridge", "network", "ethernet", "user",
+                                                 "direct"), UnsupportedError)
         check(bool(_MAC_RE.fullmatch(self.mac)), f"interface mac address {self.mac!r} is invalid")
         check(not int(self.mac[:2], 16) & 1, f"{where}is a multicast address")
         one_of(where, "model type", self.model, tuple(NIC_MODELS), UnsupportedError)
-        needs_source = self.type in ("bridge", "network")
+        needs_source = self.type in ("bridge", "network", "direct")
+        attr = "dev" if self.type == "direct" else self.type
         check(not needs_source or bool(self.source),
-              f"interface type {self.type!r} needs a <source {self.type}=...>")
+              f"interface type {self.type!r} needs a <source {attr}=...>")
+        if self.type == "direct":  # libvirt's default mode is vepa
+            check(self.source_mode == "bridge", f"{where}direct source mode "
+                  f"{self.source_mode or 'vepa'!r} is not supported (bridge)", UnsupportedError)
+        else:
+            object.__setattr__(self, "source_mode", None)
         check(self.source is None or bool(_IFNAME_RE.fullmatch(self.source)),
-              f"{where}source {self.source!r} is not a valid bridge or network name")
+              f"{where}source {self.source!r} is not a valid bridge, network or device name")
         check(self.target_dev is None or bool(_IFNAME_RE.fullmatch(self.target_dev)),
               f"{where}target dev {self.target_dev!r} is not a valid interface name")
         check(self.managed or (self.type == "ethernet" and self.target_dev is not None),

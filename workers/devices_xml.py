@@ -82,7 +82,8 @@ def parse_interface(e: Any, live: bool) -> Interface:
     k = kids(e, "mac source target model boot address", "alias", multi="portForward")
     kind = e.get("type")
     src = first(k, "source")
-    source = {"bridge": src.get("bridge"), "network": src.get("network")}.get(kind)
+    source = {"bridge": src.get("bridge"), "network": src.get("network"),
+              "direct": src.get("dev")}.get(kind)
     tgt = first(k, "target")
     dev = tgt.get("dev")
     if dev is not None and auto_tap_name(dev) and not live:
@@ -101,6 +102,7 @@ def parse_interface(e: Any, live: bool) -> Interface:
         mac=(first(k, "mac").get("address") or random_mac()).lower(),
         model=first(k, "model").get("type", "virtio"),
         source=source,
+        source_mode=src.get("mode", "vepa") if kind == "direct" else None,
         target_dev=dev,
         managed=tgt.get("managed", "yes") != "no",
         boot_order=integer(first(k, "boot").get("order"), "interface boot order"),
@@ -324,7 +326,9 @@ def put_devices(devices: Any, d: DomainDef, live: bool) -> None:
     for i, n in enumerate(d.interfaces):
         e = sub(devices, "interface", type=n.type)
         sub(e, "mac", address=n.mac)
-        if n.source is not None:
+        if n.type == "direct":
+            sub(e, "source", dev=n.source, mode=n.source_mode)
+        elif n.source is not None:
             sub(e, "source").set(n.type, n.source)
         if n.target_dev is not None:
             sub(e, "target", dev=n.target_dev, managed=None if n.managed else "no")

@@ -145,6 +145,7 @@ async def launch(agent: HostAgent, dom: DomainObj, definition: DomainDef,
         proc = spawn(argv, pass_fds=passed, log_path=log_path, cwd=agent.store.run)
     except BaseException:
         agent.release_ports(dom)
+        netdev.discard(taps, agent.host)  # no QEMU: the macvtaps made for it go
         raise
     finally:
         for tap in taps:  # QEMU holds them now; a tap goes when QEMU does

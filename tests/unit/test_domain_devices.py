@@ -526,3 +526,38 @@ def test_numa_that_is_not_supported_or_wrong_is_refused_naming_it(
     with pytest.raises(exc, match=re.escape(needle)) as info:
         parse_domain_xml(with_devices("", head=cpu))
     assert "\n" not in str(info.value)
+
+
+# ---------------------------------------------------------------- macvtap
+
+MACVTAP = ("<interface type='direct'><mac address='52:54:00:17:00:09'/>"
+          "<source dev='eth0' mode='bridge'/><target dev='macvtap3'/><model type='virtio'/>"
+          "</interface>")
+
+
+def test_a_direct_nic_is_a_macvtap_in_bridge_mode_on_its_parent_device() -> None:
+    d = parse_domain_xml(with_devices(MACVTAP), live=True)
+    (nic,) = d.interfaces
+    assert (nic.type, nic.source, nic.source_mode, nic.target_dev) == (
+        "direct", "eth0", "bridge", "macvtap3")
+    text = format_domain_xml(d)  # macvtapN is the host's name: not in the definition
+    assert '<source dev="eth0" mode="bridge"/>' in text and "macvtap3" not in text
+    assert '<target dev="macvtap3"/>' in format_domain_xml(d, live=True)
+    argv = build_qemu_argv(d, qmp_fd=3, pidfile="/run/h/p", kvm=False, taps={0: (9, None)})
+    assert argv[argv.index("-netdev") + 1] == "tap,fd=9,id=hostnet0"
+    other = parse_domain_xml(with_devices(MACVTAP.replace("eth0", "eth1")))
+    assert abi_diff(d.inactive(), other) == []  # the parent device is the host's
+
+
+@pytest.mark.parametrize("xml, needle", [
+    (MACVTAP.replace(" mode='bridge'", ""), "direct source mode 'vepa' is not supported (bridge)"),
+    (MACVTAP.replace("'bridge'", "'passthrough'"),
+     "direct source mode 'passthrough' is not supported (bridge)"),
+    (MACVTAP.replace("<source dev='eth0' mode='bridge'/>", ""),
+     "interface type 'direct' needs a <source dev=...>"),
+    (MACVTAP.replace("<model type='virtio'/>", "<virtualport type='802.1Qbh'/>"),
+     "unsupported element <virtualport> in <interface>"),
+])
+def test_macvtap_modes_other_than_bridge_are_refused_by_name(xml: str, needle: str) -> None:
+    with pytest.raises(InvalidInputError, match=re.escape(needle)):
+        parse_domain_xml(with_devices(xml))
