@@ -9,7 +9,7 @@ anything only the host sees may differ.
 
 Must be equal: uuid, name (ferry renames no guest; libvirt allows another name only
 with a dname), domain type, vcpus (maximum and current), memory and currentMemory,
-os type, arch and machine, the acpi/apic/pae features, cpu mode, model, features
+os type, arch and machine, the acpi/apic/pae/vmport features, cpu mode, model, features
 (name and policy), topology and NUMA cells (cpus, memory, distances), ACPI S3/S4
 (``<pm>``), the firmware loader, clock offset and timers, the memballoon model and
 PCI address, the qemu:commandline args, and per device class the count and, pairwise
@@ -87,6 +87,7 @@ def abi_diff(src: DomainDef, dst: DomainDef) -> list[str]:
     cmp("domain machine", lambda d: d.machine)
     for name in sorted({*src.features, *dst.features}):
         add(f"domain feature {name}", *("on" if name in d.features else "off" for d in (src, dst)))
+    cmp("domain feature vmport", lambda d: d.vmport)
     cmp("domain pm suspend-to-mem", lambda d: d.suspend_to_mem)
     cmp("domain pm suspend-to-disk", lambda d: d.suspend_to_disk)
     cmp("domain cpu mode", lambda d: d.cpu_mode)

@@ -120,6 +120,7 @@ class PortForward:
               f"interface portForward address {self.address!r} is not an IPv4 address")
 
 
+NIC_TYPES = ("bridge", "network", "ethernet", "user", "direct")
 NIC_MODELS = {"virtio": "virtio-net-pci", "e1000": "e1000", "e1000e": "e1000e",
               "rtl8139": "rtl8139"}
 
@@ -147,8 +148,7 @@ class Interface:
 
     def __post_init__(self) -> None:
         where = f"interface {self.mac} "
-        one_of("interface ", "type", self.type, ("bridge", "network", "ethernet", "user",
-                                                 "direct"), UnsupportedError)
+        one_of("interface ", "type", self.type, NIC_TYPES, UnsupportedError)
         check(bool(_MAC_RE.fullmatch(self.mac)), f"interface mac address {self.mac!r} is invalid")
         check(not int(self.mac[:2], 16) & 1, f"{where}is a multicast address")
         one_of(where, "model type", self.model, tuple(NIC_MODELS), UnsupportedError)
@@ -195,6 +195,9 @@ class Channel:
         check(1 <= self.port <= 30, f"channel {self.name} port {self.port} is not in 1-30")
 
 
+INPUT_TYPES = ("tablet", "mouse", "keyboard")
+
+
 @dataclass(frozen=True, kw_only=True)
 class Input:
     """A tablet, mouse or keyboard; ps2 ones are built into the machine (no device)."""
@@ -203,7 +206,7 @@ class Input:
     bus: str
 
     def __post_init__(self) -> None:
-        one_of("input ", "type", self.type, ("tablet", "mouse", "keyboard"), UnsupportedError)
+        one_of("input ", "type", self.type, INPUT_TYPES, UnsupportedError)
         buses = ("usb", "virtio") if self.type == "tablet" else ("ps2", "usb", "virtio")
         one_of(f"input {self.type} ", "bus", self.bus, buses, UnsupportedError)
 

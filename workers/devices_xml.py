@@ -10,6 +10,8 @@ from __future__ import annotations
 from typing import Any
 
 from workers.devices import (
+    INPUT_TYPES,
+    NIC_TYPES,
     Audio,
     Channel,
     Controller,
@@ -27,6 +29,7 @@ from workers.devices import (
     Watchdog,
     check,
     format_cpuset,
+    one_of,
     parse_cpuset,
     random_mac,
 )
@@ -79,8 +82,9 @@ def put_address(parent: Any, a: PciAddress | None) -> None:
 
 
 def parse_interface(e: Any, live: bool) -> Interface:
-    k = kids(e, "mac source target model boot address", "alias", multi="portForward")
     kind = e.get("type")
+    one_of("interface ", "type", kind, NIC_TYPES, UnsupportedError)  # before its children
+    k = kids(e, "mac source target model boot address", "alias", multi="portForward")
     src = first(k, "source")
     source = {"bridge": src.get("bridge"), "network": src.get("network"),
               "direct": src.get("dev")}.get(kind)
@@ -139,9 +143,10 @@ def parse_channels(elems: list[Any], live: bool) -> tuple[Channel, ...]:
 
 
 def parse_input(e: Any) -> Input:
+    kind = e.get("type")
+    one_of("input ", "type", kind, INPUT_TYPES, UnsupportedError)  # before its children
     k = kids(e, "address", "alias")
     pci_address(k, "input", ("usb",))
-    kind = e.get("type")
     return Input(type=kind, bus=e.get("bus", "usb" if kind == "tablet" else "ps2"))
 
 
@@ -159,9 +164,11 @@ def parse_controllers(elems: list[Any]) -> tuple[Controller, ...]:
 
 
 def parse_controller(e: Any, index: int) -> Controller:
-    k = kids(e, "model target address driver", "alias")
     kind = e.get("type")
     model = e.get("model")
+    Controller(type=kind, model=model, index=0 if kind != "pci" or model == "pci-root" or
+               model == "pcie-root" else 1)  # type and model named before the children
+    k = kids(e, "model target address driver", "alias")
     if kind == "scsi":  # guest-visible tuning ferry does not model
         refuse_attrs(first(k, "driver"), "controller scsi driver", queues=(), iothread=(),
                      cmd_per_lun=(), max_sectors=(), ioeventfd=(), iommu=(), ats=(),
@@ -200,10 +207,11 @@ def parse_video(e: Any) -> Video:
 
 
 def parse_rng(e: Any) -> Rng:
+    model = e.find("backend").get("model") if e.find("backend") is not None else None
+    check(model in (None, "random"), f"rng backend model {model!r} is not supported "
+          "(random)", UnsupportedError)  # before the backend's children
     k = kids(e, "backend rate address", "alias")
     backend = first(k, "backend")
-    check(backend.get("model", "random") == "random", f"rng backend model "
-          f"{backend.get('model')!r} is not supported (random)", UnsupportedError)
     rate = first(k, "rate")
     return Rng(
         model=e.get("model", "virtio"),
@@ -247,6 +255,7 @@ def parse_cpu(e: Any) -> dict[str, Any]:
     check(e.get("match", "exact") in ("exact", "strict"), f"cpu match {e.get('match')!r} is "
           "not supported (exact)", UnsupportedError)
     refuse_attrs(e, "cpu", migratable=("on",))
+    refuse_attrs(first(k, "model"), "cpu model", vendor_id=())
     model = text(k, "model") or None
     mode = e.get("mode", "custom" if model else None)
     feats = tuple(CpuFeature(name=f.get("name") or "", policy=f.get("policy", "require"))
@@ -271,6 +280,8 @@ def put_os_boot(os_: Any, d: DomainDef) -> None:
             sub(os_, "nvram", fw.nvram, template=fw.template)
     for what in ("kernel", "initrd", "cmdline"):
         sub(os_, what, getattr(d, what), when=getattr(d, what) is not None)
+    sub(os_, "bootmenu", enable=onoff(d.boot_menu, "yes", "no"),
+        timeout=d.boot_menu_timeout_ms, when=d.boot_menu is not None)
 
 
 def parse_numa_cell(e: Any, memory_kib: int, position: int) -> NumaCell:

@@ -13,8 +13,8 @@ libxml2 expands entities in attribute values even with resolve_entities=False.
 Decisions (libvirt's behaviour unless noted; the whole subset: docs/domain.md):
 
 - Accepted and ignored (real libvirt writes them; they change nothing ferry
-  starts): ``<metadata>``, ``<resource>``, ``<seclabel>``, ``<bootmenu>``,
-  ``<smbios>``, the ``<vmport>`` feature, ``<alias>`` (aliases are derived from
+  starts): ``<metadata>``, ``<resource>``, ``<seclabel>``, ``<smbios
+  mode='emulate'>``, ``<alias>`` (aliases are derived from
   the XML, see `Disk.alias`), ``<address>`` other than PCI, ``<backingStore>``,
   spice ``<image>``, memballoon ``<stats>``.  Unknown attributes of known
   elements are ignored, except guest-visible ones ferry does not model (see
@@ -290,6 +290,9 @@ class DomainDef:
     cmdline: str | None = None
     firmware: Firmware | None = None
     features: tuple[str, ...] = ()
+    vmport: bool | None = None  # <features><vmport state>: None is QEMU's default (on)
+    boot_menu: bool | None = None  # <os><bootmenu enable timeout>: firmware, not ABI
+    boot_menu_timeout_ms: int | None = None
     suspend_to_mem: bool | None = None  # <pm>: ACPI S3 and S4 (None: QEMU's default, on)
     suspend_to_disk: bool | None = None
     cpu_mode: str | None = None
@@ -374,6 +377,9 @@ class DomainDef:
         self._check_devices()
 
     def _check_boot(self) -> None:
+        wait = self.boot_menu_timeout_ms
+        check(wait is None or 0 <= wait <= 65535,
+              f"os bootmenu timeout {wait} is not in 0-65535 (ms)")
         for what in ("kernel", "initrd"):
             if getattr(self, what) is not None:
                 _abspath(getattr(self, what), f"os {what}")

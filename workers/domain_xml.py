@@ -128,8 +128,11 @@ def parse_domain_xml(
     check(os_elem.get("firmware") is None, "os firmware autoselection is not supported: "
           "name the <loader> and <nvram>", UnsupportedError)
     vcpu = _first(k, "vcpu")
-    os_ = _kids(os_elem, "type loader nvram kernel initrd cmdline", "bootmenu smbios",
-                multi="boot")
+    os_ = _kids(os_elem, "type loader nvram kernel initrd cmdline bootmenu smbios", multi="boot")
+    check(_first(os_, "smbios").get("mode", "emulate") == "emulate",
+          f"os smbios mode {_first(os_, 'smbios').get('mode')!r} is not supported (emulate)",
+          UnsupportedError)
+    menu = _first(os_, "bootmenu")
     ostype = _first(os_, "type")
     dev = _kids(
         _first(k, "devices"),
@@ -154,6 +157,8 @@ def parse_domain_xml(
         "initrd": _text(os_, "initrd") or None,
         "cmdline": os_["cmdline"][0].text or "" if "cmdline" in os_ else None,
         "firmware": parse_firmware(os_),
+        "boot_menu": _yes(menu.get("enable"), "os bootmenu enable"),
+        "boot_menu_timeout_ms": _int(menu.get("timeout"), "os bootmenu timeout"),
         "emulator": _text(dev, "emulator") or DEFAULT_EMULATOR,
         "disks": tuple(_disk(e) for e in dev.get("disk", ())),
         "graphics": tuple(_graphics(e, live) for e in dev.get("graphics", ())),
@@ -177,7 +182,9 @@ def parse_domain_xml(
     if not f["boot_devices"] and not per_device and f["kernel"] is None:
         f["boot_devices"] = ("hd",)
     if "features" in k:
-        f["features"] = tuple(_kids(k["features"][0], " ".join(FEATURES), "vmport"))
+        found = _kids(k["features"][0], " ".join(FEATURES) + " vmport")
+        f["features"] = tuple(name for name in found if name != "vmport")
+        f["vmport"] = _yes(_first(found, "vmport").get("state"), "features vmport state")
     for action in ("on_poweroff", "on_reboot", "on_crash"):
         if action in k:
             f[action] = _text(k, action)
@@ -190,6 +197,8 @@ def parse_domain_xml(
                                        f"pm suspend-to-{what} enabled")
     clock = _first(k, "clock")
     f["clock_offset"] = clock.get("offset", "utc")
+    for t in _kids(clock, "", multi="timer").get("timer", ()):
+        refuse_attrs(t, f"clock timer {t.get('name')}", track=(), frequency=(), mode=())
     f["timers"] = tuple(
         Timer(
             name=t.get("name"),
@@ -226,16 +235,20 @@ def _numa(cpu: Any, f: dict[str, Any], max_kib: int) -> dict[str, Any]:
 
 
 def _disk(e: Any) -> Disk:
+    kind = e.get("type", "file")
+    check(kind in ("file", "block"), f"disk type {kind!r} is not supported (file or block)",
+          UnsupportedError)  # before its children, which other types have
     k = _kids(e, "driver source target readonly shareable boot serial address",
               "alias backingStore")
-    kind, drv, tgt = e.get("type", "file"), _first(k, "driver"), _first(k, "target")
+    drv, tgt = _first(k, "driver"), _first(k, "target")
     _kids(tgt, "")
-    check(kind in ("file", "block"), f"disk type {kind!r} is not supported (file or block)",
-          UnsupportedError)
     check_enums("disk ", ("driver name", drv.get("name", "qemu"), ("qemu",)))
-    refuse_attrs(drv, "disk driver", queues=(), iothread=(), packed=(), ats=(), iommu=())
+    refuse_attrs(drv, "disk driver", queues=(), iothread=(), packed=(), ats=(), iommu=(),
+                 rerror_policy=())
+    refuse_attrs(tgt, "disk target", rotation_rate=(), removable=("off",), tray=("closed",))
     check(bool(tgt.get("dev")), "disk <target dev> is missing")
     bus = {"vd": "virtio", "hd": "ide", "sd": "scsi"}.get(tgt.get("dev")[:2], "virtio")
+    _same_drive_address(k, tgt.get("dev"), tgt.get("bus"))
     return Disk(
         target=tgt.get("dev"),
         bus=tgt.get("bus", bus),
@@ -253,8 +266,25 @@ def _disk(e: Any) -> Disk:
         serial=_text(k, "serial"),
         boot_order=_int(_first(k, "boot").get("order"), "disk boot order"),
         address=pci_address(k, f"disk {tgt.get('dev')}", ("drive",)),
-        drive=drive_address(k, f"disk {tgt.get('dev')}"),
+        drive=drive_address(k, f"disk {tgt.get('dev')}") if tgt.get("bus", bus) == "scsi"
+        else None,
     )
+
+
+def _same_drive_address(k: Kids, target: str, bus: str | None) -> None:
+    """An IDE or SATA disk's ``<address type='drive'>`` must say what its target dev
+    says (libvirt would place the disk by the address; ferry places it by the name)."""
+    e = _first(k, "address")
+    if e.get("type") != "drive" or (bus or {"hd": "ide", "sd": "scsi"}.get(target[:2])) \
+            not in ("ide", "sata"):
+        return
+    i = ord(target[-1]) - ord("a")
+    want = (0, i // 2, 0, i % 2) if target.startswith("hd") else (0, 0, 0, i)
+    got = tuple(_int(e.get(what, "0"), f"disk {target} drive {what}")
+                for what in ("controller", "bus", "target", "unit"))
+    show = ":".join(map(str, got))
+    check(got == want, f"disk {target} drive address {show} is not where its target dev "
+          f"puts it ({':'.join(map(str, want))})", UnsupportedError)
 
 
 def _chardev(e: Any, port: int, live: bool) -> Serial:
@@ -341,10 +371,11 @@ def _element(d: DomainDef, live: bool, secure: bool) -> Any:
     put_os_boot(os_, d)
     for dev in d.boot_devices:
         _sub(os_, "boot", dev=dev)
-    if d.features:
+    if d.features or d.vmport is not None:
         feats = _sub(root, "features")
         for name in d.features:
             _sub(feats, name)
+        _sub(feats, "vmport", state=_onoff(d.vmport), when=d.vmport is not None)
     put_cpu(root, d)
     if d.suspend_to_mem is not None or d.suspend_to_disk is not None:
         pm = _sub(root, "pm")

@@ -99,6 +99,7 @@ def build_qemu_argv(
         d.machine,
         "accel=kvm:tcg" if use_kvm else "accel=tcg",
         None if "acpi" in d.features else "acpi=off",
+        None if d.vmport is None else f"vmport={'on' if d.vmport else 'off'}",
         "hpet=off" if hpet_off else None,
     )
     argv = [d.emulator, "-name", f"guest={d.name},debug-threads=on", "-S"]
@@ -126,10 +127,16 @@ def build_qemu_argv(
         if flag is not None:
             argv += ["-global", f"{lpc}.disable_{state}={0 if flag else 1}"]
     argv += kernel_args(d)
+    boot = None
     if any(x.boot_order for x in d.disks) or any(n.boot_order for n in d.interfaces):
-        argv += ["-boot", "strict=on"]
+        boot = "strict=on"
     elif d.boot_devices:
-        argv += ["-boot", "order=" + "".join(_BOOT[dev] for dev in d.boot_devices)]
+        boot = "order=" + "".join(_BOOT[dev] for dev in d.boot_devices)
+    wait = d.boot_menu_timeout_ms
+    menu = _opts("menu=on", None if wait is None else f"splash-time={wait}") \
+        if d.boot_menu else None
+    if boot or menu:
+        argv += ["-boot", _opts(boot, menu)]
     argv += controller_args(d)
     for video in d.videos:
         argv += video_args(d, video)

@@ -94,7 +94,7 @@ def test_a_nic_without_a_mac_gets_one_in_qemus_range_like_libvirt() -> None:
 def test_the_server_argv_places_every_device_where_its_address_says() -> None:
     argv = " ".join(argv_of(server()))
     for part in (
-        "-machine pc-q35-7.2,accel=tcg,hpet=off",
+        "-machine pc-q35-7.2,accel=tcg,vmport=off,hpet=off",
         "-drive if=pflash,format=raw,unit=0,file=/usr/share/OVMF/OVMF_CODE_4M.fd,readonly=on",
         "-drive if=pflash,format=raw,unit=1,file=/var/lib/ferry/nvram/debian12_VARS.fd",
         "-smp 2,sockets=1,dies=1,cores=2,threads=1",
@@ -561,3 +561,30 @@ def test_a_direct_nic_is_a_macvtap_in_bridge_mode_on_its_parent_device() -> None
 def test_macvtap_modes_other_than_bridge_are_refused_by_name(xml: str, needle: str) -> None:
     with pytest.raises(InvalidInputError, match=re.escape(needle)):
         parse_domain_xml(with_devices(xml))
+
+
+# ---------------------------------------------------------------- once accepted and dropped
+
+
+def test_vmport_off_reaches_the_machine_and_the_abi_check() -> None:
+    d = parse_domain_xml(with_devices("", head="<features><acpi/><vmport state='off'/>"
+                                      "</features>"))
+    assert "<features>\n    <acpi/>\n    <vmport state=\"off\"/>\n  </features>" in \
+        format_domain_xml(d)
+    argv = build_qemu_argv(d, qmp_fd=3, pidfile="/run/h/p", kvm=False)
+    assert argv[argv.index("-machine") + 1] == "pc,accel=tcg,vmport=off"
+    assert abi_diff(d, dataclasses.replace(d, vmport=None)) == [
+        "target domain feature vmport none does not match source no"]
+
+
+def test_the_boot_menu_reaches_the_firmware() -> None:
+    xml = with_devices("").replace("hvm</type>", "hvm</type><boot dev='hd'/>"
+                                   "<bootmenu enable='yes' timeout='3000'/>")
+    d = parse_domain_xml(xml)
+    assert '<bootmenu enable="yes" timeout="3000"/>' in format_domain_xml(d)
+    assert parse_domain_xml(format_domain_xml(d)) == d
+    argv = build_qemu_argv(d, qmp_fd=3, pidfile="/run/h/p", kvm=False)
+    assert argv[argv.index("-boot") + 1] == "order=c,menu=on,splash-time=3000"
+    off = parse_domain_xml(xml.replace("'yes'", "'no'"))
+    assert build_qemu_argv(off, qmp_fd=3, pidfile="/p", kvm=False)[
+        argv.index("-boot") + 1] == "order=c"
