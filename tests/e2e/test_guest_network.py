@@ -439,3 +439,39 @@ def test_a_macvtap_parent_missing_on_the_dest_is_refused_in_prepare_naming_it(
         assert macvtaps(net, A) == {}
     finally:
         ip("-n", ns, "link", "del", "donly0", check=False)
+
+
+def test_a_linux_guest_on_a_macvtap_keeps_its_connection_across_live_migrations(
+        net: Lan, direct_links: None, cleanup: list[str]) -> None:
+    """Traffic both ways through the macvtaps: a TCP connection from the test (on the
+    switch) to the guest's echo service lives through a managed and a p2p move."""
+    if net.linux is None:
+        pytest.skip("no Linux guest here (linux-image-amd64, busybox-static)")
+    client = net.run.client
+    name, mac, addr = f"lmv-{uuid.uuid4().hex[:6]}", "52:54:00:17:cc:03", net.lan.guest_ip(3)
+    cleanup.append(name)
+    serial = net.run.work / f"{name}.serial"
+    xml = domain_xml(name, net.linux, serial, mac=mac, bridge=GUEST_BRIDGE,
+                     cmdline=kernel_cmdline(f"{addr}/24", extra=["nokaslr"]),
+                     domain_type="qemu")
+    bridged = f"<interface type='bridge'>\n      <source bridge='{GUEST_BRIDGE}'/>"
+    assert bridged in xml
+    xml = xml.replace(bridged, f"<interface type='direct'>\n      <source dev='{PARENT}' "
+                      "mode='bridge'/>")
+    client.call(A, "define", xml=xml)
+    client.call(A, "start", domain=name)
+    wait_for(lambda: parse_ready(read_serial(serial)), BOOT_DEADLINE_S, "the guest to boot")
+    assert list(macvtaps(net, A).values()) == [(PARENT, mac)]
+    sock = connect_echo(addr, 60)
+    for p2p, (src, dst) in ((False, (A, B)), (True, (B, A))):
+        settle(serial, QUIET_S)  # see the bridged Linux guest test
+        with EchoWhileMigrating(sock) as talk:
+            time.sleep(1)
+            summary = client.migrate(name, src, dst, live=True, p2p=p2p).wait(timeout=180)
+            time.sleep(2)
+        assert summary["result"] == "completed"
+        assert talk.bad == 0 and talk.ok > 0
+        assert echo(sock, b"after\n") == b"after\n"
+        assert macvtaps(net, src) == {} and list(macvtaps(net, dst).values()) == [(PARENT, mac)]
+    assert continuity_problem(parse_ticks(read_serial(serial))) is None
+    sock.close()
