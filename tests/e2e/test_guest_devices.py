@@ -418,3 +418,22 @@ def test_a_guest_with_two_numa_nodes_moves_with_its_nodes_and_their_memory(
         assert "node 0 cpus: 0" in numa and "node 1 cpus: 1" in numa
         xml = client.call(dst, "dumpxml", domain=guest.name)
         assert '<sibling id="0" value="20"/>' in xml
+
+
+@pytest.mark.skipif(not os.access("/dev/kvm", os.R_OK | os.W_OK), reason="no KVM")
+def test_under_kvm_host_model_is_the_host_cpu_expanded_and_the_guest_moves(
+        client: Client, make_guest: Callable[..., Guest]) -> None:
+    """QEMU's `host` model under KVM, expanded; the move needs no --unsafe."""
+    guest = make_guest(domain_type="kvm")
+    guest.xml = guest.xml.replace("<clock", "<cpu mode='host-model'/><clock")
+    start(client, guest)
+    guest.wait_counter_above(0, timeout=60)
+    live = client.call("alpha", "dumpxml", domain=guest.name)
+    assert "<cpu mode=\"custom\">" in live and "<feature policy=\"require\"" in live
+    model = live.split("<model>")[1].split("<")[0]
+    summary = client.migrate(guest.name, "alpha", "beta", live=True).wait(timeout=120)
+    assert summary["result"] == "completed" and "unsafe" not in summary["flags"]
+    pid = client.call("beta", "dominfo", domain=guest.name)["pid"]
+    cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    assert cmdline[cmdline.index(b"-cpu") + 1].startswith(f"{model},".encode())
+    guest.wait_counter_above(guest.counters()[-1] + 1, timeout=60)
