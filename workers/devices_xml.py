@@ -166,8 +166,10 @@ def parse_controllers(elems: list[Any]) -> tuple[Controller, ...]:
 def parse_controller(e: Any, index: int) -> Controller:
     kind = e.get("type")
     model = e.get("model")
-    Controller(type=kind, model=model, index=0 if kind != "pci" or model == "pci-root" or
-               model == "pcie-root" else 1)  # type and model named before the children
+    # A type or model ferry lacks is refused by name before any child is read (else a
+    # USB companion's <master> would be what the refusal names): a trial construction.
+    root = kind != "pci" or model in ("pci-root", "pcie-root")
+    Controller(type=kind, model=model, index=0 if root else 1)
     k = kids(e, "model target address driver", "alias")
     if kind == "scsi":  # guest-visible tuning ferry does not model
         refuse_attrs(first(k, "driver"), "controller scsi driver", queues=(), iothread=(),

@@ -65,6 +65,7 @@ from workers.devices import (
     Topology,
     Video,
     Watchdog,
+    format_cpuset,
     machine_family,
 )
 from workers.errors import InvalidInputError, UnsupportedError, one_line
@@ -407,12 +408,15 @@ class DomainDef:
         ids = [c.id for c in self.numa]
         check(ids == list(range(len(ids))), f"cpu numa cell ids {ids} are not 0..N-1 in order")
         cpus = [cpu for c in self.numa for cpu in c.cpus]
-        dup = sorted({c for c in cpus if cpus.count(c) > 1})
-        check(not dup, f"cpu numa: vcpus {dup} are in more than one cell")
-        outside = sorted(set(cpus) - set(range(self.vcpus)))
-        check(not outside, f"cpu numa: vcpus {outside} are beyond <vcpu> {self.vcpus}")
-        missing = sorted(set(range(self.vcpus)) - set(cpus))
-        check(not missing, f"cpu numa: vcpus {missing} are in no cell")
+        dup = tuple(sorted(c for c, n in Counter(cpus).items() if n > 1))
+        check(not dup, f"cpu numa: vcpus {','.join(format_cpuset(dup))} are in more than "
+              "one cell")
+        outside = tuple(sorted(set(cpus) - set(range(self.vcpus))))
+        check(not outside, f"cpu numa: vcpus {','.join(format_cpuset(outside))} are beyond "
+              f"<vcpu> {self.vcpus}")
+        missing = tuple(sorted(set(range(self.vcpus)) - set(cpus)))
+        check(not missing, f"cpu numa: vcpus {','.join(format_cpuset(missing))} are in no "
+              "cell")
         total = sum(c.memory_kib for c in self.numa)
         check(total == self.memory_kib, f"cpu numa cells add up to {total} KiB, <memory> is "
               f"{self.memory_kib} KiB")

@@ -230,6 +230,8 @@ def _numa(cpu: Any, f: dict[str, Any], max_kib: int) -> dict[str, Any]:
                   for i, c in enumerate(found))
     check(bool(cells), "cpu <numa> needs at least one <cell>")
     total = sum(c.memory_kib for c in cells)
+    check(total <= max_kib, f"cpu numa cells add up to {total} KiB, over the limit of "
+          f"{max_kib} KiB")
     current = min(f.get("current_memory_kib") or total, total)
     return {"numa": cells, "memory_kib": total, "current_memory_kib": current}
 

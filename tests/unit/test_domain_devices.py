@@ -494,11 +494,11 @@ def test_the_abi_check_refuses_other_numa_cells() -> None:
      InvalidInputError, "cpu numa cell ids [1] are not 0..N-1 in order"),
     ("<vcpu>2</vcpu><cpu><numa><cell cpus='0-1' memory='32' unit='MiB'/>"
      "<cell cpus='1' memory='32' unit='MiB'/></numa></cpu>", InvalidInputError,
-     "cpu numa: vcpus [1] are in more than one cell"),
+     "cpu numa: vcpus 1 are in more than one cell"),
     ("<vcpu>2</vcpu><cpu><numa><cell cpus='0' memory='64' unit='MiB'/></numa></cpu>",
-     InvalidInputError, "cpu numa: vcpus [1] are in no cell"),
+     InvalidInputError, "cpu numa: vcpus 1 are in no cell"),
     ("<vcpu>1</vcpu><cpu><numa><cell cpus='0-3' memory='64' unit='MiB'/></numa></cpu>",
-     InvalidInputError, "cpu numa: vcpus [1, 2, 3] are beyond <vcpu> 1"),
+     InvalidInputError, "cpu numa: vcpus 1-3 are beyond <vcpu> 1"),
     ("<cpu><numa><cell cpus='0' memory='1000'/></numa></cpu>", InvalidInputError,
      "cpu numa cell 0 memory 1000 KiB is not a positive whole number of MiB"),
     ("<cpu><numa><cell cpus='0' memory='64' unit='MiB' memAccess='shared'/></numa></cpu>",
@@ -588,3 +588,13 @@ def test_the_boot_menu_reaches_the_firmware() -> None:
     off = parse_domain_xml(xml.replace("'yes'", "'no'"))
     assert build_qemu_argv(off, qmp_fd=3, pidfile="/p", kvm=False)[
         argv.index("-boot") + 1] == "order=c"
+
+
+def test_numa_cells_over_the_memory_limit_or_with_huge_cpu_lists_are_refused_quickly() -> None:
+    cells = "".join("<cell cpus='0-9999' memory='8' unit='GiB'/>" for _ in range(100))
+    with pytest.raises(InvalidInputError, match="over the limit of"):
+        parse_domain_xml(with_devices("", head=f"<cpu><numa>{cells}</numa></cpu>"),
+                         max_memory_kib=512 * 1024 ** 2)
+    with pytest.raises(InvalidInputError,
+                       match=r"^cpu numa: vcpus 0-9999 are in more than one cell$"):
+        parse_domain_xml(with_devices("", head=f"<cpu><numa>{cells}</numa></cpu>"))
