@@ -410,12 +410,14 @@ def parse_cpuset(text: str, what: str) -> tuple[int, ...]:
     """libvirt's cpuset syntax: ``0-3,^2,5`` (ranges, single CPUs, ^ excludes), sorted."""
     on: set[int] = set()
     off: set[int] = set()
-    for part in text.replace(" ", "").split(","):
+    parts = text.replace(" ", "").split(",")
+    check(len(parts) <= 256, f"{what} has more than 256 parts")
+    for part in parts:
         m = re.fullmatch(r"(\^?)([0-9]{1,4})(?:-([0-9]{1,4}))?", part)
-        check(m is not None, f"{what} {text!r} is not a cpu list (e.g. 0-3,^2,5)")
+        check(m is not None, f"{what} {text[:40]!r} is not a cpu list (e.g. 0-3,^2,5)")
         assert m is not None
         low, high = int(m[2]), int(m[3] or m[2])
-        check(low <= high, f"{what} {text!r}: range {part} goes down")
+        check(low <= high <= 254, f"{what} range {part} goes down or past vcpu 254")
         (off if m[1] else on).update(range(low, high + 1))
     return tuple(sorted(on - off))
 

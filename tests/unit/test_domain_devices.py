@@ -591,10 +591,15 @@ def test_the_boot_menu_reaches_the_firmware() -> None:
 
 
 def test_numa_cells_over_the_memory_limit_or_with_huge_cpu_lists_are_refused_quickly() -> None:
-    cells = "".join("<cell cpus='0-9999' memory='8' unit='GiB'/>" for _ in range(100))
+    cells = "".join("<cell cpus='0-254' memory='8' unit='GiB'/>" for _ in range(100))
     with pytest.raises(InvalidInputError, match="over the limit of"):
         parse_domain_xml(with_devices("", head=f"<cpu><numa>{cells}</numa></cpu>"),
                          max_memory_kib=512 * 1024 ** 2)
     with pytest.raises(InvalidInputError,
-                       match=r"^cpu numa: vcpus 0-9999 are in more than one cell$"):
+                       match=r"^cpu numa: vcpus 0-254 are in more than one cell$"):
         parse_domain_xml(with_devices("", head=f"<cpu><numa>{cells}</numa></cpu>"))
+    for cpus in ("0-255", ",".join(["0"] * 257)):
+        with pytest.raises(InvalidInputError, match="range 0-255 goes down or past vcpu 254"
+                           if cpus == "0-255" else "has more than 256 parts"):
+            parse_domain_xml(with_devices("", head=f"<cpu><numa><cell cpus='{cpus}' "
+                                          "memory='64' unit='MiB'/></numa></cpu>"))
