@@ -18,6 +18,7 @@ import redis
 from workers import failpoints
 from workers.abi import check_abi_stability
 from workers.agent import HostAgent
+from workers.cpumodel import with_running_cpu
 from workers.domain_states import DomainState, PausedReason, RunningReason, ShutoffReason
 from workers.domain_xml import format_domain_xml
 from workers.domobj import DomainObj
@@ -92,7 +93,7 @@ async def begin3(agent: HostAgent, st: MigrationState) -> MigrationState:
     current = dom.current
     chosen = current
     if p.xmlin:
-        chosen = agent.parse(p.xmlin)
+        chosen = with_running_cpu(agent.parse(p.xmlin), current)
         check_abi_stability(current, chosen)
     spice = any(g.type == "spice" for g in current.graphics)
     nbd = await storage.begin_nbd(dom, p, agent.host) if p.storage_copy else None

@@ -29,6 +29,7 @@ from typing import Any
 from workers import failpoints
 from workers.abi import check_abi_stability
 from workers.agent import HostAgent
+from workers.cpumodel import with_running_cpu
 from workers.domain import Disk
 from workers.domain_states import DomainState
 from workers.domain_xml import format_domain_xml
@@ -84,7 +85,7 @@ async def dry_run(agent: HostAgent, p: MigrationParams) -> dict[str, Any]:
     dom.require_no_job("migrate")
     chosen = dom.current
     if p.xmlin:
-        chosen = agent.parse(p.xmlin)
+        chosen = with_running_cpu(agent.parse(p.xmlin), dom.current)
         check_abi_stability(dom.current, chosen)
     nbd = await begin_nbd(dom, p, agent.host) if p.storage_copy else CookieNbd()
     return {"host": agent.host, "xml": format_domain_xml(chosen, migratable=True),
