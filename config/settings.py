@@ -199,6 +199,10 @@ SPECS: tuple[Spec, ...] = (
     Spec("migration_stall_timeout_s", int, lambda: 30,
          "seconds an outgoing migration may send nothing before it is cancelled (0: never)",
          0, 3600),
+    Spec("storage_resumable", _bool, lambda: False,
+         "bulk-copy disks with a backup job and a dirty bitmap so a retried copy sends only "
+         "what changed (a dest that stops answering then stalls the guest's writes)",
+         None, None),
     Spec("storage_retry_keep_s", int, lambda: 600,
          "seconds the dest keeps the partial image of an interrupted storage copy so that a "
          "retry copies only what changed (0: never)", 0, 86400),
@@ -260,6 +264,7 @@ class Settings:
     p2p_timeout_s: int
     incoming_timeout_s: int
     migration_stall_timeout_s: int
+    storage_resumable: bool
     storage_retry_keep_s: int
     sweep_interval_s: int
     sweep_grace_s: int

@@ -72,8 +72,10 @@ CANCEL_S = 5.0  # how long a forced cancel may take before the nodes are yanked
 QUERY_TIMEOUT_S = 10.0
 
 
-async def begin_nbd(dom: DomainObj, p: MigrationParams, host: str) -> CookieNbd:
-    """Begin's <nbd> section: every disk to copy, checked, with its image's facts."""
+async def begin_nbd(dom: DomainObj, p: MigrationParams, host: str,
+                    resumable: bool = False) -> CookieNbd:
+    """Begin's <nbd> section: every disk to copy, checked, with its image's facts; if
+    resumable, the attempt whose bitmap the disk has or will have (`resume`)."""
     disks = disks_to_copy(dom.current, p.migrate_disks)
     for disk in disks:
         assert disk.source is not None
@@ -84,7 +86,8 @@ async def begin_nbd(dom: DomainObj, p: MigrationParams, host: str) -> CookieNbd:
     blocks = await mon.execute("query-block")
     return CookieNbd(0, tuple(
         replace(nbd_disk(d, block_entry(blocks, d), p.storage_inc),
-                resume=held_attempt(node_bitmaps(blocks, d.drive_id)[1])) for d in disks))
+                resume=(held_attempt(node_bitmaps(blocks, d.drive_id)[1]) or p.job_id)
+                if resumable else None) for d in disks))
 
 
 async def dry_run(agent: HostAgent, p: MigrationParams) -> dict[str, Any]:
@@ -114,8 +117,10 @@ class StorageCopy:
     from start to completion or abort."""
 
     def __init__(self, dom: DomainObj, mon: Monitor, disks: list[Disk], *, inc: bool,
-                 stall_s: float, tls_creds: str | None = None) -> None:
+                 stall_s: float, tls_creds: str | None = None,
+                 resumable: bool = False) -> None:
         self.dom, self.mon, self.inc = dom, mon, inc
+        self.resumable = resumable  # backup rounds with a bitmap first, else mirrors only
         self.mirrors = [MirrorState(d.target, d.drive_id, node_name(d)) for d in disks]
         self.disks = {d.target: d for d in disks}
         self.nodes: list[str] = []  # nbd nodes added (blockdev-del them at the end)
@@ -199,7 +204,13 @@ class StorageCopy:
                 node.update({"tls-creds": self.tls_creds, "tls-hostname": host})
             await self.mon.execute("blockdev-add", node)
             self.nodes.append(m.node)
-            await self._first_job(m, blocks, attempt, answered.get(m.target))
+            if self.resumable:
+                await self._first_job(m, blocks, attempt, answered.get(m.target))
+            else:
+                await self.mon.execute("blockdev-mirror", {
+                    "job-id": m.job, "device": m.job, "target": m.node,
+                    "sync": "top" if self.inc else "full", "speed": speed,
+                    "auto-finalize": True, "auto-dismiss": True})
             self.started.append(m)
         self.since = time.monotonic()
         self._poller = asyncio.get_running_loop().create_task(self._poll_forever())
@@ -264,7 +275,12 @@ class StorageCopy:
 
     async def wait_ready(self, on_turn: Callable[[dict[str, int]], None]) -> None:
         """The bulk copy, rounds until the bitmaps are small or stop shrinking, then the
-        mirrors take over; `on_turn` gets the figures each turn and may raise (an abort)."""
+        mirrors take over; `on_turn` gets the figures each turn and may raise (an abort).
+        Without FERRY_STORAGE_RESUMABLE: until the mirrors are READY."""
+        if not self.resumable:
+            await self._wait_jobs(on_turn, lambda m: m.ready)
+            self.copy_ms = int((time.monotonic() - self.started_at) * 1000)
+            return
         await self._wait_jobs(on_turn, lambda m: m.ended)
         history = [sum((await self.dirty()).values())]
         while not should_hand_over(history, self.rounds):
@@ -463,7 +479,8 @@ async def copy_disks(agent: HostAgent, dom: DomainObj, st: MigrationState,
     job = dom.job
     assert job is not None and dom.monitor is not None
     copy = StorageCopy(dom, dom.monitor, disks, inc=p.storage_inc,
-                       stall_s=agent.settings.migration_stall_timeout_s)
+                       stall_s=agent.settings.migration_stall_timeout_s,
+                       resumable=agent.settings.storage_resumable)
     dom.storage_out = copy
     host = await _nbd_host(agent, st)
     bandwidth = job.bandwidth_mib_s if job.bandwidth_mib_s is not None else p.bandwidth_mib_s

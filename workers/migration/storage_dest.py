@@ -70,9 +70,10 @@ class IncomingStorage:
                           resume=self.resumed.get(dd.disk.target)) for dd in self.disks))
 
     def attempts(self, job_id: str) -> dict[str, tuple[str, int]]:
-        """Image -> (the copy attempt whose data it holds, virtual size), for a retry."""
+        """Image -> (the copy attempt whose data it holds, virtual size), for a retry:
+        the disks the source copies with a dirty bitmap (it says `resume` in Begin)."""
         return {dd.path: (self.resumed.get(dd.disk.target, job_id), dd.wanted.capacity)
-                for dd in self.disks}
+                for dd in self.disks if dd.wanted.resume is not None}
 
 
 async def _qemu_img(*argv: str) -> tuple[int, str, str]:
@@ -292,7 +293,8 @@ async def ready_to_keep(agent: HostAgent, dom: DomainObj) -> bool:
     """A failed incoming storage copy whose partial images may be kept for a retry:
     the setting allows it and its QEMU flushed them (then it may be killed)."""
     if not agent.settings.storage_retry_keep_s or dom.storage_in is None or \
-            not dom.active or dom.monitor is None:
+            not dom.active or dom.monitor is None or \
+            not any(dd.wanted.resume for dd in dom.storage_in.disks):
         return False
     return await storage_keep.flushed(dom.monitor)
 
