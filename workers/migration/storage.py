@@ -107,6 +107,13 @@ async def dry_run(agent: HostAgent, p: MigrationParams) -> dict[str, Any]:
             "sources": {d.target: d.source for d in dom.current.disks}}
 
 
+def copies_resumably(agent: HostAgent, p: MigrationParams) -> bool:
+    """Whether this copy runs as backup rounds with a bitmap a retry can continue: with
+    FERRY_STORAGE_RESUMABLE, for --copy-storage-all only (a `sync: top` backup's bitmap
+    after a failure was not shown to hold every cluster left, so inc copies in full)."""
+    return agent.settings.storage_resumable and not p.storage_inc
+
+
 def mib_to_speed(mib: int | None) -> int:
     """A bandwidth in MiB/s as a block job speed (bytes/s; 0 is unlimited, as for QEMU)."""
     return (mib or 0) << 20
@@ -480,7 +487,7 @@ async def copy_disks(agent: HostAgent, dom: DomainObj, st: MigrationState,
     assert job is not None and dom.monitor is not None
     copy = StorageCopy(dom, dom.monitor, disks, inc=p.storage_inc,
                        stall_s=agent.settings.migration_stall_timeout_s,
-                       resumable=agent.settings.storage_resumable)
+                       resumable=copies_resumably(agent, p))
     dom.storage_out = copy
     host = await _nbd_host(agent, st)
     bandwidth = job.bandwidth_mib_s if job.bandwidth_mib_s is not None else p.bandwidth_mib_s
