@@ -199,6 +199,13 @@ SPECS: tuple[Spec, ...] = (
     Spec("migration_stall_timeout_s", int, lambda: 30,
          "seconds an outgoing migration may send nothing before it is cancelled (0: never)",
          0, 3600),
+    Spec("storage_resumable", _bool, lambda: False,
+         "bulk-copy disks with a backup job and a dirty bitmap so a retried copy sends only "
+         "what changed (a dest that stops answering then stalls the guest's writes)",
+         None, None),
+    Spec("storage_retry_keep_s", int, lambda: 600,
+         "seconds the dest keeps the partial image of an interrupted storage copy so that a "
+         "retry copies only what changed (0: never)", 0, 86400),
     Spec("sweep_interval_s", int, lambda: 30,
          "how often the sweeper looks for incoming guests whose job ended elsewhere and "
          "for the halves of a job a crash separated", 1, 3600),
@@ -257,6 +264,8 @@ class Settings:
     p2p_timeout_s: int
     incoming_timeout_s: int
     migration_stall_timeout_s: int
+    storage_resumable: bool
+    storage_retry_keep_s: int
     sweep_interval_s: int
     sweep_grace_s: int
     extra: Mapping[str, str] = field(default_factory=dict)

@@ -96,7 +96,8 @@ async def begin3(agent: HostAgent, st: MigrationState) -> MigrationState:
         chosen = with_running_cpu(agent.parse(p.xmlin), current)
         check_abi_stability(current, chosen)
     spice = any(g.type == "spice" for g in current.graphics)
-    nbd = await storage.begin_nbd(dom, p, agent.host) if p.storage_copy else None
+    nbd = await storage.begin_nbd(dom, p, agent.host, storage.copies_resumably(agent, p)) \
+        if p.storage_copy else None
     mandatory = [*(["graphics"] if spice else []), *(["nbd"] if nbd else [])]
     cookie = make_cookie(current.name, current.uuid, agent.host, agent.uuid, nbd=nbd,
                          mandatory=mandatory)
