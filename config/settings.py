@@ -199,9 +199,9 @@ SPECS: tuple[Spec, ...] = (
     Spec("migration_stall_timeout_s", int, lambda: 30,
          "seconds an outgoing migration may send nothing before it is cancelled (0: never)",
          0, 3600),
-    Spec("storage_resumable", _bool, lambda: False,
-         "bulk-copy disks with a backup job and a dirty bitmap so a retried copy sends only "
-         "what changed (a dest that stops answering then stalls the guest's writes)",
+    Spec("storage_resumable", _bool, lambda: True,
+         "bulk-copy disks (--copy-storage-all) by backup rounds from a local snapshot with "
+         "a dirty bitmap, so a retried copy sends only what changed (0: mirror only)",
          None, None),
     Spec("storage_retry_keep_s", int, lambda: 600,
          "seconds the dest keeps the partial image of an interrupted storage copy so that a "

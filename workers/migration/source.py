@@ -143,7 +143,7 @@ async def resume_perform(agent: HostAgent, dom: DomainObj,
     status = str(info.get("status", "none"))
     if status != "completed" and not status.startswith("postcopy"):
         if st.params.storage_copy:
-            await storage.cancel_leftovers(dom)
+            await storage.cancel_leftovers(dom, agent.settings.state_dir)
         await qemu_migrate.cancel(dom)
         raise MigrationError(f"perform3 was interrupted (worker restart or redelivery); "
                              f"QEMU's migration was {status}: cancelled")
@@ -410,7 +410,7 @@ async def _resume_source(agent: HostAgent, dom: DomainObj, st: MigrationState) -
                   dom.name)
         return
     if st.params.storage_copy:  # libvirt's Confirm cancels the copy once more
-        await storage.cancel_leftovers(dom)
+        await storage.cancel_leftovers(dom, agent.settings.state_dir)
     status = await dom.monitor.execute("query-status")
     if not st.was_running:
         return

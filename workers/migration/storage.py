@@ -4,7 +4,9 @@ The bulk copy is a blockdev-backup with a dirty bitmap per disk, then backup rou
 what the guest wrote meanwhile, then (the guest paused for a last small round) a
 `sync: none` mirror that copies every write from there on: an interrupted copy
 leaves the bitmap behind, and a retry to the same dest copies only what it holds
-(storage_resume.py).  From the mirror on, libvirt's order (qemuMigrationSrcRun),
+(storage_resume.py).  Each backup reads a local snapshot (image fleecing,
+storage_fleece.py), so a guest write never waits on, nor fails with, the dest.
+From the mirror on, libvirt's order (qemuMigrationSrcRun),
 which QEMU 7.2 needs: mirrors start before `migrate`, every mirror READY, `migrate` with
 pause-before-switchover, and at `pre-switchover` (the guest stopped) every
 mirror completes (speed 0, a soft cancel, which copies what is left and ends
@@ -28,6 +30,7 @@ import os
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict, replace
+from pathlib import Path
 from typing import Any
 
 from workers import failpoints
@@ -44,6 +47,7 @@ from workers.migration.chain_state import MigrationState
 from workers.migration.cookie import Cookie, CookieNbd
 from workers.migration.params import MigrationParams, parse_qemu_uri
 from workers.migration.qemu_migrate import nap
+from workers.migration.storage_fleece import ROUND, Fleece, fleece_path, remove_leftovers
 from workers.migration.storage_plan import (
     MirrorState,
     RateMeter,
@@ -110,8 +114,9 @@ async def dry_run(agent: HostAgent, p: MigrationParams) -> dict[str, Any]:
 
 def copies_resumably(agent: HostAgent, p: MigrationParams) -> bool:
     """Whether this copy runs as backup rounds with a bitmap a retry can continue: with
-    FERRY_STORAGE_RESUMABLE, for --copy-storage-all only (a `sync: top` backup's bitmap
-    after a failure was not shown to hold every cluster left, so inc copies in full)."""
+    FERRY_STORAGE_RESUMABLE (the default), for --copy-storage-all only (a `sync: top`
+    backup's bitmap after a failure was not shown to hold every cluster left, so inc
+    copies in full by the mirror)."""
     return agent.settings.storage_resumable and not p.storage_inc
 
 
@@ -126,7 +131,7 @@ class StorageCopy:
 
     def __init__(self, dom: DomainObj, mon: Monitor, disks: list[Disk], *, inc: bool,
                  stall_s: float, tls_creds: str | None = None,
-                 resumable: bool = False) -> None:
+                 resumable: bool = False, state_dir: Path | None = None) -> None:
         self.dom, self.mon, self.inc = dom, mon, inc
         self.resumable = resumable  # backup rounds with a bitmap first, else mirrors only
         self.mirrors = [MirrorState(d.target, d.drive_id, node_name(d)) for d in disks]
@@ -145,6 +150,10 @@ class StorageCopy:
         self.speed = 0
         self.fmt: dict[str, str] = {}  # target -> format node (bitmaps, jobs' device)
         self.bitmaps: dict[str, str] = {}  # target -> its dirty bitmap
+        self.qdev: dict[str, str] = {}  # target -> its device's QOM path
+        self.size: dict[str, int] = {}  # target -> virtual size
+        self.fleeces: dict[str, Fleece] = {}  # target -> the running round's snapshot
+        self.state_dir = state_dir or Path("/var/lib/ferry")
         self.reused = 0  # bytes a retry found on the dest already
         self.rounds = 0
         self.handover_ms: int | None = None  # the guest's pause to start the mirrors
@@ -202,6 +211,8 @@ class StorageCopy:
         round of what the bitmap holds."""
         self.started_at = time.monotonic()
         self.speed = speed
+        if self.resumable:  # a round a worker restart cut: its snapshot goes first
+            await remove_leftovers(self.mon, self.state_dir, self.dom.uuid)
         blocks = await self.mon.execute("query-block")
         for m in self.mirrors:
             node: dict[str, Any] = {
@@ -229,12 +240,13 @@ class StorageCopy:
         if not fmt:
             raise MigrationError(f"disk {m.target} has no block node in QEMU")
         self.fmt[m.target] = fmt
+        entry = block_entry(blocks, self.disks[m.target])
+        self.qdev[m.target] = str(entry.get("qdev") or "")
+        size = self.size[m.target] = int(entry["inserted"]["image"].get("virtual-size") or 0)
         held = held_attempt(maps)
         if resumable(held, answered, maps):
             assert held is not None
             self.bitmaps[m.target] = bitmap_name(held)
-            size = int(block_entry(blocks, self.disks[m.target])["inserted"]["image"]
-                       .get("virtual-size") or 0)
             self.reused += max(size - maps[bitmap_name(held)], 0)
             log.info("domain %s: disk %s continues copy %s (%d bytes left)", self.dom.name,
                      m.target, held, maps[bitmap_name(held)])
@@ -243,12 +255,9 @@ class StorageCopy:
         for name in maps:  # another attempt's, or the dest kept nothing: start afresh
             await self.mon.execute("block-dirty-bitmap-remove", {"node": fmt, "name": name})
         self.bitmaps[m.target] = bitmap_name(attempt)
-        await self.mon.execute("transaction", {"actions": [
-            {"type": "block-dirty-bitmap-add",
-             "data": {"node": fmt, "name": self.bitmaps[m.target], "persistent": False}},
-            {"type": "blockdev-backup", "data": {
-                **self._job_args(m, self.speed), "sync": "top" if self.inc else "full",
-                "bitmap": self.bitmaps[m.target], "bitmap-mode": "always"}}]})
+        await self.mon.execute("block-dirty-bitmap-add", {
+            "node": fmt, "name": self.bitmaps[m.target], "persistent": False})
+        await self._backup(m, "top" if self.inc else "full", self.speed)
 
     def _job_args(self, m: MirrorState, speed: int) -> dict[str, Any]:
         return {"job-id": m.job, "device": self.fmt[m.target], "target": m.node,
@@ -257,9 +266,36 @@ class StorageCopy:
     async def _round(self, m: MirrorState, speed: int) -> None:
         """Copy what the disk's bitmap holds; the bitmap then holds what the guest wrote
         meanwhile (and, should the round fail, what it did not copy too)."""
-        await self.mon.execute("blockdev-backup", {
-            **self._job_args(m, speed), "sync": "bitmap", "bitmap": self.bitmaps[m.target],
-            "bitmap-mode": "always"})
+        await self._backup(m, "bitmap", speed)
+
+    async def _backup(self, m: MirrorState, sync: str, speed: int) -> None:
+        """A backup job from a fresh local snapshot of the disk (storage_fleece.py)."""
+        t = m.target
+        fleece = self.fleeces[t] = Fleece(
+            self.mon, fmt=self.fmt[t], qdev=self.qdev[t], bitmap=self.bitmaps[t],
+            size=self.size[t], path=fleece_path(self.state_dir, self.dom.uuid, t), target=t)
+        try:
+            source = await fleece.start()
+            await self.mon.execute("blockdev-backup", {
+                **self._job_args(m, speed), "device": source, "sync": sync,
+                "bitmap": ROUND, "bitmap-mode": "always"})
+        except FerryError:
+            with contextlib.suppress(FerryError):  # logged; the first error is the one
+                await self._drop_fleeces()
+            raise
+
+    async def _drop_fleeces(self) -> None:
+        """The rounds' jobs ended: their snapshots go (what a job did not copy goes back
+        into its disk's bitmap first)."""
+        errors = []
+        for target in list(self.fleeces):
+            try:
+                await self.fleeces.pop(target).stop()
+            except FerryError as exc:
+                log.warning("domain %s: disk %s: %s", self.dom.name, target, exc)
+                errors.append(exc)
+        if errors:
+            raise errors[0]
 
     async def dirty(self) -> dict[str, int]:
         """Bytes each disk's bitmap holds (what the dest lacks, or may)."""
@@ -290,10 +326,12 @@ class StorageCopy:
             self.copy_ms = int((time.monotonic() - self.started_at) * 1000)
             return
         await self._wait_jobs(on_turn, lambda m: m.ended)
+        await self._drop_fleeces()
         history = [sum((await self.dirty()).values())]
         while not should_hand_over(history, self.rounds):
             await self._rounds(self.speed)
             await self._wait_jobs(on_turn, lambda m: m.ended)
+            await self._drop_fleeces()
             self.rounds += 1
             history.append(sum((await self.dirty()).values()))
         await self._hand_over(on_turn)
@@ -333,6 +371,7 @@ class StorageCopy:
         try:
             await self._rounds(0)
             await self._wait_jobs(on_turn, lambda m: m.ended)
+            await self._drop_fleeces()
             for m in self.mirrors:
                 m.next_job()
                 await self.mon.execute("blockdev-mirror", {
@@ -386,7 +425,13 @@ class StorageCopy:
                 await self._yank()
                 await self._ended_within(CANCEL_S)
         finally:
-            await self._close()
+            try:
+                if self.dom.active:
+                    await self._drop_fleeces()
+            except FerryError:
+                pass  # logged; the bitmap then went, so a retry copies everything
+            finally:
+                await self._close()
 
     async def _cancel_all(self) -> None:
         for m in self.started:
@@ -435,9 +480,10 @@ class StorageCopy:
                 log.warning("domain %s: blockdev-del %s failed: %s", self.dom.name, node, exc)
 
 
-async def cancel_leftovers(dom: DomainObj) -> None:
-    """After a worker restart or a lost Perform: mirrors and nbd nodes a storage copy
-    left in the source QEMU go (libvirt's qemuMigrationSrcCancelUnattended)."""
+async def cancel_leftovers(dom: DomainObj, state_dir: Path) -> None:
+    """After a worker restart or a lost Perform: mirrors, backup rounds' snapshots and
+    nbd nodes a storage copy left in the source QEMU go (libvirt's
+    qemuMigrationSrcCancelUnattended)."""
     if dom.monitor is None or not dom.active:
         return
     mon = dom.monitor
@@ -449,6 +495,7 @@ async def cancel_leftovers(dom: DomainObj) -> None:
                 with contextlib.suppress(FerryError):
                     await mon.execute("block-job-cancel", {"device": j["device"],
                                                            "force": True})
+        await remove_leftovers(mon, state_dir, dom.uuid)
         nodes = await mon.execute("query-named-block-nodes", {"flat": True},
                                   timeout=QUERY_TIMEOUT_S)
         for n in nodes:
@@ -488,7 +535,8 @@ async def copy_disks(agent: HostAgent, dom: DomainObj, st: MigrationState,
     assert job is not None and dom.monitor is not None
     copy = StorageCopy(dom, dom.monitor, disks, inc=p.storage_inc,
                        stall_s=agent.settings.migration_stall_timeout_s,
-                       resumable=copies_resumably(agent, p))
+                       resumable=copies_resumably(agent, p),
+                       state_dir=agent.settings.state_dir)
     dom.storage_out = copy
     host = await _nbd_host(agent, st)
     bandwidth = job.bandwidth_mib_s if job.bandwidth_mib_s is not None else p.bandwidth_mib_s
