@@ -12,6 +12,9 @@ ferry's bulk copy (mirrors started to all in sync, `disk_copy_ms`) over the
 floor's convert; ferry's whole migration (RAM and disks together, every phase)
 is reported beside it.  Every process is stopped by pid, also on failure.
 
+`--mirror`: the hosts run with FERRY_STORAGE_RESUMABLE=0 (mirrors only, the copy
+before backup rounds became the default), written to STORAGE-MIRROR.md.
+
 `--retry`: the sources run with FERRY_STORAGE_RESUMABLE=1; each sample cuts a copy
 (an abort) once half the disk went, then retries it to the same dest: the bytes the
 retry copied over the bytes of an uninterrupted copy (`disk_processed` of the retry,
@@ -215,13 +218,15 @@ def markdown(result: dict[str, Any]) -> str:
     s, m = result["summary"], result["machine"]
     lines = [
         f"# Storage copy vs its floor ({m['date'][:10]})", "",
-        f"`python -m scripts.bench.storage --runs {result['args']['runs']}`: a "
+        f"`python -m scripts.bench.storage --runs {result['args']['runs']}"
+        f"{' --mirror' if result['args'].get('mirror') else ''}`: a "
         f"{DISK_GIB} GiB qcow2 with {RANDOM_GIB} GiB of random data, {s['pairs']} "
         "interleaved pairs after a warm-up of each, medians, ms. "
         f"{m['nproc']} CPUs ({m['cpu_model']}), {m['qemu']}, load "
         f"{m['loadavg_start'][0]:.1f} at the start.", "",
         "| what | ferry | floor | ratio |", "| --- | ---: | ---: | ---: |",
-        f"| disk copy (ferry: mirrors started to all in sync; floor: qemu-img convert into "
+        f"| disk copy (ferry: first job started to all mirrors in sync; floor: qemu-img "
+        "convert into "
         f"the NBD export) | {s['ferry_disk_copy_ms']:.0f} | {s['floor_convert_ms']:.0f} | "
         f"{s['ratio']} (pairs: {s['median_pair_ratio']}) |",
         f"| MiB/s over the allocated data | {s['ferry_mib_s']} | {s['floor_mib_s']} | |",
@@ -279,9 +284,12 @@ def run_retry(runs: int, root: Path, ports: str, cut_bandwidth_mib: int) -> dict
     return result
 
 
-def run(runs: int, warmup: int, root: Path, ports: str) -> dict[str, Any]:
-    stack = Stack(root=root, log_level="INFO", extra_env={"FERRY_MIGRATION_PORTS": ports})
-    result: dict[str, Any] = {"machine": machine(), "args": {"runs": runs, "warmup": warmup}}
+def run(runs: int, warmup: int, root: Path, ports: str, mirror: bool = False
+        ) -> dict[str, Any]:
+    stack = Stack(root=root, log_level="INFO", extra_env={
+        "FERRY_MIGRATION_PORTS": ports, "FERRY_STORAGE_RESUMABLE": "0" if mirror else "1"})
+    result: dict[str, Any] = {"machine": machine(),
+                              "args": {"runs": runs, "warmup": warmup, "mirror": mirror}}
     try:
         _log(f"state root {root}; building the {DISK_GIB} GiB disk")
         template = make_disk(root)
@@ -322,6 +330,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="the hosts' migration port range (below the ephemeral range)")
     p.add_argument("--retry", action="store_true",
                    help="the retry after a cut at 50 %% instead (STORAGE-RETRY.md)")
+    p.add_argument("--mirror", action="store_true",
+                   help="the mirror-only path (FERRY_STORAGE_RESUMABLE=0: STORAGE-MIRROR.md)")
     p.add_argument("--cut-bandwidth", type=int, default=100,
                    help="MiB/s of the copy that is cut (default 100)")
     args = p.parse_args(argv)
@@ -330,7 +340,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.retry:
             result = run_retry(args.runs, root, args.ports, args.cut_bandwidth)
         else:
-            result = run(args.runs, args.warmup, root, args.ports)
+            result = run(args.runs, args.warmup, root, args.ports, args.mirror)
     finally:
         if not args.keep:
             shutil.rmtree(root, ignore_errors=True)
@@ -346,7 +356,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S") + "-storage"
     (args.out / f"{stamp}.json").write_text(json.dumps(result, indent=2) + "\n")
-    (BENCH_DIR / "STORAGE.md").write_text(text)
+    (BENCH_DIR / ("STORAGE-MIRROR.md" if args.mirror else "STORAGE.md")).write_text(text)
     print(text)
     return 0
 

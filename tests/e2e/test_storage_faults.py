@@ -23,6 +23,8 @@ from tests.e2e.storagekit import (
     JobWatch,
     boot,
     dest_xml,
+    expire,
+    kept_records,
     listening,
     log_complete,
     make_log_image,
@@ -231,6 +233,12 @@ def test_abort_while_the_disks_are_copied_leaves_the_source_untouched(
     with pytest.raises(FerryError, match="operation aborted: migration job canceled by "
                                          "client"):
         job.wait(timeout=60)  # type: ignore[attr-defined]
+    # an abort is an interruption a retry continues (the issue): the partial image is
+    # kept, recorded for this guest, and goes when its keep time ends
+    [rec] = [r for r in kept_records(stack, "beta") if r["path"] == str(dest_disk)]
+    assert (rec["attempt"], rec["uuid"], rec["source"]) == (job.id, guest.uuid, "alpha")  # type: ignore[attr-defined]
+    expire(stack, "beta", dest_disk)
+    wait_for(lambda: not dest_disk.exists(), 90, "the sweeper to remove the partial image")
     source_untouched(client, guest, dest_disk)
     no_port_left(stack)
 

@@ -6,8 +6,6 @@ host gamma with FERRY_STORAGE_RESUMABLE on (off by default: see docs/limits.md).
 
 from __future__ import annotations
 
-import json
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -17,7 +15,15 @@ import pytest
 from scripts.testbed.stack import Stack, wait_for
 from tasks.client import Client
 from tests.conftest import Guest, wait_info
-from tests.e2e.storagekit import boot, dest_xml, log_complete, make_log_image, qmp
+from tests.e2e.storagekit import (
+    boot,
+    dest_xml,
+    expire,
+    kept_records,
+    log_complete,
+    make_log_image,
+    qmp,
+)
 from workers.errors import FerryError
 
 DISK = 64 << 20  # the log image's virtual size: what a full copy sends
@@ -48,11 +54,6 @@ def bitmaps(client: Client, guest: Guest, host: str = "gamma") -> dict[str, int]
     [entry] = [b for b in qmp(client, host, guest.name, "query-block") if b.get("inserted")]
     return {b["name"]: b["count"] for b in entry["inserted"].get("dirty-bitmaps", [])
             if str(b.get("name", "")).startswith("ferry-")}
-
-
-def kept_records(stack: Stack, host: str) -> list[dict[str, Any]]:
-    folder = stack.workers[host].state_dir / "storage" / "kept"
-    return [json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))]
 
 
 def cut_midway(client: Client, guest: Guest, dest: str, dest_disk: Path) -> str:
@@ -91,17 +92,6 @@ def test_a_copy_cut_midway_and_retried_to_the_same_dest_copies_only_what_changed
     assert stats["disk_processed"] <= DISK * 6 // 10, stats  # the issue's bound: 0.6
     assert stats["disk_handover_ms"] >= 0
     assert not [r for r in kept_records(stack, "beta") if r["path"] == str(dest_disk)]
-
-
-def expire(stack: Stack, host: str, image: Path) -> None:
-    """Move a kept image's end of keep time to the past (as if the window passed)."""
-    folder = stack.workers[host].state_dir / "storage" / "kept"
-    for path in folder.glob("*.json"):
-        rec = json.loads(path.read_text())
-        if rec["path"] == str(image):
-            path.write_text(json.dumps({**rec, "until": time.time() - 1}))
-            return
-    raise AssertionError(f"no kept record of {image} on {host}")
 
 
 def test_the_partial_image_goes_after_the_keep_time_and_the_retry_copies_everything(

@@ -291,12 +291,15 @@ def discard_images(agent: HostAgent, job_id: str) -> None:
 
 async def ready_to_keep(agent: HostAgent, dom: DomainObj) -> bool:
     """A failed incoming storage copy whose partial images may be kept for a retry:
-    the setting allows it and its QEMU flushed them (then it may be killed)."""
+    the setting allows it, the copy wrote to them, and its QEMU flushed them (then it
+    may be killed)."""
     if not agent.settings.storage_retry_keep_s or dom.storage_in is None or \
             not dom.active or dom.monitor is None or \
             not any(dd.wanted.resume for dd in dom.storage_in.disks):
         return False
-    return await storage_keep.flushed(dom.monitor)
+    drives = [dd.disk.drive_id for dd in dom.storage_in.disks if dd.wanted.resume]
+    return await storage_keep.written(dom.monitor, drives) and \
+        await storage_keep.flushed(dom.monitor)
 
 
 def keep_for_retry(agent: HostAgent, job_id: str, storage: IncomingStorage, uuid: str,

@@ -103,6 +103,18 @@ def claim(agent: HostAgent, d: DomainDef, nbd: CookieNbd | None, source: str
     return out
 
 
+async def written(mon: Monitor, drive_ids: list[str]) -> bool:
+    """Whether the copy wrote to any of these disks (the highest offset written since
+    the incoming QEMU opened them): an image nothing reached holds nothing to continue,
+    and goes like any other (an abort before the copy started, as libvirt)."""
+    try:
+        stats = await mon.execute("query-blockstats", timeout=FLUSH_TIMEOUT_S)
+    except FerryError:
+        return False
+    return any(int((s.get("stats") or {}).get("wr_highest_offset") or 0) > 0
+               for s in stats if s.get("device") in drive_ids)
+
+
 async def flushed(mon: Monitor) -> bool:
     """Before the incoming QEMU is killed: no more writes (the NBD server stopped) and
     every cached write on disk (`stop` flushes the block layer).  Whether both held."""
