@@ -20,6 +20,7 @@ from workers.migration.storage_fleece import (
     leftover_roots,
     node_names,
 )
+from workers.migration.storage_keep import written
 
 
 class FakeMonitor:
@@ -136,3 +137,21 @@ def test_the_node_under_a_filter_is_its_file_edge() -> None:
                        {"parent": 1, "child": 2, "name": "file"}]}
     assert filtered_child(graph, "fleece-vda-cbw") == "#block7"
     assert filtered_child(graph, "nothing") is None
+
+
+def test_the_dest_keeps_only_an_image_the_copy_wrote_to() -> None:
+    class Stats(FakeMonitor):
+        def __init__(self, offsets: dict[str, int]) -> None:
+            super().__init__()
+            self.offsets = offsets
+
+        async def execute(self, cmd: str, args: dict[str, Any] | None = None,
+                          timeout: float = 30.0, oob: bool = False) -> Any:
+            assert cmd == "query-blockstats"
+            return [{"device": d, "stats": {"wr_highest_offset": o}}
+                    for d, o in self.offsets.items()]
+
+    wrote = {"drive-vda": 0, "drive-vdb": 4 << 20}
+    assert asyncio.run(written(Stats(wrote), ["drive-vdb"]))
+    assert not asyncio.run(written(Stats(wrote), ["drive-vda"]))  # Prepare's image only
+    assert not asyncio.run(written(Stats(wrote), []))

@@ -291,15 +291,18 @@ def discard_images(agent: HostAgent, job_id: str) -> None:
 
 async def ready_to_keep(agent: HostAgent, dom: DomainObj) -> bool:
     """A failed incoming storage copy whose partial images may be kept for a retry:
-    the setting allows it, the copy wrote to them, and its QEMU flushed them (then it
-    may be killed)."""
+    the setting allows it, they hold data (the copy wrote to them, or they were kept
+    before), and its QEMU flushed them (then it may be killed)."""
     if not agent.settings.storage_retry_keep_s or dom.storage_in is None or \
             not dom.active or dom.monitor is None or \
             not any(dd.wanted.resume for dd in dom.storage_in.disks):
         return False
-    drives = [dd.disk.drive_id for dd in dom.storage_in.disks if dd.wanted.resume]
-    return await storage_keep.written(dom.monitor, drives) and \
-        await storage_keep.flushed(dom.monitor)
+    storage = dom.storage_in
+    if not storage.resumed:  # a continued image holds an earlier try's data anyway
+        drives = [dd.disk.drive_id for dd in storage.disks if dd.wanted.resume]
+        if not await storage_keep.written(dom.monitor, drives):
+            return False
+    return await storage_keep.flushed(dom.monitor)
 
 
 def keep_for_retry(agent: HostAgent, job_id: str, storage: IncomingStorage, uuid: str,
