@@ -12,8 +12,33 @@ from scripts.cli import formats
 from scripts.cli.common import Handler, client, domain_cmd, emit, host_of
 from workers.errors import FerryError, InvalidInputError
 
+COMMANDS = ("migrate", "domjobinfo", "domjobabort", "migrate-setspeed", "migrate-getspeed",
+            "migrate-setmaxdowntime", "migrate-postcopy")
+SIGNALS = (("domjobabort", "abort", None, "abort the domain's job"),
+           ("migrate-setspeed", "setspeed", "bandwidth", "set the bandwidth (MiB/s)"),
+           ("migrate-getspeed", "getspeed", None, "the bandwidth (MiB/s)"),
+           ("migrate-setmaxdowntime", "setmaxdowntime", "downtime", "set max downtime (ms)"),
+           ("migrate-postcopy", "postcopy", None, "switch to post-copy"))
 
-def add_parsers(sub: Any) -> None:
+
+def add_parsers(sub: Any, only: str | None = None) -> None:
+    """The parsers of COMMANDS (of `only` alone, when given)."""
+    if only in (None, "migrate"):
+        _migrate_parser(sub)
+    if only in (None, "domjobinfo"):
+        p = domain_cmd(sub, "domjobinfo", cmd_domjobinfo, "job information")
+        p.add_argument("domain")
+        p.add_argument("--completed", action="store_true")
+    for name, op, arg, help_ in SIGNALS:
+        if only not in (None, name):
+            continue
+        p = domain_cmd(sub, name, _signal_cmd(op, arg), help_)
+        p.add_argument("domain")
+        if arg:
+            p.add_argument(arg, type=int)
+
+
+def _migrate_parser(sub: Any) -> None:
     p = domain_cmd(sub, "migrate", cmd_migrate, "migrate a domain to another host")
     p.add_argument("domain")
     p.add_argument("dest", help="the destination host")
@@ -49,19 +74,6 @@ def add_parsers(sub: Any) -> None:
                    help="xbzrle cache size (a power of two)")
     p.add_argument("--comp-zstd-level", type=int, metavar="N", help="0-20 (default 1)")
     p.add_argument("--comp-zlib-level", type=int, metavar="N", help="0-9 (default 1)")
-    p = domain_cmd(sub, "domjobinfo", cmd_domjobinfo, "job information")
-    p.add_argument("domain")
-    p.add_argument("--completed", action="store_true")
-    for name, op, arg, help_ in (
-            ("domjobabort", "abort", None, "abort the domain's job"),
-            ("migrate-setspeed", "setspeed", "bandwidth", "set the bandwidth (MiB/s)"),
-            ("migrate-getspeed", "getspeed", None, "the bandwidth (MiB/s)"),
-            ("migrate-setmaxdowntime", "setmaxdowntime", "downtime", "set max downtime (ms)"),
-            ("migrate-postcopy", "postcopy", None, "switch to post-copy")):
-        p = domain_cmd(sub, name, _signal_cmd(op, arg), help_)
-        p.add_argument("domain")
-        if arg:
-            p.add_argument(arg, type=int)
 
 
 def _options(a: argparse.Namespace) -> dict[str, Any]:
