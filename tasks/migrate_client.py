@@ -17,12 +17,19 @@ from celery.result import AsyncResult
 from config import celery_app
 from tasks import results
 from tasks.connection import Connection
-from tasks.migrate_plan import OPTION_FLAGS, OPTION_PARAMS, chain_steps, params_from_options
-from workers.errors import FerryError, HostUnavailableError, InvalidInputError
+from tasks.migrate_plan import (
+    OPTION_FLAGS,
+    OPTION_PARAMS,
+    chain_steps,
+    check_hosts,
+    dry_run,
+    params_from_options,
+)
+from workers.errors import FerryError, HostUnavailableError
 from workers.migration.params import MigrationFlags as F
 from workers.migration.params import MigrationParams
 
-__all__ = ["OPTION_FLAGS", "OPTION_PARAMS", "MigrationJob", "build_chain", "migrate",
+__all__ = ["OPTION_FLAGS", "OPTION_PARAMS", "MigrationJob", "build_chain", "dry_run", "migrate",
            "params_from_options"]
 
 
@@ -91,26 +98,7 @@ class MigrationJob:
 
 
 def _check_hosts(client: Connection, source: str, dest: str) -> None:
-    src, dst = client.host(source), client.host(dest)
-    if src["uuid"] == dst["uuid"]:
-        raise InvalidInputError("attempt to migrate guest to the same host "
-                                f"({source} and {dest} share uuid {src['uuid']})")
-
-
-def dry_run(client: Connection, domain: str, source: str, dest: str,
-            **options: Any) -> dict[str, Any]:
-    """Begin's and Prepare's checks without starting anything (`--dry-run`): what a
-    storage copy would copy, where, and how much; the first failing check raises."""
-    p = params_from_options(domain, source, dest, **options)
-    _check_hosts(client, source, dest)
-    begin = client.call(source, "dryrun_begin", params=p.to_json())
-    prep = client.call(dest, "dryrun_prepare", params=p.to_json(), xml=begin["xml"],
-                       disks=begin["disks"])
-    sources = begin.get("sources") or {}
-    disks = [{**row, "source_path": sources.get(row["target"])} for row in prep["disks"]]
-    return {"domain": domain, "source": source, "dest": dest, "flags": p.flag_names(),
-            "result": "ok", "nbd": prep["nbd"], "disks": disks,
-            "copy_bytes": prep["copy_bytes"]}
+    check_hosts(client.host(source), client.host(dest), source, dest)
 
 
 def migrate(client: Connection, domain: str, source: str, dest: str,

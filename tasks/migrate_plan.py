@@ -1,14 +1,16 @@
 """A managed migration before it is sent: the caller's options checked into
 MigrationParams, and the chain's steps (phase task, queue, arguments).
 
-Pure, and free of Celery: tasks/migrate_client.py builds Celery's chain from
-`chain_steps`, the `ferry` command (tasks/quick.py) the same first message by
-hand.  Task ids are `<job id>.<phase>`.
+Free of Celery, and the one place both clients take a migration's options from:
+tasks/migrate_client.py builds Celery's chain from `chain_steps`, the `ferry`
+command (tasks/quick.py) the same first message by hand
+(tests/unit/test_migrate_messages.py compares the two for every CLI option).
+Task ids are `<job id>.<phase>`.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Protocol
 
 from config.routing import queue_for
 from tasks.phase_tasks import PhaseTask
@@ -67,3 +69,35 @@ def chain_steps(p: MigrationParams, xml: str | None = None) -> list[Step]:
     state = {"params": p.to_json(), "xml": xml}
     return [(PhaseTask.PREPARE2, dst, (state,)), (PhaseTask.PERFORM2, src, ()),
             (PhaseTask.FINISH2, dst, ())]
+
+
+def check_hosts(src: dict[str, Any], dst: dict[str, Any], source: str, dest: str) -> None:
+    """Refuse a move between two names of one host (their records share a uuid)."""
+    if src["uuid"] == dst["uuid"]:
+        raise InvalidInputError("attempt to migrate guest to the same host "
+                                f"({source} and {dest} share uuid {src['uuid']})")
+
+
+class Caller(Protocol):
+    """What dry_run asks of a client: Celery's (tasks/connection.py) or the command's."""
+
+    def host(self, name: str) -> dict[str, Any]: ...
+
+    def call(self, host: str, task: str, timeout: float | None = None,
+             **kwargs: Any) -> Any: ...
+
+
+def dry_run(client: Caller, domain: str, source: str, dest: str,
+            **options: Any) -> dict[str, Any]:
+    """Begin's and Prepare's checks without starting anything (`--dry-run`): what a
+    storage copy would copy, where, and how much; the first failing check raises."""
+    p = params_from_options(domain, source, dest, **options)
+    check_hosts(client.host(source), client.host(dest), source, dest)
+    begin = client.call(source, "dryrun_begin", params=p.to_json())
+    prep = client.call(dest, "dryrun_prepare", params=p.to_json(), xml=begin["xml"],
+                       disks=begin["disks"])
+    sources = begin.get("sources") or {}
+    disks = [{**row, "source_path": sources.get(row["target"])} for row in prep["disks"]]
+    return {"domain": domain, "source": source, "dest": dest, "flags": p.flag_names(),
+            "result": "ok", "nbd": prep["nbd"], "disks": disks,
+            "copy_bytes": prep["copy_bytes"]}

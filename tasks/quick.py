@@ -172,14 +172,13 @@ class QuickClient:
 
     def migrate(self, domain: str, source: str, dest: str, **options: Any) -> QuickJob:
         """Start a managed migration, as tasks/migrate_client.migrate; a handle at once."""
-        from tasks.migrate_plan import chain_steps, params_from_options  # start-up: as below
+        # start-up: as below
+        from tasks.migrate_plan import chain_steps, check_hosts, params_from_options
         from workers.migration.params import MigrationFlags as F  # start-up: migrate only
 
         p = params_from_options(domain, source, dest, **options)
         src, dst = self._hosts(source, dest)
-        if src["uuid"] == dst["uuid"]:
-            raise InvalidInputError("attempt to migrate guest to the same host "
-                                    f"({source} and {dest} share uuid {src['uuid']})")
+        check_hosts(src, dst, source, dest)
         xml = None
         if p.protocol == 2 and not p.has(F.PEER2PEER):  # v2 has no Begin: the caller
             # fetches the XML, as libvirt's client does
@@ -193,6 +192,13 @@ class QuickClient:
             raise self._broker_error(exc) from exc
         ids = [task.task_id(p.job_id) for task, _, _ in steps]
         return QuickJob(self, p, ids[-1], ids[-2::-1])
+
+    def migrate_dry_run(self, domain: str, source: str, dest: str,
+                        **options: Any) -> dict[str, Any]:
+        """Begin's and Prepare's checks, nothing started (tasks/migrate_plan.dry_run)."""
+        from tasks.migrate_plan import dry_run  # start-up: --dry-run only
+
+        return dry_run(self, domain, source, dest, **options)
 
     # -- sending and results -------------------------------------------------------------
     def _send(self, task: str, task_id: str, queue: str, args: tuple[Any, ...],
