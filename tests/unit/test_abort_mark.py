@@ -7,6 +7,8 @@ from collections.abc import Iterator
 import pytest
 import redis
 
+from workers.errors import OperationInvalidError
+from workers.job_types import SWITCHED_OVER, TOO_LATE
 from workers.jobs import JobStore, job_key
 
 
@@ -41,3 +43,12 @@ def test_a_callers_abort_marks_whatever_job_runs(store: JobStore) -> None:
     store.redis.hset(job_key("u1"), mapping={"id": "job-3", "phase": "begin3"})
     assert store.request_abort("u1")
     assert store.abort_requested("u1", "job-3")
+
+
+def test_a_callers_abort_past_the_switch_over_is_refused_and_marks_nothing(
+        store: JobStore) -> None:
+    phase = sorted(SWITCHED_OVER)[0]
+    store.redis.hset(job_key("u1"), mapping={"id": "job-4", "phase": phase})
+    with pytest.raises(OperationInvalidError, match=TOO_LATE):
+        store.request_abort("u1")
+    assert store.redis.hget(job_key("u1"), "abort") is None

@@ -24,7 +24,7 @@ import redis
 
 from config.settings import Settings, load
 from scripts.cli import migrate_cmd
-from scripts.cli.main import build_parser
+from scripts.cli.main import build_parser, parse
 from tasks import quick
 from tasks.client import Client
 from tasks.connection import Connection
@@ -115,7 +115,7 @@ def _send(which: str, clients: dict[str, Any], settings: Settings, args: list[st
     """Run `ferry migrate web1 beta -H alpha ARGS --no-wait --json` with one client; the
     message it pushed (envelope, body), ids replaced by names."""
     monkeypatch.setattr(migrate_cmd, "client", lambda: clients[which])
-    a = build_parser().parse_args(["migrate", "web1", "beta", "-H", "alpha", "--no-wait",
+    a = parse(["migrate", "web1", "beta", "-H", "alpha", "--no-wait",
                                    "--json", *args])
     assert a.handler(a) == 0
     job_id = json.loads(capsys.readouterr().out)["job_id"]
@@ -194,7 +194,7 @@ def test_a_refused_option_is_refused_alike_and_nothing_is_sent(
     for which in ("celery", "quick"):
         monkeypatch.setattr(migrate_cmd, "client", lambda w=which: clients[w])
         with pytest.raises((Exception, SystemExit)) as caught:
-            a = build_parser().parse_args(["migrate", "web1", "beta", "-H", "alpha",
+            a = parse(["migrate", "web1", "beta", "-H", "alpha",
                                            "--no-wait", *args])
             a.handler(a)
         errors.append(str(caught.value))
@@ -227,7 +227,7 @@ def test_a_dry_run_asks_the_same_tasks_through_both_clients(
         monkeypatch.setattr(Connection, "call", call)
         monkeypatch.setattr(quick.QuickClient, "call", call)
         monkeypatch.setattr(migrate_cmd, "client", lambda w=which: clients[w])
-        a = build_parser().parse_args(["migrate", "web1", "beta", "-H", "alpha", "--json",
+        a = parse(["migrate", "web1", "beta", "-H", "alpha", "--json",
                                        "--dry-run", "--live", "--copy-storage-all"])
         assert a.handler(a) == 0
         report = json.loads(capsys.readouterr().out)
