@@ -9,6 +9,10 @@ server timestamps), and to the process's end; the CPU each run used (user +
 system, which load does not inflate the way it inflates walls).  `ferry --help`
 is timed to its end.  virsh is timed the same way only where it runs against a
 local libvirtd (not on this machine: no libvirt installed).  Medians and p90.
+
+ferry's modules are byte-compiled first, as a pip install does (`--source` leaves
+them uncompiled: where PYTHONDONTWRITEBYTECODE is set and nothing compiled them, every
+command compiles its ferry modules again, ~15-20 ms of each start).
 """
 
 from __future__ import annotations
@@ -38,6 +42,8 @@ from scripts.testbed.stack import Stack, wait_for
 from tasks.client import Client
 
 OUT = Path(__file__).resolve().parent / "CLI_START.md"
+ROOT = Path(__file__).resolve().parents[2]
+PACKAGES = ("config", "workers", "tasks", "scripts")
 FERRY = str(Path(sys.executable).with_name("ferry"))
 PATHS = {"own client": "1", "Celery": "0"}
 
@@ -160,12 +166,28 @@ def _stats(values: list[float]) -> str:
     return f"{statistics.median(values):.0f} | {p90:.0f}"  # two columns: median | p90
 
 
-def markdown(runs: list[Run], helps: list[tuple[float, float]], load1: float) -> str:
+def bytecode(compiled: bool) -> None:
+    """ferry's packages byte-compiled (as installed), or not and not to be (`--source`)."""
+    packages = [str(ROOT / name) for name in PACKAGES]
+    if compiled:
+        subprocess.run([sys.executable, "-m", "compileall", "-q", *packages], check=True,
+                       stdout=subprocess.DEVNULL)
+        return
+    os.environ["PYTHONDONTWRITEBYTECODE"] = "1"  # the commands inherit it
+    for package in packages:
+        for cache in Path(package).rglob("__pycache__"):
+            shutil.rmtree(cache, ignore_errors=True)
+
+
+def markdown(runs: list[Run], helps: list[tuple[float, float]], load1: float,
+             compiled: bool = True) -> str:
     m = machine()
     lines = ["## CLI start-up", "",
              f"`python -m scripts.bench.cli_start` on {time.strftime('%Y-%m-%d %H:%M')}: "
              f"{m.get('nproc')} CPUs ({m.get('cpu_model')}), load average {load1:.1f} at the "
-             "start (the machine is shared).", "",
+             "start (the machine is shared); ferry's modules "
+             + ("byte-compiled first, as a pip install does." if compiled else
+                "not byte-compiled, and no byte-code written (`--source`)."), "",
              "| command | client | n | start → LPUSH ms | p90 | whole command ms | p90 | "
              "CPU ms | p90 |",
              "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
@@ -188,14 +210,18 @@ def markdown(runs: list[Run], helps: list[tuple[float, float]], load1: float) ->
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m scripts.bench.cli_start", description=__doc__)
     p.add_argument("--rounds", type=int, default=15, help="runs per command and client")
+    p.add_argument("--source", action="store_true",
+                   help="remove ferry's byte-code caches and write none (the commands "
+                        "compile their modules at every start)")
     args = p.parse_args(argv)
+    bytecode(compiled=not args.source)
     load1 = os.getloadavg()[0]
     root = Path(tempfile.mkdtemp(prefix="ferry-bcli-", dir="/tmp"))
     try:
         runs, helps = run(args.rounds, root)
     finally:
         shutil.rmtree(root, ignore_errors=True)
-    text = markdown(runs, helps, load1)
+    text = markdown(runs, helps, load1, compiled=not args.source)
     OUT.write_text(text)
     print(text)
     raw: list[dict[str, Any]] = [r.__dict__ for r in runs]
