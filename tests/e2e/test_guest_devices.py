@@ -224,7 +224,12 @@ def test_a_uefi_guest_boots_from_its_own_nvram_and_moves_with_it(
     try:
         # OVMF under TCG reaches its shell on the serial console in ~15 s here (more under
         # load); a key typed before that would open its setup menu instead.
-        wait_for(lambda: "Shell>" in console.text(), 300, "OVMF's shell on the serial port")
+        try:
+            wait_for(lambda: "Shell>" in console.text(), 180, "OVMF's shell on the serial port")
+        except TimeoutError as exc:  # say what the firmware printed and where the guest is
+            state = client.call("alpha", "dominfo", domain=guest.name)["state"]
+            raise TimeoutError(f"{exc}; domain {state}; the console's last words: "
+                               f"{console.text()[-400:]!r}") from None
         shell_says(console, "ferry-before", 60)
     finally:
         console.close()
