@@ -127,8 +127,24 @@ async def perform3(agent: HostAgent, st: MigrationState) -> MigrationState:
     check_abort(agent, dom, dom.uuid, p.job_id)
     dest_cookie = parse(st.cookie or "", expect_uuid=dom.uuid)
     if not p.has(F.OFFLINE):
-        st = await _migrate(agent, dom, st, dest_cookie)
+        try:
+            st = await _migrate(agent, dom, st, dest_cookie)
+        except MigrationError as exc:
+            told = _dest_told(agent, dom.uuid, p.job_id)
+            if told is None:
+                raise
+            raise MigrationError(f"{exc.message} ({told})", cause=exc.cause) from exc
     return _perform_done(agent, dom, st)
+
+
+def _dest_told(agent: HostAgent, uuid: str, job_id: str) -> str | None:
+    """What another host recorded as this job's error while QEMU copied (a restarted
+    dest worker that found its QEMU gone): the source's QEMU saw only a closed stream."""
+    rec = agent.jobs.get(uuid)
+    error = rec.get("error") if rec is not None and rec.get("id") == job_id else None
+    if not isinstance(error, dict) or error.get("host") in (None, agent.host):
+        return None
+    return str(error.get("message") or "") or None
 
 
 async def resume_perform(agent: HostAgent, dom: DomainObj,
