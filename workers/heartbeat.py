@@ -39,8 +39,10 @@ class Heartbeat:
         ttl_ms: int,
         guests: Callable[[], list[str]],
         on_beat: Callable[[], None] | None = None,
+        tls: Callable[[], dict[str, Any]] | None = None,
     ) -> None:
         self._on_beat = on_beat
+        self._tls = tls
         self._redis = client
         self._name, self._uuid, self._address = name, uuid, address
         self._interval = interval_ms / 1000
@@ -60,6 +62,7 @@ class Heartbeat:
             "started": self._started,
             "guests": sorted(self._guests()),
             "beat": time.time(),
+            "tls": self._tls() if self._tls is not None else None,
         }
 
     def beat(self) -> None:
@@ -91,6 +94,15 @@ class Heartbeat:
                 log.warning("heartbeat failed (will retry in %.1fs): %s", self._interval, exc)
 
 
+def tls_fields(tls: Any) -> dict[str, Any]:
+    """The hosts list's TLS fields from a heartbeat's `tls` (absent in older workers):
+    tls (both ends' material valid), tls_required, tls_expires, tls_problems."""
+    tls = tls if isinstance(tls, dict) else {}
+    return {"tls": bool(tls.get("server") and tls.get("client")),
+            "tls_required": bool(tls.get("required")),
+            "tls_expires": tls.get("expires"), "tls_problems": list(tls.get("problems") or [])}
+
+
 def list_hosts(client: redis.Redis) -> list[dict[str, Any]]:
     """Every host ever seen, alive or not, from the heartbeat records."""
     names = sorted(n.decode() if isinstance(n, bytes) else n for n in client.smembers(HOSTS_SET))
@@ -99,7 +111,8 @@ def list_hosts(client: redis.Redis) -> list[dict[str, Any]]:
         raw = client.get(host_key(name))
         if raw is None:
             hosts.append(
-                {"name": name, "uuid": None, "address": None, "alive": False, "guests": []}
+                {"name": name, "uuid": None, "address": None, "alive": False, "guests": [],
+                 **tls_fields(None)}
             )
             continue
         rec = json.loads(raw)
@@ -111,6 +124,7 @@ def list_hosts(client: redis.Redis) -> list[dict[str, Any]]:
                 "alive": True,
                 "guests": rec["guests"],
                 "version": rec["version"],
+                **tls_fields(rec.get("tls")),
             }
         )
     return hosts

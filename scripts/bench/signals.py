@@ -23,7 +23,7 @@ from config.settings import load
 from scripts.bench.report import machine
 from scripts.testbed.guestimage import build_image
 from scripts.testbed.guestxml import guest_xml
-from scripts.testbed.stack import Stack, wait_for
+from scripts.testbed.stack import Stack, searchable, wait_for
 from tasks.client import Client
 from workers.jobsignals import sender
 
@@ -95,7 +95,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--signals", type=int, default=200, help="jobinfo and setspeed each")
     p.add_argument("--aborts", type=int, default=200)
     args = p.parse_args(argv)
-    root = Path(tempfile.mkdtemp(prefix="ferry-bsig-", dir="/tmp"))
+    root = searchable(Path(tempfile.mkdtemp(prefix="ferry-bsig-", dir="/tmp")))
     try:
         results = run(args, root)
     finally:

@@ -36,7 +36,7 @@ from scripts.bench.migration import start_stack
 from scripts.bench.report import machine
 from scripts.testbed.guestimage import build_image
 from scripts.testbed.guestxml import guest_xml
-from scripts.testbed.stack import Stack, free_port, stop_pid, wait_for
+from scripts.testbed.stack import Stack, free_port, searchable, stop_pid, wait_for
 from tasks.client import Client
 
 BENCH_DIR = Path(__file__).resolve().parent
@@ -247,7 +247,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--ports", default="39500-39563",
                    help="the hosts' migration port range (below the ephemeral range)")
     args = p.parse_args(argv)
-    root = Path(tempfile.mkdtemp(prefix="ferry-bst-", dir="/tmp"))
+    root = searchable(Path(tempfile.mkdtemp(prefix="ferry-bst-", dir="/tmp")))
     try:
         result = run(args.runs, args.warmup, root, args.ports)
     finally:

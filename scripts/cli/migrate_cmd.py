@@ -19,7 +19,7 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("dest", help="the destination host")
     for flag in ("live", "p2p", "tunnelled", "persistent", "undefinesource", "suspend",
                  "offline", "abort-on-error", "auto-converge", "postcopy",
-                 "change-protection", "unsafe", "no-wait"):
+                 "change-protection", "unsafe", "tls", "no-wait"):
         p.add_argument(f"--{flag}", action="store_true")
     p.add_argument("--xml", help="destination domain XML (checked for ABI stability)")
     p.add_argument("--migrateuri", help="QEMU migration URI, tcp:HOST[:PORT]")
@@ -68,7 +68,7 @@ def _options(a: argparse.Namespace) -> dict[str, Any]:
     opts: dict[str, Any] = {name: getattr(a, name) for name in (
         "live", "p2p", "tunnelled", "persistent", "undefinesource", "suspend", "offline",
         "abort_on_error", "auto_converge", "postcopy", "change_protection",
-        "copy_storage_all", "copy_storage_inc", "unsafe", "parallel", "compressed")}
+        "copy_storage_all", "copy_storage_inc", "unsafe", "parallel", "compressed", "tls")}
     opts.update(protocol=a.protocol, bandwidth_mib_s=a.bandwidth, timeout_s=a.timeout,
                 max_downtime_ms=a.max_downtime, migrate_uri=a.migrateuri,
                 migrate_disks=a.migrate_disks, disks_port=a.disks_port,

@@ -35,6 +35,7 @@ from workers.domain_xml import format_domain_xml
 from workers.domobj import DomainObj
 from workers.errors import FerryError, MigrationError, QemuError
 from workers.heartbeat import get_host
+from workers.migration import tls
 from workers.migration.chain_state import MigrationState
 from workers.migration.cookie import Cookie, CookieNbd
 from workers.migration.params import MigrationParams, parse_qemu_uri
@@ -53,6 +54,7 @@ from workers.migration.storage_plan import (
     update_from_query,
 )
 from workers.monitor import Monitor
+from workers.pki import CA_FILE
 
 log = logging.getLogger(__name__)
 
@@ -338,11 +340,18 @@ async def copy_disks(agent: HostAgent, dom: DomainObj, st: MigrationState,
     job = dom.job
     assert job is not None and dom.monitor is not None
     copy = StorageCopy(dom, dom.monitor, disks, inc=p.storage_inc,
-                       stall_s=agent.settings.migration_stall_timeout_s)
+                       stall_s=agent.settings.migration_stall_timeout_s,
+                       tls_creds=dom.tls_creds)  # set up with the RAM stream's (--tls)
     dom.storage_out = copy
     host = await _nbd_host(agent, st)
     bandwidth = job.bandwidth_mib_s if job.bandwidth_mib_s is not None else p.bandwidth_mib_s
-    await copy.start(host, port, mib_to_speed(bandwidth))
+    try:
+        await copy.start(host, port, mib_to_speed(bandwidth))
+    except QemuError as exc:  # a TLS handshake refused shows in the nbd blockdev-add
+        told = _tls_failure(agent, st, exc) if copy.tls_creds else None
+        if told is None:
+            raise
+        raise told from None
     await failpoints.hit("perform3.mirroring")
 
     def turn(figures: dict[str, int]) -> None:
@@ -364,6 +373,13 @@ def at_switchover(dom: DomainObj, copy: StorageCopy) -> Callable[[], Awaitable[N
         await copy.complete()
         _check_aborted(dom)
     return run
+
+
+def _tls_failure(agent: HostAgent, st: MigrationState, exc: QemuError) -> FerryError | None:
+    """QEMU's words for an NBD connection refused in its TLS handshake, as ferry tells
+    those of the RAM stream (workers/migration/tls.py)."""
+    desc = exc.message.split("blockdev-add: ", 1)[-1]
+    return tls.stream_failure(st.params, st.uri or "", desc, agent.settings.pki_dir / CA_FILE)
 
 
 def _check_aborted(dom: DomainObj) -> None:

@@ -1,0 +1,59 @@
+"""Who a confined QEMU runs as, and the private copies of files it may read."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from workers import confine, hostcaps
+from workers.errors import InvalidInputError, UnsupportedError
+
+
+def test_an_empty_or_root_user_means_qemu_runs_as_the_worker() -> None:
+    assert confine.resolve("", "") is None
+    assert confine.resolve("root", "") is None
+
+
+def test_an_unknown_user_or_group_is_a_clear_error() -> None:
+    with pytest.raises(InvalidInputError, match="FERRY_QEMU_USER: no user 'no-such-user'"):
+        confine.resolve("no-such-user", "")
+    with pytest.raises(InvalidInputError, match="FERRY_QEMU_GROUP: no group 'no-such-group'"):
+        confine.resolve("nobody", "no-such-group")
+
+
+def test_a_user_gets_its_own_group_and_the_group_of_dev_kvm() -> None:
+    conf = confine.resolve("nobody", "")
+    assert conf is not None and conf.uid != 0
+    if os.path.exists("/dev/kvm") and os.stat("/dev/kvm").st_gid not in (0, conf.gid):
+        assert os.stat("/dev/kvm").st_gid in conf.groups
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="chown needs root")
+def test_a_private_copy_belongs_to_the_qemu_user_alone_and_goes_after(tmp_path: Path) -> None:
+    conf = confine.Confinement("q", 4321, 4322, ())
+    (tmp_path / "ca-cert.pem").write_text("ca")
+    (tmp_path / "server-key.pem").write_text("key")
+    with confine.private_copy(conf, tmp_path, ("ca-cert.pem", "server-key.pem",
+                                               "server-cert.pem")) as copy:
+        st = copy.stat()
+        assert (st.st_uid, st.st_gid, st.st_mode & 0o777) == (4321, 4322, 0o700)
+        assert sorted(p.name for p in copy.iterdir()) == ["ca-cert.pem", "server-key.pem"]
+        key = (copy / "server-key.pem").stat()
+        assert (key.st_uid, key.st_mode & 0o777) == (4321, 0o400)
+    assert not copy.exists()
+    assert (tmp_path / "server-key.pem").stat().st_uid == 0  # the original is untouched
+
+
+def test_postcopy_for_a_confined_qemu_names_the_sysctl_it_needs(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    sysctl = tmp_path / "unprivileged_userfaultfd"
+    sysctl.write_text("0\n")
+    monkeypatch.setattr(hostcaps, "UNPRIVILEGED_UFFD", str(sysctl))
+    monkeypatch.setattr(hostcaps, "userfaultfd_available", lambda: True)
+    hostcaps.require_postcopy(confined=False)
+    with pytest.raises(UnsupportedError, match=r"vm\.unprivileged_userfaultfd=1"):
+        hostcaps.require_postcopy(confined=True)
+    sysctl.write_text("1\n")
+    hostcaps.require_postcopy(confined=True)
