@@ -12,16 +12,23 @@ spawn=deny,resourcecontrol=deny`.  What it must open that its user cannot:
   alive across a migration on shared storage), the original owner remembered
   in `trusted.ferry.*` xattrs with a reference count (dac.py);
 - TLS files: a private copy for the moment QEMU reads them (`private_copy`), in
-  the system's temp dir (the state dir is root's alone).
+  the system's temp dir (the state dir is root's alone);
+- taps, unix channels: opened by the worker, passed as fds; UEFI NVRAM, OVMF
+  code, direct-boot kernel and initrd: like disks (the read-only ones only when
+  the user cannot read them already);
+- a tunnel's parallel channel sockets: in a directory of the system's temp dir
+  owned by the QEMU user (`socket_dir`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import grp
+import hashlib
 import os
 import pwd
 import shutil
+import stat
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -89,3 +96,23 @@ def private_copy(conf: Confinement, source: Path, names: tuple[str, ...]) -> Ite
     finally:
         shutil.rmtree(path, ignore_errors=True)
 
+
+
+def socket_dir(conf: Confinement | None, run: Path) -> Path:
+    """Where a QEMU's migration sockets go (a tunnel's parallel channels): the worker's
+    run dir for QEMU as root; for a confined QEMU, which cannot reach the run dir, a
+    directory of the system's temp dir owned by its user (0700), one per run dir.  One
+    found there that belongs to anyone else is refused, never used."""
+    if conf is None:
+        return run
+    digest = hashlib.sha256(str(run).encode()).hexdigest()[:12]
+    path = Path(tempfile.gettempdir()) / f"ferry-qemu-{digest}"
+    with contextlib.suppress(FileExistsError):
+        path.mkdir(mode=0o700)
+    st = os.lstat(path)
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid not in (0, conf.uid):
+        raise InvalidInputError(f"{path} is not a directory of root or {conf.user}: "
+                                "refusing to put QEMU's sockets there")
+    os.chown(path, conf.uid, conf.gid, follow_symlinks=False)
+    os.chmod(path, 0o700, follow_symlinks=False)
+    return path

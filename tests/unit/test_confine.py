@@ -57,3 +57,21 @@ def test_postcopy_for_a_confined_qemu_names_the_sysctl_it_needs(
         hostcaps.require_postcopy(confined=True)
     sysctl.write_text("1\n")
     hostcaps.require_postcopy(confined=True)
+
+
+def test_a_confined_qemus_socket_dir_is_its_users_and_a_strangers_is_refused(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("chown needs root")
+    monkeypatch.setattr(confine.tempfile, "gettempdir", lambda: str(tmp_path))
+    conf = confine.Confinement("qemu-test", 4321, 4322, ())
+    run = tmp_path / "run"
+    assert confine.socket_dir(None, run) == run
+    path = confine.socket_dir(conf, run)
+    st = path.stat()
+    assert path.parent == tmp_path and (st.st_uid, st.st_gid, st.st_mode & 0o777) == (
+        4321, 4322, 0o700)
+    assert confine.socket_dir(conf, run) == path  # the same one next time
+    os.chown(path, 1234, 1234)
+    with pytest.raises(InvalidInputError, match="refusing to put QEMU's sockets there"):
+        confine.socket_dir(conf, run)

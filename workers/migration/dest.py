@@ -16,7 +16,7 @@ import time
 from dataclasses import replace
 from typing import Any, Literal
 
-from workers import failpoints
+from workers import confine, failpoints
 from workers.agent import HostAgent
 from workers.domain import DomainDef
 from workers.domain_states import DomainState, PausedReason, RunningReason, ShutoffReason
@@ -169,7 +169,8 @@ async def _tunnel_in(agent: HostAgent, dom: DomainObj, p: MigrationParams, mon: 
     channels = p.channels + 1 if p.channels else 1
     tunnel.reset(agent.redis, p.job_id, channels)
     if p.channels:
-        path = socket_path(agent.store.run, "in", p.job_id)
+        path = socket_path(confine.socket_dir(agent.confinement, agent.store.run), "in",
+                           p.job_id)
         dom.tunnel = DestEnds(agent.settings, p.job_id, channels=channels, path=path)
         await mon.execute("migrate-incoming", {"uri": f"unix:{path}"})
     else:

@@ -16,7 +16,7 @@ from typing import Any
 
 import redis
 
-from workers import failpoints
+from workers import confine, failpoints
 from workers.abi import check_abi_stability
 from workers.agent import HostAgent
 from workers.domain_states import DomainState, PausedReason, RunningReason, ShutoffReason
@@ -278,8 +278,10 @@ async def _data_uri(agent: HostAgent, dom: DomainObj, mon: Any, st: MigrationSta
     ends = SourceEnds(agent.settings, p.job_id, channels=p.channels + 1 if p.channels else 1)
     dom.tunnel = ends  # from here on a cancel closes it
     if p.channels:
+        conf = agent.confinement
+        path = socket_path(confine.socket_dir(conf, agent.store.run), "tun", p.job_id)
         return await asyncio.get_running_loop().run_in_executor(
-            None, ends.listen, socket_path(agent.store.run, "tun", p.job_id))
+            None, ends.listen, path, (conf.uid, conf.gid) if conf else None)
     ends.attach(await qemu_migrate.pass_socket(mon, qemu_migrate.TUNNEL_FD))
     return f"fd:{qemu_migrate.TUNNEL_FD}"
 
