@@ -97,7 +97,7 @@ def port_base() -> int:
 @pytest.fixture(scope="session")
 def stack() -> Iterator[Stack]:
     # A short root: unix socket paths must fit in 107 bytes.
-    root = Path(tempfile.mkdtemp(prefix="ferry-", dir="/tmp"))
+    root = searchable(Path(tempfile.mkdtemp(prefix="ferry-", dir="/tmp")))  # NVRAM dir
     st = Stack(root=root, log_level="DEBUG")
     worker = _xdist_worker()
     if worker is not None:

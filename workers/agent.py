@@ -66,6 +66,8 @@ class HostAgent:
         self.kvm = os.access("/dev/kvm", os.R_OK | os.W_OK)
         # QEMU's user (None: as the worker, root); an unknown user stops the worker here
         self.confinement = confine.resolve(settings.qemu_user, settings.qemu_group)
+        confine.reachable_nvram_dir(self.confinement, settings.state_dir,
+                                    settings.nvram_dir or settings.state_dir / "nvram")
         self.domains: dict[str, DomainObj] = {}
         self.graphics_ports = PortAllocator("graphics", *settings.graphics_ports)
         self.migration_ports = PortAllocator("migration", *settings.migration_ports)

@@ -116,3 +116,17 @@ def socket_dir(conf: Confinement | None, run: Path) -> Path:
     os.chown(path, conf.uid, conf.gid, follow_symlinks=False)
     os.chmod(path, 0o700, follow_symlinks=False)
     return path
+
+
+def reachable_nvram_dir(conf: Confinement | None, state_dir: Path, nvram_dir: Path) -> None:
+    """The host's default NVRAM dir (<state dir>/nvram) reachable by a confined QEMU, as
+    libvirt's /var/lib/libvirt/qemu/nvram is: that dir and the state dir searchable by
+    all (o+x, not listable; the state dir's own files stay in its 0700 subdirs).  A
+    FERRY_NVRAM_DIR elsewhere is the operator's to place (refused at start otherwise)."""
+    if conf is None or nvram_dir.parent != state_dir:
+        return
+    nvram_dir.mkdir(mode=0o711, parents=True, exist_ok=True)
+    for d in (state_dir, nvram_dir):
+        mode = stat.S_IMODE(d.stat().st_mode)
+        if not mode & 0o001:
+            d.chmod(mode | 0o001)

@@ -10,6 +10,11 @@ each variant, the order rotated from round to round (A B C, B C A, C A B):
     tls         managed v3 --tls: QEMU's own TLS (tls-creds-x509)
     tunnelled   p2p --tunnelled: the stream through the rediss:// broker
 
+and with `--parallel` also
+
+    tls-parallel  managed v3 --tls --parallel --parallel-connections 2: multifd,
+                  every channel its own TLS session (its own thread on each end)
+
 Per sample: the wall time around `Client.migrate(...).wait()`, QEMU's own
 migration time and memory processed (throughput = processed / QEMU's time)
 and QEMU's bandwidth figure.  Ratios are given of the medians and as the
@@ -48,12 +53,15 @@ from tasks.client import Client
 
 BENCH_DIR = Path(__file__).resolve().parent
 MEMORY_MIB, RANDOM_MIB, MIB = 1024, 768, 1 << 20
-PLAIN, TLS, TUNNELLED = "plain", "tls", "tunnelled"
+PLAIN, TLS, TUNNELLED, TLS_PARALLEL = "plain", "tls", "tunnelled", "tls-parallel"
 VARIANTS = (PLAIN, TLS, TUNNELLED)
-OPTIONS: dict[str, dict[str, bool]] = {
-    PLAIN: {}, TLS: {"tls": True}, TUNNELLED: {"p2p": True, "tunnelled": True}}
+OPTIONS: dict[str, dict[str, Any]] = {
+    PLAIN: {}, TLS: {"tls": True}, TUNNELLED: {"p2p": True, "tunnelled": True},
+    TLS_PARALLEL: {"tls": True, "parallel": True, "parallel_connections": 2}}
 RATIOS = ((TLS, PLAIN, "throughput_mib_s"), (TLS, PLAIN, "wall_ms"),
-          (TLS, TUNNELLED, "throughput_mib_s"), (TLS, TUNNELLED, "wall_ms"))
+          (TLS, TUNNELLED, "throughput_mib_s"), (TLS, TUNNELLED, "wall_ms"),
+          (TLS_PARALLEL, PLAIN, "throughput_mib_s"), (TLS_PARALLEL, PLAIN, "wall_ms"),
+          (TLS_PARALLEL, TLS, "throughput_mib_s"))
 HOSTS = ("alpha", "beta")
 
 
@@ -61,9 +69,9 @@ def _log(text: str) -> None:
     print(text, file=sys.stderr, flush=True)
 
 
-def rotation(i: int) -> tuple[str, ...]:
-    k = i % len(VARIANTS)
-    return VARIANTS[k:] + VARIANTS[:k]
+def rotation(i: int, variants: tuple[str, ...] = VARIANTS) -> tuple[str, ...]:
+    k = i % len(variants)
+    return variants[k:] + variants[:k]
 
 
 def _median(values: Sequence[float | None]) -> float | None:
@@ -73,18 +81,21 @@ def _median(values: Sequence[float | None]) -> float | None:
 
 def summarize(samples: list[dict[str, Any]]) -> dict[str, Any]:
     counted = [s for s in samples if not s["warmup"]]
+    variants = tuple(dict.fromkeys(s["variant"] for s in samples))
     per = {v: {"runs": len(rows := [s for s in counted if s["variant"] == v]),
                "wall_ms": _median([r["wall_ms"] for r in rows]),
                "qemu_ms": _median([r["qemu_ms"] for r in rows]),
                "throughput_mib_s": _median([r["throughput_mib_s"] for r in rows]),
                "qemu_mib_s": _median([r["qemu_mib_s"] for r in rows]),
                "downtime_ms": _median([r["downtime_ms"] for r in rows])}
-           for v in VARIANTS}
+           for v in variants}
     by_round: dict[int, dict[str, dict[str, Any]]] = {}
     for s in counted:
         by_round.setdefault(s["round"], {})[s["variant"]] = s
     ratios = []
     for num, den, figure in RATIOS:
+        if num not in per or den not in per:
+            continue
         a, b = per[num][figure], per[den][figure]
         paired = [r[num][figure] / r[den][figure] for r in by_round.values()
                   if num in r and den in r and r[num][figure] and r[den][figure]]
@@ -154,7 +165,7 @@ def probe_cipher(stack: Stack, client: Client, work: Path) -> dict[str, str] | N
 
 
 def run(client: Client, work: Path, runs: int, warmup: int,
-        fill_timeout: float) -> list[dict[str, Any]]:
+        fill_timeout: float, variants: tuple[str, ...] = VARIANTS) -> list[dict[str, Any]]:
     image = build_image(work / "guest.img", random_mib=RANDOM_MIB, rate_mib_s=0)
     xml = guest_xml("bench-tls", image, work / "guest.serial", memory_mib=MEMORY_MIB,
                     domain_type="qemu")
@@ -164,7 +175,7 @@ def run(client: Client, work: Path, runs: int, warmup: int,
         guest.start()
         wait_filled(work / "guest.serial", fill_timeout, "the guest to fill its memory")
         for i in range(warmup + runs):
-            for pos, variant in enumerate(rotation(i - warmup)):
+            for pos, variant in enumerate(rotation(i - warmup, variants)):
                 s = guest.migrate(**OPTIONS[variant])
                 rec = {"round": i, "position": pos, "variant": variant,
                        "warmup": i < warmup, "direction": s.direction,
@@ -206,6 +217,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--runs", type=int, default=6, help="counted rounds (default 6)")
     p.add_argument("--warmup", type=int, default=1, help="rounds not counted (default 1)")
     p.add_argument("--priority", default="", help="FERRY_MIGRATION_TLS_PRIORITY of the hosts")
+    p.add_argument("--parallel", action="store_true",
+                   help="also --tls --parallel (2 connections), ratios against plain and tls")
     p.add_argument("--fill-timeout", type=float, default=900)
     p.add_argument("--log-level", default="INFO")
     p.add_argument("--out", type=Path, default=BENCH_DIR / "results")
@@ -220,14 +233,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         work.mkdir()
         cipher = probe_cipher(stack, client, work)
         _log(f"[tls] negotiated: {cipher}")
-        samples = run(client, work, a.runs, a.warmup, a.fill_timeout)
+        variants = (*VARIANTS, TLS_PARALLEL) if a.parallel else VARIANTS
+        samples = run(client, work, a.runs, a.warmup, a.fill_timeout, variants)
     finally:
         if stack is not None:
             stack.stop(kill_guests=True)
         if not a.keep:
             shutil.rmtree(root, ignore_errors=True)
     result = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-              "args": {"runs": a.runs, "warmup": a.warmup, "priority": a.priority},
+              "args": {"runs": a.runs, "warmup": a.warmup, "priority": a.priority,
+                       "parallel": a.parallel},
               "cpus": os.cpu_count(), "memory_mib": MEMORY_MIB, "random_mib": RANDOM_MIB,
               "cipher": f"{cipher['version']} {cipher['cipher']}" if cipher else None,
               **summarize(samples), "samples": samples}

@@ -4,7 +4,9 @@ crossed the wire (e.g. that a TLS migration stream holds none of the guest's byt
     python -m scripts.testbed.capture --ports 49152-49215 --out DIR
 
 An AF_PACKET socket on `lo` (root; no tcpdump needed) takes every TCP segment
-to or from a port of the range, until SIGTERM; then it drains what the kernel
+of the connections made *to* a port of the range while it runs (the SYN says
+which end listens: a client whose ephemeral port falls in the range by chance,
+e.g. a Redis connection, is not a migration stream), until SIGTERM; then it drains what the kernel
 still holds (reads until the socket's queue is empty: stopping on the signal
 alone loses what is queued), reassembles each direction of each connection by
 sequence number and writes DIR/SPORT-DPORT.bin per direction and
@@ -56,6 +58,17 @@ def parse_frame(frame: bytes, low: int, high: int) -> tuple[tuple[int, int], int
         return None
     payload = tcp[(tcp[12] >> 4) * 4:]
     return ((sport, dport), seq, bytes(payload)) if payload else None
+
+
+def connect_to(frame: bytes, low: int, high: int) -> tuple[int, int] | None:
+    """(client port, server port) of a SYN (a connection being opened) to a port in
+    [low, high]; None for anything else."""
+    if len(frame) < 54 or frame[12:14] != b"\x08\x00" or frame[14] >> 4 != 4 or frame[23] != 6:
+        return None
+    tcp = frame[14 + (frame[14] & 15) * 4:]
+    sport, dport = struct.unpack("!HH", tcp[:4])
+    syn_only = tcp[13] & 0x12 == 0x02
+    return (sport, dport) if syn_only and low <= dport <= high else None
 
 
 def reassemble(segments: Iterable[Segment]) -> bytes:
@@ -113,6 +126,7 @@ class Capture:
         self.sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, 256 << 20)
         self.sock.bind(("lo", 0))
         self.flows: dict[tuple[int, int], list[Segment]] = {}
+        self.opened: set[tuple[int, int]] = set()  # (client, server) of SYNs into the range
         self.truncated = 0
         self.stopping = False
 
@@ -133,15 +147,20 @@ class Capture:
                 continue
             if addr[2] == PACKET_OUTGOING:
                 continue
-            got = parse_frame(bytes(buf[:n]), self.low, self.high)
+            frame = bytes(buf[:n])
+            got = parse_frame(frame, self.low, self.high)
             if got is not None:
                 self.flows.setdefault(got[0], []).append((got[1], got[2]))
+            elif (opened := connect_to(frame, self.low, self.high)) is not None:
+                self.opened.add(opened)
 
     def write(self, out: Path) -> None:
         packets, drops = struct.unpack("II", self.sock.getsockopt(SOL_PACKET,
                                                                   PACKET_STATISTICS, 8))
         flows = {}
         for (sport, dport), segs in self.flows.items():
+            if (sport, dport) not in self.opened and (dport, sport) not in self.opened:
+                continue  # not a connection to the range made while capturing
             data = reassemble(segs)
             (out / f"{sport}-{dport}.bin").write_bytes(data)
             flows[f"{sport}-{dport}"] = len(data)

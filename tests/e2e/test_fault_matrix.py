@@ -158,7 +158,7 @@ class FaultStack:
 
 @pytest.fixture(scope="module")
 def fstack(base_image: Path) -> Iterator[FaultStack]:
-    root = Path(tempfile.mkdtemp(prefix="ferry-f-", dir="/tmp"))
+    root = searchable(Path(tempfile.mkdtemp(prefix="ferry-f-", dir="/tmp")))
     st = Stack(root=root, log_level="DEBUG")
     try:
         st.start_redis(persistent=True)
@@ -300,15 +300,15 @@ def _speed_up(job: Any) -> bool:
 
 
 def _qemus(fs: FaultStack, dom_uuid: str) -> dict[str, list[int]]:
-    """From /proc: the live QEMUs of the guest by host (the state dir their command line
-    names, for the pidfile and the monitor socket)."""
+    """From /proc: the live QEMUs of the guest by host (the state dir they run in: the
+    worker starts QEMU in its run dir; a confined QEMU's command line names none)."""
     found: dict[str, list[int]] = {}
     for pid in qemu_pids_of(dom_uuid):
         try:
-            args = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+            cwd = os.readlink(f"/proc/{pid}/cwd") + "/"
         except OSError:
             continue
-        hosts = [h for h in (SRC, DST) if f"{fs.stack.root / h}/" in args]
+        hosts = [h for h in (SRC, DST) if cwd.startswith(f"{fs.stack.root / h}/")]
         found.setdefault(hosts[0] if len(hosts) == 1 else f"pid {pid}?", []).append(pid)
     return found
 

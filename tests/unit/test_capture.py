@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import struct
 
-from scripts.testbed.capture import parse_frame, reassemble, server_hello
+from scripts.testbed.capture import connect_to, parse_frame, reassemble, server_hello
 
 
-def frame(sport: int, dport: int, seq: int, payload: bytes, proto: int = 6) -> bytes:
-    tcp = struct.pack("!HHIIBBHHH", sport, dport, seq, 0, 5 << 4, 0x18, 65535, 0, 0)
+def frame(sport: int, dport: int, seq: int, payload: bytes, proto: int = 6,
+          flags: int = 0x18) -> bytes:
+    tcp = struct.pack("!HHIIBBHHH", sport, dport, seq, 0, 5 << 4, flags, 65535, 0, 0)
     ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(tcp) + len(payload), 0, 0, 64, proto,
                      0, b"\x7f\0\0\1", b"\x7f\0\0\1")
     return b"\0" * 12 + b"\x08\x00" + ip + tcp + payload + b"\0\0"  # (lo pads nothing;
@@ -26,6 +27,13 @@ def test_other_ports_other_protocols_and_empty_segments_are_skipped() -> None:
     assert parse_frame(frame(50000, 40001, 1, b"abc", proto=17), 40000, 40063) is None
     assert parse_frame(frame(50000, 40001, 1, b""), 40000, 40063) is None
     assert parse_frame(b"\0" * 12 + b"\x86\xdd" + b"\0" * 60, 40000, 40063) is None
+
+
+def test_only_a_syn_to_a_watched_port_opens_a_flow_not_a_client_port_in_the_range() -> None:
+    assert connect_to(frame(50000, 40001, 1, b"", flags=0x02), 40000, 40063) == (50000, 40001)
+    assert connect_to(frame(40001, 6379, 1, b"", flags=0x02), 40000, 40063) is None
+    assert connect_to(frame(40001, 50000, 1, b"", flags=0x12), 40000, 40063) is None  # SYN-ACK
+    assert connect_to(frame(50000, 40001, 1, b"", flags=0x10), 40000, 40063) is None
 
 
 def test_segments_are_put_in_sequence_order_once_across_a_wrap() -> None:

@@ -75,3 +75,17 @@ def test_a_confined_qemus_socket_dir_is_its_users_and_a_strangers_is_refused(
     os.chown(path, 1234, 1234)
     with pytest.raises(InvalidInputError, match="refusing to put QEMU's sockets there"):
         confine.socket_dir(conf, run)
+
+
+def test_the_default_nvram_dir_is_made_reachable_for_a_confined_qemu_and_nothing_else(
+        tmp_path: Path) -> None:
+    conf = confine.Confinement("qemu-test", 4321, 4322, ())
+    state = tmp_path / "state"
+    state.mkdir(mode=0o700)
+    confine.reachable_nvram_dir(None, state, state / "nvram")
+    assert not (state / "nvram").exists()
+    confine.reachable_nvram_dir(conf, state, tmp_path / "elsewhere")
+    assert state.stat().st_mode & 0o777 == 0o700
+    confine.reachable_nvram_dir(conf, state, state / "nvram")
+    assert state.stat().st_mode & 0o777 == 0o701
+    assert (state / "nvram").stat().st_mode & 0o777 == 0o711
