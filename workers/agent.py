@@ -47,7 +47,7 @@ from workers.monitor import Monitor
 from workers.paths import AllowedDirs
 from workers.pki import TlsStatus
 from workers.ports import PortAllocator
-from workers.process import QemuProcess, attach
+from workers.process import QemuProcess, attach, bound_sockets, remove_sockets
 from workers.store import StateStore
 
 log = logging.getLogger(__name__)
@@ -281,6 +281,8 @@ class HostAgent:
         proc.close()
         dom.proc, dom.monitor, dom.tls_creds = None, None, None
         self.store.forget_runtime(dom.name, dom.current.uuid)
+        remove_sockets(dom.bound_sockets)
+        dom.bound_sockets = []
         self.release_ports(dom)
         try:
             self.release_leases(dom)
@@ -381,6 +383,7 @@ class HostAgent:
         if proc is None:
             log.warning("domain %s: QEMU pid %d is gone", name, pid)
             self.store.forget_runtime(name, live.uuid)
+            remove_sockets(bound_sockets(live.serials, live.channels))
             dom.live = None if dom.persistent else live
             dom.state, dom.reason = DomainState.SHUTOFF, ShutoffReason.FAILED
             if not dom.persistent:
@@ -388,6 +391,7 @@ class HostAgent:
             self.domains[name] = dom
             return
         dom.live = live
+        dom.bound_sockets = bound_sockets(live.serials, live.channels)
         self.domains[name] = dom
         for g in live.graphics:
             if g.autoport and g.port is not None:

@@ -46,6 +46,10 @@ class DomainObj:
     tls_creds: str | None = None  # the id of this migration's tls-creds-x509 object
     log_offset: int = 0  # the size of the QEMU log when this QEMU started
     disk_claims: list[Claim] = field(default_factory=list)  # images its QEMU user holds
+    # Unix sockets the worker bound for this QEMU (path, inode, ctime): gone with it, as
+    # QEMU removes the ones it binds itself; only if still the same file (a dest on this
+    # machine may have bound the path again).
+    bound_sockets: list[tuple[str, int, int]] = field(default_factory=list)
     # Storage copy: the source's mirrors (workers.migration.storage.StorageCopy, which
     # gets the BLOCK_JOB_* events) and the dest's images and NBD server
     # (workers.migration.storage_dest.IncomingStorage).

@@ -26,10 +26,12 @@ from workers.guestfiles import channel_dir, ensure_nvram, with_nvram_path
 from workers.job_types import JobOperation
 from workers.process import (
     QemuProcess,
+    bound_sockets,
     close_handover,
     listening_socket,
     log_tail,
     open_handover,
+    remove_sockets,
     spawn,
 )
 from workers.qemu_argv import Handover, build_qemu_argv, qemu_has_spice
@@ -163,6 +165,7 @@ def _spawn(agent: HostAgent, dom: DomainObj, live: DomainDef, incoming: str | No
         live = with_tap_names(live, {t.index: t.name for t in taps})
         sock = listening_socket(agent.store.qmp_socket(live.uuid))
         handover = open_handover(live.serials, live.channels)
+        dom.bound_sockets = bound_sockets(live.serials, live.channels)
         fds = {t.index: (t.fd, t.vhostfd) for t in taps}
         argv = build_qemu_argv(
             live, qmp_fd=sock.fileno(), kvm=agent.kvm, incoming=incoming,
@@ -173,6 +176,10 @@ def _spawn(agent: HostAgent, dom: DomainObj, live: DomainDef, incoming: str | No
         tap_fds = [fd for pair in fds.values() for fd in pair if fd is not None]
         proc = spawn(argv, pass_fds=[sock.fileno(), *tap_fds, *handover.fds()],
                      log_path=log_path, cwd=agent.store.run, confinement=agent.confinement)
+    except BaseException:
+        remove_sockets(dom.bound_sockets)
+        dom.bound_sockets = []
+        raise
     finally:
         for tap in taps:  # QEMU holds them now; a tap goes when QEMU does
             tap.close()

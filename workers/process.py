@@ -14,6 +14,7 @@ import logging
 import os
 import signal
 import socket
+import stat
 import subprocess
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -187,3 +188,27 @@ def close_handover(handover: Handover) -> None:
     for fd in handover.fds():
         with contextlib.suppress(OSError):
             os.close(fd)
+
+
+def bound_sockets(serials: Sequence[Serial],
+                  channels: Sequence[Channel]) -> list[tuple[str, int, int]]:
+    """(path, inode, ctime ns) of the unix sockets `open_handover` bound (serials in mode
+    bind, unix channels), to remove when their QEMU goes (inode numbers are reused at
+    once: the ctime tells a socket bound again apart)."""
+    paths = [s.path for s in serials if s.type == "unix" and s.mode == "bind" and s.path]
+    paths += [c.path for c in channels if c.type == "unix" and c.path]
+    out = []
+    for path in paths:
+        with contextlib.suppress(OSError):
+            st = os.stat(path)
+            out.append((path, st.st_ino, st.st_ctime_ns))
+    return out
+
+
+def remove_sockets(bound: Sequence[tuple[str, int, int]]) -> None:
+    """Remove the sockets of `bound_sockets` that are still those files."""
+    for path, ino, ctime in bound:
+        with contextlib.suppress(OSError):
+            st = os.lstat(path)
+            if (st.st_ino, st.st_ctime_ns) == (ino, ctime) and stat.S_ISSOCK(st.st_mode):
+                os.unlink(path)
