@@ -464,3 +464,32 @@ def fleet_of(names: list[str], base_image: Path, env: dict[str, str] | None = No
         fleet.stop()
         if not os.environ.get("FERRY_TEST_KEEP"):
             shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture
+def postcopy_hosts(stack: Stack, client: Client) -> Iterator[tuple[str, str]]:
+    """(source, dest) for a post-copy migration: alpha and beta when their confined QEMU
+    may use userfaultfd; else two extra hosts whose QEMU runs as root (QEMU 7.2 as an
+    unprivileged user needs vm.unprivileged_userfaultfd=1), removed after the test
+    (their guests through ferry first).  Fails where userfaultfd is refused even to
+    root: post-copy is never passed untried."""
+    from workers.hostcaps import userfaultfd_available, userfaultfd_for_qemu
+
+    if not userfaultfd_available():
+        pytest.fail("post-copy cannot be tested: this kernel refuses userfaultfd here")
+    if userfaultfd_for_qemu(confined=client.settings.qemu_user not in ("", "root")):
+        yield "alpha", "beta"
+        return
+    hosts = ("pcsrc", "pcdst")
+    try:
+        for host in hosts:
+            stack.start_worker(host, env={"FERRY_QEMU_USER": ""})
+        yield hosts
+    finally:
+        for host in hosts:
+            if host not in stack.workers:
+                continue
+            with contextlib.suppress(Exception):
+                for dom in client.call(host, "list", all=True, timeout=30):
+                    remove_guest(client, host, dom["name"])
+            stack.remove_worker(host)
