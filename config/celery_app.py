@@ -1,4 +1,4 @@
-"""The Celery app shared by workers and clients, and the queue routing.
+"""The Celery app shared by workers and clients (queue routing: config/routing.py).
 
 Tasks register on `app` at import; `configure()` points it at a broker once
 settings are known, so importing ferry never reads the environment.
@@ -10,16 +10,15 @@ from celery import Celery
 
 from config import broker
 from config.errors import InvalidInputError
+from config.routing import queue_for
 from config.settings import Settings
+
+__all__ = ["TASK_MODULES", "app", "client_app", "configure", "queue_for",
+           "reuse_publish_clients", "survive_broker_restarts"]
 
 app = Celery("ferry", set_as_current=True)
 
 TASK_MODULES = ["tasks.domain", "tasks.migration", "tasks.p2p", "tasks.images", "tasks.storage"]
-
-
-def queue_for(host: str) -> str:
-    """The queue of host `host`: only that host's worker consumes it."""
-    return f"host.{host}"
 
 
 def client_app(settings: Settings) -> Celery:

@@ -14,7 +14,7 @@ Pure parsing: no connection is made here (config/broker.py makes them).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import NamedTuple
 from urllib.parse import unquote, urlsplit
 
 SCHEME = "sentinel"
@@ -22,8 +22,7 @@ DEFAULT_PORT = 26379
 SEPARATOR = ";"
 
 
-@dataclass(frozen=True)
-class SentinelUrl:
+class SentinelUrl(NamedTuple):  # not a dataclass: every `ferry` command parses its settings
     """The sentinels to ask, and the database and credentials of the master."""
 
     nodes: tuple[tuple[str, int], ...]

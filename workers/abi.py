@@ -7,17 +7,18 @@ guest runs (or was saved) with, the target the one QEMU would start from.  The
 target must give the guest the same machine: anything it can see must be equal,
 anything only the host sees may differ.
 
-Must be equal: uuid, name (ferry renames no guest; libvirt allows another name
-only with a dname), domain type, vcpus (maximum and current), memory and
-currentMemory, os type, arch and machine, the acpi/apic/pae features, cpu mode,
-model, features (name and policy) and topology, ACPI S3/S4 (``<pm>``), the
-firmware loader, clock offset and timers, the memballoon model and PCI address,
-the qemu:commandline args, and per device class the count and, pairwise in order:
+Must be equal: uuid, name (ferry renames no guest; libvirt allows another name only
+with a dname), domain type, vcpus (maximum and current), memory and currentMemory,
+os type, arch and machine, the acpi/apic/pae/vmport features, cpu mode, model, features
+(name and policy), topology and NUMA cells (cpus, memory, distances), ACPI S3/S4
+(``<pm>``), the firmware loader, clock offset and timers, the memballoon model and
+PCI address, the qemu:commandline args, and per device class the count and, pairwise
+in order:
 
 - disks: device (disk/cdrom), bus, target dev, readonly and shareable, serial, PCI
-  address, and the driver format (libvirt leaves format alone because a storage
-  copy may convert it; ferry copies no storage, so both ends open the same file
-  and must read it the same way);
+  address, the SCSI drive address (controller, bus, target, unit), and the driver
+  format (libvirt leaves format alone because a storage copy may convert it; ferry
+  copies no storage, so both ends open the same file and must read it the same way);
 - interfaces: MAC, model and PCI address (not the type, bridge, network or tap);
 - channels: type, target name and virtio-serial port (not the socket path);
 - inputs: type and bus; controllers: type, index, model, ports, root port
@@ -46,6 +47,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from workers.devices import NumaCell, format_cpuset
 from workers.domain import DomainDef, Timer
 from workers.errors import InvalidInputError
 
@@ -85,12 +87,14 @@ def abi_diff(src: DomainDef, dst: DomainDef) -> list[str]:
     cmp("domain machine", lambda d: d.machine)
     for name in sorted({*src.features, *dst.features}):
         add(f"domain feature {name}", *("on" if name in d.features else "off" for d in (src, dst)))
+    cmp("domain feature vmport", lambda d: d.vmport)
     cmp("domain pm suspend-to-mem", lambda d: d.suspend_to_mem)
     cmp("domain pm suspend-to-disk", lambda d: d.suspend_to_disk)
     cmp("domain cpu mode", lambda d: d.cpu_mode)
     cmp("domain cpu model", lambda d: d.cpu_model)
     cmp("domain cpu features", lambda d: tuple(f"{f.policy}:{f.name}" for f in d.cpu_features))
     cmp("domain cpu topology", lambda d: _topology(d))
+    cmp("domain cpu numa", lambda d: tuple(_cell(c) for c in d.numa))
     cmp("domain os loader", lambda d: d.firmware.loader if d.firmware else None)
     cmp("domain clock offset", lambda d: d.clock_offset)
     cmp("domain clock timers", lambda d: tuple(_timer(t) for t in d.timers))
@@ -127,14 +131,21 @@ def abi_diff(src: DomainDef, dst: DomainDef) -> list[str]:
 
 
 _DISK_FIELDS = ("device", "bus", "target", "format", "readonly", "shareable", "serial",
-                "address")
+                "address", "drive")
 _FIELD_NAMES = {"target": "target dev", "port": "target port", "target_type": "target type",
-                "address": "pci address"}
+                "address": "pci address", "drive": "drive address"}
 
 
 def _topology(d: DomainDef) -> str | None:
     t = d.cpu_topology
     return None if t is None else f"{t.sockets}s{t.dies}d{t.cores}c{t.threads}t"
+
+
+def _cell(c: NumaCell) -> str:
+    """cell 0 as 0:cpus=0-1:mem=524288:dist=1/21 (the cpus with +)."""
+    dist = "/".join(f"{s}={v}" for s, v in c.distances)
+    return f"{c.id}:cpus={'+'.join(format_cpuset(c.cpus)) or '-'}:{c.memory_kib}KiB" + (
+        f":dist={dist}" if dist else "")
 
 
 def _timer(t: Timer) -> str:

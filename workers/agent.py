@@ -24,7 +24,7 @@ from typing import Any, TypeVar
 
 from config import broker
 from config.settings import Settings
-from workers import confine, dac, locks
+from workers import confine, dac, locks, netdev
 from workers.domain import DomainDef
 from workers.domain_states import (
     DomainState,
@@ -280,6 +280,7 @@ class HostAgent:
             self.loop.create_task(dom.monitor.close())
         proc.close()
         dom.proc, dom.monitor, dom.tls_creds = None, None, None
+        netdev.remove_macvtaps(dom.current, self.host)  # a tap goes by itself, not these
         self.store.forget_runtime(dom.name, dom.current.uuid)
         remove_sockets(dom.bound_sockets)
         dom.bound_sockets = []

@@ -98,6 +98,11 @@ def private_copy(conf: Confinement, source: Path, names: tuple[str, ...]) -> Ite
 
 
 
+def owner(conf: Confinement | None) -> tuple[int, int] | None:
+    """Whom files QEMU itself opens (not passed to it) must belong to: None for root."""
+    return None if conf is None else (conf.uid, conf.gid)
+
+
 def socket_dir(conf: Confinement | None, run: Path) -> Path:
     """Where a QEMU's migration sockets go (a tunnel's parallel channels): the worker's
     run dir for QEMU as root; for a confined QEMU, which cannot reach the run dir, a

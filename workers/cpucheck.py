@@ -15,7 +15,8 @@ feature it forbids is present.
 FERRY_CPU_HIDE_FEATURES is how a pool is kept to a common baseline (the new
 host with avx512 runs nothing that would need it elsewhere) and how tests give
 one of two hosts on a machine a CPU that lacks something.  It does not mask
-host-passthrough or host-model guests (they see the host CPU as it is).
+host-passthrough guests (they see the host CPU as it is); a host-model guest is
+expanded without the hidden features (workers/cpumodel.py).
 """
 
 from __future__ import annotations
@@ -80,17 +81,11 @@ def check_cpu(d: DomainDef, caps: CpuCaps, hidden: Iterable[str], host: str) -> 
                                f"{'; '.join(problems)}", host=host)
 
 
-@functools.lru_cache(maxsize=16)
-def probe(emulator: str, accel: str, models: tuple[str, ...]) -> CpuCaps:
-    """Ask `emulator` (``-machine none``, QMP on stdio) under `accel` (kvm or tcg)."""
-    base = "host" if accel == "kvm" else "max"
-    cmds = [{"execute": "qmp_capabilities"}, {"execute": "query-cpu-definitions"},
-            {"execute": "query-cpu-model-expansion",
-             "arguments": {"type": "full", "model": {"name": base}}}]
-    cmds += [{"execute": "query-cpu-model-expansion",
-              "arguments": {"type": "static", "model": {"name": m}}} for m in models]
-    cmds.append({"execute": "quit"})
-    text = "".join(json.dumps(c) + "\n" for c in cmds)
+def ask_qemu(emulator: str, accel: str, cmds: list[dict[str, object]]) -> list[object]:
+    """The answers of `emulator` (``-machine none``, QMP on stdio, under `accel`) to
+    `cmds`, in order (an error answers None)."""
+    lines = [{"execute": "qmp_capabilities"}, *cmds, {"execute": "quit"}]
+    text = "".join(json.dumps(c) + "\n" for c in lines)
     argv = [emulator, "-machine", f"none,accel={accel}", "-nodefaults", "-display", "none",
             "-qmp", "stdio"]
     try:
@@ -101,14 +96,38 @@ def probe(emulator: str, accel: str, models: tuple[str, ...]) -> CpuCaps:
     replies = [json.loads(line) for line in done.stdout.splitlines()
                if line.startswith("{") and ('"return"' in line or '"error"' in line)]
     answers = [r.get("return") for r in replies[1:]]  # [0] is qmp_capabilities' {}
-    if len(answers) < 2 + len(models) or not isinstance(answers[0], list):
+    if len(answers) < len(cmds):
         raise QemuError(f"{emulator} did not describe its CPU models under {accel}",
                         cause=done.stderr.strip()[-300:])
-    unavailable = {d["name"]: frozenset(d.get("unavailable-features", ())) for d in answers[0]}
-    props = (answers[1] or {}).get("model", {}).get("props", {})
-    host = frozenset(norm(k) for k, v in props.items() if v is True)
+    return answers[:len(cmds)]
+
+
+def expansion(kind: str, model: str) -> dict[str, object]:
+    return {"execute": "query-cpu-model-expansion",
+            "arguments": {"type": kind, "model": {"name": model}}}
+
+
+def props_of(answer: object) -> dict[str, object]:
+    """The properties of a query-cpu-model-expansion answer ({} for an error)."""
+    model = answer.get("model", {}) if isinstance(answer, dict) else {}
+    props = model.get("props", {}) if isinstance(model, dict) else {}
+    return props if isinstance(props, dict) else {}
+
+
+@functools.lru_cache(maxsize=16)
+def probe(emulator: str, accel: str, models: tuple[str, ...]) -> CpuCaps:
+    """Ask `emulator` (``-machine none``, QMP on stdio) under `accel` (kvm or tcg)."""
+    base = "host" if accel == "kvm" else "max"
+    cmds: list[dict[str, object]] = [{"execute": "query-cpu-definitions"},
+                                     expansion("full", base)]
+    cmds += [expansion("static", m) for m in models]
+    answers = ask_qemu(emulator, accel, cmds)
+    definitions = answers[0]
+    if not isinstance(definitions, list):
+        raise QemuError(f"{emulator} did not list its CPU models under {accel}")
+    unavailable = {d["name"]: frozenset(d.get("unavailable-features", ())) for d in definitions}
+    host = frozenset(norm(k) for k, v in props_of(answers[1]).items() if v is True)
     feats = {}
     for model, answer in zip(models, answers[2:], strict=False):
-        mprops = (answer or {}).get("model", {}).get("props", {})
-        feats[model] = frozenset(k for k, v in mprops.items() if v is True)
+        feats[model] = frozenset(k for k, v in props_of(answer).items() if v is True)
     return CpuCaps(accel, unavailable, host, feats)

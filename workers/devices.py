@@ -80,6 +80,27 @@ class PciAddress:
 
 
 @dataclass(frozen=True, kw_only=True)
+class DriveAddress:
+    """``<address type='drive'>`` of a SCSI disk: virtio-scsi controller `controller`
+    (by index), its only bus 0, target (scsi-id) and unit (lun), all guest-visible."""
+
+    controller: int = 0
+    bus: int = 0
+    target: int = 0
+    unit: int = 0
+
+    def __post_init__(self) -> None:
+        ok = 0 <= self.controller <= 31 and 0 <= self.target <= 255 and 0 <= self.unit <= 16383
+        check(ok, f"drive address {self} is out of range (controller 0-31, target 0-255, "
+              "unit 0-16383)")
+        check(self.bus == 0, f"drive address {self}: virtio-scsi has bus 0 only",
+              UnsupportedError)
+
+    def __str__(self) -> str:
+        return f"{self.controller}:{self.bus}:{self.target}:{self.unit}"
+
+
+@dataclass(frozen=True, kw_only=True)
 class PortForward:
     """libvirt's ``<portForward>`` on a user-mode NIC: host `address`:`start` to guest `to`.
 
@@ -99,6 +120,7 @@ class PortForward:
               f"interface portForward address {self.address!r} is not an IPv4 address")
 
 
+NIC_TYPES = ("bridge", "network", "ethernet", "user", "direct")
 NIC_MODELS = {"virtio": "virtio-net-pci", "e1000": "e1000", "e1000e": "e1000e",
               "rtl8139": "rtl8139"}
 
@@ -106,16 +128,18 @@ NIC_MODELS = {"virtio": "virtio-net-pci", "e1000": "e1000", "e1000e": "e1000e",
 @dataclass(frozen=True, kw_only=True)
 class Interface:
     """A NIC.  `source` is the bridge (type bridge), the network name (type network,
-    mapped to a bridge by the host's FERRY_NETWORKS) or None; `target_dev` the tap:
+    mapped to a bridge by the host's FERRY_NETWORKS), the macvtap's parent device
+    (type direct, `source_mode` bridge only) or None; `target_dev` the tap (or macvtap):
     the user's name, or on a running guest the name the kernel gave (vnetN; libvirt
     drops vnet* names from inactive XML, and so does ferry).  `managed=False` (type
     ethernet, ``<target managed='no'>``) uses a tap someone else made.  Host-side
-    only: source, target_dev, managed."""
+    only: source, source_mode, target_dev, managed."""
 
     type: str
     mac: str
     model: str = "virtio"
     source: str | None = None
+    source_mode: str | None = None  # direct: the macvtap mode
     target_dev: str | None = None
     managed: bool = True
     boot_order: int | None = None
@@ -124,16 +148,21 @@ class Interface:
 
     def __post_init__(self) -> None:
         where = f"interface {self.mac} "
-        one_of("interface ", "type", self.type, ("bridge", "network", "ethernet", "user"),
-               UnsupportedError)
+        one_of("interface ", "type", self.type, NIC_TYPES, UnsupportedError)
         check(bool(_MAC_RE.fullmatch(self.mac)), f"interface mac address {self.mac!r} is invalid")
         check(not int(self.mac[:2], 16) & 1, f"{where}is a multicast address")
         one_of(where, "model type", self.model, tuple(NIC_MODELS), UnsupportedError)
-        needs_source = self.type in ("bridge", "network")
+        needs_source = self.type in ("bridge", "network", "direct")
+        attr = "dev" if self.type == "direct" else self.type
         check(not needs_source or bool(self.source),
-              f"interface type {self.type!r} needs a <source {self.type}=...>")
+              f"interface type {self.type!r} needs a <source {attr}=...>")
+        if self.type == "direct":  # libvirt's default mode is vepa
+            check(self.source_mode == "bridge", f"{where}direct source mode "
+                  f"{self.source_mode or 'vepa'!r} is not supported (bridge)", UnsupportedError)
+        else:
+            object.__setattr__(self, "source_mode", None)
         check(self.source is None or bool(_IFNAME_RE.fullmatch(self.source)),
-              f"{where}source {self.source!r} is not a valid bridge or network name")
+              f"{where}source {self.source!r} is not a valid bridge, network or device name")
         check(self.target_dev is None or bool(_IFNAME_RE.fullmatch(self.target_dev)),
               f"{where}target dev {self.target_dev!r} is not a valid interface name")
         check(self.managed or (self.type == "ethernet" and self.target_dev is not None),
@@ -166,6 +195,9 @@ class Channel:
         check(1 <= self.port <= 30, f"channel {self.name} port {self.port} is not in 1-30")
 
 
+INPUT_TYPES = ("tablet", "mouse", "keyboard")
+
+
 @dataclass(frozen=True, kw_only=True)
 class Input:
     """A tablet, mouse or keyboard; ps2 ones are built into the machine (no device)."""
@@ -174,7 +206,7 @@ class Input:
     bus: str
 
     def __post_init__(self) -> None:
-        one_of("input ", "type", self.type, ("tablet", "mouse", "keyboard"), UnsupportedError)
+        one_of("input ", "type", self.type, INPUT_TYPES, UnsupportedError)
         buses = ("usb", "virtio") if self.type == "tablet" else ("ps2", "usb", "virtio")
         one_of(f"input {self.type} ", "bus", self.bus, buses, UnsupportedError)
 
@@ -186,8 +218,8 @@ PCI_MODELS = ("pci-root", "pcie-root", "pcie-root-port")
 
 @dataclass(frozen=True, kw_only=True)
 class Controller:
-    """usb, pci (root and root ports), virtio-serial, and the built-in ide (pc) and
-    sata (q35) controllers, which add no device."""
+    """usb, pci (root and root ports), virtio-serial, virtio-scsi, and the built-in ide
+    (pc) and sata (q35) controllers, which add no device."""
 
     type: str
     index: int = 0
@@ -200,12 +232,16 @@ class Controller:
 
     def __post_init__(self) -> None:
         where = f"controller {self.type} {self.index} "
-        one_of("controller ", "type", self.type, ("usb", "pci", "virtio-serial", "ide", "sata"),
-               UnsupportedError)
+        one_of("controller ", "type", self.type, ("usb", "pci", "virtio-serial", "scsi", "ide",
+                                                  "sata"), UnsupportedError)
         check(0 <= self.index <= 255, f"{where}index is not in 0-255")
         models: tuple[str | None, ...] = {
             "usb": (None, *USB_MODELS), "pci": PCI_MODELS, "virtio-serial": (None,),
-            "ide": (None, "piix3", "piix4"), "sata": (None,)}[self.type]
+            "scsi": ("virtio-scsi",), "ide": (None, "piix3", "piix4"),
+            "sata": (None,)}[self.type]
+        if self.type == "scsi" and self.model is None:  # libvirt picks lsilogic: ferry has
+            object.__setattr__(self, "model", "virtio-scsi")  # virtio-scsi only, written out
+        check(self.type != "scsi" or self.index <= 31, f"{where}index is not in 0-31")
         one_of(where, "model", self.model, models, UnsupportedError)
         xhci = self.model in ("qemu-xhci", "nec-xhci") and 1 <= (self.ports or 0) <= 15
         serial = self.type == "virtio-serial" and 1 <= (self.ports or 0) <= 31
@@ -228,7 +264,8 @@ class Controller:
 
     @property
     def makes_device(self) -> bool:
-        return (self.type, self.model) in (("virtio-serial", None), ("pci", "pcie-root-port")) \
+        return (self.type, self.model) in (("virtio-serial", None), ("pci", "pcie-root-port"),
+                                           ("scsi", "virtio-scsi")) \
             or (self.type == "usb" and self.model != "none")
 
 
@@ -367,3 +404,54 @@ class Topology:
     @property
     def vcpus(self) -> int:
         return self.sockets * self.dies * self.cores * self.threads
+
+
+def parse_cpuset(text: str, what: str) -> tuple[int, ...]:
+    """libvirt's cpuset syntax: ``0-3,^2,5`` (ranges, single CPUs, ^ excludes), sorted."""
+    on: set[int] = set()
+    off: set[int] = set()
+    parts = text.replace(" ", "").split(",")
+    check(len(parts) <= 256, f"{what} has more than 256 parts")
+    for part in parts:
+        m = re.fullmatch(r"(\^?)([0-9]{1,4})(?:-([0-9]{1,4}))?", part)
+        check(m is not None, f"{what} {text[:40]!r} is not a cpu list (e.g. 0-3,^2,5)")
+        assert m is not None
+        low, high = int(m[2]), int(m[3] or m[2])
+        check(low <= high <= 254, f"{what} range {part} goes down or past vcpu 254")
+        (off if m[1] else on).update(range(low, high + 1))
+    return tuple(sorted(on - off))
+
+
+def format_cpuset(cpus: tuple[int, ...]) -> list[str]:
+    """Ranges of consecutive CPUs: (0, 1, 2, 5) -> ['0-2', '5']."""
+    out: list[str] = []
+    for cpu in cpus:
+        if out and cpu == int(out[-1].split("-")[-1]) + 1:
+            out[-1] = f"{out[-1].split('-')[0]}-{cpu}"
+        else:
+            out.append(str(cpu))
+    return out
+
+
+@dataclass(frozen=True, kw_only=True)
+class NumaCell:
+    """A guest NUMA node (``<cpu><numa><cell>``): its vCPUs, its RAM (a
+    memory-backend-ram of its own) and its distances to other nodes, all guest-visible."""
+
+    id: int
+    cpus: tuple[int, ...] = ()  # none: a memory-only node
+    memory_kib: int
+    distances: tuple[tuple[int, int], ...] = ()  # (sibling id, value)
+
+    def __post_init__(self) -> None:
+        where = f"cpu numa cell {self.id} "
+        check(0 <= self.id <= 127, f"{where}id is not in 0-127")
+        check(self.memory_kib > 0 and self.memory_kib % 1024 == 0,
+              f"{where}memory {self.memory_kib} KiB is not a positive whole number of MiB")
+        siblings = [s for s, _ in self.distances]
+        check(len(set(siblings)) == len(siblings), f"{where}has a sibling twice in <distances>")
+        for sibling, value in self.distances:
+            local = sibling == self.id
+            check(value == 10 if local else 10 < value <= 255,
+                  f"{where}distance {value} to {sibling} is not "
+                  + ("10 (its own)" if local else "in 11-255"))

@@ -13,15 +13,16 @@ libxml2 expands entities in attribute values even with resolve_entities=False.
 Decisions (libvirt's behaviour unless noted; the whole subset: docs/domain.md):
 
 - Accepted and ignored (real libvirt writes them; they change nothing ferry
-  starts): ``<metadata>``, ``<resource>``, ``<seclabel>``, ``<bootmenu>``,
-  ``<smbios>``, the ``<vmport>`` feature, ``<alias>`` (aliases are derived from
+  starts): ``<metadata>``, ``<resource>``, ``<seclabel>``, ``<smbios
+  mode='emulate'>``, ``<alias>`` (aliases are derived from
   the XML, see `Disk.alias`), ``<address>`` other than PCI, ``<backingStore>``,
   spice ``<image>``, memballoon ``<stats>``.  Unknown attributes of known
   elements are ignored, except guest-visible ones ferry does not model (see
   docs/domain.md).
 - Refused by name (UnsupportedError): every other element, e.g. ``<sound>``,
-  ``<hostdev>``, cpu ``<numa>``, disk bus scsi, ``<qemu:env>``.
-- Disks: vdX on virtio, hda-hdd on ide (pc), sda-sdf on sata (q35's AHCI).  A
+  ``<hostdev>``, disk bus usb, ``<qemu:env>``.
+- Disks: vdX on virtio, sdX on scsi (virtio-scsi only), hda-hdd on ide (pc),
+  sda-sdf on sata (q35's AHCI).  A
   cdrom is read-only; a shareable writable disk must be raw.  Serial ports 0-3
   (isa-serial); the only console is the serial console on port 0, mirroring
   serial 0 (created from the console when missing).  At most one ``<video>``,
@@ -54,14 +55,17 @@ from workers.devices import (
     Channel,
     Controller,
     CpuFeature,
+    DriveAddress,
     Firmware,
     Input,
     Interface,
+    NumaCell,
     PciAddress,
     Rng,
     Topology,
     Video,
     Watchdog,
+    format_cpuset,
     machine_family,
 )
 from workers.errors import InvalidInputError, UnsupportedError, one_line
@@ -71,7 +75,7 @@ DEFAULT_EMULATOR = "/usr/bin/qemu-system-x86_64"
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}")
 _IDENT_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")  # machine and CPU model names
 _TARGET_RE = {"virtio": re.compile(r"vd[a-z]{1,2}"), "ide": re.compile(r"hd[a-d]"),
-              "sata": re.compile(r"sd[a-f]")}
+              "sata": re.compile(r"sd[a-f]"), "scsi": re.compile(r"sd[a-z]{1,2}")}
 FEATURES = ("acpi", "apic", "pae")
 _ACTIONS = ("destroy", "restart", "preserve", "rename-restart")
 _CACHES = (None, "default", "none", "writethrough", "writeback", "directsync", "unsafe")
@@ -118,15 +122,21 @@ class Disk:
     serial: str | None = None
     boot_order: int | None = None
     address: PciAddress | None = None
+    drive: DriveAddress | None = None  # scsi: controller, bus, target, unit
 
     def __post_init__(self) -> None:
         where = f"disk {self.target!r} "
         check_enums(where, ("device", self.device, ("disk", "cdrom")))
-        bad_bus = f"{where}bus {self.bus!r} is not supported (virtio, ide or sata)"
-        check(self.bus in ("virtio", "ide", "sata"), bad_bus, UnsupportedError)
+        bad_bus = f"{where}bus {self.bus!r} is not supported (virtio, scsi, ide or sata)"
+        check(self.bus in ("virtio", "scsi", "ide", "sata"), bad_bus, UnsupportedError)
         fits = bool(_TARGET_RE[self.bus].fullmatch(self.target))
         check(fits, f"disk target dev {self.target!r} does not fit bus {self.bus!r} "
-              "(vdX, hda-hdd, sda-sdf)")
+              "(vdX, sdX, hda-hdd, sda-sdf)")
+        if self.bus != "scsi":
+            object.__setattr__(self, "drive", None)  # ide and sata: the target dev says it
+        elif self.drive is None:  # libvirt's default: 7 units per controller
+            object.__setattr__(self, "drive", DriveAddress(controller=self.index // 7,
+                                                           unit=self.index % 7))
         check(self.kind in ("file", "block"),
               f"disk type {self.kind!r} is not supported (file or block)", UnsupportedError)
         check_enums(
@@ -144,8 +154,8 @@ class Disk:
         check(self.address is None or self.bus == "virtio",
               f"{where}a pci address is for bus 'virtio' only")
         if self.device == "cdrom":
-            check(self.bus in ("ide", "sata"), f"{where}cdrom needs bus 'ide' or 'sata'",
-                  UnsupportedError)
+            check(self.bus in ("ide", "sata", "scsi"), f"{where}cdrom needs bus 'ide', "
+                  "'sata' or 'scsi'", UnsupportedError)
             object.__setattr__(self, "readonly", True)
         if self.source is not None or self.device == "disk":
             _abspath(self.source, f"{where}source {'dev' if self.kind == 'block' else 'file'}")
@@ -163,8 +173,12 @@ class Disk:
 
     @property
     def alias(self) -> str:
-        """libvirt's alias: virtio-disk0, ide0-1-0 (IDE bus 1, unit 0), sata0-0-2 (port 2)."""
+        """libvirt's alias: virtio-disk0, ide0-1-0 (IDE bus 1, unit 0), sata0-0-2 (port 2),
+        scsi0-0-0-1 (controller, bus, target, unit)."""
         i = self.index
+        if self.drive is not None:
+            a = self.drive
+            return f"scsi{a.controller}-{a.bus}-{a.target}-{a.unit}"
         if self.bus == "sata":
             return f"sata0-0-{i}"
         return f"virtio-disk{i}" if self.bus == "virtio" else f"ide0-{i // 2}-{i % 2}"
@@ -277,12 +291,16 @@ class DomainDef:
     cmdline: str | None = None
     firmware: Firmware | None = None
     features: tuple[str, ...] = ()
+    vmport: bool | None = None  # <features><vmport state>: None is QEMU's default (on)
+    boot_menu: bool | None = None  # <os><bootmenu enable timeout>: firmware, not ABI
+    boot_menu_timeout_ms: int | None = None
     suspend_to_mem: bool | None = None  # <pm>: ACPI S3 and S4 (None: QEMU's default, on)
     suspend_to_disk: bool | None = None
     cpu_mode: str | None = None
     cpu_model: str | None = None
     cpu_features: tuple[CpuFeature, ...] = ()
     cpu_topology: Topology | None = None
+    numa: tuple[NumaCell, ...] = ()
     clock_offset: str = "utc"
     timers: tuple[Timer, ...] = ()
     on_poweroff: str = "destroy"
@@ -360,6 +378,9 @@ class DomainDef:
         self._check_devices()
 
     def _check_boot(self) -> None:
+        wait = self.boot_menu_timeout_ms
+        check(wait is None or 0 <= wait <= 65535,
+              f"os bootmenu timeout {wait} is not in 0-65535 (ms)")
         for what in ("kernel", "initrd"):
             if getattr(self, what) is not None:
                 _abspath(getattr(self, what), f"os {what}")
@@ -378,6 +399,35 @@ class DomainDef:
         top = self.cpu_topology
         check(top is None or top.vcpus == self.vcpus,
               f"cpu topology gives {top.vcpus if top else 0} vcpus, <vcpu> is {self.vcpus}")
+        if self.numa:
+            self._check_numa()
+
+    def _check_numa(self) -> None:
+        """QEMU's and libvirt's rules: cells 0..N-1 in order, every vCPU in exactly one,
+        memory the cells' sum, distances to cells that exist, both ways or one."""
+        ids = [c.id for c in self.numa]
+        check(ids == list(range(len(ids))), f"cpu numa cell ids {ids} are not 0..N-1 in order")
+        cpus = [cpu for c in self.numa for cpu in c.cpus]
+        dup = tuple(sorted(c for c, n in Counter(cpus).items() if n > 1))
+        check(not dup, f"cpu numa: vcpus {','.join(format_cpuset(dup))} are in more than "
+              "one cell")
+        outside = tuple(sorted(set(cpus) - set(range(self.vcpus))))
+        check(not outside, f"cpu numa: vcpus {','.join(format_cpuset(outside))} are beyond "
+              f"<vcpu> {self.vcpus}")
+        missing = tuple(sorted(set(range(self.vcpus)) - set(cpus)))
+        check(not missing, f"cpu numa: vcpus {','.join(format_cpuset(missing))} are in no "
+              "cell")
+        total = sum(c.memory_kib for c in self.numa)
+        check(total == self.memory_kib, f"cpu numa cells add up to {total} KiB, <memory> is "
+              f"{self.memory_kib} KiB")
+        dist = {(c.id, s): v for c in self.numa for s, v in c.distances}
+        check(all(s in ids for _, s in dist), "cpu numa distances name a cell that does not "
+              "exist")
+        if dist:
+            lacking = [f"{a}-{b}" for a in ids for b in ids
+                       if a < b and (a, b) not in dist and (b, a) not in dist]
+            check(not lacking, f"cpu numa distances between cells {', '.join(lacking)} are "
+                  "missing (give every pair, one way at least)")
 
     @property
     def family(self) -> str:
@@ -394,6 +444,9 @@ class DomainDef:
             ctrls.append(Controller(type="usb", model=default_usb))
         if self.channels and not any(c.type == "virtio-serial" for c in ctrls):
             ctrls.append(Controller(type="virtio-serial"))
+        scsi = {c.index for c in ctrls if c.type == "scsi"}
+        for index in sorted({d.drive.controller for d in self.disks if d.drive} - scsi):
+            ctrls.append(Controller(type="scsi", index=index, model="virtio-scsi"))
         object.__setattr__(self, "controllers", tuple(ctrls))
 
     def _check_devices(self) -> None:
@@ -402,6 +455,7 @@ class DomainDef:
         boots += [n.boot_order for n in self.interfaces if n.boot_order is not None]
         keyed: tuple[tuple[str, list[Any]], ...] = (
             ("disk target dev", [d.target for d in self.disks]),
+            ("disk drive address", [str(d.drive) for d in self.disks if d.drive]),
             ("serial target port", [s.port for s in self.serials]),
             ("boot order", boots),
             ("graphics type", [g.type for g in self.graphics]),
@@ -431,7 +485,7 @@ class DomainDef:
     def _check_buses(self) -> None:
         q35 = self.family == "q35"
         for disk in self.disks:
-            ok = disk.bus == "virtio" or (disk.bus == "sata") == q35
+            ok = disk.bus in ("virtio", "scsi") or (disk.bus == "sata") == q35
             check(ok, f"disk {disk.target!r} bus {disk.bus!r} does not exist on machine "
                   f"{self.machine!r} (pc has ide, q35 has sata)", UnsupportedError)
         for c in self.controllers:

@@ -13,6 +13,7 @@ from typing import Any
 from lxml import etree
 
 from workers.devices_xml import (
+    drive_address,
     parse_audio,
     parse_channels,
     parse_controllers,
@@ -20,6 +21,7 @@ from workers.devices_xml import (
     parse_firmware,
     parse_input,
     parse_interface,
+    parse_numa_cell,
     parse_rng,
     parse_video,
     parse_watchdog,
@@ -27,6 +29,7 @@ from workers.devices_xml import (
     put_address,
     put_cpu,
     put_devices,
+    put_drive_address,
     put_late_devices,
     put_os_boot,
 )
@@ -70,9 +73,12 @@ def _yes(value: str | None, what: str) -> bool | None:
     return yes(value, what)
 
 
-def _kib(elem: Any, max_kib: int) -> int:
-    """libvirt's virScaleInteger: b, bytes, k, KiB (1024), KB (1000) ... E; KiB by default."""
-    what, text, unit = elem.tag, (elem.text or "").strip(), elem.get("unit", "KiB")
+def _kib(elem: Any, max_kib: int, value: str | None = None) -> int:
+    """libvirt's virScaleInteger: b, bytes, k, KiB (1024), KB (1000) ... E; KiB by default.
+    The size is the element's text, or `value` (an attribute) when given."""
+    what, unit = elem.tag, elem.get("unit", "KiB")
+    text = (elem.text if value is None else value) or ""
+    text = text.strip()
     m = re.fullmatch(r"(b|bytes)|([kmgtpe])(ib|b)?", unit.lower())
     check(m is not None, f"<{what}> unit {unit!r} is unknown")
     assert m is not None
@@ -122,8 +128,11 @@ def parse_domain_xml(
     check(os_elem.get("firmware") is None, "os firmware autoselection is not supported: "
           "name the <loader> and <nvram>", UnsupportedError)
     vcpu = _first(k, "vcpu")
-    os_ = _kids(os_elem, "type loader nvram kernel initrd cmdline", "bootmenu smbios",
-                multi="boot")
+    os_ = _kids(os_elem, "type loader nvram kernel initrd cmdline bootmenu smbios", multi="boot")
+    check(_first(os_, "smbios").get("mode", "emulate") == "emulate",
+          f"os smbios mode {_first(os_, 'smbios').get('mode')!r} is not supported (emulate)",
+          UnsupportedError)
+    menu = _first(os_, "bootmenu")
     ostype = _first(os_, "type")
     dev = _kids(
         _first(k, "devices"),
@@ -148,6 +157,8 @@ def parse_domain_xml(
         "initrd": _text(os_, "initrd") or None,
         "cmdline": os_["cmdline"][0].text or "" if "cmdline" in os_ else None,
         "firmware": parse_firmware(os_),
+        "boot_menu": _yes(menu.get("enable"), "os bootmenu enable"),
+        "boot_menu_timeout_ms": _int(menu.get("timeout"), "os bootmenu timeout"),
         "emulator": _text(dev, "emulator") or DEFAULT_EMULATOR,
         "disks": tuple(_disk(e) for e in dev.get("disk", ())),
         "graphics": tuple(_graphics(e, live) for e in dev.get("graphics", ())),
@@ -171,18 +182,23 @@ def parse_domain_xml(
     if not f["boot_devices"] and not per_device and f["kernel"] is None:
         f["boot_devices"] = ("hd",)
     if "features" in k:
-        f["features"] = tuple(_kids(k["features"][0], " ".join(FEATURES), "vmport"))
+        found = _kids(k["features"][0], " ".join(FEATURES) + " vmport")
+        f["features"] = tuple(name for name in found if name != "vmport")
+        f["vmport"] = _yes(_first(found, "vmport").get("state"), "features vmport state")
     for action in ("on_poweroff", "on_reboot", "on_crash"):
         if action in k:
             f[action] = _text(k, action)
     if "cpu" in k:
         f.update(parse_cpu(k["cpu"][0]))
+        f.update(_numa(k["cpu"][0], f, max_memory_kib))
     pm = _kids(_first(k, "pm"), "suspend-to-mem suspend-to-disk")
     for what in ("mem", "disk"):
         f[f"suspend_to_{what}"] = _yes(_first(pm, f"suspend-to-{what}").get("enabled"),
                                        f"pm suspend-to-{what} enabled")
     clock = _first(k, "clock")
     f["clock_offset"] = clock.get("offset", "utc")
+    for t in _kids(clock, "", multi="timer").get("timer", ()):
+        refuse_attrs(t, f"clock timer {t.get('name')}", track=(), frequency=(), mode=())
     f["timers"] = tuple(
         Timer(
             name=t.get("name"),
@@ -203,17 +219,38 @@ def parse_domain_xml(
     return DomainDef(**f)
 
 
+def _numa(cpu: Any, f: dict[str, Any], max_kib: int) -> dict[str, Any]:
+    """The NUMA cells of ``<cpu>``; as libvirt, the guest's memory is then their sum
+    (and currentMemory at most that)."""
+    numa = cpu.find("numa")
+    if numa is None:
+        return {}
+    found = _kids(numa, "", multi="cell").get("cell", ())
+    cells = tuple(parse_numa_cell(c, _kib(c, max_kib, c.get("memory", "0")), i)
+                  for i, c in enumerate(found))
+    check(bool(cells), "cpu <numa> needs at least one <cell>")
+    total = sum(c.memory_kib for c in cells)
+    check(total <= max_kib, f"cpu numa cells add up to {total} KiB, over the limit of "
+          f"{max_kib} KiB")
+    current = min(f.get("current_memory_kib") or total, total)
+    return {"numa": cells, "memory_kib": total, "current_memory_kib": current}
+
+
 def _disk(e: Any) -> Disk:
+    kind = e.get("type", "file")
+    check(kind in ("file", "block"), f"disk type {kind!r} is not supported (file or block)",
+          UnsupportedError)  # before its children, which other types have
     k = _kids(e, "driver source target readonly shareable boot serial address",
               "alias backingStore")
-    kind, drv, tgt = e.get("type", "file"), _first(k, "driver"), _first(k, "target")
+    drv, tgt = _first(k, "driver"), _first(k, "target")
     _kids(tgt, "")
-    check(kind in ("file", "block"), f"disk type {kind!r} is not supported (file or block)",
-          UnsupportedError)
     check_enums("disk ", ("driver name", drv.get("name", "qemu"), ("qemu",)))
-    refuse_attrs(drv, "disk driver", queues=(), iothread=(), packed=(), ats=(), iommu=())
+    refuse_attrs(drv, "disk driver", queues=(), iothread=(), packed=(), ats=(), iommu=(),
+                 rerror_policy=())
+    refuse_attrs(tgt, "disk target", rotation_rate=(), removable=("off",), tray=("closed",))
     check(bool(tgt.get("dev")), "disk <target dev> is missing")
     bus = {"vd": "virtio", "hd": "ide", "sd": "scsi"}.get(tgt.get("dev")[:2], "virtio")
+    _same_drive_address(k, tgt.get("dev"), tgt.get("bus"))
     return Disk(
         target=tgt.get("dev"),
         bus=tgt.get("bus", bus),
@@ -231,7 +268,25 @@ def _disk(e: Any) -> Disk:
         serial=_text(k, "serial"),
         boot_order=_int(_first(k, "boot").get("order"), "disk boot order"),
         address=pci_address(k, f"disk {tgt.get('dev')}", ("drive",)),
+        drive=drive_address(k, f"disk {tgt.get('dev')}") if tgt.get("bus", bus) == "scsi"
+        else None,
     )
+
+
+def _same_drive_address(k: Kids, target: str, bus: str | None) -> None:
+    """An IDE or SATA disk's ``<address type='drive'>`` must say what its target dev
+    says (libvirt would place the disk by the address; ferry places it by the name)."""
+    e = _first(k, "address")
+    if e.get("type") != "drive" or (bus or {"hd": "ide", "sd": "scsi"}.get(target[:2])) \
+            not in ("ide", "sata"):
+        return
+    i = ord(target[-1]) - ord("a")
+    want = (0, i // 2, 0, i % 2) if target.startswith("hd") else (0, 0, 0, i)
+    got = tuple(_int(e.get(what, "0"), f"disk {target} drive {what}")
+                for what in ("controller", "bus", "target", "unit"))
+    show = ":".join(map(str, got))
+    check(got == want, f"disk {target} drive address {show} is not where its target dev "
+          f"puts it ({':'.join(map(str, want))})", UnsupportedError)
 
 
 def _chardev(e: Any, port: int, live: bool) -> Serial:
@@ -318,10 +373,11 @@ def _element(d: DomainDef, live: bool, secure: bool) -> Any:
     put_os_boot(os_, d)
     for dev in d.boot_devices:
         _sub(os_, "boot", dev=dev)
-    if d.features:
+    if d.features or d.vmport is not None:
         feats = _sub(root, "features")
         for name in d.features:
             _sub(feats, name)
+        _sub(feats, "vmport", state=_onoff(d.vmport), when=d.vmport is not None)
     put_cpu(root, d)
     if d.suspend_to_mem is not None or d.suspend_to_disk is not None:
         pm = _sub(root, "pm")
@@ -356,6 +412,7 @@ def _element(d: DomainDef, live: bool, secure: bool) -> Any:
         _sub(e, "boot", order=disk.boot_order, when=disk.boot_order is not None)
         _sub(e, "alias", name=disk.alias, when=live)
         put_address(e, disk.address)
+        put_drive_address(e, disk.drive)
     put_devices(devices, d, live)
     mirrored = [s for c in d.consoles for s in d.serials if s.port == c.port]
     for kind, s in [("serial", s) for s in d.serials] + [("console", s) for s in mirrored]:

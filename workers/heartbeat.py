@@ -17,14 +17,14 @@ from typing import Any
 
 import redis
 
+from workers.host_records import HOSTS_SET, get_host, host_key, list_hosts, tls_fields
+
+__all__ = ["HOSTS_SET", "VERSION", "Heartbeat", "get_host", "host_key", "list_hosts",
+           "tls_fields"]
+
 log = logging.getLogger(__name__)
 
-HOSTS_SET = "ferry:hosts"
 VERSION = "0.1.0"
-
-
-def host_key(name: str) -> str:
-    return f"ferry:host:{name}"
 
 
 class Heartbeat:
@@ -92,44 +92,3 @@ class Heartbeat:
                 self.beat()
             except redis.RedisError as exc:
                 log.warning("heartbeat failed (will retry in %.1fs): %s", self._interval, exc)
-
-
-def tls_fields(tls: Any) -> dict[str, Any]:
-    """The hosts list's TLS fields from a heartbeat's `tls` (absent in older workers):
-    tls (both ends' material valid), tls_required, tls_expires, tls_problems."""
-    tls = tls if isinstance(tls, dict) else {}
-    return {"tls": bool(tls.get("server") and tls.get("client")),
-            "tls_required": bool(tls.get("required")),
-            "tls_expires": tls.get("expires"), "tls_problems": list(tls.get("problems") or [])}
-
-
-def list_hosts(client: redis.Redis) -> list[dict[str, Any]]:
-    """Every host ever seen, alive or not, from the heartbeat records."""
-    names = sorted(n.decode() if isinstance(n, bytes) else n for n in client.smembers(HOSTS_SET))
-    hosts: list[dict[str, Any]] = []
-    for name in names:
-        raw = client.get(host_key(name))
-        if raw is None:
-            hosts.append(
-                {"name": name, "uuid": None, "address": None, "alive": False, "guests": [],
-                 **tls_fields(None)}
-            )
-            continue
-        rec = json.loads(raw)
-        hosts.append(
-            {
-                "name": name,
-                "uuid": rec["uuid"],
-                "address": rec["address"],
-                "alive": True,
-                "guests": rec["guests"],
-                "version": rec["version"],
-                **tls_fields(rec.get("tls")),
-            }
-        )
-    return hosts
-
-
-def get_host(client: redis.Redis, name: str) -> dict[str, Any] | None:
-    raw = client.get(host_key(name))
-    return None if raw is None else dict(json.loads(raw))

@@ -37,6 +37,7 @@ from typing import Any
 from workers import failpoints, image_format
 from workers.abi import check_abi_stability
 from workers.agent import HostAgent
+from workers.cpumodel import with_running_cpu
 from workers.domain import DomainDef
 from workers.domain_states import DomainState, PausedReason, RunningReason, ShutoffReason
 from workers.domain_xml import format_domain_xml
@@ -329,7 +330,7 @@ def _restore_definition(agent: HostAgent, header: ImageHeader, xml: str | None) 
         raise ImageError(f"the domain XML in the image is refused: {exc.message}") from None
     if xml is None:
         return saved
-    chosen = agent.parse(xml)
+    chosen = with_running_cpu(agent.parse(xml), saved)
     check_abi_stability(saved, chosen)
     return chosen
 

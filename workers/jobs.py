@@ -224,6 +224,24 @@ class JobStore:
     def set_progress(self, uuid: str, job_id: str, progress: dict[str, Any]) -> None:
         self._set_mine(uuid, job_id, "progress", json.dumps(progress))
 
+    # The check and the mark in one step: a mark never lands on a record ended
+    # meanwhile (a half record the next job would inherit) nor on the next job's.
+    _MARK_ABORT = """
+    if ARGV[1] == '' then
+        if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+    elseif redis.call('HGET', KEYS[1], 'id') ~= ARGV[1] then
+        return 0
+    end
+    redis.call('HSET', KEYS[1], 'abort', '1')
+    return 1
+    """
+
+    def mark_aborted(self, uuid: str, job_id: str = "") -> bool:
+        """Mark the job of domain `uuid` aborted in its record: job `job_id`'s only, when
+        given (written after the abort's reply, it may come late), else any job's."""
+        # EVAL, not a registered script: one round trip even the first time
+        return bool(self.redis.eval(self._MARK_ABORT, 1, job_key(uuid), job_id))
+
     def request_abort(self, uuid: str) -> bool:
         """Mark the job aborted in its record (honoured at the next phase boundary), or
         a migration still waiting in line before its first phase (it leaves the line).
@@ -233,8 +251,8 @@ class JobStore:
         if job_id is not None:
             if phase is not None and _text(phase) in SWITCHED_OVER:
                 raise OperationInvalidError(TOO_LATE)
-            self.redis.hset(job_key(uuid), "abort", "1")
-            return True
+            if self.mark_aborted(uuid, _text(job_id)):  # still that job's record
+                return True
         waiting = self.queued(uuid)
         if waiting is None:
             return False

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from workers import cpucheck, dac, netdev
+from workers import cpucheck, cpumodel, dac, netdev
 from workers.agent import HostAgent
 from workers.domain import DomainDef, with_channel_paths, with_graphics_ports, with_tap_names
 from workers.domain_states import DomainState, PausedReason, RunningReason, ShutoffReason
@@ -113,6 +113,16 @@ async def check_cpu(agent: HostAgent, d: DomainDef) -> None:
     cpucheck.check_cpu(d, caps, agent.settings.cpu_hide_features, agent.host)
 
 
+async def expand_cpu(agent: HostAgent, d: DomainDef) -> DomainDef:
+    """A host-model CPU as the named model and features of this host (workers/cpumodel.py)."""
+    if d.cpu_mode != "host-model":
+        return d
+    accel = "kvm" if agent.kvm and d.type == "kvm" else "tcg"
+    host = await asyncio.get_running_loop().run_in_executor(
+        None, cpumodel.probe_host, d.emulator, accel)
+    return cpumodel.expand_host_model(d, host, agent.settings.cpu_hide_features)
+
+
 async def launch(agent: HostAgent, dom: DomainObj, definition: DomainDef,
                  incoming: str | None = None, extra_argv: Sequence[str] = ()) -> None:
     """Start QEMU for `definition` with CPUs stopped and connect its monitor.
@@ -121,6 +131,8 @@ async def launch(agent: HostAgent, dom: DomainObj, definition: DomainDef,
     is shutoff:failed and the error carries the end of QEMU's log.
     """
     definition = with_nvram_path(definition, nvram_dir(agent))
+    if incoming is None:  # an incoming guest keeps the CPU its source gave it
+        definition = await expand_cpu(agent, definition)
     await check_cpu(agent, definition)
     ensure_nvram(definition, incoming=incoming is not None, host=agent.host)
     others = [o.current for o in agent.domains.values() if o.active and o is not dom]
@@ -179,6 +191,7 @@ def _spawn(agent: HostAgent, dom: DomainObj, live: DomainDef, incoming: str | No
     except BaseException:
         remove_sockets(dom.bound_sockets)
         dom.bound_sockets = []
+        netdev.discard(taps, agent.host)  # no QEMU: the macvtaps made for it go
         raise
     finally:
         for tap in taps:  # QEMU holds them now; a tap goes when QEMU does

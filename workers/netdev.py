@@ -14,6 +14,15 @@ with ``<target managed='no'>``) is only opened, and stays.
 Names: a user's ``<target dev>`` must be free on this host (one in use is refused
 by name); without one the kernel picks the next free ``vnetN``.  vhost-net is used
 for virtio NICs where /dev/vhost-net can be opened.
+
+macvtap (``type='direct'``, mode bridge), libvirt's way too: ``ip link add link
+PARENT name macvtapN address MAC type macvtap mode bridge`` (the guest's own MAC:
+macvtap delivers by destination address), up, then its character device
+(``/dev/tapIFINDEX``, whose numbers sysfs gives) is opened and handed to QEMU as a
+tap fd.  Without udev that node may not exist: the host then makes a private one
+(mknod in a fresh directory, opened and removed at once).  A macvtap outlives its
+descriptors, so the host deletes it when QEMU exits (workers/agent.py) and when a
+start fails before QEMU runs.
 """
 
 from __future__ import annotations
@@ -23,8 +32,10 @@ import errno
 import fcntl
 import logging
 import os
+import stat
 import struct
 import subprocess
+import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,6 +69,7 @@ class Tap:
     name: str
     fd: int
     vhostfd: int | None = None
+    macvtap: bool = False  # a link that outlives its fd: deleted by remove_macvtaps
 
     def close(self) -> None:
         for fd in (self.fd, self.vhostfd):
@@ -91,6 +103,9 @@ def check_networks(d: DomainDef, networks: Mapping[str, str], host: str) -> None
     for n in d.interfaces:
         if not n.tap:
             continue
+        if n.type == "direct" and not (SYS_NET / str(n.source)).exists():
+            raise NetworkError(f"direct source dev '{n.source}' of interface {n.mac} does "
+                               "not exist", host=host)
         bridge = bridge_of(n, networks, host)
         if bridge is not None and not (SYS_NET / bridge / "bridge").is_dir():
             raise NetworkError(f"bridge '{bridge}' of interface {n.mac} does not exist",
@@ -124,13 +139,85 @@ def open_taps(d: DomainDef, networks: Mapping[str, str], host: str) -> list[Tap]
     taps: list[Tap] = []
     try:
         for i, n in enumerate(d.interfaces):
-            if n.tap:
+            if n.type == "direct":
+                taps.append(_open_macvtap(i, n, host))
+            elif n.tap:
                 taps.append(_open_tap(i, n, bridge_of(n, networks, host), host))
     except BaseException:
-        for tap in taps:
-            tap.close()
+        discard(taps, host)
         raise
     return taps
+
+
+def discard(taps: Sequence[Tap], host: str) -> None:
+    """Close taps no QEMU got, and delete the macvtaps among them."""
+    for tap in taps:
+        tap.close()
+    remove_links([t.name for t in taps if t.macvtap], host)
+
+
+def remove_macvtaps(d: DomainDef, host: str) -> None:
+    """QEMU of `d` exited: its macvtaps (named in its live definition) go too."""
+    remove_links([n.target_dev for n in d.interfaces
+                  if n.type == "direct" and n.target_dev], host)
+
+
+def remove_links(names: Sequence[str], host: str) -> None:
+    for name in names:
+        try:
+            _ip(host, "link", "del", "dev", name)
+        except FerryError as exc:  # already gone (deleted by hand, its parent removed)
+            log.warning("macvtap %s: %s", name, exc.message)
+
+
+def _open_macvtap(index: int, n: Interface, host: str) -> Tap:
+    name = n.target_dev
+    for k in range(1000 if name is None else 1):
+        candidate = name or f"macvtap{k}"
+        if name is None and (SYS_NET / candidate).exists():
+            continue
+        try:
+            _ip(host, "link", "add", "link", str(n.source), "name", candidate, "address", n.mac,
+                "type", "macvtap", "mode", "bridge")
+        except NetworkError as exc:
+            if name is None and "exists" in exc.message:
+                continue  # another guest took it meanwhile
+            raise
+        break
+    else:
+        raise NetworkError(f"no free macvtap name for interface {n.mac}", host=host)
+    try:
+        _ip(host, "link", "set", "dev", candidate, "up")
+        tap = Tap(index, candidate, _open_macvtap_dev(candidate, host), macvtap=True)
+    except BaseException:
+        remove_links([candidate], host)
+        raise
+    if n.model == "virtio" and os.path.exists(VHOST_DEVICE):
+        with contextlib.suppress(OSError):
+            tap.vhostfd = os.open(VHOST_DEVICE, os.O_RDWR | os.O_CLOEXEC)
+    log.info("macvtap %s for %s on %s (vhost %s)", candidate, n.mac, n.source,
+             tap.vhostfd is not None)
+    return tap
+
+
+def _open_macvtap_dev(name: str, host: str) -> int:
+    """The macvtap's character device, opened: /dev/tapN, or a private node for it."""
+    try:
+        ifindex = int((SYS_NET / name / "ifindex").read_text())
+        major, minor = (int(x) for x in
+                        (SYS_NET / name / "macvtap" / f"tap{ifindex}" / "dev").read_text()
+                        .split(":"))
+        rdev = os.makedev(major, minor)
+        node = Path(f"/dev/tap{ifindex}")
+        if node.is_char_device() and node.stat().st_rdev == rdev:
+            return os.open(node, os.O_RDWR | os.O_CLOEXEC)
+        with tempfile.TemporaryDirectory(prefix="ferry-macvtap-") as tmp:
+            private = os.path.join(tmp, f"tap{ifindex}")
+            os.mknod(private, 0o600 | stat.S_IFCHR, rdev)
+            return os.open(private, os.O_RDWR | os.O_CLOEXEC)
+    except (OSError, ValueError) as exc:
+        raise NetworkError(f"cannot open the character device of macvtap '{name}': {exc}",
+                           host=host) from None
 
 
 def _open_tap(index: int, n: Interface, bridge: str | None, host: str) -> Tap:

@@ -9,8 +9,13 @@ from workers.errors import QemuError
 
 
 def bindable(address: str, port: int) -> bool:
+    """Whether QEMU could listen on the port now. QEMU sets SO_REUSEADDR, so a port whose
+    last connection lingers in TIME_WAIT (the dest closed first: every return-path
+    migration) is free to it and must be free here too, or a busy host runs out of its
+    range for a minute after each migration."""
     family = socket.AF_INET6 if ":" in address else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((address, port))
         except OSError:

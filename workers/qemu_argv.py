@@ -27,9 +27,11 @@ Choices:
 - Passwords never reach argv (``ps`` shows it): VNC gets ``password=on`` and
   SPICE gets ticketing; the agent sets the password over QMP.
 - KVM is used only for ``type='kvm'`` and when `kvm` is true (then
-  ``accel=kvm:tcg``); host-passthrough/host-model become ``-cpu host`` under KVM
-  and ``-cpu max`` under TCG.  ``arch-capabilities=off`` goes with ``host``: on
-  these (nested, AMD) machines QEMU 7.2 aborts setting MSR 0x10a otherwise.
+  ``accel=kvm:tcg``); host-passthrough becomes ``-cpu host`` under KVM and ``-cpu
+  max`` under TCG, and so does a host-model that arrives unexpanded (the host
+  expands host-model to a custom model before start: workers/cpumodel.py).
+  ``arch-capabilities=off`` goes with ``host``: on these (nested, AMD) machines QEMU
+  7.2 aborts setting MSR 0x10a otherwise.
 - Timers: hpet present='no' gives ``hpet=off``, rtc tickpolicy='catchup' gives
   ``driftfix=slew``; the others keep QEMU's defaults (kvm-pit already delays
   lost ticks).
@@ -58,6 +60,7 @@ from workers.qemu_devices import (
     interface_args,
     kernel_args,
     late_device_args,
+    numa_args,
     pci,
     rng_args,
     smp_option,
@@ -124,6 +127,7 @@ def build_qemu_argv(
         d.machine,
         "accel=kvm:tcg" if use_kvm else "accel=tcg",
         None if "acpi" in d.features else "acpi=off",
+        None if d.vmport is None else f"vmport={'on' if d.vmport else 'off'}",
         "hpet=off" if hpet_off else None,
     )
     argv = [d.emulator, "-name", f"guest={d.name},debug-threads=on", "-S"]
@@ -137,7 +141,7 @@ def build_qemu_argv(
     if cpu:
         argv += ["-cpu", cpu]
     mem_kib = -(-d.memory_kib // 1024) * 1024  # QEMU wants whole MiB here; libvirt rounds up too
-    argv += ["-m", f"size={mem_kib}k", "-smp", smp_option(d)]
+    argv += ["-m", f"size={mem_kib}k", "-smp", smp_option(d), *numa_args(d)]
     argv += ["-no-user-config", "-nodefaults", "-display", "none"]
     argv += ["-chardev", f"socket,id=charmonitor,fd={qmp_fd},server=on,wait=off"]
     argv += ["-mon", "chardev=charmonitor,id=monitor,mode=control"]
@@ -155,10 +159,16 @@ def build_qemu_argv(
         if flag is not None:
             argv += ["-global", f"{lpc}.disable_{state}={0 if flag else 1}"]
     argv += kernel_args(d)
+    boot = None
     if any(x.boot_order for x in d.disks) or any(n.boot_order for n in d.interfaces):
-        argv += ["-boot", "strict=on"]
+        boot = "strict=on"
     elif d.boot_devices:
-        argv += ["-boot", "order=" + "".join(_BOOT[dev] for dev in d.boot_devices)]
+        boot = "order=" + "".join(_BOOT[dev] for dev in d.boot_devices)
+    wait = d.boot_menu_timeout_ms
+    menu = _opts("menu=on", None if wait is None else f"splash-time={wait}") \
+        if d.boot_menu else None
+    if boot or menu:
+        argv += ["-boot", _opts(boot, menu)]
     argv += controller_args(d)
     for video in d.videos:
         argv += video_args(d, video)

@@ -21,6 +21,7 @@ from workers.devices import (
     Rng,
     Video,
     Watchdog,
+    format_cpuset,
 )
 from workers.domain import Disk, DomainDef
 
@@ -62,6 +63,8 @@ def _controller(d: DomainDef, c: Controller) -> list[str]:
     if c.type == "usb" and c.model not in (None, "none"):
         ports = f"p2={c.ports},p3={c.ports}" if c.ports else None
         return ["-device", opts(USB_MODELS[c.model or ""], "id=usb", ports, pci(d, c.address))]
+    if c.type == "scsi":
+        return ["-device", opts(f"virtio-scsi-pci,id=scsi{c.index}", pci(d, c.address))]
     if c.type == "virtio-serial":
         return ["-device", opts("virtio-serial-pci,id=virtio-serial0",
                                 f"max_ports={c.ports}" if c.ports else None,
@@ -121,6 +124,11 @@ def disk_args(d: DomainDef, disk: Disk) -> list[str]:
     kind = "ide-cd" if disk.device == "cdrom" else "ide-hd"
     if disk.bus == "virtio":
         model = opts("virtio-blk-pci", pci(d, disk.address))
+    elif disk.drive is not None:  # scsi, as libvirt: the drive id is the disk's VPD id
+        a = disk.drive
+        model = opts(f"scsi-{'cd' if disk.device == 'cdrom' else 'hd'},bus=scsi{a.controller}.0,"
+                     f"channel={a.bus},scsi-id={a.target},lun={a.unit}",
+                     f"device_id={disk.drive_id}" if disk.device == "disk" else None)
     elif disk.bus == "sata":
         model = f"{kind},bus=ide.{disk.index}"  # ICH9's AHCI: one disk per port ide.0-5
     else:
@@ -245,3 +253,17 @@ def smp_option(d: DomainDef) -> str:
     if t is not None:
         smp += f",sockets={t.sockets},dies={t.dies},cores={t.cores},threads={t.threads}"
     return smp
+
+
+def numa_args(d: DomainDef) -> list[str]:
+    """Guest NUMA as libvirt: a memory-backend-ram per cell (id ram-nodeN, its RAM block
+    in the migration stream), ``-numa node`` with its cpus, then the distances."""
+    out: list[str] = []
+    for c in d.numa:
+        cpus = [f"cpus={r}" for r in format_cpuset(c.cpus)]
+        out += ["-object", f"memory-backend-ram,id=ram-node{c.id},size={c.memory_kib * 1024}",
+                "-numa", opts(f"node,nodeid={c.id}", *cpus, f"memdev=ram-node{c.id}")]
+    for c in d.numa:
+        for sibling, value in c.distances:
+            out += ["-numa", f"dist,src={c.id},dst={sibling},val={value}"]
+    return out

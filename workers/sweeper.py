@@ -34,7 +34,7 @@ from workers.domobj import DomainObj
 from workers.errors import MigrationError
 from workers.job_types import JobOperation, Phase
 from workers.jobs import ActiveJob, job_key
-from workers.migration import storage_dest
+from workers.migration import storage_dest, storage_keep
 from workers.migration.guards import end_outgoing_job
 from workers.slots import Line, Slots, give_back_all
 
@@ -150,6 +150,7 @@ async def sweep(agent: HostAgent, orphans: Orphans | None = None) -> list[str]:
             done.append(f"{dom.name} stays paused: a migration paused it and ended; check "
                         "where it runs before resuming it")
     done += storage_dest.sweep_images(agent, agent.jobs.ended, lambda name: _runs(agent, name))
+    done += storage_keep.sweep(agent)
     for line in done:
         log.warning("sweeper: %s", line)
     return done

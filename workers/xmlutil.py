@@ -20,6 +20,7 @@ Kids = dict[str, list[Any]]
 CONTAINERS = {"os", "features", "cpu", "clock", "devices", "disk", "serial", "console"}
 CONTAINERS |= {"graphics", "video", "memballoon", "target", "qemu:commandline", "interface"}
 CONTAINERS |= {"channel", "controller", "rng", "watchdog", "portForward", "input", "pm"}
+CONTAINERS |= {"numa", "cell", "distances"}
 
 
 def tag(elem: Any) -> str:

@@ -11,6 +11,14 @@ makes) from a copy of the source image into that export.  Samples interleave
 ferry's bulk copy (mirrors started to all in sync, `disk_copy_ms`) over the
 floor's convert; ferry's whole migration (RAM and disks together, every phase)
 is reported beside it.  Every process is stopped by pid, also on failure.
+
+`--mirror`: the hosts run with FERRY_STORAGE_RESUMABLE=0 (mirrors only, the copy
+before backup rounds became the default), written to STORAGE-MIRROR.md.
+
+`--retry`: the sources run with FERRY_STORAGE_RESUMABLE=1; each sample cuts a copy
+(an abort) once half the disk went, then retries it to the same dest: the bytes the
+retry copied over the bytes of an uninterrupted copy (`disk_processed` of the retry,
+and the disk's virtual size, which a full backup sends, zeroes as zero writes).
 """
 
 from __future__ import annotations
@@ -150,6 +158,33 @@ class FerrySide:
                 "memory_total": stats.get("memory_total"), "direction": f"{src}->{dst}",
                 "phases": {p["phase"]: p["elapsed_ms"] for p in summary["phases"]}}
 
+    def retry_sample(self, cut_bandwidth_mib: int) -> dict[str, Any]:
+        """A copy cut (aborted) at half the disk, then its retry to the same dest."""
+        src = self.at
+        dst = "beta" if src == "alpha" else "alpha"
+        self.paths[dst].unlink(missing_ok=True)
+        job = self.client.migrate(self.name, src, dst, live=True, copy_storage_all=True,
+                                  bandwidth_mib_s=cut_bandwidth_mib, xmlin=self.xml[dst])
+        size = DISK_GIB << 30
+        wait_for(lambda: (job.info().get("disk_processed") or 0) >= size // 2, 600,
+                 "half the disk to be copied")
+        cut_at = int(job.info().get("disk_processed") or 0)
+        job.abort()
+        with contextlib.suppress(Exception):
+            job.wait(timeout=120)
+        wait_for(lambda: self.client.call(src, "dominfo", domain=self.name)["state"] ==
+                 "running", 60, "the source guest to run on")
+        t0 = time.perf_counter()
+        summary = self.client.migrate(self.name, src, dst, live=True, copy_storage_all=True,
+                                      xmlin=self.xml[dst]).wait(timeout=900)
+        wall_ms = (time.perf_counter() - t0) * 1000
+        self.at = dst
+        stats = summary["statistics"]
+        return {"cut_at": cut_at, "full": size, "retry_processed": stats["disk_processed"],
+                "reused": stats.get("disk_reused", 0), "retry_wall_ms": wall_ms,
+                "handover_ms": stats.get("disk_handover_ms"), "direction": f"{src}->{dst}",
+                "ratio": round(stats["disk_processed"] / size, 3)}
+
     def remove(self) -> None:
         for task in ("destroy", "undefine"):
             with contextlib.suppress(Exception):
@@ -183,13 +218,15 @@ def markdown(result: dict[str, Any]) -> str:
     s, m = result["summary"], result["machine"]
     lines = [
         f"# Storage copy vs its floor ({m['date'][:10]})", "",
-        f"`python -m scripts.bench.storage --runs {result['args']['runs']}`: a "
+        f"`python -m scripts.bench.storage --runs {result['args']['runs']}"
+        f"{' --mirror' if result['args'].get('mirror') else ''}`: a "
         f"{DISK_GIB} GiB qcow2 with {RANDOM_GIB} GiB of random data, {s['pairs']} "
         "interleaved pairs after a warm-up of each, medians, ms. "
         f"{m['nproc']} CPUs ({m['cpu_model']}), {m['qemu']}, load "
         f"{m['loadavg_start'][0]:.1f} at the start.", "",
         "| what | ferry | floor | ratio |", "| --- | ---: | ---: | ---: |",
-        f"| disk copy (ferry: mirrors started to all in sync; floor: qemu-img convert into "
+        f"| disk copy (ferry: first job started to all mirrors in sync; floor: qemu-img "
+        "convert into "
         f"the NBD export) | {s['ferry_disk_copy_ms']:.0f} | {s['floor_convert_ms']:.0f} | "
         f"{s['ratio']} (pairs: {s['median_pair_ratio']}) |",
         f"| MiB/s over the allocated data | {s['ferry_mib_s']} | {s['floor_mib_s']} | |",
@@ -205,9 +242,54 @@ def markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def run(runs: int, warmup: int, root: Path, ports: str) -> dict[str, Any]:
-    stack = Stack(root=root, log_level="INFO", extra_env={"FERRY_MIGRATION_PORTS": ports})
-    result: dict[str, Any] = {"machine": machine(), "args": {"runs": runs, "warmup": warmup}}
+def retry_markdown(result: dict[str, Any]) -> str:
+    m, rows = result["machine"], result["retry"]
+    ratios = [r["ratio"] for r in rows]
+    lines = [
+        f"## A retry after a cut at 50 % ({m['date'][:10]})", "",
+        f"`python -m scripts.bench.storage --retry --runs {len(rows)}`: the same disk, "
+        "sources with FERRY_STORAGE_RESUMABLE=1, each copy aborted once half the disk "
+        "went, then retried to the same dest. Median share of a full copy the retry "
+        f"sent: {statistics.median(ratios)} (target <= 0.6).", "",
+        "| # | cut at (bytes) | retry sent | reused | full copy | ratio | retry wall ms "
+        "| guest pause at hand-over ms | direction |",
+        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
+    for i, r in enumerate(rows, 1):
+        lines.append(f"| {i} | {r['cut_at']} | {r['retry_processed']} | {r['reused']} | "
+                     f"{r['full']} | {r['ratio']} | {r['retry_wall_ms']:.0f} | "
+                     f"{r['handover_ms']} | {r['direction']} |")
+    return "\n".join(lines) + "\n"
+
+
+def run_retry(runs: int, root: Path, ports: str, cut_bandwidth_mib: int) -> dict[str, Any]:
+    stack = Stack(root=root, log_level="INFO", extra_env={
+        "FERRY_MIGRATION_PORTS": ports, "FERRY_STORAGE_RESUMABLE": "1"})
+    result: dict[str, Any] = {"machine": machine(), "args": {"runs": runs}}
+    try:
+        _log(f"state root {root}; building the {DISK_GIB} GiB disk")
+        template = make_disk(root)
+        client = start_stack(stack)
+        ferry = FerrySide(client, root, template)
+        ferry.start()
+        rows = []
+        try:
+            for i in range(runs):
+                rows.append(ferry.retry_sample(cut_bandwidth_mib))
+                _log(f"{i + 1}/{runs}: {rows[-1]}")
+        finally:
+            ferry.remove()
+        result["retry"] = rows
+    finally:
+        stack.stop(kill_guests=True)
+    return result
+
+
+def run(runs: int, warmup: int, root: Path, ports: str, mirror: bool = False
+        ) -> dict[str, Any]:
+    stack = Stack(root=root, log_level="INFO", extra_env={
+        "FERRY_MIGRATION_PORTS": ports, "FERRY_STORAGE_RESUMABLE": "0" if mirror else "1"})
+    result: dict[str, Any] = {"machine": machine(),
+                              "args": {"runs": runs, "warmup": warmup, "mirror": mirror}}
     try:
         _log(f"state root {root}; building the {DISK_GIB} GiB disk")
         template = make_disk(root)
@@ -246,18 +328,35 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--keep", action="store_true", help="keep the temporary root")
     p.add_argument("--ports", default="39500-39563",
                    help="the hosts' migration port range (below the ephemeral range)")
+    p.add_argument("--retry", action="store_true",
+                   help="the retry after a cut at 50 %% instead (STORAGE-RETRY.md)")
+    p.add_argument("--mirror", action="store_true",
+                   help="the mirror-only path (FERRY_STORAGE_RESUMABLE=0: STORAGE-MIRROR.md)")
+    p.add_argument("--cut-bandwidth", type=int, default=100,
+                   help="MiB/s of the copy that is cut (default 100)")
     args = p.parse_args(argv)
     root = searchable(Path(tempfile.mkdtemp(prefix="ferry-bst-", dir="/tmp")))
     try:
-        result = run(args.runs, args.warmup, root, args.ports)
+        if args.retry:
+            result = run_retry(args.runs, root, args.ports, args.cut_bandwidth)
+        else:
+            result = run(args.runs, args.warmup, root, args.ports, args.mirror)
     finally:
         if not args.keep:
             shutil.rmtree(root, ignore_errors=True)
+    if args.retry:
+        text = retry_markdown(result)
+        args.out.mkdir(parents=True, exist_ok=True)
+        stamp = time.strftime("%Y%m%d-%H%M%S") + "-storage-retry"
+        (args.out / f"{stamp}.json").write_text(json.dumps(result, indent=2) + "\n")
+        (BENCH_DIR / "STORAGE-RETRY.md").write_text(text)
+        print(text)
+        return 0
     text = markdown(result)
     args.out.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S") + "-storage"
     (args.out / f"{stamp}.json").write_text(json.dumps(result, indent=2) + "\n")
-    (BENCH_DIR / "STORAGE.md").write_text(text)
+    (BENCH_DIR / ("STORAGE-MIRROR.md" if args.mirror else "STORAGE.md")).write_text(text)
     print(text)
     return 0
 

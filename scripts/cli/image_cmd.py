@@ -21,26 +21,33 @@ from workers.image_format import COMPRESSORS, DUMP_FORMATS, read_header
 IMAGE_TIMEOUT_S = 6 * 3600.0  # a large guest through xz takes a while
 
 
-def add_parsers(sub: Any) -> None:
-    p = domain_cmd(sub, "save", cmd_save, "save a running guest's state to a file")
-    p.add_argument("domain")
-    p.add_argument("file")
-    p.add_argument("--compress", choices=tuple(COMPRESSORS), default="raw",
-                   help="compressor the image goes through (default: raw)")
-    _run_state(p, "state the guest is restored in (default: as it was)")
-    p.add_argument("--bypass-cache", action="store_true",
-                   help="write the image with O_DIRECT (not through the page cache)")
-    p = domain_cmd(sub, "restore", cmd_restore, "restore a guest from a saved file")
-    p.add_argument("file")
-    p.add_argument("--xml", help="domain XML to restore with (checked for ABI stability)")
-    _run_state(p, "state the guest starts in (default: as saved)")
-    p = domain_cmd(sub, "dump", cmd_dump, "dump a guest's memory to a file")
-    p.add_argument("domain")
-    p.add_argument("file")
-    p.add_argument("--memory-only", action="store_true",
-                   help="guest-physical memory only (needed by the kdump formats)")
-    p.add_argument("--format", choices=DUMP_FORMATS, default="elf")
-    p.add_argument("--live", action="store_true", help="do not pause the guest first")
+COMMANDS = ("save", "restore", "dump")
+
+
+def add_parsers(sub: Any, only: str | None = None) -> None:
+    """The parsers of COMMANDS (of `only` alone, when given)."""
+    if only in (None, "save"):
+        p = domain_cmd(sub, "save", cmd_save, "save a running guest's state to a file")
+        p.add_argument("domain")
+        p.add_argument("file")
+        p.add_argument("--compress", choices=tuple(COMPRESSORS), default="raw",
+                       help="compressor the image goes through (default: raw)")
+        _run_state(p, "state the guest is restored in (default: as it was)")
+        p.add_argument("--bypass-cache", action="store_true",
+                       help="write the image with O_DIRECT (not through the page cache)")
+    if only in (None, "restore"):
+        p = domain_cmd(sub, "restore", cmd_restore, "restore a guest from a saved file")
+        p.add_argument("file")
+        p.add_argument("--xml", help="domain XML to restore with (checked for ABI stability)")
+        _run_state(p, "state the guest starts in (default: as saved)")
+    if only in (None, "dump"):
+        p = domain_cmd(sub, "dump", cmd_dump, "dump a guest's memory to a file")
+        p.add_argument("domain")
+        p.add_argument("file")
+        p.add_argument("--memory-only", action="store_true",
+                       help="guest-physical memory only (needed by the kdump formats)")
+        p.add_argument("--format", choices=DUMP_FORMATS, default="elf")
+        p.add_argument("--live", action="store_true", help="do not pause the guest first")
 
 
 def _run_state(p: argparse.ArgumentParser, help_: str) -> None:

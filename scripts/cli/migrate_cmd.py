@@ -12,8 +12,33 @@ from scripts.cli import formats
 from scripts.cli.common import Handler, client, domain_cmd, emit, host_of
 from workers.errors import FerryError, InvalidInputError
 
+COMMANDS = ("migrate", "domjobinfo", "domjobabort", "migrate-setspeed", "migrate-getspeed",
+            "migrate-setmaxdowntime", "migrate-postcopy")
+SIGNALS = (("domjobabort", "abort", None, "abort the domain's job"),
+           ("migrate-setspeed", "setspeed", "bandwidth", "set the bandwidth (MiB/s)"),
+           ("migrate-getspeed", "getspeed", None, "the bandwidth (MiB/s)"),
+           ("migrate-setmaxdowntime", "setmaxdowntime", "downtime", "set max downtime (ms)"),
+           ("migrate-postcopy", "postcopy", None, "switch to post-copy"))
 
-def add_parsers(sub: Any) -> None:
+
+def add_parsers(sub: Any, only: str | None = None) -> None:
+    """The parsers of COMMANDS (of `only` alone, when given)."""
+    if only in (None, "migrate"):
+        _migrate_parser(sub)
+    if only in (None, "domjobinfo"):
+        p = domain_cmd(sub, "domjobinfo", cmd_domjobinfo, "job information")
+        p.add_argument("domain")
+        p.add_argument("--completed", action="store_true")
+    for name, op, arg, help_ in SIGNALS:
+        if only not in (None, name):
+            continue
+        p = domain_cmd(sub, name, _signal_cmd(op, arg), help_)
+        p.add_argument("domain")
+        if arg:
+            p.add_argument(arg, type=int)
+
+
+def _migrate_parser(sub: Any) -> None:
     p = domain_cmd(sub, "migrate", cmd_migrate, "migrate a domain to another host")
     p.add_argument("domain")
     p.add_argument("dest", help="the destination host")
@@ -49,32 +74,20 @@ def add_parsers(sub: Any) -> None:
                    help="xbzrle cache size (a power of two)")
     p.add_argument("--comp-zstd-level", type=int, metavar="N", help="0-20 (default 1)")
     p.add_argument("--comp-zlib-level", type=int, metavar="N", help="0-9 (default 1)")
-    p = domain_cmd(sub, "domjobinfo", cmd_domjobinfo, "job information")
-    p.add_argument("domain")
-    p.add_argument("--completed", action="store_true")
-    for name, op, arg, help_ in (
-            ("domjobabort", "abort", None, "abort the domain's job"),
-            ("migrate-setspeed", "setspeed", "bandwidth", "set the bandwidth (MiB/s)"),
-            ("migrate-getspeed", "getspeed", None, "the bandwidth (MiB/s)"),
-            ("migrate-setmaxdowntime", "setmaxdowntime", "downtime", "set max downtime (ms)"),
-            ("migrate-postcopy", "postcopy", None, "switch to post-copy")):
-        p = domain_cmd(sub, name, _signal_cmd(op, arg), help_)
-        p.add_argument("domain")
-        if arg:
-            p.add_argument(arg, type=int)
+
+
+#: the command's own arguments, not the migration's
+NOT_OPTIONS = frozenset({"command", "handler", "quick_exit", "host", "json", "domain", "dest",
+                         "no_wait", "dry_run", "xml"})
+#: CLI names (virsh's) of options named otherwise in tasks/migrate_plan.py
+RENAMED = {"bandwidth": "bandwidth_mib_s", "timeout": "timeout_s",
+           "max_downtime": "max_downtime_ms", "migrateuri": "migrate_uri"}
 
 
 def _options(a: argparse.Namespace) -> dict[str, Any]:
-    opts: dict[str, Any] = {name: getattr(a, name) for name in (
-        "live", "p2p", "tunnelled", "persistent", "undefinesource", "suspend", "offline",
-        "abort_on_error", "auto_converge", "postcopy", "change_protection",
-        "copy_storage_all", "copy_storage_inc", "unsafe", "parallel", "compressed", "tls")}
-    opts.update(protocol=a.protocol, bandwidth_mib_s=a.bandwidth, timeout_s=a.timeout,
-                max_downtime_ms=a.max_downtime, migrate_uri=a.migrateuri,
-                migrate_disks=a.migrate_disks, disks_port=a.disks_port,
-                parallel_connections=a.parallel_connections, comp_methods=a.comp_methods,
-                comp_xbzrle_cache=a.comp_xbzrle_cache, comp_zstd_level=a.comp_zstd_level,
-                comp_zlib_level=a.comp_zlib_level)
+    """Every migrate argument but the command's own, as tasks/migrate_plan.py names it:
+    a new option reaches both clients (or is refused there as unknown) by its name."""
+    opts = {RENAMED.get(k, k): v for k, v in vars(a).items() if k not in NOT_OPTIONS}
     if a.xml:
         try:
             opts["xmlin"] = Path(a.xml).read_text()

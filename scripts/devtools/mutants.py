@@ -123,11 +123,11 @@ MUTANTS = (
            "            proc = await asyncio.create_subprocess_shell(\n"
            "                ' '.join(argv), stdin=stdin,",
            ("tests/unit/test_no_shell.py",)),
-    Mutant("tunnel-cancel-first", "the tunnel's sockets not closed before QEMU's cancel",
+    Mutant("tunnel-cancel-first", "the tunnel's sockets not closed with QEMU's cancel",
            "workers/migration/qemu_migrate.py",
-           "    if dom.tunnel is not None:\n        dom.tunnel.close()\n"
-           "    if dom.monitor is None:",
-           "    if dom.monitor is None:",
+           "    if dom.tunnel is not None:\n        closing = asyncio.get_running_loop()"
+           ".run_in_executor(None, dom.tunnel.close)\n",
+           "",
            (PROOFS + "test_abort_lands_while_qemu_is_blocked_on_a_full_tunnel",)),
 )
 

@@ -16,7 +16,7 @@ def guest_xml(name: str, disk: Path, serial_log: Path, *, memory_mib: int = 64,
               extra_devices: str = "", domain_type: str = "kvm", disk_format: str = "raw",
               kvmclock: bool = False) -> str:
     """`kvmclock=True` leaves QEMU's paravirtual clock on (memory checks: see above)."""
-    target = "vda" if disk_bus == "virtio" else "hda"
+    target = {"virtio": "vda", "scsi": "sda"}.get(disk_bus, "hda")
     timers = "" if kvmclock else "\n    <timer name='kvmclock' present='no'/>"
     return f"""<domain type='{domain_type}'>
   <name>{name}</name>

@@ -157,7 +157,8 @@ TUNNELLED_EXPECTED: dict[tuple[Fault, At], Outcome] = {
 
 # Storage copy: the faults that hit while the disks are mirrored to the dest's NBD
 # server.  Beyond one copy running: the disk of the host where the guest runs holds every
-# write it made, and a dest that lost the guest keeps no image it created.
+# write it made, and a dest that lost the guest keeps no image it created but one
+# recorded for a retry, until its keep time ends.
 STORAGE_EXPECTED: dict[tuple[Fault, At], Outcome] = {
     (Fault.SRC_WORKER, At.COPYING): S,
     (Fault.DST_WORKER, At.COPYING): D,
@@ -170,8 +171,10 @@ STORAGE_NOTE = (
     "managed storage copy / Perform (copying): the fault lands while the disks are "
     "mirrored; a restarted source worker cancels the mirrors and the migration (S); the "
     "dest's worker is not on the data path: the mirrors and the NBD server live in the "
-    "QEMUs (D); a dest QEMU killed fails the mirror with an I/O error (S), and the image "
-    "the dest created goes")
+    "QEMUs (D); a dest QEMU killed fails the copy with an I/O error (S), and the image "
+    "the dest created goes; after a source worker restart or an abort the dest keeps "
+    "the partial image for a retry (FERRY_STORAGE_RETRY_KEEP_S), then the sweeper "
+    "removes it")
 
 # TLS: a --tls migration whose certificates the dest refuses at Prepare (its own are
 # broken) or in the handshake at the start of Perform (the source's are not trusted).

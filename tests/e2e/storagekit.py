@@ -13,10 +13,12 @@ import json
 import os
 import subprocess
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
 from scripts.testbed.guestimage import build_image, read_disk_log
+from scripts.testbed.stack import Stack
 from tasks.client import Client
 from tests.conftest import Guest, qemu_pids_of
 
@@ -70,10 +72,12 @@ def qmp(client: Client, host: str, name: str, cmd: str, **args: Any) -> Any:
 
 
 def no_copy_left_in(client: Client, host: str, name: str) -> bool:
-    """No mirror job and no nbd node of a storage copy in the guest's QEMU."""
+    """No block job, nbd node or backup round's snapshot (fleecing node) of a storage copy
+    in the guest's QEMU."""
     jobs = qmp(client, host, name, "query-block-jobs")
     nodes = qmp(client, host, name, "query-named-block-nodes", flat=True)
-    return not jobs and not [n for n in nodes if n["node-name"].startswith("migration-")]
+    return not jobs and not [n for n in nodes
+                             if n["node-name"].startswith(("migration-", "fleece-"))]
 
 
 def log_complete(client: Client, host: str, guest: Guest, disk: Path) -> None:
@@ -145,3 +149,19 @@ class JobWatch:
         self._stop.set()
         self._thread.join(timeout=15)
         return self.samples
+
+
+def kept_records(stack: Stack, host: str) -> list[dict[str, Any]]:
+    folder = stack.workers[host].state_dir / "storage" / "kept"
+    return [json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))]
+
+
+def expire(stack: Stack, host: str, image: Path) -> None:
+    """Move a kept image's end of keep time to the past (as if the window passed)."""
+    folder = stack.workers[host].state_dir / "storage" / "kept"
+    for path in folder.glob("*.json"):
+        rec = json.loads(path.read_text())
+        if rec["path"] == str(image):
+            path.write_text(json.dumps({**rec, "until": time.time() - 1}))
+            return
+    raise AssertionError(f"no kept record of {image} on {host}")

@@ -45,7 +45,13 @@ from scripts.testbed.stack import Stack, searchable, wait_for
 from tasks.client import Client
 from tests.conftest import Guest, pid_alive, port_base, qemu_pids_of, remove_guest
 from tests.e2e.faultcases import SOURCE, At, Case, Fault, Mode, Outcome, Result, cases
-from tests.e2e.storagekit import dest_xml, log_complete, make_log_image, no_copy_left_in
+from tests.e2e.storagekit import (
+    dest_xml,
+    expire,
+    log_complete,
+    make_log_image,
+    no_copy_left_in,
+)
 from workers.errors import FerryError
 
 SRC, DST = "fsrc", "fdst"
@@ -72,8 +78,10 @@ ERRORS: dict[Fault, str] = {
 ERRORS_AT: dict[tuple[Fault, At, Mode | None], str] = {
     (Fault.DST_QEMU, At.PREPARE, None):
         r"migration failed: Failed to connect to '127\.0\.0\.1:\d+': Connection refused",
+    # with return-path the source's return thread may shut the socket first: EBADF
     (Fault.DST_QEMU, At.COPYING, None): r"migration failed: Unable to write to socket: "
-                                        r"(Broken pipe|Connection reset by peer)",
+                                        r"(Broken pipe|Connection reset by peer|"
+                                        r"Bad file descriptor)",
     (Fault.DST_QEMU, At.SWITCHED, None):
         r"no incoming migration \S+ of '{name}' on this host: its incoming QEMU exited or "
         r"was discarded",
@@ -547,12 +555,16 @@ def _check(fs: FaultStack, run: Run, outcome: Outcome | str, sampler: Sampler) -
 def _check_storage(fs: FaultStack, run: Run, outcome: Outcome | str,
                    running: str | None) -> None:
     """The disk of the host where the guest runs holds every write it made; a dest
-    without the guest keeps no image it created; no mirror is left in a source QEMU."""
+    without the guest keeps no image it created but one recorded for a retry, which goes
+    when its keep time ends; no block job or node is left in a source QEMU."""
     assert run.dest_disk is not None
     guest = _as_guest(fs, run)
     if outcome == Outcome.D:
         log_complete(fs.client, DST, guest, run.dest_disk)
         return
+    if run.dest_disk.exists():  # kept for a retry (a source worker restart, an abort)
+        expire(fs.stack, DST, run.dest_disk)  # fails if it was not recorded as kept
+        wait_for(lambda: not run.dest_disk.exists(), 30, "the sweeper to remove the image")
     assert not run.dest_disk.exists(), f"the dest kept the image it created: {run.dest_disk}"
     if running == SRC:
         assert no_copy_left_in(fs.client, SRC, run.name), "a mirror left in the source"

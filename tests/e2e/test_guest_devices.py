@@ -337,3 +337,111 @@ def test_host_passthrough_to_a_host_with_another_cpu_needs_unsafe(
     assert summary["result"] == "completed" and "unsafe" in summary["flags"]
     assert client.call(baseline_host, "dominfo", domain=guest.name)["state"] == "running"
     client.call(baseline_host, "destroy", domain=guest.name)
+
+
+def test_a_host_model_guest_runs_a_named_model_and_moves_to_any_host_that_can_run_it(
+        client: Client, make_guest: Callable[..., Guest], baseline_host: str) -> None:
+    """host-model expanded at start (TCG: QEMU's max as the closest named model plus
+    features); the dest that hides one of them refuses in Prepare, naming it; a dest
+    that has them takes the guest without --unsafe."""
+    guest = make_guest(domain_type="qemu")
+    guest.xml = guest.xml.replace("<clock", "<cpu mode='host-model'/><clock")
+    start(client, guest)
+    guest.wait_counter_above(0)
+    live = client.call("alpha", "dumpxml", domain=guest.name)
+    assert "<cpu mode=\"custom\">" in live and "<model>" in live
+    assert "<feature policy=\"require\" name=\"sse4.2\"/>" in live
+    model = live.split("<model>")[1].split("<")[0]
+    assert "<cpu mode=\"host-model\"/>" in client.call("alpha", "dumpxml", domain=guest.name,
+                                                        inactive=True)
+    pid = client.call("alpha", "dominfo", domain=guest.name)["pid"]
+    job = client.migrate(guest.name, "alpha", baseline_host, live=True)
+    with pytest.raises(FerryError, match=r"cpu features sse4\.2 are required but this host "
+                       "lacks them") as err:
+        job.wait(timeout=60)
+    assert "prepare" in str(err.value) and "\n" not in str(err.value)
+    assert client.call("alpha", "dominfo", domain=guest.name)["pid"] == pid
+    assert qemu_pids_of(guest.uuid) == [pid]
+    summary = client.migrate(guest.name, "alpha", "beta", live=True).wait(timeout=90)
+    assert summary["result"] == "completed" and "unsafe" not in summary["flags"]
+    info = client.call("beta", "dominfo", domain=guest.name)
+    assert (info["state"], info["reason"]) == ("running", "migrated")
+    assert f"<model>{model}</model>" in client.call("beta", "dumpxml", domain=guest.name)
+    cmdline = Path(f"/proc/{info['pid']}/cmdline").read_bytes().split(b"\0")
+    assert cmdline[cmdline.index(b"-cpu") + 1].startswith(f"{model},".encode())
+    guest.wait_counter_above(guest.counters()[-1] + 2)
+
+
+def test_a_guest_on_virtio_scsi_moves_managed_p2p_and_with_its_disk_copied(
+        client: Client, make_guest: Callable[..., Guest], tmp_path: Path) -> None:
+    """The boot disk on virtio-scsi (SeaBIOS boots from it) and an empty scsi cdrom."""
+    cdrom = ("\n    <disk type='file' device='cdrom'><driver name='qemu' type='raw'/>"
+             "<target dev='sdb' bus='scsi'/><readonly/></disk>")
+    guest = make_guest(domain_type="qemu", disk_bus="scsi", extra_devices=cdrom)
+    start(client, guest)
+    guest.wait_counter_above(0)
+    moves = [({}, ("alpha", "beta")), ({"p2p": True}, ("beta", "alpha"))]
+    for opts, (src, dst) in moves:
+        summary = client.migrate(guest.name, src, dst, live=True, **opts).wait(timeout=90)
+        assert summary["result"] == "completed"
+        guest.wait_counter_above(guest.counters()[-1] + 2)
+        blocks = qmp(client, dst, guest.name, "query-block")
+        assert isinstance(blocks, list)
+        assert [(b["device"], b["qdev"]) for b in blocks] == [
+            ("drive-scsi0-0-0-0", "scsi0-0-0-0"), ("drive-scsi0-0-0-1", "scsi0-0-0-1")]
+        xml = client.call(dst, "dumpxml", domain=guest.name)
+        assert '<controller type="scsi" index="0" model="virtio-scsi"/>' in xml
+        assert '<address type="drive" controller="0" bus="0" target="0" unit="1"/>' in xml
+    copy = tmp_path / "copied" / guest.disk.name
+    copy.parent.mkdir()
+    summary = client.migrate(guest.name, "alpha", "beta", live=True, copy_storage_all=True,
+                             xmlin=guest.xml.replace(f"file='{guest.disk}'",
+                                                     f"file='{copy}'")).wait(timeout=120)
+    assert summary["result"] == "completed" and summary["statistics"]["disk_remaining"] == 0
+    guest.wait_counter_above(guest.counters()[-1] + 2)
+    blocks = qmp(client, "beta", guest.name, "query-block")
+    assert isinstance(blocks, list) and blocks[0]["inserted"]["file"] == str(copy)
+
+
+def test_a_guest_with_two_numa_nodes_moves_with_its_nodes_and_their_memory(
+        client: Client, make_guest: Callable[..., Guest]) -> None:
+    guest = make_guest(domain_type="qemu", vcpus=2)
+    guest.xml = guest.xml.replace("<clock", (
+        "<cpu><numa><cell id='0' cpus='0' memory='32' unit='MiB'/>"
+        "<cell id='1' cpus='1' memory='32' unit='MiB'><distances><sibling id='0' value='20'/>"
+        "</distances></cell></numa></cpu><clock"))
+    start(client, guest)
+    guest.wait_counter_above(0)
+    for opts, (src, dst) in (({}, ("alpha", "beta")), ({"p2p": True}, ("beta", "alpha"))):
+        summary = client.migrate(guest.name, src, dst, live=True, **opts).wait(timeout=90)
+        assert summary["result"] == "completed"
+        guest.wait_counter_above(guest.counters()[-1] + 2)
+        memdevs = qmp(client, dst, guest.name, "query-memdev")
+        assert isinstance(memdevs, list)
+        assert sorted((m["id"], m["size"]) for m in memdevs) == [
+            ("ram-node0", 32 << 20), ("ram-node1", 32 << 20)]
+        numa = qmp(client, dst, guest.name, "human-monitor-command", **{"command-line":
+                                                                          "info numa"})
+        assert isinstance(numa, str) and numa.startswith("2 nodes")
+        assert "node 0 cpus: 0" in numa and "node 1 cpus: 1" in numa
+        xml = client.call(dst, "dumpxml", domain=guest.name)
+        assert '<sibling id="0" value="20"/>' in xml
+
+
+@pytest.mark.skipif(not os.access("/dev/kvm", os.R_OK | os.W_OK), reason="no KVM")
+def test_under_kvm_host_model_is_the_host_cpu_expanded_and_the_guest_moves(
+        client: Client, make_guest: Callable[..., Guest]) -> None:
+    """QEMU's `host` model under KVM, expanded; the move needs no --unsafe."""
+    guest = make_guest(domain_type="kvm")
+    guest.xml = guest.xml.replace("<clock", "<cpu mode='host-model'/><clock")
+    start(client, guest)
+    guest.wait_counter_above(0, timeout=60)
+    live = client.call("alpha", "dumpxml", domain=guest.name)
+    assert "<cpu mode=\"custom\">" in live and "<feature policy=\"require\"" in live
+    model = live.split("<model>")[1].split("<")[0]
+    summary = client.migrate(guest.name, "alpha", "beta", live=True).wait(timeout=120)
+    assert summary["result"] == "completed" and "unsafe" not in summary["flags"]
+    pid = client.call("beta", "dominfo", domain=guest.name)["pid"]
+    cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    assert cmdline[cmdline.index(b"-cpu") + 1].startswith(f"{model},".encode())
+    guest.wait_counter_above(guest.counters()[-1] + 1, timeout=60)

@@ -360,3 +360,121 @@ def test_a_cancelled_migration_removes_the_dest_tap_and_keeps_the_source(
     wait_for(lambda: taps(net, B) == [], 30, "the dest's tap to go")
     assert net.run.client.call(A, "dominfo", domain=name)["state"] == "running"
     assert len(taps(net, A)) == 1
+
+
+# ---------------------------------------------------------------- macvtap (type='direct')
+
+PARENT = "dlink0"
+
+
+@pytest.fixture(scope="module")
+def direct_links(net: Lan) -> Iterator[None]:
+    """In every host a plain (unbridged) link `dlink0` to the switch: a macvtap's parent."""
+    made = []
+    try:
+        for octet, host in enumerate(net.run.fleet.hosts.values(), start=11):
+            root_end = f"fm{net.run.fleet.suffix}{octet}"
+            ip("link", "add", root_end, "type", "veth", "peer", "name", PARENT, "netns",
+               host.netns)
+            made.append(root_end)
+            ip("link", "set", root_end, "master", net.lan.switch, "up")
+            ip("-n", host.netns, "link", "set", PARENT, "up")
+        yield
+    finally:
+        for link in made:
+            ip("link", "del", link, check=False)
+
+
+def macvtaps(net: Lan, host: str) -> dict[str, tuple[str, str]]:
+    """The macvtaps of `host`: name -> (parent, MAC)."""
+    out = ip("-n", net.run.fleet.hosts[host].netns, "-o", "link", "show", "type",
+             "macvtap").stdout
+    found = {}
+    for line in out.splitlines():
+        name, parent = line.split(":")[1].strip().split("@")
+        found[name] = (parent, line.split("link/ether ")[1].split()[0])
+    return found
+
+
+def direct_nic(mac: str, parent: str = PARENT) -> str:
+    return nic("direct", f"dev='{parent}' mode='bridge'", mac)
+
+
+def test_a_macvtap_nic_moves_to_the_dests_macvtap_and_announces_itself_there(
+        net: Lan, direct_links: None, cleanup: list[str]) -> None:
+    mac = "52:54:00:17:cc:01"
+    name = tiny(net, direct_nic(mac))
+    cleanup.append(name)
+    ((tap, (parent, address)),) = macvtaps(net, A).items()
+    assert tap.startswith("macvtap") and (parent, address) == (PARENT, mac)
+    live = net.run.client.call(A, "dumpxml", domain=name)
+    assert f'<target dev="{tap}"/>' in live and f'<source dev="{PARENT}" mode="bridge"/>' in live
+    for p2p, (src, dst) in ((False, (A, B)), (True, (B, A))):
+        capture = Capture(net.run.fleet.hosts[dst].netns, PARENT, mac).start()
+        summary = net.run.client.migrate(name, src, dst, live=True, p2p=p2p).wait(timeout=90)
+        assert summary["result"] == "completed"
+        # QEMU's self-announcement leaves through the dest's macvtap onto its parent.
+        wait_for(lambda: any(f.ethertype == ETH_P_RARP for f in capture.frames), 30,  # noqa: B023
+                 "the guest's RARP on the dest's macvtap parent")
+        capture.stop()
+        assert macvtaps(net, src) == {}
+        assert [v for v in macvtaps(net, dst).values()] == [(PARENT, mac)]
+    net.run.client.call(A, "destroy", domain=name)
+    assert macvtaps(net, A) == {}
+
+
+def test_a_macvtap_parent_missing_on_the_dest_is_refused_in_prepare_naming_it(
+        net: Lan, direct_links: None, cleanup: list[str]) -> None:
+    ns = net.run.fleet.hosts[A].netns
+    ip("-n", ns, "link", "add", "donly0", "type", "veth", "peer", "name", "donly1")
+    try:
+        ip("-n", ns, "link", "set", "donly0", "up")
+        name = tiny(net, direct_nic("52:54:00:17:cc:02", "donly0"))
+        cleanup.append(name)
+        pid = net.run.client.call(A, "dominfo", domain=name)["pid"]
+        with pytest.raises(FerryError, match="direct source dev 'donly0' of interface "
+                           "52:54:00:17:cc:02 does not exist") as err:
+            net.run.client.migrate(name, A, B, live=True).wait(timeout=60)
+        assert "prepare" in str(err.value) and f"host {B}" in str(err.value)
+        assert net.run.client.call(A, "dominfo", domain=name)["pid"] == pid
+        assert macvtaps(net, B) == {} and len(macvtaps(net, A)) == 1
+        net.run.client.call(A, "destroy", domain=name)
+        assert macvtaps(net, A) == {}
+    finally:
+        ip("-n", ns, "link", "del", "donly0", check=False)
+
+
+def test_a_linux_guest_on_a_macvtap_keeps_its_connection_across_live_migrations(
+        net: Lan, direct_links: None, cleanup: list[str]) -> None:
+    """Traffic both ways through the macvtaps: a TCP connection from the test (on the
+    switch) to the guest's echo service lives through a managed and a p2p move."""
+    if net.linux is None:
+        pytest.skip("no Linux guest here (linux-image-amd64, busybox-static)")
+    client = net.run.client
+    name, mac, addr = f"lmv-{uuid.uuid4().hex[:6]}", "52:54:00:17:cc:03", net.lan.guest_ip(3)
+    cleanup.append(name)
+    serial = net.run.work / f"{name}.serial"
+    xml = domain_xml(name, net.linux, serial, mac=mac, bridge=GUEST_BRIDGE,
+                     cmdline=kernel_cmdline(f"{addr}/24", extra=["nokaslr"]),
+                     domain_type="qemu")
+    bridged = f"<interface type='bridge'>\n      <source bridge='{GUEST_BRIDGE}'/>"
+    assert bridged in xml
+    xml = xml.replace(bridged, f"<interface type='direct'>\n      <source dev='{PARENT}' "
+                      "mode='bridge'/>")
+    client.call(A, "define", xml=xml)
+    client.call(A, "start", domain=name)
+    wait_for(lambda: parse_ready(read_serial(serial)), BOOT_DEADLINE_S, "the guest to boot")
+    assert list(macvtaps(net, A).values()) == [(PARENT, mac)]
+    sock = connect_echo(addr, 60)
+    for p2p, (src, dst) in ((False, (A, B)), (True, (B, A))):
+        settle(serial, QUIET_S)  # see the bridged Linux guest test
+        with EchoWhileMigrating(sock) as talk:
+            time.sleep(1)
+            summary = client.migrate(name, src, dst, live=True, p2p=p2p).wait(timeout=180)
+            time.sleep(2)
+        assert summary["result"] == "completed"
+        assert talk.bad == 0 and talk.ok > 0
+        assert echo(sock, b"after\n") == b"after\n"
+        assert macvtaps(net, src) == {} and list(macvtaps(net, dst).values()) == [(PARENT, mac)]
+    assert continuity_problem(parse_ticks(read_serial(serial))) is None
+    sock.close()

@@ -18,11 +18,13 @@ import pytest
 
 from scripts.testbed.stack import Stack, wait_for
 from tasks.client import Client
-from tests.conftest import CliResult, Guest, qemu_pids_of, wait_info
+from tests.conftest import CliResult, Guest, live_hosts, qemu_pids_of, wait_info
 from tests.e2e.storagekit import (
     JobWatch,
     boot,
     dest_xml,
+    expire,
+    kept_records,
     listening,
     log_complete,
     make_log_image,
@@ -231,6 +233,12 @@ def test_abort_while_the_disks_are_copied_leaves_the_source_untouched(
     with pytest.raises(FerryError, match="operation aborted: migration job canceled by "
                                          "client"):
         job.wait(timeout=60)  # type: ignore[attr-defined]
+    # an abort is an interruption a retry continues (the issue): the partial image is
+    # kept, recorded for this guest, and goes when its keep time ends
+    [rec] = [r for r in kept_records(stack, "beta") if r["path"] == str(dest_disk)]
+    assert (rec["attempt"], rec["uuid"], rec["source"]) == (job.id, guest.uuid, "alpha")  # type: ignore[attr-defined]
+    expire(stack, "beta", dest_disk)
+    wait_for(lambda: not dest_disk.exists(), 90, "the sweeper to remove the partial image")
     source_untouched(client, guest, dest_disk)
     no_port_left(stack)
 
@@ -302,12 +310,47 @@ def test_a_dest_that_stops_answering_mid_copy_is_given_up_after_the_stall_timeou
     os.kill(dest_pid, signal.SIGSTOP)  # as a network cut that does not reset: silence
     try:
         job.set_speed(0)  # type: ignore[attr-defined]  # a backlog the dest never takes
+        # each counter is written to the disk before it is printed: the guest's writes
+        # go on while the dest is silent (they wait only for a local snapshot copy)
+        g.wait_counter_above(g.counters()[-1] + 10, timeout=30)
         with pytest.raises(FerryError, match="disk copy sent nothing for 5s"):
             job.wait(timeout=90)  # type: ignore[attr-defined]
     finally:
         with contextlib.suppress(ProcessLookupError):  # Finish may have killed it meanwhile
             os.kill(dest_pid, signal.SIGCONT)
     source_untouched(client, g, dest_disk, src=src)
+    assert "disk-error" not in g.serial.read_text(errors="replace")
+
+
+def test_the_source_worker_killed_mid_round_leaves_no_snapshot_and_no_bitmap(
+        client: Client, make_guest: Callable[..., Guest], log_image: Path, tmp_path: Path,
+        stalling_host: tuple[str, Path], stack: Stack) -> None:
+    """The worker dies while a backup round reads its snapshot: after its restart the
+    guest's device is back on its disk's node, the fleecing graph and file are gone,
+    and so is the disk's bitmap (what the round sent is unknown: a retry copies all)."""
+    src, fp = stalling_host
+    g = make_guest(image=log_image, disk_format="qcow2")
+    boot(client, g, src)
+    g.wait_counter_above(3, timeout=60)
+    dest_disk = tmp_path / "d.qcow2"
+    (fp / "perform3.mirroring").write_text("kill")
+    job = client.migrate(g.name, src, "beta", live=True, copy_storage_all=True,
+                         bandwidth_mib_s=1, xmlin=dest_xml(g, dest_disk))
+    wait_for(lambda: src not in live_hosts(stack), 60, "the source worker to die")
+    fleece = stack.workers[src].state_dir / "storage" / "fleece"
+    assert [p.name for p in fleece.iterdir()] == [f"{g.uuid}-hda.img"]  # mid-round
+    (fp / "perform3.mirroring").unlink()
+    stack.start_worker(src, env=stack.workers[src].env)
+    with pytest.raises(FerryError, match="interrupted"):
+        job.wait(timeout=120)
+    if dest_disk.exists():  # kept for a retry (which will find no bitmap and copy all)
+        expire(stack, "beta", dest_disk)
+        wait_for(lambda: not dest_disk.exists(), 90, "the sweeper to remove the image")
+    source_untouched(client, g, dest_disk, src=src)
+    assert not list(fleece.iterdir())
+    [entry] = [b for b in qmp(client, src, g.name, "query-block") if b.get("inserted")]
+    assert not entry["inserted"]["node-name"].startswith("fleece-")
+    assert not entry["inserted"].get("dirty-bitmaps")
 
 
 def test_abort_at_the_switch_over_cancels_the_mirrors_and_the_source_runs_on(

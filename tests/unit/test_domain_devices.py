@@ -94,7 +94,7 @@ def test_a_nic_without_a_mac_gets_one_in_qemus_range_like_libvirt() -> None:
 def test_the_server_argv_places_every_device_where_its_address_says() -> None:
     argv = " ".join(argv_of(server()))
     for part in (
-        "-machine pc-q35-7.2,accel=tcg,hpet=off",
+        "-machine pc-q35-7.2,accel=tcg,vmport=off,hpet=off",
         "-drive if=pflash,format=raw,unit=0,file=/usr/share/OVMF/OVMF_CODE_4M.fd,readonly=on",
         "-drive if=pflash,format=raw,unit=1,file=/var/lib/ferry/nvram/debian12_VARS.fd",
         "-smp 2,sockets=1,dies=1,cores=2,threads=1",
@@ -225,8 +225,20 @@ def test_a_custom_cpu_is_enforced_with_its_features_and_topology() -> None:
      UnsupportedError, "channel type 'pty'"),
     (with_devices("<controller type='usb' model='none'/><input type='tablet' bus='usb'/>"),
      InvalidInputError, "needs a USB controller"),
-    (with_devices("<controller type='scsi' model='virtio-scsi'/>"), UnsupportedError,
-     "controller type 'scsi'"),
+    (with_devices("<controller type='scsi' model='lsilogic'/>"), UnsupportedError,
+     "controller scsi 0 model 'lsilogic' is not one of virtio-scsi"),
+    (with_devices("<controller type='scsi' model='virtio-scsi'><driver queues='4'/>"
+                  "</controller>"), UnsupportedError,
+     "controller scsi driver queues='4' is not supported"),
+    (with_devices("<disk type='file'><source file='/a'/><target dev='sda' bus='scsi'/>"
+                  "<address type='drive' controller='0' bus='1' target='0' unit='0'/></disk>"),
+     UnsupportedError, "drive address 0:1:0:0: virtio-scsi has bus 0 only"),
+    (with_devices("<disk type='file'><source file='/a'/><target dev='sda' bus='scsi'/></disk>"
+                  "<disk type='file'><source file='/b'/><target dev='sdb' bus='scsi'/>"
+                  "<address type='drive' controller='0' bus='0' target='0' unit='0'/></disk>"),
+     InvalidInputError, "duplicate disk drive address 0:0:0:0"),
+    (with_devices("<disk type='file'><source file='/a'/><target dev='sda' bus='usb'/></disk>"),
+     UnsupportedError, "bus 'usb' is not supported"),
     (with_devices("<controller type='pci' index='1' model='pcie-root-port'/>"),
      UnsupportedError, "does not fit machine 'pc'"),
     (with_devices("<rng model='virtio'><backend model='random'>/etc/passwd</backend></rng>"),
@@ -389,3 +401,218 @@ def test_a_unix_channel_the_worker_bound_goes_in_as_a_listening_fd() -> None:
     assert not any(d.channels[0].path in a for a in argv if a.startswith("socket,"))
     by_path = build_qemu_argv(d, qmp_fd=3, kvm=False)
     assert f"socket,id=charchannel0,path={d.channels[0].path},server=on,wait=off" in by_path
+
+
+# ---------------------------------------------------------------- virtio-scsi
+
+SCSI = """<controller type='scsi' index='0' model='virtio-scsi'>
+<address type='pci' domain='0x0000' bus='0x00' slot='0x05' function='0x0'/></controller>
+<disk type='file' device='disk'><driver name='qemu' type='qcow2' cache='none'/>
+<source file='/var/lib/libvirt/images/s.qcow2'/><target dev='sda' bus='scsi'/>
+<address type='drive' controller='0' bus='0' target='0' unit='2'/></disk>
+<disk type='file' device='cdrom'><driver name='qemu' type='raw'/><target dev='sdb' bus='scsi'/>
+<readonly/></disk>"""
+
+
+def disks_xml(d: DomainDef) -> list[str]:
+    text = format_domain_xml(d)
+    return ["".join(line.strip() for line in part.split("</disk>")[0].splitlines())
+            for part in text.split("<disk ")[1:]]
+
+
+def test_scsi_disks_and_a_scsi_cdrom_sit_on_virtio_scsi_at_their_drive_addresses() -> None:
+    d = parse_domain_xml(with_devices(SCSI))
+    assert disks_xml(d) == [
+        'type="file" device="disk"><driver name="qemu" type="qcow2" cache="none"/>'
+        '<source file="/var/lib/libvirt/images/s.qcow2"/><target dev="sda" bus="scsi"/>'
+        '<address type="drive" controller="0" bus="0" target="0" unit="2"/>',
+        'type="file" device="cdrom"><driver name="qemu" type="raw"/>'
+        '<target dev="sdb" bus="scsi"/><readonly/>'
+        '<address type="drive" controller="0" bus="0" target="0" unit="1"/>']
+    assert parse_domain_xml(format_domain_xml(d)) == d
+    argv = build_qemu_argv(d, qmp_fd=3, pidfile="/run/h/p", kvm=False)
+    devices = [argv[i + 1] for i, a in enumerate(argv) if a == "-device"]
+    assert devices[0] == "virtio-scsi-pci,id=scsi0,bus=pci.0,addr=0x5"
+    assert "scsi-hd,bus=scsi0.0,channel=0,scsi-id=0,lun=2,device_id=drive-scsi0-0-0-2," \
+           "drive=drive-scsi0-0-0-2,id=scsi0-0-0-2" in devices
+    assert "scsi-cd,bus=scsi0.0,channel=0,scsi-id=0,lun=1,drive=drive-scsi0-0-0-1," \
+           "id=scsi0-0-0-1" in devices
+    assert "file=/var/lib/libvirt/images/s.qcow2,format=qcow2,if=none," \
+           "id=drive-scsi0-0-0-2,cache=none" in argv
+
+
+def test_a_scsi_disk_without_a_controller_brings_a_virtio_scsi_one_as_libvirt_does() -> None:
+    d = parse_domain_xml(with_devices(
+        "<disk type='file'><source file='/a'/><target dev='sdj' bus='scsi'/></disk>"
+        "<controller type='scsi' index='0'/>", machine="q35"))
+    assert [(c.type, c.index, c.model) for c in d.controllers if c.type == "scsi"] == [
+        ("scsi", 0, "virtio-scsi"), ("scsi", 1, "virtio-scsi")]  # sdj: controller 1, unit 2
+    assert str(d.disks[0].drive) == "1:0:0:2" and d.disks[0].alias == "scsi1-0-0-2"
+    assert "<controller type=\"scsi\" index=\"1\" model=\"virtio-scsi\"/>" in format_domain_xml(d)
+
+
+def test_the_abi_check_refuses_a_scsi_disk_moved_to_another_unit_or_controller() -> None:
+    d = parse_domain_xml(with_devices(SCSI))
+    moved = parse_domain_xml(with_devices(SCSI.replace("unit='2'", "unit='3'")))
+    assert abi_diff(d, moved) == ["target disk sda drive address 0:0:0:3 does not match "
+                                  "source 0:0:0:2"]
+    on_virtio = parse_domain_xml(with_devices(SCSI.replace(
+        "<target dev='sda' bus='scsi'/>\n<address type='drive' controller='0' bus='0' "
+        "target='0' unit='2'/>", "<target dev='vda' bus='virtio'/>")))
+    assert abi_diff(d, on_virtio)[0] == "target disk sda bus virtio does not match source scsi"
+
+
+# ---------------------------------------------------------------- guest NUMA
+
+NUMA = ("<vcpu>3</vcpu><cpu><numa><cell id='0' cpus='0,2' memory='32' unit='MiB'>"
+        "<distances><sibling id='0' value='10'/><sibling id='1' value='21'/></distances></cell>"
+        "<cell id='1' cpus='1' memory='32768'/></numa></cpu>")
+
+
+def test_numa_cells_become_one_ram_backend_and_node_each_and_the_memory_is_their_sum(
+        ) -> None:
+    d = parse_domain_xml(with_devices("", head="<memory>1048576</memory>" + NUMA
+                                      ).replace("<memory>65536</memory>", "", 1))
+    text = format_domain_xml(d)
+    numa = "".join(line.strip() for line in
+                   text[text.index("<numa>"):text.index("</numa>") + 7].splitlines())
+    assert numa == (
+        '<numa><cell id="0" cpus="0,2" memory="32768" unit="KiB"><distances>'
+        '<sibling id="0" value="10"/><sibling id="1" value="21"/></distances></cell>'
+        '<cell id="1" cpus="1" memory="32768" unit="KiB"/></numa>')
+    assert (d.memory_kib, d.current_memory_kib) == (65536, 65536)  # libvirt: the cells' sum
+    assert parse_domain_xml(text) == d
+    argv = build_qemu_argv(d, qmp_fd=3, pidfile="/run/h/p", kvm=False)
+    start = argv.index("-object")
+    assert argv[argv.index("-m") + 1] == "size=65536k"
+    assert argv[start:start + 12] == [
+        "-object", "memory-backend-ram,id=ram-node0,size=33554432",
+        "-numa", "node,nodeid=0,cpus=0,cpus=2,memdev=ram-node0",
+        "-object", "memory-backend-ram,id=ram-node1,size=33554432",
+        "-numa", "node,nodeid=1,cpus=1,memdev=ram-node1",
+        "-numa", "dist,src=0,dst=0,val=10", "-numa", "dist,src=0,dst=1,val=21"]
+
+
+def test_the_abi_check_refuses_other_numa_cells() -> None:
+    d = parse_domain_xml(with_devices("", head=NUMA))
+    other = parse_domain_xml(with_devices("", head=NUMA.replace("cpus='0,2'", "cpus='0'")
+                                          .replace("cpus='1'", "cpus='1-2'")))
+    assert abi_diff(d, other) == [
+        "target domain cpu numa 0:cpus=0:32768KiB:dist=0=10/1=21,1:cpus=1-2:32768KiB does "
+        "not match source 0:cpus=0+2:32768KiB:dist=0=10/1=21,1:cpus=1:32768KiB"]
+
+
+@pytest.mark.parametrize("cpu, exc, needle", [
+    ("<vcpu>2</vcpu><cpu><numa><cell id='1' cpus='0-1' memory='64' unit='MiB'/></numa></cpu>",
+     InvalidInputError, "cpu numa cell ids [1] are not 0..N-1 in order"),
+    ("<vcpu>2</vcpu><cpu><numa><cell cpus='0-1' memory='32' unit='MiB'/>"
+     "<cell cpus='1' memory='32' unit='MiB'/></numa></cpu>", InvalidInputError,
+     "cpu numa: vcpus 1 are in more than one cell"),
+    ("<vcpu>2</vcpu><cpu><numa><cell cpus='0' memory='64' unit='MiB'/></numa></cpu>",
+     InvalidInputError, "cpu numa: vcpus 1 are in no cell"),
+    ("<vcpu>1</vcpu><cpu><numa><cell cpus='0-3' memory='64' unit='MiB'/></numa></cpu>",
+     InvalidInputError, "cpu numa: vcpus 1-3 are beyond <vcpu> 1"),
+    ("<cpu><numa><cell cpus='0' memory='1000'/></numa></cpu>", InvalidInputError,
+     "cpu numa cell 0 memory 1000 KiB is not a positive whole number of MiB"),
+    ("<cpu><numa><cell cpus='0' memory='64' unit='MiB' memAccess='shared'/></numa></cpu>",
+     UnsupportedError, "cpu numa cell memAccess='shared' is not supported"),
+    ("<cpu><numa><cell cpus='0' memory='64' unit='MiB' discard='yes'/></numa></cpu>",
+     UnsupportedError, "cpu numa cell discard='yes' is not supported"),
+    ("<cpu><numa><cell cpus='0' memory='64' unit='MiB'><cache level='3'/></cell></numa>"
+     "</cpu>", UnsupportedError, "unsupported element <cache> in <cell>"),
+    ("<cpu><numa><interconnects/></numa></cpu>", UnsupportedError,
+     "unsupported element <interconnects> in <numa>"),
+    ("<cpu><numa><cell cpus='x' memory='64' unit='MiB'/></numa></cpu>", InvalidInputError,
+     "cpu numa cell cpus 'x' is not a cpu list"),
+    ("<vcpu>2</vcpu><cpu><numa><cell cpus='0' memory='32' unit='MiB'><distances>"
+     "<sibling id='0' value='10'/></distances></cell><cell cpus='1' memory='32' unit='MiB'/>"
+     "<cell memory='32' unit='MiB'/></numa></cpu>", InvalidInputError,
+     "cpu numa distances between cells 0-1, 0-2, 1-2 are missing"),
+    ("<cpu><numa><cell cpus='0' memory='64' unit='MiB'><distances><sibling id='0' "
+     "value='20'/></distances></cell></numa></cpu>", InvalidInputError,
+     "cpu numa cell 0 distance 20 to 0 is not 10 (its own)"),
+    ("<cpu><numa><cell cpus='0' memory='64' unit='MiB'/></numa></cpu><numatune/>",
+     UnsupportedError, "unsupported element <numatune> in <domain>"),
+])
+def test_numa_that_is_not_supported_or_wrong_is_refused_naming_it(
+        cpu: str, exc: type[Exception], needle: str) -> None:
+    with pytest.raises(exc, match=re.escape(needle)) as info:
+        parse_domain_xml(with_devices("", head=cpu))
+    assert "\n" not in str(info.value)
+
+
+# ---------------------------------------------------------------- macvtap
+
+MACVTAP = ("<interface type='direct'><mac address='52:54:00:17:00:09'/>"
+          "<source dev='eth0' mode='bridge'/><target dev='macvtap3'/><model type='virtio'/>"
+          "</interface>")
+
+
+def test_a_direct_nic_is_a_macvtap_in_bridge_mode_on_its_parent_device() -> None:
+    d = parse_domain_xml(with_devices(MACVTAP), live=True)
+    (nic,) = d.interfaces
+    assert (nic.type, nic.source, nic.source_mode, nic.target_dev) == (
+        "direct", "eth0", "bridge", "macvtap3")
+    text = format_domain_xml(d)  # macvtapN is the host's name: not in the definition
+    assert '<source dev="eth0" mode="bridge"/>' in text and "macvtap3" not in text
+    assert '<target dev="macvtap3"/>' in format_domain_xml(d, live=True)
+    argv = build_qemu_argv(d, qmp_fd=3, pidfile="/run/h/p", kvm=False, taps={0: (9, None)})
+    assert argv[argv.index("-netdev") + 1] == "tap,fd=9,id=hostnet0"
+    other = parse_domain_xml(with_devices(MACVTAP.replace("eth0", "eth1")))
+    assert abi_diff(d.inactive(), other) == []  # the parent device is the host's
+
+
+@pytest.mark.parametrize("xml, needle", [
+    (MACVTAP.replace(" mode='bridge'", ""), "direct source mode 'vepa' is not supported (bridge)"),
+    (MACVTAP.replace("'bridge'", "'passthrough'"),
+     "direct source mode 'passthrough' is not supported (bridge)"),
+    (MACVTAP.replace("<source dev='eth0' mode='bridge'/>", ""),
+     "interface type 'direct' needs a <source dev=...>"),
+    (MACVTAP.replace("<model type='virtio'/>", "<virtualport type='802.1Qbh'/>"),
+     "unsupported element <virtualport> in <interface>"),
+])
+def test_macvtap_modes_other_than_bridge_are_refused_by_name(xml: str, needle: str) -> None:
+    with pytest.raises(InvalidInputError, match=re.escape(needle)):
+        parse_domain_xml(with_devices(xml))
+
+
+# ---------------------------------------------------------------- once accepted and dropped
+
+
+def test_vmport_off_reaches_the_machine_and_the_abi_check() -> None:
+    d = parse_domain_xml(with_devices("", head="<features><acpi/><vmport state='off'/>"
+                                      "</features>"))
+    assert "<features>\n    <acpi/>\n    <vmport state=\"off\"/>\n  </features>" in \
+        format_domain_xml(d)
+    argv = build_qemu_argv(d, qmp_fd=3, pidfile="/run/h/p", kvm=False)
+    assert argv[argv.index("-machine") + 1] == "pc,accel=tcg,vmport=off"
+    assert abi_diff(d, dataclasses.replace(d, vmport=None)) == [
+        "target domain feature vmport none does not match source no"]
+
+
+def test_the_boot_menu_reaches_the_firmware() -> None:
+    xml = with_devices("").replace("hvm</type>", "hvm</type><boot dev='hd'/>"
+                                   "<bootmenu enable='yes' timeout='3000'/>")
+    d = parse_domain_xml(xml)
+    assert '<bootmenu enable="yes" timeout="3000"/>' in format_domain_xml(d)
+    assert parse_domain_xml(format_domain_xml(d)) == d
+    argv = build_qemu_argv(d, qmp_fd=3, pidfile="/run/h/p", kvm=False)
+    assert argv[argv.index("-boot") + 1] == "order=c,menu=on,splash-time=3000"
+    off = parse_domain_xml(xml.replace("'yes'", "'no'"))
+    assert build_qemu_argv(off, qmp_fd=3, pidfile="/p", kvm=False)[
+        argv.index("-boot") + 1] == "order=c"
+
+
+def test_numa_cells_over_the_memory_limit_or_with_huge_cpu_lists_are_refused_quickly() -> None:
+    cells = "".join("<cell cpus='0-254' memory='8' unit='GiB'/>" for _ in range(100))
+    with pytest.raises(InvalidInputError, match="over the limit of"):
+        parse_domain_xml(with_devices("", head=f"<cpu><numa>{cells}</numa></cpu>"),
+                         max_memory_kib=512 * 1024 ** 2)
+    with pytest.raises(InvalidInputError,
+                       match=r"^cpu numa: vcpus 0-254 are in more than one cell$"):
+        parse_domain_xml(with_devices("", head=f"<cpu><numa>{cells}</numa></cpu>"))
+    for cpus in ("0-255", ",".join(["0"] * 257)):
+        with pytest.raises(InvalidInputError, match="range 0-255 goes down or past vcpu 254"
+                           if cpus == "0-255" else "has more than 256 parts"):
+            parse_domain_xml(with_devices("", head=f"<cpu><numa><cell cpus='{cpus}' "
+                                          "memory='64' unit='MiB'/></numa></cpu>"))

@@ -432,7 +432,8 @@ def test_an_unknown_device_is_refused_naming_it(device: str) -> None:
         ("<iothreads>2</iothreads>", "<iothreads> in <domain>"),
         ("<os><type>hvm</type><initarg>/init</initarg></os>", "<initarg> in <os>"),
         ("<features><hyperv/></features>", "<hyperv> in <features>"),
-        ("<cpu><numa><cell cpus='0' memory='1'/></numa></cpu>", "<numa> in <cpu>"),
+        ("<cpu><numa><cell cpus='0' memory='1'/></numa><cache mode='passthrough'/></cpu>",
+         "<cache> in <cpu>"),
     ],
 )
 def test_an_unknown_element_anywhere_is_refused_naming_it(head: str, element: str) -> None:
@@ -573,7 +574,7 @@ def disk(body: str, attrs: str = "") -> str:
         ),
         (disk("<source file='rel.img'/>" + VDA), InvalidInputError, "absolute"),
         (disk(VDA), InvalidInputError, "source file None"),
-        (disk(SRC + "<target dev='sda' bus='scsi'/>"), UnsupportedError, "bus 'scsi'"),
+        (disk(SRC + "<target dev='sda' bus='usb'/>"), UnsupportedError, "bus 'usb'"),
         (disk(SRC + "<target dev='sda' bus='sata'/>"), UnsupportedError, "bus 'sata' does not "
          "exist on machine 'pc'"),
         (disk(SRC + "<target dev='hde' bus='ide'/>"), InvalidInputError, "'hde'"),

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
 from workers import lifecycle
@@ -23,6 +23,7 @@ from workers.migration.params import MAX_BANDWIDTH_MIB_S, MAX_DOWNTIME_MS, Migra
 
 log = logging.getLogger(__name__)
 
+_BACKGROUND: set[asyncio.Task[None]] = set()  # see _in_background
 PERFORM_PHASES = (Phase.PERFORM3, Phase.PERFORM2, Phase.SAVE)  # save: a migration to a file
 ABORT_SETTLE_S = 5.0
 
@@ -61,23 +62,57 @@ async def _abort(agent: HostAgent, dom: DomainObj, args: dict[str, Any]) -> Any:
     if dom.job.phase in SWITCHED_PHASES or str(dom.migration_status).startswith("postcopy"):
         raise OperationInvalidError(TOO_LATE)
     dom.job.abort = True
-    agent.jobs.request_abort(dom.uuid)
+    job_id = dom.job.id
+    loop = asyncio.get_running_loop()
+    if not _performing(dom):
+        # the record is all a deferred abort has: written before the reply, its error
+        # is the reply
+        await loop.run_in_executor(None, agent.jobs.request_abort, dom.uuid)
+        return {"aborted": True, "phase": dom.job.phase, "deferred": True}
+    # Neither path below waits for Redis: the record's mark (for the other host and the
+    # later phases) is written in a thread meanwhile.
     copy = dom.storage_out
-    if _performing(dom) and copy is not None and not copy.ram_started:
+    if copy is not None and not copy.ram_started:
         # Still copying the disks: Perform's loop sees the abort at once and cancels
         # the mirrors.
+        _in_background(_mark(agent, dom, job_id))
         dom.wakeup.set()
         closed = await copy.wait_closed(ABORT_SETTLE_S)
         return {"aborted": True, "phase": dom.job.phase if dom.job else None,
                 "status": "cancelled" if closed else "cancelling"}
-    if _performing(dom):
+    # QEMU is told first; the reply goes once it says the migration stopped (a tunnel's
+    # closed flag is written in a thread too: Perform's clean-up waits for it).
+    _in_background(_cancel(dom))
+    await asyncio.sleep(0)  # the cancel goes out before the mark's thread takes the GIL
+    _in_background(_mark(agent, dom, job_id))
+    status = await _settled(dom, ABORT_SETTLE_S)
+    if status == "completed":
+        raise OperationInvalidError(TOO_LATE)
+    return {"aborted": True, "phase": dom.job.phase if dom.job else None, "status": status}
+
+
+def _in_background(work: Coroutine[Any, Any, None]) -> None:
+    task = asyncio.get_running_loop().create_task(work)
+    _BACKGROUND.add(task)  # asyncio holds tasks weakly: keep it until it ends
+    task.add_done_callback(_BACKGROUND.discard)
+
+
+async def _cancel(dom: DomainObj) -> None:
+    try:
         await qemu_migrate.cancel(dom)
-        status = await _settled(dom, ABORT_SETTLE_S)
-        if status == "completed":
-            raise OperationInvalidError(TOO_LATE)
-        return {"aborted": True, "phase": dom.job.phase if dom.job else None,
-                "status": status}
-    return {"aborted": True, "phase": dom.job.phase, "deferred": True}
+    except Exception:  # nobody awaits this task: its error goes to the log
+        log.exception("domain %s: cancelling the migration failed", dom.name)
+
+
+async def _mark(agent: HostAgent, dom: DomainObj, job_id: str) -> None:
+    """The abort of a running migration stands without the record's mark (QEMU
+    cancels, Perform fails); a broker error there is a warning.  Job `job_id`'s record
+    alone: by now the next job may have started."""
+    try:
+        await asyncio.get_running_loop().run_in_executor(None, agent.jobs.mark_aborted,
+                                                         dom.uuid, job_id)
+    except Exception as exc:
+        log.warning("domain %s: abort not marked in the job record: %s", dom.name, exc)
 
 
 async def _settled(dom: DomainObj, within: float) -> str | None:

@@ -18,7 +18,8 @@ Decisions:
 - ``<nbd port='N'><disk target='vda' capacity='N'/></nbd>`` is libvirt's (the port
   only when non-zero).  ferry adds attributes to ``<disk>`` that libvirt's parser
   ignores: ``format``, ``clusterSize``, ``backingFile``, ``backingFormat`` and
-  ``allocation`` (bytes the copy needs), what the dest needs to create the image.
+  ``allocation`` (bytes the copy needs), what the dest needs to create the image, and
+  ``resume`` (the interrupted copy a retry continues: storage_resume.py).
 - ``persistent`` is stored canonically (whitespace between elements dropped,
   not re-indented: the limit is on the bytes received), so
   ``parse(c.to_xml()) == c`` for every valid Cookie.  `to_xml` indents the
@@ -198,7 +199,7 @@ class CookieLockstate:
 _DISK_FORMATS = ("raw", "qcow2")
 _NBD_ATTRS = (("format", "format"), ("cluster_size", "clusterSize"),
               ("backing_file", "backingFile"), ("backing_format", "backingFormat"),
-              ("allocation", "allocation"))
+              ("allocation", "allocation"), ("resume", "resume"))
 
 
 @dataclass(frozen=True)
@@ -213,6 +214,9 @@ class CookieNbdDisk:
     backing_file: str | None = None  # as the source image names it (may be relative)
     backing_format: str | None = None
     allocation: int | None = None
+    # the interrupted copy (attempt id) a retry resumes: Begin's says the source holds
+    # its dirty bitmap, Prepare's that the dest kept its partial image
+    resume: str | None = None
 
     def __post_init__(self) -> None:
         _check_text(self.target, "nbd disk target")
@@ -226,6 +230,8 @@ class CookieNbdDisk:
                 _check_int(value, f"nbd disk {self.target} {name}", *_U64)
         if self.backing_file is not None:
             _check_text(self.backing_file, f"nbd disk {self.target} backingFile")
+        if self.resume is not None:
+            _check_text(self.resume, f"nbd disk {self.target} resume")
 
 
 @dataclass(frozen=True)

@@ -205,14 +205,19 @@ async def _end_tunnel(dom: DomainObj, close: bool) -> None:
     await asyncio.get_running_loop().run_in_executor(None, pump.finish, 10.0)
 
 
-async def _discard(agent: HostAgent, dom: DomainObj) -> None:
-    """Undo Prepare: the incoming QEMU goes, images it created go, an object we made
-    goes, the job ends."""
+async def _discard(agent: HostAgent, dom: DomainObj, *, keep: bool = False) -> None:
+    """Undo Prepare: the incoming QEMU goes, images it created go (with `keep`, the
+    source reported the failure: a cleanly stopped copy's images are kept for a retry),
+    an object we made goes, the job ends."""
     await _end_tunnel(dom, close=True)
+    kept = keep and await storage_dest.ready_to_keep(agent, dom)
     if dom.active:
         await agent.kill(dom, ShutoffReason.FAILED)
     agent.release_ports(dom)
-    if dom.job is not None:
+    if dom.job is not None and kept:
+        storage_dest.keep_for_retry(agent, dom.job.id, dom.storage_in, dom.uuid,
+                                    dom.job.source or "")
+    elif dom.job is not None:
         storage_dest.discard_images(agent, dom.job.id)
     dom.storage_in = None
     dom.job = None
@@ -282,7 +287,7 @@ async def _finish(agent: HostAgent, dom: DomainObj, st: MigrationState,
     p = st.params
     if st.failed:
         st = tls.dest_verdict(agent, dom, st)
-        await _discard(agent, dom)
+        await _discard(agent, dom, keep=True)
         return st
     # v3's fence against a source that gave up waiting (tasks/p2p.py); v2's source is
     # already gone, so its Finish must go on whatever happens.

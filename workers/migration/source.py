@@ -19,6 +19,7 @@ import redis
 from workers import confine, failpoints
 from workers.abi import check_abi_stability
 from workers.agent import HostAgent
+from workers.cpumodel import with_running_cpu
 from workers.domain_states import DomainState, PausedReason, RunningReason, ShutoffReason
 from workers.domain_xml import format_domain_xml
 from workers.domobj import DomainObj
@@ -95,10 +96,11 @@ async def begin3(agent: HostAgent, st: MigrationState) -> MigrationState:
     current = dom.current
     chosen = current
     if p.xmlin:
-        chosen = agent.parse(p.xmlin)
+        chosen = with_running_cpu(agent.parse(p.xmlin), current)
         check_abi_stability(current, chosen)
     spice = any(g.type == "spice" for g in current.graphics)
-    nbd = await storage.begin_nbd(dom, p, agent.host) if p.storage_copy else None
+    nbd = await storage.begin_nbd(dom, p, agent.host, storage.copies_resumably(agent, p)) \
+        if p.storage_copy else None
     mandatory = [*(["graphics"] if spice else []), *(["nbd"] if nbd else [])]
     cookie = make_cookie(current.name, current.uuid, agent.host, agent.uuid, nbd=nbd,
                          mandatory=mandatory)
@@ -146,7 +148,7 @@ async def resume_perform(agent: HostAgent, dom: DomainObj,
         await tls.remove_creds(dom, stale=True)
     if status != "completed" and not status.startswith("postcopy"):
         if st.params.storage_copy:
-            await storage.cancel_leftovers(dom)
+            await storage.cancel_leftovers(dom, agent.settings.state_dir)
         await qemu_migrate.cancel(dom)
         raise MigrationError(f"perform3 was interrupted (worker restart or redelivery); "
                              f"QEMU's migration was {status}: cancelled")
@@ -440,7 +442,7 @@ async def _resume_source(agent: HostAgent, dom: DomainObj, st: MigrationState) -
                   dom.name)
         return
     if st.params.storage_copy:  # libvirt's Confirm cancels the copy once more
-        await storage.cancel_leftovers(dom)
+        await storage.cancel_leftovers(dom, agent.settings.state_dir)
     status = await dom.monitor.execute("query-status")
     if not st.was_running:
         return

@@ -1,7 +1,13 @@
-"""Storage copy on the source: the disks go to the dest's NBD exports by QEMU mirrors.
+"""Storage copy on the source: the disks go to the dest's NBD exports by QEMU block jobs.
 
-libvirt's order (qemuMigrationSrcNBDStorageCopy, qemuMigrationSrcRun), which QEMU
-7.2 needs: mirrors start before `migrate`, every mirror READY, `migrate` with
+The bulk copy is a blockdev-backup with a dirty bitmap per disk, then backup rounds of
+what the guest wrote meanwhile, then (the guest paused for a last small round) a
+`sync: none` mirror that copies every write from there on: an interrupted copy
+leaves the bitmap behind, and a retry to the same dest copies only what it holds
+(storage_resume.py).  Each backup reads a local snapshot (image fleecing,
+storage_fleece.py), so a guest write never waits on, nor fails with, the dest.
+From the mirror on, libvirt's order (qemuMigrationSrcRun),
+which QEMU 7.2 needs: mirrors start before `migrate`, every mirror READY, `migrate` with
 pause-before-switchover, and at `pre-switchover` (the guest stopped) every
 mirror completes (speed 0, a soft cancel, which copies what is left and ends
 without pivot: BLOCK_JOB_COMPLETED), the nbd nodes go, then `migrate-continue`.
@@ -23,14 +29,16 @@ import logging
 import os
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import asdict
+from dataclasses import asdict, replace
+from pathlib import Path
 from typing import Any
 
-from workers import failpoints
+from workers import confine, failpoints
 from workers.abi import check_abi_stability
 from workers.agent import HostAgent
+from workers.cpumodel import with_running_cpu
 from workers.domain import Disk
-from workers.domain_states import DomainState
+from workers.domain_states import DomainState, PausedReason, RunningReason
 from workers.domain_xml import format_domain_xml
 from workers.domobj import DomainObj
 from workers.errors import FerryError, MigrationError, QemuError
@@ -40,6 +48,7 @@ from workers.migration.chain_state import MigrationState
 from workers.migration.cookie import Cookie, CookieNbd
 from workers.migration.params import MigrationParams, parse_qemu_uri
 from workers.migration.qemu_migrate import nap
+from workers.migration.storage_fleece import ROUND, Fleece, fleece_path, remove_leftovers
 from workers.migration.storage_plan import (
     MirrorState,
     RateMeter,
@@ -53,6 +62,13 @@ from workers.migration.storage_plan import (
     update_from_event,
     update_from_query,
 )
+from workers.migration.storage_resume import (
+    bitmap_name,
+    held_attempt,
+    node_bitmaps,
+    resumable,
+    should_hand_over,
+)
 from workers.monitor import Monitor
 from workers.pki import CA_FILE
 
@@ -63,8 +79,10 @@ CANCEL_S = 5.0  # how long a forced cancel may take before the nodes are yanked
 QUERY_TIMEOUT_S = 10.0
 
 
-async def begin_nbd(dom: DomainObj, p: MigrationParams, host: str) -> CookieNbd:
-    """Begin's <nbd> section: every disk to copy, checked, with its image's facts."""
+async def begin_nbd(dom: DomainObj, p: MigrationParams, host: str,
+                    resumable: bool = False) -> CookieNbd:
+    """Begin's <nbd> section: every disk to copy, checked, with its image's facts; if
+    resumable, the attempt whose bitmap the disk has or will have (`resume`)."""
     disks = disks_to_copy(dom.current, p.migrate_disks)
     for disk in disks:
         assert disk.source is not None
@@ -73,8 +91,10 @@ async def begin_nbd(dom: DomainObj, p: MigrationParams, host: str) -> CookieNbd:
                                  f"on host {host}")
     mon = dom.require_monitor("copy storage")
     blocks = await mon.execute("query-block")
-    return CookieNbd(0, tuple(nbd_disk(d, block_entry(blocks, d), p.storage_inc)
-                              for d in disks))
+    return CookieNbd(0, tuple(
+        replace(nbd_disk(d, block_entry(blocks, d), p.storage_inc),
+                resume=(held_attempt(node_bitmaps(blocks, d.drive_id)[1]) or p.job_id)
+                if resumable else None) for d in disks))
 
 
 async def dry_run(agent: HostAgent, p: MigrationParams) -> dict[str, Any]:
@@ -86,12 +106,20 @@ async def dry_run(agent: HostAgent, p: MigrationParams) -> dict[str, Any]:
     dom.require_no_job("migrate")
     chosen = dom.current
     if p.xmlin:
-        chosen = agent.parse(p.xmlin)
+        chosen = with_running_cpu(agent.parse(p.xmlin), dom.current)
         check_abi_stability(dom.current, chosen)
     nbd = await begin_nbd(dom, p, agent.host) if p.storage_copy else CookieNbd()
     return {"host": agent.host, "xml": format_domain_xml(chosen, migratable=True),
             "disks": [asdict(d) for d in nbd.disks],
             "sources": {d.target: d.source for d in dom.current.disks}}
+
+
+def copies_resumably(agent: HostAgent, p: MigrationParams) -> bool:
+    """Whether this copy runs as backup rounds with a bitmap a retry can continue: with
+    FERRY_STORAGE_RESUMABLE (the default), for --copy-storage-all only (a `sync: top`
+    backup's bitmap after a failure was not shown to hold every cluster left, so inc
+    copies in full by the mirror)."""
+    return agent.settings.storage_resumable and not p.storage_inc
 
 
 def mib_to_speed(mib: int | None) -> int:
@@ -100,11 +128,16 @@ def mib_to_speed(mib: int | None) -> int:
 
 
 class StorageCopy:
-    """The mirrors of one outgoing migration, from start to completion or abort."""
+    """The block jobs of one outgoing migration (backup rounds, then a mirror per disk),
+    from start to completion or abort."""
 
     def __init__(self, dom: DomainObj, mon: Monitor, disks: list[Disk], *, inc: bool,
-                 stall_s: float, tls_creds: str | None = None) -> None:
+                 stall_s: float, tls_creds: str | None = None,
+                 resumable: bool = False, state_dir: Path | None = None,
+                 owner: tuple[int, int] | None = None) -> None:
         self.dom, self.mon, self.inc = dom, mon, inc
+        self.owner = owner  # of the fleecing files: a confined QEMU's (uid, gid)
+        self.resumable = resumable  # backup rounds with a bitmap first, else mirrors only
         self.mirrors = [MirrorState(d.target, d.drive_id, node_name(d)) for d in disks]
         self.disks = {d.target: d for d in disks}
         self.nodes: list[str] = []  # nbd nodes added (blockdev-del them at the end)
@@ -118,6 +151,16 @@ class StorageCopy:
         self.closed = asyncio.Event()
         self.ram_started = False  # the disks are in sync, QEMU's migrate runs
         self.copy_ms: int | None = None  # from the first mirror's start to all in sync
+        self.speed = 0
+        self.fmt: dict[str, str] = {}  # target -> format node (bitmaps, jobs' device)
+        self.bitmaps: dict[str, str] = {}  # target -> its dirty bitmap
+        self.qdev: dict[str, str] = {}  # target -> its device's QOM path
+        self.size: dict[str, int] = {}  # target -> virtual size
+        self.fleeces: dict[str, Fleece] = {}  # target -> the running round's snapshot
+        self.state_dir = state_dir or Path("/var/lib/ferry")
+        self.reused = 0  # bytes a retry found on the dest already
+        self.rounds = 0
+        self.handover_ms: int | None = None  # the guest's pause to start the mirrors
         self._poller: asyncio.Task[None] | None = None
 
     # -- events and figures --------------------------------------------------------------
@@ -147,6 +190,10 @@ class StorageCopy:
         if self.copy_ms:
             out["disk_copy_ms"] = self.copy_ms
             out["disk_bps"] = out["disk_processed"] * 1000 // self.copy_ms  # the average
+        if self.handover_ms is not None:
+            out["disk_handover_ms"] = self.handover_ms
+        if self.reused:
+            out["disk_reused"] = self.reused
         return out
 
     def check(self) -> None:
@@ -160,10 +207,17 @@ class StorageCopy:
                                  "(network to the dest cut?): cancelled")
 
     # -- phases -----------------------------------------------------------------------------
-    async def start(self, host: str, port: int, speed: int) -> None:
-        """An nbd node and a mirror per disk (libvirt's names: migration-<target>-storage,
-        job drive-<alias>, export drive-<alias>)."""
+    async def start(self, host: str, port: int, speed: int, attempt: str,
+                    answered: dict[str, str | None]) -> None:
+        """An nbd node per disk (libvirt's name: migration-<target>-storage, export
+        drive-<alias>) and its bulk copy: a backup into it (job drive-<alias>) that fills
+        a dirty bitmap, or, where the dest kept this bitmap's attempt (`answered`), a
+        round of what the bitmap holds."""
         self.started_at = time.monotonic()
+        self.speed = speed
+        if self.resumable:  # a round a worker restart cut: its snapshot goes first
+            await remove_leftovers(self.mon, self.state_dir, self.dom.uuid)
+        blocks = await self.mon.execute("query-block")
         for m in self.mirrors:
             node: dict[str, Any] = {
                 "driver": "nbd", "node-name": m.node, "export": m.job,
@@ -173,13 +227,92 @@ class StorageCopy:
                 node.update({"tls-creds": self.tls_creds, "tls-hostname": host})
             await self.mon.execute("blockdev-add", node)
             self.nodes.append(m.node)
-            await self.mon.execute("blockdev-mirror", {
-                "job-id": m.job, "device": m.job, "target": m.node,
-                "sync": "top" if self.inc else "full", "speed": speed,
-                "auto-finalize": True, "auto-dismiss": True})
+            if self.resumable:
+                await self._first_job(m, blocks, attempt, answered.get(m.target))
+            else:
+                await self.mon.execute("blockdev-mirror", {
+                    "job-id": m.job, "device": m.job, "target": m.node,
+                    "sync": "top" if self.inc else "full", "speed": speed,
+                    "auto-finalize": True, "auto-dismiss": True})
             self.started.append(m)
         self.since = time.monotonic()
         self._poller = asyncio.get_running_loop().create_task(self._poll_forever())
+
+    async def _first_job(self, m: MirrorState, blocks: Any, attempt: str,
+                         answered: str | None) -> None:
+        fmt, maps = node_bitmaps(blocks, m.job)
+        if not fmt:
+            raise MigrationError(f"disk {m.target} has no block node in QEMU")
+        self.fmt[m.target] = fmt
+        entry = block_entry(blocks, self.disks[m.target])
+        self.qdev[m.target] = str(entry.get("qdev") or "")
+        size = self.size[m.target] = int(entry["inserted"]["image"].get("virtual-size") or 0)
+        held = held_attempt(maps)
+        if resumable(held, answered, maps):
+            assert held is not None
+            self.bitmaps[m.target] = bitmap_name(held)
+            self.reused += max(size - maps[bitmap_name(held)], 0)
+            log.info("domain %s: disk %s continues copy %s (%d bytes left)", self.dom.name,
+                     m.target, held, maps[bitmap_name(held)])
+            await self._round(m, self.speed)
+            return
+        for name in maps:  # another attempt's, or the dest kept nothing: start afresh
+            await self.mon.execute("block-dirty-bitmap-remove", {"node": fmt, "name": name})
+        self.bitmaps[m.target] = bitmap_name(attempt)
+        await self.mon.execute("block-dirty-bitmap-add", {
+            "node": fmt, "name": self.bitmaps[m.target], "persistent": False})
+        await self._backup(m, "top" if self.inc else "full", self.speed)
+
+    def _job_args(self, m: MirrorState, speed: int) -> dict[str, Any]:
+        return {"job-id": m.job, "device": self.fmt[m.target], "target": m.node,
+                "speed": speed, "auto-finalize": True, "auto-dismiss": True}
+
+    async def _round(self, m: MirrorState, speed: int) -> None:
+        """Copy what the disk's bitmap holds; the bitmap then holds what the guest wrote
+        meanwhile (and, should the round fail, what it did not copy too)."""
+        await self._backup(m, "bitmap", speed)
+
+    async def _backup(self, m: MirrorState, sync: str, speed: int) -> None:
+        """A backup job from a fresh local snapshot of the disk (storage_fleece.py)."""
+        t = m.target
+        fleece = self.fleeces[t] = Fleece(
+            self.mon, fmt=self.fmt[t], qdev=self.qdev[t], bitmap=self.bitmaps[t],
+            size=self.size[t], path=fleece_path(self.state_dir, self.dom.uuid, t), target=t,
+            owner=self.owner)
+        try:
+            source = await fleece.start()
+            await self.mon.execute("blockdev-backup", {
+                **self._job_args(m, speed), "device": source, "sync": sync,
+                "bitmap": ROUND, "bitmap-mode": "always"})
+        except FerryError:
+            with contextlib.suppress(FerryError):  # logged; the first error is the one
+                await self._drop_fleeces()
+            raise
+
+    async def _drop_fleeces(self) -> None:
+        """The rounds' jobs ended: their snapshots go (what a job did not copy goes back
+        into its disk's bitmap first)."""
+        errors = []
+        for target in list(self.fleeces):
+            try:
+                await self.fleeces.pop(target).stop()
+            except FerryError as exc:
+                log.warning("domain %s: disk %s: %s", self.dom.name, target, exc)
+                errors.append(exc)
+        if errors:
+            raise errors[0]
+
+    async def dirty(self) -> dict[str, int]:
+        """Bytes each disk's bitmap holds (what the dest lacks, or may)."""
+        blocks = await self.mon.execute("query-block", timeout=QUERY_TIMEOUT_S)
+        out = {}
+        for m in self.mirrors:
+            _, maps = node_bitmaps(blocks, m.job)
+            if self.bitmaps[m.target] not in maps:
+                raise MigrationError(f"disk {m.target}: its dirty bitmap "
+                                     f"{self.bitmaps[m.target]} went away")
+            out[m.target] = maps[self.bitmaps[m.target]]
+        return out
 
     async def _poll_forever(self) -> None:
         """Figures while the RAM moves (the wait loop then belongs to qemu_migrate)."""
@@ -190,8 +323,35 @@ class StorageCopy:
                 await asyncio.wait_for(self.closed.wait(), POLL_S)
 
     async def wait_ready(self, on_turn: Callable[[dict[str, int]], None]) -> None:
-        """Until every mirror is READY (in sync); `on_turn` gets the figures each turn and
-        may raise (an abort)."""
+        """The bulk copy, rounds until the bitmaps are small or stop shrinking, then the
+        mirrors take over; `on_turn` gets the figures each turn and may raise (an abort).
+        Without FERRY_STORAGE_RESUMABLE: until the mirrors are READY."""
+        if not self.resumable:
+            await self._wait_jobs(on_turn, lambda m: m.ready)
+            self.copy_ms = int((time.monotonic() - self.started_at) * 1000)
+            return
+        await self._wait_jobs(on_turn, lambda m: m.ended)
+        await self._drop_fleeces()
+        history = [sum((await self.dirty()).values())]
+        while not should_hand_over(history, self.rounds):
+            await self._rounds(self.speed)
+            await self._wait_jobs(on_turn, lambda m: m.ended)
+            await self._drop_fleeces()
+            self.rounds += 1
+            history.append(sum((await self.dirty()).values()))
+        await self._hand_over(on_turn)
+        await self._wait_jobs(on_turn, lambda m: m.ready)
+        self.copy_ms = int((time.monotonic() - self.started_at) * 1000)
+
+    async def _rounds(self, speed: int) -> None:
+        for target, count in (await self.dirty()).items():
+            m = next(m for m in self.mirrors if m.target == target)
+            if count:
+                m.next_job()
+                await self._round(m, speed)
+
+    async def _wait_jobs(self, on_turn: Callable[[dict[str, int]], None],
+                         done: Callable[[MirrorState], bool]) -> None:
         while True:
             if not self.dom.active:
                 raise MigrationError(f"QEMU of '{self.dom.name}' exited while copying disks")
@@ -199,10 +359,39 @@ class StorageCopy:
             await self.poll()
             self.check()
             on_turn(self.progress())
-            if all(m.ready for m in self.mirrors):
-                self.copy_ms = int((time.monotonic() - self.started_at) * 1000)
+            if all(done(m) for m in self.mirrors):
                 return
             await nap(self.dom)
+
+    async def _hand_over(self, on_turn: Callable[[dict[str, int]], None]) -> None:
+        """A backup and a mirror cannot share a node: the guest pauses for a last
+        round at full speed and the start of a `sync: none` mirror per disk (which
+        copies every write from then on), then runs on."""
+        running = bool((await self.mon.execute("query-status")).get("running"))
+        reason = self.dom.reason
+        started = time.monotonic()
+        if running:
+            self.dom.expected_pause = PausedReason.MIGRATION
+            await self.mon.execute("stop")
+        try:
+            await self._rounds(0)
+            await self._wait_jobs(on_turn, lambda m: m.ended)
+            await self._drop_fleeces()
+            for m in self.mirrors:
+                m.next_job()
+                await self.mon.execute("blockdev-mirror", {
+                    **self._job_args(m, self.speed), "sync": "none"})
+        finally:
+            if running and self.dom.active:
+                self.dom.expected_resume = reason if isinstance(reason, RunningReason) \
+                    else RunningReason.UNPAUSED
+                try:
+                    await self.mon.execute("cont")
+                finally:
+                    self.dom.expected_resume = None
+        self.handover_ms = int((time.monotonic() - started) * 1000)
+        log.info("domain %s: mirrors took over after %d round(s), guest paused %d ms",
+                 self.dom.name, self.rounds, self.handover_ms)
 
     async def wait_closed(self, within: float) -> bool:
         """Whether the copy ended (completed or aborted) within `within` seconds."""
@@ -211,6 +400,7 @@ class StorageCopy:
         return self.closed.is_set()
 
     async def set_speed(self, speed: int) -> None:
+        self.speed = speed
         for m in self.started:
             if not m.ended:
                 await self.mon.execute("block-job-set-speed", {"device": m.job, "speed": speed})
@@ -240,7 +430,13 @@ class StorageCopy:
                 await self._yank()
                 await self._ended_within(CANCEL_S)
         finally:
-            await self._close()
+            try:
+                if self.dom.active:
+                    await self._drop_fleeces()
+            except FerryError:
+                pass  # logged; the bitmap then went, so a retry copies everything
+            finally:
+                await self._close()
 
     async def _cancel_all(self) -> None:
         for m in self.started:
@@ -289,19 +485,22 @@ class StorageCopy:
                 log.warning("domain %s: blockdev-del %s failed: %s", self.dom.name, node, exc)
 
 
-async def cancel_leftovers(dom: DomainObj) -> None:
-    """After a worker restart or a lost Perform: mirrors and nbd nodes a storage copy
-    left in the source QEMU go (libvirt's qemuMigrationSrcCancelUnattended)."""
+async def cancel_leftovers(dom: DomainObj, state_dir: Path) -> None:
+    """After a worker restart or a lost Perform: mirrors, backup rounds' snapshots and
+    nbd nodes a storage copy left in the source QEMU go (libvirt's
+    qemuMigrationSrcCancelUnattended)."""
     if dom.monitor is None or not dom.active:
         return
     mon = dom.monitor
     try:
         jobs = await mon.execute("query-block-jobs", timeout=QUERY_TIMEOUT_S)
         for j in jobs:
-            if j.get("type") == "mirror" and str(j.get("device", "")).startswith("drive-"):
+            if j.get("type") in ("mirror", "backup") and \
+                    str(j.get("device", "")).startswith("drive-"):
                 with contextlib.suppress(FerryError):
                     await mon.execute("block-job-cancel", {"device": j["device"],
                                                            "force": True})
+        await remove_leftovers(mon, state_dir, dom.uuid)
         nodes = await mon.execute("query-named-block-nodes", {"flat": True},
                                   timeout=QUERY_TIMEOUT_S)
         for n in nodes:
@@ -341,12 +540,17 @@ async def copy_disks(agent: HostAgent, dom: DomainObj, st: MigrationState,
     assert job is not None and dom.monitor is not None
     copy = StorageCopy(dom, dom.monitor, disks, inc=p.storage_inc,
                        stall_s=agent.settings.migration_stall_timeout_s,
+                       resumable=copies_resumably(agent, p),
+                       state_dir=agent.settings.state_dir,
+                       owner=confine.owner(agent.confinement),
                        tls_creds=dom.tls_creds)  # set up with the RAM stream's (--tls)
     dom.storage_out = copy
     host = await _nbd_host(agent, st)
     bandwidth = job.bandwidth_mib_s if job.bandwidth_mib_s is not None else p.bandwidth_mib_s
+    assert dest_cookie is not None and dest_cookie.nbd is not None
     try:
-        await copy.start(host, port, mib_to_speed(bandwidth))
+        await copy.start(host, port, mib_to_speed(bandwidth), p.job_id,
+                         {d.target: d.resume for d in dest_cookie.nbd.disks})
     except QemuError as exc:  # a TLS handshake refused shows in the nbd blockdev-add
         told = _tls_failure(agent, st, exc) if copy.tls_creds else None
         if told is None:

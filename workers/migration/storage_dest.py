@@ -32,6 +32,7 @@ from workers.domain import DomainDef
 from workers.domobj import DomainObj
 from workers.errors import FerryError, InvalidInputError, MigrationError, QemuError
 from workers.lifecycle import inactive_domain_for
+from workers.migration import storage_keep
 from workers.migration.cookie import CookieNbd, CookieNbdDisk
 from workers.migration.params import MigrationParams
 from workers.migration.storage_plan import (
@@ -59,11 +60,20 @@ class IncomingStorage:
     disks: list[DestDisk]
     created: list[str] = field(default_factory=list)  # removed if the migration fails
     port: int = 0
+    resumed: dict[str, str] = field(default_factory=dict)  # target -> attempt continued
 
     def cookie(self) -> CookieNbd:
-        """Prepare's answer: the port and the dest's disks (libvirt's form)."""
-        return CookieNbd(self.port, tuple(CookieNbdDisk(dd.disk.target, dd.wanted.capacity)
-                                          for dd in self.disks))
+        """Prepare's answer: the port and the dest's disks (libvirt's form), and which
+        interrupted copies the dest continues (ferry's `resume`)."""
+        return CookieNbd(self.port, tuple(
+            CookieNbdDisk(dd.disk.target, dd.wanted.capacity,
+                          resume=self.resumed.get(dd.disk.target)) for dd in self.disks))
+
+    def attempts(self, job_id: str) -> dict[str, tuple[str, int]]:
+        """Image -> (the copy attempt whose data it holds, virtual size), for a retry:
+        the disks the source copies with a dirty bitmap (it says `resume` in Begin)."""
+        return {dd.path: (self.resumed.get(dd.disk.target, job_id), dd.wanted.capacity)
+                for dd in self.disks if dd.wanted.resume is not None}
 
 
 async def _qemu_img(*argv: str) -> tuple[int, str, str]:
@@ -202,11 +212,19 @@ async def check_images(agent: HostAgent, d: DomainDef, nbd: CookieNbd | None,
 async def prepare_images(agent: HostAgent, d: DomainDef, nbd: CookieNbd | None,
                          p: MigrationParams) -> IncomingStorage:
     """Check the disks the source sends and create the missing images (nothing is
-    created unless every check passes)."""
-    disks, missing = await check_images(agent, d, nbd, p)
-    storage = IncomingStorage(disks)
+    created unless every check passes); a partial image kept from an interrupted copy
+    the source continues is used, and is this job's to remove."""
     ledger = Ledger(agent.store.root)
+    resumed = storage_keep.claim(agent, d, nbd, p.source) \
+        if agent.settings.storage_retry_keep_s else {}
     try:
+        by_target = {disk.target: disk for disk in d.disks}
+        for target in resumed:
+            assert by_target[target].source is not None
+            ledger.add(p.job_id, d.name, str(by_target[target].source))
+        disks, missing = await check_images(agent, d, nbd, p)
+        storage = IncomingStorage(disks, resumed=resumed)
+        storage.created += [dd.path for dd in disks if dd.disk.target in resumed]
         for dd in missing:
             await _create(agent, dd, storage, ledger, p.job_id, d.name)
     except BaseException:
@@ -269,6 +287,36 @@ def remove_created(paths: Sequence[str]) -> None:
 def discard_images(agent: HostAgent, job_id: str) -> None:
     """An incoming job failed (its QEMU is gone): the images made for it go."""
     Ledger(agent.store.root).discard(job_id)
+
+
+async def ready_to_keep(agent: HostAgent, dom: DomainObj) -> bool:
+    """A failed incoming storage copy whose partial images may be kept for a retry:
+    the setting allows it, they hold data (the copy wrote to them, or they were kept
+    before), and its QEMU flushed them (then it may be killed)."""
+    if not agent.settings.storage_retry_keep_s or dom.storage_in is None or \
+            not dom.active or dom.monitor is None or \
+            not any(dd.wanted.resume for dd in dom.storage_in.disks):
+        return False
+    storage = dom.storage_in
+    if not storage.resumed:  # a continued image holds an earlier try's data anyway
+        drives = [dd.disk.drive_id for dd in storage.disks if dd.wanted.resume]
+        if not await storage_keep.written(dom.monitor, drives):
+            return False
+    return await storage_keep.flushed(dom.monitor)
+
+
+def keep_for_retry(agent: HostAgent, job_id: str, storage: IncomingStorage, uuid: str,
+                   source: str) -> None:
+    """The failed job's QEMU is gone after a flush: the images it created are kept for
+    a retry instead of removed (storage_keep.py)."""
+    ledger = Ledger(agent.store.root)
+    entry = ledger.get(job_id)
+    images = [str(i) for i in entry.get("images", [])] if entry else []
+    attempts = storage.attempts(job_id)
+    kept = storage_keep.keep(agent, {i: attempts[i] for i in images if i in attempts},
+                             uuid, source)
+    remove_created([i for i in images if i not in kept])
+    ledger.forget(job_id)
 
 
 def keep_images(agent: HostAgent, job_id: str) -> None:

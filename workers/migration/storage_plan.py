@@ -183,6 +183,15 @@ class MirrorState:
     ended: bool = False  # COMPLETED or CANCELLED seen
     cancelled: bool = False
     error: str | None = None
+    done_len: int = 0  # earlier jobs' (backup rounds before the mirror)
+    done_offset: int = 0
+
+    def next_job(self) -> None:
+        """The job ended well: count it, and watch the next one on the same id."""
+        self.done_len, self.done_offset = self.done_len + self.length, \
+            self.done_offset + self.offset
+        self.length = self.offset = 0
+        self.ready = self.ended = self.cancelled = False
 
 
 def node_name(disk: Disk) -> str:
@@ -223,8 +232,8 @@ def update_from_event(mirrors: Iterable[MirrorState], event: str,
 
 def figures(mirrors: Sequence[MirrorState]) -> dict[str, int]:
     """libvirt's disk_* figures (qemuMigrationSrcFetchMirrorStats: Σlen, Σoffset)."""
-    total = sum(m.length for m in mirrors)
-    done = sum(m.offset for m in mirrors)
+    total = sum(m.done_len + m.length for m in mirrors)
+    done = sum(m.done_offset + m.offset for m in mirrors)
     return {"disk_total": total, "disk_processed": done, "disk_remaining": max(total - done, 0)}
 
 
