@@ -43,6 +43,7 @@ from workers.jobs import ActiveJob, JobStore
 from workers.jobsignals.listener import SignalListener
 from workers.migration import tunnel
 from workers.migration.params import MigrationFlags
+from workers.migration.storage_fleece import fleece_dir
 from workers.monitor import Monitor
 from workers.paths import AllowedDirs
 from workers.pki import TlsStatus
@@ -68,6 +69,8 @@ class HostAgent:
         self.confinement = confine.resolve(settings.qemu_user, settings.qemu_group)
         confine.reachable_nvram_dir(self.confinement, settings.state_dir,
                                     settings.nvram_dir or settings.state_dir / "nvram")
+        confine.reachable_subdir(self.confinement, settings.state_dir,
+                                 fleece_dir(settings.state_dir))
         self.domains: dict[str, DomainObj] = {}
         self.graphics_ports = PortAllocator("graphics", *settings.graphics_ports)
         self.migration_ports = PortAllocator("migration", *settings.migration_ports)

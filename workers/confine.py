@@ -125,13 +125,20 @@ def socket_dir(conf: Confinement | None, run: Path) -> Path:
 
 def reachable_nvram_dir(conf: Confinement | None, state_dir: Path, nvram_dir: Path) -> None:
     """The host's default NVRAM dir (<state dir>/nvram) reachable by a confined QEMU, as
-    libvirt's /var/lib/libvirt/qemu/nvram is: that dir and the state dir searchable by
-    all (o+x, not listable; the state dir's own files stay in its 0700 subdirs).  A
-    FERRY_NVRAM_DIR elsewhere is the operator's to place (refused at start otherwise)."""
-    if conf is None or nvram_dir.parent != state_dir:
+    libvirt's /var/lib/libvirt/qemu/nvram is.  A FERRY_NVRAM_DIR elsewhere is the
+    operator's to place (refused at start otherwise)."""
+    if nvram_dir.parent == state_dir:
+        reachable_subdir(conf, state_dir, nvram_dir)
+
+
+def reachable_subdir(conf: Confinement | None, state_dir: Path, sub: Path) -> None:
+    """`sub` of the state dir (NVRAM, fleecing files) reachable by a confined QEMU: it
+    and the state dir searchable by all (o+x, not listable; the state dir's own files
+    stay in its 0700 subdirs, and a confined QEMU's files in `sub` are its user's)."""
+    if conf is None:
         return
-    nvram_dir.mkdir(mode=0o711, parents=True, exist_ok=True)
-    for d in (state_dir, nvram_dir):
+    sub.mkdir(mode=0o711, parents=True, exist_ok=True)
+    for d in (state_dir, sub):
         mode = stat.S_IMODE(d.stat().st_mode)
         if not mode & 0o001:
             d.chmod(mode | 0o001)

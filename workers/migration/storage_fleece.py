@@ -54,8 +54,13 @@ def node_names(target: str) -> tuple[str, str, str]:
     return f"{NODE_PREFIX}{target}", f"{NODE_PREFIX}{target}-cbw", f"{NODE_PREFIX}{target}-tmp"
 
 
+def fleece_dir(state_dir: Path) -> Path:
+    """Apart from <state dir>/storage (0700): a confined QEMU opens its files here."""
+    return state_dir / "fleece"
+
+
 def fleece_path(state_dir: Path, uuid: str, target: str) -> Path:
-    return state_dir / "storage" / "fleece" / f"{uuid}-{target}.img"
+    return fleece_dir(state_dir) / f"{uuid}-{target}.img"
 
 
 class Fleece:
@@ -83,7 +88,7 @@ class Fleece:
             {"type": "block-dirty-bitmap-clear",
              "data": {"node": self.fmt, "name": self.bitmap}}]})
         self.frozen = True
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         with open(self.path, "wb") as f:  # sparse: it grows by what the guest overwrites
             f.truncate(self.size)
             if self.owner is not None:
