@@ -98,6 +98,13 @@ def _dirs(text: str) -> tuple[Path, ...]:
     return dirs
 
 
+def _migration_tls(text: str) -> str:
+    """optional or required."""
+    if text not in ("optional", "required"):
+        raise ValueError(f"must be 'optional' or 'required', not {text!r}")
+    return text
+
+
 def _name(text: str) -> str:
     """any non-empty name (blanks around it are dropped)."""
     if not text.strip():
@@ -142,6 +149,19 @@ SPECS: tuple[Spec, ...] = (
          "address incoming migrations listen on and peers connect to"),
     Spec("migration_ports", _port_range, lambda: (49152, 49215),
          "port range for incoming migration streams"),
+    Spec("tls_dir", _optional_path, lambda: None,
+         "this host's migration TLS files (ca-cert.pem, server-*.pem, client-*.pem); "
+         "empty: <state dir>/pki"),
+    Spec("migration_tls", _migration_tls, lambda: "optional",
+         "optional or required: required refuses migrations in or out without --tls"),
+    Spec("migration_tls_priority", str, lambda: "",
+         "GnuTLS priority string of migration TLS (empty: QEMU's default, TLS 1.3 AES-256-GCM)"),
+    Spec("qemu_user", str, lambda: "ferry-qemu",
+         "user QEMU runs as (make setup creates ferry-qemu); empty or root: as the worker"),
+    Spec("qemu_group", str, lambda: "",
+         "group QEMU runs as (empty: the user's own); the group of /dev/kvm is added"),
+    Spec("qemu_sandbox", _bool, lambda: True,
+         "start QEMU with its seccomp sandbox (-sandbox on,spawn=deny,...)"),
     Spec("graphics_ports", _port_range, lambda: (5900, 6099),
          "port range for VNC and SPICE autoport"),
     Spec("allowed_dirs", _dirs, tuple,
@@ -237,6 +257,12 @@ class Settings(NamedTuple):
     state_dir: Path
     migration_address: str
     migration_ports: tuple[int, int]
+    tls_dir: Path | None
+    migration_tls: str
+    migration_tls_priority: str
+    qemu_user: str
+    qemu_group: str
+    qemu_sandbox: bool
     graphics_ports: tuple[int, int]
     allowed_dirs: tuple[Path, ...]
     networks: dict[str, str]
@@ -276,6 +302,11 @@ class Settings(NamedTuple):
 
     def replace(self, **changes: Any) -> Settings:
         return self._replace(**changes)
+
+    @property
+    def pki_dir(self) -> Path:
+        """Where this host's migration TLS files are: FERRY_TLS_DIR or <state dir>/pki."""
+        return self.tls_dir or self.state_dir / "pki"
 
 
 def load(env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:

@@ -24,6 +24,7 @@ OPTION_FLAGS = {
     "change_protection": F.CHANGE_PROTECTION, "offline": F.OFFLINE,
     "compressed": F.COMPRESSED, "abort_on_error": F.ABORT_ON_ERROR,
     "auto_converge": F.AUTO_CONVERGE, "postcopy": F.POSTCOPY, "unsafe": F.UNSAFE,
+    "tls": F.TLS,
     "copy_storage_all": F.NON_SHARED_DISK, "copy_storage_inc": F.NON_SHARED_INC,
     "parallel": F.PARALLEL,
 }

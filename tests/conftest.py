@@ -22,7 +22,7 @@ from config.settings import load
 from scripts.testbed.fleet import Fleet, netns_available
 from scripts.testbed.guestimage import Tick, broken_continuity, serial_ticks
 from scripts.testbed.guestxml import guest_xml
-from scripts.testbed.stack import Stack, pid_alive, wait_for
+from scripts.testbed.stack import Stack, pid_alive, qemu_writable, searchable, wait_for
 from tasks.client import Client
 
 HOSTS = ("alpha", "beta")
@@ -59,6 +59,29 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log: object) -> object:
     return SerialGroupScheduling(config, log)
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """This session's temp dirs in a root of its own: guest images live in tmp_path and
+    a confined QEMU must reach them (tests make them searchable), but pytest makes
+    /tmp/pytest-of-USER private again whenever any session starts, also another
+    checkout's running beside this one."""
+    if hasattr(config, "workerinput") or config.option.basetemp or \
+            os.environ.get("PYTEST_DEBUG_TEMPROOT"):
+        return  # xdist workers get their basetemp from the controller
+    root = Path(tempfile.mkdtemp(prefix="fp-", dir="/tmp"))  # short: unix socket paths
+    root.chmod(0o711)
+    os.environ["PYTEST_DEBUG_TEMPROOT"] = str(root)
+    config.stash[_TEMPROOT] = root
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    root = config.stash.get(_TEMPROOT, None)
+    if root is not None and not os.environ.get("FERRY_TEST_KEEP"):
+        shutil.rmtree(root, ignore_errors=True)
+
+
+_TEMPROOT = pytest.StashKey[Path]()
+
+
 def _xdist_worker() -> int | None:
     """This process's pytest-xdist worker number (gw3 -> 3), None when run alone."""
     name = os.environ.get("PYTEST_XDIST_WORKER", "")
@@ -74,7 +97,7 @@ def port_base() -> int:
 @pytest.fixture(scope="session")
 def stack() -> Iterator[Stack]:
     # A short root: unix socket paths must fit in 107 bytes.
-    root = Path(tempfile.mkdtemp(prefix="ferry-", dir="/tmp"))
+    root = searchable(Path(tempfile.mkdtemp(prefix="ferry-", dir="/tmp")))  # NVRAM dir
     st = Stack(root=root, log_level="DEBUG")
     worker = _xdist_worker()
     if worker is not None:
@@ -122,9 +145,17 @@ def ferry(stack: Stack) -> Callable[..., CliResult]:
     return run
 
 
+@pytest.fixture(autouse=True)
+def _qemu_reaches_tmp_path(request: pytest.FixtureRequest) -> None:
+    """A test's tmp_path (where its guests' images live) reachable by the confined QEMU
+    user: pytest makes its temp dirs 0700."""
+    if "tmp_path" in request.fixturenames:
+        searchable(request.getfixturevalue("tmp_path"))
+
+
 @pytest.fixture(scope="session")
 def image_dir() -> Iterator[Path]:
-    path = Path(tempfile.mkdtemp(prefix="ferry-img-", dir="/tmp"))
+    path = searchable(Path(tempfile.mkdtemp(prefix="ferry-img-", dir="/tmp")))
     yield path
     shutil.rmtree(path, ignore_errors=True)
 
@@ -209,6 +240,9 @@ def make_guest(tmp_path: Path, base_image: Path, client: Client,
         return guest
 
     yield make
+    for guest in made:  # every QEMU the test left runs confined
+        for pid in qemu_pids_of(guest.uuid):
+            assert_confined(pid)
     for guest in made:
         for host in live_hosts(stack):
             remove_guest(client, host, guest.name)
@@ -229,6 +263,27 @@ def remove_guest(client: Client, host: str, name: str) -> None:
             client.call(host, "destroy", domain=name, timeout=30)
         if dom["persistent"]:
             client.call(host, "undefine", domain=name, timeout=30)
+
+
+def proc_status(pid: int) -> dict[str, str]:
+    """/proc/PID/status as a mapping ({} once the process is gone)."""
+    try:
+        text = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return {}
+    return {k: v.strip() for k, _, v in (line.partition(":") for line in text.splitlines())}
+
+
+def assert_confined(pid: int) -> None:
+    """QEMU `pid` runs as an unprivileged user, without capabilities, under its seccomp
+    sandbox (FERRY_QEMU_USER, FERRY_QEMU_SANDBOX)."""
+    status = proc_status(pid)
+    if not status:
+        return  # it exited meanwhile
+    uids = status["Uid"].split()
+    assert "0" not in uids, f"QEMU pid {pid} runs as root: Uid {status['Uid']}"
+    assert status["Seccomp"] == "2", f"QEMU pid {pid} has no seccomp filter: {status}"
+    assert int(status["CapEff"], 16) == 0 and status["NoNewPrivs"] == "1"
 
 
 def kvm_available() -> bool:
@@ -274,20 +329,24 @@ def port_free(port: int, address: str = "127.0.0.1") -> bool:
     return True
 
 
-def pmemsave(client: Client, host: str, name: str, size: int, path: Path) -> str:
-    """Guest physical memory [0, size) to `path`; returns its sha256."""
+def pmemsave(client: Client, host: str, name: str, size: int, path: Path,
+             start: int = 0) -> str:
+    """Guest physical memory [start, size) to `path`; returns its sha256."""
     import hashlib
     import json as _json
 
+    size -= start
+    # QEMU opens the file itself, as its (confined) user: in a directory that user owns.
+    out = qemu_writable(path.with_name(f"{path.name}.d"), client.settings) / path.name
     client.call(host, "qemu_monitor_command", domain=name, timeout=120, command=_json.dumps(
-        {"execute": "pmemsave", "arguments": {"val": 0, "size": size,
-                                              "filename": str(path)}}))
+        {"execute": "pmemsave", "arguments": {"val": start, "size": size,
+                                              "filename": str(out)}}))
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
+    with open(out, "rb") as f:
         while chunk := f.read(1 << 22):
             digest.update(chunk)
-    assert path.stat().st_size == size
-    path.unlink()
+    assert out.stat().st_size == size
+    shutil.rmtree(out.parent)
     return digest.hexdigest()
 
 
@@ -394,7 +453,7 @@ def fleet_of(names: list[str], base_image: Path, env: dict[str, str] | None = No
     reason = netns_available()
     if reason is not None:
         pytest.skip(f"namespace test hosts need CAP_NET_ADMIN and iproute2: {reason}")
-    root = Path(tempfile.mkdtemp(prefix="ferry-fl-", dir="/tmp"))
+    root = searchable(Path(tempfile.mkdtemp(prefix="ferry-fl-", dir="/tmp")))
     fleet = Fleet(root=root, extra_env=dict(env or {}),
                   local_disks=root / "disks" if local_disks else None)
     try:
@@ -405,3 +464,32 @@ def fleet_of(names: list[str], base_image: Path, env: dict[str, str] | None = No
         fleet.stop()
         if not os.environ.get("FERRY_TEST_KEEP"):
             shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture
+def postcopy_hosts(stack: Stack, client: Client) -> Iterator[tuple[str, str]]:
+    """(source, dest) for a post-copy migration: alpha and beta when their confined QEMU
+    may use userfaultfd; else two extra hosts whose QEMU runs as root (QEMU 7.2 as an
+    unprivileged user needs vm.unprivileged_userfaultfd=1), removed after the test
+    (their guests through ferry first).  Fails where userfaultfd is refused even to
+    root: post-copy is never passed untried."""
+    from workers.hostcaps import userfaultfd_available, userfaultfd_for_qemu
+
+    if not userfaultfd_available():
+        pytest.fail("post-copy cannot be tested: this kernel refuses userfaultfd here")
+    if userfaultfd_for_qemu(confined=client.settings.qemu_user not in ("", "root")):
+        yield "alpha", "beta"
+        return
+    hosts = ("pcsrc", "pcdst")
+    try:
+        for host in hosts:
+            stack.start_worker(host, env={"FERRY_QEMU_USER": ""})
+        yield hosts
+    finally:
+        for host in hosts:
+            if host not in stack.workers:
+                continue
+            with contextlib.suppress(Exception):
+                for dom in client.call(host, "list", all=True, timeout=30):
+                    remove_guest(client, host, dom["name"])
+            stack.remove_worker(host)

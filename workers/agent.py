@@ -24,7 +24,7 @@ from typing import Any, TypeVar
 
 from config import broker
 from config.settings import Settings
-from workers import locks, netdev
+from workers import confine, dac, locks, netdev
 from workers.domain import DomainDef
 from workers.domain_states import (
     DomainState,
@@ -43,10 +43,12 @@ from workers.jobs import ActiveJob, JobStore
 from workers.jobsignals.listener import SignalListener
 from workers.migration import tunnel
 from workers.migration.params import MigrationFlags
+from workers.migration.storage_fleece import fleece_dir
 from workers.monitor import Monitor
 from workers.paths import AllowedDirs
+from workers.pki import TlsStatus
 from workers.ports import PortAllocator
-from workers.process import QemuProcess, attach
+from workers.process import QemuProcess, attach, bound_sockets, remove_sockets
 from workers.store import StateStore
 
 log = logging.getLogger(__name__)
@@ -63,6 +65,12 @@ class HostAgent:
         self.allowed = AllowedDirs(settings.allowed_dirs)
         self.uuid = self.store.host_uuid(settings.host_uuid)
         self.kvm = os.access("/dev/kvm", os.R_OK | os.W_OK)
+        # QEMU's user (None: as the worker, root); an unknown user stops the worker here
+        self.confinement = confine.resolve(settings.qemu_user, settings.qemu_group)
+        confine.reachable_nvram_dir(self.confinement, settings.state_dir,
+                                    settings.nvram_dir or settings.state_dir / "nvram")
+        confine.reachable_subdir(self.confinement, settings.state_dir,
+                                 fleece_dir(settings.state_dir))
         self.domains: dict[str, DomainObj] = {}
         self.graphics_ports = PortAllocator("graphics", *settings.graphics_ports)
         self.migration_ports = PortAllocator("migration", *settings.migration_ports)
@@ -81,6 +89,7 @@ class HostAgent:
             ttl_ms=settings.heartbeat_ttl_ms,
             guests=self.active_names,
             on_beat=self.renew_leases,
+            tls=TlsStatus(settings.pki_dir, settings.migration_tls == "required").get,
         )
 
     # -- threads -----------------------------------------------------------------------------
@@ -212,6 +221,8 @@ class HostAgent:
         if dom.job is not None:
             extra["job"] = dom.job.to_status()
         extra["leases"] = json.dumps({"held": dom.leases_held, "lockstate": dom.lockstate})
+        if dom.disk_claims:  # a restarted worker gives them back when this QEMU goes
+            extra["dac"] = json.dumps([c.to_json() for c in dom.disk_claims])
         self.store.save_status(
             dom.name,
             state=dom.state.value,
@@ -263,12 +274,19 @@ class HostAgent:
         else:
             reason = ShutoffReason.CRASHED
         log.info("domain %s: QEMU pid %d exited (status %s)", dom.name, proc.pid, status)
+        if status == -signal.SIGSYS:
+            log.error("domain %s: QEMU was killed by its seccomp sandbox (SIGSYS): it made a "
+                      "system call the sandbox forbids (e.g. it tried to start a process)",
+                      dom.name)
+        self._give_back_disks(dom, restore=reason != ShutoffReason.MIGRATED)
         if dom.monitor is not None:
             self.loop.create_task(dom.monitor.close())
         proc.close()
-        dom.proc, dom.monitor = None, None
+        dom.proc, dom.monitor, dom.tls_creds = None, None, None
         netdev.remove_macvtaps(dom.current, self.host)  # a tap goes by itself, not these
         self.store.forget_runtime(dom.name, dom.current.uuid)
+        remove_sockets(dom.bound_sockets)
+        dom.bound_sockets = []
         self.release_ports(dom)
         try:
             self.release_leases(dom)
@@ -283,6 +301,16 @@ class HostAgent:
             self.domains.pop(dom.name, None)
         dom.exited.set()
         dom.wakeup.set()
+
+    def _give_back_disks(self, dom: DomainObj, restore: bool) -> None:
+        """The images a confined QEMU held go back to their owners (workers/dac.py);
+        not after a migration (the dest uses them) nor while another guest here does."""
+        claims, dom.disk_claims = dom.disk_claims, []
+        for c in claims:
+            in_use = any(c.path == path for other in self.domains.values()
+                         if other is not dom and other.active
+                         for path, _, _ in dac.guest_paths(other.current))
+            dac.release(c, restore=restore, in_use_here=in_use)
 
     def release_ports(self, dom: DomainObj) -> None:
         ranges = {"graphics": self.graphics_ports, "migration": self.migration_ports}
@@ -317,10 +345,18 @@ class HostAgent:
                 dom = self.domains.get(rec.name)
                 if dom is not None and dom.active:
                     self._restore_extra(dom, rec.extra)
-                elif rec.extra.get("job"):
-                    self._job_lost(rec.domain_xml, ActiveJob.from_status(rec.extra["job"]))
+                else:
+                    self._gone_while_away(rec.domain_xml, rec.extra)
             except Exception as exc:
                 log.error("domain %s: reconnect failed: %s", rec.name, exc)
+
+    def _gone_while_away(self, xml: str, extra: dict[str, str]) -> None:
+        """A QEMU that died while this worker was down: its job's record says so, and
+        the images it held go back to their owners."""
+        for c in json.loads(extra.get("dac") or "[]"):
+            dac.release(dac.Claim.from_json(c), restore=True)
+        if extra.get("job"):
+            self._job_lost(xml, ActiveJob.from_status(extra["job"]))
 
     def _job_lost(self, xml: str, job: ActiveJob) -> None:
         """A job's QEMU died while this worker was down: its record says so, where
@@ -341,6 +377,8 @@ class HostAgent:
         if extra.get("leases"):
             leases = json.loads(extra["leases"])
             dom.leases_held, dom.lockstate = bool(leases["held"]), leases["lockstate"]
+        if extra.get("dac"):
+            dom.disk_claims = [dac.Claim.from_json(c) for c in json.loads(extra["dac"])]
 
     async def _reconnect(self, name: str, xml: str, pid: int, state: str, reason: str) -> None:
         live = self.parse(xml, stored=True, live=True)
@@ -349,6 +387,7 @@ class HostAgent:
         if proc is None:
             log.warning("domain %s: QEMU pid %d is gone", name, pid)
             self.store.forget_runtime(name, live.uuid)
+            remove_sockets(bound_sockets(live.serials, live.channels))
             dom.live = None if dom.persistent else live
             dom.state, dom.reason = DomainState.SHUTOFF, ShutoffReason.FAILED
             if not dom.persistent:
@@ -356,6 +395,7 @@ class HostAgent:
             self.domains[name] = dom
             return
         dom.live = live
+        dom.bound_sockets = bound_sockets(live.serials, live.channels)
         self.domains[name] = dom
         for g in live.graphics:
             if g.autoport and g.port is not None:

@@ -7,6 +7,7 @@ import contextlib
 from dataclasses import dataclass, field
 from typing import Any
 
+from workers.dac import Claim
 from workers.domain import DomainDef
 from workers.domain_states import DomainState, PausedReason, Reason, RunningReason, ShutoffReason
 from workers.domain_xml import format_domain_xml
@@ -42,6 +43,13 @@ class DomainObj:
     # QEMU's time (epoch s) of the last STOP and RESUME events: the guest's pause.
     cpu_events: dict[str, float] = field(default_factory=dict)
     tunnel: Any = None
+    tls_creds: str | None = None  # the id of this migration's tls-creds-x509 object
+    log_offset: int = 0  # the size of the QEMU log when this QEMU started
+    disk_claims: list[Claim] = field(default_factory=list)  # images its QEMU user holds
+    # Unix sockets the worker bound for this QEMU (path, inode, ctime): gone with it, as
+    # QEMU removes the ones it binds itself; only if still the same file (a dest on this
+    # machine may have bound the path again).
+    bound_sockets: list[tuple[str, int, int]] = field(default_factory=list)
     # Storage copy: the source's mirrors (workers.migration.storage.StorageCopy, which
     # gets the BLOCK_JOB_* events) and the dest's images and NBD server
     # (workers.migration.storage_dest.IncomingStorage).

@@ -7,7 +7,9 @@
     ├── OperationInvalidError    the domain is not in a state that allows this
     ├── HostUnavailableError     a host does not answer (no heartbeat, timeout)
     ├── QemuError                QEMU failed to start or a monitor command failed
-    └── MigrationError           a migration phase failed (later issues)
+    └── MigrationError           a migration phase failed
+        └── TlsError             migration TLS: material missing or invalid, or the
+                                 peer refused the handshake
 
 Every error carries the phase and the host where it happened and the cause;
 `str(err)` is the line the operator sees.  The constructor's arguments are
@@ -26,7 +28,7 @@ from config.errors import FerryError, InvalidInputError
 
 __all__ = [
     "FerryError", "HostUnavailableError", "InvalidInputError", "MigrationError", "NotFoundError",
-    "OperationInvalidError", "QemuError", "UnsupportedError", "one_line",
+    "OperationInvalidError", "QemuError", "TlsError", "UnsupportedError", "one_line",
 ]
 _LONG_WORD = re.compile(r"\S{129,}")
 MAX_MESSAGE = 600
@@ -65,3 +67,7 @@ class QemuError(FerryError):
 
 class MigrationError(FerryError):
     """A migration phase failed."""
+
+
+class TlsError(MigrationError):
+    """Migration TLS failed: a host's certificates or keys, or the peer's handshake."""

@@ -17,9 +17,10 @@ from typing import Any
 
 import redis
 
-from workers.host_records import HOSTS_SET, get_host, host_key, list_hosts
+from workers.host_records import HOSTS_SET, get_host, host_key, list_hosts, tls_fields
 
-__all__ = ["HOSTS_SET", "VERSION", "Heartbeat", "get_host", "host_key", "list_hosts"]
+__all__ = ["HOSTS_SET", "VERSION", "Heartbeat", "get_host", "host_key", "list_hosts",
+           "tls_fields"]
 
 log = logging.getLogger(__name__)
 
@@ -38,8 +39,10 @@ class Heartbeat:
         ttl_ms: int,
         guests: Callable[[], list[str]],
         on_beat: Callable[[], None] | None = None,
+        tls: Callable[[], dict[str, Any]] | None = None,
     ) -> None:
         self._on_beat = on_beat
+        self._tls = tls
         self._redis = client
         self._name, self._uuid, self._address = name, uuid, address
         self._interval = interval_ms / 1000
@@ -59,6 +62,7 @@ class Heartbeat:
             "started": self._started,
             "guests": sorted(self._guests()),
             "beat": time.time(),
+            "tls": self._tls() if self._tls is not None else None,
         }
 
     def beat(self) -> None:

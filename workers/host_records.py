@@ -23,6 +23,15 @@ def host_key(name: str) -> str:
     return f"ferry:host:{name}"
 
 
+def tls_fields(tls: Any) -> dict[str, Any]:
+    """The hosts list's TLS fields from a heartbeat's `tls` (absent in older workers):
+    tls (both ends' material valid), tls_required, tls_expires, tls_problems."""
+    tls = tls if isinstance(tls, dict) else {}
+    return {"tls": bool(tls.get("server") and tls.get("client")),
+            "tls_required": bool(tls.get("required")),
+            "tls_expires": tls.get("expires"), "tls_problems": list(tls.get("problems") or [])}
+
+
 def list_hosts(client: Reader) -> list[dict[str, Any]]:
     """Every host ever seen, alive or not, from the heartbeat records."""
     names = sorted(n.decode() if isinstance(n, bytes) else n for n in client.smembers(HOSTS_SET))
@@ -31,7 +40,8 @@ def list_hosts(client: Reader) -> list[dict[str, Any]]:
         raw = client.get(host_key(name))
         if raw is None:
             hosts.append(
-                {"name": name, "uuid": None, "address": None, "alive": False, "guests": []}
+                {"name": name, "uuid": None, "address": None, "alive": False, "guests": [],
+                 **tls_fields(None)}
             )
             continue
         rec = json.loads(raw)
@@ -43,6 +53,7 @@ def list_hosts(client: Reader) -> list[dict[str, Any]]:
                 "alive": True,
                 "guests": rec["guests"],
                 "version": rec["version"],
+                **tls_fields(rec.get("tls")),
             }
         )
     return hosts

@@ -28,10 +28,32 @@ def userfaultfd_available() -> bool:
     return True
 
 
-def require_postcopy() -> None:
-    if not userfaultfd_available():
+UNPRIVILEGED_UFFD = "/proc/sys/vm/unprivileged_userfaultfd"
+
+
+def userfaultfd_for_qemu(confined: bool) -> bool:
+    """Whether QEMU may open a userfaultfd: as root, if the kernel has it; as an
+    unprivileged user (QEMU 7.2 knows neither /dev/userfaultfd nor user-mode-only
+    faults), only with the sysctl vm.unprivileged_userfaultfd = 1."""
+    if not confined:
+        return userfaultfd_available()
+    try:
+        with open(UNPRIVILEGED_UFFD) as f:
+            allowed = f.read().strip() == "1"
+    except OSError:
+        allowed = False
+    return allowed and userfaultfd_available()
+
+
+def require_postcopy(confined: bool = False) -> None:
+    if userfaultfd_for_qemu(confined):
+        return
+    if confined and userfaultfd_available():
         raise UnsupportedError("post-copy migration needs userfaultfd, which this host's "
-                               "kernel does not allow")
+                               "kernel allows a confined QEMU only with the sysctl "
+                               "vm.unprivileged_userfaultfd=1 (or FERRY_QEMU_USER=root)")
+    raise UnsupportedError("post-copy migration needs userfaultfd, which this host's "
+                           "kernel does not allow")
 
 
 def cpu_signature(hidden: Iterable[str] = (), cpuinfo: str | None = None) -> str:

@@ -275,8 +275,10 @@ class _SaveRun:
 async def _outgoing_setup(mon: Monitor, bandwidth_mib_s: int | None) -> None:
     caps = stream_caps.as_qmp(stream_caps.file_capabilities())
     await mon.execute("migrate-set-capabilities", {"capabilities": caps})
+    # tls-creds reset: a QEMU that migrated in with TLS would look for its object
     await mon.execute("migrate-set-parameters",
-                      {"max-bandwidth": qemu_migrate.mib_to_bytes(bandwidth_mib_s or 0)})
+                      {"max-bandwidth": qemu_migrate.mib_to_bytes(bandwidth_mib_s or 0),
+                       "tls-creds": "", "tls-hostname": ""})
 
 
 async def _until_migration_stops(dom: DomainObj, timeout: float = 10.0) -> None:

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from workers import cpucheck, cpumodel, netdev
+from workers import cpucheck, cpumodel, dac, netdev
 from workers.agent import HostAgent
 from workers.domain import DomainDef, with_channel_paths, with_graphics_ports, with_tap_names
 from workers.domain_states import DomainState, PausedReason, RunningReason, ShutoffReason
@@ -24,8 +24,18 @@ from workers.domobj import DomainObj
 from workers.errors import InvalidInputError, NotFoundError, OperationInvalidError, QemuError
 from workers.guestfiles import channel_dir, ensure_nvram, with_nvram_path
 from workers.job_types import JobOperation
-from workers.process import listening_socket, log_tail, spawn
-from workers.qemu_argv import build_qemu_argv, qemu_has_spice
+from workers.process import (
+    QemuProcess,
+    bound_sockets,
+    close_handover,
+    listening_socket,
+    log_tail,
+    open_handover,
+    remove_sockets,
+    spawn,
+)
+from workers.qemu_argv import Handover, build_qemu_argv, qemu_has_spice
+from workers.store import atomic_write
 
 
 def nvram_dir(agent: HostAgent) -> Path:
@@ -128,23 +138,59 @@ async def launch(agent: HostAgent, dom: DomainObj, definition: DomainDef,
     others = [o.current for o in agent.domains.values() if o.active and o is not dom]
     netdev.check_macs(definition, others, agent.host)
     live = with_channel_paths(_with_ports(agent, dom, definition), channel_dir(agent.store.run))
+    dom.disk_claims = []
+    try:
+        dom.disk_claims = dac.claim_guest(agent.confinement, live)
+        proc, live = _spawn(agent, dom, live, incoming, extra_argv)
+    except BaseException:
+        agent.release_ports(dom)
+        dac.release_all(dom.disk_claims, restore=True)
+        dom.disk_claims = []
+        raise
+    dom.live = live
+    dom.exit_reason = ShutoffReason.FAILED  # until QEMU is up, an exit means start failed
+    agent.watch(dom, proc)
+    agent.set_state(dom, DomainState.PAUSED, PausedReason.STARTING_UP)
+    mon = agent.make_monitor(dom)
+    try:
+        await mon.connect(str(agent.store.qmp_socket(live.uuid)),
+                          agent.settings.qemu_start_timeout_s)
+    except QemuError as exc:
+        await agent.kill(dom, ShutoffReason.FAILED)
+        raise QemuError(f"QEMU failed to start domain '{live.name}'", host=agent.host,
+                        cause=log_tail(agent.store.qemu_log(live.name)) or exc.cause) from exc
+    dom.monitor = mon
+    dom.exit_reason = None
+
+
+def _spawn(agent: HostAgent, dom: DomainObj, live: DomainDef, incoming: str | None,
+           extra_argv: Sequence[str]) -> tuple[QemuProcess, DomainDef]:
+    """QEMU started (as its user, if confined) with its monitor socket, taps, serial
+    files and channel sockets handed over as fds; the worker writes its pidfile (QEMU's
+    own -pidfile would need a directory a confined QEMU can write).  Returns `live`
+    with the tap names the kernel gave."""
     taps: list[netdev.Tap] = []
     sock = None
+    handover = Handover()
     try:
         taps = netdev.open_taps(live, agent.settings.networks, agent.host)
         live = with_tap_names(live, {t.index: t.name for t in taps})
-        sock_path = agent.store.qmp_socket(live.uuid)
-        sock = listening_socket(sock_path)
+        sock = listening_socket(agent.store.qmp_socket(live.uuid))
+        handover = open_handover(live.serials, live.channels)
+        dom.bound_sockets = bound_sockets(live.serials, live.channels)
         fds = {t.index: (t.fd, t.vhostfd) for t in taps}
         argv = build_qemu_argv(
-            live, qmp_fd=sock.fileno(), pidfile=str(agent.store.pidfile(live.name)),
-            kvm=agent.kvm, incoming=incoming, spice=qemu_has_spice(live.emulator),
-            extra=extra_argv, taps=fds)
+            live, qmp_fd=sock.fileno(), kvm=agent.kvm, incoming=incoming,
+            spice=qemu_has_spice(live.emulator), extra=extra_argv, taps=fds,
+            sandbox=agent.settings.qemu_sandbox, handover=handover)
         log_path = agent.store.qemu_log(live.name)
-        passed = [sock.fileno(), *(fd for pair in fds.values() for fd in pair if fd is not None)]
-        proc = spawn(argv, pass_fds=passed, log_path=log_path, cwd=agent.store.run)
+        dom.log_offset = log_path.stat().st_size if log_path.exists() else 0
+        tap_fds = [fd for pair in fds.values() for fd in pair if fd is not None]
+        proc = spawn(argv, pass_fds=[sock.fileno(), *tap_fds, *handover.fds()],
+                     log_path=log_path, cwd=agent.store.run, confinement=agent.confinement)
     except BaseException:
-        agent.release_ports(dom)
+        remove_sockets(dom.bound_sockets)
+        dom.bound_sockets = []
         netdev.discard(taps, agent.host)  # no QEMU: the macvtaps made for it go
         raise
     finally:
@@ -152,19 +198,10 @@ async def launch(agent: HostAgent, dom: DomainObj, definition: DomainDef,
             tap.close()
         if sock is not None:
             sock.close()
-    dom.live = live
-    dom.exit_reason = ShutoffReason.FAILED  # until QEMU is up, an exit means start failed
-    agent.watch(dom, proc)
-    agent.set_state(dom, DomainState.PAUSED, PausedReason.STARTING_UP)
-    mon = agent.make_monitor(dom)
-    try:
-        await mon.connect(str(sock_path), agent.settings.qemu_start_timeout_s)
-    except QemuError as exc:
-        await agent.kill(dom, ShutoffReason.FAILED)
-        raise QemuError(f"QEMU failed to start domain '{live.name}'", host=agent.host,
-                        cause=log_tail(log_path) or exc.cause) from exc
-    dom.monitor = mon
-    dom.exit_reason = None
+        close_handover(handover)
+    atomic_write(agent.store.pidfile(live.name), f"{proc.pid}\n".encode(), 0o644,
+                 durable=False)
+    return proc, live
 
 
 async def run_cpus(agent: HostAgent, dom: DomainObj, reason: RunningReason) -> None:

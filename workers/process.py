@@ -14,12 +14,17 @@ import logging
 import os
 import signal
 import socket
+import stat
 import subprocess
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from workers.confine import Confinement
+from workers.devices import Channel
+from workers.domain import Serial
 from workers.errors import QemuError
+from workers.qemu_argv import Handover
 
 log = logging.getLogger(__name__)
 
@@ -74,9 +79,12 @@ def listening_socket(path: Path) -> socket.socket:
 
 
 def spawn(
-    argv: Sequence[str], *, pass_fds: Sequence[int], log_path: Path, cwd: Path
+    argv: Sequence[str], *, pass_fds: Sequence[int], log_path: Path, cwd: Path,
+    confinement: Confinement | None = None,
 ) -> QemuProcess:
-    """Start QEMU detached from the worker's session, output to `log_path`."""
+    """Start QEMU detached from the worker's session, output to `log_path` (opened by
+    the worker), as the confined user when there is one."""
+    c = confinement
     with open(log_path, "ab") as out:
         try:
             popen = subprocess.Popen(
@@ -88,11 +96,15 @@ def spawn(
                 start_new_session=True,
                 pass_fds=tuple(pass_fds),
                 close_fds=True,
+                user=c.uid if c else None,
+                group=c.gid if c else None,
+                extra_groups=list(c.groups) if c else None,
             )
         except OSError as exc:
             raise QemuError(f"cannot execute {argv[0]}", cause=str(exc)) from exc
     pidfd = os.pidfd_open(popen.pid)
-    log.info("started %s pid %d", Path(argv[0]).name, popen.pid)
+    log.info("started %s pid %d%s", Path(argv[0]).name, popen.pid,
+             f" as {confinement.user}" if confinement else "")
     return QemuProcess(popen.pid, pidfd, popen)
 
 
@@ -131,3 +143,72 @@ def log_tail(path: Path, limit: int = 400) -> str:
         return ""
     lines = [ln.strip() for ln in data.decode(errors="replace").splitlines() if ln.strip()]
     return " | ".join(lines[-3:])
+
+
+def open_handover(serials: Sequence[Serial], channels: Sequence[Channel] = ()) -> Handover:
+    """The serial log files and unix sockets (serials' and channels') a QEMU uses,
+    opened by the worker (as QEMU would open them) so their directories need not be
+    open to QEMU's user."""
+    files: dict[str, int] = {}
+    sockets: dict[str, int] = {}
+    chans: dict[int, int] = {}
+    try:
+        for s in serials:
+            if s.type == "file" and s.path:
+                how = os.O_APPEND if s.append else os.O_TRUNC
+                files[s.alias] = os.open(s.path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC | how,
+                                         0o600)
+            elif s.type == "unix" and s.path:
+                sockets[s.alias] = _serial_socket(s.path, s.mode == "bind")
+        for i, c in enumerate(channels):
+            if c.type == "unix" and c.path:
+                chans[i] = _serial_socket(c.path, True)
+    except OSError as exc:
+        close_handover(Handover(files, sockets, chans))
+        raise QemuError(f"cannot open {exc.filename or ''}: {exc.strerror}") from None
+    return Handover(files, sockets, chans)
+
+
+def _serial_socket(path: str, bind: bool) -> int:
+    """A listening socket at `path` (mode bind), or one connected to it (mode connect)."""
+    if bind:
+        return listening_socket(Path(path)).detach()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.connect(path)
+    except OSError as exc:
+        sock.close()
+        exc.filename = exc.filename or path
+        raise
+    return sock.detach()
+
+
+def close_handover(handover: Handover) -> None:
+    """The worker's copies, once QEMU holds its own."""
+    for fd in handover.fds():
+        with contextlib.suppress(OSError):
+            os.close(fd)
+
+
+def bound_sockets(serials: Sequence[Serial],
+                  channels: Sequence[Channel]) -> list[tuple[str, int, int]]:
+    """(path, inode, ctime ns) of the unix sockets `open_handover` bound (serials in mode
+    bind, unix channels), to remove when their QEMU goes (inode numbers are reused at
+    once: the ctime tells a socket bound again apart)."""
+    paths = [s.path for s in serials if s.type == "unix" and s.mode == "bind" and s.path]
+    paths += [c.path for c in channels if c.type == "unix" and c.path]
+    out = []
+    for path in paths:
+        with contextlib.suppress(OSError):
+            st = os.stat(path)
+            out.append((path, st.st_ino, st.st_ctime_ns))
+    return out
+
+
+def remove_sockets(bound: Sequence[tuple[str, int, int]]) -> None:
+    """Remove the sockets of `bound_sockets` that are still those files."""
+    for path, ino, ctime in bound:
+        with contextlib.suppress(OSError):
+            st = os.lstat(path)
+            if (st.st_ino, st.st_ctime_ns) == (ino, ctime) and stat.S_ISSOCK(st.st_mode):
+                os.unlink(path)

@@ -10,7 +10,11 @@ Choices:
 
 - The monitor is an already listening unix socket the agent passes as a fd
   (``-chardev socket,fd=N,server=on,wait=off``): the agent binds it before
-  QEMU starts, so there is no race on the path and no retry loop.
+  QEMU starts, so there is no race on the path and no retry loop.  Serial log
+  files and unix sockets come the same way (`Handover`: ``-add-fd`` +
+  ``/dev/fdset/N``, ``socket,fd=N``), so a confined QEMU needs no access to
+  their directories; the worker writes the pidfile itself (QEMU's own
+  ``-pidfile`` would need a directory its user can write).
 - QEMU always starts paused (``-S``); the agent resumes it or migrates into it.
 - Disks are ``-drive if=none,id=drive-ALIAS`` + ``-device ...,id=ALIAS`` with
   libvirt's aliases (virtio-disk0, ide0-0-0; also serial0, video0, balloon0).
@@ -43,6 +47,7 @@ import functools
 import ipaddress
 import subprocess
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 
 from workers.domain import DomainDef, Graphics, Serial
 from workers.errors import InvalidInputError, UnsupportedError
@@ -77,19 +82,42 @@ def _opts(*parts: str | None) -> str:
     return ",".join(p for p in parts if p)
 
 
+@dataclass(frozen=True)
+class Handover:
+    """What the worker opened for QEMU (a confined QEMU could not), by serial alias:
+    file descriptors of serial log files and of unix sockets (listening for mode
+    'bind', connected for mode 'connect'), and the listening sockets of unix
+    channels by channel index, passed to the QEMU process."""
+
+    serial_files: Mapping[str, int] = field(default_factory=dict)
+    serial_sockets: Mapping[str, int] = field(default_factory=dict)
+    channel_sockets: Mapping[int, int] = field(default_factory=dict)  # by channel index
+
+    def fds(self) -> list[int]:
+        return [*self.serial_files.values(), *self.serial_sockets.values(),
+                *self.channel_sockets.values()]
+
+
+SANDBOX = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
+_SERIAL_FDSET = 10  # -add-fd sets of serial files: 10 + port
+
+
 def build_qemu_argv(
     d: DomainDef,
     *,
     qmp_fd: int,
-    pidfile: str,
+    pidfile: str | None = None,
     kvm: bool,
     incoming: str | None = None,
     extra: Sequence[str] = (),
     spice: bool = True,
     taps: Mapping[int, TapFds] | None = None,
+    sandbox: bool = False,
+    handover: Handover | None = None,
 ) -> list[str]:
-    """argv (argv[0] is the emulator) for `d`; `spice` says whether this QEMU has SPICE,
-    `taps` the open tap (and vhost-net) fds of the tap NICs, by interface index."""
+    """argv (argv[0] is the emulator) for `d`; `spice` says whether this QEMU has SPICE;
+    `taps` the open tap (and vhost-net) fds of the tap NICs, by interface index;
+    `sandbox` adds QEMU's seccomp sandbox; `handover` has the fds the worker opened."""
     if qmp_fd < 0:
         raise ValueError(f"qmp_fd must be an open file descriptor, not {qmp_fd}")
     use_kvm = kvm and d.type == "kvm"
@@ -116,7 +144,11 @@ def build_qemu_argv(
     argv += ["-m", f"size={mem_kib}k", "-smp", smp_option(d), *numa_args(d)]
     argv += ["-no-user-config", "-nodefaults", "-display", "none"]
     argv += ["-chardev", f"socket,id=charmonitor,fd={qmp_fd},server=on,wait=off"]
-    argv += ["-mon", "chardev=charmonitor,id=monitor,mode=control", "-pidfile", pidfile]
+    argv += ["-mon", "chardev=charmonitor,id=monitor,mode=control"]
+    if pidfile is not None:
+        argv += ["-pidfile", pidfile]
+    if sandbox:
+        argv += ["-sandbox", SANDBOX]
     argv += ["-rtc", _opts(f"base={d.clock_offset}", "driftfix=slew" if slew else None)]
     if d.on_reboot == "destroy":
         argv.append("-no-reboot")
@@ -145,14 +177,14 @@ def build_qemu_argv(
     for i, nic in enumerate(d.interfaces):
         argv += interface_args(d, i, nic, taps or {})
     for serial in d.serials:
-        argv += ["-chardev", _chardev(serial)]
+        argv += _chardev_args(serial, handover or Handover())
         argv += [
             "-device",
             f"isa-serial,chardev={serial.chardev_id},id={serial.alias},index={serial.port}",
         ]
     for g in d.graphics:
         argv += _graphics_args(g, spice)
-    argv += late_device_args(d)
+    argv += late_device_args(d, (handover or Handover()).channel_sockets)
     if d.memballoon == "virtio":
         argv += ["-device", ",".join(filter(None, ("virtio-balloon-pci,id=balloon0",
                                                    pci(d, d.memballoon_address))))]
@@ -165,6 +197,20 @@ def build_qemu_argv(
             raise InvalidInputError(f"incoming URI {incoming!r} is not defer, tcp:, unix: or fd:")
         argv += ["-incoming", incoming]
     return argv + list(extra) + list(d.qemu_args)
+
+
+def _chardev_args(s: Serial, handover: Handover) -> list[str]:
+    """-chardev for a serial: by path, or through the fd the worker opened."""
+    server = "server=on,wait=off" if s.mode == "bind" else "server=off"
+    if s.type == "file" and s.alias in handover.serial_files:
+        fdset = _SERIAL_FDSET + s.port
+        return ["-add-fd", f"fd={handover.serial_files[s.alias]},set={fdset},opaque={s.alias}",
+                "-chardev", _opts(f"file,id={s.chardev_id},path=/dev/fdset/{fdset}",
+                                  "append=on" if s.append else None)]
+    if s.type == "unix" and s.alias in handover.serial_sockets:
+        fd = handover.serial_sockets[s.alias]
+        return ["-chardev", f"socket,id={s.chardev_id},fd={fd},{server}"]
+    return ["-chardev", _chardev(s)]
 
 
 def _chardev(s: Serial) -> str:

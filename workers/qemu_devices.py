@@ -3,7 +3,7 @@
 Ids follow libvirt's aliases (net0/hostnet0, channel0/charchannel0, usb, virtio-serial0,
 pci.N for the root port of index N, rng0/objrng0, watchdog0, input0), so a
 `qemu-monitor-command` written against libvirt finds the same devices.  The only
-runtime inputs are the tap file descriptors (`TapFds`), which are not guest ABI.
+runtime inputs are file descriptors (`TapFds`, channel sockets), which are not guest ABI.
 """
 
 from __future__ import annotations
@@ -158,8 +158,12 @@ def interface_args(d: DomainDef, i: int, n: Interface, taps: Mapping[int, TapFds
     return ["-netdev", netdev, "-device", device]
 
 
-def channel_args(i: int, c: Channel) -> list[str]:
-    if c.type == "unix":
+def channel_args(i: int, c: Channel, fd: int | None = None) -> list[str]:
+    """A virtserialport; a unix channel's socket by path, or through the listening
+    fd the worker bound at that path (a confined QEMU could not bind there)."""
+    if c.type == "unix" and fd is not None:
+        chardev = f"socket,id=charchannel{i},fd={fd},server=on,wait=off"
+    elif c.type == "unix":
         if c.path is None:
             raise ValueError(f"channel {c.name} has no socket path yet (with_channel_paths)")
         chardev = f"socket,id=charchannel{i},path={esc(c.path)},server=on,wait=off"
@@ -195,11 +199,11 @@ def watchdog_args(d: DomainDef, w: Watchdog) -> list[str]:
     return ["-device", opts(w.model, "id=watchdog0", where), "-watchdog-action", w.action]
 
 
-def late_device_args(d: DomainDef) -> list[str]:
+def late_device_args(d: DomainDef, channel_fds: Mapping[int, int] | None = None) -> list[str]:
     """Channels, inputs, audio (after serial ports and graphics)."""
     out: list[str] = []
     for i, c in enumerate(d.channels):
-        out += channel_args(i, c)
+        out += channel_args(i, c, (channel_fds or {}).get(i))
     for i, inp in enumerate(d.inputs):
         out += input_args(i, inp)
     for a in d.audios:

@@ -46,7 +46,7 @@ from scripts.bench.transports import run_transports, tunnel_settings
 from scripts.bench.transports_report import markdown as transports_markdown
 from scripts.testbed.guestimage import MAX_REGION_MIB, build_image
 from scripts.testbed.guestxml import guest_xml
-from scripts.testbed.stack import Stack
+from scripts.testbed.stack import Stack, searchable
 from tasks.client import Client
 
 BENCH_DIR = Path(__file__).resolve().parent
@@ -272,7 +272,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                                    str(min(args.warmup, 1)), "--out", str(args.out)])
     if args.case == "floor":
         check_memory(args.sizes)
-    root = Path(tempfile.mkdtemp(prefix="ferry-bench-", dir="/tmp"))  # short: socket paths
+    # short: socket paths; searchable: a confined QEMU reaches the images in it
+    root = searchable(Path(tempfile.mkdtemp(prefix="ferry-bench-", dir="/tmp")))
     stack = Stack(root=root, log_level=args.log_level)
     floors: list[FloorGuest] = []
     result: dict[str, Any] = {"machine": machine(), "cases": [],
@@ -322,7 +323,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def main_scale(args: argparse.Namespace) -> int:
     counts = [int(x) for x in args.counts.split(",") if x.strip()]
-    root = Path(tempfile.mkdtemp(prefix="ferry-bench-", dir="/tmp"))
+    root = searchable(Path(tempfile.mkdtemp(prefix="ferry-bench-", dir="/tmp")))
     result: dict[str, Any] = {"machine": machine(), "cases": [],
                               "args": {"case": "scale", "runs": args.runs, "counts": counts,
                                        "log_level": args.log_level}}

@@ -44,7 +44,7 @@ from scripts.bench.migration import wait_filled
 from scripts.bench.report import machine
 from scripts.testbed.guestimage import build_image
 from scripts.testbed.guestxml import guest_xml
-from scripts.testbed.stack import Stack, stop_pid
+from scripts.testbed.stack import Stack, searchable, stop_pid
 from tasks.client import Client
 from workers.domain_xml import parse_domain_xml
 from workers.image_format import COMPRESSORS, compress_argv, decompress_argv
@@ -281,7 +281,8 @@ def _terminate(signum: int, frame: FrameType | None) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     signal.signal(signal.SIGTERM, _terminate)
-    root = Path(tempfile.mkdtemp(prefix="ferry-bimg-", dir="/tmp"))  # short: socket paths
+    # short: socket paths; searchable: a confined QEMU reaches the images in it
+    root = searchable(Path(tempfile.mkdtemp(prefix="ferry-bimg-", dir="/tmp")))
     stack = Stack(root=root / "stack", log_level=args.log_level)
     twins: list[FloorTwin] = []
     info = machine()

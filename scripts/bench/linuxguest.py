@@ -33,6 +33,7 @@ from scripts.testbed.linuxguest import (
     ECHO_PORT,
     build_guest,
     continuity_problem,
+    copied_to,
     domain_xml,
     kernel_cmdline,
     parse_ticks,
@@ -85,7 +86,7 @@ def _connect(address: str, deadline_s: float) -> socket.socket:
 
 def run_dirty(client: Client, lan: GuestLan, work: Path, dirty: int, runs: int,
               memory_mib: int) -> list[Sample]:
-    guest = build_guest()
+    guest = copied_to(build_guest(), work / "linux")  # where a confined QEMU reads it
     name, mac, addr = f"lg-{uuid.uuid4().hex[:6]}", "52:54:00:be:00:01", lan.guest_ip(7)
     serial = work / f"{name}.serial"
     xml = domain_xml(name, guest, serial, mac=mac, bridge=GUEST_BRIDGE, memory_mib=memory_mib,

@@ -34,7 +34,7 @@ from scripts.bench.migration import FerryGuest, start_stack
 from scripts.bench.tunnel_micro import _proc_cpu_s
 from scripts.testbed.guestimage import build_image
 from scripts.testbed.guestxml import guest_xml
-from scripts.testbed.stack import Stack
+from scripts.testbed.stack import Stack, searchable
 from tasks.client import Client
 
 
@@ -99,7 +99,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="print the Redis commands of the first counted migration")
     p.add_argument("--keep", action="store_true", help="keep the temporary root (logs)")
     args = p.parse_args(argv)
-    root = Path(tempfile.mkdtemp(prefix="ferry-prof-", dir="/tmp"))
+    root = searchable(Path(tempfile.mkdtemp(prefix="ferry-prof-", dir="/tmp")))
     stack = Stack(root=root, log_level=args.log_level)
     rows: list[dict[str, float]] = []
     try:

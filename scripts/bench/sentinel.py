@@ -34,7 +34,7 @@ from pathlib import Path
 from config.settings import load
 from scripts.testbed.guestimage import build_image
 from scripts.testbed.guestxml import guest_xml
-from scripts.testbed.stack import Stack
+from scripts.testbed.stack import Stack, searchable
 from tasks.client import Client
 
 BENCH_DIR = Path(__file__).resolve().parent
@@ -108,7 +108,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def run(args: argparse.Namespace) -> dict[str, object]:
-    root = Path(tempfile.mkdtemp(prefix="ferry-bs-", dir="/tmp"))
+    root = searchable(Path(tempfile.mkdtemp(prefix="ferry-bs-", dir="/tmp")))
     plain = Side("redis://", Stack(root=root / "plain"), ("bp-alpha", "bp-beta"))
     sent = Side("sentinel://", Stack(root=root / "sentinel"), ("bs-alpha", "bs-beta"))
     domain_type = "kvm" if os.access("/dev/kvm", os.R_OK | os.W_OK) else "qemu"

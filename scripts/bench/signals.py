@@ -36,7 +36,7 @@ from config.settings import load
 from scripts.bench.report import machine
 from scripts.testbed.guestimage import build_image
 from scripts.testbed.guestxml import guest_xml
-from scripts.testbed.stack import Stack, wait_for
+from scripts.testbed.stack import Stack, searchable, wait_for
 from tasks.client import Client
 from tasks.migrate_client import MigrationJob
 from workers.errors import FerryError
@@ -190,7 +190,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--keep", action="store_true",
                    help="keep the temporary root (worker logs, QEMU logs) afterwards")
     args = p.parse_args(argv)
-    root = Path(tempfile.mkdtemp(prefix="ferry-bsig-", dir="/tmp"))
+    root = searchable(Path(tempfile.mkdtemp(prefix="ferry-bsig-", dir="/tmp")))
     try:
         results = run(args, root)
     finally:

@@ -44,7 +44,7 @@ from scripts.bench.migration import start_stack
 from scripts.bench.report import machine
 from scripts.testbed.guestimage import build_image
 from scripts.testbed.guestxml import guest_xml
-from scripts.testbed.stack import Stack, free_port, stop_pid, wait_for
+from scripts.testbed.stack import Stack, free_port, searchable, stop_pid, wait_for
 from tasks.client import Client
 
 BENCH_DIR = Path(__file__).resolve().parent
@@ -335,7 +335,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--cut-bandwidth", type=int, default=100,
                    help="MiB/s of the copy that is cut (default 100)")
     args = p.parse_args(argv)
-    root = Path(tempfile.mkdtemp(prefix="ferry-bst-", dir="/tmp"))
+    root = searchable(Path(tempfile.mkdtemp(prefix="ferry-bst-", dir="/tmp")))
     try:
         if args.retry:
             result = run_retry(args.runs, root, args.ports, args.cut_bandwidth)

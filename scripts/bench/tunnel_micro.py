@@ -27,7 +27,7 @@ from typing import Any
 from redis.utils import HIREDIS_AVAILABLE
 
 from config.settings import load
-from scripts.testbed.stack import Stack, stop_pid
+from scripts.testbed.stack import Stack, searchable, stop_pid
 from workers.migration import tunnel
 
 BLOCK = 1 << 20
@@ -140,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.module:
         global tunnel
         tunnel = importlib.import_module(args.module)
-    root = Path(tempfile.mkdtemp(prefix="ferry-micro-", dir="/tmp"))
+    root = searchable(Path(tempfile.mkdtemp(prefix="ferry-micro-", dir="/tmp")))
     stack = Stack(root=root)
     total = args.mib << 20
     rows: list[dict[str, float]] = []

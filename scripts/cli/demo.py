@@ -25,7 +25,7 @@ from config.settings import load
 from scripts.cli.up import start_stack
 from scripts.testbed.guestimage import build_image, serial_counters
 from scripts.testbed.guestxml import guest_xml
-from scripts.testbed.stack import free_port, wait_for
+from scripts.testbed.stack import free_port, qemu_writable, searchable, wait_for
 from tasks.client import Client
 from workers.errors import FerryError
 
@@ -62,12 +62,14 @@ def _move(console: Console, client: Client, src: str, dst: str) -> dict[str, Any
 
 
 def _memory(client: Client, host: str, path: Path) -> str:
-    """sha256 of the guest's whole memory, pmemsave'd by QEMU on `host`."""
+    """sha256 of the guest's whole memory, pmemsave'd by QEMU on `host` (into a
+    directory its user owns: QEMU opens the file itself, confined)."""
+    out = qemu_writable(path.with_name(f"{path.name}.d"), client.settings) / path.name
     command = json.dumps({"execute": "pmemsave", "arguments": {
-        "val": 0, "size": MEMORY_MIB << 20, "filename": str(path)}})
+        "val": 0, "size": MEMORY_MIB << 20, "filename": str(out)}})
     client.call(host, "qemu_monitor_command", domain=NAME, command=command, timeout=60)
-    digest = hashlib.sha256(path.read_bytes()).hexdigest()
-    path.unlink()
+    digest = hashlib.sha256(out.read_bytes()).hexdigest()
+    shutil.rmtree(out.parent)
     return digest
 
 
@@ -88,7 +90,7 @@ def _table(moves: list[dict[str, Any]]) -> Table:
 
 def run_demo(args: argparse.Namespace) -> int:
     console = Console()
-    root = Path(tempfile.mkdtemp(prefix="ferry-demo-", dir="/tmp"))
+    root = searchable(Path(tempfile.mkdtemp(prefix="ferry-demo-", dir="/tmp")))
     stack = None
     try:
         t0 = time.monotonic()

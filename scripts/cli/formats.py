@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import json
 from typing import Any
 
@@ -27,14 +28,48 @@ def domain_list(items: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def _tls(h: dict[str, Any]) -> str:
+    """yes / required / no, and the date the first certificate expires."""
+    if not h.get("tls"):
+        return "no" if h.get("alive") else "-"
+    word = "required" if h.get("tls_required") else "yes"
+    return f"{word} {h['tls_expires'][:10]}" if h.get("tls_expires") else word
+
+
 def hosts(items: list[dict[str, Any]]) -> str:
-    header = f" {'Name':<16} {'Alive':<6} {'Address':<16} {'UUID':<36}  Guests"
+    header = (f" {'Name':<16} {'Alive':<6} {'Address':<16} {'UUID':<36}  "
+              f"{'TLS (expires)':<20} Guests")
     lines = [header, "-" * len(header)]
     for h in items:
         lines.append(f" {h['name']:<16} {'yes' if h['alive'] else 'no':<6} "
-                     f"{h['address'] or '-':<16} {h['uuid'] or '-':<36}  "
+                     f"{h['address'] or '-':<16} {h['uuid'] or '-':<36}  {_tls(h):<20} "
                      f"{', '.join(h['guests']) or '-'}")
     return "\n".join(lines)
+
+
+TLS_WARNING_DAYS = 30
+
+
+def tls_warnings(items: list[dict[str, Any]], now: datetime.datetime | None = None,
+                 days: int = TLS_WARNING_DAYS) -> list[str]:
+    """A line per live host whose migration TLS certificates expire within `days` (or
+    whose material is broken): `ferry hosts` prints them on stderr."""
+    now = now or datetime.datetime.now(datetime.UTC)
+    out = []
+    for h in items:
+        if not h.get("alive"):
+            continue
+        for problem in h.get("tls_problems") or []:
+            out.append(f"warning: host {h['name']}: {problem}")
+        expires = h.get("tls_expires")
+        if not expires:
+            continue
+        left = datetime.datetime.fromisoformat(expires) - now
+        if left < datetime.timedelta(days=days):
+            when = "expired" if left.total_seconds() <= 0 else f"expire in {left.days} days"
+            out.append(f"warning: host {h['name']}: migration TLS certificates {when} "
+                       f"({expires[:16].replace('T', ' ')} UTC)")
+    return out
 
 
 def blkstat(stats: dict[str, Any]) -> str:

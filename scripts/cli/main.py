@@ -77,10 +77,13 @@ def cmd_domlocks(a: argparse.Namespace) -> int:
 
 
 def cmd_hosts(a: argparse.Namespace) -> int:
-    return emit(a, client().hosts(), formats.hosts)
+    items = client().hosts()
+    for line in formats.tls_warnings(items):
+        print(line, file=sys.stderr)
+    return emit(a, items, formats.hosts)
 
 
-# worker, up and demo are imported when run: they pull in Celery's worker, the
+# worker, up, demo and tls-init are imported when run: they pull in Celery's worker, the
 # host agent and the test bed, which the other commands (and --help) do not need.
 def cmd_worker(a: argparse.Namespace) -> int:
     from scripts.cli.worker import run_worker
@@ -92,6 +95,12 @@ def cmd_up(a: argparse.Namespace) -> int:
     from scripts.cli.up import run_up
 
     return run_up(a)
+
+
+def cmd_tls_init(a: argparse.Namespace) -> int:
+    from scripts.cli.tls_init import cmd_tls_init  # cryptography: ~100 ms of start-up
+
+    return cmd_tls_init(a)
 
 
 def cmd_demo(a: argparse.Namespace) -> int:
@@ -112,7 +121,7 @@ SIMPLE = (("undefine", "undefine", "has been undefined"), ("start", "start", "st
           ("resume", "resume", "resumed"))
 OWN_COMMANDS = ("worker", "up", "demo", "hosts", "define", *(s[0] for s in SIMPLE), "list",
                 "dominfo", "domlocks", "domstate", "dumpxml", "domblkstat", "domblkinfo",
-                "qemu-monitor-command")
+                "qemu-monitor-command", "tls-init")
 
 
 class ArgumentError(Exception):
@@ -201,6 +210,12 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
         from scripts.cli import migrate_cmd
 
         migrate_cmd.add_parsers(sub, only)
+    if wanted("tls-init"):
+        p = sub.add_parser("tls-init", help="make a CA and migration TLS certificates for hosts")
+        p.add_argument("out", help="directory: OUT/ca holds the CA, OUT/NAME each host's files")
+        p.add_argument("hosts", nargs="+", metavar="NAME=ADDRESS[,ADDRESS]")
+        p.add_argument("--days", type=int, default=365, help="host certificates' lifetime")
+        p.set_defaults(handler=cmd_tls_init)
     if wanted(*IMAGE_COMMANDS):
         from scripts.cli import image_cmd
 

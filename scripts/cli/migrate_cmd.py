@@ -44,7 +44,7 @@ def _migrate_parser(sub: Any) -> None:
     p.add_argument("dest", help="the destination host")
     for flag in ("live", "p2p", "tunnelled", "persistent", "undefinesource", "suspend",
                  "offline", "abort-on-error", "auto-converge", "postcopy",
-                 "change-protection", "unsafe", "no-wait"):
+                 "change-protection", "unsafe", "tls", "no-wait"):
         p.add_argument(f"--{flag}", action="store_true")
     p.add_argument("--xml", help="destination domain XML (checked for ABI stability)")
     p.add_argument("--migrateuri", help="QEMU migration URI, tcp:HOST[:PORT]")

@@ -23,7 +23,7 @@ from config.settings import load
 from scripts.testbed.flowerctl import Flower, start_flower
 from scripts.testbed.guestimage import build_image
 from scripts.testbed.guestxml import guest_xml
-from scripts.testbed.stack import Stack, wait_for
+from scripts.testbed.stack import Stack, searchable, wait_for
 from tasks.client import Client
 
 NAME = "web1"
@@ -57,7 +57,7 @@ def _migrate(stack: Stack, root: Path, flower: Flower) -> list[str]:
 
 
 def take(out: Path, chromium: str) -> None:
-    root = Path(tempfile.mkdtemp(prefix="ferry-shot-", dir="/tmp"))
+    root = searchable(Path(tempfile.mkdtemp(prefix="ferry-shot-", dir="/tmp")))
     stack = Stack(root=root)
     flower: Flower | None = None
     try:

@@ -105,9 +105,19 @@ def _stack_processes(stacks: Sequence[Stack]) -> list[_Proc]:
     for proc in _all_processes():
         if proc.pid in own:
             continue
-        if proc.ppid in workers or any(root in arg for arg in proc.args for root in roots):
+        if proc.ppid in workers or any(root in arg for arg in proc.args for root in roots) \
+                or any(_cwd(proc.pid).startswith(root) for root in roots):
             found.append(proc)
     return found
+
+
+def _cwd(pid: int) -> str:
+    """Where a process runs: a worker starts QEMU in its run dir, and a confined QEMU's
+    command line names no path of the stack (its files come as fds)."""
+    try:
+        return os.readlink(f"/proc/{pid}/cwd") + "/"
+    except OSError:
+        return ""
 
 
 def _all_processes() -> Iterable[_Proc]:

@@ -50,12 +50,14 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import gzip
 import hashlib
 import itertools
 import os
 import re
 import shlex
+import shutil
 import sys
 import tempfile
 import time
@@ -103,17 +105,58 @@ from scripts.testbed.kernel import (
 # The public API, including what the split-off modules define (cpio.py, kernel.py,
 # initramfs.py): importers keep importing it all from here.
 __all__ = [
-    "BOOT_DIR", "BUSYBOX_PATHS", "CACHE_FORMAT", "CACHE_KEEP_DAYS", "CPIO_TRAILER",
-    "DEFAULT_MAC", "DEFAULT_MEMORY_MIB", "ECHO_PORT", "HTTP_PORT", "INIT_SCRIPT",
-    "MODULES_ROOT", "PT_INTERP", "PT_NOTE", "TICK_INTERVAL_MS", "UDHCPC_SCRIPT",
-    "USER_NET_GW", "USER_NET_IP", "WANTED_MODULES", "XEN_ELFNOTE_PHYS32_ENTRY",
-    "CpioEntry", "LinuxGuest", "LinuxGuestError", "Tick",
-    "build_guest", "busybox_applets", "busybox_version", "check_kernel_readable",
-    "continuity_problem", "default_cache_dir", "default_domain_type", "domain_xml",
-    "elf_segments", "extract_vmlinux", "find_busybox", "find_kernel", "has_pvh_entry",
-    "initramfs_entries", "kernel_cmdline", "kvm_usable", "main", "module_load_order",
-    "module_name", "parse_modules_dep", "parse_ready", "parse_ticks", "qemu_argv",
-    "read_module", "read_newc", "read_serial", "render_init", "user_net_cmdline",
+    "BOOT_DIR",
+    "BUSYBOX_PATHS",
+    "CACHE_FORMAT",
+    "CACHE_KEEP_DAYS",
+    "CPIO_TRAILER",
+    "DEFAULT_MAC",
+    "DEFAULT_MEMORY_MIB",
+    "ECHO_PORT",
+    "HTTP_PORT",
+    "INIT_SCRIPT",
+    "MODULES_ROOT",
+    "PT_INTERP",
+    "PT_NOTE",
+    "TICK_INTERVAL_MS",
+    "UDHCPC_SCRIPT",
+    "USER_NET_GW",
+    "USER_NET_IP",
+    "WANTED_MODULES",
+    "XEN_ELFNOTE_PHYS32_ENTRY",
+    "CpioEntry",
+    "LinuxGuest",
+    "LinuxGuestError",
+    "Tick",
+    "build_guest",
+    "busybox_applets",
+    "busybox_version",
+    "check_kernel_readable",
+    "continuity_problem",
+    "copied_to",
+    "default_cache_dir",
+    "default_domain_type",
+    "domain_xml",
+    "elf_segments",
+    "extract_vmlinux",
+    "find_busybox",
+    "find_kernel",
+    "has_pvh_entry",
+    "initramfs_entries",
+    "kernel_cmdline",
+    "kvm_usable",
+    "main",
+    "module_load_order",
+    "module_name",
+    "parse_modules_dep",
+    "parse_ready",
+    "parse_ticks",
+    "qemu_argv",
+    "read_module",
+    "read_newc",
+    "read_serial",
+    "render_init",
+    "user_net_cmdline",
     "write_newc",
 ]  # fmt: skip
 
@@ -242,6 +285,20 @@ def build_guest(
     _prune(cache, used)
     names = tuple(module_name(p) for p in order)
     return LinuxGuest(boot, initrd, release, bb_version, names, kernel)
+
+
+def copied_to(guest: LinuxGuest, directory: Path) -> LinuxGuest:
+    """`guest` with its kernel and initrd copied into `directory` (readable by all): a
+    QEMU confined to its own user (FERRY_QEMU_USER) cannot read the cache in root's
+    home, and ferry refuses a guest whose kernel its QEMU user cannot reach."""
+    directory.mkdir(parents=True, exist_ok=True)
+    out = []
+    for path in (guest.kernel, guest.initrd):
+        dst = directory / path.name
+        shutil.copyfile(path, dst)
+        dst.chmod(0o644)
+        out.append(dst)
+    return dataclasses.replace(guest, kernel=out[0], initrd=out[1])
 
 
 CACHE_KEEP_DAYS = 7

@@ -10,6 +10,7 @@ import contextlib
 import os
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import time
@@ -24,6 +25,7 @@ import redis
 from config import broker
 from config.settings import Settings, load
 from scripts.testbed.sentinel import SentinelSet
+from workers import confine
 from workers.heartbeat import get_host
 
 
@@ -56,6 +58,29 @@ def stop_pid(pid: int, timeout: float = 10.0) -> None:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
         wait_for(lambda: not pid_alive(pid), 10, f"pid {pid} to die")
+
+
+def searchable(path: Path) -> Path:
+    """`path` and every directory above it searchable by all users (o+x, not listable),
+    so that a confined QEMU (FERRY_QEMU_USER) reaches the images in it, as libvirt
+    needs of an image's directories; temp dirs are made 0700."""
+    for d in (path, *path.parents):
+        st = d.stat()
+        if not st.st_mode & 0o001:
+            d.chmod(stat.S_IMODE(st.st_mode) | 0o001)
+    return path
+
+
+def qemu_writable(path: Path, settings: Settings) -> Path:
+    """A new directory `path` (in a searchable parent) that the QEMU user of `settings`
+    owns: what QMP commands that write a file by name (pmemsave, screendump) need when
+    QEMU is confined."""
+    path.mkdir(mode=0o700)
+    searchable(path.parent)
+    conf = confine.resolve(settings.qemu_user, settings.qemu_group)
+    if conf is not None:
+        os.chown(path, conf.uid, conf.gid)
+    return path
 
 
 def pid_alive(pid: int) -> bool:

@@ -28,6 +28,7 @@ class Fault(enum.Enum):
     DST_QEMU = "kill dest QEMU"
     REDIS = "Redis restart"
     ABORT = "abort"
+    TLS = "TLS refused"
 
 
 class At(enum.Enum):
@@ -117,6 +118,13 @@ NOTES: dict[tuple[Fault, At], str] = {
     (Fault.ABORT, At.FINISH): "refused: the switch-over happened (also once the dest "
                               "CPUs started)",
     (Fault.ABORT, At.CONFIRM): "refused: the switch-over happened",
+    (Fault.TLS, At.PREPARE):
+        "a --tls migration into a dest whose server key is missing: Prepare refuses "
+        "before its QEMU starts, naming the host and the file",
+    (Fault.TLS, At.COPYING):
+        "a --tls migration from a source whose client certificate the dest's CA did not "
+        "sign: the dest refuses it in the handshake at the start of Perform (nothing is "
+        "copied); the error is the dest's verdict",
 }
 
 
@@ -133,7 +141,9 @@ class Case:
 
     @property
     def point(self) -> tuple[str, str] | None:
-        return POINTS[self.at]
+        """Where the phase is held for the fault; TLS faults are in the certificates,
+        set before the migration starts: nothing to hold."""
+        return None if self.fault == Fault.TLS else POINTS[self.at]
 
 
 # Tunnelled: the stream goes through the workers and Redis, so the faults that hit the
@@ -166,6 +176,10 @@ STORAGE_NOTE = (
     "the partial image for a retry (FERRY_STORAGE_RETRY_KEEP_S), then the sweeper "
     "removes it")
 
+# TLS: a --tls migration whose certificates the dest refuses at Prepare (its own are
+# broken) or in the handshake at the start of Perform (the source's are not trusted).
+TLS_EXPECTED: dict[At, Outcome] = {At.PREPARE: S, At.COPYING: S}
+
 
 def cases() -> list[Case]:
     out = []
@@ -175,6 +189,8 @@ def cases() -> list[Case]:
                 if expected is None:
                     continue
                 out.append(Case(fault, at, mode, expected))
+    out += [Case(Fault.TLS, at, mode, expected) for mode in (Mode.MANAGED, Mode.P2P)
+            for at, expected in TLS_EXPECTED.items()]
     return out + [Case(fault, at, Mode.TUNNELLED, expected)
                   for (fault, at), expected in TUNNELLED_EXPECTED.items()] + \
         [Case(fault, at, Mode.STORAGE, expected)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from scripts.testbed.stack import Stack
+from scripts.testbed.stack import Stack, searchable
 from tasks.client import Client
 from tests.conftest import Guest, qemu_pids_of
 from workers.errors import FerryError
@@ -20,7 +20,7 @@ HOST = "guarded"
 
 @pytest.fixture
 def outside() -> Iterator[Path]:
-    path = Path(tempfile.mkdtemp(prefix="ferry-outside-", dir="/tmp"))
+    path = searchable(Path(tempfile.mkdtemp(prefix="ferry-outside-", dir="/tmp")))
     yield path
     shutil.rmtree(path, ignore_errors=True)
 

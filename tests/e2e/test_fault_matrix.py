@@ -34,12 +34,14 @@ from typing import Any
 
 import pytest
 import redis
+from cryptography.hazmat.primitives.serialization import Encoding
 from lxml import etree
 
 from config.settings import load
+from scripts.cli import tls_init
 from scripts.testbed.guestimage import Tick, broken_continuity, serial_ticks
 from scripts.testbed.guestxml import guest_xml
-from scripts.testbed.stack import Stack, wait_for
+from scripts.testbed.stack import Stack, searchable, wait_for
 from tasks.client import Client
 from tests.conftest import Guest, pid_alive, port_base, qemu_pids_of, remove_guest
 from tests.e2e.faultcases import SOURCE, At, Case, Fault, Mode, Outcome, Result, cases
@@ -69,6 +71,9 @@ ERRORS: dict[Fault, str] = {
     Fault.SRC_QEMU: r"the QEMU of '{name}' exited \(crashed\) before Perform: the guest is "
                     r"lost, nothing to migrate|QEMU of '{name}' exited during migration",
     Fault.ABORT: r"operation aborted: migration job canceled by client",
+    Fault.TLS: r"TLS file \S+/fdst/pki/server-key\.pem is missing|dest host fdst (refused "
+               r"the client certificate of fsrc|closed the TLS connection|ended the TLS "
+               r"session)",
 }
 ERRORS_AT: dict[tuple[Fault, At, Mode | None], str] = {
     (Fault.DST_QEMU, At.PREPARE, None):
@@ -120,6 +125,27 @@ class FaultStack:
                 "FERRY_SWEEP_INTERVAL_S": "2",
                 "FERRY_LEASE_TTL_MS": "5000"}
 
+    def good_pki(self, host: str) -> None:
+        """The host's migration TLS files (<state dir>/pki), from the stack's CA."""
+        ca = tls_init.ca_in(self.stack.root / "ca")
+        directory = self.stack.root / host / "pki"
+        shutil.rmtree(directory, ignore_errors=True)
+        tls_init.issue_host(ca, directory, host, ["127.0.0.1"])
+
+    def spoil_pki(self, at: At) -> None:
+        """What the TLS row needs: at Prepare, the dest's server key gone; in Perform,
+        a source whose certificates come from a CA the dest does not trust (but which
+        trusts the dest's: only the dest's side of the handshake refuses)."""
+        if at == At.PREPARE:
+            (self.stack.root / DST / "pki" / "server-key.pem").unlink()
+            return
+        other = tls_init.ca_in(self.stack.root / "other-ca")
+        directory = self.stack.root / SRC / "pki"
+        shutil.rmtree(directory)
+        tls_init.issue_host(other, directory, SRC, ["127.0.0.1"])
+        ours = tls_init.ca_in(self.stack.root / "ca").cert.public_bytes(Encoding.PEM)
+        (directory / "ca-cert.pem").write_bytes(ours + other.cert.public_bytes(Encoding.PEM))
+
     def fp_dir(self, host: str) -> Path:
         return self.stack.root / host / "failpoints"
 
@@ -140,15 +166,17 @@ class FaultStack:
 
 @pytest.fixture(scope="module")
 def fstack(base_image: Path) -> Iterator[FaultStack]:
-    root = Path(tempfile.mkdtemp(prefix="ferry-f-", dir="/tmp"))
+    root = searchable(Path(tempfile.mkdtemp(prefix="ferry-f-", dir="/tmp")))
     st = Stack(root=root, log_level="DEBUG")
     try:
         st.start_redis(persistent=True)
         fs = FaultStack(st, Client(load({"FERRY_BROKER_URL": st.broker_url})), root / "disks",
                         base_image)
         fs.disk_dir.mkdir()
+        searchable(fs.disk_dir)  # a confined QEMU reaches its image there
         for host in (SRC, DST):
             fs.start_worker(host)
+            fs.good_pki(host)
         yield fs
     finally:
         st.stop(kill_guests=True)
@@ -280,15 +308,15 @@ def _speed_up(job: Any) -> bool:
 
 
 def _qemus(fs: FaultStack, dom_uuid: str) -> dict[str, list[int]]:
-    """From /proc: the live QEMUs of the guest by host (the state dir their command line
-    names, for the pidfile and the monitor socket)."""
+    """From /proc: the live QEMUs of the guest by host (the state dir they run in: the
+    worker starts QEMU in its run dir; a confined QEMU's command line names none)."""
     found: dict[str, list[int]] = {}
     for pid in qemu_pids_of(dom_uuid):
         try:
-            args = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+            cwd = os.readlink(f"/proc/{pid}/cwd") + "/"
         except OSError:
             continue
-        hosts = [h for h in (SRC, DST) if f"{fs.stack.root / h}/" in args]
+        hosts = [h for h in (SRC, DST) if cwd.startswith(f"{fs.stack.root / h}/")]
         found.setdefault(hosts[0] if len(hosts) == 1 else f"pid {pid}?", []).append(pid)
     return found
 
@@ -351,17 +379,23 @@ def _run(fs: FaultStack, case: Case) -> tuple[Run, Outcome | str, float, Sampler
     if case.point is not None:
         side, point = case.point
         (fs.fp_dir(_host(side)) / point).write_text("pause")
+    tls = case.fault == Fault.TLS
+    if tls:
+        fs.spoil_pki(case.at)
     sampler = Sampler(fs, name)
     sampler.start()
     try:
-        speed = {"bandwidth_mib_s": 1} if case.at == At.COPYING else {}
+        speed = {"bandwidth_mib_s": 1} if case.at == At.COPYING and not tls else {}
         job = fs.client.migrate(name, SRC, DST, live=True,
                                 p2p=case.mode in (Mode.P2P, Mode.TUNNELLED),
-                                tunnelled=case.mode == Mode.TUNNELLED, **speed, **copy)
+                                tunnelled=case.mode == Mode.TUNNELLED, tls=tls, **speed,
+                                **copy)
         run.job_id = job.id
-        _hold(fs, case, job)
         started = time.monotonic()
-        _inflict(fs, run, job)
+        if not tls:  # a TLS fault is in the certificates already
+            _hold(fs, case, job)
+            started = time.monotonic()
+            _inflict(fs, run, job)
         try:
             run.summary = job.wait(timeout=90)
         except FerryError as exc:
@@ -371,7 +405,10 @@ def _run(fs: FaultStack, case: Case) -> tuple[Run, Outcome | str, float, Sampler
                                               "the case to settle")
         except TimeoutError:
             outcome = f"unsettled {sampler.seen[-1] if sampler.seen else ''}"
-        return run, outcome, time.monotonic() - started, sampler
+        settle = time.monotonic() - started
+        # A refusal at Prepare ends within a few samples: let the sampler see the end.
+        wait_for(lambda: sampler.samples > 2, 5, "the sampler to sample the settled case")
+        return run, outcome, settle, sampler
     finally:
         sampler.stopped.set()
         sampler.join()
@@ -386,6 +423,9 @@ def _worker_pids(fs: FaultStack) -> dict[str, int]:
 
 def _cleanup(fs: FaultStack, run: Run) -> None:
     """The case's guest gone from both hosts (through ferry); a failure here fails it."""
+    if run.case.fault == Fault.TLS:
+        for host in (SRC, DST):
+            fs.good_pki(host)
     for host in (SRC, DST):
         if fs.stack.workers[host].proc is None or fs.stack.workers[host].proc.poll() is not None:  # type: ignore[union-attr]
             fs.start_worker(host)

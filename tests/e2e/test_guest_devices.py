@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import pwd
 import shutil
 import socket
 import subprocess
@@ -111,8 +112,12 @@ def test_a_guest_on_a_block_device_moves_and_keeps_writing_it(
     xml = xml.replace("<driver name='qemu' type='raw'/>", "<driver name='qemu' type='raw' "
                       "cache='none' io='native' error_policy='stop'/><serial>BLOCK-1</serial>")
     guest.xml = xml
+    before = os.stat(loop_device)
     start(client, guest)
     guest.wait_counter_above(0)
+    qemu_user = client.settings.qemu_user
+    if qemu_user not in ("", "root"):  # the node is the confined QEMU's while it runs
+        assert os.stat(loop_device).st_uid == pwd.getpwnam(qemu_user).pw_uid
     blocks = qmp(client, "alpha", guest.name, "query-block")
     assert isinstance(blocks, list)
     assert [(b["inserted"]["file"], b["inserted"]["image"]["format"]) for b in blocks] == [
@@ -124,6 +129,9 @@ def test_a_guest_on_a_block_device_moves_and_keeps_writing_it(
         info = client.call(dst, "domblkinfo", domain=guest.name, device="hda")
         assert info["path"] == loop_device
         assert "<source dev=" in client.call(dst, "dumpxml", domain=guest.name)
+    client.call("alpha", "destroy", domain=guest.name)  # the last user: the owner comes back
+    after = os.stat(loop_device)
+    assert (after.st_uid, after.st_gid) == (before.st_uid, before.st_gid)
 
 
 def test_a_server_guest_is_saved_and_restored_with_its_nic_and_channel(

@@ -42,6 +42,7 @@ from scripts.testbed.linuxguest import (
     LinuxGuestError,
     build_guest,
     continuity_problem,
+    copied_to,
     domain_xml,
     kernel_cmdline,
     parse_ready,
@@ -80,6 +81,8 @@ def net(base_image: Path) -> Iterator[Lan]:
     except LinuxGuestError:
         linux = None
     with fleet_of([A, B], base_image, env=NETWORKS) as run:
+        if linux is not None:  # where the confined QEMU reaches it (root's cache: not)
+            linux = copied_to(linux, run.fleet.root / "linux")
         lan = GuestLan(run.fleet).start()
         try:
             yield Lan(run, lan, linux)

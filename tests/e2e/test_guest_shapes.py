@@ -9,7 +9,6 @@ shape asked for.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import subprocess
 from collections.abc import Callable
@@ -19,7 +18,7 @@ from typing import Any
 import pytest
 
 from tasks.client import Client
-from tests.conftest import Guest, kvm_available
+from tests.conftest import Guest, kvm_available, pmemsave
 
 MIB = 1 << 20
 MEMORY_MIB = 64
@@ -43,13 +42,9 @@ def _qmp(client: Client, host: str, name: str, command: str, **arguments: Any) -
 
 
 def _memory_digest(client: Client, host: str, guest: Guest, path: Path) -> str:
-    """sha256 of guest memory [1 MiB, end), saved by QEMU on `host`."""
-    _qmp(client, host, guest.name, "pmemsave", val=MIB, size=(MEMORY_MIB - 1) * MIB,
-         filename=str(path))
-    digest = hashlib.sha256(path.read_bytes()).hexdigest()
-    assert path.stat().st_size == (MEMORY_MIB - 1) * MIB
-    path.unlink()
-    return digest
+    """sha256 of guest memory [1 MiB, end), saved by QEMU on `host` (into a directory its
+    confined user may write: conftest.pmemsave)."""
+    return pmemsave(client, host, guest.name, MEMORY_MIB * MIB, path, start=MIB)
 
 
 def _block(client: Client, host: str, guest: Guest) -> dict[str, Any]:

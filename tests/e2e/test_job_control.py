@@ -25,22 +25,24 @@ def busy_image(image_dir: Path) -> Path:
 
 
 def _busy_migration(client: Client, make_guest: Callable[..., Guest], image: Path,
+                    src: str = "alpha", dst: str = "beta",
                     **opts: Any) -> tuple[Guest, MigrationJob]:
     guest = make_guest(memory_mib=128, image=image)
-    client.call("alpha", "define", xml=guest.xml)
-    client.call("alpha", "start", domain=guest.name)
+    client.call(src, "define", xml=guest.xml)
+    client.call(src, "start", domain=guest.name)
     guest.wait_tick()
     opts.setdefault("bandwidth_mib_s", 16)
-    job = client.migrate(guest.name, "alpha", "beta", live=True, **opts)
+    job = client.migrate(guest.name, src, dst, live=True, **opts)
     wait_for(lambda: (job.info().get("data_processed") or 0) > 0, 30,
              "the migration to copy memory")
     return guest, job
 
 
-def _ends_running_on_dest(client: Client, guest: Guest, job: MigrationJob) -> None:
+def _ends_running_on_dest(client: Client, guest: Guest, job: MigrationJob,
+                          dst: str = "beta") -> None:
     summary = job.wait(timeout=60)
     assert summary["result"] == "completed"
-    info = client.call("beta", "dominfo", domain=guest.name)
+    info = client.call(dst, "dominfo", domain=guest.name)
     assert (info["state"], info["reason"]) == ("running", "migrated")
     guest.wait_kept_running()  # the boot it started with, counting on by one
 
@@ -180,17 +182,30 @@ def test_signals_to_a_domain_without_a_job_fail_at_once(
 
 def test_switching_to_postcopy_completes_a_migration_that_does_not_converge(
         ferry: Callable[..., CliResult], client: Client, make_guest: Callable[..., Guest],
-        busy_image: Path) -> None:
-    from workers.hostcaps import userfaultfd_available
-
-    if not userfaultfd_available():  # fail, never pass without having tried post-copy
-        pytest.fail("post-copy cannot be tested: this kernel refuses userfaultfd here")
-    guest, job = _busy_migration(client, make_guest, busy_image, bandwidth_mib_s=4,
-                                 postcopy=True)
-    res = ferry("migrate-postcopy", "-H", "alpha", guest.name)
+        busy_image: Path, postcopy_hosts: tuple[str, str]) -> None:
+    src, dst = postcopy_hosts
+    guest, job = _busy_migration(client, make_guest, busy_image, src, dst,
+                                 bandwidth_mib_s=4, postcopy=True)
+    res = ferry("migrate-postcopy", "-H", src, guest.name)
     assert res.rc == 0, res.err
-    _ends_running_on_dest(client, guest, job)
-    assert client.call("alpha", "dominfo", domain=guest.name)["reason"] == "migrated"
+    _ends_running_on_dest(client, guest, job, dst)
+    assert client.call(src, "dominfo", domain=guest.name)["reason"] == "migrated"
+
+
+def test_postcopy_of_a_confined_qemu_without_userfaultfd_is_refused_at_begin_saying_why(
+        client: Client, make_guest: Callable[..., Guest]) -> None:
+    from workers.hostcaps import userfaultfd_for_qemu
+
+    if client.settings.qemu_user in ("", "root") or userfaultfd_for_qemu(confined=True):
+        pytest.skip("QEMU may use userfaultfd here: post-copy is not refused")
+    guest = make_guest()
+    client.call("alpha", "define", xml=guest.xml)
+    client.call("alpha", "start", domain=guest.name)
+    with pytest.raises(FerryError, match=r"vm\.unprivileged_userfaultfd=1") as err:
+        client.migrate(guest.name, "alpha", "beta", live=True, postcopy=True).wait(30)
+    assert err.value.phase == "begin3"
+    assert client.call("alpha", "domjobinfo", domain=guest.name)["type"] == "none"
+    assert client.call("alpha", "dominfo", domain=guest.name)["state"] == "running"
 
 
 def test_postcopy_signal_without_the_postcopy_flag_is_refused(

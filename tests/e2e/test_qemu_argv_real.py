@@ -16,6 +16,9 @@ from typing import Any
 
 import pytest
 
+from scripts.testbed.stack import searchable
+from tests.conftest import assert_confined
+from workers import confine
 from workers.domain import with_graphics_ports
 from workers.domain_xml import parse_domain_xml
 from workers.qemu_argv import build_qemu_argv, qemu_has_spice
@@ -25,6 +28,8 @@ pytestmark = [
     pytest.mark.skipif(shutil.which("qemu-system-x86_64") is None, reason="no qemu-system-x86_64"),
 ]
 HAVE_KVM = os.access("/dev/kvm", os.R_OK | os.W_OK)
+QEMU = confine.resolve("ferry-qemu", "")
+assert QEMU is not None
 DEADLINE_S = 20.0
 
 
@@ -64,7 +69,7 @@ def free_port() -> int:
 @pytest.fixture
 def short_dir() -> Iterator[Path]:
     """Unix socket paths must fit in 107 bytes; pytest's tmp_path may not."""
-    path = Path(tempfile.mkdtemp(prefix="ferry-argv-", dir="/tmp"))
+    path = searchable(Path(tempfile.mkdtemp(prefix="ferry-argv-", dir="/tmp")))
     yield path
     shutil.rmtree(path, ignore_errors=True)
 
@@ -81,7 +86,11 @@ def run_guest(xml: str, workdir: Path, *, kvm: bool, ports: list[int]) -> dict[s
         pidfile=str(workdir / "qemu.pid"),
         kvm=kvm,
         spice=qemu_has_spice(d.emulator),
+        sandbox=True,
     )
+    conf = QEMU  # confined as ferry runs it: its user owns the throwaway workdir
+    for path in (workdir, *workdir.iterdir()):
+        os.chown(path, conf.uid, conf.gid)
     with open(workdir / "qemu.log", "wb") as log:
         proc = subprocess.Popen(
             argv,
@@ -90,6 +99,9 @@ def run_guest(xml: str, workdir: Path, *, kvm: bool, ports: list[int]) -> dict[s
             stdout=log,
             stderr=log,
             start_new_session=True,
+            user=conf.uid,
+            group=conf.gid,
+            extra_groups=list(conf.groups),
         )
     listener.close()  # QEMU holds its own copy of the listening socket now
     deadline = time.monotonic() + DEADLINE_S
@@ -113,6 +125,7 @@ def run_guest(xml: str, workdir: Path, *, kvm: bool, ports: list[int]) -> dict[s
                 "spice": qmp.execute("query-spice"),
                 "pidfile": (workdir / "qemu.pid").read_text().strip(),
                 "pid": proc.pid,
+                "confined": assert_confined(proc.pid) is None,
             }
             qmp.execute("quit")
         seen["exit"] = proc.wait(timeout=max(0.1, deadline - time.monotonic()))
@@ -171,7 +184,7 @@ def test_qemu_accepts_the_argv_of_a_typical_guest(short_dir: Path, kvm: bool) ->
     assert {c["label"] for c in seen["chardev"]} >= {"charmonitor", "charserial0"}
     assert (short_dir / "serial,0.log").exists()
     assert seen["vnc"]["enabled"] and seen["vnc"]["service"] == str(port)
-    assert seen["exit"] == 0
+    assert seen["exit"] == 0 and seen["confined"]
 
 
 def test_qemu_accepts_spice_ide_disks_an_empty_cdrom_and_a_pty(short_dir: Path) -> None:

@@ -40,7 +40,7 @@ from config import broker
 from config.settings import load
 from scripts.testbed.guestxml import guest_xml
 from scripts.testbed.sentinel import SentinelSet, Server
-from scripts.testbed.stack import Stack, pid_alive, wait_for
+from scripts.testbed.stack import Stack, pid_alive, searchable, wait_for
 from tasks.client import Client
 from tests.conftest import qemu_pids_of
 from tests.e2e.faultcases import DEST, POINTS, SOURCE, At, Mode
@@ -113,7 +113,7 @@ class SentinelStack:
 
 @pytest.fixture(scope="module")
 def sstack(base_image: Path) -> Iterator[SentinelStack]:
-    root = Path(tempfile.mkdtemp(prefix="ferry-s-", dir="/tmp"))
+    root = searchable(Path(tempfile.mkdtemp(prefix="ferry-s-", dir="/tmp")))
     st = Stack(root=root, log_level="DEBUG")
     try:
         st.start_sentinel()

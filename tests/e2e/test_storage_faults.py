@@ -337,7 +337,7 @@ def test_the_source_worker_killed_mid_round_leaves_no_snapshot_and_no_bitmap(
     job = client.migrate(g.name, src, "beta", live=True, copy_storage_all=True,
                          bandwidth_mib_s=1, xmlin=dest_xml(g, dest_disk))
     wait_for(lambda: src not in live_hosts(stack), 60, "the source worker to die")
-    fleece = stack.workers[src].state_dir / "storage" / "fleece"
+    fleece = stack.workers[src].state_dir / "fleece"
     assert [p.name for p in fleece.iterdir()] == [f"{g.uuid}-hda.img"]  # mid-round
     (fp / "perform3.mirroring").unlink()
     stack.start_worker(src, env=stack.workers[src].env)

@@ -24,7 +24,7 @@ from typing import Any
 import pytest
 
 from scripts.testbed.guestxml import guest_xml
-from scripts.testbed.stack import Stack, pid_alive, wait_for
+from scripts.testbed.stack import Stack, pid_alive, searchable, wait_for
 from tasks.client import Client
 from tests.conftest import qemu_pids_of
 from tests.e2e.diskfaults import disk_locked
@@ -55,7 +55,7 @@ class V2Hosts:
 @pytest.fixture(scope="module")
 def v2(stack: Stack, client: Client, tmp_path_factory: pytest.TempPathFactory,
        ) -> Iterator[V2Hosts]:
-    hosts = V2Hosts(stack, client, tmp_path_factory.mktemp("v2"))
+    hosts = V2Hosts(stack, client, searchable(tmp_path_factory.mktemp("v2")))  # confined QEMU
     try:
         for host in (SRC, DST):
             hosts.armed(host).mkdir(parents=True, exist_ok=True)

@@ -390,6 +390,19 @@ def test_guest_visible_attributes_ferry_does_not_model_are_refused_not_dropped(
     assert parse_domain_xml(SERVER)  # while the values that change nothing pass
 
 
+def test_a_unix_channel_the_worker_bound_goes_in_as_a_listening_fd() -> None:
+    from workers.qemu_argv import Handover
+
+    d = with_channel_paths(parse_domain_xml(with_devices(
+        "<channel type='unix'><target type='virtio' name='org.qemu.guest_agent.0'/>"
+        "</channel>")), "/r")
+    argv = build_qemu_argv(d, qmp_fd=3, kvm=False, handover=Handover(channel_sockets={0: 17}))
+    assert "socket,id=charchannel0,fd=17,server=on,wait=off" in argv
+    assert not any(d.channels[0].path in a for a in argv if a.startswith("socket,"))
+    by_path = build_qemu_argv(d, qmp_fd=3, kvm=False)
+    assert f"socket,id=charchannel0,path={d.channels[0].path},server=on,wait=off" in by_path
+
+
 # ---------------------------------------------------------------- virtio-scsi
 
 SCSI = """<controller type='scsi' index='0' model='virtio-scsi'>

@@ -290,3 +290,26 @@ def test_kvmclock_timer_off_turns_the_cpu_flag_off_so_kvm_never_writes_guest_mem
       <clock offset='utc'><timer name='kvmclock' present='no'/></clock></domain>"""
     argv = build_qemu_argv(parse_domain_xml(xml), qmp_fd=3, pidfile="/tmp/p", kvm=True)
     assert argv[argv.index("-cpu") + 1] == "qemu64,kvmclock=off"
+
+
+def test_the_sandbox_denies_spawning_elevating_and_obsolete_calls() -> None:
+    argv = argv_of(typical(), sandbox=True)
+    assert values(argv, "-sandbox") == [
+        "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"]
+    assert "-sandbox" not in argv_of(typical())
+
+
+def test_without_a_pidfile_qemu_is_not_asked_to_write_one() -> None:
+    assert "-pidfile" not in argv_of(typical(), pidfile=None)
+
+
+def test_serial_files_and_sockets_the_worker_opened_go_in_as_fds() -> None:
+    from workers.qemu_argv import Handover
+
+    argv = argv_of(typical(), handover=Handover(serial_files={"serial0": 21},
+                                                serial_sockets={"serial2": 22}))
+    assert values(argv, "-add-fd") == ["fd=21,set=10,opaque=serial0"]
+    chardevs = values(argv, "-chardev")
+    assert "file,id=charserial0,path=/dev/fdset/10" in chardevs
+    assert "socket,id=charserial2,fd=22,server=on,wait=off" in chardevs
+    assert "pty,id=charserial1" in chardevs  # a pty needs nothing opened

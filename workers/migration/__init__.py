@@ -16,4 +16,5 @@ tunnel_wire.py   the pumps' RESP on a raw socket; tunnel_splice.py: their zero-c
 storage_plan.py  storage copy policy: which disks, what the dest creates, mirror figures
 storage.py       storage copy on the source: Begin's disks, the mirrors, switch-over, abort
 storage_dest.py  storage copy on the dest: images (and their ledger), the NBD server
+tls.py           native TLS: tls-creds objects, the host's policy, TLS failures in words
 """

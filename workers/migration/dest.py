@@ -16,7 +16,7 @@ import time
 from dataclasses import replace
 from typing import Any, Literal
 
-from workers import failpoints
+from workers import confine, failpoints
 from workers.agent import HostAgent
 from workers.domain import DomainDef
 from workers.domain_states import DomainState, PausedReason, RunningReason, ShutoffReason
@@ -27,13 +27,14 @@ from workers.hostcaps import check_same_cpu, cpu_signature, require_postcopy
 from workers.job_types import JobOperation, Phase
 from workers.jobs import ActiveJob
 from workers.lifecycle import inactive_domain_for, launch, run_cpus
-from workers.migration import qemu_migrate, storage_dest, stream_stats, tunnel
+from workers.migration import qemu_migrate, storage_dest, stream_stats, tls, tunnel
 from workers.migration.chain_state import MigrationState
 from workers.migration.cookie import Cookie, CookieGraphics, make_cookie, parse
 from workers.migration.guards import check_abort, refuse_v2_with_lease_state
 from workers.migration.params import MigrationFlags as F
 from workers.migration.params import MigrationParams, format_qemu_uri, parse_qemu_uri
 from workers.migration.tunnel_ends import DestEnds, socket_path
+from workers.pki import Role
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +56,12 @@ def _check_listen_address(agent: HostAgent, scheme: str, host: str) -> None:
         reason = getattr(exc, "strerror", None) or str(exc)
         raise InvalidInputError(f"migration URI host '{host}' is unknown on host "
                                 f"{agent.host}: {reason}") from None
+
+
+def _listen_host(agent: HostAgent, p: MigrationParams) -> str:
+    """The address the source will dial: a --migrateuri's host, or this host's own."""
+    return parse_qemu_uri(p.migrate_uri)[1] if p.migrate_uri else \
+        agent.settings.migration_address
 
 
 def _listen_uri(agent: HostAgent, dom: DomainObj, p: MigrationParams) -> str:
@@ -96,9 +103,10 @@ async def prepare(agent: HostAgent, st: MigrationState, *, v3: bool) -> Migratio
         raise MigrationError("no domain definition reached Prepare")
     d = agent.parse(st.xml)
     if p.has(F.POSTCOPY):
-        require_postcopy()
+        require_postcopy(agent.confinement is not None)
     check_same_cpu(d, st.source_cpu, cpu_signature(agent.settings.cpu_hide_features),
                    p.has(F.UNSAFE))
+    tls.check_material(agent, p, Role.SERVER, _listen_host(agent, p))
     check_abort(agent, None, d.uuid, p.job_id)
     dom = _incoming_dom(agent, d)
     agent.domains[d.name] = dom
@@ -141,9 +149,13 @@ async def _start_incoming(agent: HostAgent, dom: DomainObj, d: DomainDef,
                  extra_argv=failpoints.extra_argv("prepare3.qemu_argv"))
     agent.set_state(dom, DomainState.PAUSED, PausedReason.MIGRATION)
     mon = dom.require_monitor("migrate in")
-    await qemu_migrate.setup(mon, p, outgoing=False)
+    creds: dict[str, str] = {}
+    if p.has(F.TLS):  # the dest names no host: it checks the source's client certificate
+        creds = {"tls-creds": await tls.add_creds(agent, dom, Role.SERVER), "tls-hostname": ""}
+    await qemu_migrate.setup(mon, p, outgoing=False, tls=creds)
     if dom.storage_in is not None:
-        await storage_dest.start_nbd(agent, dom, mon, dom.storage_in, p)
+        await storage_dest.start_nbd(agent, dom, mon, dom.storage_in, p,
+                                     tls_creds=creds.get("tls-creds"))
     if tunnelled:
         await _tunnel_in(agent, dom, p, mon)
     else:
@@ -157,7 +169,8 @@ async def _tunnel_in(agent: HostAgent, dom: DomainObj, p: MigrationParams, mon: 
     channels = p.channels + 1 if p.channels else 1
     tunnel.reset(agent.redis, p.job_id, channels)
     if p.channels:
-        path = socket_path(agent.store.run, "in", p.job_id)
+        path = socket_path(confine.socket_dir(agent.confinement, agent.store.run), "in",
+                           p.job_id)
         dom.tunnel = DestEnds(agent.settings, p.job_id, channels=channels, path=path)
         await mon.execute("migrate-incoming", {"uri": f"unix:{path}"})
     else:
@@ -273,6 +286,7 @@ async def _finish(agent: HostAgent, dom: DomainObj, st: MigrationState,
                   v3: bool) -> MigrationState:
     p = st.params
     if st.failed:
+        st = tls.dest_verdict(agent, dom, st)
         await _discard(agent, dom, keep=True)
         return st
     # v3's fence against a source that gave up waiting (tasks/p2p.py); v2's source is
@@ -299,6 +313,7 @@ async def _finish(agent: HostAgent, dom: DomainObj, st: MigrationState,
                              Phase.FINISH3, agent.host) if v3 else \
             MigrationError(f"{what}{V2_LOST}", Phase.FINISH2, agent.host)
         return replace(st, outcome_unknown=True).with_error(err)
+    await tls.remove_creds(dom)
     return complete_incoming(agent, dom, st)
 
 

@@ -31,6 +31,7 @@ class MigrationFlags(enum.IntFlag):
     ABORT_ON_ERROR = 4096
     AUTO_CONVERGE = 8192
     POSTCOPY = 32768
+    TLS = 65536
     PARALLEL = 131072
 
 
@@ -42,7 +43,7 @@ SUPPORTED_FLAGS = (MigrationFlags.LIVE | MigrationFlags.PEER2PEER | MigrationFla
                    | MigrationFlags.OFFLINE
                    | MigrationFlags.ABORT_ON_ERROR | MigrationFlags.AUTO_CONVERGE
                    | MigrationFlags.POSTCOPY | MigrationFlags.PARALLEL
-                   | MigrationFlags.COMPRESSED)
+                   | MigrationFlags.COMPRESSED | MigrationFlags.TLS)
 
 DEFAULT_BANDWIDTH_MIB_S = 0  # 0: as fast as the link goes (QEMU's own default caps at 128)
 UNLIMITED_BANDWIDTH_BYTES = 1 << 40
@@ -145,6 +146,13 @@ class MigrationParams:
             raise InvalidInputError("tunnelled migration requires peer-to-peer (--p2p)")
         if f & MigrationFlags.TUNNELLED and self.migrate_uri:
             raise InvalidInputError("a tunnelled migration has no migration URI")
+        if f & MigrationFlags.TLS and f & MigrationFlags.TUNNELLED:
+            raise InvalidInputError("--tls cannot be used with --tunnelled: a tunnelled stream "
+                                    "leaves through the broker, not QEMU's socket (use a "
+                                    "rediss:// broker to encrypt it)")
+        if f & MigrationFlags.TLS and self.migrate_uri and \
+                self.migrate_uri.startswith("unix:"):
+            raise InvalidInputError("--tls needs a tcp: migration URI, not unix:")
         if f & MigrationFlags.POSTCOPY and not f & MigrationFlags.LIVE:
             raise InvalidInputError("post-copy migration must be live")
         if f & MigrationFlags.POSTCOPY and f & MigrationFlags.TUNNELLED:

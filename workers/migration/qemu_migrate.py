@@ -17,7 +17,7 @@ from typing import Any
 
 from workers import failpoints
 from workers.domobj import DomainObj
-from workers.errors import MigrationError, QemuError
+from workers.errors import FerryError, MigrationError, QemuError
 from workers.migration import stream_caps, tunnel
 from workers.migration.cookie import CookieStatistics, quoted
 from workers.migration.params import UNLIMITED_BANDWIDTH_BYTES, MigrationParams
@@ -39,12 +39,19 @@ def mib_to_bytes(mib: int) -> int:
 
 
 async def setup(mon: Monitor, params: MigrationParams, *, outgoing: bool, two_way: bool = True,
-                bandwidth_mib_s: int | None = None, downtime_ms: int | None = None) -> None:
+                bandwidth_mib_s: int | None = None, downtime_ms: int | None = None,
+                tls: Mapping[str, str] | None = None) -> None:
     """Capabilities and the stream's parameters on both ends (workers/migration/
-    stream_caps.py); bandwidth and downtime on the source."""
+    stream_caps.py); bandwidth and downtime on the source; `tls` (the tls-creds and
+    tls-hostname parameters) on both, set even when empty, so a QEMU that once
+    migrated with TLS never carries it into a plain migration.  A TLS stream always
+    has the return path (it is direct TCP, never a tunnel): with TLS 1.3 the source's
+    handshake is over before the dest checks its client certificate, and the return
+    path makes the source wait for the dest's word."""
     caps = stream_caps.capabilities(params, outgoing=outgoing, two_way=two_way)
     await mon.execute("migrate-set-capabilities", {"capabilities": stream_caps.as_qmp(caps)})
-    mparams = stream_caps.parameters(params)
+    mparams: dict[str, Any] = {"tls-creds": "", "tls-hostname": "", **(tls or {}),
+                               **stream_caps.parameters(params)}
     if outgoing:
         bw = params.bandwidth_mib_s if bandwidth_mib_s is None else bandwidth_mib_s
         mparams["max-bandwidth"] = mib_to_bytes(bw)
@@ -128,10 +135,12 @@ def progress_of(info: dict[str, Any], started_ms: int) -> dict[str, Any]:
 async def wait(dom: DomainObj, mon: Monitor, *, started_ms: int,
                on_progress: Callable[[dict[str, Any]], None],
                on_tick: Callable[[float], None] | None = None,
+               on_failed: Callable[[str | None], FerryError | None] | None = None,
                at_switchover: Callable[[], Awaitable[None]] | None = None,
                until_postcopy: bool = False) -> dict[str, Any]:
     """Wait for the migration on `mon` to end; the final query-migrate reply on success.
 
+    `on_failed` may tell a failure (QEMU's error-desc, None when it gave none) better.
     With pause-before-switchover on, QEMU stops at `pre-switchover` (the guest paused)
     until `at_switchover` has run; then the migration continues.
     `until_postcopy`: a switch into post-copy ends the wait too (libvirt's
@@ -159,6 +168,9 @@ async def wait(dom: DomainObj, mon: Monitor, *, started_ms: int,
             # first and say "failed"; either way the operator's abort is the cause.
             raise MigrationError("operation aborted: migration job canceled by client")
         if status == "failed":
+            told = on_failed(info.get("error-desc")) if on_failed is not None else None
+            if told is not None:
+                raise told
             desc = info.get("error-desc", "unknown error")
             if dom.tunnel is not None and dom.tunnel.error:  # QEMU only saw its socket close
                 desc = f"{desc} (the tunnel through the broker broke: {dom.tunnel.error})"

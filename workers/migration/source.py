@@ -10,12 +10,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
 import redis
 
-from workers import failpoints
+from workers import confine, failpoints
 from workers.abi import check_abi_stability
 from workers.agent import HostAgent
 from workers.cpumodel import with_running_cpu
@@ -27,7 +28,7 @@ from workers.hostcaps import cpu_signature, require_postcopy, sees_host_cpu
 from workers.job_types import JobOperation, Phase
 from workers.jobs import ActiveJob
 from workers.lifecycle import pause_cpus, run_cpus
-from workers.migration import qemu_migrate, storage, stream_stats
+from workers.migration import qemu_migrate, storage, stream_stats, tls
 from workers.migration.chain_state import MigrationState
 from workers.migration.cookie import (
     Cookie,
@@ -47,6 +48,7 @@ from workers.migration.progress import (
     downtime_steps,
 )
 from workers.migration.tunnel_ends import SourceEnds, socket_path
+from workers.pki import CA_FILE, Role
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +89,8 @@ async def begin3(agent: HostAgent, st: MigrationState) -> MigrationState:
         dom.require_state("migrate", DomainState.RUNNING, DomainState.PAUSED)
     dom.require_no_job("migrate")
     if p.has(F.POSTCOPY):
-        require_postcopy()
+        require_postcopy(agent.confinement is not None)
+    tls.check_material(agent, p, Role.CLIENT)
     _start_job(agent, dom, p, Phase.BEGIN3)
     await agent.signals.watch(dom.uuid)
     current = dom.current
@@ -157,6 +160,8 @@ async def resume_perform(agent: HostAgent, dom: DomainObj,
         return dom.job.state
     info = await dom.require_monitor("resume perform").execute("query-migrate")
     status = str(info.get("status", "none"))
+    if status not in qemu_migrate.ACTIVE:
+        await tls.remove_creds(dom, stale=True)
     if status != "completed" and not status.startswith("postcopy"):
         if st.params.storage_copy:
             await storage.cancel_leftovers(dom, agent.settings.state_dir)
@@ -210,12 +215,16 @@ async def _migrate(agent: HostAgent, dom: DomainObj, st: MigrationState,
     job = dom.job
     assert job is not None
     conv = Convergence(agent, dom, p)
-    await qemu_migrate.setup(mon, p, outgoing=True, bandwidth_mib_s=job.bandwidth_mib_s,
-                             downtime_ms=conv.initial_downtime())
-    await failpoints.hit("perform3.before_migrate")
     started_ms = int(time.time() * 1000)
     dom.expected_pause = PausedReason.MIGRATION
+    # QEMU restarts the CPUs itself when a migration fails after it stopped them for the
+    # switch-over (e.g. the dest refused it over the return path): migration_canceled.
+    dom.expected_resume = RunningReason.MIGRATION_CANCELED
     try:
+        await qemu_migrate.setup(mon, p, outgoing=True, bandwidth_mib_s=job.bandwidth_mib_s,
+                                 downtime_ms=conv.initial_downtime(),
+                                 tls=await _tls_params(agent, dom, st))
+        await failpoints.hit("perform3.before_migrate")
         check_abort(agent, dom, dom.uuid, p.job_id)
         uri = await _data_uri(agent, dom, mon, st)
         copy = await storage.copy_disks(agent, dom, st, dest_cookie, conv.record, conv.tick)
@@ -225,6 +234,7 @@ async def _migrate(agent: HostAgent, dom: DomainObj, st: MigrationState,
         await mon.execute("migrate", {"uri": uri})
         info = await qemu_migrate.wait(dom, mon, started_ms=started_ms,
                                        on_progress=conv.progress, on_tick=conv.tick,
+                                       on_failed=_failure_teller(agent, st),
                                        at_switchover=storage.at_switchover(dom, copy)
                                        if copy else None,
                                        until_postcopy=p.has(F.POSTCOPY))
@@ -235,9 +245,10 @@ async def _migrate(agent: HostAgent, dom: DomainObj, st: MigrationState,
             await qemu_migrate.cancel(dom)
         raise
     finally:
-        dom.expected_pause = None
+        dom.expected_pause = dom.expected_resume = None
         dom.storage_out = None
         tunnel_bytes = await _end_tunnel(agent, dom)
+        await tls.remove_creds(dom)
     await failpoints.hit("perform3.after_migrate")
     # QEMU stopped the CPUs for the switch-over: say so, do not wait for STOP.  In
     # post-copy the dest is about to run the guest while pages still leave from here.
@@ -256,6 +267,25 @@ async def _migrate(agent: HostAgent, dom: DomainObj, st: MigrationState,
     return replace(st, statistics=stats)
 
 
+async def _tls_params(agent: HostAgent, dom: DomainObj, st: MigrationState) -> dict[str, str]:
+    """A TLS stream: the client credentials and the name the dest's certificate must have."""
+    if not st.params.has(F.TLS):
+        return dict(tls.PLAIN)
+    assert st.uri is not None
+    hostname = tls.dial_host(st.uri)
+    return {"tls-creds": await tls.add_creds(agent, dom, Role.CLIENT), "tls-hostname": hostname}
+
+
+def _failure_teller(agent: HostAgent, st: MigrationState
+                    ) -> Callable[[str | None], FerryError | None] | None:
+    """How a failed stream is told: a TLS stream's handshake failures in ferry's words."""
+    if not st.params.has(F.TLS) or st.uri is None:
+        return None
+    uri = st.uri
+    ca_file = agent.settings.pki_dir / CA_FILE
+    return lambda desc: tls.stream_failure(st.params, uri, desc, ca_file)
+
+
 async def _data_uri(agent: HostAgent, dom: DomainObj, mon: Any, st: MigrationState) -> str:
     """Where QEMU sends its stream: Prepare's URI, or a tunnel through the broker (one
     socketpair, or a listener for QEMU's parallel connections: tunnel_ends.py)."""
@@ -266,8 +296,10 @@ async def _data_uri(agent: HostAgent, dom: DomainObj, mon: Any, st: MigrationSta
     ends = SourceEnds(agent.settings, p.job_id, channels=p.channels + 1 if p.channels else 1)
     dom.tunnel = ends  # from here on a cancel closes it
     if p.channels:
+        conf = agent.confinement
+        path = socket_path(confine.socket_dir(conf, agent.store.run), "tun", p.job_id)
         return await asyncio.get_running_loop().run_in_executor(
-            None, ends.listen, socket_path(agent.store.run, "tun", p.job_id))
+            None, ends.listen, path, (conf.uid, conf.gid) if conf else None)
     ends.attach(await qemu_migrate.pass_socket(mon, qemu_migrate.TUNNEL_FD))
     return f"fd:{qemu_migrate.TUNNEL_FD}"
 
@@ -461,7 +493,8 @@ async def perform2(agent: HostAgent, st: MigrationState) -> MigrationState:
     dom.require_no_job("migrate")
     refuse_v2_with_lease_state(agent)
     if p.has(F.POSTCOPY):
-        require_postcopy()
+        require_postcopy(agent.confinement is not None)
+    tls.check_material(agent, p, Role.CLIENT)
     _start_job(agent, dom, p, Phase.PERFORM2)
     uuid = dom.uuid
     await agent.signals.watch(uuid)

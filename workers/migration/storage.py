@@ -33,7 +33,7 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
-from workers import failpoints
+from workers import confine, failpoints
 from workers.abi import check_abi_stability
 from workers.agent import HostAgent
 from workers.cpumodel import with_running_cpu
@@ -43,6 +43,7 @@ from workers.domain_xml import format_domain_xml
 from workers.domobj import DomainObj
 from workers.errors import FerryError, MigrationError, QemuError
 from workers.heartbeat import get_host
+from workers.migration import tls
 from workers.migration.chain_state import MigrationState
 from workers.migration.cookie import Cookie, CookieNbd
 from workers.migration.params import MigrationParams, parse_qemu_uri
@@ -69,6 +70,7 @@ from workers.migration.storage_resume import (
     should_hand_over,
 )
 from workers.monitor import Monitor
+from workers.pki import CA_FILE
 
 log = logging.getLogger(__name__)
 
@@ -131,8 +133,10 @@ class StorageCopy:
 
     def __init__(self, dom: DomainObj, mon: Monitor, disks: list[Disk], *, inc: bool,
                  stall_s: float, tls_creds: str | None = None,
-                 resumable: bool = False, state_dir: Path | None = None) -> None:
+                 resumable: bool = False, state_dir: Path | None = None,
+                 owner: tuple[int, int] | None = None) -> None:
         self.dom, self.mon, self.inc = dom, mon, inc
+        self.owner = owner  # of the fleecing files: a confined QEMU's (uid, gid)
         self.resumable = resumable  # backup rounds with a bitmap first, else mirrors only
         self.mirrors = [MirrorState(d.target, d.drive_id, node_name(d)) for d in disks]
         self.disks = {d.target: d for d in disks}
@@ -273,7 +277,8 @@ class StorageCopy:
         t = m.target
         fleece = self.fleeces[t] = Fleece(
             self.mon, fmt=self.fmt[t], qdev=self.qdev[t], bitmap=self.bitmaps[t],
-            size=self.size[t], path=fleece_path(self.state_dir, self.dom.uuid, t), target=t)
+            size=self.size[t], path=fleece_path(self.state_dir, self.dom.uuid, t), target=t,
+            owner=self.owner)
         try:
             source = await fleece.start()
             await self.mon.execute("blockdev-backup", {
@@ -536,13 +541,21 @@ async def copy_disks(agent: HostAgent, dom: DomainObj, st: MigrationState,
     copy = StorageCopy(dom, dom.monitor, disks, inc=p.storage_inc,
                        stall_s=agent.settings.migration_stall_timeout_s,
                        resumable=copies_resumably(agent, p),
-                       state_dir=agent.settings.state_dir)
+                       state_dir=agent.settings.state_dir,
+                       owner=confine.owner(agent.confinement),
+                       tls_creds=dom.tls_creds)  # set up with the RAM stream's (--tls)
     dom.storage_out = copy
     host = await _nbd_host(agent, st)
     bandwidth = job.bandwidth_mib_s if job.bandwidth_mib_s is not None else p.bandwidth_mib_s
     assert dest_cookie is not None and dest_cookie.nbd is not None
-    await copy.start(host, port, mib_to_speed(bandwidth), p.job_id,
-                     {d.target: d.resume for d in dest_cookie.nbd.disks})
+    try:
+        await copy.start(host, port, mib_to_speed(bandwidth), p.job_id,
+                         {d.target: d.resume for d in dest_cookie.nbd.disks})
+    except QemuError as exc:  # a TLS handshake refused shows in the nbd blockdev-add
+        told = _tls_failure(agent, st, exc) if copy.tls_creds else None
+        if told is None:
+            raise
+        raise told from None
     await failpoints.hit("perform3.mirroring")
 
     def turn(figures: dict[str, int]) -> None:
@@ -564,6 +577,13 @@ def at_switchover(dom: DomainObj, copy: StorageCopy) -> Callable[[], Awaitable[N
         await copy.complete()
         _check_aborted(dom)
     return run
+
+
+def _tls_failure(agent: HostAgent, st: MigrationState, exc: QemuError) -> FerryError | None:
+    """QEMU's words for an NBD connection refused in its TLS handshake, as ferry tells
+    those of the RAM stream (workers/migration/tls.py)."""
+    desc = exc.message.split("blockdev-add: ", 1)[-1]
+    return tls.stream_failure(st.params, st.uri or "", desc, agent.settings.pki_dir / CA_FILE)
 
 
 def _check_aborted(dom: DomainObj) -> None:

@@ -54,16 +54,22 @@ def node_names(target: str) -> tuple[str, str, str]:
     return f"{NODE_PREFIX}{target}", f"{NODE_PREFIX}{target}-cbw", f"{NODE_PREFIX}{target}-tmp"
 
 
+def fleece_dir(state_dir: Path) -> Path:
+    """Apart from <state dir>/storage (0700): a confined QEMU opens its files here."""
+    return state_dir / "fleece"
+
+
 def fleece_path(state_dir: Path, uuid: str, target: str) -> Path:
-    return state_dir / "storage" / "fleece" / f"{uuid}-{target}.img"
+    return fleece_dir(state_dir) / f"{uuid}-{target}.img"
 
 
 class Fleece:
     """The fleecing graph of one disk for one backup round: set up, then taken down."""
 
     def __init__(self, mon: Monitor, *, fmt: str, qdev: str, bitmap: str, size: int,
-                 path: Path, target: str) -> None:
+                 path: Path, target: str, owner: tuple[int, int] | None = None) -> None:
         self.mon, self.fmt, self.qdev, self.bitmap = mon, fmt, qdev, bitmap
+        self.owner = owner  # a confined QEMU's (uid, gid): it opens the file itself
         self.size, self.path = size, path
         self.acc, self.cbw, self.tmp = node_names(target)
         self.added: list[str] = []  # nodes blockdev-added (deleted in reverse)
@@ -82,9 +88,11 @@ class Fleece:
             {"type": "block-dirty-bitmap-clear",
              "data": {"node": self.fmt, "name": self.bitmap}}]})
         self.frozen = True
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         with open(self.path, "wb") as f:  # sparse: it grows by what the guest overwrites
             f.truncate(self.size)
+            if self.owner is not None:
+                os.fchown(f.fileno(), *self.owner)
         await self._add({"driver": "file", "node-name": self.tmp,
                          "filename": str(self.path), "discard": "unmap"})
         await self._add({"driver": "copy-before-write", "node-name": self.cbw,

@@ -95,14 +95,17 @@ class SourceEnds(_Ends):
             self._add(tunnel.BackReceiver(self.settings, self.job_id, sock,
                                           on_error=self.close))
 
-    def listen(self, path: Path) -> str:
-        """Listen where QEMU will connect its channels; the URI for `migrate`."""
+    def listen(self, path: Path, owner: tuple[int, int] | None = None) -> str:
+        """Listen where QEMU will connect its channels; the URI for `migrate`.  `owner`:
+        the confined QEMU user's (uid, gid), given the socket (it connects as them)."""
         with contextlib.suppress(FileNotFoundError):
             path.unlink()
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             listener.bind(str(path))
             os.chmod(path, 0o600)
+            if owner is not None:
+                os.chown(path, *owner)
             listener.listen(self.channels)
             listener.settimeout(ACCEPT_POLL_S)
         except OSError:
