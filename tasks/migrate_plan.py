@@ -101,4 +101,4 @@ def dry_run(client: Caller, domain: str, source: str, dest: str,
     disks = [{**row, "source_path": sources.get(row["target"])} for row in prep["disks"]]
     return {"domain": domain, "source": source, "dest": dest, "flags": p.flag_names(),
             "result": "ok", "nbd": prep["nbd"], "disks": disks,
-            "copy_bytes": prep["copy_bytes"]}
+            "copy_bytes": prep["copy_bytes"], "nvram": prep.get("nvram")}

@@ -133,6 +133,9 @@ def dry_run(r: dict[str, Any]) -> str:
         lines.append(f"  {r['copy_bytes'] / 1048576:.1f} MiB in all, NBD on {r['nbd']}")
     else:
         lines.append("  no disk to copy")
+    if r.get("nvram"):
+        lines.append(f"  nvram {r['nvram']['path']}: made from its template, filled with "
+                     "the guest's variables")
     return "\n".join(lines)
 
 

@@ -158,6 +158,22 @@ def test_a_dest_image_that_is_the_sources_own_open_file_is_refused(
     assert no_copy_left_in(client, "alpha", guest.name)
 
 
+def test_a_raw_dest_image_that_is_the_sources_own_open_file_is_refused_by_name(
+        client: Client, make_guest: Callable[..., Guest]) -> None:
+    """A raw image in use passes `qemu-img info` (it takes no write lock): the dest's
+    QEMU then opens it read-only, which Prepare must name, not QEMU's bare words."""
+    g = make_guest()  # raw
+    boot(client, g)
+    with pytest.raises(FerryError, match=rf"image {g.disk} of disk hda is in use by another "
+                                         r"process on host beta \(QEMU could open it only"):
+        client.migrate(g.name, "alpha", "beta", live=True,
+                       copy_storage_all=True).wait(timeout=60)
+    info = client.call("alpha", "dominfo", domain=g.name)
+    assert info["state"] == "running" and g.disk.exists()
+    assert qemu_pids_of(g.uuid) == [info["pid"]]
+    assert all(d["name"] != g.name for d in client.call("beta", "list", all=True))
+
+
 def test_a_taken_nbd_port_is_a_clear_error_and_nothing_is_left(
         client: Client, guest: Guest, tmp_path: Path, stack: Stack) -> None:
     with socket.socket() as taken:

@@ -5,7 +5,9 @@ starts, then starts QEMU's NBD server on this host's migration address with
 a port of its range and exports each copied disk writable, as libvirt's
 qemuMigrationDstStartNBDServer does.  Finish stops the server before the
 CPUs start.  A failed migration removes the images Prepare created; an image
-that was there before is never removed.
+that was there before is never removed.  A UEFI guest's NVRAM missing here is
+made from its template like an image and removed the same way: QEMU writes the
+source's variable store into it, which comes with the RAM (guestfiles.py).
 
 Which images a Prepare created is kept in a ledger on this host's disk
 (`<state dir>/storage/<hash of the job id>.json`), never taken from a task
@@ -31,7 +33,8 @@ from workers.agent import HostAgent
 from workers.domain import DomainDef
 from workers.domobj import DomainObj
 from workers.errors import FerryError, InvalidInputError, MigrationError, QemuError
-from workers.lifecycle import inactive_domain_for
+from workers.guestfiles import make_nvram, missing_nvram, with_nvram_path
+from workers.lifecycle import inactive_domain_for, nvram_dir
 from workers.migration import storage_keep
 from workers.migration.cookie import CookieNbd, CookieNbdDisk
 from workers.migration.params import MigrationParams
@@ -227,6 +230,7 @@ async def prepare_images(agent: HostAgent, d: DomainDef, nbd: CookieNbd | None,
         storage.created += [dd.path for dd in disks if dd.disk.target in resumed]
         for dd in missing:
             await _create(agent, dd, storage, ledger, p.job_id, d.name)
+        _create_nvram(agent, d, storage, ledger, p.job_id)
     except BaseException:
         ledger.discard(p.job_id)
         raise
@@ -254,8 +258,10 @@ async def dry_run(agent: HostAgent, d: DomainDef, nbd: CookieNbd,
              "capacity": dd.wanted.capacity, "copy_bytes": dd.wanted.allocation,
              "image": "create" if dd in missing else "use existing",
              "backing": needs_backing(dd) if p.storage_inc else None} for dd in disks]
+    nvram = _nvram_to_make(agent, d)
     return {"host": agent.host, "nbd": f"{address}:{port}" if disks else None,
-            "disks": rows, "copy_bytes": sum(dd.wanted.allocation or 0 for dd in disks)}
+            "disks": rows, "copy_bytes": sum(dd.wanted.allocation or 0 for dd in disks),
+            "nvram": None if nvram is None else {"path": str(nvram), "file": "create"}}
 
 
 async def _create(agent: HostAgent, dd: DestDisk, storage: IncomingStorage, ledger: Ledger,
@@ -270,6 +276,26 @@ async def _create(agent: HostAgent, dd: DestDisk, storage: IncomingStorage, ledg
                              f"host {agent.host}: {_first_line(err)}")
     log.info("created %s for disk %s (%s, %d bytes)", dd.path, dd.disk.target,
              dd.disk.format, dd.wanted.capacity)
+
+
+def _nvram_to_make(agent: HostAgent, d: DomainDef) -> Path | None:
+    path = missing_nvram(with_nvram_path(d, nvram_dir(agent)))
+    if path is not None:
+        agent.allowed.check(str(path), "os nvram")
+    return path
+
+
+def _create_nvram(agent: HostAgent, d: DomainDef, storage: IncomingStorage, ledger: Ledger,
+                  job_id: str) -> None:
+    """The guest's NVRAM is on the source's own storage too: its file here is made from
+    the template, for QEMU to fill with what the flash held on the source."""
+    if _nvram_to_make(agent, d) is None:
+        return
+    path = str(make_nvram(with_nvram_path(d, nvram_dir(agent)), agent.host))
+    storage.created.append(path)
+    ledger.add(job_id, d.name, path)
+    log.info("created NVRAM %s of '%s' from its template, for the migrated variables",
+             path, d.name)
 
 
 def remove_created(paths: Sequence[str]) -> None:
@@ -367,10 +393,24 @@ async def start_nbd(agent: HostAgent, dom: DomainObj, mon: Monitor, storage: Inc
         if node is None:
             raise MigrationError(f"disk {dd.disk.target} has no block node in the incoming "
                                  "QEMU")
+        await _export(agent, mon, dd, node)
+    return storage.port
+
+
+async def _export(agent: HostAgent, mon: Monitor, dd: DestDisk, node: str) -> None:
+    try:
         await mon.execute("block-export-add", {
             "type": "nbd", "id": EXPORT_PREFIX + dd.disk.target, "node-name": node,
             "name": dd.export, "writable": True})
-    return storage.port
+    except QemuError as exc:
+        if "read-only" not in str(exc):
+            raise
+        # -drive falls back to read-only where another process holds the file's write
+        # lock; a raw image passes `qemu-img info` in _check_existing all the same
+        raise MigrationError(f"image {dd.path} of disk {dd.disk.target} is in use by "
+                             f"another process on host {agent.host} (QEMU could open it "
+                             "only read-only; a storage copy needs the dest's own copy of "
+                             "the disk)") from exc
 
 
 async def _server_start(agent: HostAgent, dom: DomainObj, mon: Monitor, address: str,
