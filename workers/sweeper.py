@@ -59,6 +59,8 @@ class Orphans:
                 continue
             if kind == "record":
                 agent.jobs.end(key, job_id)
+                rec = records[key]  # no Confirm or Finish will give its lines back
+                give_back_all(agent.redis, job_id, agent.host, str(rec.get("dest") or ""))
                 done.append(f"ended job {job_id} of domain {key}: its record names this "
                             "host as the source but no guest here is in it")
             elif (dom := agent.domains.get(key)) is not None and dom.job is not None and \

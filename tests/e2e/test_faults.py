@@ -139,10 +139,16 @@ def test_a_job_record_whose_phases_were_lost_is_ended_by_the_sweeper_and_the_gue
         r.hset(key, mapping={"id": f"j-{key[-1]}", "kind": "migration", "phase": "begin3",
                              "dest": "alpha", "flags": "1", "progress": "{}", "error": "",
                              **{k: str(v) for k, v in rec.items()}})
+    lines = [f"ferry:slots:{host}>alpha:pair", f"ferry:slots:{host}:out",
+             "ferry:slots:alpha:in"]
+    for key in lines:  # the lost job holds its places in the admission lines
+        r.rpush(key, f"j-lost|{lost_at:.0f}")
     try:
         wait_for(lambda: not r.exists(f"ferry:job:{guest.uuid}"), 20,
                  "the sweeper to end the lost job's record")
         assert r.exists("ferry:jobended:j-lost"), "its late phases will run nothing"
+        assert [r.lrange(key, 0, -1) for key in lines] == [[], [], []], \
+            "the lost job's places in the lines are given back"
         assert all(r.exists(key) for key in others), "another host's or a young record"
         log = (stack.workers[host].state_dir / "worker.log").read_text()
         assert f"sweeper: ended job j-lost of domain {guest.uuid}" in log
