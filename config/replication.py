@@ -21,6 +21,22 @@ When none acknowledges in time the write counts as failed (ReplicaWaitError):
 the lease is given back (best effort), the phase fails and the migration takes
 its cancelled form, so the source keeps running.
 
+A write can also reach a master that the sentinels have already replaced: a
+client keeps its pooled connections to a server until they fail, and a master
+the sentinels demoted while it was cut off from them (or judged down by mistake)
+still takes writes until they reconfigure it as a replica, which then throws
+away everything it took since.  Its WAIT finds no replica (the replicas follow
+the new master), so a guarded write whose WAIT was not acknowledged asks the
+sentinels which server is the master now: when it is not the one that took the
+batch, the idle connections to that one are dropped and the batch runs again on
+the current master (within the client's `retry_s`).  Only a current master
+without a replica makes the write fail.
+
+The record of a finished job (the job's outcome, the end of its record) must
+survive a failover too, but must not fail a job whose guest has moved:
+`required=False` waits and follows a new master the same way, and when the
+current master has no replica it keeps the write there and logs a warning.
+
 Only with a Sentinel broker URL: a plain redis:// or rediss:// broker fails over
 nowhere, so there is nothing to wait for, and a broker without replicas would
 fail every such write.  `config.broker.connect` marks its clients accordingly
@@ -61,41 +77,101 @@ def wait_ms(client: redis.Redis) -> int:
     return int(getattr(client, "replica_wait_ms", 0) or 0)
 
 
+class DemotedMasterError(redis.ConnectionError):
+    """A batch went to a server the sentinels no longer name as the master (a demoted
+    master that has not heard of it yet): what it took will be thrown away."""
+
+    replies: list[Any]  # the batch's replies there, WAIT's last
+
+
+def _master_now(client: redis.Redis) -> tuple[str, int] | None:
+    """The master's address as the sentinels tell it now (None: none is known, or the
+    client is not a Sentinel client).  A Sentinel pool that learns of a new master drops
+    its idle connections to the old one, so the next command goes to the new one."""
+    discover = getattr(client.connection_pool, "get_master_address", None)
+    if discover is None:
+        return None
+    try:
+        host, port = discover()
+    except (redis.ConnectionError, redis.TimeoutError):  # MasterNotFoundError included
+        return None
+    return (str(host), int(port))
+
+
 def guarded_write(client: redis.Redis, build: Callable[[Pipeline], None],
-                  what: str) -> list[Any]:
+                  what: str, *, required: bool = True) -> list[Any]:
     """Run the commands `build` queues on one connection, then WAIT for a replica when
     `client` is a Sentinel client; the commands' replies.
 
     ReplicaWaitError (with `.replies`) when no replica acknowledged in time: the
     write is on the master but may not survive it.  A client that retries while the
-    broker is away (`retry_s`) retries the whole batch, as it does single commands."""
+    broker is away (`retry_s`) retries the whole batch, as it does single commands,
+    and also when the server that took it is no longer the master (DemotedMasterError).
+    `required=False`: no error when the current master has no replica; the write stays
+    there (a warning says a failover could lose it)."""
     timeout_ms = wait_ms(client)
     retry_s = float(getattr(client, "retry_s", 0) or 0)
+    pool = getattr(client, "connection_pool", None)
+    sentinel = timeout_ms > 0 and hasattr(pool, "get_master_address")
 
     def once() -> list[Any]:
         pipe = client.pipeline(transaction=False)
         build(pipe)
-        if timeout_ms:
-            pipe.wait(REPLICAS, timeout_ms)
-        return list(pipe.execute())
+        if not timeout_ms:
+            return list(pipe.execute())
+        pipe.wait(REPLICAS, timeout_ms)
+        if not sentinel:
+            return list(pipe.execute())
+        # the batch's own connection, so the server that took it is known
+        assert pool is not None
+        conn = pool.get_connection()
+        pipe.connection = conn
+        replies = list(pipe.execute())
+        took = (str(getattr(conn, "host", "")), int(getattr(conn, "port", 0)))
+        if int(replies[-1]) < REPLICAS and _master_now(client) != took:
+            err = DemotedMasterError(
+                f"{what}: {took[0]}:{took[1]} took it without a replica and the sentinels "
+                "do not name it the master (a demoted master loses what it takes)")
+            err.replies = replies
+            raise err
+        return replies
 
-    if retry_s > 0:
-        for attempt in Retrying(
-                stop=stop_after_delay(retry_s),
-                wait=wait_random_exponential(multiplier=0.05, max=1.0),
-                retry=retry_if_exception_type((redis.ConnectionError, redis.TimeoutError)),
-                before_sleep=before_sleep_log(log, logging.WARNING), reraise=True):
-            with attempt:
-                replies = once()
-    else:
-        replies = once()
+    try:
+        if retry_s > 0:
+            for attempt in Retrying(
+                    stop=stop_after_delay(retry_s),
+                    wait=wait_random_exponential(multiplier=0.05, max=1.0),
+                    retry=retry_if_exception_type((redis.ConnectionError,
+                                                   redis.TimeoutError)),
+                    before_sleep=before_sleep_log(log, logging.WARNING), reraise=True):
+                with attempt:
+                    replies = once()
+        else:
+            replies = once()
+    except DemotedMasterError as exc:  # no retries left (or none allowed)
+        replies = exc.replies[:-1]
+        if required:
+            raise _not_acknowledged(what, timeout_ms, replies,
+                                    " (the server that took it is no longer the master)"
+                                    ) from exc
+        log.error("%s; it may be lost", exc)
+        return replies
     if not timeout_ms:
         return replies
     acked = int(replies.pop())
     if acked < REPLICAS:
-        err = ReplicaWaitError(
-            f"{what}: no replica of the broker acknowledged it within {timeout_ms} ms, so "
-            "a failover could lose it; it counts as failed")
-        err.replies = replies
-        raise err
+        if not required:
+            log.warning("%s: no replica of the broker acknowledged it within %d ms; kept on "
+                        "the master, a failover could lose it", what, timeout_ms)
+            return replies
+        raise _not_acknowledged(what, timeout_ms, replies)
     return replies
+
+
+def _not_acknowledged(what: str, timeout_ms: int, replies: list[Any],
+                      note: str = "") -> ReplicaWaitError:
+    err = ReplicaWaitError(
+        f"{what}: no replica of the broker acknowledged it within {timeout_ms} ms{note}, so "
+        "a failover could lose it; it counts as failed")
+    err.replies = replies
+    return err

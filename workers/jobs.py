@@ -14,7 +14,9 @@ Each field is written on its own (HSET), so the phase task and the progress
 loop never overwrite each other's fields.  `set_phase` is the one place a
 job's phase changes, and it logs the change.  With a Sentinel broker, the phase
 changes that start a step which can still be undone (WAITED_PHASES) and the
-Finish claim wait for a replica (config/replication.py) and fail without one.
+Finish claim wait for a replica (config/replication.py) and fail without one; a
+job's end (its outcome and the record's end, one batch) waits too, and stays on a
+master without a replica rather than fail a job that is over.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import redis
+from redis.client import Pipeline
 
 from config.replication import guarded_write
 from workers.errors import OperationInvalidError
@@ -292,8 +295,15 @@ class JobStore:
         self._set_mine(uuid, job_id, "error", json.dumps(error), only_empty=True)
 
     def complete(self, uuid: str, host: str, info: dict[str, Any]) -> None:
-        """Keep what `host` saw of a finished job (domjobinfo --completed)."""
-        self.redis.set(done_key(uuid, host), json.dumps(info), ex=DONE_TTL_S)
+        """Keep what `host` saw of a finished job (domjobinfo --completed); with a
+        Sentinel broker, on a master with a replica (config/replication.py)."""
+        guarded_write(self.redis, lambda pipe: self._set_done(pipe, uuid, host, info),
+                      f"the outcome of job {info.get('id')} on {host}", required=False)
+
+    @staticmethod
+    def _set_done(client: redis.Redis | Pipeline, uuid: str, host: str,
+                  info: dict[str, Any]) -> None:
+        client.set(done_key(uuid, host), json.dumps(info), ex=DONE_TTL_S)
 
     def completed(self, uuid: str, host: str) -> dict[str, Any] | None:
         raw = self.redis.get(done_key(uuid, host))
@@ -334,11 +344,24 @@ class JobStore:
     return redis.call('DEL', KEYS[1])
     """
 
-    def end(self, uuid: str, job_id: str) -> None:
-        if self._end_script(keys=[job_key(uuid), ended_key(job_id), *tunnel_keys(job_id),
-                                  tunnel_error_key(job_id), tunnel_back_key(job_id),
-                                  tunnel_channels_key(job_id)],
-                            args=[job_id, DONE_TTL_S, f"ferry:tunnel:{job_id}"]):
+    def end(self, uuid: str, job_id: str,
+            outcome: tuple[str, dict[str, Any]] | None = None) -> None:
+        """End the record (and mark the job ended); `outcome`, (host, info): what that host
+        saw of it, kept in the same batch (`complete`).  With a Sentinel broker the batch
+        waits for a replica and follows a new master, as a guarded write does, without
+        failing for want of one: a job whose record came back after a failover would
+        refuse the guest's next job until the sweeper ends it again, its outcome gone."""
+        keys = [job_key(uuid), ended_key(job_id), *tunnel_keys(job_id),
+                tunnel_error_key(job_id), tunnel_back_key(job_id), tunnel_channels_key(job_id)]
+        args: list[str | int] = [job_id, DONE_TTL_S, f"ferry:tunnel:{job_id}"]
+
+        def build(pipe: Pipeline) -> None:
+            if outcome is not None:
+                self._set_done(pipe, uuid, *outcome)
+            self._end_script(keys=keys, args=args, client=pipe)
+
+        replies = guarded_write(self.redis, build, f"the end of job {job_id}", required=False)
+        if replies[-1]:
             log.info("job %s: ended on %s", job_id, self.host)
 
 

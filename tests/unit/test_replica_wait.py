@@ -6,6 +6,7 @@ from typing import Any
 
 import pytest
 import redis
+import redis.sentinel
 
 from config.replication import ReplicaWaitError, guarded_write, wait_ms
 
@@ -78,3 +79,108 @@ def test_a_retrying_client_sends_the_whole_batch_again_after_a_lost_connection()
 def test_a_plain_client_does_not_retry() -> None:
     with pytest.raises(redis.ConnectionError):
         _write(FakeClient(replica_wait_ms=250, fail_first=1))
+
+
+class FakeConn:
+    def __init__(self, address: tuple[str, int]) -> None:
+        self.host, self.port = address
+
+
+class FakeSentinelPool:
+    """A Sentinel pool: connections go to `serving` (the server a stale pooled connection
+    still reaches first), the sentinels name `master`."""
+
+    def __init__(self, client: SentinelClient, serving: list[tuple[str, int]],
+                 master: tuple[str, int] | None) -> None:
+        self.client, self.serving, self.master = client, serving, master
+        self.asked = 0
+
+    def get_connection(self) -> FakeConn:
+        return FakeConn(self.serving.pop(0) if len(self.serving) > 1 else self.serving[0])
+
+    def get_master_address(self) -> tuple[str, int]:
+        self.asked += 1
+        if self.master is None:
+            raise redis.sentinel.MasterNotFoundError("no master")
+        return self.master
+
+
+class SentinelPipe(FakePipe):
+    connection: FakeConn | None = None
+
+    def execute(self) -> list[Any]:
+        assert self.connection is not None, "the batch runs on the connection it was given"
+        client = self.client
+        assert isinstance(client, SentinelClient)
+        client.where.append((self.connection.host, self.connection.port))
+        acks = client.acks_at.get((self.connection.host, self.connection.port), 0)
+        client.sent.append(list(self.queued))
+        return [True if name == "set" else acks for name, _ in self.queued]
+
+
+class SentinelClient(FakeClient):
+    def __init__(self, serving: list[tuple[str, int]], master: tuple[str, int] | None,
+                 acks_at: dict[tuple[str, int], int], retry_s: float = 0) -> None:
+        super().__init__(replica_wait_ms=250, retry_s=retry_s)
+        self.connection_pool = FakeSentinelPool(self, serving, master)
+        self.acks_at = acks_at
+        self.where: list[tuple[str, int]] = []
+
+    def pipeline(self, transaction: bool = True) -> FakePipe:
+        assert transaction is False
+        return SentinelPipe(self)
+
+
+OLD, NEW = ("127.0.0.1", 7001), ("127.0.0.1", 7002)
+
+
+def _guarded(client: FakeClient, required: bool = True) -> list[Any]:
+    return guarded_write(client, lambda pipe: pipe.set("k", "v"), "the test write",  # type: ignore[arg-type]
+                         required=required)
+
+
+def test_a_batch_a_demoted_master_took_runs_again_on_the_new_master() -> None:
+    """The stale pooled connection reaches the old master, which has no replica left
+    (they follow the new one): the sentinels name another master, so the batch is sent
+    again there, where a replica acknowledges it."""
+    client = SentinelClient(serving=[OLD, NEW], master=NEW, acks_at={NEW: 1}, retry_s=5)
+    assert _guarded(client) == [True]
+    assert client.where == [OLD, NEW]
+    assert client.connection_pool.asked == 1  # the pool learnt of the new master
+
+
+def test_a_master_without_a_replica_is_not_asked_twice() -> None:
+    """The sentinels still name the server that took it: no failover, only no replica;
+    the write fails as before (no second batch)."""
+    client = SentinelClient(serving=[NEW], master=NEW, acks_at={}, retry_s=5)
+    with pytest.raises(ReplicaWaitError, match="within 250 ms, so"):
+        _guarded(client)
+    assert client.where == [NEW]
+
+
+def test_a_demoted_master_without_retries_is_a_failed_write() -> None:
+    client = SentinelClient(serving=[OLD, NEW], master=NEW, acks_at={NEW: 1})
+    with pytest.raises(ReplicaWaitError, match="no longer the master") as err:
+        _guarded(client)
+    assert err.value.replies == [True]
+    assert client.where == [OLD]
+
+
+def test_no_master_known_during_a_failover_is_no_proof_of_one_and_retries() -> None:
+    """The sentinels name no master (a failover under way): the server that took it may
+    be on its way out, so the batch is sent again (here on the new master)."""
+    client = SentinelClient(serving=[OLD, NEW], master=None, acks_at={NEW: 1}, retry_s=5)
+    assert _guarded(client) == [True]
+    assert client.where == [OLD, NEW]
+
+
+def test_a_record_that_must_not_fail_stays_on_a_master_without_a_replica() -> None:
+    client = SentinelClient(serving=[NEW], master=NEW, acks_at={}, retry_s=5)
+    assert _guarded(client, required=False) == [True]
+    assert client.where == [NEW]
+
+
+def test_a_record_that_must_not_fail_follows_a_new_master_too() -> None:
+    client = SentinelClient(serving=[OLD, NEW], master=NEW, acks_at={NEW: 1}, retry_s=5)
+    assert _guarded(client, required=False) == [True]
+    assert client.where == [OLD, NEW]

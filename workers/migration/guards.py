@@ -36,8 +36,9 @@ def end_outgoing_job(agent: HostAgent, dom: DomainObj, uuid: str, st: MigrationS
     info = {"id": p.job_id, "operation": JobOperation.OUTGOING_MIGRATION, "source": p.source,
             "dest": p.dest, "type": "failed" if st.failed else "completed",
             "time_elapsed_ms": elapsed, "statistics": st.statistics, "error": st.error}
-    agent.jobs.complete(uuid, agent.host, info)
     if st.error:
         agent.jobs.set_error(uuid, p.job_id, st.error)
-    if end_record:
-        agent.jobs.end(uuid, p.job_id)
+    if end_record:  # the outcome and the record's end in one batch (workers/jobs.py)
+        agent.jobs.end(uuid, p.job_id, outcome=(agent.host, info))
+    else:
+        agent.jobs.complete(uuid, agent.host, info)
