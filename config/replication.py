@@ -98,6 +98,13 @@ def _master_now(client: redis.Redis) -> tuple[str, int] | None:
     return (str(host), int(port))
 
 
+def follow_master(client: redis.Redis) -> None:
+    """Ask the sentinels for the master now (the heartbeat does, every beat): a Sentinel
+    pool that learns of a new one drops its idle connections to the old, so even plain
+    writes stop going to a demoted master within a beat.  Nothing for other clients."""
+    _master_now(client)
+
+
 def guarded_write(client: redis.Redis, build: Callable[[Pipeline], None],
                   what: str, *, required: bool = True) -> list[Any]:
     """Run the commands `build` queues on one connection, then WAIT for a replica when

@@ -17,6 +17,7 @@ from typing import Any
 
 import redis
 
+from config.replication import follow_master
 from workers.host_records import HOSTS_SET, get_host, host_key, list_hosts, tls_fields
 
 __all__ = ["HOSTS_SET", "VERSION", "Heartbeat", "get_host", "host_key", "list_hosts",
@@ -66,6 +67,7 @@ class Heartbeat:
         }
 
     def beat(self) -> None:
+        follow_master(self._redis)  # a demoted master keeps no connection of ours for long
         pipe = self._redis.pipeline()
         pipe.set(host_key(self._name), json.dumps(self.record()), px=self._ttl_ms)
         pipe.sadd(HOSTS_SET, self._name)

@@ -184,3 +184,53 @@ def test_a_record_that_must_not_fail_follows_a_new_master_too() -> None:
     client = SentinelClient(serving=[OLD, NEW], master=NEW, acks_at={NEW: 1}, retry_s=5)
     assert _guarded(client, required=False) == [True]
     assert client.where == [OLD, NEW]
+
+
+class _Manager:
+    """The sentinels' answers, one per question."""
+
+    def __init__(self, *answers: tuple[str, int]) -> None:
+        self.answers = list(answers)
+        self.connection_kwargs: dict[str, Any] = {}
+
+    def discover_master(self, service_name: str) -> tuple[str, int]:
+        return self.answers.pop(0) if len(self.answers) > 1 else self.answers[0]
+
+
+class _BeatClient:
+    def __init__(self, pool: redis.sentinel.SentinelConnectionPool) -> None:
+        self.connection_pool = pool
+        self.written: list[str] = []
+
+    def pipeline(self) -> Any:
+        client = self
+
+        class Pipe:
+            def set(self, key: str, *_: Any, **__: Any) -> None:
+                client.written.append(key)
+
+            def sadd(self, key: str, *_: Any) -> None:
+                client.written.append(key)
+
+            def execute(self) -> list[Any]:
+                return []
+        return Pipe()
+
+
+def test_each_heartbeat_asks_the_sentinels_so_idle_connections_to_a_demoted_master_go() -> None:
+    from workers.heartbeat import Heartbeat
+
+    pool = redis.sentinel.SentinelConnectionPool(
+        "ferry", _Manager(("10.0.0.1", 6379), ("10.0.0.2", 6379)))  # type: ignore[arg-type]
+    assert pool.get_master_address() == ("10.0.0.1", 6379)
+    idle = pool.make_connection()
+    pool._available_connections.append(idle)
+    dropped: list[bool] = []
+    idle.disconnect = lambda *a, **k: dropped.append(True)  # type: ignore[method-assign]
+    client = _BeatClient(pool)
+    hb = Heartbeat(client, name="h1", uuid="u", address="127.0.0.1",  # type: ignore[arg-type]
+                   interval_ms=1000, ttl_ms=3000, guests=list)
+    hb.beat()
+    assert pool.master_address == ("10.0.0.2", 6379)
+    assert dropped == [True], "the idle connection to the old master was not dropped"
+    assert client.written == ["ferry:host:h1", "ferry:hosts"]
