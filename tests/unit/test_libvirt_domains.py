@@ -1,0 +1,106 @@
+"""Real-world domain XML nobody here wrote: libvirt's own test definitions.
+
+tests/unit/libvirt_domains/ holds definitions from libvirt's test suite, verbatim
+(see its README.md). ferry must take each one whole or refuse it in one line that
+names what it does not support; a crash (KeyError, ValueError, ...) or a message
+of many lines is a bug. An accepted definition must survive its own XML and give
+a QEMU command line, prepared as the host prepares it before QEMU starts (NVRAM
+path, autoport ports, channel sockets, tap fds).
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from workers.domain import DomainDef, with_channel_paths, with_graphics_ports
+from workers.domain_xml import format_domain_xml, parse_domain_xml
+from workers.errors import FerryError
+from workers.guestfiles import with_nvram_path
+from workers.qemu_argv import build_qemu_argv
+
+DOMAINS = Path(__file__).parent / "libvirt_domains"
+FILES = sorted(p.name for p in DOMAINS.glob("*.xml"))
+
+# A change in what ferry does with these shows here: "accepted", or a phrase of the refusal.
+EXPECTED = {
+    "x86_64-q35-graphics.xml": "accepted",
+    "x86_64-pc-headless.xml": "accepted",
+    "bios-nvram.xml": "accepted",
+    "cpu-host-model.xml": "accepted",
+    "disk-detect-zeroes.xml": "accepted",
+    "q35-virt-manager-basic.xml": "unsupported element <sound> in <devices>",
+    "os-firmware-efi.xml": "os firmware autoselection is not supported",
+    "disk-network-nbd.xml": "disk type 'network' is not supported",
+    "net-vhostuser.xml": "interface type 'vhostuser'",
+    "disk-virtio-scsi-reservations.xml": "unsupported element <reservations> in <source>",
+    "cpu-numa1.xml": "cpu numa cell 0 memory 109550 KiB is not a positive whole number of MiB",
+    "disk-cdrom.xml": "os arch 'i686' is not supported",
+    "net-mtu.xml": "unsupported element <mtu> in <interface>",
+    "disk-error-policy.xml": "disk driver rerror_policy='ignore' is not supported",
+}
+MAX_MESSAGE = 200
+
+
+def _outcome(name: str) -> tuple[DomainDef | None, FerryError | None]:
+    try:
+        return parse_domain_xml((DOMAINS / name).read_text()), None
+    except FerryError as exc:
+        return None, exc
+
+
+def _argv(d: DomainDef) -> list[str]:
+    """The command line the host would build: as workers/lifecycle.py prepares `d`."""
+    live = with_nvram_path(d, Path("/var/lib/ferry/nvram"))
+    live = with_graphics_ports(live, [5900 + i for i, g in enumerate(d.graphics) if g.autoport])
+    live = with_channel_paths(live, "/run/ferry")
+    taps = {i: (100 + i, None) for i, n in enumerate(d.interfaces) if n.tap}
+    return build_qemu_argv(live, qmp_fd=7, kvm=True, taps=taps, spice=True)
+
+
+def _names_what(message: str) -> bool:
+    """A refusal names the thing: an <element>, an attribute=, a quoted value or a
+    known element or attribute name."""
+    return bool(re.search(r"<[\w:-]+>|\w+=|'[^']*'|\b(cpu|disk|interface|controller|os|"
+                          r"memballoon|graphics|channel|video|clock|timer|numa)\b", message))
+
+
+def test_there_are_enough_real_definitions_to_mean_something() -> None:
+    assert 40 <= len(FILES) <= 80
+    assert set(EXPECTED) <= set(FILES)
+
+
+@pytest.mark.parametrize("name", FILES)
+def test_every_libvirt_definition_is_accepted_whole_or_refused_in_one_line_naming_what(
+        name: str) -> None:
+    d, refused = _outcome(name)
+    if refused is not None:
+        message = str(refused)
+        assert "\n" not in message
+        assert len(message) <= MAX_MESSAGE, message
+        assert _names_what(message), message
+        return
+    assert d is not None
+    assert parse_domain_xml(format_domain_xml(d)) == d
+    argv = _argv(d)
+    assert argv[0] == d.emulator and f"guest={d.name},debug-threads=on" in argv
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_representative_definitions_keep_their_outcome(name: str) -> None:
+    _, refused = _outcome(name)
+    if EXPECTED[name] == "accepted":
+        assert refused is None, str(refused)
+    else:
+        assert refused is not None and EXPECTED[name] in str(refused)
+
+
+def test_an_accepted_definition_keeps_every_device_it_names() -> None:
+    d, _ = _outcome("x86_64-q35-graphics.xml")
+    assert d is not None
+    argv = " ".join(_argv(d))
+    for option in ("virtio-blk-pci", "qemu-xhci", "virtio-net-pci", "usb-tablet",
+                   "virtserialport", "qxl-vga", "virtio-rng-pci", "-vnc"):
+        assert option in argv
