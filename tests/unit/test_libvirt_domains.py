@@ -104,3 +104,26 @@ def test_an_accepted_definition_keeps_every_device_it_names() -> None:
     for option in ("virtio-blk-pci", "qemu-xhci", "virtio-net-pci", "usb-tablet",
                    "virtserialport", "qxl-vga", "virtio-rng-pci", "-vnc"):
         assert option in argv
+
+
+# ------------------------------------------------ what these definitions taught
+
+def _one(name: str, old: str, new: str) -> str:
+    """A definition of libvirt's with one thing changed (it must be there)."""
+    text = (DOMAINS / name).read_text()
+    assert old in text
+    return text.replace(old, new, 1)
+
+
+@pytest.mark.parametrize(("slot", "expected"), [("0x0a", 10), ("0X0A", 10), ("10", 10),
+                                                ("010", 8), ("0", 0)])
+def test_pci_numbers_read_as_libvirts_strtoul_base_0(slot: str, expected: int) -> None:
+    # balloon-device-deflate.xml writes its address in decimal (slot='18')
+    text = _one("disk-aio-io_uring.xml", "slot='0x09'", f"slot='{slot}'")
+    d = parse_domain_xml(text)
+    assert d.disks[0].address is not None and d.disks[0].address.slot == expected
+
+
+def test_a_pci_number_with_a_leading_zero_and_an_eight_is_refused_not_a_crash() -> None:
+    with pytest.raises(FerryError, match="disk vda pci slot '08' is not an integer"):
+        parse_domain_xml(_one("disk-aio-io_uring.xml", "slot='0x09'", "slot='08'"))
