@@ -127,3 +127,28 @@ def test_pci_numbers_read_as_libvirts_strtoul_base_0(slot: str, expected: int) -
 def test_a_pci_number_with_a_leading_zero_and_an_eight_is_refused_not_a_crash() -> None:
     with pytest.raises(FerryError, match="disk vda pci slot '08' is not an integer"):
         parse_domain_xml(_one("disk-aio-io_uring.xml", "slot='0x09'", "slot='08'"))
+
+
+@pytest.mark.parametrize(("old", "new", "refusal"), [
+    ("tickpolicy='discard'", "tickpolicy='discard'", "clock timer pit tickpolicy='discard'"),
+    ("tickpolicy='discard'", "present='no'", "clock timer pit present='no'"),
+    ("name='pit' tickpolicy='discard'", "name='hypervclock' present='yes'",
+     "clock timer hypervclock present='yes'"),
+    ("name='pit' tickpolicy='discard'", "name='rtc' tickpolicy='merge'",
+     "clock timer rtc tickpolicy='merge'"),
+])
+def test_a_timer_setting_ferry_would_drop_is_refused_naming_it(old: str, new: str,
+                                                               refusal: str) -> None:
+    # kvm-pit-discard.xml: the PIT's lost ticks discarded; ferry's QEMU would delay them
+    text = _one("kvm-pit-discard.xml", "arch='i686'", "arch='x86_64'")
+    with pytest.raises(FerryError, match=re.escape(refusal)):
+        parse_domain_xml(text.replace(old, new))
+
+
+def test_the_timers_ferry_acts_on_or_leaves_at_qemus_default_are_accepted() -> None:
+    text = _one("kvm-pit-discard.xml", "arch='i686'", "arch='x86_64'").replace(
+        "<timer name='pit' tickpolicy='discard'/>",
+        "<timer name='pit' tickpolicy='delay'/><timer name='rtc' tickpolicy='catchup'/>"
+        "<timer name='hpet' present='no'/><timer name='kvmclock' present='yes'/>"
+        "<timer name='hypervclock' present='no'/>")
+    assert len(parse_domain_xml(text).timers) == 5
