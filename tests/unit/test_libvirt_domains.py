@@ -152,3 +152,49 @@ def test_the_timers_ferry_acts_on_or_leaves_at_qemus_default_are_accepted() -> N
         "<timer name='hpet' present='no'/><timer name='kvmclock' present='yes'/>"
         "<timer name='hypervclock' present='no'/>")
     assert len(parse_domain_xml(text).timers) == 5
+
+
+@pytest.mark.parametrize(("name", "old", "new", "refusal"), [
+    ("net-mtu.xml", "event_idx='on'", "event_idx='off'", "disk driver event_idx='off'"),
+    ("disk-aio-io_uring.xml", "<disk type='block' device='disk'>",
+     "<disk type='block' device='disk' model='virtio-transitional'>",
+     "disk model='virtio-transitional'"),
+    ("x86_64-q35-graphics.xml", '<input type="tablet" bus="usb"/>',
+     "<input type='tablet' bus='virtio' model='virtio-non-transitional'/>",
+     "input tablet model='virtio-non-transitional'"),
+    ("x86_64-q35-graphics.xml", "<apic/>", "<apic eoi='on'/>", "features apic eoi='on'"),
+    ("bios-nvram.xml", "<loader readonly='yes' type='pflash'>",
+     "<loader readonly='yes' type='pflash' format='qcow2'>", "os loader format='qcow2'"),
+    ("bios-nvram.xml", "<loader readonly='yes' type='pflash'>",
+     "<loader readonly='yes' type='pflash' stateless='yes'>", "os loader stateless='yes'"),
+    ("cpu-numa-disjoint.xml", "<topology sockets='2' cores='4' threads='2'/>",
+     "<topology sockets='2' clusters='2' cores='2' threads='2'/>",
+     "cpu topology clusters='2'"),
+    ("x86_64-q35-graphics.xml", "<controller type=\"usb\" index=\"0\" model=\"qemu-xhci\" "
+     "ports=\"15\"/>", "<controller type='virtio-serial'><driver iommu='on'/></controller>",
+     "controller virtio-serial driver iommu='on'"),
+    ("usb-controller-default-q35.xml", "<controller type='pci' index='0' model='pcie-root'/>",
+     "<controller type='pci' index='0' model='pcie-root'/><controller type='pci' index='1' "
+     "model='pcie-root-port'><model name='ioh3420'/></controller>",
+     "controller pci model name 'ioh3420' is not supported (pcie-root-port)"),
+    ("x86_64-q35-graphics.xml", '<controller type="usb" index="0" model="qemu-xhci" '
+     'ports="15"/>', "<controller type='virtio-serial' index='1'/>",
+     "controller virtio-serial 1 is not supported (index 0 only)"),
+])
+def test_a_guest_visible_setting_ferry_would_drop_is_refused_naming_it(
+        name: str, old: str, new: str, refusal: str) -> None:
+    text = _one(name, old, new).replace("arch='i686'", "arch='x86_64'")
+    with pytest.raises(FerryError, match=re.escape(refusal)):
+        parse_domain_xml(text.replace("qemu-system-i386", "qemu-system-x86_64"))
+
+
+def test_the_values_of_those_settings_that_change_nothing_are_accepted() -> None:
+    text = _one("x86_64-q35-graphics.xml", "<apic/>", "<apic/><vmport state='off'/>")
+    text = text.replace('<disk type="file" device="disk">',
+                        "<disk type='file' device='disk' model='virtio'>")
+    text = text.replace('<driver name="qemu" type="qcow2"/>',
+                        "<driver name='qemu' type='qcow2' event_idx='on'/>")
+    text = text.replace('<input type="tablet" bus="usb"/>',
+                        "<input type='tablet' bus='virtio' model='virtio'/>")
+    d = parse_domain_xml(text)
+    assert [i.bus for i in d.inputs] == ["virtio"] and d.disks[0].format == "qcow2"
