@@ -251,10 +251,10 @@ class Controller:
                                        0 <= self.vectors <= 32),
               f"{where}vectors: 0-32, for virtio-serial only")
         if self.type in ("ide", "sata", "usb", "virtio-serial"):
-            check(self.index == 0, f"{where}: only index 0 is supported", UnsupportedError)
+            check(self.index == 0, f"{where}is not supported (index 0 only)", UnsupportedError)
         root = self.model in ("pci-root", "pcie-root")
         check(self.type != "pci" or root == (self.index == 0),
-              f"{where}: index 0 is the root bus and only it")
+              f"controller pci {self.index} {self.model}: index 0 is the root bus and only it")
         if self.model == "pcie-root-port":
             fix = object.__setattr__
             fix(self, "chassis", self.index if self.chassis is None else self.chassis)

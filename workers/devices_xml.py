@@ -145,6 +145,7 @@ def parse_channels(elems: list[Any], live: bool) -> tuple[Channel, ...]:
 def parse_input(e: Any) -> Input:
     kind = e.get("type")
     one_of("input ", "type", kind, INPUT_TYPES, UnsupportedError)  # before its children
+    refuse_attrs(e, f"input {kind}", model=("virtio",))
     k = kids(e, "address", "alias")
     pci_address(k, "input", ("usb",))
     return Input(type=kind, bus=e.get("bus", "usb" if kind == "tablet" else "ps2"))
@@ -171,13 +172,12 @@ def parse_controller(e: Any, index: int) -> Controller:
     root = kind != "pci" or model in ("pci-root", "pcie-root")
     Controller(type=kind, model=model, index=0 if root else 1)
     k = kids(e, "model target address driver", "alias")
-    if kind == "scsi":  # guest-visible tuning ferry does not model
-        refuse_attrs(first(k, "driver"), "controller scsi driver", queues=(), iothread=(),
-                     cmd_per_lun=(), max_sectors=(), ioeventfd=(), iommu=(), ats=(),
-                     packed=())
+    driver = first(k, "driver")  # guest-visible tuning ferry does not model
+    refuse_attrs(driver, f"controller {kind} driver", **{a: () for a in driver.attrib})
     if "model" in k:
-        check(k["model"][0].get("name") in (None, model),
-              f"controller {kind} model name differs from its model")
+        name = k["model"][0].get("name")
+        check(name in (None, model), f"controller {kind} model name {name!r} is not "
+              f"supported ({model})", UnsupportedError)
     tgt = first(k, "target")
     return Controller(
         type=kind,
@@ -240,6 +240,8 @@ def parse_firmware(os_: dict[str, list[Any]]) -> Firmware | None:
         check("nvram" not in os_, "os nvram needs an os loader")
         return None
     loader, nvram = os_["loader"][0], first(os_, "nvram")
+    refuse_attrs(loader, "os loader", stateless=("no",), format=("raw",))
+    refuse_attrs(nvram, "os nvram", format=("raw",))
     check(loader.get("secure", "no") == "no", "os loader secure='yes' (Secure Boot) is not "
           "supported", UnsupportedError)
     return Firmware(
@@ -265,6 +267,7 @@ def parse_cpu(e: Any) -> dict[str, Any]:
     top = None
     if "topology" in k:
         t = k["topology"][0]
+        refuse_attrs(t, "cpu topology", clusters=("1",))
         top = Topology(**{what: integer(t.get(what, "1"), f"cpu topology {what}") or 0
                           for what in ("sockets", "dies", "cores", "threads")})
     return {"cpu_mode": mode, "cpu_model": model if mode == "custom" else None,

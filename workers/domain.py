@@ -80,6 +80,14 @@ FEATURES = ("acpi", "apic", "pae")
 _ACTIONS = ("destroy", "restart", "preserve", "rename-restart")
 _CACHES = (None, "default", "none", "writethrough", "writeback", "directsync", "unsafe")
 _TIMERS = ("platform", "pit", "rtc", "hpet", "tsc", "kvmclock", "hypervclock")
+# Per timer, the present and tickpolicy values ferry turns into QEMU options or that
+# are QEMU's default (rtc catchup: driftfix=slew; hpet, kvmclock present='no'); any
+# other would be dropped, so it is refused.
+_TIMER_VALUES: dict[str, tuple[tuple[bool | None, ...], tuple[str | None, ...]]] = {
+    "rtc": ((None, True), (None, "delay", "catchup")), "pit": ((None, True), (None, "delay")),
+    "hpet": ((None, True, False), (None,)), "kvmclock": ((None, True, False), (None,)),
+    "tsc": ((None, True), (None,)), "platform": ((None, True), (None,)),
+    "hypervclock": ((None, False), (None,))}
 Enums = tuple[str, Any, Sequence[Any]]
 
 
@@ -267,6 +275,11 @@ class Timer:
         check_enums(
             "clock timer ", ("name", self.name, _TIMERS), ("tickpolicy", self.tickpolicy, policies)
         )
+        presents, acted = _TIMER_VALUES[self.name]
+        check(self.present in presents, f"clock timer {self.name} present="
+              f"'{'yes' if self.present else 'no'}' is not supported", UnsupportedError)
+        check(self.tickpolicy in acted, f"clock timer {self.name} tickpolicy="
+              f"{self.tickpolicy!r} is not supported", UnsupportedError)
 
 
 @dataclass(frozen=True, kw_only=True)

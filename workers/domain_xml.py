@@ -183,6 +183,7 @@ def parse_domain_xml(
         f["boot_devices"] = ("hd",)
     if "features" in k:
         found = _kids(k["features"][0], " ".join(FEATURES) + " vmport")
+        refuse_attrs(_first(found, "apic"), "features apic", eoi=())
         f["features"] = tuple(name for name in found if name != "vmport")
         f["vmport"] = _yes(_first(found, "vmport").get("state"), "features vmport state")
     for action in ("on_poweroff", "on_reboot", "on_crash"):
@@ -246,7 +247,8 @@ def _disk(e: Any) -> Disk:
     _kids(tgt, "")
     check_enums("disk ", ("driver name", drv.get("name", "qemu"), ("qemu",)))
     refuse_attrs(drv, "disk driver", queues=(), iothread=(), packed=(), ats=(), iommu=(),
-                 rerror_policy=())
+                 rerror_policy=(), event_idx=("on",))
+    refuse_attrs(e, "disk", model=("virtio",))
     refuse_attrs(tgt, "disk target", rotation_rate=(), removable=("off",), tray=("closed",))
     check(bool(tgt.get("dev")), "disk <target dev> is missing")
     bus = {"vd": "virtio", "hd": "ide", "sd": "scsi"}.get(tgt.get("dev")[:2], "virtio")

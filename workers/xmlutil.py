@@ -58,12 +58,17 @@ def text(found: Kids, name: str) -> str | None:
 
 
 def integer(value: str | None, what: str, base: int = 10) -> int | None:
-    """A decimal integer (or with base=0 also 0x-hex, as libvirt writes PCI addresses)."""
+    """A decimal integer, or with base=0 libvirt's strtoul(base 0) reading of PCI
+    addresses: 0x-hex, 0-octal ('010' is 8), else decimal."""
     if value is None:
         return None
-    pattern = r"\s*-?[0-9]{1,9}\s*" if base == 10 else r"\s*(0x[0-9a-fA-F]{1,8}|[0-9]{1,9})\s*"
+    pattern = r"\s*-?[0-9]{1,9}\s*" if base == 10 else \
+        r"\s*(0[xX][0-9a-fA-F]{1,8}|0[0-7]{0,11}|[1-9][0-9]{0,8})\s*"
     check(bool(re.fullmatch(pattern, value)), f"{what} {value!r} is not an integer")
-    return int(value.strip(), base)
+    digits = value.strip()
+    if base == 0 and len(digits) > 1 and digits[0] == "0" and digits[1] not in "xX":
+        return int(digits, 8)
+    return int(digits, base)
 
 
 def yes(value: str | None, what: str) -> bool | None:
