@@ -22,7 +22,7 @@ in order:
 - interfaces: MAC, model and PCI address (not the type, bridge, network or tap);
 - channels: type, target name and virtio-serial port (not the socket path);
 - inputs: type and bus; controllers: type, index, model, ports, root port
-  chassis/port and PCI address;
+  device (pcie-root-port or ioh3420), chassis/port and PCI address;
 - videos: model, vram, ram, vgamem, heads and PCI address;
 - rng and watchdog: model and PCI address (not the rng source or rate, nor the
   watchdog action);
@@ -110,7 +110,8 @@ def abi_diff(src: DomainDef, dst: DomainDef) -> list[str]:
         ("channel", "channel[{i}]", src.channels, dst.channels, ("type", "name", "port")),
         ("input", "input[{i}]", src.inputs, dst.inputs, ("type", "bus")),
         ("controller", "controller[{i}]", src.controllers, dst.controllers,
-         ("type", "index", "model", "ports", "vectors", "chassis", "port", "address")),
+         ("type", "index", "model", "device", "ports", "vectors", "chassis", "port",
+          "address")),
         ("video", "video[{i}]", src.videos, dst.videos,
          ("model", "vram", "ram", "vgamem", "heads", "address")),
         ("rng", "rng[{i}]", src.rngs, dst.rngs, ("model", "address")),

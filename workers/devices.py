@@ -214,6 +214,9 @@ class Input:
 USB_MODELS = {"piix3-uhci": "piix3-usb-uhci", "ich9-ehci1": "ich9-usb-ehci1",
               "qemu-xhci": "qemu-xhci", "nec-xhci": "nec-usb-xhci", "none": ""}
 PCI_MODELS = ("pci-root", "pcie-root", "pcie-root-port")
+# libvirt wrote Intel's ioh3420 for q35 root ports until QEMU had its generic one (2017):
+# long-lived guests still carry it, and it is guest-visible (another PCI id)
+ROOT_PORT_DEVICES = ("pcie-root-port", "ioh3420")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -228,6 +231,7 @@ class Controller:
     vectors: int | None = None  # virtio-serial: MSI-X vectors
     chassis: int | None = None  # pcie-root-port
     port: int | None = None  # pcie-root-port
+    device: str | None = None  # pcie-root-port: libvirt's <model name>, QEMU's device
     address: PciAddress | None = None
 
     def __post_init__(self) -> None:
@@ -257,6 +261,8 @@ class Controller:
               f"controller pci {self.index} {self.model}: index 0 is the root bus and only it")
         if self.model == "pcie-root-port":
             fix = object.__setattr__
+            fix(self, "device", self.device or "pcie-root-port")
+            one_of(where, "model name", self.device, ROOT_PORT_DEVICES, UnsupportedError)
             fix(self, "chassis", self.index if self.chassis is None else self.chassis)
             fix(self, "port", 0x10 + self.index - 1 if self.port is None else self.port)
             check(0 <= (self.chassis or 0) <= 255 and 0 <= (self.port or 0) <= 255,

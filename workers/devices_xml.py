@@ -174,10 +174,10 @@ def parse_controller(e: Any, index: int) -> Controller:
     k = kids(e, "model target address driver", "alias")
     driver = first(k, "driver")  # guest-visible tuning ferry does not model
     refuse_attrs(driver, f"controller {kind} driver", **{a: () for a in driver.attrib})
-    if "model" in k:
-        name = k["model"][0].get("name")
-        check(name in (None, model), f"controller {kind} model name {name!r} is not "
-              f"supported ({model})", UnsupportedError)
+    name = k["model"][0].get("name") if "model" in k else None
+    root_port = model == "pcie-root-port"
+    check(root_port or name in (None, model), f"controller {kind} model name {name!r} is "
+          f"not supported ({model})", UnsupportedError)
     tgt = first(k, "target")
     return Controller(
         type=kind,
@@ -187,6 +187,7 @@ def parse_controller(e: Any, index: int) -> Controller:
         vectors=integer(e.get("vectors"), "controller vectors"),
         chassis=integer(tgt.get("chassis"), "controller target chassis", 0),
         port=integer(tgt.get("port"), "controller target port", 0),
+        device=name if root_port else None,
         address=pci_address(k, f"controller {kind}"),
     )
 
@@ -336,7 +337,7 @@ def put_devices(devices: Any, d: DomainDef, live: bool) -> None:
         e = sub(devices, "controller", type=c.type, index=c.index, model=c.model, ports=c.ports,
                 vectors=c.vectors)
         if c.model == "pcie-root-port":
-            sub(e, "model", name=c.model)
+            sub(e, "model", name=c.device)
             sub(e, "target", chassis=c.chassis, port=f"0x{c.port or 0:x}")
         put_address(e, c.address)
     for i, n in enumerate(d.interfaces):

@@ -52,7 +52,7 @@ def controller_args(d: DomainDef) -> list[str]:
     out: list[str] = []
     ports = sorted((c for c in d.controllers if c.model == "pcie-root-port"), key=lambda c: c.index)
     for c in ports:
-        out += ["-device", opts(f"pcie-root-port,port=0x{c.port or 0:x},chassis={c.chassis}",
+        out += ["-device", opts(f"{c.device},port=0x{c.port or 0:x},chassis={c.chassis}",
                                 f"id=pci.{c.index}", pci(d, c.address))]
     for c in d.controllers:
         out += _controller(d, c)

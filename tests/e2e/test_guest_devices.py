@@ -21,6 +21,7 @@ import subprocess
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -84,6 +85,53 @@ def test_a_server_guest_moves_with_its_nic_channel_and_devices_managed_and_p2p(
         nics = qmp(client, dst, guest.name, "query-rx-filter", name="net0")
         assert isinstance(nics, list) and nics[0]["main-mac"] == mac
         assert qemu_pids_of(guest.uuid) == [info["pid"]]
+
+
+OLD_Q35_PORT = """
+    <controller type='pci' index='0' model='pcie-root'/>
+    <controller type='pci' index='1' model='pcie-root-port'>
+      <model name='ioh3420'/>
+      <target chassis='1' port='0x10'/>
+      <address type='pci' domain='0x0000' bus='0x00' slot='0x02' function='0x0'/>
+    </controller>
+    <rng model='virtio'>
+      <backend model='random'>/dev/urandom</backend>
+      <address type='pci' domain='0x0000' bus='0x01' slot='0x00' function='0x0'/>
+    </rng>"""
+
+
+def _pci(client: Client, host: str, name: str) -> dict[tuple[int, int], tuple[int, int]]:
+    """(bus, slot) -> (vendor, device id) of every PCI device the guest's QEMU has."""
+    found: dict[tuple[int, int], tuple[int, int]] = {}
+
+    def walk(devices: list[dict[str, Any]]) -> None:
+        for d in devices:
+            found[(d["bus"], d["slot"])] = (d["id"]["vendor"], d["id"]["device"])
+            walk((d.get("pci_bridge") or {}).get("devices", []))
+
+    buses = qmp(client, host, name, "query-pci")
+    assert isinstance(buses, list)
+    for b in buses:
+        walk(b["devices"])
+    return found
+
+
+def test_an_older_q35_guests_ioh3420_root_port_moves_with_its_device_behind_it(
+        client: Client, make_guest: Callable[..., Guest]) -> None:
+    """q35 guests defined before QEMU's generic root port (2017) carry Intel's ioh3420."""
+    guest = make_guest(domain_type="qemu", extra_devices=OLD_Q35_PORT)
+    guest.xml = guest.xml.replace("machine='pc'", "machine='q35'").replace(
+        "bus='ide'", "bus='sata'").replace("dev='hda'", "dev='sda'")
+    start(client, guest)
+    guest.wait_counter_above(0)
+    before = _pci(client, "alpha", guest.name)
+    assert before[(0, 2)] == (0x8086, 0x3420), "the root port is an ioh3420"
+    assert before[(1, 0)][0] == 0x1AF4, "the rng sits behind it"
+    summary = client.migrate(guest.name, "alpha", "beta", live=True).wait(timeout=90)
+    assert summary["result"] == "completed"
+    assert _pci(client, "beta", guest.name) == before
+    guest.wait_counter_above(guest.counters()[-1] + 2)
+    assert "<model name=\"ioh3420\"/>" in client.call("beta", "dumpxml", domain=guest.name)
 
 
 @pytest.fixture

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from workers.abi import check_abi_stability
 from workers.domain import DomainDef, with_channel_paths, with_graphics_ports
 from workers.domain_xml import format_domain_xml, parse_domain_xml
 from workers.errors import FerryError
@@ -175,8 +176,8 @@ def test_the_timers_ferry_acts_on_or_leaves_at_qemus_default_are_accepted() -> N
      "controller virtio-serial driver iommu='on'"),
     ("usb-controller-default-q35.xml", "<controller type='pci' index='0' model='pcie-root'/>",
      "<controller type='pci' index='0' model='pcie-root'/><controller type='pci' index='1' "
-     "model='pcie-root-port'><model name='ioh3420'/></controller>",
-     "controller pci model name 'ioh3420' is not supported (pcie-root-port)"),
+     "model='pcie-root-port'><model name='x3130-upstream'/></controller>",
+     "controller pci 1 model name 'x3130-upstream' is not one of pcie-root-port, ioh3420"),
     ("x86_64-q35-graphics.xml", '<controller type="usb" index="0" model="qemu-xhci" '
      'ports="15"/>', "<controller type='virtio-serial' index='1'/>",
      "controller virtio-serial 1 is not supported (index 0 only)"),
@@ -198,3 +199,26 @@ def test_the_values_of_those_settings_that_change_nothing_are_accepted() -> None
                         "<input type='tablet' bus='virtio' model='virtio'/>")
     d = parse_domain_xml(text)
     assert [i.bus for i in d.inputs] == ["virtio"] and d.disks[0].format == "qcow2"
+
+
+IOH3420_PORT = ("<controller type='pci' index='1' model='pcie-root-port'>"
+                "<model name='ioh3420'/><target chassis='1' port='0x10'/>"
+                "<address type='pci' domain='0x0000' bus='0x00' slot='0x02' function='0x0'/>"
+                "</controller>")
+
+
+def test_an_older_q35_guests_ioh3420_root_port_is_kept_in_its_xml_argv_and_abi() -> None:
+    """libvirt wrote Intel's ioh3420 for q35 root ports before QEMU's generic one."""
+    text = _one("usb-controller-default-q35.xml",
+                "<controller type='pci' index='0' model='pcie-root'/>",
+                "<controller type='pci' index='0' model='pcie-root'/>" + IOH3420_PORT)
+    d = parse_domain_xml(text)
+    [port] = [c for c in d.controllers if c.model == "pcie-root-port"]
+    assert port.device == "ioh3420"
+    assert parse_domain_xml(format_domain_xml(d)) == d
+    assert "<model name=\"ioh3420\"" in format_domain_xml(d).replace("'", '"')
+    assert "ioh3420,port=0x10,chassis=1,id=pci.1,bus=pcie.0,addr=0x2" in _argv(d)
+    generic = parse_domain_xml(text.replace("<model name='ioh3420'/>", ""))
+    assert "pcie-root-port,port=0x10,chassis=1,id=pci.1,bus=pcie.0,addr=0x2" in _argv(generic)
+    with pytest.raises(FerryError, match=r"controller\[\d\] device .*ioh3420"):
+        check_abi_stability(d, generic)
