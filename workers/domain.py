@@ -254,6 +254,8 @@ class Graphics:
         for what, port in (("port", self.port), ("tlsPort", self.tls_port)):
             check(port is None or low <= port <= 65535, f"graphics {what} {port} is out of range")
         check(self.tls_port is None or self.type == "spice", "graphics tlsPort is for spice only")
+        check(self.tls_port is None, "graphics spice tlsPort is not supported (no TLS "
+              "certificates for SPICE)", UnsupportedError)
         check(self.autoport or self.port is not None, "graphics needs a port or autoport='yes'")
         try:
             _ = self.listen is None or ipaddress.ip_address(self.listen)

@@ -232,8 +232,6 @@ def _graphics_args(g: Graphics, spice: bool) -> list[str]:
         return ["-vnc", _opts(f"{host}:{g.port - 5900}", "password=on" if g.passwd else None)]
     if not spice:
         raise UnsupportedError("graphics spice is not supported: this QEMU has no SPICE support")
-    if g.tls_port is not None:
-        raise UnsupportedError("graphics spice tlsPort is not supported (no TLS certificates)")
     ticketing = None if g.passwd else "disable-ticketing=on"
     return ["-spice", _opts(f"port={g.port},addr={addr}", ticketing, "seamless-migration=on")]
 

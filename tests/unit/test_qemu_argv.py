@@ -233,10 +233,13 @@ def test_spice_on_a_qemu_without_spice_is_unsupported() -> None:
         argv_of(d, spice=False)
 
 
-def test_spice_tls_is_unsupported_at_argv_time() -> None:
-    g = Graphics(type="spice", port=5930, tls_port=5931)
-    with pytest.raises(UnsupportedError, match="tlsPort"):
-        argv_of(dataclasses.replace(typical(), graphics=(g,)))
+def test_spice_tls_is_refused_when_the_definition_is_read_not_at_start() -> None:
+    with pytest.raises(UnsupportedError, match="graphics spice tlsPort is not supported"):
+        Graphics(type="spice", port=5930, tls_port=5931)
+    xml = TYPICAL.replace("<graphics type='vnc'", "<graphics type='spice' tlsPort='5931'")
+    assert "tlsPort='5931'" in xml
+    with pytest.raises(UnsupportedError, match="graphics spice tlsPort is not supported"):
+        parse_domain_xml(xml)
 
 
 def test_an_autoport_display_without_a_port_is_a_programming_error() -> None:
