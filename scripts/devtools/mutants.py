@@ -129,6 +129,28 @@ MUTANTS = (
            ".run_in_executor(None, dom.tunnel.close)\n",
            "",
            (PROOFS + "test_abort_lands_while_qemu_is_blocked_on_a_full_tunnel",)),
+    Mutant("nvram-left-behind", "the NVRAM a failed storage copy's Prepare made is kept",
+           "workers/migration/storage_dest.py",
+           "    storage.created.append(path)\n    ledger.add(job_id, d.name, path)\n"
+           "    log.info(\"created NVRAM",
+           "    log.info(\"created NVRAM",
+           ("tests/e2e/test_guest_devices.py::test_a_failed_storage_copy_removes_the_nvram_"
+            "prepare_made_and_the_source_runs_on",)),
+    Mutant("swept-job-keeps-lines", "a job the sweeper ends keeps its admission places",
+           "workers/sweeper.py",
+           "                give_back_all(agent.redis, job_id, agent.host, "
+           "str(rec.get(\"dest\") or \"\"))\n",
+           "",
+           ("tests/e2e/test_faults.py::test_a_job_record_whose_phases_were_lost_is_ended_by_"
+            "the_sweeper_and_the_guest_moves",)),
+    Mutant("ioh3420-as-generic", "an ioh3420 root port started as QEMU's generic one",
+           "workers/qemu_devices.py",
+           '        out += ["-device", opts(f"{c.device},port=',
+           '        out += ["-device", opts(f"pcie-root-port,port=',
+           ("tests/unit/test_libvirt_domains.py::test_an_older_q35_guests_ioh3420_root_port_is_"
+            "kept_in_its_xml_argv_and_abi",
+            "tests/e2e/test_guest_devices.py::test_an_older_q35_guests_ioh3420_root_port_moves_"
+            "with_its_device_behind_it")),
 )
 
 CANARY = """
