@@ -170,7 +170,7 @@ SPECS: tuple[Spec, ...] = (
          "libvirt network names this host maps to its bridges, e.g. default=br0,lab=br1"),
     Spec("nvram_dir", _optional_path, lambda: None,
          "where a UEFI guest's NVRAM goes when its <nvram> names no file (default: "
-         "<state-dir>/nvram; shared storage to migrate)"),
+         "<state-dir>/nvram; shared storage, or a storage copy, to migrate)"),
     Spec("cpu_hide_features", _names, tuple,
          "CPU features this host treats as missing: a guest CPU needing one is refused "
          "here (a pool kept to a common baseline; tests)"),
