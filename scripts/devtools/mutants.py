@@ -143,6 +143,12 @@ MUTANTS = (
            "",
            ("tests/e2e/test_faults.py::test_a_job_record_whose_phases_were_lost_is_ended_by_"
             "the_sweeper_and_the_guest_moves",)),
+    Mutant("abort-before-migrate-lost", "an abort just before QEMU's migrate left to the "
+           "switch-over", "workers/migration/source.py",
+           "        if job.abort:  # it came after check_abort",
+           "        if False:  # it came after check_abort",
+           ("tests/e2e/test_job_control.py::test_an_abort_just_before_qemus_migrate_cancels_"
+            "the_stream_it_then_starts",)),
     Mutant("ioh3420-as-generic", "an ioh3420 root port started as QEMU's generic one",
            "workers/qemu_devices.py",
            '        out += ["-device", opts(f"{c.device},port=',

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -11,7 +12,7 @@ from typing import Any
 import pytest
 
 from scripts.testbed.guestimage import build_image
-from scripts.testbed.stack import wait_for
+from scripts.testbed.stack import Stack, wait_for
 from tasks.client import Client
 from tasks.migrate_client import MigrationJob
 from tests.conftest import CliResult, Guest, qemu_pids_of, wait_info
@@ -163,6 +164,50 @@ def test_an_abort_sent_during_a_slow_prepare_is_not_lost(
     info = client.call("alpha", "dominfo", domain=guest.name)
     assert (info["state"], info["reason"]) == ("running", "booted")
     assert qemu_pids_of(guest.uuid) == [info["pid"]]
+
+
+def test_an_abort_just_before_qemus_migrate_cancels_the_stream_it_then_starts(
+        stack: Stack, client: Client, make_guest: Callable[..., Guest],
+        faulty_host: Callable[..., str], busy_image: Path, tmp_path: Path) -> None:
+    """Held after Perform's last abort check, right before QEMU's `migrate`: the abort's
+    cancel finds no migration in QEMU; the one that starts next must be cancelled too
+    (a guest that never converges ran on until the abort's reply came after the client
+    had given up)."""
+    armed = tmp_path / "failpoints"
+    armed.mkdir()
+    src = faulty_host("", FERRY_FAILPOINT_DIR=str(armed))
+    guest = make_guest(memory_mib=128, image=busy_image)
+    client.call(src, "define", xml=guest.xml)
+    client.call(src, "start", domain=guest.name)
+    point = armed / "perform3.before_qemu_migrate"
+    point.write_text("pause")
+    job = client.migrate(guest.name, src, "beta", live=True, bandwidth_mib_s=1)
+    replies: list[Any] = []
+    aborter = threading.Thread(target=lambda: replies.append(_reply_or_error(job)))
+    try:
+        wait_for((armed / "perform3.before_qemu_migrate.hit").exists, 30,
+                 "Perform to reach QEMU's migrate")
+        aborter.start()
+        r = stack.redis_client()
+        wait_for(lambda: r.hget(f"ferry:job:{guest.uuid}", "abort") == b"1", 10,
+                 "the source to take the abort")
+    finally:
+        point.unlink()
+    aborter.join(timeout=30)
+    assert replies and isinstance(replies[0], dict), f"the abort's reply: {replies}"
+    assert replies[0]["aborted"] and replies[0]["status"] in ("cancelled", "failed")
+    with pytest.raises(FerryError, match="aborted"):
+        job.wait(timeout=30)
+    info = client.call(src, "dominfo", domain=guest.name)
+    assert info["state"] == "running" and qemu_pids_of(guest.uuid) == [info["pid"]]
+    guest.wait_kept_running()
+
+
+def _reply_or_error(job: MigrationJob) -> Any:
+    try:
+        return job.abort()
+    except FerryError as exc:
+        return exc
 
 
 def test_signals_to_a_domain_without_a_job_fail_at_once(

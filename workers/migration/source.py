@@ -231,7 +231,10 @@ async def _migrate(agent: HostAgent, dom: DomainObj, st: MigrationState,
         if copy is not None:
             copy.ram_started = True
         dom.migration_status = None  # from here on, QEMU's events for this migration
+        await failpoints.hit("perform3.before_qemu_migrate")
         await mon.execute("migrate", {"uri": uri})
+        if job.abort:  # it came after check_abort: its cancel found no migration yet
+            raise MigrationError("operation aborted: migration job canceled by client")
         info = await qemu_migrate.wait(dom, mon, started_ms=started_ms,
                                        on_progress=conv.progress, on_tick=conv.tick,
                                        on_failed=_failure_teller(agent, st),
