@@ -285,6 +285,33 @@ def _listening(ports: range) -> list[int]:
     return found
 
 
+def _holders(ports: range) -> list[str]:
+    """Who listens on `ports`: pid and the start of its command line (for the message)."""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(OSError), open(table) as f:
+            for line in f.readlines()[1:]:
+                cols = line.split()
+                if cols[3] == "0A" and int(cols[1].rsplit(":", 1)[1], 16) in ports:
+                    inodes.add(f"socket:[{cols[9]}]")
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        if inodes & _fd_targets(pid):
+            with contextlib.suppress(OSError):
+                cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")
+                found.append(f"{pid}: {cmd[:160].decode(errors='replace')}")
+    return found
+
+
+def _fd_targets(pid: str) -> set[str]:
+    targets = set()
+    with contextlib.suppress(OSError):
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            with contextlib.suppress(OSError):
+                targets.add(os.readlink(f"/proc/{pid}/fd/{fd}"))
+    return targets
+
+
 def _check_after(ss: SentinelStack, guest: Guest, host: str) -> None:
     """What must hold after any case: one copy, its leases, the outcome, no leftovers,
     and a second migration that works."""
@@ -293,7 +320,7 @@ def _check_after(ss: SentinelStack, guest: Guest, host: str) -> None:
     ports = range(PORTS[0], PORTS[1] + 1)
     with contextlib.suppress(TimeoutError):
         wait_for(lambda: not _listening(ports), 15, "the migration ports to close")
-    assert not _listening(ports), "a migration port left listening"
+    assert not _listening(ports), f"a migration port left listening: {_holders(ports)}"
     holders = _lease_holders(ss, guest)
     assert set(holders.values()) == {host}, f"leases not held by {host} alone: {holders}"
     r = ss.master_client()
