@@ -25,7 +25,9 @@ log = logging.getLogger(__name__)
 
 _BACKGROUND: set[asyncio.Task[None]] = set()  # see _in_background
 PERFORM_PHASES = (Phase.PERFORM3, Phase.PERFORM2, Phase.SAVE)  # save: a migration to a file
-ABORT_SETTLE_S = 5.0
+# Under the sender's 5 s wait (sender.py): a cancel QEMU is slow to finish still gets
+# its reply, 'cancelling', instead of the client's 'did not answer'.
+ABORT_SETTLE_S = 4.0
 
 
 async def dispatch(agent: HostAgent, uuid: str, op: str, args: dict[str, Any]) -> Any:
