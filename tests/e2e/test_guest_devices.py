@@ -354,6 +354,10 @@ def test_a_failed_storage_copy_removes_the_nvram_prepare_made_and_the_source_run
     dest_nvram, dest_disk = tmp_path / "dst" / "VARS.fd", tmp_path / "dst.img"
     xmlin = guest.xml.replace(str(tmp_path / "src.fd"), str(dest_nvram)) \
         .replace(f"file='{guest.disk}'", f"file='{dest_disk}'")
+    report = client.migrate_dry_run(guest.name, "alpha", "beta", live=True,
+                                    copy_storage_all=True, xmlin=xmlin)
+    assert report["nvram"] == {"path": str(dest_nvram), "file": "create"}
+    assert not dest_nvram.exists(), "a dry run makes nothing"
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()

@@ -258,10 +258,11 @@ async def dry_run(agent: HostAgent, d: DomainDef, nbd: CookieNbd,
              "capacity": dd.wanted.capacity, "copy_bytes": dd.wanted.allocation,
              "image": "create" if dd in missing else "use existing",
              "backing": needs_backing(dd) if p.storage_inc else None} for dd in disks]
-    nvram = _nvram_to_make(agent, d)
+    made = _nvram_to_make(agent, d)
+    nvram = made.firmware.nvram if made is not None and made.firmware is not None else None
     return {"host": agent.host, "nbd": f"{address}:{port}" if disks else None,
             "disks": rows, "copy_bytes": sum(dd.wanted.allocation or 0 for dd in disks),
-            "nvram": None if nvram is None else {"path": str(nvram), "file": "create"}}
+            "nvram": None if nvram is None else {"path": nvram, "file": "create"}}
 
 
 async def _create(agent: HostAgent, dd: DestDisk, storage: IncomingStorage, ledger: Ledger,
@@ -278,20 +279,24 @@ async def _create(agent: HostAgent, dd: DestDisk, storage: IncomingStorage, ledg
              dd.disk.format, dd.wanted.capacity)
 
 
-def _nvram_to_make(agent: HostAgent, d: DomainDef) -> Path | None:
-    path = missing_nvram(with_nvram_path(d, nvram_dir(agent)))
-    if path is not None:
-        agent.allowed.check(str(path), "os nvram")
-    return path
+def _nvram_to_make(agent: HostAgent, d: DomainDef) -> DomainDef | None:
+    """`d` with its NVRAM path filled in, when no file is there yet (in an allowed dir)."""
+    filled = with_nvram_path(d, nvram_dir(agent))
+    path = missing_nvram(filled)
+    if path is None:
+        return None
+    agent.allowed.check(str(path), "os nvram")
+    return filled
 
 
 def _create_nvram(agent: HostAgent, d: DomainDef, storage: IncomingStorage, ledger: Ledger,
                   job_id: str) -> None:
     """The guest's NVRAM is on the source's own storage too: its file here is made from
     the template, for QEMU to fill with what the flash held on the source."""
-    if _nvram_to_make(agent, d) is None:
+    filled = _nvram_to_make(agent, d)
+    if filled is None:
         return
-    path = str(make_nvram(with_nvram_path(d, nvram_dir(agent)), agent.host))
+    path = str(make_nvram(filled, agent.host))
     storage.created.append(path)
     ledger.add(job_id, d.name, path)
     log.info("created NVRAM %s of '%s' from its template, for the migrated variables",
