@@ -1,7 +1,7 @@
 """A broker that survives the loss of its machine: Redis Sentinel on real processes.
 
 A stack of its own: a Redis master, one replica and three redis-sentinel
-processes (scripts/testbed/sentinel.py, down-after 1 s), two workers whose
+processes (scripts/testbed/sentinel.py, down-after 2 s), two workers whose
 failpoints are armed at run time.  Each case holds a migration phase at its
 failpoint (tests/e2e/faultcases.py's points), SIGKILLs the master, lets the
 sentinels promote the replica, brings the old master back as a replica, lets
@@ -65,7 +65,7 @@ class SentinelStack:
     def worker_env(self, host: str) -> dict[str, str]:
         return {"FERRY_FAILPOINT_DIR": str(self.fp_dir(host)),
                 "FERRY_MIGRATION_PORTS": f"{PORTS[0]}-{PORTS[1]}",
-                # longer than a failover (down-after 1 s + election + promotion)
+                # longer than a failover (down-after 2 s + election + promotion)
                 "FERRY_BROKER_RETRY_S": "20", "FERRY_REPLICA_WAIT_MS": "3000",
                 "FERRY_P2P_TIMEOUT_S": "40", "FERRY_INCOMING_TIMEOUT_S": "40",
                 "FERRY_SWEEP_INTERVAL_S": "2", "FERRY_HEARTBEAT_INTERVAL_MS": "500"}
